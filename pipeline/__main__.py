@@ -1,0 +1,78 @@
+"""Command line: `python -m pipeline VERB [options] [key=value ...]`; the Makefile calls this.
+
+    python -m pipeline demo-data
+    python -m pipeline folds --data digits
+    python -m pipeline train --data digits --model resnet18 --folds 0,2 train.epochs=3
+
+Each verb is one module of this package, imported only when used. Errors the user can fix
+(bad config, bad data, missing inputs) print one clear message and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from pipeline.config import ConfigError
+from pipeline.utils import PipelineError
+
+# verb -> (module, help)
+VERBS = {
+    "demo-data": ("pipeline.demo_data", "export the embedded digits competition to data/digits"),
+    "check": ("pipeline.check", "pre-flight check of a competition's CSVs and images"),
+    "folds": ("pipeline.folds", "write stratified (group) folds to folds/folds.csv"),
+    "train": ("pipeline.train", "train one model per fold"),
+    "predict": ("pipeline.predict", "TTA inference of each fold on the test set and its OOF"),
+    "ensemble": ("pipeline.ensemble", "average folds and models, write the submission"),
+    "refit": ("pipeline.refit", "train on all labelled rows, predict the test set"),
+    "cache": ("pipeline.cache", "decode and resize every image once into the cache"),
+    "demo": ("pipeline.demo", "the whole chain on the demo competition"),
+}
+
+
+def _fold_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--folds takes numbers like 0,2; got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0])
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, (_, help_text) in VERBS.items():
+        sub = verbs.add_parser(verb, help=help_text, description=help_text)
+        sub.add_argument("--data", default=os.environ.get("DATA", "digits"),
+                         help="competition: a name in configs/data/ or a YAML path (default: digits)")
+        sub.add_argument("--model", default=None,
+                         help="experiment: a name in configs/ (resnet18), a model name, or a YAML path")
+        sub.add_argument("--models", default=None,
+                         help="ensemble: space- or comma-separated runs (default: every trained one)")
+        sub.add_argument("--folds", type=_fold_list, default=None, help="only these folds, e.g. 0,2")
+        sub.add_argument("--force", action="store_true", help="redo work that is already done")
+        sub.add_argument("--drop-bad", action="store_true",
+                         help="leave out missing/unreadable training images instead of failing")
+        sub.add_argument("--root", default="data/digits", help="demo-data: where to export")
+        sub.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="config overrides, e.g. train.epochs=3 augment.image_size=64")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(VERBS[args.verb][0])
+    try:
+        module.main(args)
+    except (ConfigError, PipelineError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; re-run to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Pre-flight check of a competition's files, run before any expensive work.
+
+    python -m pipeline check --data digits        # make check
+
+Finds missing columns, duplicated ids, labels outside the class list, ids that escape the image
+folder, missing images and unreadable or truncated images, and reports each kind with the first
+few offenders and the count. With `data.drop_bad_images=true` (or `--drop-bad`), bad *training*
+images are left out and listed instead; a bad test image is always an error (the submission needs
+every test row).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline.config import DataConfig
+from pipeline.data import (
+    DataError,
+    find_image_problems,
+    image_paths,
+    load_test_ids,
+    load_train_table,
+    read_table,
+    test_image_dir,
+    train_image_dir,
+)
+from pipeline.utils import format_table, summarize_offenders, warn
+
+
+@dataclass
+class CheckResult:
+    train: pd.DataFrame  # id, label, target[, group]: the usable labelled rows
+    test_ids: list[str]
+    dropped: dict[str, str] = field(default_factory=dict)  # training id -> what was wrong
+
+
+def _tqdm(desc: str):
+    def wrap(iterable, total):
+        return tqdm(iterable, total=total, desc=desc, unit="img", leave=False, mininterval=1.0)
+    return wrap
+
+
+def _group_problems(problems: dict[Path, str], ids_by_path: dict[Path, str]) -> dict[str, list[str]]:
+    """{'missing': [id, ...], 'unreadable': [...]}, ids in path order."""
+    grouped: dict[str, list[str]] = {}
+    for path, problem in problems.items():
+        kind = problem.split(":", 1)[0]
+        grouped.setdefault(kind, []).append(ids_by_path[path])
+    return grouped
+
+
+def _describe(where: str, folder: Path, grouped: dict[str, list[str]]) -> list[str]:
+    return [f"{where}: {kind} images in {folder}: {summarize_offenders(ids)}"
+            for kind, ids in grouped.items()]
+
+
+def check_sample_submission(data: DataConfig, test_ids: list[str]) -> None:
+    path = data.root_path / data.sample_submission
+    if data.submission == "label":
+        required = [data.id_column, data.label_column]
+    else:
+        required = [data.id_column, *data.classes]
+    sample = read_table(path, required, data.id_column)
+    if data.test_csv and set(sample[data.id_column]) != set(test_ids):
+        only_sample = sorted(set(sample[data.id_column]) - set(test_ids))
+        only_test = sorted(set(test_ids) - set(sample[data.id_column]))
+        raise DataError(f"{path}: ids differ from {data.test_csv}: only in the sample submission: "
+                        f"{summarize_offenders(only_sample) or '-'}; only in the test CSV: "
+                        f"{summarize_offenders(only_test) or '-'}")
+
+
+def check_competition(data: DataConfig, drop_bad: bool | None = None,
+                      workers: int | None = None) -> CheckResult:
+    """Validate tables and images; return the usable rows or raise DataError naming every problem."""
+    drop_bad = data.drop_bad_images if drop_bad is None else drop_bad
+    workers = workers or min(8, (os.cpu_count() or 2) * 2)
+    train = load_train_table(data)
+    test_ids = load_test_ids(data)
+    check_sample_submission(data, test_ids)
+
+    train_dir, test_dir = train_image_dir(data), test_image_dir(data)
+    train_paths = image_paths(train_dir, data.image_path, train["id"].tolist())
+    test_paths = image_paths(test_dir, data.image_path, test_ids)
+    train_bad = find_image_problems(train_paths, workers, _tqdm("check train images"))
+    test_bad = find_image_problems(test_paths, workers, _tqdm("check test images"))
+
+    train_grouped = _group_problems(train_bad, dict(zip(train_paths, train["id"])))
+    test_grouped = _group_problems(test_bad, dict(zip(test_paths, test_ids)))
+    errors = _describe("test", test_dir, test_grouped)
+    if not drop_bad:
+        errors = _describe("train", train_dir, train_grouped) + errors
+    if errors:
+        remedy = ("Fix or replace the files" +
+                  ("" if drop_bad else ", or set data.drop_bad_images=true (--drop-bad) to leave "
+                                       "bad training images out"))
+        raise DataError("bad data:\n  " + "\n  ".join(errors) + f"\n{remedy}.")
+
+    dropped = {}
+    if train_bad:
+        ids_by_path = dict(zip(train_paths, train["id"]))
+        dropped = {ids_by_path[p]: why for p, why in train_bad.items()}
+        warn(f"dropped {len(dropped)} bad training image(s): {summarize_offenders(list(dropped))}")
+        train = train[~train["id"].isin(dropped)].reset_index(drop=True)
+    return CheckResult(train=train, test_ids=test_ids, dropped=dropped)
+
+
+def print_summary(data: DataConfig, result: CheckResult) -> None:
+    rows = [["train", len(result.train) + len(result.dropped), len(result.dropped)],
+            ["test", len(result.test_ids), 0]]
+    print(format_table(rows, ["split", "rows", "dropped"]))
+    counts = result.train["label"].value_counts()
+    print(format_table([[c, int(counts.get(c, 0)), f"{counts.get(c, 0) / len(result.train):.1%}"]
+                        for c in data.classes], ["class", "images", "share"]))
+
+
+def main(args) -> None:
+    from pipeline.config import load_config
+
+    config = load_config(args.data, None, args.overrides)
+    result = check_competition(config.data, drop_bad=args.drop_bad or None)
+    print(f"{config.data.name}: all checks passed")
+    print_summary(config.data, result)

@@ -1,0 +1,100 @@
+"""Small shared helpers: atomic writes, tables, seeding."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class PipelineError(RuntimeError):
+    """An error the user can fix; printed without a traceback, exit code 1."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it into place only if the block succeeds.
+
+    A crash or kill inside the block leaves `path` as it was (old content or absent), never half
+    written. The temporary name keeps the suffix so writers that dispatch on it (savefig) still work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path | str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_csv_atomic(frame: Any, path: Path | str, **kwargs: Any) -> None:
+    """Write a pandas DataFrame atomically (no index unless asked)."""
+    kwargs.setdefault("index", False)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, **kwargs)
+
+
+def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    """A plain, aligned text table (numbers right-aligned)."""
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return str(value)
+
+    text_rows = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in text_rows)) if text_rows else len(str(h))
+              for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], (int, float, np.integer, np.floating)) for row in rows)
+               for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    out = [line([str(h) for h in headers]), line(["-" * w for w in widths])]
+    out += [line(r) for r in text_rows]
+    return "\n".join(out)
+
+
+def markdown_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    out = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def summarize_offenders(items: Sequence[Any], limit: int = 5) -> str:
+    """'a, b, c (and 7 more; 10 in all)': the first few offenders and the count."""
+    shown = ", ".join(str(i) for i in items[:limit])
+    if len(items) > limit:
+        return f"{shown} (and {len(items) - limit} more; {len(items)} in all)"
+    return f"{shown} ({len(items)} in all)" if len(items) > 1 else shown

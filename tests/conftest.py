@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny competitions written to tmp_path, and shrunken configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_image(path: Path, seed: int, size: int = 16, ext: str = ".png", gray: bool = False) -> Path:
+    """A random image file; `ext` picks the encoder (.png or .jpg)."""
+    rng = np.random.default_rng(seed)
+    shape = (size, size) if gray else (size, size, 3)
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path.with_suffix(ext)), image)
+    return path.with_suffix(ext)
+
+
+def make_competition(root: Path, labels: list[str], ids: list[str] | None = None,
+                     n_test: int = 4, ext: str = ".png", classes: list | None = None,
+                     **config_extra) -> Path:
+    """Write a Kaggle-style competition under `root` and its config; return the config path."""
+    ids = ids or [f"{i:04d}" for i in range(len(labels))]
+    test_ids = [f"t{i:03d}" for i in range(n_test)]
+    for i, image_id in enumerate(ids):
+        write_image(root / "train" / image_id, seed=i, ext=ext, gray=i % 2 == 0)
+    for i, image_id in enumerate(test_ids):
+        write_image(root / "test" / image_id, seed=1000 + i, ext=ext)
+    pd.DataFrame({"id": ids, "label": labels}).to_csv(root / "train.csv", index=False)
+    pd.DataFrame({"id": test_ids}).to_csv(root / "test.csv", index=False)
+    pd.DataFrame({"id": test_ids, "label": labels[0]}).to_csv(root / "sample_submission.csv",
+                                                              index=False)
+    config = {
+        "name": "tiny", "root": str(root), "image_path": "{id}" + ext,
+        "classes": classes or sorted(set(labels)), "metric": "accuracy",
+        **config_extra,
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def tiny_competition(tmp_path: Path) -> Path:
+    """12 labelled images of 3 classes (4 each) and 4 test images; returns the config path."""
+    labels = [c for c in ("cat", "dog", "fox") for _ in range(4)]
+    return make_competition(tmp_path / "tiny", labels)
+
+
+@pytest.fixture
+def tiny_config(tiny_competition: Path, tmp_path: Path) -> Config:
+    return load_config(str(tiny_competition), "resnet20",
+                       [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
+                        "folds.n_splits=2"])
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    from pipeline.demo_data import export_digits
+
+    return export_digits(tmp_path_factory.mktemp("demo") / "digits")
+
+
+@pytest.fixture(autouse=True)
+def _run_in_repo(monkeypatch):
+    """Configs are found relative to the repo root, as with `make`."""
+    monkeypatch.chdir(REPO)

@@ -1,0 +1,75 @@
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import load_config
+from pipeline.folds import assign_folds, make_folds
+from tests.conftest import REPO, make_competition
+
+
+def imbalanced_table(n=500, seed=0):
+    """Retina-like: 5 grades, 73% in one class, two eyes per patient."""
+    rng = np.random.default_rng(seed)
+    patients = np.arange(n // 2)
+    grade = rng.choice(5, size=len(patients), p=[0.73, 0.07, 0.15, 0.03, 0.02])
+    ids, targets, groups = [], [], []
+    for p, g in zip(patients, grade):
+        for eye in ("left", "right"):
+            ids.append(f"{p}_{eye}")
+            targets.append(int(g) if eye == "left" or rng.random() < 0.8 else int(rng.choice(5)))
+            groups.append(str(p))
+    return pd.DataFrame({"id": ids, "label": [str(t) for t in targets], "target": targets,
+                         "group": groups})
+
+
+def test_every_fold_keeps_class_shares_within_one_image():
+    table = imbalanced_table().drop(columns="group")
+    folds = assign_folds(table, n_splits=5, seed=42)
+    assert sorted(folds["fold"].unique()) == [0, 1, 2, 3, 4]
+    overall = table["target"].value_counts(normalize=True)
+    for _, part in folds.groupby("fold"):
+        counts = part["label"].astype(int).value_counts()
+        for cls, share in overall.items():
+            assert abs(counts.get(cls, 0) - share * len(part)) <= 1.0
+
+
+def test_group_never_in_two_folds():
+    folds = assign_folds(imbalanced_table(), n_splits=5, seed=42)
+    assert folds.groupby("group")["fold"].nunique().max() == 1
+    assert folds["fold"].value_counts().min() > 0.15 * len(folds)
+
+
+def test_group_pattern_from_ids(tmp_path):
+    ids = [f"{p}_{eye}" for p in range(10) for eye in ("left", "right")]
+    labels = [str(i % 2) for i in range(20)]
+    path = make_competition(tmp_path / "retina", labels, ids=ids,
+                            group_pattern=r"^(\d+)_(left|right)$")
+    config = load_config(str(path), None, [f"folds.dir={tmp_path / 'f'}", "folds.n_splits=2"])
+    folds = make_folds(config)
+    assert folds.loc[folds["id"] == "3_left", "group"].item() == "3"
+    assert folds.groupby("group")["fold"].nunique().max() == 1
+
+
+def test_folds_csv_is_deterministic(tmp_path, digits_root):
+    contents = []
+    for run in range(2):
+        folds_dir = tmp_path / f"run{run}"
+        subprocess.run([sys.executable, "-m", "pipeline", "folds", "--data", "digits",
+                        f"data.root={digits_root}", f"folds.dir={folds_dir}"],
+                       cwd=REPO, check=True, capture_output=True)
+        contents.append((folds_dir / "folds.csv").read_bytes())
+    assert contents[0] == contents[1]
+    header = contents[0].decode().splitlines()[0:2]
+    assert header[0] == "id,label,fold" and header[1].split(",")[0].isdigit()
+
+
+@pytest.mark.filterwarnings("ignore:The least populated class")
+def test_rare_class_warns(capsys):
+    table = pd.DataFrame({"id": [str(i) for i in range(12)], "label": ["a"] * 10 + ["b"] * 2,
+                          "target": [0] * 10 + [1] * 2})
+    folds = assign_folds(table, n_splits=5, seed=1)
+    assert "['b'] have fewer images than folds (5)" in capsys.readouterr().err
+    assert len(folds) == 12
