@@ -1,0 +1,202 @@
+"""Pretrained weights, offline: find a state_dict file, read it safely, load it strictly.
+
+Where the weights of model `name` are looked for, first hit wins:
+
+1. `weights=` (config `model.weights`), an explicit file; it must exist.
+2. `weights_dir` (config `model.weights_dir`, default `weights/`), by name, in suffix order
+   .safetensors, .pth, .pt:
+   - ours, e.g. `resnet18`:        weights/resnet18.safetensors|.pth|.pt
+   - timm, e.g. `timm/resnet50`:   weights/timm-resnet50.*, then weights/resnet50.*
+3. timm names only: the local Hugging Face hub cache ($HF_HUB_CACHE, else $HF_HOME/hub, else
+   ~/.cache/huggingface/hub), i.e. the files `timm.create_model(name, pretrained=True)` leaves
+   there when run once with internet.
+
+Nothing here opens a network connection. The hub cache is read with
+`huggingface_hub.try_to_load_from_cache`, a plain file lookup, instead of calling timm's
+downloader with HF_HUB_OFFLINE=1: huggingface_hub reads that variable once at import (which timm
+triggers), so setting it later in os.environ has no effect, and without it a missing file means
+a network wait. When nothing is found, `WeightsNotFoundError` says where it looked and how to
+provide the weights.
+
+Files are state_dicts as `model.state_dict()` writes them: .safetensors, or .pt/.pth read with
+`torch.load(weights_only=True)` (a dict wrapping it under "state_dict" or "model" is unwrapped).
+Loading is strict, except the classifier head: when its shape differs from the model's (another
+class count) the file's head is dropped and the model's fresh head is kept.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from pipeline.utils import PipelineError
+
+SUFFIXES = (".safetensors", ".pth", ".pt")
+HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub repos hold
+TIMM_PREFIX = "timm/"
+_SHOW = 5  # keys named in an error message
+
+
+class WeightsNotFoundError(PipelineError):
+    """`pretrained: true` but no weights file was found; the message lists where it looked.
+
+    A PipelineError (a RuntimeError): the command line prints it without a traceback.
+    """
+
+
+class WeightsMismatchError(PipelineError):
+    """A weights file does not fit the model (missing/unexpected keys, wrong shapes)."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state_dict from .safetensors or a torch file, on the CPU, without unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return load_file(path, device="cpu")
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):  # training checkpoints wrap the weights
+        if isinstance(content, dict) and isinstance(content.get(key), dict):
+            content = content[key]
+    if not isinstance(content, dict) or not all(torch.is_tensor(v) for v in content.values()):
+        raise WeightsMismatchError(f"{path} holds no state_dict of tensors "
+                                   f"(nor one under 'state_dict' or 'model')")
+    return content
+
+
+def local_candidates(name: str, weights_dir: str | Path) -> list[Path]:
+    """The files in `weights_dir` that may hold `name`'s weights, in lookup order."""
+    weights_dir = Path(weights_dir)
+    if name.startswith(TIMM_PREFIX):
+        bare = name[len(TIMM_PREFIX):]
+        stems = [f"timm-{bare}", bare]
+    else:
+        stems = [name]
+    return [weights_dir / f"{stem}{suffix}" for stem in stems for suffix in SUFFIXES]
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache folder, resolved from the environment now, not at import."""
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return Path(os.path.expandvars(os.environ[variable])).expanduser()
+    default_home = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    home = os.environ.get("HF_HOME") or default_home
+    return Path(os.path.expandvars(home)).expanduser() / "hub"
+
+
+def timm_cached_file(pretrained_cfg: dict) -> tuple[Path | None, str]:
+    """(file in the hub cache or None, where it was looked for) for a timm model's weights."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_id = pretrained_cfg.get("hf_hub_id")
+    if not hub_id:
+        return None, "(no Hugging Face hub weights known to timm for this model)"
+    repo_id, _, revision = hub_id.partition("@")  # timm spells a revision as repo@rev
+    filenames = [pretrained_cfg["hf_hub_filename"]] if pretrained_cfg.get("hf_hub_filename") \
+        else list(HUB_FILENAMES)
+    cache = hf_hub_cache()
+    for filename in filenames:
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=cache,
+                                       revision=revision or None)
+        if isinstance(found, str):  # not None and not the "known missing" marker
+            return Path(found), str(cache)
+    return None, f"{cache} (repo {repo_id}: {', '.join(filenames)})"
+
+
+def find_weights(name: str, weights: str | Path | None, weights_dir: str | Path,
+                 pretrained_cfg: dict | None = None) -> Path:
+    """Resolve the weights file of model `name` (see the module docstring for the order)."""
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsNotFoundError(f"model.weights={path} does not exist; give the path of a "
+                                       f".safetensors/.pth/.pt state_dict")
+        return path
+    candidates = local_candidates(name, weights_dir)
+    for path in candidates:
+        if path.is_file():
+            return path
+    looked = [str(p) for p in candidates]
+    if name.startswith(TIMM_PREFIX):
+        cached, where = timm_cached_file(pretrained_cfg or {})
+        if cached is not None:
+            return cached
+        looked.append(f"the timm/Hugging Face cache {where}")
+    raise WeightsNotFoundError(_not_found_message(name, weights_dir, looked))
+
+
+def _not_found_message(name: str, weights_dir: str | Path, looked: list[str]) -> str:
+    stem = local_candidates(name, weights_dir)[0].stem
+    remedies = [f"put {stem}.safetensors (or .pth) into {Path(weights_dir)}/",
+                "or set model.weights=/path/file"]
+    if name.startswith(TIMM_PREFIX):
+        remedies.append("or run once with internet to fill the timm cache ($HF_HOME)")
+    remedies.append("or set model.pretrained=false to train from scratch")
+    return (f"pretrained weights for {name} not found; looked at:\n  " + "\n  ".join(looked)
+            + "\nTo fix: " + ", ".join(remedies) + ".")
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    return (classifier,) if isinstance(classifier, str) else tuple(classifier)
+
+
+def _is_head_key(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key.startswith(prefix + ".") for prefix in prefixes)
+
+
+def _listed(keys: list[str]) -> str:
+    more = f" ... ({len(keys)} in all)" if len(keys) > _SHOW else ""
+    return ", ".join(keys[:_SHOW]) + more
+
+
+def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "") -> str:
+    """Load strictly, except a head of another shape, which is dropped; returns what was loaded.
+
+    Raises WeightsMismatchError naming the first few missing/unexpected/mis-shaped keys. The check
+    runs before anything is copied, so a failed load leaves the model untouched.
+    """
+    own = model.state_dict()
+    heads = _classifier_prefixes(model)
+    dropped = [k for k in state_dict
+               if _is_head_key(k, heads) and (k not in own or own[k].shape != state_dict[k].shape)]
+    state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
+
+    problems = []
+    unexpected = [k for k in state_dict if k not in own]
+    # Old checkpoints lack BN's num_batches_tracked: a counter, not a weight; BN fills it in.
+    missing = [k for k in own if k not in state_dict and not _is_head_key(k, heads)
+               and not k.endswith("num_batches_tracked")]
+    shapes = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+              for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    if unexpected:
+        problems.append(f"unexpected keys: {_listed(unexpected)}")
+    if missing:
+        problems.append(f"missing keys: {_listed(missing)}")
+    if shapes:
+        problems.append(f"shape mismatch: {_listed(shapes)}")
+    if problems:
+        raise WeightsMismatchError(f"weights {source} do not fit {type(model).__name__}:\n  "
+                                   + "\n  ".join(problems))
+
+    model.load_state_dict(state_dict, strict=False)
+    if dropped:
+        head = "classifier head left fresh (the file's has another class count)"
+    elif any(_is_head_key(k, heads) for k in state_dict):
+        head = "classifier head loaded"
+    else:
+        head = "classifier head left fresh (none in the file)"
+    return f"loaded {len(state_dict)} tensors from {source}; {head}"
+
+
+def load_pretrained(model: nn.Module, name: str, weights: str | Path | None = None,
+                    weights_dir: str | Path = "weights") -> str:
+    """Find and load `name`'s weights into `model`; returns a one-line summary."""
+    path = find_weights(name, weights, weights_dir, getattr(model, "pretrained_cfg", None))
+    return load_state_dict(model, read_state_dict(path), source=str(path))
