@@ -121,6 +121,8 @@ Transform = dict[str, dict[str, Any]]  # one albumentations transform: {Name: {a
 
 class AugmentConfig(_Section):
     image_size: int = Field(224, ge=8)  # pixels, square; the model's input size
+    # area: alias-free shrinking of large photos; linear/cubic: enlarging small images (digits)
+    interpolation: Literal["area", "linear", "cubic", "nearest"] = "area"
     train: list[Transform] = Field(default_factory=list)  # after the resize; any albumentations
     eval: list[Transform] = Field(default_factory=list)
     normalize: Literal["model", "imagenet", "dataset", "custom", "none"] = "model"

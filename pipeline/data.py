@@ -14,8 +14,9 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
+from pipeline.augment import item_seed, reseed
 from pipeline.config import DataConfig
 from pipeline.utils import PipelineError, summarize_offenders
 
@@ -218,10 +219,38 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        # A (index, seed) item fixes this image's augmentation (see augment.py and SeededSampler).
+        index, seed = item if isinstance(item, tuple) else (item, None)
         image = self.loader(self.paths[index])
         if self.transform is not None:
+            if seed is not None:
+                reseed(self.transform, seed)
             image = self.transform(image=image)["image"]
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         target = -1 if self.targets is None else int(self.targets[index])
         return tensor, target
+
+
+class SeededSampler(Sampler):
+    """Wraps a sampler to yield (index, seed) items; the seed depends on (base, epoch, index) only.
+
+    Call `set_epoch` before each epoch (as with DistributedSampler, which it may wrap).
+    """
+
+    def __init__(self, sampler: Sampler, base_seed: int):
+        self.sampler = sampler
+        self.base_seed = base_seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        for index in self.sampler:
+            yield int(index), item_seed(self.base_seed, self.epoch, int(index))
+
+    def __len__(self) -> int:
+        return len(self.sampler)

@@ -1,0 +1,141 @@
+"""Building blocks shared by the training and prediction stages: device, loaders, precision,
+checkpoints and batched inference."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
+from tqdm import tqdm
+
+from pipeline.augment import Normalizer
+from pipeline.config import Config, config_from_dict
+from pipeline.data import ImageReadError
+from pipeline.models import create_model
+from pipeline.utils import PipelineError, atomic_path
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"train.device={name} but CUDA is not available; use train.device=cpu")
+    return device
+
+
+def loader_settings(device: torch.device, workers: int | None) -> dict[str, Any]:
+    """DataLoader options chosen from the machine.
+
+    On a GPU, decoding and augmentation run in parallel with the model: one worker per core, up
+    to 8, pinned memory and persistent workers. On a CPU the model needs the cores itself, so
+    small machines (<= 2 cores) load in the main process.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if workers is None:
+        workers = min(8, cores) if device.type == "cuda" else (0 if cores <= 2 else min(4, cores // 2))
+    settings: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    if workers > 0:
+        settings.update(persistent_workers=True, prefetch_factor=4)
+    return settings
+
+
+def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler | None,
+                settings: dict[str, Any], drop_last: bool = False) -> DataLoader:
+    sampler = sampler if sampler is not None else SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                      **settings)
+
+
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 where the GPU supports it (no loss scaling needed), else fp16; None on CPU."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside DistributedDataParallel and/or torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def progress(loader: DataLoader, desc: str, leave: bool = False) -> tqdm:
+    return tqdm(loader, desc=desc, leave=leave, unit="batch", dynamic_ncols=True, mininterval=1.0)
+
+
+@contextlib.contextmanager
+def clean_image_errors() -> Iterator[None]:
+    """A bad image met while loading becomes one error naming its path, not a worker traceback."""
+    try:
+        yield
+    except ImageReadError as err:
+        # From a DataLoader worker the message carries the worker's traceback; keep its last line.
+        message = str(err).strip().splitlines()[-1]
+        raise ImageReadError(message.split("ImageReadError: ")[-1]) from None
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, normalizer: Normalizer, loader: DataLoader,
+                   device: torch.device, dtype: torch.dtype | None, desc: str = "predict",
+                   views: Sequence | None = None) -> np.ndarray:
+    """Logits (N, C) or, with TTA `views`, (V, N, C): every view of a batch in one forward pass."""
+    model.eval()
+    outputs = []
+    with clean_image_errors():
+        for images, _ in progress(loader, desc):
+            images = normalizer(images.to(device, non_blocking=True))
+            if views:
+                # (V*B, C, H, W): the views stacked on the batch dimension, one forward pass.
+                stacked = torch.cat([view(images) for view in views])
+                with autocast(device, dtype):
+                    logits = model(stacked).float()
+                outputs.append(logits.view(len(views), images.shape[0], -1))
+            else:
+                with autocast(device, dtype):
+                    outputs.append(model(images).float())
+    return torch.cat(outputs, dim=1 if views else 0).cpu().numpy()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
+    """torch.save to a temporary file, then rename: a kill never leaves a half-written file."""
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: train this fold first (make train)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def model_from_checkpoint(path: Path) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
+    """Rebuild the model a checkpoint was trained as (its config travels inside it)."""
+    checkpoint = load_checkpoint(path)
+    config = config_from_dict(checkpoint["config"])
+    model = create_model(config.model.name, len(config.data.classes), pretrained=False,
+                         drop_rate=config.model.drop_rate)
+    model.load_state_dict(checkpoint["model"])
+    return model, config, checkpoint

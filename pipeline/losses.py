@@ -1,0 +1,89 @@
+"""Losses for imbalanced classes: weighted cross-entropy, focal loss, a class-balanced sampler.
+
+Class weights come from the training fold's counts only (never the validation fold's).
+Every scheme is scaled so that a training image weighs 1 on average (sum_c n_c * w_c = N): the
+loss keeps the scale of unweighted training and the learning rate needs no retuning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import WeightedRandomSampler
+
+
+def class_weights(targets: Sequence[int], num_classes: int, scheme: str | Sequence[float],
+                  beta: float = 0.999) -> np.ndarray | None:
+    """Per-class loss weights (C,) for `scheme`; None for 'none'.
+
+    inverse:      w_c ~ 1 / n_c
+    sqrt_inverse: w_c ~ 1 / sqrt(n_c)          (milder; common for retina grading)
+    effective:    w_c ~ (1 - beta) / (1 - beta**n_c)   (Cui et al. 2019, effective number)
+    a list:       taken as given (one number per class)
+    """
+    if not isinstance(scheme, str):
+        weights = np.asarray(scheme, dtype=np.float64)
+        if weights.shape != (num_classes,):
+            raise ValueError(f"train.class_weights has {len(weights)} numbers for {num_classes} classes")
+        return weights
+    if scheme == "none":
+        return None
+    # A class absent from the training fold gets the weight of a class seen once.
+    counts = np.maximum(np.bincount(np.asarray(targets), minlength=num_classes), 1).astype(np.float64)
+    if scheme == "inverse":
+        raw = 1.0 / counts
+    elif scheme == "sqrt_inverse":
+        raw = 1.0 / np.sqrt(counts)
+    elif scheme == "effective":
+        raw = (1.0 - beta) / (1.0 - np.power(beta, counts))
+    else:
+        raise ValueError(f"unknown class weight scheme {scheme!r}")
+    return raw * counts.sum() / (raw * counts).sum()
+
+
+class FocalLoss(torch.nn.Module):
+    """Focal loss (Lin et al. 2017) with optional class weights and label smoothing.
+
+    loss = -sum_k q_k * (1 - p_k)**gamma * log p_k, with q the (smoothed) target distribution;
+    for one-hot q this is the usual -(1 - p_t)**gamma * log p_t. Weighted mean over the batch,
+    as cross-entropy with `weight=` does.
+    """
+
+    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None,
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        self.gamma = gamma
+        self.label_smoothing = label_smoothing
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        num_classes = logits.shape[1]
+        log_probs = F.log_softmax(logits.float(), dim=1)
+        q = F.one_hot(targets, num_classes).float()
+        if self.label_smoothing:
+            q = q * (1 - self.label_smoothing) + self.label_smoothing / num_classes
+        per_sample = -(q * (1 - log_probs.exp()).pow(self.gamma) * log_probs).sum(dim=1)
+        if self.weight is None:
+            return per_sample.mean()
+        sample_weight = self.weight[targets]
+        return (per_sample * sample_weight).sum() / sample_weight.sum()
+
+
+def build_loss(kind: str, weights: np.ndarray | None, label_smoothing: float,
+               focal_gamma: float) -> torch.nn.Module:
+    weight = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+    if kind == "focal":
+        return FocalLoss(focal_gamma, weight, label_smoothing)
+    return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+
+
+def balanced_sampler(targets: Sequence[int], generator: torch.Generator) -> WeightedRandomSampler:
+    """Draws every class equally often (with replacement), one epoch = len(targets) draws."""
+    targets = np.asarray(targets)
+    counts = np.bincount(targets)
+    sample_weights = 1.0 / counts[targets]
+    return WeightedRandomSampler(torch.as_tensor(sample_weights, dtype=torch.double),
+                                 num_samples=len(targets), replacement=True, generator=generator)

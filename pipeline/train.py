@@ -1,0 +1,456 @@
+"""Train one model per fold.
+
+    python -m pipeline train --data digits --model resnet18 [--folds 0,2] [--force] [train.epochs=3]
+    make train MODEL=resnet18 [FOLDS=0,2] [EPOCHS=3] [FORCE=1]
+
+Writes runs/<model>/fold<k>/: config.yaml, best.pt (by the competition metric), last.pt (every
+epoch, with optimiser, scheduler, scaler and epoch), log.csv, oof.csv, confusion.csv|png,
+curves.png; then runs/<model>/summary.csv|md over all folds. A finished fold (oof.csv present) is
+skipped; an interrupted one resumes from last.pt at the next epoch, and ends with the same weights
+as an uninterrupted run (each epoch's randomness is derived from (seed, epoch), not carried over).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import RandomSampler
+
+from pipeline import plots
+from pipeline.augment import Normalizer, build_transforms, compute_dataset_stats, resolve_normalization
+from pipeline.config import Config, save_config
+from pipeline.data import ImageDataset, SeededSampler, image_paths, train_image_dir
+from pipeline.engine import (
+    amp_dtype,
+    autocast,
+    clean_image_errors,
+    load_checkpoint,
+    loader_settings,
+    make_loader,
+    predict_logits,
+    progress,
+    resolve_device,
+    save_checkpoint,
+    softmax,
+    unwrap,
+)
+from pipeline.folds import read_folds
+from pipeline.losses import balanced_sampler, build_loss, class_weights
+from pipeline.metrics import higher_is_better, is_better, report_metrics, score
+from pipeline.models import create_model, model_input_config
+from pipeline.models.finetune import freeze_body, param_groups, unfreeze
+from pipeline.utils import PipelineError, format_table, markdown_table, write_csv_atomic, write_text_atomic
+
+# Settings that may change between a run and its resume without changing the result.
+RESUME_SAFE_KEYS = {("train", "workers"), ("train", "device"), ("train", "compile")}
+
+
+@dataclass
+class Rows:
+    """Labelled rows of one split: ids, labels as spelled, class indices."""
+    ids: list[str]
+    labels: list[str]
+    targets: np.ndarray
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame) -> Rows:
+        return cls(frame["id"].tolist(), frame["label"].tolist(), frame["target"].to_numpy())
+
+
+def epoch_seed(base: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([base, epoch, 7]).generate_state(1)[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Optimiser and schedule
+
+
+def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    t = config.train
+    groups = param_groups(model, t.lr, t.body_lr_mult, t.weight_decay)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=t.lr)
+    return torch.optim.AdamW(groups, lr=t.lr)
+
+
+def lr_factor(config: Config, steps_per_epoch: int):
+    """Learning-rate multiplier per optimiser step: linear warm-up, then cosine/multistep/constant."""
+    t = config.train
+    warmup = t.warmup_epochs * steps_per_epoch
+    total = t.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if t.scheduler == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if t.scheduler == "multistep":
+            epoch = step // steps_per_epoch
+            return t.gamma ** sum(epoch >= m for m in t.milestones)
+        return 1.0
+
+    return factor
+
+
+# --------------------------------------------------------------------------------------------
+# One training run (a fold, or the full-data refit)
+
+
+class FoldTrainer:
+    """Trains one model on `train_rows`, validating on `valid_rows` (None for a full-data refit)."""
+
+    def __init__(self, config: Config, out_dir: Path, train_rows: Rows, valid_rows: Rows | None,
+                 seed: int, tag: str):
+        self.config, self.out_dir, self.tag, self.seed = config, out_dir, tag, seed
+        self.train_rows, self.valid_rows = train_rows, valid_rows
+        self.device = resolve_device(config.train.device)
+        self.dtype = amp_dtype(self.device, config.train.amp)
+        self.metric = config.data.metric
+
+    # ---- setup ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        c, data = self.config, self.config.data
+        torch.manual_seed(self.seed)
+        np.random.seed(self.seed % 2**32)
+        num_classes = len(data.classes)
+        self.model = create_model(c.model.name, num_classes, pretrained=c.model.pretrained,
+                                  weights=c.model.weights, weights_dir=c.model.weights_dir,
+                                  drop_rate=c.model.drop_rate, zero_init_last=c.model.zero_init_last)
+        image_dir = train_image_dir(data)
+        train_paths = image_paths(image_dir, data.image_path, self.train_rows.ids)
+        self.train_set = ImageDataset(train_paths, self.train_rows.targets,
+                                      build_transforms(c.augment, train=True))
+        self.mean, self.std = self._normalization(train_paths)
+        on_cuda = self.device.type == "cuda"
+        self.normalizer = Normalizer(self.mean, self.std, channels_last=on_cuda and c.train.channels_last)
+        self.model.to(self.device)
+        if on_cuda and c.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if on_cuda:
+            torch.backends.cudnn.benchmark = True
+        self.normalizer.to(self.device)
+
+        self.settings = loader_settings(self.device, c.train.workers)
+        self.generator = torch.Generator()
+        if c.train.sampler == "balanced":
+            base = balanced_sampler(self.train_rows.targets, self.generator)
+        else:
+            base = RandomSampler(self.train_set, generator=self.generator)
+        self.sampler = SeededSampler(base, self.seed)
+        drop_last = len(self.train_set) > c.train.batch_size  # no size-1 batch for BatchNorm
+        self.train_loader = make_loader(self.train_set, c.train.batch_size, self.sampler,
+                                        self.settings, drop_last=drop_last)
+        self.valid_loader = None
+        if self.valid_rows is not None:
+            valid_paths = image_paths(image_dir, data.image_path, self.valid_rows.ids)
+            valid_set = ImageDataset(valid_paths, self.valid_rows.targets,
+                                     build_transforms(c.augment, train=False))
+            self.valid_loader = make_loader(valid_set, c.train.batch_size * 2, None, self.settings)
+
+        weights = class_weights(self.train_rows.targets, num_classes, c.train.class_weights,
+                                c.train.effective_beta)
+        self.class_weights = weights
+        self.criterion = build_loss(c.train.loss, weights, c.train.label_smoothing,
+                                    c.train.focal_gamma).to(self.device)
+        # The same loss on the CPU, for the validation logits (which come back as numpy).
+        self.valid_criterion = build_loss(c.train.loss, weights, c.train.label_smoothing,
+                                          c.train.focal_gamma)
+        self.optimizer = build_optimizer(c, self.model)
+        steps = len(self.train_loader) if c.train.max_batches is None else min(
+            len(self.train_loader), c.train.max_batches)
+        self.steps_per_epoch = steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(c, steps))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.forward_model = torch.compile(self.model) if (c.train.compile and on_cuda) else self.model
+
+    def _normalization(self, train_paths) -> tuple[tuple, tuple]:
+        stats = None
+        if self.config.augment.normalize == "dataset":
+            # Statistics of the resized training images, computed once per run and reused.
+            plain = ImageDataset(train_paths, None, build_transforms(self.config.augment, False))
+            stats = compute_dataset_stats(plain, self.out_dir.parent / "dataset_stats.json")
+        return resolve_normalization(self.config.augment, model_input_config(self.model), stats)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def _payload(self, epoch: int, **extra: Any) -> dict[str, Any]:
+        return {"model": unwrap(self.model).state_dict(), "config": self.config.to_dict(),
+                "epoch": epoch, "classes": list(self.config.data.classes),
+                "normalization": {"mean": list(self.mean), "std": list(self.std)}, **extra}
+
+    def save_last(self, epoch: int, best: float | None, best_epoch: int, finished: bool) -> None:
+        np_state = np.random.get_state()
+        save_checkpoint(self._payload(
+            epoch, optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(), best_score=best, best_epoch=best_epoch,
+            finished=finished,
+            rng={"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].copy()),
+                 "generator": self.generator.get_state()},
+        ), self.out_dir / "last.pt")
+
+    def resume(self) -> tuple[int, float | None, int]:
+        """Load last.pt if present: (next epoch, best score, best epoch)."""
+        path = self.out_dir / "last.pt"
+        if not path.is_file():
+            return 0, None, -1
+        checkpoint = load_checkpoint(path)
+        changed = config_changes(checkpoint["config"], self.config.to_dict())
+        if changed:
+            raise PipelineError(f"{path} was trained with other settings ({', '.join(changed)}); "
+                                f"FORCE=1 restarts this fold, or undo the change to resume")
+        unwrap(self.model).load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        print(f"{self.tag}: resuming after epoch {checkpoint['epoch'] + 1}")
+        return checkpoint["epoch"] + 1, checkpoint["best_score"], checkpoint["best_epoch"]
+
+    # ---- epochs --------------------------------------------------------------------------
+
+    def train_epoch(self, epoch: int) -> float:
+        c = self.config.train
+        head_stage = epoch < c.head_only_epochs
+        freeze_body(unwrap(self.model)) if head_stage else unfreeze(unwrap(self.model))
+        self.model.train()
+        # Everything random in this epoch derives from (seed, epoch): a resume replays it exactly.
+        seed = epoch_seed(self.seed, epoch)
+        torch.manual_seed(seed)
+        self.generator.manual_seed(seed)
+        self.sampler.set_epoch(epoch)
+        running = torch.zeros((), device=self.device)
+        seen, start = 0, time.perf_counter()
+        bar = progress(self.train_loader, f"{self.tag} epoch {epoch + 1}/{c.epochs}")
+        with clean_image_errors():
+            for step, (images, targets) in enumerate(bar):
+                if c.max_batches is not None and step >= c.max_batches:
+                    break
+                loss = self.train_step(images, targets)
+                running += loss.detach() * len(targets)
+                seen += len(targets)
+                if step % 20 == 0:  # the only device sync: the progress bar's numbers
+                    rate = seen / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{float(running) / seen:.4f}", img_s=f"{rate:.0f}",
+                                    refresh=False)
+        bar.close()
+        return float(running) / max(seen, 1)
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        c = self.config.train
+        images = self.normalizer(images.to(self.device, non_blocking=True))
+        targets = targets.to(self.device, non_blocking=True)
+        with autocast(self.device, self.dtype):
+            loss = self.criterion(self.forward_model(images).float(), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if c.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss
+
+    def validate(self) -> tuple[float, np.ndarray]:
+        logits = predict_logits(self.forward_model, self.normalizer, self.valid_loader, self.device,
+                                self.dtype, desc=f"{self.tag} validate")
+        targets = torch.tensor(self.valid_rows.targets)
+        with torch.no_grad():
+            loss = float(self.valid_criterion(torch.as_tensor(logits), targets))
+        return loss, softmax(logits)
+
+    def fit(self) -> dict[str, Any]:
+        c = self.config.train
+        start_epoch, best, best_epoch = self.resume()
+        log = read_log(self.out_dir / "log.csv", start_epoch)
+        for epoch in range(start_epoch, c.epochs):
+            started = time.perf_counter()
+            train_loss = self.train_epoch(epoch)
+            row: dict[str, Any] = {"epoch": epoch + 1, "stage": "head" if epoch < c.head_only_epochs else "all",
+                                   "train_loss": train_loss}
+            improved = True
+            if self.valid_loader is not None:
+                valid_loss, probs = self.validate()
+                metrics = report_metrics(self.metric, self.valid_rows.targets, probs,
+                                         self.config.data.ordinal)
+                row["valid_loss"] = valid_loss
+                row.update(metrics)
+                improved = is_better(self.metric, metrics[self.metric], best)
+            row["lr"] = self.optimizer.param_groups[0]["lr"]
+            row["seconds"] = round(time.perf_counter() - started, 2)
+            if improved:
+                best = row.get(self.metric)
+                best_epoch = epoch
+                save_checkpoint(self._payload(epoch, score=best, metric=self.metric),
+                                self.out_dir / "best.pt")
+            stop = (self.valid_loader is not None and c.early_stopping
+                    and epoch - best_epoch >= c.early_stopping)
+            finished = epoch == c.epochs - 1 or bool(stop)
+            self.save_last(epoch, best, best_epoch, finished)
+            log.append(row)
+            write_csv_atomic(pd.DataFrame(log), self.out_dir / "log.csv")
+            print_epoch(self.tag, row, self.metric, improved)
+            if stop:
+                print(f"{self.tag}: early stop, no improvement for {c.early_stopping} epochs")
+                break
+        return {"best_score": best, "best_epoch": best_epoch + 1, "epochs": len(log),
+                "seconds": round(sum(r["seconds"] for r in log), 1)}
+
+
+def config_changes(saved: dict, current: dict, prefix: tuple = ()) -> list[str]:
+    """Dotted keys whose values differ, ignoring settings that do not change results."""
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        path = prefix + (key,)
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += config_changes(a, b, path)
+        elif a != b and path not in RESUME_SAFE_KEYS:
+            changed.append(f"{'.'.join(path)}: {a!r} -> {b!r}")
+    return changed
+
+
+def read_log(path: Path, next_epoch: int) -> list[dict[str, Any]]:
+    """The log rows of the epochs already done (a resume drops rows past the checkpoint)."""
+    if next_epoch == 0 or not path.is_file():
+        return []
+    frame = pd.read_csv(path)
+    return frame[frame["epoch"] <= next_epoch].to_dict("records")
+
+
+def print_epoch(tag: str, row: dict[str, Any], metric: str, improved: bool) -> None:
+    parts = [f"{tag} epoch {row['epoch']:>3}", f"train {row['train_loss']:.4f}"]
+    if "valid_loss" in row:
+        parts.append(f"valid {row['valid_loss']:.4f}")
+        parts += [f"{k} {row[k]:.4f}" for k in row if k not in
+                  ("epoch", "stage", "train_loss", "valid_loss", "lr", "seconds")]
+    parts += [f"lr {row['lr']:.2e}", f"{row['seconds']:.1f}s"]
+    print("  ".join(parts) + ("  *" if improved and "valid_loss" in row else ""), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Folds
+
+
+def fold_dir(config: Config, fold: int) -> Path:
+    return config.run_dir / (f"fold{fold}" if fold >= 0 else "full")
+
+
+def write_oof(trainer: FoldTrainer, out_dir: Path) -> pd.DataFrame:
+    """Predict the validation fold with the best checkpoint; oof.csv is written last (done mark)."""
+    best = load_checkpoint(out_dir / "best.pt")
+    unwrap(trainer.model).load_state_dict(best["model"])
+    _, probs = trainer.validate()
+    classes = trainer.config.data.classes
+    rows = trainer.valid_rows
+    oof = pd.DataFrame(probs, columns=classes)
+    oof.insert(0, "label", rows.labels)
+    oof.insert(0, "id", rows.ids)
+    plots.write_confusion(rows.targets, probs.argmax(1), classes, out_dir)
+    plots.write_curves(pd.read_csv(out_dir / "log.csv"), trainer.metric, out_dir / "curves.png")
+    write_csv_atomic(oof, out_dir / "oof.csv")
+    return oof
+
+
+def train_fold(config: Config, folds: pd.DataFrame, fold: int, force: bool = False) -> dict:
+    out_dir = fold_dir(config, fold)
+    if (out_dir / "oof.csv").is_file() and not force:
+        print(f"fold {fold}: finished earlier ({out_dir}/oof.csv); FORCE=1 retrains")
+        return fold_result(config, fold)
+    if force and out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, out_dir / "config.yaml")
+    trainer = FoldTrainer(config, out_dir, Rows.of(folds[folds["fold"] != fold]),
+                          Rows.of(folds[folds["fold"] == fold]), config.train.seed + fold,
+                          f"fold {fold}")
+    trainer.setup()
+    trainer.fit()
+    write_oof(trainer, out_dir)
+    return fold_result(config, fold)
+
+
+def fold_result(config: Config, fold: int) -> dict[str, Any]:
+    """A finished fold's numbers, read back from its files."""
+    out_dir = fold_dir(config, fold)
+    log = pd.read_csv(out_dir / "log.csv")
+    oof = pd.read_csv(out_dir / "oof.csv", dtype={"id": str, "label": str}, keep_default_na=False)
+    metric = config.data.metric
+    best = log.loc[log[metric].idxmax() if higher_is_better(metric) else log[metric].idxmin()]
+    return {"fold": fold, "best_epoch": int(best["epoch"]), "epochs": len(log),
+            metric: score(metric, _targets(config, oof), oof[config.data.classes].to_numpy()),
+            "seconds": round(float(log["seconds"].sum()), 1)}
+
+
+def _targets(config: Config, frame: pd.DataFrame) -> np.ndarray:
+    index = {c: i for i, c in enumerate(config.data.classes)}
+    return frame["label"].map(index).to_numpy()
+
+
+def write_summary(config: Config) -> pd.DataFrame | None:
+    """runs/<model>/summary.csv|md: per-fold scores, mean, std, and the OOF score of all folds."""
+    metric, classes = config.data.metric, config.data.classes
+    done = sorted(int(p.parent.name[4:]) for p in config.run_dir.glob("fold*/oof.csv"))
+    if not done:
+        return None
+    results = pd.DataFrame([fold_result(config, k) for k in done])
+    oof = pd.concat([pd.read_csv(config.run_dir / f"fold{k}" / "oof.csv", dtype={"id": str, "label": str},
+                                 keep_default_na=False) for k in done])
+    targets, probs = _targets(config, oof), oof[classes].to_numpy()
+    overall = report_metrics(metric, targets, probs, config.data.ordinal)
+    write_csv_atomic(results, config.run_dir / "summary.csv")
+    from sklearn.metrics import confusion_matrix
+
+    matrix = confusion_matrix(targets, probs.argmax(1), labels=range(len(classes)))
+    table = [[r["fold"], r["best_epoch"], r["epochs"], r[metric], r["seconds"]]
+             for r in results.to_dict("records")]
+    headers = ["fold", "best epoch", "epochs", metric, "seconds"]
+    text = (f"# {config.run_name} on {config.data.name}\n\n" + markdown_table(table, headers) +
+            f"\n\nmean {metric} {results[metric].mean():.4f} ± {results[metric].std(ddof=0):.4f} "
+            f"over {len(done)} fold(s)\n\nout-of-fold over {len(oof)} images: " +
+            ", ".join(f"{k} {v:.4f}" for k, v in overall.items()) +
+            "\n\n## Out-of-fold confusion matrix (rows: true, columns: predicted)\n\n" +
+            markdown_table([[c, *row] for c, row in zip(classes, matrix.tolist())], ["", *classes]) + "\n")
+    write_text_atomic(config.run_dir / "summary.md", text)
+    print(format_table(table + [["mean", "", "", float(results[metric].mean()), ""],
+                                ["oof", "", "", overall[metric], ""]], headers))
+    print(f"{config.run_name}: out-of-fold {metric} {overall[metric]:.4f} over {len(oof)} images "
+          f"-> {config.run_dir}/summary.md")
+    return results
+
+
+def run_training(config: Config, folds_to_train: list[int] | None, force: bool) -> pd.DataFrame | None:
+    folds = read_folds(config)
+    available = sorted(folds["fold"].unique())
+    selected = folds_to_train if folds_to_train is not None else available
+    unknown = sorted(set(selected) - set(available))
+    if unknown:
+        raise PipelineError(f"fold(s) {unknown} not in {config.folds_csv} (folds {available})")
+    missing = [p for p in image_paths(train_image_dir(config.data), config.data.image_path,
+                                      folds["id"].tolist()) if not p.is_file()]
+    if missing:
+        raise PipelineError(f"{len(missing)} training image(s) missing, e.g. {missing[0]}; "
+                            f"run `make check` to list them")
+    for fold in selected:
+        train_fold(config, folds, int(fold), force)
+    return write_summary(config)
+
+
+def main(args) -> None:
+    from pipeline.config import load_config
+
+    if args.model is None:
+        raise PipelineError("train needs a model: make train MODEL=resnet18")
+    config = load_config(args.data, args.model, args.overrides)
+    run_training(config, args.folds, args.force)
