@@ -1,0 +1,251 @@
+"""Test-time-augmented inference of each fold's best checkpoint.
+
+    python -m pipeline predict --data digits --model resnet18 [--folds 0,2] [tta.views=d4]
+    make predict MODEL=resnet18 [TTA=d4]
+
+For fold k: predicts the test set (runs/<model>/fold<k>/test_probs.csv) and, again, its own
+validation fold (oof_tta.csv), so the out-of-fold score with and without TTA can be compared.
+The views of a batch are stacked on the batch dimension and run in one forward pass; their
+probabilities are averaged (mean, or geometric mean). TTA settings are read at predict time: a
+new `TTA=` needs no retraining.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import yaml
+
+from pipeline.augment import Normalizer, build_transforms
+from pipeline.config import Config, TTAConfig, config_from_dict
+from pipeline.data import ImageDataset, image_paths, load_test_ids, test_image_dir, train_image_dir
+from pipeline.engine import (
+    amp_dtype,
+    load_checkpoint,
+    loader_settings,
+    make_loader,
+    model_from_checkpoint,
+    predict_logits,
+    resolve_device,
+    softmax,
+)
+from pipeline.folds import read_folds
+from pipeline.metrics import score
+from pipeline.utils import PipelineError, format_table, write_csv_atomic, write_text_atomic
+
+View = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) -> (B, C, H, W)
+
+
+# --------------------------------------------------------------------------------------------
+# Views
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _hflip(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(-1)
+
+
+def _vflip(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(-2)
+
+
+def _dihedral(k: int, flip: bool) -> View:
+    def view(x: torch.Tensor) -> torch.Tensor:
+        x = torch.rot90(x, k, dims=(-2, -1))
+        return x.flip(-1) if flip else x
+    return view
+
+
+def _shift(dx: int, dy: int) -> View:
+    """Translate by (dx, dy) pixels, filling the uncovered border by replicating the edge."""
+    def view(x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)), mode="replicate")
+        top, left = max(-dy, 0), max(-dx, 0)
+        return padded[..., top:top + h, left:left + w]
+    return view
+
+
+def _zoom(factor: float) -> View:
+    """Scale about the centre by `factor` (>1 zooms in), keeping the size; replicate the border."""
+    def view(x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
+        scaled = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+        if factor >= 1:
+            top, left = (nh - h) // 2, (nw - w) // 2
+            return scaled[..., top:top + h, left:left + w]
+        pad_h, pad_w = h - nh, w - nw
+        return F.pad(scaled, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2),
+                     mode="replicate")
+    return view
+
+
+def tta_views(tta: TTAConfig, image_size: int) -> list[View]:
+    """The views of `tta.views`; the first is always the image itself."""
+    if tta.views == "none":
+        return [_identity]
+    if tta.views == "hflip":
+        return [_identity, _hflip]
+    if tta.views == "vflip":
+        return [_identity, _vflip]
+    if tta.views == "flips":
+        return [_identity, _hflip, _vflip, _dihedral(2, False)]  # rot180 = both flips
+    if tta.views == "d4":
+        return [_dihedral(k, flip) for flip in (False, True) for k in range(4)]
+    if tta.views == "shifts":
+        step = max(1, round(tta.shift * image_size))
+        return [_identity] + [_shift(dx, dy) for dx, dy in
+                              ((step, 0), (-step, 0), (0, step), (0, -step))]
+    return [_identity, _zoom(1 + tta.scale), _zoom(1 - tta.scale)]  # scales
+
+
+def reduce_views(logits: np.ndarray, how: str) -> np.ndarray:
+    """(V, N, C) logits -> (N, C) probabilities: mean of the views' probabilities, or their
+    geometric mean (renormalised)."""
+    probs = softmax(logits.astype(np.float64))
+    if how == "geomean":
+        log_mean = np.log(np.clip(probs, 1e-12, 1)).mean(axis=0)
+        return softmax(log_mean)
+    return probs.mean(axis=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction
+
+
+class CheckpointPredictor:
+    """A trained checkpoint ready to predict images with TTA."""
+
+    def __init__(self, checkpoint: Path, tta: TTAConfig, device_name: str = "auto",
+                 workers: int | None = None):
+        self.model, self.config, payload = model_from_checkpoint(checkpoint)
+        self.device = resolve_device(device_name)
+        self.dtype = amp_dtype(self.device, self.config.train.amp)
+        on_cuda = self.device.type == "cuda"
+        channels_last = on_cuda and self.config.train.channels_last
+        self.model.to(self.device)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        norm = payload["normalization"]
+        self.normalizer = Normalizer(norm["mean"], norm["std"], channels_last).to(self.device)
+        self.transform = build_transforms(self.config.augment, train=False)
+        self.views = tta_views(tta, self.config.augment.image_size)
+        self.reduce = tta.reduce
+        self.settings = loader_settings(self.device, workers)
+
+    def predict(self, paths: Sequence[Path], desc: str) -> np.ndarray:
+        """Probabilities (N, C), TTA views reduced."""
+        dataset = ImageDataset(paths, None, self.transform)
+        loader = make_loader(dataset, self.config.train.batch_size, None, self.settings)
+        logits = predict_logits(self.model, self.normalizer, loader, self.device, self.dtype,
+                                desc=desc, views=self.views)
+        return reduce_views(logits, self.reduce)
+
+
+def probability_frame(ids: Sequence[str], probs: np.ndarray, classes: list[str],
+                      labels: Sequence[str] | None = None) -> pd.DataFrame:
+    frame = pd.DataFrame(probs, columns=classes)
+    if labels is not None:
+        frame.insert(0, "label", list(labels))
+    frame.insert(0, "id", list(ids))
+    return frame
+
+
+def read_probs(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"id": str, "label": str}, keep_default_na=False)
+
+
+def _tta_record(tta: TTAConfig, checkpoint: Path) -> str:
+    """What a prediction was made with; equal records mean the files on disk are current."""
+    epoch = load_checkpoint(checkpoint)["epoch"]
+    return yaml.safe_dump({"tta": tta.model_dump(), "checkpoint_epoch": int(epoch),
+                           "checkpoint_mtime_ns": checkpoint.stat().st_mtime_ns})
+
+
+def predict_dir(config: Config, out_dir: Path, test_ids: list[str],
+                valid: pd.DataFrame | None, force: bool) -> dict | None:
+    """Predict the test set (and the validation rows) with out_dir/best.pt; skip if current."""
+    checkpoint = out_dir / "best.pt"
+    outputs = [out_dir / "test_probs.csv"] + ([out_dir / "oof_tta.csv"] if valid is not None else [])
+    record = _tta_record(config.tta, checkpoint)
+    record_path = out_dir / "predict.yaml"
+    if (not force and all(p.is_file() for p in outputs) and record_path.is_file()
+            and record_path.read_text() == record):
+        print(f"{out_dir}: predictions are current (FORCE=1 redoes them)")
+        return None
+    predictor = CheckpointPredictor(checkpoint, config.tta, config.train.device, config.train.workers)
+    classes = predictor.config.data.classes
+    data = config.data
+    tag = out_dir.name
+    test_paths = image_paths(test_image_dir(data), data.image_path, test_ids)
+    test_probs = predictor.predict(test_paths, f"{tag} test x{len(predictor.views)}")
+    write_csv_atomic(probability_frame(test_ids, test_probs, classes), outputs[0])
+    result = {"run": tag, "views": len(predictor.views), "test images": len(test_ids)}
+    if valid is not None:
+        valid_paths = image_paths(train_image_dir(data), data.image_path, valid["id"].tolist())
+        oof_probs = predictor.predict(valid_paths, f"{tag} oof x{len(predictor.views)}")
+        write_csv_atomic(probability_frame(valid["id"], oof_probs, classes, valid["label"]), outputs[1])
+        plain = read_probs(out_dir / "oof.csv")
+        metric = data.metric
+        result[f"oof {metric}"] = score(metric, valid["target"], plain[classes].to_numpy())
+        result[f"oof {metric} tta"] = score(metric, valid["target"], oof_probs)
+    write_text_atomic(record_path, record)
+    return result
+
+
+def run_predict(config: Config, folds_to_predict: list[int] | None, force: bool) -> None:
+    folds = read_folds(config)
+    trained = sorted(int(p.parent.name[4:]) for p in config.run_dir.glob("fold*/oof.csv"))
+    if not trained:
+        raise PipelineError(f"no trained folds in {config.run_dir}: run `make train "
+                            f"MODEL={config.run_name}` first")
+    selected = trained if folds_to_predict is None else folds_to_predict
+    untrained = sorted(set(selected) - set(trained))
+    if untrained:
+        raise PipelineError(f"fold(s) {untrained} of {config.run_name} are not trained yet")
+    test_ids = load_test_ids(config.data)
+    results = []
+    for fold in selected:
+        valid = folds[folds["fold"] == fold]
+        result = predict_dir(config, config.run_dir / f"fold{fold}", test_ids, valid, force)
+        if result:
+            results.append(result)
+    if results:
+        print(format_table([list(r.values()) for r in results], list(results[0])))
+    print_tta_gain(config, trained)
+
+
+def print_tta_gain(config: Config, folds: list[int]) -> None:
+    """The out-of-fold score over every predicted fold, without and with TTA."""
+    metric, classes = config.data.metric, config.data.classes
+    index = {c: i for i, c in enumerate(classes)}
+    frames = {name: [read_probs(config.run_dir / f"fold{k}" / name) for k in folds
+                     if (config.run_dir / f"fold{k}" / name).is_file()]
+              for name in ("oof.csv", "oof_tta.csv")}
+    if not frames["oof_tta.csv"] or len(frames["oof_tta.csv"]) != len(frames["oof.csv"]):
+        return
+    scores = {}
+    for name, parts in frames.items():
+        oof = pd.concat(parts)
+        scores[name] = score(metric, oof["label"].map(index).to_numpy(), oof[classes].to_numpy())
+    print(f"{config.run_name}: out-of-fold {metric} {scores['oof.csv']:.4f} without TTA, "
+          f"{scores['oof_tta.csv']:.4f} with {config.tta.views} TTA "
+          f"({scores['oof_tta.csv'] - scores['oof.csv']:+.4f})")
+
+
+def main(args) -> None:
+    from pipeline.config import load_config
+
+    if args.model is None:
+        raise PipelineError("predict needs a model: make predict MODEL=resnet18")
+    config = load_config(args.data, args.model, args.overrides)
+    run_predict(config, args.folds, args.force)
