@@ -1,0 +1,69 @@
+"""The whole chain on the embedded demo competition, for one model.
+
+    python -m pipeline demo --model resnet18        # make demo   (make install demo on a fresh machine)
+
+Exports scikit-learn's handwritten digits as a Kaggle-style competition (data/digits), then runs
+folds, train, predict (TTA), refit and ensemble, and scores the submission against the held-out
+labels (data/digits/solution.csv), as a leaderboard would. Each stage skips work that is already
+done, so an interrupted demo picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pipeline.config import load_config
+from pipeline.demo_data import export_digits
+from pipeline.ensemble import ensemble_runs
+from pipeline.folds import make_folds
+from pipeline.predict import run_predict
+from pipeline.refit import run_refit
+from pipeline.train import run_training
+from pipeline.utils import PipelineError, format_table
+
+
+def banner(text: str) -> None:
+    print(f"\n== {text} " + "=" * max(0, 70 - len(text)), flush=True)
+
+
+def run_demo(model: str, data: str, overrides: list[str], force: bool) -> dict:
+    started = time.perf_counter()
+    config = load_config(data, model, overrides)
+    if config.data.solution_csv is None:
+        raise PipelineError(f"the demo needs a competition with held-out labels (solution_csv); "
+                            f"{config.data.name} has none. Use the stages one by one instead.")
+
+    banner("demo-data: export the digits competition")
+    export_digits(config.data.root_path)
+    banner("folds")
+    if force or not config.folds_csv.is_file():
+        make_folds(config)
+    else:
+        print(f"{config.folds_csv} exists (FORCE=1 re-splits)")
+    banner(f"train {config.run_name} on {config.folds.n_splits} folds")
+    run_training(config, None, force)
+    banner(f"predict with {config.tta.views} TTA")
+    run_predict(config, None, force)
+    banner("refit on all labelled rows")
+    refit = run_refit(config, force)
+    banner("ensemble folds + refit, write the submission")
+    outcome = ensemble_runs(config, [config.run_name])
+
+    minutes = (time.perf_counter() - started) / 60
+    metric = config.data.metric
+    rows = [
+        ["cross-validation (out-of-fold, TTA)", f"{outcome.cv_score:.4f}"],
+        ["held-out test, ensemble", f"{outcome.solution_score:.4f}"],
+        ["held-out test, refit alone", f"{refit.get(f'test {metric}', float('nan')):.4f}"],
+        ["submission", str(outcome.submission)],
+        ["report", str(outcome.report)],
+        ["runs", str(config.run_dir)],
+        ["minutes", f"{minutes:.1f}"],
+    ]
+    banner(f"demo finished: {config.run_name} on {config.data.name} ({metric})")
+    print(format_table(rows, ["", ""]))
+    return {"cv": outcome.cv_score, "test": outcome.solution_score, "minutes": minutes}
+
+
+def main(args) -> None:
+    run_demo(args.model or "resnet18", args.data, args.overrides, args.force)

@@ -1,0 +1,30 @@
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO
+
+
+def test_demo_chain_end_to_end(tmp_path):
+    """The README's first command, shrunk: every stage runs and the submission is scored."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "demo", "--model", "resnet20",
+         f"data.root={tmp_path / 'digits'}", f"folds.dir={tmp_path / 'folds'}",
+         f"runs_dir={tmp_path / 'runs'}", f"submissions_dir={tmp_path / 'subs'}",
+         "folds.n_splits=2", "train.epochs=1", "train.max_batches=3", "augment.image_size=16",
+         "tta.views=hflip"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "demo finished: resnet20 on digits" in out
+    assert "held-out test, ensemble" in out
+    submissions = sorted((tmp_path / "subs").glob("resnet20_cv*.csv"))
+    assert len(submissions) == 1
+    submission = pd.read_csv(submissions[0], dtype=str)
+    sample = pd.read_csv(tmp_path / "digits" / "sample_submission.csv", dtype=str)
+    assert submission["id"].tolist() == sample["id"].tolist()
+    assert (tmp_path / "subs" / "resnet20_refit.csv").is_file()
+    assert (tmp_path / "runs" / "resnet20" / "full" / "test_probs.csv").is_file()
+    assert (tmp_path / "runs" / "resnet20" / "summary.md").is_file()
