@@ -1,6 +1,7 @@
 # The pipeline, one target per stage; each is a thin call of `python -m pipeline VERB`.
 #   make folds train MODEL=resnet18      make predict ensemble      make demo
 # Variables: DATA MODEL MODELS FOLDS TTA EPOCHS FORCE=1 ARGS="key=value ..."
+#   several GPUs: GPUS=4 or GPUS=0,1 [PARALLEL=folds]; several machines: NNODES NODE_RANK MASTER_ADDR MASTER_PORT
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
@@ -14,8 +15,29 @@ TTA ?=
 EPOCHS ?=
 FORCE ?=
 ARGS ?=
+GPUS ?=
+PARALLEL ?=
+NNODES ?= 1
+NODE_RANK ?= 0
+MASTER_ADDR ?=
+MASTER_PORT ?= 29500
 
 RUN = $(PYTHON) -m pipeline
+# GPUS=4 (a count) or GPUS=0,1,2,3 (which ones): train and predict start one process per GPU with
+# torchrun (python -m torch.distributed.run: the venv's torch), DistributedDataParallel inside.
+# One machine: --standalone, torchrun finds a free port. Several: the same command on each machine,
+# NNODES=<machines> NODE_RANK=<0..NNODES-1> MASTER_ADDR=<address of NODE_RANK=0> [MASTER_PORT].
+# PARALLEL=folds (train): no DDP; one single-process fold per GPU of GPUS, side by side.
+comma := ,
+NPROC = $(if $(findstring $(comma),$(GPUS)),$(words $(subst $(comma), ,$(GPUS))),$(GPUS))
+RENDEZVOUS = $(if $(filter-out 1,$(NNODES))$(MASTER_ADDR),--nnodes=$(NNODES) --node_rank=$(NODE_RANK) \
+	--master_addr=$(or $(MASTER_ADDR),$(error NNODES=$(NNODES) needs MASTER_ADDR=<address of the NODE_RANK=0 machine>)) \
+	--master_port=$(MASTER_PORT),--standalone)
+TORCHRUN = $(if $(findstring $(comma),$(GPUS)),CUDA_VISIBLE_DEVICES=$(GPUS) )$(PYTHON) -m torch.distributed.run \
+	--nproc_per_node=$(NPROC) $(RENDEZVOUS) -m pipeline
+RUN_GPUS = $(if $(GPUS),$(TORCHRUN),$(RUN))
+TRAIN = $(if $(PARALLEL),$(if $(filter folds,$(PARALLEL)),$(RUN) train --parallel folds $(if $(GPUS),--gpus $(GPUS)),\
+	$(error PARALLEL=$(PARALLEL): the one mode is PARALLEL=folds)),$(RUN_GPUS) train)
 COMMON = --data $(DATA) $(if $(FORCE),--force)
 OVERRIDES = $(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(TTA),tta.views=$(TTA)) $(ARGS)
 
@@ -23,12 +45,12 @@ OVERRIDES = $(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(TTA),tta.views=$(TTA))
 
 help: ## list the targets and variables
 	@echo "usage: make TARGET [DATA=digits] [MODEL=resnet18] [FOLDS=0,2] [EPOCHS=n] [TTA=d4] [FORCE=1] [ARGS='k=v ...']"
+	@echo "       several GPUs: GPUS=4 or GPUS=0,1 [PARALLEL=folds]; several machines: NNODES NODE_RANK MASTER_ADDR [MASTER_PORT]"
 	@echo
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 install: ## create .venv and install the package with its test extras
 	python3 -m venv .venv
-	.venv/bin/pip install --upgrade pip
 	.venv/bin/pip install -e '.[test]'
 
 demo: ## the whole chain on the embedded digits competition, scored on held-out labels
@@ -43,17 +65,17 @@ check: ## pre-flight check of the competition's CSVs and images
 folds: ## stratified (group) K folds -> folds/folds.csv
 	$(RUN) folds $(COMMON) $(ARGS)
 
-train: ## train MODEL on each fold (FOLDS=0,2 for some) -> runs/MODEL/fold<k>/
-	$(RUN) train --model $(MODEL) $(if $(FOLDS),--folds $(FOLDS)) $(COMMON) $(OVERRIDES)
+train: ## train MODEL on each fold (FOLDS=0,2; GPUS=4; GPUS=0,1 PARALLEL=folds) -> runs/MODEL/fold<k>/
+	$(TRAIN) --model $(MODEL) $(if $(FOLDS),--folds $(FOLDS)) $(COMMON) $(OVERRIDES)
 
-predict: ## TTA inference of each fold's best checkpoint -> test_probs.csv, oof_tta.csv
-	$(RUN) predict --model $(MODEL) $(if $(FOLDS),--folds $(FOLDS)) $(COMMON) $(OVERRIDES)
+predict: ## TTA inference of each fold's best checkpoint (GPUS=4) -> test_probs.csv, oof_tta.csv
+	$(RUN_GPUS) predict --model $(MODEL) $(if $(FOLDS),--folds $(FOLDS)) $(COMMON) $(OVERRIDES)
 
 ensemble: ## average folds and models (MODELS="a b") -> submissions/<name>.csv
 	$(RUN) ensemble $(if $(MODELS),--models "$(MODELS)") $(COMMON) $(ARGS)
 
-refit: ## train MODEL on all labelled rows, predict the test set -> runs/MODEL/full/
-	$(RUN) refit --model $(MODEL) $(COMMON) $(OVERRIDES)
+refit: ## train MODEL on all labelled rows (GPUS=4), predict the test set -> runs/MODEL/full/
+	$(RUN_GPUS) refit --model $(MODEL) $(COMMON) $(OVERRIDES)
 
 cache: ## decode and resize every image once (make cache MODEL=m)
 	$(RUN) cache --model $(MODEL) $(COMMON) $(ARGS)

@@ -3,6 +3,8 @@
     python -m pipeline demo-data
     python -m pipeline folds --data digits
     python -m pipeline train --data digits --model resnet18 --folds 0,2 train.epochs=3
+    python -m pipeline train --model resnet20 --parallel folds --gpus 0,1   # a fold per GPU
+    python -m torch.distributed.run --standalone --nproc_per_node=4 -m pipeline train --model resnet18
 
 Each verb is one module of this package, imported only when used. Errors the user can fix
 (bad config, bad data, missing inputs) print one clear message and exit with status 1.
@@ -55,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--drop-bad", action="store_true",
                          help="leave out missing/unreadable training images instead of failing")
         sub.add_argument("--root", default="data/digits", help="demo-data: where to export")
+        sub.add_argument("--parallel", choices=["folds"], default=None,
+                         help="train: folds side by side, one process per GPU of --gpus")
+        sub.add_argument("--gpus", default=None,
+                         help="with --parallel folds: a count (4) or GPU ids (0,1,2,3); without "
+                              "GPUs, the number of processes")
         sub.add_argument("overrides", nargs="*", metavar="key=value",
                          help="config overrides, e.g. train.epochs=3 augment.image_size=64")
     return parser

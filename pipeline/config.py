@@ -146,7 +146,7 @@ class AugmentConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(30, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)  # global: under torchrun each of N processes takes 1/N
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0)  # peak learning rate of the head (and body, see body_lr_mult)
     momentum: float = 0.9
@@ -169,6 +169,9 @@ class TrainConfig(_Section):
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + scaler)
     channels_last: bool = True  # on CUDA
     compile: bool = False  # torch.compile the model (CUDA)
+    # Several GPUs (torchrun): BatchNorm statistics over the global batch rather than each GPU's
+    # batch_size / GPUs images. CUDA only; no effect in one process. batch_size is the global batch.
+    sync_bn: bool = False
     workers: int | None = None  # DataLoader workers; None: chosen from the machine
     device: str = "auto"  # auto, cpu, cuda, cuda:1
     seed: int = 42
@@ -193,6 +196,27 @@ class RefitConfig(_Section):
     epochs: int | None = Field(None, ge=1)  # None: the median best epoch of the folds
 
 
+class CacheConfig(_Section):
+    """The resized-image cache (pipeline/cache.py): each image decoded and shrunk once.
+
+    `enabled`, `format` and `dir` change only speed and disk use; `size`, `mode` and
+    `crop_black_border` change the images, with or without the cache (the uncached loader runs
+    the same preprocessing on every read).
+    """
+
+    enabled: bool = False  # train/predict read (and first build) the cache; `make cache` builds it
+    # pixels; cap on the stored image (never enlarged). None: augment.image_size, because the
+    # first transform resizes to image_size anyway: a margin above it is discarded again by a
+    # ~0.55 ms resize per image and epoch, nearly as much as the rest of the cached read (bench/)
+    size: int | None = Field(None, ge=8)
+    # resize: squash to size x size, exactly the pipeline's first transform (smallest files);
+    # keep_aspect: shorter side = size; center_crop: the centred square, then size x size
+    mode: Literal["resize", "keep_aspect", "center_crop"] = "resize"
+    crop_black_border: bool = False  # cut the black frame around a fundus photo before resizing
+    format: Literal["npy", "png"] = "npy"  # npy: fastest read; png: lossless, 3x smaller, 10x slower
+    dir: str = "cache"  # one sub-folder per preprocessing setting, named by its hash
+
+
 class Config(_Section):
     run_name: str  # names runs/<run_name>/; the experiment file's name
     data: DataConfig
@@ -203,6 +227,7 @@ class Config(_Section):
     tta: TTAConfig = TTAConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     refit: RefitConfig = RefitConfig()
+    cache: CacheConfig = CacheConfig()
     runs_dir: str = "runs"
     submissions_dir: str = "submissions"
 

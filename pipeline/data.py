@@ -6,6 +6,7 @@ competition's class list and turned into class indices (`target`) in one place, 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -14,6 +15,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from pipeline.augment import item_seed, reseed
@@ -154,17 +156,46 @@ def _looks_truncated(raw: bytes) -> bool:
     return False
 
 
-def decode_image(raw: bytes, source: Path | str) -> np.ndarray:
-    """Decode encoded bytes to an RGB uint8 array (H, W, 3); grayscale images get three channels."""
-    image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR) if raw else None
+# Decoding flags by JPEG scale-down factor: libjpeg decodes at 1/2, 1/4 or 1/8 size in its inverse
+# DCT, which skips most of the decoding work (a 2048 px photo decodes ~4x faster at 1/8) and is an
+# anti-aliased shrink in itself. Other formats are always decoded at full size.
+JPEG_REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
+                      4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def jpeg_reduction(raw: bytes, min_side: int) -> int:
+    """The largest JPEG scale-down factor (1, 2, 4 or 8) that keeps the shorter side >= min_side.
+
+    Reads only the header (PIL stops at the frame size: ~40 us, no decoding); 1 for non-JPEGs.
+    """
+    if raw[:2] != b"\xff\xd8":
+        return 1
+    try:
+        width, height = Image.open(io.BytesIO(raw)).size
+    except Exception:  # a broken header: decode at full size and let the decoder name the file
+        return 1
+    shorter = min(width, height)
+    for factor in (8, 4, 2):
+        if -(-shorter // factor) >= min_side:  # libjpeg rounds the scaled size up
+            return factor
+    return 1
+
+
+def decode_image(raw: bytes, source: Path | str, reduction: int = 1) -> np.ndarray:
+    """Decode encoded bytes to an RGB uint8 array (H, W, 3); grayscale images get three channels.
+
+    `reduction` (2, 4, 8) decodes a JPEG at that fraction of its size (see `jpeg_reduction`).
+    """
+    flags = JPEG_REDUCED_FLAGS[reduction] if raw[:2] == b"\xff\xd8" else cv2.IMREAD_COLOR
+    image = cv2.imdecode(np.frombuffer(raw, np.uint8), flags) if raw else None
     if image is None:
         raise ImageReadError(f"cannot decode image {source}: not an image or corrupt; "
                              f"replace it, or set data.drop_bad_images=true to leave it out")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def read_image(path: Path | str) -> np.ndarray:
-    """Read an image file (PNG, JPEG, ...) as RGB uint8 (H, W, 3), with an error that names it."""
+def read_image_bytes(path: Path | str) -> bytes:
+    """The encoded bytes of an image file, refusing truncated files, with errors that name it."""
     try:
         raw = Path(path).read_bytes()
     except OSError as err:
@@ -172,7 +203,17 @@ def read_image(path: Path | str) -> np.ndarray:
     if _looks_truncated(raw):
         raise ImageReadError(f"image {path} is truncated (incomplete file); re-download it, or set "
                              f"data.drop_bad_images=true to leave it out")
-    return decode_image(raw, path)
+    return raw
+
+
+def read_image(path: Path | str, min_side: int | None = None) -> np.ndarray:
+    """Read an image file (PNG, JPEG, ...) as RGB uint8 (H, W, 3), with an error that names it.
+
+    With `min_side` (pixels), a large JPEG is decoded at 1/2, 1/4 or 1/8 of its size as long as
+    its shorter side stays >= min_side: much faster, for images that are shrunk afterwards anyway.
+    """
+    raw = read_image_bytes(path)
+    return decode_image(raw, path, jpeg_reduction(raw, min_side) if min_side else 1)
 
 
 def image_problem(path: Path) -> str | None:

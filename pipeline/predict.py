@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from pipeline import distributed
 from pipeline.augment import Normalizer, build_transforms
+from pipeline.cache import image_loader
 from pipeline.config import Config, TTAConfig, config_from_dict
 from pipeline.data import ImageDataset, image_paths, load_test_ids, test_image_dir, train_image_dir
 from pipeline.engine import (
@@ -65,17 +67,17 @@ def _dihedral(k: int, flip: bool) -> View:
 
 
 def _shift(dx: int, dy: int) -> View:
-    """Translate by (dx, dy) pixels, filling the uncovered border by replicating the edge."""
+    """Translate by (dx, dy) pixels; the uncovered border is black (0), as in training's Affine."""
     def view(x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        padded = F.pad(x, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)), mode="replicate")
+        padded = F.pad(x, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)))
         top, left = max(-dy, 0), max(-dx, 0)
         return padded[..., top:top + h, left:left + w]
     return view
 
 
 def _zoom(factor: float) -> View:
-    """Scale about the centre by `factor` (>1 zooms in), keeping the size; replicate the border."""
+    """Scale about the centre by `factor` (>1 zooms in), keeping the size; black border."""
     def view(x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
@@ -84,8 +86,7 @@ def _zoom(factor: float) -> View:
             top, left = (nh - h) // 2, (nw - w) // 2
             return scaled[..., top:top + h, left:left + w]
         pad_h, pad_w = h - nh, w - nw
-        return F.pad(scaled, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2),
-                     mode="replicate")
+        return F.pad(scaled, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
     return view
 
 
@@ -128,13 +129,16 @@ class CheckpointPredictor:
     def __init__(self, checkpoint: Path, tta: TTAConfig, device_name: str = "auto",
                  workers: int | None = None):
         self.model, self.config, payload = model_from_checkpoint(checkpoint)
-        self.device = resolve_device(device_name)
+        # One process: device_name. Under torchrun: cuda:LOCAL_RANK (or the CPU).
+        self.device = distributed.local_device(resolve_device(device_name))
         self.dtype = amp_dtype(self.device, self.config.train.amp)
         on_cuda = self.device.type == "cuda"
         channels_last = on_cuda and self.config.train.channels_last
         self.model.to(self.device)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if on_cuda:
+            torch.backends.cudnn.benchmark = True  # one input size: cuDNN picks its fastest kernels
         norm = payload["normalization"]
         self.normalizer = Normalizer(norm["mean"], norm["std"], channels_last).to(self.device)
         self.transform = build_transforms(self.config.augment, train=False)
@@ -143,11 +147,19 @@ class CheckpointPredictor:
         self.settings = loader_settings(self.device, workers)
 
     def predict(self, paths: Sequence[Path], desc: str) -> np.ndarray:
-        """Probabilities (N, C), TTA views reduced."""
-        dataset = ImageDataset(paths, None, self.transform)
-        loader = make_loader(dataset, self.config.train.batch_size, None, self.settings)
-        logits = predict_logits(self.model, self.normalizer, loader, self.device, self.dtype,
-                                desc=desc, views=self.views)
+        """Probabilities (N, C), TTA views reduced; in `paths` order.
+
+        Under torchrun each rank predicts a contiguous shard of the paths and every rank gets
+        all N rows back, in order.
+        """
+        # The checkpoint's cache settings: the preprocessing it was trained with
+        read = image_loader(self.config.cache, self.config.augment, paths, desc=f"{desc} cache")
+        dataset = ImageDataset(paths, None, self.transform, read)
+        loader = make_loader(dataset, self.config.train.batch_size,
+                             distributed.shard_sampler(len(dataset)), self.settings)
+        shard = predict_logits(self.model, self.normalizer, loader, self.device, self.dtype,
+                               desc=desc, views=self.views)
+        logits = distributed.gather_shards(shard, axis=1)  # (V, N, C)
         return reduce_views(logits, self.reduce)
 
 
@@ -178,8 +190,9 @@ def predict_dir(config: Config, out_dir: Path, test_ids: list[str],
     outputs = [out_dir / "test_probs.csv"] + ([out_dir / "oof_tta.csv"] if valid is not None else [])
     record = _tta_record(config.tta, checkpoint)
     record_path = out_dir / "predict.yaml"
-    if (not force and all(p.is_file() for p in outputs) and record_path.is_file()
-            and record_path.read_text() == record):
+    current = (not force and all(p.is_file() for p in outputs) and record_path.is_file()
+               and record_path.read_text() == record)
+    if distributed.broadcast_from_main(current):  # under torchrun: every rank skips, or none
         print(f"{out_dir}: predictions are current (FORCE=1 redoes them)")
         return None
     predictor = CheckpointPredictor(checkpoint, config.tta, config.train.device, config.train.workers)
@@ -188,11 +201,14 @@ def predict_dir(config: Config, out_dir: Path, test_ids: list[str],
     tag = out_dir.name
     test_paths = image_paths(test_image_dir(data), data.image_path, test_ids)
     test_probs = predictor.predict(test_paths, f"{tag} test x{len(predictor.views)}")
-    write_csv_atomic(probability_frame(test_ids, test_probs, classes), outputs[0])
-    result = {"run": tag, "views": len(predictor.views), "test images": len(test_ids)}
     if valid is not None:
         valid_paths = image_paths(train_image_dir(data), data.image_path, valid["id"].tolist())
         oof_probs = predictor.predict(valid_paths, f"{tag} oof x{len(predictor.views)}")
+    if not distributed.is_main():
+        return None  # rank 0 writes
+    write_csv_atomic(probability_frame(test_ids, test_probs, classes), outputs[0])
+    result = {"run": tag, "views": len(predictor.views), "test images": len(test_ids)}
+    if valid is not None:
         write_csv_atomic(probability_frame(valid["id"], oof_probs, classes, valid["label"]), outputs[1])
         plain = read_probs(out_dir / "oof.csv")
         metric = data.metric
@@ -221,7 +237,8 @@ def run_predict(config: Config, folds_to_predict: list[int] | None, force: bool)
             results.append(result)
     if results:
         print(format_table([list(r.values()) for r in results], list(results[0])))
-    print_tta_gain(config, trained)
+    if distributed.is_main():
+        print_tta_gain(config, trained)
 
 
 def print_tta_gain(config: Config, folds: list[int]) -> None:
@@ -248,4 +265,8 @@ def main(args) -> None:
     if args.model is None:
         raise PipelineError("predict needs a model: make predict MODEL=resnet18")
     config = load_config(args.data, args.model, args.overrides)
-    run_predict(config, args.folds, args.force)
+    if getattr(args, "parallel", None) or getattr(args, "gpus", None):
+        raise PipelineError("--parallel/--gpus are for train; predict uses several GPUs through "
+                            "torchrun: make predict GPUS=4")
+    with distributed.session(resolve_device(config.train.device)):
+        run_predict(config, args.folds, args.force)

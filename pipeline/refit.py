@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline import distributed
 from pipeline.config import Config, save_config
 from pipeline.data import load_test_ids
-from pipeline.engine import load_checkpoint
+from pipeline.engine import load_checkpoint, resolve_device
 from pipeline.folds import read_folds
 from pipeline.metrics import higher_is_better
 from pipeline.predict import predict_dir, read_probs
@@ -63,15 +64,21 @@ def _finished(out_dir: Path) -> bool:
 
 
 def train_full(config: Config, force: bool) -> Path:
-    """Train on all labelled rows; returns the output folder (runs/<model>/full)."""
+    """Train on all labelled rows; returns the output folder (runs/<model>/full).
+
+    Under torchrun every rank trains its share; rank 0 alone prepares the folder and writes.
+    """
     out_dir = fold_dir(config, -1)
-    if force and out_dir.exists():
-        shutil.rmtree(out_dir)
+    if distributed.is_main():
+        if force and out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     if _finished(out_dir):
         print(f"{out_dir}: refit finished earlier (FORCE=1 retrains)")
         return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / "config.yaml")
+    if distributed.is_main():
+        save_config(config, out_dir / "config.yaml")
     rows = Rows.of(read_folds(config))
     trainer = FoldTrainer(config, out_dir, rows, None, config.train.seed + REFIT_SEED_OFFSET, "full")
     trainer.setup()
@@ -89,6 +96,9 @@ def run_refit(config: Config, force: bool) -> dict:
     out_dir = train_full(config, force)
     test_ids = load_test_ids(config.data)
     predict_dir(config, out_dir, test_ids, None, force)
+    distributed.barrier()
+    if not distributed.is_main():
+        return {}
     probs = read_probs(out_dir / "test_probs.csv")[config.data.classes].to_numpy()
     frame = build_submission(config.data, test_ids, probs)
     path = write_submission(frame, Path(config.submissions_dir) / f"{config.run_name}_refit.csv",
@@ -106,4 +116,6 @@ def main(args) -> None:
 
     if args.model is None:
         raise PipelineError("refit needs a model: make refit MODEL=resnet18")
-    run_refit(load_config(args.data, args.model, args.overrides), args.force)
+    config = load_config(args.data, args.model, args.overrides)
+    with distributed.session(resolve_device(config.train.device)):
+        run_refit(config, args.force)

@@ -2,18 +2,23 @@
 
     python -m pipeline train --data digits --model resnet18 [--folds 0,2] [--force] [train.epochs=3]
     make train MODEL=resnet18 [FOLDS=0,2] [EPOCHS=3] [FORCE=1]
+    make train MODEL=resnet18 GPUS=4                 # each fold on 4 GPUs (torchrun, DDP)
+    make train MODEL=resnet20 GPUS=0,1 PARALLEL=folds  # two folds at once, one per GPU
 
 Writes runs/<model>/fold<k>/: config.yaml, best.pt (by the competition metric), last.pt (every
 epoch, with optimiser, scheduler, scaler and epoch), log.csv, oof.csv, confusion.csv|png,
 curves.png; then runs/<model>/summary.csv|md over all folds. A finished fold (oof.csv present) is
 skipped; an interrupted one resumes from last.pt at the next epoch, and ends with the same weights
 as an uninterrupted run (each epoch's randomness is derived from (seed, epoch), not carried over).
+Under torchrun the same code runs on every rank; pipeline/distributed.py says who does what and
+why the results do not depend on the number of GPUs (train.batch_size is the global batch).
 """
 
 from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +29,10 @@ import pandas as pd
 import torch
 from torch.utils.data import RandomSampler
 
-from pipeline import plots
+from pipeline import distributed, plots
 from pipeline.augment import Normalizer, build_transforms, compute_dataset_stats, resolve_normalization
-from pipeline.config import Config, save_config
+from pipeline.cache import image_loader
+from pipeline.config import Config, config_from_dict, save_config
 from pipeline.data import ImageDataset, SeededSampler, image_paths, train_image_dir
 from pipeline.engine import (
     amp_dtype,
@@ -50,7 +56,8 @@ from pipeline.models.finetune import freeze_body, param_groups, unfreeze
 from pipeline.utils import PipelineError, format_table, markdown_table, write_csv_atomic, write_text_atomic
 
 # Settings that may change between a run and its resume without changing the result.
-RESUME_SAFE_KEYS = {("train", "workers"), ("train", "device"), ("train", "compile")}
+RESUME_SAFE_KEYS = {("train", "workers"), ("train", "device"), ("train", "compile"),
+                    ("cache", "enabled"), ("cache", "dir"), ("cache", "format")}
 
 
 @dataclass
@@ -114,7 +121,8 @@ class FoldTrainer:
                  seed: int, tag: str):
         self.config, self.out_dir, self.tag, self.seed = config, out_dir, tag, seed
         self.train_rows, self.valid_rows = train_rows, valid_rows
-        self.device = resolve_device(config.train.device)
+        # One process: train.device. Under torchrun: cuda:LOCAL_RANK (or the CPU).
+        self.device = distributed.local_device(resolve_device(config.train.device))
         self.dtype = amp_dtype(self.device, config.train.amp)
         self.metric = config.data.metric
 
@@ -130,8 +138,12 @@ class FoldTrainer:
                                   drop_rate=c.model.drop_rate, zero_init_last=c.model.zero_init_last)
         image_dir = train_image_dir(data)
         train_paths = image_paths(image_dir, data.image_path, self.train_rows.ids)
+        valid_ids = self.valid_rows.ids if self.valid_rows is not None else []
+        # cache.enabled: every image decoded and shrunk once now, read back as arrays every epoch
+        self.read_image = image_loader(c.cache, c.augment, train_paths + image_paths(
+            image_dir, data.image_path, valid_ids), desc=f"{self.tag} cache")
         self.train_set = ImageDataset(train_paths, self.train_rows.targets,
-                                      build_transforms(c.augment, train=True))
+                                      build_transforms(c.augment, train=True), self.read_image)
         self.mean, self.std = self._normalization(train_paths)
         on_cuda = self.device.type == "cuda"
         self.normalizer = Normalizer(self.mean, self.std, channels_last=on_cuda and c.train.channels_last)
@@ -143,21 +155,26 @@ class FoldTrainer:
         self.normalizer.to(self.device)
 
         self.settings = loader_settings(self.device, c.train.workers)
+        # train.batch_size is the global batch; under torchrun each rank loads its share of it.
+        self.batch_size = distributed.per_rank_batch(c.train.batch_size)
         self.generator = torch.Generator()
         if c.train.sampler == "balanced":
             base = balanced_sampler(self.train_rows.targets, self.generator)
         else:
             base = RandomSampler(self.train_set, generator=self.generator)
-        self.sampler = SeededSampler(base, self.seed)
         drop_last = len(self.train_set) > c.train.batch_size  # no size-1 batch for BatchNorm
-        self.train_loader = make_loader(self.train_set, c.train.batch_size, self.sampler,
+        # Under torchrun each rank takes its positions of the same order (distributed.RankOrder).
+        self.sampler = SeededSampler(distributed.rank_order(base, drop_last), self.seed)
+        self.train_loader = make_loader(self.train_set, self.batch_size, self.sampler,
                                         self.settings, drop_last=drop_last)
         self.valid_loader = None
         if self.valid_rows is not None:
             valid_paths = image_paths(image_dir, data.image_path, self.valid_rows.ids)
             valid_set = ImageDataset(valid_paths, self.valid_rows.targets,
-                                     build_transforms(c.augment, train=False))
-            self.valid_loader = make_loader(valid_set, c.train.batch_size * 2, None, self.settings)
+                                     build_transforms(c.augment, train=False), self.read_image)
+            # Under torchrun each rank predicts a contiguous shard; validate() gathers them.
+            shard = distributed.shard_sampler(len(valid_set))
+            self.valid_loader = make_loader(valid_set, self.batch_size * 2, shard, self.settings)
 
         weights = class_weights(self.train_rows.targets, num_classes, c.train.class_weights,
                                 c.train.effective_beta)
@@ -173,13 +190,32 @@ class FoldTrainer:
         self.steps_per_epoch = steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(c, steps))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
-        self.forward_model = torch.compile(self.model) if (c.train.compile and on_cuda) else self.model
+        self.forward_model, self.eval_model = self._wrap_model(on_cuda)
+
+    def _wrap_model(self, on_cuda: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(training forward, validation forward): the model itself, or compiled.
+
+        Under torchrun training runs through DistributedDataParallel (which averages gradients) and
+        validation through the bare model on each rank's own shard: DDP's forward may broadcast
+        buffers, a collective that ranks with unequal shards would not all reach.
+        """
+        c = self.config.train
+        compile_model = c.compile and on_cuda
+        if not distributed.is_distributed():
+            model = torch.compile(self.model) if compile_model else self.model
+            return model, model
+        ddp = distributed.wrap_ddp(self.model, self.device, c.sync_bn,
+                                   find_unused=c.head_only_epochs > 0)  # a frozen body sits out
+        self.model = ddp.module  # with SyncBatchNorm layers when train.sync_bn
+        train = torch.compile(ddp) if compile_model else ddp
+        return train, torch.compile(self.model) if compile_model else self.model
 
     def _normalization(self, train_paths) -> tuple[tuple, tuple]:
         stats = None
         if self.config.augment.normalize == "dataset":
             # Statistics of the resized training images, computed once per run and reused.
-            plain = ImageDataset(train_paths, None, build_transforms(self.config.augment, False))
+            plain = ImageDataset(train_paths, None, build_transforms(self.config.augment, False),
+                                 self.read_image)
             stats = compute_dataset_stats(plain, self.out_dir.parent / "dataset_stats.json")
         return resolve_normalization(self.config.augment, model_input_config(self.model), stats)
 
@@ -206,7 +242,9 @@ class FoldTrainer:
         if not path.is_file():
             return 0, None, -1
         checkpoint = load_checkpoint(path)
-        changed = config_changes(checkpoint["config"], self.config.to_dict())
+        # Rebuilt through the schema, so keys added since the checkpoint compare as defaults.
+        saved = config_from_dict(checkpoint["config"]).to_dict()
+        changed = config_changes(saved, self.config.to_dict())
         if changed:
             raise PipelineError(f"{path} was trained with other settings ({', '.join(changed)}); "
                                 f"FORCE=1 restarts this fold, or undo the change to resume")
@@ -223,10 +261,11 @@ class FoldTrainer:
         c = self.config.train
         head_stage = epoch < c.head_only_epochs
         freeze_body(unwrap(self.model)) if head_stage else unfreeze(unwrap(self.model))
-        self.model.train()
+        self.forward_model.train()  # the DDP wrapper too, under torchrun
         # Everything random in this epoch derives from (seed, epoch): a resume replays it exactly.
         seed = epoch_seed(self.seed, epoch)
-        torch.manual_seed(seed)
+        # Dropout differs per rank (each has its own images); the order generator does not.
+        torch.manual_seed(seed + distributed.rank())
         self.generator.manual_seed(seed)
         self.sampler.set_epoch(epoch)
         running = torch.zeros((), device=self.device)
@@ -244,7 +283,8 @@ class FoldTrainer:
                     bar.set_postfix(loss=f"{float(running) / seen:.4f}", img_s=f"{rate:.0f}",
                                     refresh=False)
         bar.close()
-        return float(running) / max(seen, 1)
+        total, count = distributed.all_sum([float(running), seen])  # over every rank's images
+        return total / max(count, 1)
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         c = self.config.train
@@ -263,8 +303,10 @@ class FoldTrainer:
         return loss
 
     def validate(self) -> tuple[float, np.ndarray]:
-        logits = predict_logits(self.forward_model, self.normalizer, self.valid_loader, self.device,
-                                self.dtype, desc=f"{self.tag} validate")
+        distributed.sync_buffers(self.model)  # under torchrun: rank 0's BN statistics, as saved
+        shard = predict_logits(self.eval_model, self.normalizer, self.valid_loader, self.device,
+                               self.dtype, desc=f"{self.tag} validate")
+        logits = distributed.gather_shards(shard)  # (N, C) in valid_rows order, on every rank
         targets = torch.tensor(self.valid_rows.targets)
         with torch.no_grad():
             loss = float(self.valid_criterion(torch.as_tensor(logits), targets))
@@ -287,19 +329,28 @@ class FoldTrainer:
                 row["valid_loss"] = valid_loss
                 row.update(metrics)
                 improved = is_better(self.metric, metrics[self.metric], best)
+            # Every rank computed it from the same gathered predictions; rank 0's word makes it
+            # one decision (best checkpoint, early stop) even if float rounding ever differed.
+            improved = distributed.broadcast_from_main(improved)
             row["lr"] = self.optimizer.param_groups[0]["lr"]
             row["seconds"] = round(time.perf_counter() - started, 2)
+            writer = distributed.is_main()  # rank 0 writes; in one process: always
             if improved:
                 best = row.get(self.metric)
                 best_epoch = epoch
-                save_checkpoint(self._payload(epoch, score=best, metric=self.metric),
-                                self.out_dir / "best.pt")
+                if writer:
+                    save_checkpoint(self._payload(epoch, score=best, metric=self.metric),
+                                    self.out_dir / "best.pt")
             stop = (self.valid_loader is not None and c.early_stopping
                     and epoch - best_epoch >= c.early_stopping)
             finished = epoch == c.epochs - 1 or bool(stop)
-            self.save_last(epoch, best, best_epoch, finished)
             log.append(row)
-            write_csv_atomic(pd.DataFrame(log), self.out_dir / "log.csv")
+            if writer:
+                # The log before last.pt: a kill in between leaves a row that a resume drops
+                # (read_log), never a checkpoint whose epoch the log lacks.
+                write_csv_atomic(pd.DataFrame(log), self.out_dir / "log.csv")
+                self.save_last(epoch, best, best_epoch, finished)
+            distributed.barrier()  # the other ranks may read best.pt from here on
             print_epoch(self.tag, row, self.metric, improved)
             if stop:
                 print(f"{self.tag}: early stop, no improvement for {c.early_stopping} epochs")
@@ -347,11 +398,16 @@ def fold_dir(config: Config, fold: int) -> Path:
     return config.run_dir / (f"fold{fold}" if fold >= 0 else "full")
 
 
-def write_oof(trainer: FoldTrainer, out_dir: Path) -> pd.DataFrame:
-    """Predict the validation fold with the best checkpoint; oof.csv is written last (done mark)."""
+def write_oof(trainer: FoldTrainer, out_dir: Path) -> pd.DataFrame | None:
+    """Predict the validation fold with the best checkpoint; oof.csv is written last (done mark).
+
+    Under torchrun every rank loads best.pt and predicts its shard; rank 0 writes (others: None).
+    """
     best = load_checkpoint(out_dir / "best.pt")
     unwrap(trainer.model).load_state_dict(best["model"])
     _, probs = trainer.validate()
+    if not distributed.is_main():
+        return None
     classes = trainer.config.data.classes
     rows = trainer.valid_rows
     oof = pd.DataFrame(probs, columns=classes)
@@ -368,16 +424,19 @@ def train_fold(config: Config, folds: pd.DataFrame, fold: int, force: bool = Fal
     if (out_dir / "oof.csv").is_file() and not force:
         print(f"fold {fold}: finished earlier ({out_dir}/oof.csv); FORCE=1 retrains")
         return fold_result(config, fold)
-    if force and out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / "config.yaml")
+    if distributed.is_main():
+        if force and out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "config.yaml")
+    distributed.barrier()  # under torchrun: no rank looks for last.pt before a FORCE clean-up
     trainer = FoldTrainer(config, out_dir, Rows.of(folds[folds["fold"] != fold]),
                           Rows.of(folds[folds["fold"] == fold]), config.train.seed + fold,
                           f"fold {fold}")
     trainer.setup()
     trainer.fit()
     write_oof(trainer, out_dir)
+    distributed.barrier()  # every rank reads the fold's files once rank 0 has written them
     return fold_result(config, fold)
 
 
@@ -430,7 +489,8 @@ def write_summary(config: Config) -> pd.DataFrame | None:
     return results
 
 
-def run_training(config: Config, folds_to_train: list[int] | None, force: bool) -> pd.DataFrame | None:
+def select_folds(config: Config, folds_to_train: list[int] | None) -> tuple[pd.DataFrame, list[int]]:
+    """The folds table and the folds to train, checked before any expensive work."""
     folds = read_folds(config)
     available = sorted(folds["fold"].unique())
     selected = folds_to_train if folds_to_train is not None else available
@@ -442,9 +502,56 @@ def run_training(config: Config, folds_to_train: list[int] | None, force: bool) 
     if missing:
         raise PipelineError(f"{len(missing)} training image(s) missing, e.g. {missing[0]}; "
                             f"run `make check` to list them")
+    return folds, [int(fold) for fold in selected]
+
+
+def run_training(config: Config, folds_to_train: list[int] | None, force: bool) -> pd.DataFrame | None:
+    """Train the folds one after another (each over every rank when started by torchrun)."""
+    folds, selected = select_folds(config, folds_to_train)
+    distributed.per_rank_batch(config.train.batch_size)  # a batch the ranks cannot share: fail now
     for fold in selected:
-        train_fold(config, folds, int(fold), force)
+        train_fold(config, folds, fold, force)
+    return write_summary(config) if distributed.is_main() else None
+
+
+def run_parallel_folds(config: Config, folds_to_train: list[int] | None, force: bool,
+                       gpus: str | None, command: list[str]) -> pd.DataFrame | None:
+    """Train the folds side by side: one single-process run per fold, at most one per GPU.
+
+    `command` is the `python -m pipeline train ...` of one fold without `--folds`; each child gets
+    `--folds k` and writes what a sequential run writes, its output going to fold<k>/train.log.
+    The summary is written once every fold has finished; a failed fold is an error naming it.
+    """
+    if distributed.launched_world_size() > 1:
+        raise PipelineError("--parallel folds starts its own processes, one per GPU: run it with "
+                            "python, not torchrun (make train PARALLEL=folds GPUS=0,1)")
+    if config.train.device not in ("auto", "cuda", "cpu"):
+        raise PipelineError(f"train.device={config.train.device} with --parallel folds: each fold "
+                            f"sees only its own GPU (as cuda:0); leave train.device=auto")
+    slots = distributed.gpu_slots(gpus)
+    _, selected = select_folds(config, folds_to_train)
+    jobs = []
+    for fold in selected:
+        out_dir = fold_dir(config, fold)
+        if (out_dir / "oof.csv").is_file() and not force:
+            print(f"fold {fold}: finished earlier ({out_dir}/oof.csv); FORCE=1 retrains")
+            continue
+        if force and out_dir.exists():
+            shutil.rmtree(out_dir)  # here, not in the child: the child's log lives in out_dir
+        jobs.append(distributed.Job(f"fold {fold}", [*command, "--folds", str(fold)],
+                                    out_dir / "train.log"))
+    failed = distributed.run_jobs(jobs, slots)
+    if failed:
+        names = ", ".join(f"{name} (exit {code})" for name, code in failed.items())
+        raise PipelineError(f"{names} failed; see {config.run_dir}/fold<k>/train.log, fix the "
+                            f"cause and re-run: finished folds are skipped")
     return write_summary(config)
+
+
+def fold_command(args) -> list[str]:
+    """The single-process `python -m pipeline train` that one fold of --parallel folds runs."""
+    return [sys.executable, "-m", "pipeline", "train", "--data", args.data, "--model", args.model,
+            *args.overrides]
 
 
 def main(args) -> None:
@@ -453,4 +560,12 @@ def main(args) -> None:
     if args.model is None:
         raise PipelineError("train needs a model: make train MODEL=resnet18")
     config = load_config(args.data, args.model, args.overrides)
-    run_training(config, args.folds, args.force)
+    parallel, gpus = getattr(args, "parallel", None), getattr(args, "gpus", None)
+    if parallel == "folds":
+        run_parallel_folds(config, args.folds, args.force, gpus, fold_command(args))
+        return
+    if gpus:
+        raise PipelineError("--gpus goes with --parallel folds; to train each fold on several GPUs "
+                            "launch with torchrun: make train GPUS=4 (see pipeline/distributed.py)")
+    with distributed.session(resolve_device(config.train.device)):
+        run_training(config, args.folds, args.force)

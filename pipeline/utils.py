@@ -49,13 +49,15 @@ def write_csv_atomic(frame: Any, path: Path | str, **kwargs: Any) -> None:
         frame.to_csv(tmp, **kwargs)
 
 
+def cell(value: Any) -> str:
+    """Scores keep four decimals; larger quantities (seconds, images/s) one."""
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
 def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     """A plain, aligned text table (numbers right-aligned)."""
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.4f}"
-        return str(value)
-
     text_rows = [[cell(v) for v in row] for row in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in text_rows)) if text_rows else len(str(h))
               for i, h in enumerate(headers)]
@@ -72,9 +74,6 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 
 
 def markdown_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    def cell(value: Any) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
-
     out = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(out)
