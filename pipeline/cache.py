@@ -1,0 +1,357 @@
+"""The resized-image cache: each image decoded, border-cropped and shrunk once, then read as arrays.
+
+    python -m pipeline cache --data retina --model resnet18 [--force] [cache.crop_black_border=true]
+    make cache MODEL=resnet18 [DATA=retina] [FORCE=1]
+
+Large retina JPEGs (512 px to several thousand) cost milliseconds to decode, every epoch, fold and
+model. The cache does the deterministic part of loading once: decode (JPEGs at 1/2, 1/4 or 1/8
+size when they stay large enough), crop the black frame around a fundus (optional), shrink to
+`cache.size` (default: the model's input size, so the first transform has nothing left to do),
+and stores the result as an uncompressed .npy (or a lossless .png). With `cache.enabled=true`,
+training and prediction build what is missing before they start and then read only the cache.
+
+Where: `<cache.dir>/<settings hash>/<xx>/<source hash>.npy`. The folder is named by a hash of
+every setting that changes the stored pixels (size, mode, crop, interpolation, format, and this
+code's version), so a changed setting never reads an old entry; an entry is named by a hash of
+the source file's absolute path, size and modification time, so an edited or replaced image is
+decoded again. Entries are written to a temporary name and renamed into place: an interrupted
+build leaves only complete entries, and the next one starts where it stopped.
+
+Without the cache the loader runs the same preprocessing on every read, so `cache.enabled` changes
+speed only, never the images the model sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import distributed
+from pipeline.augment import INTERPOLATIONS
+from pipeline.config import AugmentConfig, CacheConfig, Config
+from pipeline.data import (
+    DataError,
+    ImageReadError,
+    decode_image,
+    image_paths,
+    jpeg_reduction,
+    load_test_ids,
+    load_train_table,
+    read_image_bytes,
+    test_image_dir,
+    train_image_dir,
+)
+from pipeline.utils import atomic_path, format_table, summarize_offenders, warn, write_text_atomic
+
+CACHE_VERSION = 1  # bump when this module changes what it stores: old folders are then ignored
+BLACK_LEVEL = 16  # 0..255: a pixel whose brightest channel is <= this is frame (JPEG noise ~10)
+CONTENT_FRACTION = 0.05  # a row/column is photo when > 5% of it is brighter (not a stray label)
+STALE_TEMP_SECONDS = 3600  # temporary files this old are left by a killed build, not by a running one
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing: what an entry holds
+
+
+def crop_black_border(image: np.ndarray) -> np.ndarray:
+    """The bounding box of the photo inside a black frame (fundus photos: a bright disc on black).
+
+    A row or column belongs to the photo when more than CONTENT_FRACTION of its pixels are
+    brighter than BLACK_LEVEL, so JPEG noise and small burnt-in labels in the frame are ignored.
+    An all-black image is returned whole.
+    """
+    brightest = np.maximum(np.maximum(image[..., 0], image[..., 1]), image[..., 2])  # (H, W)
+    bright = brightest > BLACK_LEVEL
+    rows = np.flatnonzero(np.count_nonzero(bright, axis=1) > CONTENT_FRACTION * bright.shape[1])
+    cols = np.flatnonzero(np.count_nonzero(bright, axis=0) > CONTENT_FRACTION * bright.shape[0])
+    if rows.size == 0 or cols.size == 0:
+        return image
+    return image[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The deterministic steps from an image file to the array the cache stores (picklable, so it
+    also runs inside DataLoader workers when the cache is off)."""
+
+    size: int  # pixels: cap on the stored image; decoding stays at or above it; never enlarged
+    mode: str  # resize | keep_aspect | center_crop (see CacheConfig)
+    crop_black_border: bool
+    interpolation: str  # augment.interpolation: mode "resize" then equals the first transform
+
+    def __call__(self, path: Path | str) -> np.ndarray:
+        raw = read_image_bytes(path)
+        reduction = jpeg_reduction(raw, self.size)
+        while True:
+            image = decode_image(raw, path, reduction)
+            if self.crop_black_border:
+                image = crop_black_border(image)
+            if reduction == 1 or min(image.shape[:2]) >= self.size:
+                break
+            reduction //= 2  # the frame was wider than expected: decode at a larger scale
+        return self.shrink(image)
+
+    def shrink(self, image: np.ndarray) -> np.ndarray:
+        """Apply `mode` at `size`; an image already small enough keeps its pixels."""
+        height, width = image.shape[:2]
+        if self.mode == "center_crop":
+            side = min(height, width)
+            top, left = (height - side) // 2, (width - side) // 2
+            image = image[top:top + side, left:left + side]
+            height = width = side
+        if self.mode == "keep_aspect":
+            scale = min(1.0, self.size / min(height, width))
+            target = (max(1, round(width * scale)), max(1, round(height * scale)))
+        else:  # a square of `size`, each side only ever shrunk
+            target = (min(width, self.size), min(height, self.size))
+        if target == (width, height):
+            return np.ascontiguousarray(image)
+        return cv2.resize(image, target, interpolation=INTERPOLATIONS[self.interpolation])
+
+    def settings(self, fmt: str) -> dict[str, Any]:
+        """Everything that changes the stored pixels: the cache folder is named by its hash."""
+        return {"version": CACHE_VERSION, **asdict(self), "format": fmt,
+                "black_level": BLACK_LEVEL, "content_fraction": CONTENT_FRACTION}
+
+
+def preprocess_of(cache: CacheConfig, augment: AugmentConfig) -> Preprocess:
+    return Preprocess(size=cache.size or augment.image_size, mode=cache.mode,
+                      crop_black_border=cache.crop_black_border, interpolation=augment.interpolation)
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    text = json.dumps(settings, sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# The cache itself
+
+
+@dataclass(frozen=True)
+class CachedReader:
+    """`loader` for ImageDataset: the cached array of an image; a missing or stale entry is made
+    (and stored) on the spot, so a reader is always correct, the build only makes it fast."""
+
+    preprocess: Preprocess
+    folder: Path  # <cache.dir>/<settings hash>
+    fmt: str = "npy"
+
+    def entry(self, path: Path | str) -> Path:
+        """The entry of `path` as it is now on disk: a changed file gets a new entry."""
+        source = os.path.abspath(path)
+        try:
+            stat = os.stat(source)
+        except OSError as err:
+            raise ImageReadError(f"cannot read image {path}: {err.strerror or err}") from None
+        key = f"{source}|{stat.st_size}|{stat.st_mtime_ns}"
+        digest = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+        return self.folder / digest[:2] / f"{digest[2:]}.{self.fmt}"  # 256 sub-folders: small dirs
+
+    def __call__(self, path: Path | str) -> np.ndarray:
+        entry = self.entry(path)
+        image = self.load(entry)
+        return image if image is not None else self.store(path, entry)
+
+    def load(self, entry: Path) -> np.ndarray | None:
+        """The stored array, or None when absent or unreadable (then it is made again)."""
+        try:
+            if self.fmt == "npy":
+                return np.load(entry)
+            image = cv2.imdecode(np.fromfile(entry, np.uint8), cv2.IMREAD_COLOR)
+            return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        except (OSError, ValueError, EOFError, cv2.error):  # absent, or damaged by hand
+            return None
+
+    def store(self, path: Path | str, entry: Path | None = None) -> np.ndarray:
+        """Preprocess `path` and write its entry atomically (concurrent writers are harmless:
+        they write the same bytes and the last rename wins)."""
+        entry = entry or self.entry(path)
+        image = self.preprocess(path)
+        with atomic_path(entry) as tmp:
+            if self.fmt == "png":
+                if not cv2.imwrite(str(tmp), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                                   [cv2.IMWRITE_PNG_COMPRESSION, 1]):  # 1: fast, still ~2x smaller
+                    raise OSError(f"cannot write {tmp}")
+            else:
+                np.save(tmp, image)
+        return image
+
+
+def cache_reader(cache: CacheConfig, augment: AugmentConfig) -> CachedReader:
+    preprocess = preprocess_of(cache, augment)
+    folder = Path(cache.dir) / settings_hash(preprocess.settings(cache.format))
+    return CachedReader(preprocess, folder, cache.format)
+
+
+def remove_stale_temps(folder: Path, older_than_s: float = STALE_TEMP_SECONDS) -> int:
+    """Delete temporary files left by a killed build (young ones may belong to a running one)."""
+    removed = 0
+    cutoff = time.time() - older_than_s
+    for tmp in folder.glob("*/.*.tmp.*"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+        except FileNotFoundError:  # renamed or removed meanwhile by its writer
+            pass
+    return removed
+
+
+def machine_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass
+class BuildReport:
+    images: int  # distinct source files asked for
+    present: int  # entries already there (a resumed or repeated build)
+    built: int  # entries made now
+    seconds: float
+    folder: Path
+
+
+def build_cache(reader: CachedReader, paths: Iterable[Path | str], workers: int | None = None,
+                desc: str = "cache") -> BuildReport:
+    """Make the missing entries of `paths`, in parallel threads (OpenCV and file I/O release the
+    GIL). Raises DataError naming every image that could not be read, after building the rest."""
+    started = time.perf_counter()
+    unique = list(dict.fromkeys(Path(p) for p in paths))
+    reader.folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(reader.folder / "settings.json",
+                      json.dumps(reader.preprocess.settings(reader.fmt), indent=1) + "\n")
+    remove_stale_temps(reader.folder)
+    todo: list[tuple[Path, Path]] = []
+    failures: dict[Path, str] = {}
+    for path in unique:
+        try:
+            entry = reader.entry(path)
+        except ImageReadError as err:
+            failures[path] = str(err)
+            continue
+        if not entry.is_file():
+            todo.append((path, entry))
+
+    def make(item: tuple[Path, Path]) -> tuple[Path, str | None]:
+        try:
+            reader.store(*item)
+            return item[0], None
+        except ImageReadError as err:
+            return item[0], str(err)
+
+    if todo:
+        failures.update(_run_parallel(make, todo, workers or machine_cores(), desc))
+    if failures:
+        bad = sorted(failures, key=str)
+        raise DataError(f"{len(bad)} image(s) could not be cached: {summarize_offenders(bad)}; first "
+                        f"error: {failures[bad[0]]}. Run `make check` to list them all; the "
+                        f"{len(todo) - len(bad)} cached ones are kept, re-run to finish.")
+    return BuildReport(len(unique), len(unique) - len(todo), len(todo),
+                       round(time.perf_counter() - started, 2), reader.folder)
+
+
+def _run_parallel(make: Callable, todo: list, workers: int, desc: str) -> dict[Path, str]:
+    """Run `make` over `todo` with a progress bar; a Ctrl-C stops after the images in flight."""
+    failures = {}
+    threads_before = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # parallel over images instead: no oversubscription of the cores
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        with tqdm(total=len(todo), desc=desc, unit="img", dynamic_ncols=True,
+                  mininterval=1.0) as bar:
+            for path, error in pool.map(make, todo):
+                bar.update()
+                if error is not None:
+                    failures[path] = error
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # finished entries stay; the rest next time
+        cv2.setNumThreads(threads_before)
+    return failures
+
+
+# --------------------------------------------------------------------------------------------
+# What the stages call
+
+
+def image_loader(cache: CacheConfig, augment: AugmentConfig, paths: Sequence[Path],
+                 desc: str = "cache") -> Callable[[Path | str], np.ndarray]:
+    """The `loader` for ImageDataset over `paths`.
+
+    With cache.enabled: a CachedReader whose missing entries were just built (all at once, in
+    parallel, rather than one by one in the first epoch). Without: the same preprocessing on every
+    read (still with reduced JPEG decoding), so both give the same arrays.
+    """
+    if not cache.enabled:
+        return preprocess_of(cache, augment)
+    reader = cache_reader(cache, augment)
+    # Under torchrun rank 0 builds the missing entries while the other ranks wait for it.
+    if distributed.is_main():
+        report = build_cache(reader, paths, desc=desc)
+        if report.built:
+            print(f"{desc}: cached {report.built} image(s) in {report.seconds:.1f}s -> {reader.folder}")
+    distributed.barrier()
+    return reader
+
+
+def competition_images(config: Config) -> list[Path]:
+    """Every image a run reads: the labelled rows (those of folds.csv when it exists, which
+    leaves out images dropped as bad) and the test set."""
+    data = config.data
+    if config.folds_csv.is_file():
+        import pandas as pd
+
+        ids = pd.read_csv(config.folds_csv, dtype=str, keep_default_na=False)["id"].tolist()
+    else:
+        ids = load_train_table(data)["id"].tolist()
+    return (image_paths(train_image_dir(data), data.image_path, ids)
+            + image_paths(test_image_dir(data), data.image_path, load_test_ids(data)))
+
+
+def folder_megabytes(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.glob("*/*") if p.is_file()) / 2**20
+
+
+def report_table(config: Config, report: BuildReport) -> str:
+    rows = [[config.data.name, report.images, report.present, report.built, f"{report.seconds:.1f}",
+             f"{folder_megabytes(report.folder):.1f}", str(report.folder)]]
+    return format_table(rows, ["data", "images", "already cached", "built", "seconds", "MB", "folder"])
+
+
+def other_folders(reader: CachedReader) -> list[Path]:
+    """Cache folders of other settings (older configs): candidates for deletion."""
+    parent = reader.folder.parent
+    return sorted(p for p in parent.iterdir() if p.is_dir() and p != reader.folder)
+
+
+def main(args) -> None:
+    from pipeline.config import load_config
+
+    config = load_config(args.data, args.model, args.overrides)
+    reader = cache_reader(config.cache, config.augment)
+    if args.force and reader.folder.exists():
+        import shutil
+
+        shutil.rmtree(reader.folder)
+    paths = competition_images(config)
+    report = build_cache(reader, paths, desc=f"cache {config.data.name}")
+    print(report_table(config, report))
+    print("settings: " + json.dumps(reader.preprocess.settings(reader.fmt)))
+    others = other_folders(reader)
+    if others:
+        print(f"{len(others)} other cache folder(s) in {reader.folder.parent} hold other settings: "
+              + ", ".join(p.name for p in others) + " (delete them when no config uses them)")
+    if not config.cache.enabled:
+        warn(f"cache.enabled is false for {config.run_name}: training will not read this cache; "
+             f"set `cache: {{enabled: true}}` in configs/{config.run_name}.yaml or "
+             f"ARGS=cache.enabled=true")
