@@ -42,7 +42,7 @@ def run_demo(model: str, data: str, overrides: list[str], force: bool) -> dict:
         print(f"{config.folds_csv} exists (FORCE=1 re-splits)")
     banner(f"train {config.run_name} on {config.folds.n_splits} folds")
     run_training(config, None, force)
-    banner(f"predict with {config.tta.views} TTA")
+    banner(f"predict the test set (TTA: {config.tta.views})")
     run_predict(config, None, force)
     banner("refit on all labelled rows")
     refit = run_refit(config, force)

@@ -254,6 +254,10 @@ def print_tta_gain(config: Config, folds: list[int]) -> None:
     for name, parts in frames.items():
         oof = pd.concat(parts)
         scores[name] = score(metric, oof["label"].map(index).to_numpy(), oof[classes].to_numpy())
+    if config.tta.views == "none":
+        print(f"{config.run_name}: out-of-fold {metric} {scores['oof.csv']:.4f} (tta.views=none; "
+              f"TTA=flips, d4, shifts or scales tries test-time augmentation)")
+        return
     print(f"{config.run_name}: out-of-fold {metric} {scores['oof.csv']:.4f} without TTA, "
           f"{scores['oof_tta.csv']:.4f} with {config.tta.views} TTA "
           f"({scores['oof_tta.csv'] - scores['oof.csv']:+.4f})")
