@@ -9,6 +9,8 @@ medians (other jobs may share the machine), and the markdown record.
 
 from __future__ import annotations
 
+import argparse
+
 import datetime
 import os
 import platform
@@ -237,3 +239,33 @@ def record(tables: Sequence[Table], what: str, about: str, path: Path = RESULTS)
     existing = path.read_text() if path.is_file() else "# Benchmarks\n"
     write_text_atomic(path, existing.rstrip("\n") + "\n\n" + "\n".join(section).rstrip("\n") + "\n")
     print(f"\nappended to {path}")
+
+
+def model_bench_parser(prog: str, description: str, quick_help: str, model_help: str,
+                       rounds_help: str) -> argparse.ArgumentParser:
+    """The options shared by the model benchmarks (training loop, TTA)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--model", default=None, help=model_help)
+    parser.add_argument("--size", type=int, default=64, help="image size, pixels (with --model)")
+    parser.add_argument("--batch", type=int, default=32, help="batch size (with --model)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--no-amp", action="store_true", help="CUDA: float32 instead of bf16/fp16")
+    parser.add_argument("--no-channels-last", action="store_true", help="CUDA: NCHW memory format")
+    parser.add_argument("--rounds", type=int, default=None, help=rounds_help)
+    parser.add_argument("--threads", default=None,
+                        help="comma-separated torch thread counts (default: 1 and the core count)")
+    return parser
+
+
+def run_model_bench(run, args: argparse.Namespace, title: str) -> None:
+    """Run a model benchmark's `run(quick, configs, device, amp, channels_last, rounds, threads)`
+    with the parsed shared options and record its tables."""
+    import torch
+
+    about = machine(torch.device(args.device))
+    configs = [(args.model, args.size, args.batch)] if args.model else None
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else None
+    tables = run(args.quick, configs, args.device, not args.no_amp, not args.no_channels_last,
+                 args.rounds, threads)
+    record(tables, title + (" (quick)" if args.quick else ""), about)

@@ -15,14 +15,14 @@ same precision and memory format, so only the loop differs). Epochs alternate; m
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench import Table, cores, interleaved, limited_threads, machine, record, verdict
+from bench import (Table, cores, interleaved, limited_threads, model_bench_parser,
+                   run_model_bench, verdict)
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.config import build_config
 from pipeline.engine import autocast
@@ -164,30 +164,10 @@ def run(quick: bool = False, configs: list[tuple[str, int, int]] | None = None,
                   f"{steps} batches (in-memory data)", HEADERS, result_rows(results))]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.train_loop",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="resnet20 at 32 px, 5 rounds")
-    parser.add_argument("--model", default=None, help="one model instead of the default pair")
-    parser.add_argument("--size", type=int, default=64, help="image size, pixels (with --model)")
-    parser.add_argument("--batch", type=int, default=32, help="batch size (with --model)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--no-amp", action="store_true", help="CUDA: float32 instead of bf16/fp16")
-    parser.add_argument("--no-channels-last", action="store_true", help="CUDA: NCHW memory format")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating epochs (9)")
-    parser.add_argument("--threads", default=None,
-                        help="comma-separated torch thread counts (default: 1 and the core count)")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    about = machine(torch.device(args.device))
-    configs = [(args.model, args.size, args.batch)] if args.model else None
-    threads = [int(t) for t in args.threads.split(",")] if args.threads else None
-    tables = run(args.quick, configs, args.device, not args.no_amp, not args.no_channels_last,
-                 args.rounds, threads)
-    record(tables, "training loop" + (" (quick)" if args.quick else ""), about)
+    parser = model_bench_parser("python -m bench.train_loop", __doc__.split("\n")[0], "resnet20 at 32 px, 5 rounds",
+                                "one model instead of the default pair", "alternating epochs (9)")
+    run_model_bench(run, parser.parse_args(argv), "training loop")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,11 @@ from memory (uint8, normalised on the device as in prediction); runs alternate, 
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from bench import Table, cores, interleaved, limited_threads, machine, record, verdict
+from bench import (Table, cores, interleaved, limited_threads, model_bench_parser,
+                   run_model_bench, verdict)
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Normalizer
 from pipeline.config import TTAConfig
 from pipeline.engine import amp_dtype, predict_logits, resolve_device
@@ -94,29 +94,10 @@ def run(quick: bool = False, configs: list[tuple[str, int, int]] | None = None,
                   f"batches (in-memory images)", HEADERS, result_rows(results))]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.tta", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="resnet20 at 32 px, 3 rounds")
-    parser.add_argument("--model", default=None, help="default: resnet18 at 64 px, batch 32")
-    parser.add_argument("--size", type=int, default=64, help="image size, pixels (with --model)")
-    parser.add_argument("--batch", type=int, default=32, help="batch size (with --model)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--no-amp", action="store_true", help="CUDA: float32 instead of bf16/fp16")
-    parser.add_argument("--no-channels-last", action="store_true", help="CUDA: NCHW memory format")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating runs (7)")
-    parser.add_argument("--threads", default=None,
-                        help="comma-separated torch thread counts (default: 1 and the core count)")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    about = machine(torch.device(args.device))
-    configs = [(args.model, args.size, args.batch)] if args.model else None
-    threads = [int(t) for t in args.threads.split(",")] if args.threads else None
-    tables = run(args.quick, configs, args.device, not args.no_amp,
-                 not args.no_channels_last, args.rounds, threads)
-    record(tables, "TTA cost" + (" (quick)" if args.quick else ""), about)
+    parser = model_bench_parser("python -m bench.tta", __doc__.split("\n")[0], "resnet20 at 32 px, 3 rounds",
+                                "default: resnet18 at 64 px, batch 32", "alternating runs (7)")
+    run_model_bench(run, parser.parse_args(argv), "TTA cost")
 
 
 if __name__ == "__main__":
