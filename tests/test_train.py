@@ -163,3 +163,31 @@ def test_killed_run_resumes_to_identical_result(tmp_path):
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}: {key}")
     assert ((reference / "runs/resnet20/fold0/oof.csv").read_bytes()
             == (resumed / "runs/resnet20/fold0/oof.csv").read_bytes())
+
+
+def test_head_only_stage_leaves_the_body_untouched(tmp_path):
+    config = tiny(tmp_path, extra=["train.epochs=2", "train.head_only_epochs=1"])
+    run_training(config, [0], force=False)
+    torch.manual_seed(config.train.seed + 0)  # the fold's seed, as FoldTrainer.setup uses
+    from pipeline.models import create_model
+
+    initial = create_model("resnet20", 3).state_dict()
+    out = config.run_dir / "fold0"
+    log = pd.read_csv(out / "log.csv")
+    assert log["stage"].tolist() == ["head", "all"]
+    # best.pt may be epoch 1 or 2; replay epoch 1 alone to inspect the head stage
+    one = tiny(tmp_path / "one", extra=["train.epochs=1", "train.head_only_epochs=1"])
+    run_training(one, [0], force=False)
+    after = torch.load(one.run_dir / "fold0" / "last.pt", weights_only=True)["model"]
+    body = [k for k in initial if k.endswith("weight") and not k.startswith("fc.")
+            and "bn" not in k and "downsample.1" not in k]
+    assert body and all(torch.equal(initial[k], after[k]) for k in body)
+    assert not torch.equal(initial["fc.weight"], after["fc.weight"])
+
+
+def test_balanced_sampler_draws_classes_equally():
+    from pipeline.losses import balanced_sampler
+
+    targets = [0] * 90 + [1] * 10
+    drawn = np.asarray(targets)[list(balanced_sampler(targets, torch.Generator().manual_seed(0)))]
+    assert len(drawn) == 100 and 35 <= (drawn == 1).sum() <= 65
