@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import WeightedRandomSampler
 
+from pipeline.config import ConfigError
+
 
 def class_weights(targets: Sequence[int], num_classes: int, scheme: str | Sequence[float],
                   beta: float = 0.999) -> np.ndarray | None:
@@ -27,7 +29,8 @@ def class_weights(targets: Sequence[int], num_classes: int, scheme: str | Sequen
     if not isinstance(scheme, str):
         weights = np.asarray(scheme, dtype=np.float64)
         if weights.shape != (num_classes,):
-            raise ValueError(f"train.class_weights has {len(weights)} numbers for {num_classes} classes")
+            raise ConfigError(f"train.class_weights has {len(weights)} numbers for {num_classes} "
+                              f"classes; give one weight per class, in the order of `classes`")
         return weights
     if scheme == "none":
         return None

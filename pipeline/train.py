@@ -178,7 +178,6 @@ class FoldTrainer:
 
         weights = class_weights(self.train_rows.targets, num_classes, c.train.class_weights,
                                 c.train.effective_beta)
-        self.class_weights = weights
         self.criterion = build_loss(c.train.loss, weights, c.train.label_smoothing,
                                     c.train.focal_gamma).to(self.device)
         # The same loss on the CPU, for the validation logits (which come back as numpy).
