@@ -165,7 +165,8 @@ def run(quick: bool = False, configs: list[tuple[str, int, int]] | None = None,
 
 
 def main(argv=None) -> None:
-    parser = model_bench_parser("python -m bench.train_loop", __doc__.split("\n")[0], "resnet20 at 32 px, 5 rounds",
+    parser = model_bench_parser("python -m bench.train_loop", __doc__.split("\n")[0],
+                                "resnet20 at 32 px, 5 rounds",
                                 "one model instead of the default pair", "alternating epochs (9)")
     run_model_bench(run, parser.parse_args(argv), "training loop")
 

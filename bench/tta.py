@@ -95,7 +95,8 @@ def run(quick: bool = False, configs: list[tuple[str, int, int]] | None = None,
 
 
 def main(argv=None) -> None:
-    parser = model_bench_parser("python -m bench.tta", __doc__.split("\n")[0], "resnet20 at 32 px, 3 rounds",
+    parser = model_bench_parser("python -m bench.tta", __doc__.split("\n")[0],
+                                "resnet20 at 32 px, 3 rounds",
                                 "default: resnet18 at 64 px, batch 32", "alternating runs (7)")
     run_model_bench(run, parser.parse_args(argv), "TTA cost")
 

@@ -24,11 +24,10 @@ import yaml
 from pipeline import distributed
 from pipeline.augment import Normalizer, build_transforms
 from pipeline.cache import image_loader
-from pipeline.config import Config, TTAConfig, config_from_dict
+from pipeline.config import Config, TTAConfig
 from pipeline.data import ImageDataset, image_paths, load_test_ids, test_image_dir, train_image_dir
 from pipeline.engine import (
     amp_dtype,
-    load_checkpoint,
     loader_settings,
     make_loader,
     model_from_checkpoint,
@@ -177,10 +176,14 @@ def read_probs(path: Path) -> pd.DataFrame:
 
 
 def _tta_record(tta: TTAConfig, checkpoint: Path) -> str:
-    """What a prediction was made with; equal records mean the files on disk are current."""
-    epoch = load_checkpoint(checkpoint)["epoch"]
-    return yaml.safe_dump({"tta": tta.model_dump(), "checkpoint_epoch": int(epoch),
-                           "checkpoint_mtime_ns": checkpoint.stat().st_mtime_ns})
+    """What a prediction was made with; equal records mean the files on disk are current.
+
+    The checkpoint is identified by its size and modification time (a retrained fold rewrites
+    best.pt), so checking costs no load of the weights.
+    """
+    stat = checkpoint.stat()
+    return yaml.safe_dump({"tta": tta.model_dump(), "checkpoint_bytes": stat.st_size,
+                           "checkpoint_mtime_ns": stat.st_mtime_ns})
 
 
 def predict_dir(config: Config, out_dir: Path, test_ids: list[str],

@@ -3,7 +3,6 @@ import sys
 
 import pandas as pd
 import pytest
-import yaml
 
 from pipeline.check import check_competition
 from pipeline.config import load_config

@@ -2,7 +2,6 @@ import subprocess
 import sys
 
 import pandas as pd
-import pytest
 
 from tests.conftest import REPO
 

@@ -7,8 +7,6 @@ from pipeline.demo_data import export_digits
 def test_export_counts_and_files(digits_root):
     train = pd.read_csv(digits_root / "train.csv", dtype=str)
     test = pd.read_csv(digits_root / "test.csv", dtype=str)
-    solution = pd.read_csv(digits_root / "solution.csv", dtype=str)
-    sample = pd.read_csv(digits_root / "sample_submission.csv", dtype=str)
 
     assert len(train) + len(test) == 1797
     assert 0.19 < len(test) / 1797 < 0.21
