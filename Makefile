@@ -1,6 +1,6 @@
 # The pipeline, one target per stage; each is a thin call of `python -m pipeline VERB`.
 #   make folds train MODEL=resnet18      make predict ensemble      make demo
-# Variables: DATA MODEL MODELS FOLDS TTA EPOCHS FORCE=1 ARGS="key=value ..."
+# Variables: DATA MODEL MODELS FOLDS TTA EPOCHS FORCE=1 NAME SEEDS=0,1,2 PARTIAL=1 ARGS="key=value ..."
 #   several GPUs: GPUS=4 or GPUS=0,1 [PARALLEL=folds]; several machines: NNODES NODE_RANK MASTER_ADDR MASTER_PORT
 
 .DEFAULT_GOAL := help
@@ -14,6 +14,9 @@ FOLDS ?=
 TTA ?=
 EPOCHS ?=
 FORCE ?=
+NAME ?=
+SEEDS ?=
+PARTIAL ?=
 ARGS ?=
 GPUS ?=
 PARALLEL ?=
@@ -39,12 +42,15 @@ RUN_GPUS = $(if $(GPUS),$(TORCHRUN),$(RUN))
 TRAIN = $(if $(PARALLEL),$(if $(filter folds,$(PARALLEL)),$(RUN) train --parallel folds $(if $(GPUS),--gpus $(GPUS)),\
 	$(error PARALLEL=$(PARALLEL): the one mode is PARALLEL=folds)),$(RUN_GPUS) train)
 COMMON = --data $(DATA) $(if $(FORCE),--force)
+# NAME= names the experiment outright; SEEDS=0,1,2 makes one run per seed (<experiment>-seed<s>)
+IDENTITY = $(if $(NAME),--name $(NAME)) $(if $(SEEDS),--seeds $(SEEDS))
 OVERRIDES = $(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(TTA),tta.views=$(TTA)) $(ARGS)
 
-.PHONY: help install demo demo-data check folds train predict ensemble refit cache bench test test-all clean
+.PHONY: help install demo demo-data check folds train predict ensemble refit runs status cache bench test test-all clean
 
 help: ## list the targets and variables
 	@echo "usage: make TARGET [DATA=digits] [MODEL=resnet18] [FOLDS=0,2] [EPOCHS=n] [TTA=d4] [FORCE=1] [ARGS='k=v ...']"
+	@echo "       [NAME=my-run] [SEEDS=0,1,2] [MODELS='a b'] [PARTIAL=1]"
 	@echo "       several GPUs: GPUS=4 or GPUS=0,1 [PARALLEL=folds]; several machines: NNODES NODE_RANK MASTER_ADDR [MASTER_PORT]"
 	@echo
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -54,7 +60,7 @@ install: ## create .venv and install the package with its test extras
 	.venv/bin/pip install -e '.[test]'
 
 demo: ## the whole chain on the embedded digits competition, scored on held-out labels
-	$(RUN) demo --model $(MODEL) $(COMMON) $(OVERRIDES)
+	$(RUN) demo --model $(MODEL) $(COMMON) $(if $(NAME),--name $(NAME)) $(OVERRIDES)
 
 demo-data: ## export scikit-learn's digits as a Kaggle-style competition in data/digits
 	$(RUN) demo-data $(if $(FORCE),--force)
@@ -62,20 +68,26 @@ demo-data: ## export scikit-learn's digits as a Kaggle-style competition in data
 check: ## pre-flight check of the competition's CSVs and images
 	$(RUN) check $(COMMON) $(ARGS)
 
-folds: ## stratified (group) K folds -> folds/folds.csv
+folds: ## stratified (group) K folds -> folds/<competition>.csv
 	$(RUN) folds $(COMMON) $(ARGS)
 
-train: ## train MODEL on each fold (FOLDS=0,2; GPUS=4; GPUS=0,1 PARALLEL=folds) -> runs/MODEL/fold<k>/
-	$(TRAIN) --model $(MODEL) $(if $(FOLDS),--folds $(FOLDS)) $(COMMON) $(OVERRIDES)
+train: ## train MODEL on each fold (FOLDS=0,2; SEEDS=0,1; GPUS=4) -> runs/DATA/MODEL/fold<k>/
+	$(TRAIN) --model $(MODEL) $(if $(FOLDS),--folds $(FOLDS)) $(COMMON) $(IDENTITY) $(OVERRIDES)
 
 predict: ## TTA inference of each fold's best checkpoint (GPUS=4) -> test_probs.csv, oof_tta.csv
-	$(RUN_GPUS) predict --model $(MODEL) $(if $(FOLDS),--folds $(FOLDS)) $(COMMON) $(OVERRIDES)
+	$(RUN_GPUS) predict --model $(MODEL) $(if $(FOLDS),--folds $(FOLDS)) $(COMMON) $(IDENTITY) $(OVERRIDES)
 
-ensemble: ## average folds and models (MODELS="a b") -> submissions/<name>.csv
-	$(RUN) ensemble $(if $(MODELS),--models "$(MODELS)") $(COMMON) $(ARGS)
+ensemble: ## average folds and models (MODELS="a b"; PARTIAL=1) -> submissions/DATA/<name>.csv
+	$(RUN) ensemble $(if $(MODELS),--models "$(MODELS)") $(if $(PARTIAL),--partial) $(COMMON) $(ARGS)
 
-refit: ## train MODEL on all labelled rows (GPUS=4), predict the test set -> runs/MODEL/full/
-	$(RUN_GPUS) refit --model $(MODEL) $(COMMON) $(OVERRIDES)
+refit: ## train MODEL on all labelled rows (GPUS=4), predict the test set -> runs/DATA/MODEL/full/
+	$(RUN_GPUS) refit --model $(MODEL) $(COMMON) $(IDENTITY) $(OVERRIDES)
+
+runs: ## every experiment of DATA: settings, CV, status, submissions -> runs/DATA/leaderboard.*
+	$(RUN) runs --data $(DATA) $(ARGS)
+
+status: ## what each stage of MODEL was made from (fingerprints) and whether it is current
+	$(RUN) status --data $(DATA) --model $(MODEL) $(if $(NAME),--name $(NAME)) $(ARGS)
 
 cache: ## decode and resize every image once (make cache MODEL=m)
 	$(RUN) cache --model $(MODEL) $(COMMON) $(ARGS)
@@ -90,4 +102,4 @@ test-all: ## every test, the slow end-to-end ones too
 	$(PYTHON) -m pytest -q -m ''
 
 clean: ## remove generated folds, runs and submissions (not data/)
-	rm -rf runs folds/*.csv submissions/*.csv submissions/*.md
+	rm -rf runs folds/*.csv folds/*.json submissions/*/

@@ -24,12 +24,14 @@ from pipeline.utils import PipelineError
 VERBS = {
     "demo-data": ("pipeline.demo_data", "export the embedded digits competition to data/digits"),
     "check": ("pipeline.check", "pre-flight check of a competition's CSVs and images"),
-    "folds": ("pipeline.folds", "write stratified (group) folds to folds/folds.csv"),
+    "folds": ("pipeline.folds", "write stratified (group) folds to folds/<competition>.csv"),
     "train": ("pipeline.train", "train one model per fold"),
     "predict": ("pipeline.predict", "TTA inference of each fold on the test set and its OOF"),
     "ensemble": ("pipeline.ensemble", "average folds and models, write the submission"),
     "refit": ("pipeline.refit", "train on all labelled rows, predict the test set"),
     "cache": ("pipeline.cache", "decode and resize every image once into the cache"),
+    "runs": ("pipeline.runs", "every experiment of the competition in one table"),
+    "status": ("pipeline.runs", "what each stage of one experiment was made from, and if current"),
     "demo": ("pipeline.demo", "the whole chain on the demo competition"),
 }
 
@@ -39,6 +41,13 @@ def _fold_list(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip() != ""]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--folds takes numbers like 0,2; got {text!r}") from None
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes numbers like 0,1,2; got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--models", default=None,
                          help="ensemble: space- or comma-separated runs (default: every trained one)")
         sub.add_argument("--folds", type=_fold_list, default=None, help="only these folds, e.g. 0,2")
+        sub.add_argument("--name", default=None,
+                         help="the experiment's name (default: the experiment file's, with a "
+                              "suffix for result-changing overrides)")
+        sub.add_argument("--seeds", type=_seed_list, default=None,
+                         help="train/predict/refit: one run per seed, named <experiment>-seed<s>")
+        sub.add_argument("--partial", action="store_true",
+                         help="ensemble: allow members with missing folds (the report says so)")
         sub.add_argument("--force", action="store_true", help="redo work that is already done")
         sub.add_argument("--drop-bad", action="store_true",
                          help="leave out missing/unreadable training images instead of failing")
@@ -70,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module = importlib.import_module(VERBS[args.verb][0])
+    entry = getattr(module, "main_" + args.verb.replace("-", "_"), module.main)
     try:
-        module.main(args)
+        entry(args)
     except (ConfigError, PipelineError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -44,13 +44,12 @@ from pipeline.data import (
     DataError,
     ImageReadError,
     decode_image,
-    image_paths,
     jpeg_reduction,
     load_test_ids,
     load_train_table,
     read_image_bytes,
-    test_image_dir,
-    train_image_dir,
+    test_image_paths,
+    train_image_paths,
 )
 from pipeline.utils import atomic_path, format_table, summarize_offenders, warn, write_text_atomic
 
@@ -314,8 +313,7 @@ def competition_images(config: Config) -> list[Path]:
         ids = pd.read_csv(config.folds_csv, dtype=str, keep_default_na=False)["id"].tolist()
     else:
         ids = load_train_table(data)["id"].tolist()
-    return (image_paths(train_image_dir(data), data.image_path, ids)
-            + image_paths(test_image_dir(data), data.image_path, load_test_ids(data)))
+    return train_image_paths(data, ids) + test_image_paths(data, load_test_ids(data))
 
 
 def folder_megabytes(folder: Path) -> float:

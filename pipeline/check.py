@@ -22,13 +22,15 @@ from pipeline.config import DataConfig
 from pipeline.data import (
     DataError,
     find_image_problems,
-    image_paths,
     load_test_ids,
     load_train_table,
     read_table,
     test_image_dir,
+    test_image_paths,
     train_image_dir,
+    train_image_paths,
 )
+from pipeline.submission import label_column_of, probability_columns_of, submission_kind
 from pipeline.utils import format_table, summarize_offenders, warn
 
 
@@ -37,6 +39,7 @@ class CheckResult:
     train: pd.DataFrame  # id, label, target[, group]: the usable labelled rows
     test_ids: list[str]
     dropped: dict[str, str] = field(default_factory=dict)  # training id -> what was wrong
+    submission: str = "label"  # the submission kind: label, probabilities, positive_probability
 
 
 def _tqdm(desc: str):
@@ -54,24 +57,41 @@ def _group_problems(problems: dict[Path, str], ids_by_path: dict[Path, str]) -> 
     return grouped
 
 
+# How each kind of image problem (image_problem's prefix) reads in the report, and its remedy.
+PROBLEM_PHRASES = {
+    "missing": ("missing images", ""),
+    "unreadable": ("unreadable images", ""),
+    "name too long": ("ids too long to be a file name",
+                      " (a file system allows 255 bytes per name: shorten those ids in the CSV "
+                      "and rename their files)"),
+}
+
+
 def _describe(where: str, folder: Path, grouped: dict[str, list[str]]) -> list[str]:
-    return [f"{where}: {kind} images in {folder}: {summarize_offenders(ids)}"
-            for kind, ids in grouped.items()]
+    lines = []
+    for kind, ids in grouped.items():
+        phrase, remedy = PROBLEM_PHRASES.get(kind, (kind, ""))
+        lines.append(f"{where}: {phrase} in {folder}: {summarize_offenders(ids)}{remedy}")
+    return lines
 
 
-def check_sample_submission(data: DataConfig, test_ids: list[str]) -> None:
+def check_sample_submission(data: DataConfig, test_ids: list[str]) -> str:
+    """Check the sample's columns against the submission kind (read off its header when
+    `data.submission` is auto) and its ids against the test CSV's; return the kind."""
     path = data.root_path / data.sample_submission
-    if data.submission == "label":
-        required = [data.id_column, data.label_column]
-    else:
-        required = [data.id_column, *data.classes]
-    sample = read_table(path, required, data.id_column)
+    sample = read_table(path, [data.id_column], data.id_column)
+    kind = submission_kind(data, sample)
+    if kind == "label":
+        label_column_of(sample, data)
+    elif kind == "probabilities":
+        probability_columns_of(sample, data)
     if data.test_csv and set(sample[data.id_column]) != set(test_ids):
         only_sample = sorted(set(sample[data.id_column]) - set(test_ids))
         only_test = sorted(set(test_ids) - set(sample[data.id_column]))
         raise DataError(f"{path}: ids differ from {data.test_csv}: only in the sample submission: "
                         f"{summarize_offenders(only_sample) or '-'}; only in the test CSV: "
                         f"{summarize_offenders(only_test) or '-'}")
+    return kind
 
 
 def check_competition(data: DataConfig, drop_bad: bool | None = None,
@@ -81,11 +101,11 @@ def check_competition(data: DataConfig, drop_bad: bool | None = None,
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
     train = load_train_table(data)
     test_ids = load_test_ids(data)
-    check_sample_submission(data, test_ids)
+    submission = check_sample_submission(data, test_ids)
 
     train_dir, test_dir = train_image_dir(data), test_image_dir(data)
-    train_paths = image_paths(train_dir, data.image_path, train["id"].tolist())
-    test_paths = image_paths(test_dir, data.image_path, test_ids)
+    train_paths = train_image_paths(data, train["id"].tolist())
+    test_paths = test_image_paths(data, test_ids)
     train_bad = find_image_problems(train_paths, workers, _tqdm("check train images"))
     test_bad = find_image_problems(test_paths, workers, _tqdm("check test images"))
 
@@ -106,7 +126,7 @@ def check_competition(data: DataConfig, drop_bad: bool | None = None,
         dropped = {ids_by_path[p]: why for p, why in train_bad.items()}
         warn(f"dropped {len(dropped)} bad training image(s): {summarize_offenders(list(dropped))}")
         train = train[~train["id"].isin(dropped)].reset_index(drop=True)
-    return CheckResult(train=train, test_ids=test_ids, dropped=dropped)
+    return CheckResult(train=train, test_ids=test_ids, dropped=dropped, submission=submission)
 
 
 def print_summary(data: DataConfig, result: CheckResult) -> None:
@@ -123,5 +143,6 @@ def main(args) -> None:
 
     config = load_config(args.data, None, args.overrides)
     result = check_competition(config.data, drop_bad=args.drop_bad or None)
-    print(f"{config.data.name}: all checks passed")
+    how = "" if config.data.submission != "auto" else " (read off the sample's header)"
+    print(f"{config.data.name}: all checks passed; submission: {result.submission}{how}")
     print_summary(config.data, result)

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
+import json
 import re
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 CONFIG_DIR = Path("configs")
 
-METRICS = ("accuracy", "macro_f1", "qwk", "roc_auc", "log_loss")
+METRICS = ("accuracy", "macro_f1", "weighted_f1", "binary_f1", "qwk", "roc_auc", "log_loss")
 
 
 class ConfigError(ValueError):
@@ -40,7 +43,9 @@ class DataConfig(_Section):
 
     name: str
     root: str  # folder holding the CSVs and image folders
-    train_csv: str = "train.csv"
+    # None: no CSV, the labels are the folder names (image_path "{label}/{id}.png": every file of
+    # train/<class>/ is a labelled row of that class, its id what {id} stands for)
+    train_csv: str | None = "train.csv"
     test_csv: str | None = "test.csv"  # None: test ids come from the sample submission
     sample_submission: str = "sample_submission.csv"
     solution_csv: str | None = None  # held-out test labels, when known (the demo); used for scoring
@@ -48,13 +53,24 @@ class DataConfig(_Section):
     test_images: str = "test"
     id_column: str = "id"
     label_column: str = "label"
-    image_path: str = "{id}.png"  # how an id maps to a file inside the image folder
+    # How a row maps to a file inside the image folder: {id}, {label} (the label column) and any
+    # other column of the train CSV, e.g. "{id}.png", "{label}/{id}.png", "{patient}/{id}.jpeg".
+    image_path: str = "{id}.png"
+    # The same for the test folder, whose CSV has no labels; None: image_path. It may use {id} and
+    # the test CSV's columns (only {id} when test_csv is null: the sample holds predictions).
+    test_image_path: str | None = None
     classes: list[str]  # numbers or names, as the competition spells them; order = model outputs
-    metric: Literal["accuracy", "macro_f1", "qwk", "roc_auc", "log_loss"] = "accuracy"
+    metric: Literal["accuracy", "macro_f1", "weighted_f1", "binary_f1", "qwk", "roc_auc",
+                    "log_loss"] = "accuracy"
     ordinal: bool = False  # labels are ordered grades (retina): enables QWK and threshold decoding
     group_column: str | None = None  # rows sharing a group never straddle folds
     group_pattern: str | None = None  # regex on the id whose first group is the group, e.g. ^(\d+)_
-    submission: Literal["label", "probabilities"] = "label"
+    # label: one label column; probabilities: one column per class; positive_probability: a
+    # binary competition's one column (id,target) with the positive class's probability;
+    # auto: read off the sample submission's header (pipeline/submission.py, submission_kind)
+    submission: Literal["auto", "label", "probabilities", "positive_probability"] = "auto"
+    positive_class: str | None = None  # binary: the class whose probability is submitted/scored;
+    #                                    None: the second of `classes`
     drop_bad_images: bool = False  # drop missing/unreadable training images instead of failing
     defaults: dict[str, Any] = Field(default_factory=dict)  # experiment defaults for this competition
 
@@ -76,11 +92,20 @@ class DataConfig(_Section):
             raise ValueError(f"duplicated classes {dupes}")
         return value
 
-    @field_validator("image_path")
+    @field_validator("positive_class", mode="before")
     @classmethod
-    def _image_path_has_id(cls, value: str) -> str:
-        if "{id}" not in value:
-            raise ValueError(f"{value!r} must contain '{{id}}', e.g. '{{id}}.jpeg'")
+    def _positive_as_string(cls, value: Any) -> Any:
+        return None if value is None else str(value)  # `positive_class: 1` names class "1"
+
+    @field_validator("image_path", "test_image_path")
+    @classmethod
+    def _image_path_has_id(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        fields = path_fields(value)  # raises ValueError for a malformed pattern
+        if "id" not in fields:
+            raise ValueError(f"{value!r} must contain '{{id}}', e.g. '{{id}}.jpeg' or "
+                             f"'{{label}}/{{id}}.png'")
         return value
 
     @field_validator("group_pattern")
@@ -96,9 +121,75 @@ class DataConfig(_Section):
             raise ValueError("set group_column or group_pattern, not both")
         return self
 
+    @model_validator(mode="after")
+    def _binary_settings(self) -> DataConfig:
+        if self.positive_class is not None and self.positive_class not in self.classes:
+            raise ValueError(f"positive_class {self.positive_class!r} is not one of the classes "
+                             f"{self.classes}")
+        binary_only = [name for name, used in (
+            ("positive_class", self.positive_class is not None),
+            ("metric: binary_f1", self.metric == "binary_f1"),
+            ("submission: positive_probability", self.submission == "positive_probability"))
+            if used]
+        if binary_only and len(self.classes) != 2:
+            verb = "needs" if len(binary_only) == 1 else "need"
+            raise ValueError(f"{' and '.join(binary_only)} {verb} exactly two classes; got "
+                             f"{len(self.classes)} ({self.classes})")
+        return self
+
+    @model_validator(mode="after")
+    def _folder_labels(self) -> DataConfig:
+        """train_csv: null reads the labels off the folder names: the path needs {label}, and no
+        other column exists to fill a field or name a group."""
+        if self.train_csv is not None:
+            return self
+        fields = path_fields(self.image_path)
+        if "label" not in fields:
+            raise ValueError(f"train_csv: null takes the labels from folder names, so image_path "
+                             f"needs '{{label}}', e.g. '{{label}}/{{id}}.png' (got "
+                             f"{self.image_path!r})")
+        others = sorted(fields - {"id", "label"})
+        if others:
+            raise ValueError(f"train_csv: null has no columns for image_path fields {others}; use "
+                             f"only {{label}} and {{id}}")
+        if self.group_column:
+            raise ValueError("train_csv: null has no columns: use group_pattern, not group_column")
+        return self
+
     @property
     def root_path(self) -> Path:
         return Path(self.root)
+
+    @property
+    def test_path_pattern(self) -> str:
+        """The test folder's path pattern: test_image_path, else image_path."""
+        return self.test_image_path or self.image_path
+
+    @property
+    def positive_index(self) -> int:
+        """Binary competitions: the column of the positive class in `classes` (model outputs)."""
+        return self.classes.index(self.positive_class) if self.positive_class else 1
+
+
+def path_fields(pattern: str) -> set[str]:
+    """The fields of an image path pattern: '{label}/{id}.png' -> {'label', 'id'}.
+
+    Fields are plain names (column names, spaces allowed); '{}' , '{0}', '{id.x}' and '{id[0]}'
+    are refused, since a path field stands for one column of a row.
+    """
+    try:
+        parsed = list(string.Formatter().parse(pattern))
+    except ValueError as err:
+        raise ValueError(f"{pattern!r} is not a valid path pattern: {err} (write fields as "
+                         f"{{column}}, and a literal brace as {{{{ or }}}})") from None
+    fields = set()
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        if name == "" or name.isdigit() or "." in name or "[" in name:
+            raise ValueError(f"{pattern!r}: field {{{name}}} must name a column, e.g. {{id}}")
+        fields.add(name)
+    return fields
 
 
 class FoldsConfig(_Section):
@@ -187,9 +278,25 @@ class TTAConfig(_Section):
 
 class EnsembleConfig(_Section):
     method: Literal["mean", "median", "trimmed", "rank", "fitted"] = "mean"
-    decode: Literal["argmax", "thresholds"] = "argmax"  # thresholds: ordinal competitions
+    # How probabilities become labels: thresholds on the expected grade (ordinal), a cut-off on
+    # the positive class (binary); auto: thresholds for an ordinal QWK label submission, a cut-off
+    # for a binary one scored by F1, else argmax. A fitted decoder is used only when its nested
+    # out-of-fold score beats argmax (pipeline/decode.py).
+    decode: Literal["auto", "argmax", "thresholds", "cutoff"] = "auto"
     refit_weight: float = Field(1.0, ge=0)  # weight of a model's full-data refit beside its folds
     name: str | None = None  # submission file name; None: made from the models and CV score
+    # Runs of one experiment that differ only in train.seed (SEEDS=0,1,2): averaged into one
+    # member before the members are combined, or kept as members of their own.
+    seeds: Literal["average", "separate"] = "average"
+
+
+class PredictConfig(_Section):
+    """Inference settings that change speed and memory only, never the predictions."""
+
+    # images per inference batch; None: train.batch_size // TTA views on a GPU (all views of a
+    # batch go through the model at once, so the model sees at most a training batch), and
+    # train.batch_size on a CPU (one view per pass). See engine.inference_batch_size.
+    batch_size: int | None = Field(None, ge=1)
 
 
 class RefitConfig(_Section):
@@ -218,13 +325,14 @@ class CacheConfig(_Section):
 
 
 class Config(_Section):
-    run_name: str  # names runs/<run_name>/; the experiment file's name
+    run_name: str  # names runs/<competition>/<run_name>/: the experiment file's name (+ suffix)
     data: DataConfig
     folds: FoldsConfig = FoldsConfig()
     model: ModelConfig = ModelConfig()
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
     tta: TTAConfig = TTAConfig()
+    predict: PredictConfig = PredictConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     refit: RefitConfig = RefitConfig()
     cache: CacheConfig = CacheConfig()
@@ -232,12 +340,21 @@ class Config(_Section):
     submissions_dir: str = "submissions"
 
     @property
+    def competition_runs(self) -> Path:
+        """runs/<competition>/: every experiment of this competition, and nothing of another."""
+        return Path(self.runs_dir) / self.data.name
+
+    @property
     def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.run_name
+        return self.competition_runs / self.run_name
 
     @property
     def folds_csv(self) -> Path:
-        return Path(self.folds.dir) / "folds.csv"
+        return Path(self.folds.dir) / f"{self.data.name}.csv"
+
+    @property
+    def submissions_path(self) -> Path:
+        return Path(self.submissions_dir) / self.data.name
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -368,9 +485,112 @@ def build_config(merged: dict[str, Any], sources: list[str] | None = None) -> Co
         raise ConfigError(_format_errors(err, sources or ["<dict>"])) from None
 
 
+# --------------------------------------------------------------------------------------------
+# An experiment's identity: which settings change what it produces
+
+
+# Settings that change how fast, where or how verbosely a stage runs, never what it produces:
+# they are no part of an experiment's name or fingerprints (a resume may change them too).
+NO_RESULT_KEYS = frozenset({
+    "run_name", "runs_dir", "submissions_dir", "folds.dir",
+    "train.workers", "train.device", "train.compile", "train.amp", "train.channels_last",
+    "cache.enabled", "cache.dir", "cache.format", "predict.batch_size",
+})
+# Sections that a later stage reads, not training: a change redoes that stage only (new TTA views
+# are predicted again, never retrained), so they do not rename the experiment.
+LATER_STAGE_SECTIONS = frozenset({"folds", "tta", "predict", "ensemble", "refit"})
+# Where a competition's files are and how its test side is submitted. The labelled rows, the fold
+# assignment and the images are fingerprinted themselves, so a moved data folder is not a new
+# experiment while an edited train.csv is a changed input.
+DATA_FILE_KEYS = frozenset({
+    "root", "train_csv", "test_csv", "sample_submission", "solution_csv", "train_images",
+    "test_images", "test_image_path", "submission", "positive_class", "drop_bad_images",
+    "group_column", "group_pattern", "defaults",
+})
+
+
+def training_settings(mapping: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a resolved config (`Config.to_dict()`) that change what training produces."""
+    settings: dict[str, Any] = {}
+    for section, value in mapping.items():
+        if section in LATER_STAGE_SECTIONS or section in NO_RESULT_KEYS:
+            continue
+        if not isinstance(value, dict):
+            settings[section] = value
+            continue
+        kept = {key: item for key, item in value.items()
+                if f"{section}.{key}" not in NO_RESULT_KEYS
+                and not (section == "data" and key in DATA_FILE_KEYS)}
+        settings[section] = kept
+    return settings
+
+
+def changed_keys(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
+    """'train.lr: 0.05 -> 0.01' for every leaf that differs between two nested mappings."""
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        path = f"{prefix}{key}"
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += changed_keys(a, b, f"{path}.")
+        elif a != b:
+            changes.append(f"{path}: {a!r} -> {b!r}")
+    return changes
+
+
+NAME_SUFFIX_MAX = 40  # characters; a longer suffix becomes a hash of the changed settings
+
+
+def _leaf_value(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:6]
+    return str(value)
+
+
+def identity_suffix(base: dict[str, Any], overridden: dict[str, Any]) -> str:
+    """'lr0.01-epochs30' for the result-changing settings that overrides changed; '' for none.
+
+    Each changed leaf is spelt by its last key (with its section where two changed settings share
+    it) and its value; past NAME_SUFFIX_MAX characters, 'h' + 8 hex digits of
+    the changed settings instead, so a long list of overrides still names one folder.
+    """
+    before, after = training_settings(base), training_settings(overridden)
+    changes = changed_keys(before, after)
+    if not changes:
+        return ""
+    paths = [change.split(":", 1)[0] for change in changes]
+    leaves = [path.rsplit(".", 1)[-1] for path in paths]
+    parts = []
+    for path, leaf in zip(paths, leaves):
+        value = after
+        for key in path.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        label = leaf if leaves.count(leaf) == 1 else path
+        if path == "model.name":
+            label = ""  # a model override reads as the model's name itself
+        parts.append(f"{label}{_leaf_value(value)}")
+    suffix = re.sub(r"[^A-Za-z0-9._=+-]+", "-", "-".join(parts)).strip("-")
+    if len(suffix) > NAME_SUFFIX_MAX:
+        digest = hashlib.sha256("\n".join(changes).encode()).hexdigest()[:8]
+        suffix = f"h{digest}"
+    return suffix
+
+
+def check_run_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+@-]*", name):
+        raise ConfigError(f"NAME={name!r}: an experiment name is letters, digits and ._=+@- "
+                          f"(it names the folder runs/<competition>/<name>/)")
+    return name
+
+
 def load_config(data: str = "digits", model: str | None = None,
-                overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read the competition and experiment configs, apply overrides, validate once."""
+                overrides: list[str] | tuple[str, ...] = (), name: str | None = None) -> Config:
+    """Read the competition and experiment configs, apply overrides, validate once.
+
+    The run name is the experiment file's stem; overrides that change what training produces add
+    a suffix (`identity_suffix`), so another setting is another experiment folder and never
+    reuses the first one's results. `name` (NAME=) names the experiment outright.
+    """
     data_path = resolve_data_path(data)
     data_mapping = _read_yaml(data_path)
     competition_defaults = data_mapping.get("defaults") or {}
@@ -389,11 +609,23 @@ def load_config(data: str = "digits", model: str | None = None,
     merged = deep_merge(competition_defaults, experiment)
     merged = deep_merge({"run_name": run_name}, merged)
     merged["data"] = data_mapping
+    base = merged
     for text in overrides:
         merged = deep_merge(merged, parse_override(text))
     if overrides:
         sources.append("overrides " + " ".join(overrides))
-    return build_config(merged, sources)
+    config = build_config(merged, sources)
+    if name is not None:
+        return config.model_copy(update={"run_name": check_run_name(name)})
+    if overrides and config.run_name == run_name:
+        try:
+            base_dict = build_config(base, sources).to_dict()
+        except ConfigError:  # valid only with the overrides: name by all of them
+            base_dict = {}
+        suffix = identity_suffix(base_dict, config.to_dict())
+        if suffix:
+            config = config.model_copy(update={"run_name": f"{run_name}-{suffix}"})
+    return config
 
 
 def save_config(config: Config, path: Path) -> None:

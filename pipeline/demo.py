@@ -15,7 +15,7 @@ import time
 from pipeline.config import load_config
 from pipeline.demo_data import export_digits
 from pipeline.ensemble import ensemble_runs
-from pipeline.folds import make_folds
+from pipeline.folds import folds_freshness, make_folds
 from pipeline.predict import run_predict
 from pipeline.refit import run_refit
 from pipeline.train import run_training
@@ -26,9 +26,10 @@ def banner(text: str) -> None:
     print(f"\n== {text} " + "=" * max(0, 70 - len(text)), flush=True)
 
 
-def run_demo(model: str, data: str, overrides: list[str], force: bool) -> dict:
+def run_demo(model: str, data: str, overrides: list[str], force: bool,
+             name: str | None = None) -> dict:
     started = time.perf_counter()
-    config = load_config(data, model, overrides)
+    config = load_config(data, model, overrides, name=name)
     if config.data.solution_csv is None:
         raise PipelineError(f"the demo needs a competition with held-out labels (solution_csv); "
                             f"{config.data.name} has none. Use the stages one by one instead.")
@@ -36,10 +37,11 @@ def run_demo(model: str, data: str, overrides: list[str], force: bool) -> dict:
     banner("demo-data: export the digits competition")
     export_digits(config.data.root_path)
     banner("folds")
-    if force or not config.folds_csv.is_file():
+    fresh = folds_freshness(config)
+    if force or not fresh.current:
         make_folds(config)
     else:
-        print(f"{config.folds_csv} exists (FORCE=1 re-splits)")
+        print(f"{config.folds_csv} is current (FORCE=1 re-splits)")
     banner(f"train {config.run_name} on {config.folds.n_splits} folds")
     run_training(config, None, force)
     banner(f"predict the test set (TTA: {config.tta.views})")
@@ -47,7 +49,7 @@ def run_demo(model: str, data: str, overrides: list[str], force: bool) -> dict:
     banner("refit on all labelled rows")
     refit = run_refit(config, force)
     banner("ensemble folds + refit, write the submission")
-    outcome = ensemble_runs(config, [config.run_name])
+    outcome = ensemble_runs(config, [config.run_name], overrides=overrides)
 
     minutes = (time.perf_counter() - started) / 60
     metric = config.data.metric
@@ -66,4 +68,4 @@ def run_demo(model: str, data: str, overrides: list[str], force: bool) -> dict:
 
 
 def main(args) -> None:
-    run_demo(args.model or "resnet18", args.data, args.overrides, args.force)
+    run_demo(args.model or "resnet18", args.data, args.overrides, args.force, args.name)

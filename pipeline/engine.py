@@ -17,9 +17,10 @@ from tqdm import tqdm
 
 from pipeline import distributed
 from pipeline.augment import Normalizer
-from pipeline.config import Config, config_from_dict
+from pipeline.config import Config, PredictConfig, config_from_dict
 from pipeline.data import ImageReadError
 from pipeline.models import create_model
+from pipeline.models.weights import load_error_gist
 from pipeline.utils import PipelineError, atomic_path
 
 
@@ -62,11 +63,32 @@ def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler | None,
                       **settings)
 
 
+BF16_CAPABILITY = (8, 0)  # Ampere (A100, RTX 30xx) and later compute bf16 in their tensor cores
+
+
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 where the GPU supports it (no loss scaling needed), else fp16; None on CPU."""
+    """bf16 on GPUs of compute capability >= 8.0 (no loss scaling needed), else fp16 (training
+    then creates a GradScaler); None on the CPU or with amp off.
+
+    Not `torch.cuda.is_bf16_supported()`: on a pre-Ampere GPU (T4, V100, P100 of Kaggle's and
+    Colab's notebooks) it answers True where bf16 is merely emulated, several times slower than
+    fp16 in tensor cores.
+    """
     if not enabled or device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    capability = tuple(torch.cuda.get_device_capability(device))
+    return torch.bfloat16 if capability >= BF16_CAPABILITY else torch.float16
+
+
+def inference_batch_size(predict_cfg: PredictConfig, train_batch_size: int, n_views: int,
+                         device: torch.device) -> int:
+    """Images per inference batch: `predict.batch_size` when set, else so that one forward pass
+    holds at most a training batch of images: train_batch_size // views on a GPU, where every
+    TTA view of a batch goes through the model at once (`views_per_pass`), and train_batch_size
+    on a CPU, one view per pass. Never below 1."""
+    if predict_cfg.batch_size is not None:
+        return predict_cfg.batch_size
+    return max(1, train_batch_size // views_per_pass(device, max(1, n_views)))
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -157,7 +179,12 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise PipelineError(f"{path} not found: train this fold first (make train)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or corrupt (a copy cut short, a full disk long ago)
+        raise PipelineError(f"cannot read checkpoint {path}: {load_error_gist(err)}. It is "
+                            f"corrupt or incomplete: delete it and train the fold again "
+                            f"(FORCE=1)") from None
 
 
 def model_from_checkpoint(path: Path) -> tuple[torch.nn.Module, Config, dict[str, Any]]:

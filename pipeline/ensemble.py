@@ -27,6 +27,7 @@ on, so their CV is a little optimistic.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +39,15 @@ from scipy.optimize import minimize
 from scipy.special import softmax
 from scipy.stats import rankdata, trim_mean
 
-from pipeline.config import Config
+from pipeline.decode import (Decoded, decode_cutoff, decode_thresholds, decoder_kind,
+                             nested)
+from pipeline.config import Config, EnsembleConfig, config_from_dict, training_settings
 from pipeline.folds import read_folds
-from pipeline.metrics import (higher_is_better, is_better, quadratic_weighted_kappa, score,
+from pipeline.provenance import (Freshness, fingerprint, freshness, manifest_path, read_manifest,
+                                 write_manifest)
+from pipeline.metrics import (higher_is_better, is_better, score,
                               score_labels)
-from pipeline.submission import build_submission, score_against_solution, write_submission
+from pipeline.submission import build_submission, resolved_submission_kind, score_against_solution, write_submission
 from pipeline.utils import (PipelineError, format_table, markdown_table, summarize_offenders, warn,
                             write_text_atomic)
 
@@ -66,28 +71,20 @@ class Member:
     oof_source: str  # which OOF files were used: oof_tta, oof, or both by fold
     n_folds: int
     refit: bool  # whether full/test_probs.csv joined the test average
+    missing_folds: list[int] = field(default_factory=list)  # --partial: folds not trained
 
 
 @dataclass
 class Combined:
     """The ensemble's predictions and how they were made."""
 
-    oof: np.ndarray  # (N_oof, C), rows sum to 1
+    oof: np.ndarray  # (N_oof, C), rows sum to 1; fitted weights: fitted on these very rows
     test: np.ndarray  # (N_test, C), rows sum to 1
     weights: np.ndarray | None  # per member; None for median/trimmed (not a weighted average)
     notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Decoded:
-    """Hard labels from thresholds on the expected grade (ordinal competitions)."""
-
-    thresholds: np.ndarray  # (C-1,) sorted
-    oof_labels: np.ndarray  # (N_oof,) class indices
-    test_labels: np.ndarray  # (N_test,)
-    qwk_argmax: float
-    qwk_thresholds: float
-    used: bool  # False: thresholds did not beat argmax on OOF, argmax kept
+    # (N_oof, C): each fold mixed by weights fitted on the other folds (the honest OOF); the same
+    # as `oof` when nothing is fitted
+    oof_nested: np.ndarray | None = None
 
 
 @dataclass
@@ -114,40 +111,106 @@ def parse_models(text: str | None) -> list[str] | None:
 
 
 def fold_dirs(run_dir: Path) -> list[tuple[int, Path]]:
-    """(k, run_dir/fold<k>) for the folds that have test predictions, by k."""
+    """(k, run_dir/fold<k>) for the fold folders of a run, by k."""
     found = []
-    for path in run_dir.glob("fold*"):
+    for path in Path(run_dir).glob("fold*"):
         match = FOLD_DIR.match(path.name)
-        if match and (path / "test_probs.csv").is_file():
+        if match and path.is_dir():
             found.append((int(match.group(1)), path))
     return sorted(found)
 
 
-def run_competition(run_dir: Path) -> str | None:
-    """data.name from the first fold's saved config.yaml; None when no fold saved one."""
-    for _, fold_dir in fold_dirs(run_dir):
-        path = fold_dir / "config.yaml"
-        if path.is_file():
-            saved = yaml.safe_load(path.read_text()) or {}
-            return (saved.get("data") or {}).get("name")
-    return None
+def experiment_config(run_dir: Path) -> Config | None:
+    """The resolved config an experiment was trained with (runs/<c>/<exp>/config.yaml)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    return config_from_dict(yaml.safe_load(path.read_text()) or {})
 
 
-def discover_runs(runs_dir: Path, competition: str) -> list[str]:
-    """Every run of `competition` under `runs_dir` with fold test predictions, by name."""
-    runs_dir = Path(runs_dir)
-    candidates = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
-    names = []
-    for run_dir in candidates:
-        if not fold_dirs(run_dir):
+def discover_runs(config: Config) -> list[str]:
+    """Every experiment folder of the competition (runs/<competition>/<name>/config.yaml)."""
+    root = config.competition_runs
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "config.yaml").is_file())
+
+
+@dataclass
+class MemberCheck:
+    """What `check_member` found: the folds to read, the refit's use, and what is wrong."""
+
+    name: str
+    config: Config | None
+    folds: list[int]  # current folds with current predictions
+    missing: list[int]  # folds of the fold file not (currently) trained or predicted
+    refit: bool  # a current refit joins the test average
+    problems: list[str]  # why the member cannot be used as it is, each with its remedy
+
+
+def check_member(name: str, config: Config, folds: pd.DataFrame, test_fingerprint: str,
+                 refit_weight: float | None) -> MemberCheck:
+    """Whether experiment `name` can join the ensemble: every fold of the fold file trained and
+    predicted under the inputs of now, and its refit (if used) trained under its settings."""
+    from pipeline.predict import predict_inputs
+    from pipeline.refit import refit_inputs
+    from pipeline.train import train_freshness, training_inputs
+
+    run_dir = config.competition_runs / name
+    member = experiment_config(run_dir)
+    if member is None:
+        return MemberCheck(name, None, [], [], False, [
+            f"{run_dir} is no experiment of {config.data.name}: run `make train "
+            f"DATA={config.data.name} MODEL={name}`"])
+    problems, usable, missing = [], [], []
+    inputs, details = training_inputs(member, folds)
+    for k in sorted(int(f) for f in folds["fold"].unique()):
+        trained = train_freshness(member, k, inputs, details)
+        if trained.state == "missing":
+            missing.append(k)
             continue
-        owner = run_competition(run_dir)
-        if owner is None:
-            warn(f"{run_dir} has predictions but no fold*/config.yaml saying its competition; "
-                 f"name it in MODELS= to include it")
-        elif owner == competition:
-            names.append(run_dir.name)
-    return names
+        if trained.state == "stale":
+            problems.append(f"fold {k} is stale ({trained.why()}): `make train MODEL={name} "
+                            f"FORCE=1` retrains it")
+            continue
+        fold_dir = run_dir / f"fold{k}"
+        predicted = freshness(manifest_path(fold_dir, "predict"), predict_inputs(
+            member, fold_dir, test_fingerprint, folds[folds["fold"] == k]))
+        if not predicted.current:
+            problems.append(f"fold {k}'s predictions are {predicted.state} ({predicted.why()}): "
+                            f"run `make predict MODEL={name}`")
+            continue
+        usable.append(k)
+    weight = member.ensemble.refit_weight if refit_weight is None else refit_weight
+    full = run_dir / "full"
+    refit = False
+    if weight > 0 and (full / "train.manifest.json").is_file():
+        refit_problem = _refit_problem(member, folds, full, test_fingerprint, refit_inputs)
+        if refit_problem:
+            problems.append(f"{refit_problem}; or leave the refit out: "
+                            f"ARGS=ensemble.refit_weight=0")
+        else:
+            refit = True
+    return MemberCheck(name, member, usable, missing, refit, problems)
+
+
+def _refit_problem(member: Config, folds: pd.DataFrame, full: Path, test_fingerprint: str,
+                   refit_inputs) -> str | None:
+    from pipeline.predict import predict_inputs
+
+    try:
+        inputs, details, *_ = refit_inputs(member, folds)
+    except PipelineError as err:
+        return f"its refit cannot be checked: {err}"
+    trained = freshness(manifest_path(full, "train"), inputs, details)
+    if not trained.current:
+        return f"its refit is stale ({trained.why()}): `make refit MODEL={member.run_name} FORCE=1`"
+    predicted = freshness(manifest_path(full, "predict"),
+                          predict_inputs(member, full, test_fingerprint, None))
+    if not predicted.current:
+        return (f"its refit's predictions are {predicted.state} ({predicted.why()}): "
+                f"`make refit MODEL={member.run_name}`")
+    return None
 
 
 def read_probabilities(path: Path, classes: list[str], with_label: bool = False) -> pd.DataFrame:
@@ -218,40 +281,71 @@ def _aligned_test(path: Path, classes: list[str],
     return ids, frame.set_index("id").loc[ids, classes].to_numpy(np.float64)
 
 
-def load_member(run_dir: Path, folds: pd.DataFrame, classes: list[str],
+def load_member(check: MemberCheck, folds: pd.DataFrame, classes: list[str],
                 refit_weight: float) -> Member:
-    """One model's OOF (folds.csv order) and test average (folds weigh 1, a refit `refit_weight`)."""
-    folds_found = fold_dirs(run_dir)
-    if not folds_found:
-        raise EnsembleError(f"{run_dir} has no fold*/test_probs.csv: run `make train predict "
-                            f"MODEL={run_dir.name}` first")
+    """One model's OOF (fold-file order) and test average (folds weigh 1, a refit `refit_weight`),
+    from the folds `check_member` found current."""
+    run_dir = check.config.run_dir
     parts, sources, test_ids, tests = [], {}, None, []
-    for k, fold_dir in folds_found:
+    for k in check.folds:
+        fold_dir = run_dir / f"fold{k}"
         oof, sources[k] = _read_fold_oof(k, fold_dir, folds, classes)
         parts.append(oof)
         test_ids, probs = _aligned_test(fold_dir / "test_probs.csv", classes, test_ids)
         tests.append(probs)
     test = np.mean(tests, axis=0)
 
-    refit_path = run_dir / "full" / "test_probs.csv"
-    refit = refit_path.is_file() and refit_weight > 0
+    refit = check.refit and refit_weight > 0
     if refit:
-        _, full = _aligned_test(refit_path, classes, test_ids)
+        _, full = _aligned_test(run_dir / "full" / "test_probs.csv", classes, test_ids)
         test = (test + refit_weight * full) / (1.0 + refit_weight)
 
     oof = pd.concat(parts).set_index("id")
-    order = [i for i in folds["id"] if i in oof.index]  # folds.csv order
-    return Member(name=run_dir.name, oof_ids=order, oof=oof.loc[order, classes].to_numpy(np.float64),
+    order = [i for i in folds["id"] if i in oof.index]  # fold-file order
+    return Member(name=check.name, oof_ids=order, oof=oof.loc[order, classes].to_numpy(np.float64),
                   test_ids=test_ids, test=test, oof_source=_describe_sources(sources),
-                  n_folds=len(folds_found), refit=refit)
+                  n_folds=len(check.folds), refit=refit, missing_folds=list(check.missing))
 
 
-def check_members_agree(members: list[Member]) -> None:
-    """Members must predict the same OOF ids (the same folds) and the same test ids."""
+def seed_family(config: Config) -> str:
+    """Runs with equal settings but for train.seed belong to one family (SEEDS=0,1,2)."""
+    settings = training_settings(config.to_dict())
+    settings.get("train", {}).pop("seed", None)
+    return fingerprint(settings)
+
+
+def average_seeds(members: list[Member], families: list[str]) -> list[Member]:
+    """Members of one seed family become one member: the mean of their OOF and test rows."""
+    grouped: dict[str, list[Member]] = {}
+    for member, family in zip(members, families):
+        grouped.setdefault(family, []).append(member)
+    merged = []
+    for group in grouped.values():
+        if len(group) == 1:
+            merged.append(group[0])
+            continue
+        ids, test_ids = group[0].oof_ids, group[0].test_ids
+        common = [i for i in ids if all(i in set(m.oof_ids) for m in group[1:])]
+        oof = np.mean([m.oof[pd.Index(m.oof_ids).get_indexer(common)] for m in group], axis=0)
+        test = np.mean([m.test[pd.Index(m.test_ids).get_indexer(test_ids)] for m in group], axis=0)
+        merged.append(Member(
+            name=" + ".join(m.name for m in group), oof_ids=common, oof=oof, test_ids=test_ids,
+            test=test, oof_source=group[0].oof_source, n_folds=min(m.n_folds for m in group),
+            refit=any(m.refit for m in group),
+            missing_folds=sorted({k for m in group for k in m.missing_folds})))
+    return merged
+
+
+def check_members_agree(members: list[Member], partial: bool = False) -> None:
+    """Members must predict the same OOF ids (the same folds) and the same test ids.
+
+    With `partial` (a member allowed to miss folds), the OOF is scored over the ids every member
+    covers, and the report says so.
+    """
     all_oof = set().union(*(m.oof_ids for m in members))
     short = [(m.name, len(all_oof - set(m.oof_ids))) for m in members
              if len(m.oof_ids) < len(all_oof)]
-    if short:
+    if short and not partial:
         listed = "; ".join(f"{name} misses {n} of {len(all_oof)} OOF ids" for name, n in short)
         raise EnsembleError(f"members cover different OOF ids: {listed}. Train and predict the "
                             f"missing folds (make train predict MODEL=<model>) or leave the model "
@@ -264,12 +358,14 @@ def check_members_agree(members: list[Member]) -> None:
                                 f"({summarize_offenders(differ)}); re-run `make predict` for both")
 
 
-def stack_members(members: list[Member]) -> tuple[np.ndarray, np.ndarray]:
-    """(M, N_oof, C) and (M, N_test, C), every member in the first member's row order."""
-    ids, test_ids = members[0].oof_ids, members[0].test_ids
+def stack_members(members: list[Member]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(OOF ids, (M, N_oof, C), (M, N_test, C)): the OOF ids every member covers, in the first
+    member's order, and every member's rows in that order."""
+    covered = set.intersection(*(set(m.oof_ids) for m in members))
+    ids, test_ids = [i for i in members[0].oof_ids if i in covered], members[0].test_ids
     oof = np.stack([m.oof[pd.Index(m.oof_ids).get_indexer(ids)] for m in members])
     test = np.stack([m.test[pd.Index(m.test_ids).get_indexer(test_ids)] for m in members])
-    return oof, test
+    return ids, oof, test
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,21 +441,41 @@ def _equal(members: int) -> np.ndarray:
     return np.full(members, 1.0 / members)
 
 
+def nested_fitted_mix(oof_stack: np.ndarray, targets: np.ndarray,
+                      row_folds: np.ndarray) -> np.ndarray:
+    """The fitted-weights mix of each fold's OOF rows with weights fitted on the other folds."""
+    return nested(lambda train: fit_weights(oof_stack[:, train], targets[train]),
+                  lambda weights, held: combine(oof_stack[:, held], "fitted", weights),
+                  row_folds, oof_stack.shape[1])
+
+
 def combine_members(oof_stack: np.ndarray, test_stack: np.ndarray, targets: np.ndarray,
-                    method: str, metric: str) -> Combined:
-    """The ensemble of OOF and test predictions by `method`; fitted weights come from the OOF."""
+                    method: str, metric: str, row_folds: np.ndarray | None = None,
+                    positive: int = 1) -> Combined:
+    """The ensemble of OOF and test predictions by `method`.
+
+    Fitted weights are fitted on every OOF row for the test set; with `row_folds` (each OOF row's
+    fold) they are also scored honestly, each fold mixed by weights fitted on the others, and
+    kept only when that nested score beats equal weights.
+    """
     members = len(oof_stack)
     notes: list[str] = []
     weights: np.ndarray | None = _equal(members)
+    oof_nested = None
     if method == "fitted":
         fitted = fit_weights(oof_stack, targets)
-        equal_score = score(metric, targets, combine(oof_stack, "mean"))
-        fitted_score = score(metric, targets, combine(oof_stack, "fitted", fitted))
+        equal = combine(oof_stack, "mean")
+        honest = (nested_fitted_mix(oof_stack, targets, row_folds)
+                  if row_folds is not None and len(np.unique(row_folds)) > 1
+                  else combine(oof_stack, "fitted", fitted))
+        equal_score = score(metric, targets, equal, positive)
+        fitted_score = score(metric, targets, honest, positive)
+        how = "out of fold (nested)" if row_folds is not None else "in sample"
         if is_better(metric, equal_score, fitted_score):
-            notes.append(f"fitted weights scored {metric} {fitted_score:.4f} OOF, worse than equal "
-                         f"weights ({equal_score:.4f}): equal weights used")
+            notes.append(f"fitted weights scored {metric} {fitted_score:.4f} {how}, worse than "
+                         f"equal weights ({equal_score:.4f}): equal weights used")
         else:
-            weights = fitted
+            weights, oof_nested = fitted, honest
     elif method == "trimmed" and members < 3:
         notes.append(f"trimmed mean needs 3 members, {members} given: plain mean used")
     elif method in ("median", "trimmed"):
@@ -369,181 +485,202 @@ def combine_members(oof_stack: np.ndarray, test_stack: np.ndarray, targets: np.n
                      "and submitted")
         if metric != "roc_auc":
             notes.append(f"rank averaging suits ROC-AUC; the metric is {metric}")
-    return Combined(oof=combine(oof_stack, method, weights),
-                    test=combine(test_stack, method, weights), weights=weights, notes=notes)
-
-
-# --------------------------------------------------------------------------------------------
-# Ordinal decoding
-
-
-def expected_grade(probs: np.ndarray) -> np.ndarray:
-    """sum_k k * p_k per row (N,): a continuous grade that thresholds cut into classes."""
-    return probs @ np.arange(probs.shape[1], dtype=np.float64)
-
-
-def apply_thresholds(grades: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Class = how many (sorted) thresholds the grade reaches."""
-    return np.digitize(grades, np.sort(thresholds)).astype(np.int64)
-
-
-def fit_thresholds(grades: np.ndarray, targets: np.ndarray, n_classes: int,
-                   passes: int = 4, candidates: int = 48) -> np.ndarray:
-    """Thresholds (C-1,) maximising QWK, by coordinate search from 0.5, 1.5, ...
-
-    QWK is a step function of the thresholds, so instead of a gradient method each threshold in
-    turn tries grid and quantile points between its neighbours (which keeps them sorted) and moves
-    only when QWK strictly improves: the result never scores below the start.
-    """
-    thresholds = np.arange(n_classes - 1, dtype=np.float64) + 0.5
-    best = quadratic_weighted_kappa(targets, apply_thresholds(grades, thresholds), n_classes)
-    for _ in range(passes):
-        improved = False
-        for i in range(n_classes - 1):
-            low = thresholds[i - 1] if i > 0 else 0.0
-            high = thresholds[i + 1] if i < n_classes - 2 else float(n_classes - 1)
-            inside = grades[(grades > low) & (grades < high)]
-            points = np.linspace(low, high, candidates + 2)[1:-1]
-            if len(inside):
-                points = np.concatenate([points, np.quantile(inside, np.linspace(0, 1, candidates))])
-            for point in np.unique(points):
-                trial = thresholds.copy()
-                trial[i] = point
-                kappa = quadratic_weighted_kappa(targets, apply_thresholds(grades, trial), n_classes)
-                if kappa > best + 1e-12:
-                    best, thresholds, improved = kappa, trial, True
-        if not improved:
-            break
-    return thresholds
-
-
-def decode_thresholds(oof: np.ndarray, test: np.ndarray, targets: np.ndarray) -> Decoded:
-    """Fit thresholds on OOF expected grades, apply them to test; keep argmax if they do not help."""
-    n_classes = oof.shape[1]
-    thresholds = fit_thresholds(expected_grade(oof), targets, n_classes)
-    oof_labels = apply_thresholds(expected_grade(oof), thresholds)
-    qwk_argmax = quadratic_weighted_kappa(targets, oof.argmax(axis=1), n_classes)
-    qwk_thresholds = quadratic_weighted_kappa(targets, oof_labels, n_classes)
-    used = qwk_thresholds >= qwk_argmax
-    if not used:
-        oof_labels = oof.argmax(axis=1)
-        test_labels = test.argmax(axis=1)
-    else:
-        test_labels = apply_thresholds(expected_grade(test), thresholds)
-    return Decoded(thresholds=thresholds, oof_labels=oof_labels, test_labels=test_labels,
-                   qwk_argmax=qwk_argmax, qwk_thresholds=qwk_thresholds, used=used)
+    oof = combine(oof_stack, method, weights)
+    return Combined(oof=oof, test=combine(test_stack, method, weights), weights=weights,
+                    notes=notes, oof_nested=oof if oof_nested is None else oof_nested)
 
 
 # --------------------------------------------------------------------------------------------
 # The stage
 
 
-def _check_decode(config: Config) -> None:
-    if config.ensemble.decode != "thresholds":
+def _check_decode(config: Config, settings: EnsembleConfig) -> None:
+    if settings.decode == "cutoff" and (len(config.data.classes) != 2 or
+                                        resolved_submission_kind(config.data) != "label"):
+        raise EnsembleError(f"ensemble.decode=cutoff makes binary labels; {config.data.name} has "
+                            f"{len(config.data.classes)} classes and a "
+                            f"{resolved_submission_kind(config.data)} submission. Use "
+                            f"ensemble.decode=auto")
+    if settings.decode != "thresholds":
         return
     if not config.data.ordinal:
         raise EnsembleError(f"ensemble.decode=thresholds needs ordinal classes; {config.data.name} "
                             f"has data.ordinal: false. Use ensemble.decode=argmax")
-    if config.data.submission != "label":
+    if resolved_submission_kind(config.data) != "label":
         raise EnsembleError(f"ensemble.decode=thresholds makes labels, but {config.data.name} "
                             f"takes probabilities (data.submission); use ensemble.decode=argmax")
 
 
-def select_runs(config: Config, models: list[str] | None) -> list[str]:
-    """The named runs (checked to belong to this competition), or every run of it."""
-    runs_dir = Path(config.runs_dir)
-    if models is None:
-        found = discover_runs(runs_dir, config.data.name)
-        if not found:
-            raise EnsembleError(f"no run of {config.data.name} with predictions in {runs_dir}/: "
-                                f"run `make train predict MODEL=<model> DATA={config.data.name}`")
-        return found
-    for name in models:
-        if not fold_dirs(runs_dir / name):
-            available = discover_runs(runs_dir, config.data.name)
-            raise EnsembleError(f"{runs_dir / name} has no fold*/test_probs.csv: run `make train "
-                                f"predict MODEL={name} DATA={config.data.name}` first; runs of "
-                                f"{config.data.name} with predictions: {available or 'none'}")
-        owner = run_competition(runs_dir / name)
-        if owner is not None and owner != config.data.name:
-            raise EnsembleError(f"{runs_dir / name} was trained on {owner}, not "
-                                f"{config.data.name}; leave it out of MODELS or set DATA={owner}")
-    if len(set(models)) != len(models):
-        raise EnsembleError(f"MODELS names a run twice: {models}")
-    return models
+def select_members(config: Config, models: list[str] | None, folds: pd.DataFrame,
+                   test_fingerprint: str, partial: bool,
+                   refit_weight: float | None) -> tuple[list[MemberCheck], list[str]]:
+    """The members to ensemble and notes on the runs left out.
+
+    Named members (MODELS=) must be current and complete (with `partial`, folds may be missing,
+    never stale); any other is refused with what is wrong and the remedy. Without MODELS, every
+    current and complete experiment of the competition is used and the others are listed.
+    """
+    found = discover_runs(config)
+    if models is not None:
+        if len(set(models)) != len(models):
+            raise EnsembleError(f"MODELS names a run twice: {models}")
+        unknown = [m for m in models if m not in found]
+        if unknown:
+            raise EnsembleError(f"no experiment {', '.join(unknown)} of {config.data.name} in "
+                                f"{config.competition_runs}/: run `make train predict MODEL=<name> "
+                                f"DATA={config.data.name}` first; experiments of "
+                                f"{config.data.name}: {found or 'none'}")
+    elif not found:
+        raise EnsembleError(f"no experiment of {config.data.name} in {config.competition_runs}/: "
+                            f"run `make train predict MODEL=<model> DATA={config.data.name}`")
+    checks = [check_member(name, config, folds, test_fingerprint, refit_weight)
+              for name in (models or found)]
+    for check in checks:
+        if check.missing and not (partial and check.folds):
+            what = "no fold" if not check.folds else f"fold(s) {check.missing} of the fold file"
+            check.problems.append(
+                f"{what} trained: `make train predict MODEL={check.name}`"
+                + ("" if not check.folds else " (or PARTIAL=1 to ensemble the folds it has)"))
+    if models is not None:
+        refused = [c for c in checks if c.problems]
+        if refused:
+            raise EnsembleError("cannot ensemble:\n" + "\n".join(
+                f"  {c.name}: " + "\n    ".join(c.problems) for c in refused))
+        return checks, []
+    usable = [c for c in checks if not c.problems]
+    notes = [f"left out {c.name}: {'; '.join(c.problems)}" for c in checks if c.problems]
+    if not usable:
+        raise EnsembleError(f"no experiment of {config.data.name} is current and complete:\n  "
+                            + "\n  ".join(notes) + "\n(`make runs` shows every experiment)")
+    return usable, notes
 
 
-def submission_name(config: Config, models: list[str], cv_score: float) -> str:
-    return config.ensemble.name or f"{'+'.join(models)}_cv{cv_score:.4f}"
+def ensemble_settings(config: Config, members: list[Config], overrides: list[str]) -> EnsembleConfig:
+    """The `ensemble:` settings: each key from the command line, else the members' experiment
+    files when they all agree, else the competition's (with a note naming the disagreement)."""
+    explicit = {text.split("=", 1)[0].split(".", 1)[1] for text in overrides
+                if text.startswith("ensemble.") and "=" in text}
+    values = config.ensemble.model_dump()
+    for key in values:
+        if key in explicit or key == "refit_weight":  # the refit weight is per member
+            continue
+        theirs = {json.dumps(m.ensemble.model_dump()[key]) for m in members}
+        if len(theirs) == 1:
+            values[key] = members[0].ensemble.model_dump()[key]
+        elif key != "name":
+            warn(f"the members' experiment files disagree on ensemble.{key}: "
+                 f"{sorted(theirs)}; using {values[key]!r} (ARGS=ensemble.{key}=... chooses)")
+    if len(members) > 1 and "name" not in explicit:
+        values["name"] = config.ensemble.name
+    return EnsembleConfig(**values)
+
+
+def submission_name(settings: EnsembleConfig, models: list[str], cv_score: float,
+                    partial: bool = False) -> str:
+    if settings.name:
+        return settings.name
+    return f"{'+'.join(models)}{'_partial' if partial else ''}_cv{cv_score:.4f}"
 
 
 def _score_columns(metric: str) -> list[str]:
     return [metric] + (["accuracy"] if metric != "accuracy" else [])
 
 
-def _scores(metric: str, targets: np.ndarray, probs: np.ndarray) -> list[float]:
-    return [score(m, targets, probs) for m in _score_columns(metric)]
+def _scores(metric: str, targets: np.ndarray, probs: np.ndarray, positive: int = 1) -> list[float]:
+    return [score(m, targets, probs, positive) for m in _score_columns(metric)]
 
 
 def _label_scores(metric: str, targets: np.ndarray, labels: np.ndarray,
-                  n_classes: int) -> list[float]:
-    return [score_labels(m, targets, labels, n_classes) for m in _score_columns(metric)]
+                  n_classes: int, positive: int = 1) -> list[float]:
+    return [score_labels(m, targets, labels, n_classes, positive) for m in _score_columns(metric)]
 
 
 def _weight_cell(weights: np.ndarray | None, index: int) -> float | str:
     return "-" if weights is None else float(weights[index])
 
 
-def score_rows(members: list[Member], combined: Combined, decoded: Decoded | None,
-               targets: np.ndarray, metric: str, method: str) -> list[list]:
-    """One row per member and one for the ensemble (and its threshold decoding)."""
+def score_rows(members: list[Member], oof_stack: np.ndarray, combined: Combined,
+               decoded: Decoded | None, targets: np.ndarray, metric: str, method: str,
+               positive: int = 1) -> list[list]:
+    """One row per member and for the ensemble, all scored on the same OOF rows (`oof_stack`,
+    (M, N, C)); what was fitted on those rows is scored out of fold (nested), and its in-sample
+    figure is shown beside it, labelled as such."""
     rows = []
     for i, m in enumerate(members):
-        rows.append([m.name, m.oof_source, m.n_folds, "yes" if m.refit else "no",
-                     _weight_cell(combined.weights, i), *_scores(metric, targets, m.oof)])
-    rows.append([f"ensemble ({method})", "", "", "", "", *_scores(metric, targets, combined.oof)])
+        refit = "yes (unvalidated)" if m.refit else "no"
+        rows.append([m.name, m.oof_source, m.n_folds, refit,
+                     _weight_cell(combined.weights, i),
+                     *_scores(metric, targets, oof_stack[i], positive)])
+    fitted = method == "fitted" and combined.oof_nested is not combined.oof
+    label = f"ensemble ({method}{', weights nested' if fitted else ''})"
+    rows.append([label, "", "", "", "", *_scores(metric, targets, combined.oof_nested, positive)])
+    if fitted:
+        rows.append([f"ensemble ({method}), in sample", "", "", "", "",
+                     *_scores(metric, targets, combined.oof, positive)])
     if decoded is not None and decoded.used:
-        rows.append(["ensemble + thresholds", "", "", "", "",
-                     *_label_scores(metric, targets, decoded.oof_labels, combined.oof.shape[1])])
+        what = "thresholds" if decoded.kind == "thresholds" else "cut-off"
+        n = combined.oof.shape[1]
+        rows.append([f"ensemble + {what}, out of fold (nested)", "", "", "", "",
+                     *_label_scores(metric, targets, decoded.nested_labels, n, positive)])
+        rows.append([f"ensemble + {what}, in sample", "", "", "", "",
+                     *_label_scores(metric, targets, decoded.oof_labels, n, positive)])
     return rows
 
 
-def ensemble_runs(config: Config, models: list[str] | None = None) -> EnsembleOutcome:
-    """Ensemble the runs' probability files, write the submission and its report."""
-    _check_decode(config)
-    names = select_runs(config, models)
+def ensemble_runs(config: Config, models: list[str] | None = None, partial: bool = False,
+                  overrides: list[str] | tuple[str, ...] = ()) -> EnsembleOutcome:
+    """Ensemble the current runs' probability files, write the submission, its report and,
+    last, its manifest."""
+    from pipeline.predict import read_test_set
+
+    _check_decode(config, config.ensemble)  # before any reading: a wrong setting fails fast
     folds = read_folds(config)
+    test_ids, test_fingerprint = read_test_set(config.data)
+    explicit_refit = any(t.startswith("ensemble.refit_weight=") for t in overrides)
+    checks, left_out = select_members(config, models, folds, test_fingerprint, partial,
+                                      config.ensemble.refit_weight if explicit_refit else None)
+    settings = ensemble_settings(config, [c.config for c in checks], list(overrides))
+    _check_decode(config, settings)
     classes, metric = config.data.classes, config.data.metric
-    members = [load_member(Path(config.runs_dir) / name, folds, classes,
-                           config.ensemble.refit_weight) for name in names]
-    check_members_agree(members)
-    targets = folds.set_index("id").loc[members[0].oof_ids, "target"].to_numpy(np.int64)
-    oof_stack, test_stack = stack_members(members)
+    members = [load_member(c, folds, classes, config.ensemble.refit_weight if explicit_refit
+                           else c.config.ensemble.refit_weight) for c in checks]
+    if settings.seeds == "average":
+        members = average_seeds(members, [seed_family(c.config) for c in checks])
+    is_partial = any(m.missing_folds for m in members)
+    check_members_agree(members, partial=is_partial)
+    oof_ids, oof_stack, test_stack = stack_members(members)
+    targets = folds.set_index("id").loc[oof_ids, "target"].to_numpy(np.int64)
 
-    method = config.ensemble.method
-    combined = combine_members(oof_stack, test_stack, targets, method, metric)
-    decoded = (decode_thresholds(combined.oof, combined.test, targets)
-               if config.ensemble.decode == "thresholds" else None)
-    if decoded is not None and not decoded.used:
-        combined.notes.append(f"thresholds scored QWK {decoded.qwk_thresholds:.4f} OOF, below argmax "
-                              f"({decoded.qwk_argmax:.4f}): argmax used")
-    if decoded is not None and decoded.used:
-        cv_score = score_labels(metric, targets, decoded.oof_labels, len(classes))
-        predictions = decoded.test_labels
-    else:
-        cv_score = score(metric, targets, combined.oof)
-        predictions = combined.test
+    method = settings.method
+    positive = config.data.positive_index if len(classes) == 2 else 1
+    row_folds = folds.set_index("id").loc[oof_ids, "fold"].to_numpy()
+    combined = combine_members(oof_stack, test_stack, targets, method, metric, row_folds, positive)
+    combined.notes += left_out
+    if is_partial:
+        combined.notes.append(
+            "PARTIAL: " + "; ".join(f"{m.name} lacks fold(s) {m.missing_folds}" for m in members
+                                    if m.missing_folds)
+            + f"; the CV covers {len(oof_ids)} of {len(folds)} labelled rows")
+    decoded = decode(config, settings, combined, targets, row_folds, positive)
+    scores = honest_scores(metric, targets, combined, decoded, len(classes), positive)
+    predictions = decoded.test_labels if decoded is not None and decoded.used else combined.test
+    if any(m.refit for m in members):
+        combined.notes.append("the full-data refit joined the test average unvalidated: no fold "
+                              "scored it, so the CV above does not include it")
 
-    name = submission_name(config, names, cv_score)
-    submissions = Path(config.submissions_dir)
+    names = [m.name.replace(" + ", "+") for m in members]
+    cv_score = scores["out of fold"]
+    name = submission_name(settings, names, cv_score, is_partial)
+    submissions = config.submissions_path
     frame = build_submission(config.data, members[0].test_ids, predictions)
     csv_path = write_submission(frame, submissions / f"{name}.csv", config.data)
     solution_score = score_against_solution(config.data, frame)
 
-    rows = score_rows(members, combined, decoded, targets, metric, method)
+    rows = score_rows(members, oof_stack, combined, decoded, targets, metric, method, positive)
     headers = ["model", "oof", "folds", "refit", "weight",
                *(f"oof {m}" for m in _score_columns(metric))]
-    details = _details(config, names, combined, decoded, csv_path, cv_score, solution_score)
+    details = _details(config, settings, names, combined, decoded, csv_path, scores,
+                       solution_score)
     print(format_table(rows, headers))
     for note in combined.notes:
         print(f"note: {note}")
@@ -553,9 +690,116 @@ def ensemble_runs(config: Config, models: list[str] | None = None) -> EnsembleOu
         print(f"test {metric} vs {config.data.solution_csv}: {solution_score:.4f}")
     report_path = submissions / f"{name}.md"
     write_text_atomic(report_path, _markdown_report(name, rows, headers, details, combined.notes))
+    write_manifest(csv_path.with_suffix(".manifest.json"), "ensemble",
+                   {"members": member_fingerprint(checks, settings)}, [csv_path, report_path],
+                   recipe(config, checks, members, settings, combined, decoded, scores,
+                          is_partial, refit_weights={c.name: (
+                              (config.ensemble.refit_weight if explicit_refit
+                               else c.config.ensemble.refit_weight) if c.refit else 0.0)
+                              for c in checks}))
     print(f"wrote {csv_path} and {report_path}")
     return EnsembleOutcome(name=name, submission=csv_path, report=report_path, cv_score=cv_score,
                            solution_score=solution_score)
+
+
+def decode(config: Config, settings: EnsembleConfig, combined: Combined, targets: np.ndarray,
+           row_folds: np.ndarray, positive: int) -> Decoded | None:
+    """The fitted decoder of `ensemble.decode` (auto: thresholds for an ordinal label submission,
+    a cut-off for a binary one scored by an F1 metric), judged by its nested score."""
+    kind = decoder_kind(config.data, settings.decode)
+    if kind == "thresholds":
+        decoded = decode_thresholds(combined.oof, combined.test, targets, row_folds,
+                                    combined.oof_nested)
+    elif kind == "cutoff":
+        decoded = decode_cutoff(combined.oof, combined.test, targets, config.data.metric,
+                                positive, row_folds, combined.oof_nested)
+    else:
+        return None
+    what = "thresholds" if kind == "thresholds" else f"a cut-off of {decoded.params[0]:.3f}"
+    if not decoded.used:
+        combined.notes.append(
+            f"{what} scored {config.data.metric} {decoded.score_nested:.4f} out of fold (each fold "
+            f"decoded by a fit on the others), not above argmax's {decoded.score_argmax:.4f}: "
+            f"argmax used")
+    return decoded
+
+
+def honest_scores(metric: str, targets: np.ndarray, combined: Combined, decoded: Decoded | None,
+                  n_classes: int, positive: int) -> dict[str, float]:
+    """{'out of fold': the honest CV, 'in sample': the figure fitted on the rows it scores}.
+
+    The honest CV scores each fold with whatever was fitted (weights, thresholds, cut-off) on the
+    other folds only; it is the number in the submission's name.
+    """
+    if decoded is not None and decoded.used:
+        return {"out of fold": decoded.score_nested, "in sample": decoded.score_in_sample}
+    return {"out of fold": score(metric, targets, combined.oof_nested, positive),
+            "in sample": score(metric, targets, combined.oof, positive)}
+
+
+def recipe(config: Config, checks: list[MemberCheck], members: list[Member],
+           settings: EnsembleConfig, combined: Combined, decoded: Decoded | None,
+           scores: dict[str, float], partial: bool, refit_weights: dict[str, float]) -> dict:
+    """What made the submission, in the ensemble manifest's `details`: enough to repeat it from
+    the members' checkpoints alone (the offline bundle reads these keys)."""
+    decoding = {"kind": "argmax", "thresholds": None, "cutoff": None,
+                "positive": config.data.positive_index if len(config.data.classes) == 2 else 1}
+    if decoded is not None and decoded.used:
+        decoding["kind"] = decoded.kind
+        key = "thresholds" if decoded.kind == "thresholds" else "cutoff"
+        decoding[key] = (decoded.params.tolist() if key == "thresholds"
+                         else float(decoded.params[0]))
+    return {
+        "members": [c.name for c in checks],
+        "groups": [m.name.split(" + ") for m in members],
+        "folds": {c.name: c.folds for c in checks},
+        "refit_weights": refit_weights,
+        "refit": [m.name for m in members if m.refit],
+        "method": settings.method,
+        "weights": None if combined.weights is None else combined.weights.tolist(),
+        "decode": decoding,
+        "submission_kind": resolved_submission_kind(config.data),
+        "partial": partial,
+        "metric": config.data.metric,
+        "cv": scores["out of fold"],
+        "cv_in_sample": scores["in sample"],
+        "settings": settings.model_dump(),
+    }
+
+
+def member_fingerprint(checks: list[MemberCheck], settings: EnsembleConfig) -> str:
+    """The ensemble's input: every member prediction it read (by its manifest) and its settings."""
+    manifests = {}
+    for check in checks:
+        run_dir = check.config.run_dir
+        for k in check.folds:
+            manifests[f"{check.name}/fold{k}"] = (run_dir / f"fold{k}" / "predict.manifest.json").read_text()
+        if check.refit:
+            manifests[f"{check.name}/full"] = (run_dir / "full" / "predict.manifest.json").read_text()
+    return fingerprint([manifests, settings.model_dump()])
+
+
+def submission_freshness(config: Config, manifest_file: Path) -> Freshness:
+    """Whether a submission still reflects its members as they are now (for `make runs`)."""
+    from pipeline.predict import read_test_set
+
+    manifest = read_manifest(manifest_file)
+    if manifest is None:
+        return Freshness("missing", ["no manifest"])
+    if manifest.stage != "ensemble":
+        return freshness(manifest_file, manifest.inputs)  # e.g. a refit's own submission
+    try:
+        folds = read_folds(config)
+        _, test_fingerprint = read_test_set(config.data)
+        settings = EnsembleConfig(**manifest.details.get("settings", {}))
+        checks = [check_member(n, config, folds, test_fingerprint, None)
+                  for n in manifest.details.get("members", [])]
+    except (PipelineError, ValueError) as err:
+        return Freshness("stale", [str(err)])
+    problems = [f"{c.name}: {p}" for c in checks for p in c.problems]
+    if problems:
+        return Freshness("stale", problems, manifest)
+    return freshness(manifest_file, {"members": member_fingerprint(checks, settings)})
 
 
 def kaggle_command(config: Config, names: list[str], csv_path: Path, cv_score: float) -> str:
@@ -563,19 +807,25 @@ def kaggle_command(config: Config, names: list[str], csv_path: Path, cv_score: f
             f'-m "{"+".join(names)} cv={cv_score:.4f}"')
 
 
-def _details(config: Config, names: list[str], combined: Combined, decoded: Decoded | None,
-             csv_path: Path, cv_score: float, solution_score: float | None) -> list[list[str]]:
+def _details(config: Config, settings: EnsembleConfig, names: list[str], combined: Combined,
+             decoded: Decoded | None, csv_path: Path, scores: dict[str, float],
+             solution_score: float | None) -> list[list[str]]:
     metric = config.data.metric
-    weights = (f"none ({config.ensemble.method} is unweighted)" if combined.weights is None else
+    weights = (f"none ({settings.method} is unweighted)" if combined.weights is None else
                ", ".join(f"{n} {w:.3f}" for n, w in zip(names, combined.weights)))
     direction = "higher" if higher_is_better(metric) else "lower"
-    rows = [["method", config.ensemble.method], ["weights", weights],
-            ["decode", config.ensemble.decode], ["refit weight", f"{config.ensemble.refit_weight:g}"],
-            [f"OOF {metric} ({direction} is better)", f"{cv_score:.4f}"]]
+    cv_score = scores["out of fold"]
+    rows = [["method", settings.method], ["weights", weights], ["decode", settings.decode],
+            [f"CV {metric}, out of fold ({direction} is better)", f"{cv_score:.4f}"]]
+    if abs(scores["in sample"] - cv_score) > 1e-12:
+        rows.append([f"CV {metric}, in sample (fitted on the rows it scores; optimistic)",
+                     f"{scores['in sample']:.4f}"])
     if decoded is not None:
-        rows.append(["OOF QWK argmax vs thresholds",
-                     f"{decoded.qwk_argmax:.4f} vs {decoded.qwk_thresholds:.4f}"])
-        rows.append(["thresholds", ", ".join(f"{t:.3f}" for t in decoded.thresholds)])
+        what = "thresholds" if decoded.kind == "thresholds" else "cut-off"
+        rows.append([f"out of fold: argmax vs {what} (nested)",
+                     f"{decoded.score_argmax:.4f} vs {decoded.score_nested:.4f}"
+                     + ("" if decoded.used else f"; {what} not used")])
+        rows.append([what, ", ".join(f"{t:.3f}" for t in decoded.params)])
     rows.append(["submission", str(csv_path)])
     if solution_score is not None:
         rows.append([f"test {metric} vs {config.data.solution_csv}", f"{solution_score:.4f}"])
@@ -596,4 +846,5 @@ def main(args) -> None:
     from pipeline.config import load_config
 
     config = load_config(args.data, None, args.overrides)
-    ensemble_runs(config, parse_models(args.models))
+    ensemble_runs(config, parse_models(args.models), partial=getattr(args, "partial", False),
+                  overrides=args.overrides)

@@ -3,8 +3,10 @@
     python -m pipeline predict --data digits --model resnet18 [--folds 0,2] [tta.views=d4]
     make predict MODEL=resnet18 [TTA=d4]
 
-For fold k: predicts the test set (runs/<model>/fold<k>/test_probs.csv) and, again, its own
-validation fold (oof_tta.csv), so the out-of-fold score with and without TTA can be compared.
+For fold k: predicts the test set (runs/<competition>/<experiment>/fold<k>/test_probs.csv) and,
+again, its own validation fold (oof_tta.csv), so the out-of-fold score with and without TTA can be
+compared; predict.manifest.json records the checkpoint, test set and TTA settings they were made
+from, so a retrained fold, a new test image or new TTA settings are predicted again.
 The views of a batch are stacked on the batch dimension and run in one forward pass; their
 probabilities are averaged (mean, or geometric mean). TTA settings are read at predict time: a
 new `TTA=` needs no retraining.
@@ -19,15 +21,15 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-import yaml
 
 from pipeline import distributed
 from pipeline.augment import Normalizer, build_transforms
 from pipeline.cache import image_loader
-from pipeline.config import Config, TTAConfig
-from pipeline.data import ImageDataset, image_paths, load_test_ids, test_image_dir, train_image_dir
+from pipeline.config import Config, PredictConfig, TTAConfig
+from pipeline.data import ImageDataset, load_test_ids, test_image_paths, train_image_paths
 from pipeline.engine import (
     amp_dtype,
+    inference_batch_size,
     loader_settings,
     make_loader,
     model_from_checkpoint,
@@ -37,7 +39,9 @@ from pipeline.engine import (
 )
 from pipeline.folds import read_folds
 from pipeline.metrics import score
-from pipeline.utils import PipelineError, format_table, write_csv_atomic, write_text_atomic
+from pipeline.provenance import (file_digest, fingerprint, freshness, images_fingerprint,
+                                 manifest_path, write_manifest)
+from pipeline.utils import PipelineError, format_table, write_csv_atomic
 
 View = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) -> (B, C, H, W)
 
@@ -126,7 +130,7 @@ class CheckpointPredictor:
     """A trained checkpoint ready to predict images with TTA."""
 
     def __init__(self, checkpoint: Path, tta: TTAConfig, device_name: str = "auto",
-                 workers: int | None = None):
+                 workers: int | None = None, predict: PredictConfig | None = None):
         self.model, self.config, payload = model_from_checkpoint(checkpoint)
         # One process: device_name. Under torchrun: cuda:LOCAL_RANK (or the CPU).
         self.device = distributed.local_device(resolve_device(device_name))
@@ -143,6 +147,10 @@ class CheckpointPredictor:
         self.transform = build_transforms(self.config.augment, train=False)
         self.views = tta_views(tta, self.config.augment.image_size)
         self.reduce = tta.reduce
+        # TTA multiplies the images of a forward pass: a batch that fits the views (engine.py)
+        self.batch_size = inference_batch_size(predict or PredictConfig(),
+                                               self.config.train.batch_size, len(self.views),
+                                               self.device)
         self.settings = loader_settings(self.device, workers)
 
     def predict(self, paths: Sequence[Path], desc: str) -> np.ndarray:
@@ -154,7 +162,7 @@ class CheckpointPredictor:
         # The checkpoint's cache settings: the preprocessing it was trained with
         read = image_loader(self.config.cache, self.config.augment, paths, desc=f"{desc} cache")
         dataset = ImageDataset(paths, None, self.transform, read)
-        loader = make_loader(dataset, self.config.train.batch_size,
+        loader = make_loader(dataset, self.batch_size,
                              distributed.shard_sampler(len(dataset)), self.settings)
         shard = predict_logits(self.model, self.normalizer, loader, self.device, self.dtype,
                                desc=desc, views=self.views)
@@ -175,37 +183,50 @@ def read_probs(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"id": str, "label": str}, keep_default_na=False)
 
 
-def _tta_record(tta: TTAConfig, checkpoint: Path) -> str:
-    """What a prediction was made with; equal records mean the files on disk are current.
-
-    The checkpoint is identified by its size and modification time (a retrained fold rewrites
-    best.pt), so checking costs no load of the weights.
-    """
-    stat = checkpoint.stat()
-    return yaml.safe_dump({"tta": tta.model_dump(), "checkpoint_bytes": stat.st_size,
-                           "checkpoint_mtime_ns": stat.st_mtime_ns})
+def read_test_set(data) -> tuple[list[str], str]:
+    """(test ids, fingerprint of the ids in order and of each test image's size and mtime)."""
+    ids = load_test_ids(data)
+    return ids, fingerprint([ids, images_fingerprint(ids, test_image_paths(data, ids))])
 
 
-def predict_dir(config: Config, out_dir: Path, test_ids: list[str],
+def predict_inputs(config: Config, out_dir: Path, test_fingerprint: str,
+                   valid: pd.DataFrame | None) -> dict[str, str]:
+    """What a prediction is made from: the checkpoint's bytes, the test set, the TTA settings and,
+    for the out-of-fold rows, the fold assignment."""
+    inputs = {"checkpoint": file_digest(out_dir / "best.pt"), "test": test_fingerprint,
+              "tta": fingerprint(config.tta.model_dump())}
+    if valid is not None:
+        inputs["folds"] = fingerprint(valid[["id", "label"]].astype(str).to_numpy().tolist())
+    return inputs
+
+
+def predict_dir(config: Config, out_dir: Path, test_ids: list[str], test_fingerprint: str,
                 valid: pd.DataFrame | None, force: bool) -> dict | None:
-    """Predict the test set (and the validation rows) with out_dir/best.pt; skip if current."""
+    """Predict the test set (and the validation rows) with out_dir/best.pt, unless current.
+
+    Stale predictions (a retrained checkpoint, a changed test set, other TTA settings) are
+    simply made again: nothing is lost.
+    """
     checkpoint = out_dir / "best.pt"
     outputs = [out_dir / "test_probs.csv"] + ([out_dir / "oof_tta.csv"] if valid is not None else [])
-    record = _tta_record(config.tta, checkpoint)
-    record_path = out_dir / "predict.yaml"
-    current = (not force and all(p.is_file() for p in outputs) and record_path.is_file()
-               and record_path.read_text() == record)
+    inputs = predict_inputs(config, out_dir, test_fingerprint, valid)
+    details = {"tta": config.tta.model_dump(), "test images": len(test_ids)}
+    fresh = freshness(manifest_path(out_dir, "predict"), inputs)
+    current = fresh.current and not force
     if distributed.broadcast_from_main(current):  # under torchrun: every rank skips, or none
         print(f"{out_dir}: predictions are current (FORCE=1 redoes them)")
         return None
-    predictor = CheckpointPredictor(checkpoint, config.tta, config.train.device, config.train.workers)
+    if fresh.state == "stale" and not force:
+        print(f"{out_dir}: predicting again: {fresh.why()}")
+    predictor = CheckpointPredictor(checkpoint, config.tta, config.train.device, config.train.workers,
+                                    config.predict)
     classes = predictor.config.data.classes
     data = config.data
     tag = out_dir.name
-    test_paths = image_paths(test_image_dir(data), data.image_path, test_ids)
+    test_paths = test_image_paths(data, test_ids)
     test_probs = predictor.predict(test_paths, f"{tag} test x{len(predictor.views)}")
     if valid is not None:
-        valid_paths = image_paths(train_image_dir(data), data.image_path, valid["id"].tolist())
+        valid_paths = train_image_paths(data, valid["id"].tolist())
         oof_probs = predictor.predict(valid_paths, f"{tag} oof x{len(predictor.views)}")
     if not distributed.is_main():
         return None  # rank 0 writes
@@ -215,27 +236,36 @@ def predict_dir(config: Config, out_dir: Path, test_ids: list[str],
         write_csv_atomic(probability_frame(valid["id"], oof_probs, classes, valid["label"]), outputs[1])
         plain = read_probs(out_dir / "oof.csv")
         metric = data.metric
-        result[f"oof {metric}"] = score(metric, valid["target"], plain[classes].to_numpy())
-        result[f"oof {metric} tta"] = score(metric, valid["target"], oof_probs)
-    write_text_atomic(record_path, record)
+        positive = data.positive_index if len(classes) == 2 else 1
+        result[f"oof {metric}"] = score(metric, valid["target"], plain[classes].to_numpy(), positive)
+        result[f"oof {metric} tta"] = score(metric, valid["target"], oof_probs, positive)
+    write_manifest(manifest_path(out_dir, "predict"), "predict", inputs, outputs, details)
     return result
 
 
 def run_predict(config: Config, folds_to_predict: list[int] | None, force: bool) -> None:
+    """Predict every current fold (or the chosen ones); a fold not trained under the inputs of
+    now is refused: its predictions would not belong to this experiment."""
+    from pipeline.train import current_folds
+
     folds = read_folds(config)
-    trained = sorted(int(p.parent.name[4:]) for p in config.run_dir.glob("fold*/oof.csv"))
+    trained = current_folds(config, folds)
     if not trained:
-        raise PipelineError(f"no trained folds in {config.run_dir}: run `make train "
-                            f"MODEL={config.run_name}` first")
+        raise PipelineError(f"no current trained folds in {config.run_dir}: run `make train "
+                            f"DATA={config.data.name} MODEL={config.run_name}` first "
+                            f"(`make runs` shows what is stale and why)")
     selected = trained if folds_to_predict is None else folds_to_predict
     untrained = sorted(set(selected) - set(trained))
     if untrained:
-        raise PipelineError(f"fold(s) {untrained} of {config.run_name} are not trained yet")
-    test_ids = load_test_ids(config.data)
+        raise PipelineError(f"fold(s) {untrained} of {config.run_name} are not trained under the "
+                            f"current inputs: run `make train MODEL={config.run_name} "
+                            f"FOLDS={','.join(map(str, untrained))}` first")
+    test_ids, test_fingerprint = read_test_set(config.data)
     results = []
     for fold in selected:
         valid = folds[folds["fold"] == fold]
-        result = predict_dir(config, config.run_dir / f"fold{fold}", test_ids, valid, force)
+        result = predict_dir(config, config.run_dir / f"fold{fold}", test_ids, test_fingerprint,
+                             valid, force)
         if result:
             results.append(result)
     if results:
@@ -267,13 +297,13 @@ def print_tta_gain(config: Config, folds: list[int]) -> None:
 
 
 def main(args) -> None:
-    from pipeline.config import load_config
+    from pipeline.train import seed_configs
 
     if args.model is None:
         raise PipelineError("predict needs a model: make predict MODEL=resnet18")
-    config = load_config(args.data, args.model, args.overrides)
     if getattr(args, "parallel", None) or getattr(args, "gpus", None):
         raise PipelineError("--parallel/--gpus are for train; predict uses several GPUs through "
                             "torchrun: make predict GPUS=4")
-    with distributed.session(resolve_device(config.train.device)):
-        run_predict(config, args.folds, args.force)
+    for config in seed_configs(args):
+        with distributed.session(resolve_device(config.train.device)):
+            run_predict(config, args.folds, args.force)

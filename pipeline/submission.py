@@ -12,6 +12,19 @@ The sample submission is the contract: the same columns in the same order, the s
 order, class names as the competition spells them (`data.classes`, strings, so `0001` stays `0001`
 and a label `07` stays `07`). Anything else is refused with a message that names the offenders,
 because Kaggle rejects (or silently mis-scores) such files only after the upload.
+
+Three kinds of submission (`data.submission`; `auto`, the default, reads it off the sample's
+header with `submission_kind`):
+
+| kind                   | sample header  | a row holds                                          |
+|------------------------|----------------|------------------------------------------------------|
+| `label`                | id,label       | the predicted class, spelled as in `classes`         |
+| `probabilities`        | id,cat,dog,fox | one probability per class, in the header's order     |
+| `positive_probability` | id,target      | binary: the positive class's probability (the second |
+|                        |                | of `classes`, or `data.positive_class`)              |
+
+A label submission for a metric that scores probabilities (ROC-AUC, log-loss) is refused: Kaggle
+would score each label as a probability of 0 or 1, which ruins either metric.
 """
 
 from __future__ import annotations
@@ -27,7 +40,9 @@ from pipeline.data import read_table
 from pipeline.metrics import one_hot, score
 from pipeline.utils import PipelineError, summarize_offenders, write_csv_atomic
 
-LABEL_METRICS = ("accuracy", "macro_f1", "qwk")  # scored on hard labels; the others on probabilities
+# scored on hard labels; PROBABILITY_METRICS on probabilities
+LABEL_METRICS = ("accuracy", "macro_f1", "weighted_f1", "binary_f1", "qwk")
+PROBABILITY_METRICS = ("roc_auc", "log_loss")
 
 
 class SubmissionError(PipelineError):
@@ -45,6 +60,62 @@ def sample_path(data: DataConfig) -> Path:
 def read_sample(data: DataConfig) -> pd.DataFrame:
     """The sample submission with every column as a string (ids like 0001 keep their zeros)."""
     return read_table(sample_path(data), [data.id_column], data.id_column)
+
+
+def _header_kind(data: DataConfig, sample: pd.DataFrame) -> str:
+    """`auto`: a column per class -> probabilities; one column -> positive_probability for a
+    binary competition scored on probabilities, else label."""
+    others = [c for c in sample.columns if c != data.id_column]
+    header = ",".join(sample.columns)
+    if not others:
+        raise SubmissionError(f"{sample_path(data)}: header {header!r} has no column besides the "
+                              f"id column {data.id_column!r}; check data.id_column and the file")
+    if len(others) == 1:
+        binary_probability = len(data.classes) == 2 and data.metric in PROBABILITY_METRICS
+        return "positive_probability" if binary_probability else "label"
+    missing = [c for c in data.classes if c not in others]
+    extra = [c for c in others if c not in data.classes]
+    if missing or extra:
+        raise SubmissionError(
+            f"{sample_path(data)}: cannot tell the submission kind from header {header!r}: "
+            f"neither one label column nor one column per class of {data.classes} (classes "
+            f"without a column: {missing or '-'}; columns that are no class: {extra or '-'}). "
+            f"Make data.classes spell the classes as the header does, or set data.submission.")
+    return "probabilities"
+
+
+def submission_kind(data: DataConfig, sample: pd.DataFrame) -> str:
+    """label, probabilities or positive_probability: `data.submission`, or read off the sample's
+    header when it is `auto`. Refuses a label submission for a metric scored on probabilities and
+    a positive_probability submission whose sample has more than one prediction column."""
+    kind = data.submission if data.submission != "auto" else _header_kind(data, sample)
+    others = [c for c in sample.columns if c != data.id_column]
+    if kind == "label" and data.metric in PROBABILITY_METRICS:
+        how = "data.submission" if data.submission == "label" else \
+            f"read off the header {','.join(sample.columns)!r} of {sample_path(data)}"
+        binary = (f" or submission: positive_probability (one column holding the probability "
+                  f"of {data.classes[data.positive_index]!r})" if len(data.classes) == 2 else "")
+        raise SubmissionError(
+            f"data.metric is {data.metric}, which scores probabilities, but the submission is one "
+            f"label per row ({how}): each label would count as a probability of 0 or 1. Set "
+            f"data.submission: probabilities (one column per class){binary} in the competition "
+            f"config, or check data.metric.")
+    if kind == "positive_probability" and len(others) != 1:
+        raise SubmissionError(
+            f"{sample_path(data)}: a positive_probability submission has one column besides "
+            f"{data.id_column!r}, the header has {others}; set data.submission: probabilities "
+            f"(a column per class) or auto")
+    return kind
+
+
+def resolved_submission_kind(data: DataConfig) -> str:
+    """The submission kind of a competition (see `submission_kind`), reading its sample."""
+    return submission_kind(data, read_sample(data))
+
+
+def prediction_column_of(sample: pd.DataFrame, data: DataConfig) -> str:
+    """positive_probability: the sample's one column besides the id (e.g. `target`)."""
+    return next(c for c in sample.columns if c != data.id_column)
 
 
 def label_column_of(sample: pd.DataFrame, data: DataConfig) -> str:
@@ -121,25 +192,30 @@ def build_submission(data: DataConfig, test_ids: Sequence[str],
 
     `predictions` are rows in `test_ids` order: probabilities (N, C) in `data.classes` order, or
     labels (N,) as class indices (integers) or class names (strings). A label submission takes the
-    argmax of probabilities; a probabilities submission needs probabilities.
+    argmax of probabilities (decode a fitted cut-off first and pass the labels); probabilities and
+    positive_probability submissions need probabilities (the latter keeps the positive column).
     """
     test_ids = [str(i) for i in test_ids]
     predictions = np.asarray(predictions)
     if len(predictions) != len(test_ids):
         raise SubmissionError(f"{len(test_ids)} test ids but {len(predictions)} prediction rows")
     sample = read_sample(data)
+    kind = submission_kind(data, sample)
     _check_same_ids(test_ids, sample, data)
     # Position of each sample id in the predictions: rows follow the sample's order.
     order = pd.Index(test_ids).get_indexer(sample[data.id_column])
     frame = pd.DataFrame({data.id_column: sample[data.id_column].to_numpy(dtype=object)})
 
-    if data.submission == "label":
+    if kind == "label":
         frame[label_column_of(sample, data)] = _labels_as_classes(predictions, data.classes)[order]
+        return frame[list(sample.columns)]
+    if predictions.ndim != 2 or predictions.shape[1] != len(data.classes):
+        raise SubmissionError(f"a {kind} submission needs (N, {len(data.classes)}) "
+                              f"probabilities, got shape {predictions.shape}")
+    probs = predictions.astype(np.float64)[order]
+    if kind == "positive_probability":
+        frame[prediction_column_of(sample, data)] = probs[:, data.positive_index]
     else:
-        if predictions.ndim != 2 or predictions.shape[1] != len(data.classes):
-            raise SubmissionError(f"a probabilities submission needs (N, {len(data.classes)}) "
-                                  f"probabilities, got shape {predictions.shape}")
-        probs = predictions.astype(np.float64)[order]
         for column in probability_columns_of(sample, data):
             frame[column] = probs[:, data.classes.index(column)]
     return frame[list(sample.columns)]
@@ -234,10 +310,14 @@ def validate_submission(frame: pd.DataFrame, data: DataConfig) -> None:
     missing_values = _missing_value_problem(frame, data.id_column)
     if missing_values:
         problems.append(missing_values)
-    if data.submission == "label":
+    kind = submission_kind(data, sample)
+    if kind == "label":
         label_problem = _label_problem(frame, label_column_of(sample, data), data.classes)
         if label_problem:
             problems.append(label_problem)
+    elif kind == "positive_probability":
+        problems += _probability_problems(frame, [prediction_column_of(sample, data)],
+                                          data.id_column)
     else:
         problems += _probability_problems(frame, probability_columns_of(sample, data),
                                           data.id_column)
@@ -271,20 +351,28 @@ def read_solution(data: DataConfig) -> pd.DataFrame | None:
 
 
 def _submission_probs(frame: pd.DataFrame, data: DataConfig) -> np.ndarray:
-    """(N, C) in `data.classes` order: one-hot for a label submission, else the columns."""
-    if data.submission == "label":
+    """(N, C) in `data.classes` order: one-hot for a label submission, the class columns of a
+    probabilities one, (1 - p, p) for a positive_probability one (p in the positive's column)."""
+    sample = read_sample(data)
+    kind = submission_kind(data, sample)
+    if kind == "label":
         labels = frame[label_column_of(frame, data)].astype(str)
         index = labels.map({c: i for i, c in enumerate(data.classes)}).to_numpy(dtype=np.int64)
         return one_hot(index, len(data.classes))
+    if kind == "positive_probability":
+        positive = frame[prediction_column_of(sample, data)].to_numpy(dtype=np.float64)
+        probs = np.empty((len(frame), 2), dtype=np.float64)
+        probs[:, data.positive_index] = positive
+        probs[:, 1 - data.positive_index] = 1.0 - positive
+        return probs
     return frame[data.classes].to_numpy(dtype=np.float64)
 
 
 def score_against_solution(data: DataConfig, frame: pd.DataFrame) -> float | None:
     """The competition metric of a submission against `data.solution_csv`; None without one.
 
-    Label metrics (accuracy, macro-F1, QWK) score the labels; log-loss and ROC-AUC score the
-    probabilities of a probabilities submission (a label submission counts as one-hot
-    probabilities, as Kaggle would score it).
+    Label metrics (accuracy, F1s, QWK) score the labels (binary F1 the positive probability at
+    0.5); log-loss (with Kaggle's clipping) and ROC-AUC score the probabilities.
     """
     solution = read_solution(data)
     if solution is None:
@@ -297,4 +385,4 @@ def score_against_solution(data: DataConfig, frame: pd.DataFrame) -> float | Non
                               f"id(s) {summarize_offenders(unknown)}")
     index = {c: i for i, c in enumerate(data.classes)}
     targets = truth.loc[ids].map(index).to_numpy(dtype=np.int64)
-    return score(data.metric, targets, _submission_probs(frame, data))
+    return score(data.metric, targets, _submission_probs(frame, data), data.positive_index)

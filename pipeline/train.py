@@ -1,15 +1,18 @@
 """Train one model per fold.
 
     python -m pipeline train --data digits --model resnet18 [--folds 0,2] [--force] [train.epochs=3]
-    make train MODEL=resnet18 [FOLDS=0,2] [EPOCHS=3] [FORCE=1]
+    make train MODEL=resnet18 [FOLDS=0,2] [EPOCHS=3] [FORCE=1] [NAME=my-run] [SEEDS=0,1,2]
     make train MODEL=resnet18 GPUS=4                 # each fold on 4 GPUs (torchrun, DDP)
     make train MODEL=resnet20 GPUS=0,1 PARALLEL=folds  # two folds at once, one per GPU
 
-Writes runs/<model>/fold<k>/: config.yaml, best.pt (by the competition metric), last.pt (every
-epoch, with optimiser, scheduler, scaler and epoch), log.csv, oof.csv, confusion.csv|png,
-curves.png; then runs/<model>/summary.csv|md over all folds. A finished fold (oof.csv present) is
-skipped; an interrupted one resumes from last.pt at the next epoch, and ends with the same weights
-as an uninterrupted run (each epoch's randomness is derived from (seed, epoch), not carried over).
+Writes runs/<competition>/<experiment>/fold<k>/: config.yaml, best.pt (by the competition metric),
+last.pt (every epoch, with optimiser, scheduler, scaler and epoch), log.csv, oof.csv,
+confusion.csv|png, curves.png and, last, train.manifest.json (provenance.py); then summary.csv|md
+over the current folds. A fold whose manifest matches the inputs of now (fold assignment,
+settings, training images) is skipped; one made from other inputs is refused, naming what changed
+(FORCE=1 retrains it, NAME= keeps both); an interrupted one resumes from last.pt at the next epoch
+when last.pt was made from the same inputs, and ends with the same weights as an uninterrupted run
+(each epoch's randomness is derived from (seed, epoch), not carried over).
 Under torchrun the same code runs on every rank; pipeline/distributed.py says who does what and
 why the results do not depend on the number of GPUs (train.batch_size is the global batch).
 """
@@ -32,8 +35,8 @@ from torch.utils.data import RandomSampler
 from pipeline import distributed, plots
 from pipeline.augment import Normalizer, build_transforms, compute_dataset_stats, resolve_normalization
 from pipeline.cache import image_loader
-from pipeline.config import Config, config_from_dict, save_config
-from pipeline.data import ImageDataset, SeededSampler, image_paths, train_image_dir
+from pipeline.config import Config, config_from_dict, save_config, training_settings
+from pipeline.data import ImageDataset, SeededSampler, train_image_paths
 from pipeline.engine import (
     amp_dtype,
     autocast,
@@ -48,17 +51,17 @@ from pipeline.engine import (
     softmax,
     unwrap,
 )
+from pipeline.decode import decoded_score, decoder_kind
 from pipeline.folds import read_folds
+from pipeline.provenance import (Freshness, fingerprint, folds_fingerprint, freshness,
+                                 images_fingerprint, input_changes, manifest_path, refuse_stale,
+                                 write_manifest)
 from pipeline.losses import balanced_sampler, build_loss, class_weights
 from pipeline.metrics import higher_is_better, is_better, report_metrics, score
 from pipeline.models import create_model, model_input_config
 from pipeline.models.finetune import freeze_body, param_groups, unfreeze
-from pipeline.utils import PipelineError, format_table, markdown_table, write_csv_atomic, write_text_atomic
-
-# Settings that may change between a run and its resume without changing the result.
-RESUME_SAFE_KEYS = {("train", "workers"), ("train", "device"), ("train", "compile"),
-                    ("cache", "enabled"), ("cache", "dir"), ("cache", "format")}
-
+from pipeline.utils import (PipelineError, format_table, markdown_table, warn, write_csv_atomic,
+                            write_text_atomic)
 
 @dataclass
 class Rows:
@@ -90,24 +93,54 @@ def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=t.lr)
 
 
-def lr_factor(config: Config, steps_per_epoch: int):
-    """Learning-rate multiplier per optimiser step: linear warm-up, then cosine/multistep/constant."""
+@dataclass(frozen=True)
+class FoldPath:
+    """The learning-rate path the fold runs walked, for the full-data refit to walk again.
+
+    The refit's E_r epochs are mapped onto the folds' schedule from its start to `until` (the
+    fold epoch cross-validation chose): its step s of E_r * S_r stands for the folds' step
+    s * until * S_f / (E_r * S_r). Warm-up, milestones and the cosine keep the folds' epochs and
+    length, so the refit ends where the validated models were, not at the end of a schedule
+    squeezed into fewer epochs; its epochs hold K/(K-1) times the folds' steps (more images,
+    the same batch), and a refit.epochs other than `until` stretches the path over it.
+    """
+
+    steps_per_epoch: int  # the folds' optimiser steps per epoch
+    epochs: int  # the folds' train.epochs: the length of the schedule they walked
+    until: float  # the fold epoch the refit's last step reaches
+
+
+def lr_factor(config: Config, steps_per_epoch: int, path: FoldPath | None = None):
+    """Learning-rate multiplier per optimiser step: linear warm-up, then cosine/multistep/constant.
+
+    With `path` (the refit), the steps walk the folds' schedule instead (see FoldPath).
+    """
     t = config.train
-    warmup = t.warmup_epochs * steps_per_epoch
-    total = t.epochs * steps_per_epoch
+    schedule_steps = path.steps_per_epoch if path else steps_per_epoch
+    warmup = t.warmup_epochs * schedule_steps
+    total = (path.epochs if path else t.epochs) * schedule_steps
+    scale = (path.until * schedule_steps / (t.epochs * steps_per_epoch)) if path else 1.0
 
     def factor(step: int) -> float:
+        step = step * scale
         if step < warmup:
             return (step + 1) / warmup
         if t.scheduler == "cosine":
             progress = (step - warmup) / max(1, total - warmup)
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         if t.scheduler == "multistep":
-            epoch = step // steps_per_epoch
+            epoch = step // schedule_steps
             return t.gamma ** sum(epoch >= m for m in t.milestones)
         return 1.0
 
     return factor
+
+
+def steps_per_epoch(n_images: int, batch_size: int, max_batches: int | None) -> int:
+    """Optimiser steps of one epoch, as FoldTrainer's loader makes them (drop_last when the data
+    holds more than a batch: no size-1 batch for BatchNorm)."""
+    steps = n_images // batch_size if n_images > batch_size else 1
+    return steps if max_batches is None else min(steps, max_batches)
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,13 +151,22 @@ class FoldTrainer:
     """Trains one model on `train_rows`, validating on `valid_rows` (None for a full-data refit)."""
 
     def __init__(self, config: Config, out_dir: Path, train_rows: Rows, valid_rows: Rows | None,
-                 seed: int, tag: str):
+                 seed: int, tag: str, inputs: dict[str, str] | None = None,
+                 path: FoldPath | None = None):
         self.config, self.out_dir, self.tag, self.seed = config, out_dir, tag, seed
+        self.path = path  # the refit: the folds' learning-rate path to walk again
+        # The input fingerprints of this training (provenance.py): stored in last.pt, so a resume
+        # goes on only from a checkpoint that the same inputs made.
+        self.inputs = inputs or {}
         self.train_rows, self.valid_rows = train_rows, valid_rows
         # One process: train.device. Under torchrun: cuda:LOCAL_RANK (or the CPU).
         self.device = distributed.local_device(resolve_device(config.train.device))
         self.dtype = amp_dtype(self.device, config.train.amp)
         self.metric = config.data.metric
+        self.positive = config.data.positive_index if len(config.data.classes) == 2 else 1
+        # Epochs are chosen by the metric of the labels the submission will hold: after the
+        # thresholds or cut-off the ensemble fits (pipeline/decode.py), not after argmax.
+        self.decoder = decoder_kind(config.data, config.ensemble.decode)
 
     # ---- setup ---------------------------------------------------------------------------
 
@@ -136,12 +178,11 @@ class FoldTrainer:
         self.model = create_model(c.model.name, num_classes, pretrained=c.model.pretrained,
                                   weights=c.model.weights, weights_dir=c.model.weights_dir,
                                   drop_rate=c.model.drop_rate, zero_init_last=c.model.zero_init_last)
-        image_dir = train_image_dir(data)
-        train_paths = image_paths(image_dir, data.image_path, self.train_rows.ids)
+        train_paths = train_image_paths(data, self.train_rows.ids)
         valid_ids = self.valid_rows.ids if self.valid_rows is not None else []
         # cache.enabled: every image decoded and shrunk once now, read back as arrays every epoch
-        self.read_image = image_loader(c.cache, c.augment, train_paths + image_paths(
-            image_dir, data.image_path, valid_ids), desc=f"{self.tag} cache")
+        self.read_image = image_loader(c.cache, c.augment, train_paths + train_image_paths(
+            data, valid_ids), desc=f"{self.tag} cache")
         self.train_set = ImageDataset(train_paths, self.train_rows.targets,
                                       build_transforms(c.augment, train=True), self.read_image)
         self.mean, self.std = self._normalization(train_paths)
@@ -169,7 +210,7 @@ class FoldTrainer:
                                         self.settings, drop_last=drop_last)
         self.valid_loader = None
         if self.valid_rows is not None:
-            valid_paths = image_paths(image_dir, data.image_path, self.valid_rows.ids)
+            valid_paths = train_image_paths(data, self.valid_rows.ids)
             valid_set = ImageDataset(valid_paths, self.valid_rows.targets,
                                      build_transforms(c.augment, train=False), self.read_image)
             # Under torchrun each rank predicts a contiguous shard; validate() gathers them.
@@ -187,7 +228,8 @@ class FoldTrainer:
         steps = len(self.train_loader) if c.train.max_batches is None else min(
             len(self.train_loader), c.train.max_batches)
         self.steps_per_epoch = steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(c, steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lr_factor(c, steps, self.path))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.forward_model, self.eval_model = self._wrap_model(on_cuda)
 
@@ -230,7 +272,7 @@ class FoldTrainer:
         save_checkpoint(self._payload(
             epoch, optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(), best_score=best, best_epoch=best_epoch,
-            finished=finished,
+            finished=finished, inputs=self.inputs,
             rng={"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].copy()),
                  "generator": self.generator.get_state()},
         ), self.out_dir / "last.pt")
@@ -243,10 +285,13 @@ class FoldTrainer:
         checkpoint = load_checkpoint(path)
         # Rebuilt through the schema, so keys added since the checkpoint compare as defaults.
         saved = config_from_dict(checkpoint["config"]).to_dict()
-        changed = config_changes(saved, self.config.to_dict())
+        changed = input_changes(checkpoint.get("inputs", {}), self.inputs,
+                                {"settings": training_settings(saved)},
+                                {"settings": training_settings(self.config.to_dict())})
         if changed:
-            raise PipelineError(f"{path} was trained with other settings ({', '.join(changed)}); "
-                                f"FORCE=1 restarts this fold, or undo the change to resume")
+            raise PipelineError(f"{path} (an unfinished run) was made from other inputs: "
+                                f"{'; '.join(changed)}. FORCE=1 restarts it, or undo the change "
+                                f"to resume")
         unwrap(self.model).load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -311,6 +356,19 @@ class FoldTrainer:
             loss = float(self.valid_criterion(torch.as_tensor(logits), targets))
         return loss, softmax(logits)
 
+    def selection(self, row: dict[str, Any]) -> tuple[str, float]:
+        """(metric, value) that picks the best epoch: the competition metric, or the validation
+        loss where the metric is undefined on this fold (ROC-AUC of a fold holding one class):
+        a NaN never improves, and a fold without best.pt could never be predicted."""
+        value = row.get("decoded", row[self.metric])
+        if not np.isnan(value):
+            return self.metric, value
+        if not getattr(self, "_warned_undefined", False):
+            warn(f"{self.tag}: {self.metric} is undefined on this validation fold (a class is "
+                 f"missing from it): its best epoch is chosen by the validation loss")
+            self._warned_undefined = True
+        return "log_loss", row["valid_loss"]
+
     def fit(self) -> dict[str, Any]:
         c = self.config.train
         start_epoch, best, best_epoch = self.resume()
@@ -324,10 +382,13 @@ class FoldTrainer:
             if self.valid_loader is not None:
                 valid_loss, probs = self.validate()
                 metrics = report_metrics(self.metric, self.valid_rows.targets, probs,
-                                         self.config.data.ordinal)
+                                         self.config.data.ordinal, self.positive)
                 row["valid_loss"] = valid_loss
                 row.update(metrics)
-                improved = is_better(self.metric, metrics[self.metric], best)
+                if self.decoder != "argmax":  # the metric as the submission will decode it
+                    row["decoded"] = decoded_score(self.decoder, self.metric,
+                                                   self.valid_rows.targets, probs, self.positive)
+                improved = is_better(*self.selection(row), best)
             # Every rank computed it from the same gathered predictions; rank 0's word makes it
             # one decision (best checkpoint, early stop) even if float rounding ever differed.
             improved = distributed.broadcast_from_main(improved)
@@ -335,7 +396,7 @@ class FoldTrainer:
             row["seconds"] = round(time.perf_counter() - started, 2)
             writer = distributed.is_main()  # rank 0 writes; in one process: always
             if improved:
-                best = row.get(self.metric)
+                best = self.selection(row)[1] if "valid_loss" in row else None
                 best_epoch = epoch
                 if writer:
                     save_checkpoint(self._payload(epoch, score=best, metric=self.metric),
@@ -356,19 +417,6 @@ class FoldTrainer:
                 break
         return {"best_score": best, "best_epoch": best_epoch + 1, "epochs": len(log),
                 "seconds": round(sum(r["seconds"] for r in log), 1)}
-
-
-def config_changes(saved: dict, current: dict, prefix: tuple = ()) -> list[str]:
-    """Dotted keys whose values differ, ignoring settings that do not change results."""
-    changed = []
-    for key in sorted(set(saved) | set(current)):
-        path = prefix + (key,)
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += config_changes(a, b, path)
-        elif a != b and path not in RESUME_SAFE_KEYS:
-            changed.append(f"{'.'.join(path)}: {a!r} -> {b!r}")
-    return changed
 
 
 def read_log(path: Path, next_epoch: int) -> list[dict[str, Any]]:
@@ -397,8 +445,30 @@ def fold_dir(config: Config, fold: int) -> Path:
     return config.run_dir / (f"fold{fold}" if fold >= 0 else "full")
 
 
+def training_inputs(config: Config, folds: pd.DataFrame) -> tuple[dict[str, str], dict[str, Any]]:
+    """(input fingerprints, readable details) of every fold's training: the fold assignment, the
+    result-changing settings and the training images (see provenance.py)."""
+    data = config.data
+    ids = folds["id"].tolist()
+    settings = training_settings(config.to_dict())
+    inputs = {"folds": folds_fingerprint(folds), "settings": fingerprint(settings),
+              "train_images": images_fingerprint(ids, train_image_paths(data, ids))}
+    return inputs, {"settings": settings}
+
+
+def train_freshness(config: Config, fold: int, inputs: dict[str, str],
+                    details: dict[str, Any]) -> Freshness:
+    return freshness(manifest_path(fold_dir(config, fold), "train"), inputs, details)
+
+
+def stale_remedy(config: Config, what: str) -> str:
+    return (f"FORCE=1 retrains {what} under the new inputs (its old results are deleted); to keep "
+            f"both, give the new settings a name of their own: NAME=<new name>, or a new "
+            f"experiment file configs/<new name>.yaml")
+
+
 def write_oof(trainer: FoldTrainer, out_dir: Path) -> pd.DataFrame | None:
-    """Predict the validation fold with the best checkpoint; oof.csv is written last (done mark).
+    """Predict the validation fold with the best checkpoint.
 
     Under torchrun every rank loads best.pt and predicts its shard; rank 0 writes (others: None).
     """
@@ -418,11 +488,20 @@ def write_oof(trainer: FoldTrainer, out_dir: Path) -> pd.DataFrame | None:
     return oof
 
 
-def train_fold(config: Config, folds: pd.DataFrame, fold: int, force: bool = False) -> dict:
+FOLD_OUTPUTS = ("best.pt", "log.csv", "oof.csv", "config.yaml")
+
+
+def train_fold(config: Config, folds: pd.DataFrame, fold: int, inputs: dict[str, str],
+               details: dict[str, Any], force: bool = False) -> None:
+    """Train one fold unless it is current; its manifest is written last (the done mark)."""
     out_dir = fold_dir(config, fold)
-    if (out_dir / "oof.csv").is_file() and not force:
-        print(f"fold {fold}: finished earlier ({out_dir}/oof.csv); FORCE=1 retrains")
-        return fold_result(config, fold)
+    fresh = train_freshness(config, fold, inputs, details)
+    if fresh.current and not force:
+        print(f"fold {fold}: current ({out_dir}); FORCE=1 retrains")
+        return
+    if fresh.state == "stale" and not force:
+        raise refuse_stale(f"{config.data.name}/{config.run_name} fold {fold} ({out_dir})", fresh,
+                           stale_remedy(config, "the fold"))
     if distributed.is_main():
         if force and out_dir.exists():
             shutil.rmtree(out_dir)
@@ -431,12 +510,27 @@ def train_fold(config: Config, folds: pd.DataFrame, fold: int, force: bool = Fal
     distributed.barrier()  # under torchrun: no rank looks for last.pt before a FORCE clean-up
     trainer = FoldTrainer(config, out_dir, Rows.of(folds[folds["fold"] != fold]),
                           Rows.of(folds[folds["fold"] == fold]), config.train.seed + fold,
-                          f"fold {fold}")
+                          f"fold {fold}", inputs)
     trainer.setup()
     trainer.fit()
     write_oof(trainer, out_dir)
+    if distributed.is_main():
+        write_manifest(manifest_path(out_dir, "train"), "train", inputs,
+                       [out_dir / name for name in FOLD_OUTPUTS],
+                       {**details, "fold": fold, "train_rows": len(trainer.train_rows.ids),
+                        "valid_rows": len(trainer.valid_rows.ids)})
     distributed.barrier()  # every rank reads the fold's files once rank 0 has written them
-    return fold_result(config, fold)
+
+
+def best_log_row(log: pd.DataFrame, metric: str) -> pd.Series:
+    """The log row of the best epoch: by the metric as the submission decodes it (`decoded`),
+    else the metric, or the validation loss where it is undefined on the fold (as
+    FoldTrainer.selection chose it)."""
+    column = "decoded" if "decoded" in log and log["decoded"].notna().any() else metric
+    if column in log and log[column].notna().any():
+        values = log[column]
+        return log.loc[values.idxmax() if higher_is_better(metric) else values.idxmin()]
+    return log.loc[log["valid_loss"].idxmin()]
 
 
 def fold_result(config: Config, fold: int) -> dict[str, Any]:
@@ -445,10 +539,15 @@ def fold_result(config: Config, fold: int) -> dict[str, Any]:
     log = pd.read_csv(out_dir / "log.csv")
     oof = pd.read_csv(out_dir / "oof.csv", dtype={"id": str, "label": str}, keep_default_na=False)
     metric = config.data.metric
-    best = log.loc[log[metric].idxmax() if higher_is_better(metric) else log[metric].idxmin()]
+    best = best_log_row(log, metric)
     return {"fold": fold, "best_epoch": int(best["epoch"]), "epochs": len(log),
-            metric: score(metric, _targets(config, oof), oof[config.data.classes].to_numpy()),
+            metric: score(metric, _targets(config, oof), oof[config.data.classes].to_numpy(),
+                          _positive(config)),
             "seconds": round(float(log["seconds"].sum()), 1)}
+
+
+def _positive(config: Config) -> int:
+    return config.data.positive_index if len(config.data.classes) == 2 else 1
 
 
 def _targets(config: Config, frame: pd.DataFrame) -> np.ndarray:
@@ -456,17 +555,28 @@ def _targets(config: Config, frame: pd.DataFrame) -> np.ndarray:
     return frame["label"].map(index).to_numpy()
 
 
-def write_summary(config: Config) -> pd.DataFrame | None:
-    """runs/<model>/summary.csv|md: per-fold scores, mean, std, and the OOF score of all folds."""
+def current_folds(config: Config, folds: pd.DataFrame) -> list[int]:
+    """The folds of the fold file whose training is current (the same inputs, files intact)."""
+    inputs, details = training_inputs(config, folds)
+    return [k for k in sorted(int(f) for f in folds["fold"].unique())
+            if train_freshness(config, k, inputs, details).current]
+
+
+def write_summary(config: Config, folds: pd.DataFrame) -> pd.DataFrame | None:
+    """runs/<c>/<model>/summary.csv|md: per-fold scores, mean, std, and the OOF score of the
+    current folds (a stale or missing fold is left out, and the count says so)."""
     metric, classes = config.data.metric, config.data.classes
-    done = sorted(int(p.parent.name[4:]) for p in config.run_dir.glob("fold*/oof.csv"))
+    done = current_folds(config, folds)
+    n_folds = folds["fold"].nunique()
+    for path in (config.run_dir / "summary.csv", config.run_dir / "summary.md"):
+        path.unlink(missing_ok=True)  # never a summary of folds that are no longer current
     if not done:
         return None
     results = pd.DataFrame([fold_result(config, k) for k in done])
     oof = pd.concat([pd.read_csv(config.run_dir / f"fold{k}" / "oof.csv", dtype={"id": str, "label": str},
                                  keep_default_na=False) for k in done])
     targets, probs = _targets(config, oof), oof[classes].to_numpy()
-    overall = report_metrics(metric, targets, probs, config.data.ordinal)
+    overall = report_metrics(metric, targets, probs, config.data.ordinal, _positive(config))
     write_csv_atomic(results, config.run_dir / "summary.csv")
     from sklearn.metrics import confusion_matrix
 
@@ -474,17 +584,18 @@ def write_summary(config: Config) -> pd.DataFrame | None:
     table = [[r["fold"], r["best_epoch"], r["epochs"], r[metric], r["seconds"]]
              for r in results.to_dict("records")]
     headers = ["fold", "best epoch", "epochs", metric, "seconds"]
-    text = (f"# {config.run_name} on {config.data.name}\n\n" + markdown_table(table, headers) +
+    partial = "" if len(done) == n_folds else f" (PARTIAL: {len(done)} of {n_folds} folds)"
+    text = (f"# {config.run_name} on {config.data.name}{partial}\n\n" + markdown_table(table, headers) +
             f"\n\nmean {metric} {results[metric].mean():.4f} ± {results[metric].std(ddof=0):.4f} "
-            f"over {len(done)} fold(s)\n\nout-of-fold over {len(oof)} images: " +
+            f"over {len(done)} of {n_folds} fold(s)\n\nout-of-fold over {len(oof)} images: " +
             ", ".join(f"{k} {v:.4f}" for k, v in overall.items()) +
             "\n\n## Out-of-fold confusion matrix (rows: true, columns: predicted)\n\n" +
             markdown_table([[c, *row] for c, row in zip(classes, matrix.tolist())], ["", *classes]) + "\n")
     write_text_atomic(config.run_dir / "summary.md", text)
     print(format_table(table + [["mean", "", "", float(results[metric].mean()), ""],
                                 ["oof", "", "", overall[metric], ""]], headers))
-    print(f"{config.run_name}: out-of-fold {metric} {overall[metric]:.4f} over {len(oof)} images "
-          f"-> {config.run_dir}/summary.md")
+    print(f"{config.run_name}: out-of-fold {metric} {overall[metric]:.4f} over {len(oof)} images"
+          f"{partial} -> {config.run_dir}/summary.md")
     return results
 
 
@@ -496,21 +607,60 @@ def select_folds(config: Config, folds_to_train: list[int] | None) -> tuple[pd.D
     unknown = sorted(set(selected) - set(available))
     if unknown:
         raise PipelineError(f"fold(s) {unknown} not in {config.folds_csv} (folds {available})")
-    missing = [p for p in image_paths(train_image_dir(config.data), config.data.image_path,
-                                      folds["id"].tolist()) if not p.is_file()]
+    missing = [p for p in train_image_paths(config.data, folds["id"].tolist()) if not p.is_file()]
     if missing:
         raise PipelineError(f"{len(missing)} training image(s) missing, e.g. {missing[0]}; "
                             f"run `make check` to list them")
     return folds, [int(fold) for fold in selected]
 
 
+def preflight(config: Config) -> None:
+    """Build what training builds first (the model, its weights, the augmentations), so a wrong
+    setting fails here, before FORCE=1 deletes anything or a fold starts."""
+    create_model(config.model.name, len(config.data.classes), pretrained=config.model.pretrained,
+                 weights=config.model.weights, weights_dir=config.model.weights_dir,
+                 drop_rate=config.model.drop_rate, zero_init_last=config.model.zero_init_last)
+    build_transforms(config.augment, train=True)
+    build_transforms(config.augment, train=False)
+    distributed.per_rank_batch(config.train.batch_size)  # a batch the ranks cannot share: now
+
+
+def plan_folds(config: Config, folds: pd.DataFrame, selected: list[int], force: bool,
+               inputs: dict[str, str], details: dict[str, Any]) -> list[int]:
+    """The folds to train now; stale folds refused (all of them named) before any work starts."""
+    todo, stale = [], []
+    for fold in selected:
+        fresh = train_freshness(config, fold, inputs, details)
+        if fresh.current and not force:
+            print(f"fold {fold}: current ({fold_dir(config, fold)}); FORCE=1 retrains")
+        elif fresh.state == "stale" and not force:
+            stale.append((fold, fresh))
+        else:
+            todo.append(fold)
+    if stale:
+        lines = "\n  ".join(f"fold {k}: {fresh.why()}" for k, fresh in stale)
+        raise PipelineError(f"{config.data.name}/{config.run_name} ({config.run_dir}) was trained "
+                            f"from other inputs:\n  {lines}\n" + stale_remedy(config, "these folds"))
+    return todo
+
+
+def start_experiment(config: Config) -> None:
+    """runs/<c>/<exp>/config.yaml: the experiment's resolved settings, read by `runs`/`ensemble`."""
+    if distributed.is_main():
+        save_config(config, config.run_dir / "config.yaml")
+
+
 def run_training(config: Config, folds_to_train: list[int] | None, force: bool) -> pd.DataFrame | None:
     """Train the folds one after another (each over every rank when started by torchrun)."""
     folds, selected = select_folds(config, folds_to_train)
-    distributed.per_rank_batch(config.train.batch_size)  # a batch the ranks cannot share: fail now
-    for fold in selected:
-        train_fold(config, folds, fold, force)
-    return write_summary(config) if distributed.is_main() else None
+    inputs, details = training_inputs(config, folds)
+    todo = plan_folds(config, folds, selected, force, inputs, details)
+    if todo:
+        preflight(config)
+        start_experiment(config)
+    for fold in todo:
+        train_fold(config, folds, fold, inputs, details, force)
+    return write_summary(config, folds) if distributed.is_main() else None
 
 
 def run_parallel_folds(config: Config, folds_to_train: list[int] | None, force: bool,
@@ -528,13 +678,15 @@ def run_parallel_folds(config: Config, folds_to_train: list[int] | None, force: 
         raise PipelineError(f"train.device={config.train.device} with --parallel folds: each fold "
                             f"sees only its own GPU (as cuda:0); leave train.device=auto")
     slots = distributed.gpu_slots(gpus)
-    _, selected = select_folds(config, folds_to_train)
+    folds, selected = select_folds(config, folds_to_train)
+    inputs, details = training_inputs(config, folds)
+    todo = plan_folds(config, folds, selected, force, inputs, details)
+    if todo:
+        preflight(config)
+        start_experiment(config)
     jobs = []
-    for fold in selected:
+    for fold in todo:
         out_dir = fold_dir(config, fold)
-        if (out_dir / "oof.csv").is_file() and not force:
-            print(f"fold {fold}: finished earlier ({out_dir}/oof.csv); FORCE=1 retrains")
-            continue
         if force and out_dir.exists():
             shutil.rmtree(out_dir)  # here, not in the child: the child's log lives in out_dir
         jobs.append(distributed.Job(f"fold {fold}", [*command, "--folds", str(fold)],
@@ -544,27 +696,46 @@ def run_parallel_folds(config: Config, folds_to_train: list[int] | None, force: 
         names = ", ".join(f"{name} (exit {code})" for name, code in failed.items())
         raise PipelineError(f"{names} failed; see {config.run_dir}/fold<k>/train.log, fix the "
                             f"cause and re-run: finished folds are skipped")
-    return write_summary(config)
+    return write_summary(config, folds)
 
 
-def fold_command(args) -> list[str]:
+def fold_command(args, run_name: str) -> list[str]:
     """The single-process `python -m pipeline train` that one fold of --parallel folds runs."""
     return [sys.executable, "-m", "pipeline", "train", "--data", args.data, "--model", args.model,
-            *args.overrides]
+            "--name", run_name, *args.overrides]
+
+
+def seed_configs(args) -> list[Config]:
+    """One config per seed of --seeds 0,1,2 (each a run of its own: <experiment>-seed<s>), or the
+    one config of the command line."""
+    from pipeline.config import load_config
+
+    seeds = getattr(args, "seeds", None)
+    name = getattr(args, "name", None)
+    if not seeds:
+        return [load_config(args.data, args.model, args.overrides, name=name)]
+    if name is not None:
+        raise PipelineError("NAME= names one run; with SEEDS= each seed's run is named "
+                            "<experiment>-seed<s>")
+    return [load_config(args.data, args.model, [*args.overrides, f"train.seed={seed}"])
+            for seed in seeds]
 
 
 def main(args) -> None:
-    from pipeline.config import load_config
-
     if args.model is None:
         raise PipelineError("train needs a model: make train MODEL=resnet18")
-    config = load_config(args.data, args.model, args.overrides)
+    configs = seed_configs(args)
     parallel, gpus = getattr(args, "parallel", None), getattr(args, "gpus", None)
-    if parallel == "folds":
-        run_parallel_folds(config, args.folds, args.force, gpus, fold_command(args))
-        return
-    if gpus:
+    if gpus and parallel != "folds":
         raise PipelineError("--gpus goes with --parallel folds; to train each fold on several GPUs "
                             "launch with torchrun: make train GPUS=4 (see pipeline/distributed.py)")
-    with distributed.session(resolve_device(config.train.device)):
-        run_training(config, args.folds, args.force)
+    for config in configs:
+        if len(configs) > 1:
+            print(f"== {config.run_name} (train.seed={config.train.seed})", flush=True)
+        if parallel == "folds":
+            seed_args = [f"train.seed={config.train.seed}"] if len(configs) > 1 else []
+            command = fold_command(args, config.run_name) + seed_args
+            run_parallel_folds(config, args.folds, args.force, gpus, command)
+            continue
+        with distributed.session(resolve_device(config.train.device)):
+            run_training(config, args.folds, args.force)

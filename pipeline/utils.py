@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -24,17 +26,63 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
 
     A crash or kill inside the block leaves `path` as it was (old content or absent), never half
     written. The temporary name keeps the suffix so writers that dispatch on it (savefig) still work.
+    A failed write (a full disk, a read-only or unwritable folder) becomes a PipelineError naming
+    `path`, the reason and the remedy, with the temporary file removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.",
+                                   suffix=f".tmp{path.suffix}")
+        os.close(fd)
+    except OSError as err:
+        raise WriteError(write_failure(path, err)) from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as err:
+        raise WriteError(write_failure(path, err)) from None
+    except RuntimeError as err:
+        # torch.save reports a failed write as RuntimeError ("... file write failed").
+        if isinstance(err, PipelineError) or "write failed" not in str(err):
+            raise
+        raise WriteError(write_failure(path, err)) from None
     finally:
-        tmp_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
+
+
+class WriteError(PipelineError):
+    """A file could not be written (disk full, read-only, no permission); names the path."""
+
+
+# Remedies by errno for failed writes.
+_WRITE_REMEDIES = {
+    errno.ENOSPC: "free some space on that disk, or write elsewhere",
+    errno.EDQUOT: "free some space within your quota, or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.EACCES: "make the folder writable for you, or write elsewhere",
+    errno.EPERM: "make the folder writable for you, or write elsewhere",
+    errno.ENAMETOOLONG: "shorten the name (the file system allows 255 bytes per name)",
+}
+_ELSEWHERE = "(runs_dir=, submissions_dir=, folds.dir=, cache.dir= move the outputs)"
+
+
+def write_failure(path: Path, err: Exception) -> str:
+    """'cannot write runs/x/best.pt: no space left on device; free some space ...': the reason
+    from the errno (or, for torch's RuntimeError, from the free space left) and its remedy."""
+    if isinstance(err, OSError):
+        reason = (err.strerror or str(err)).lower()
+        remedy = _WRITE_REMEDIES.get(err.errno, "check the disk and the folder's permissions")
+    else:  # torch's RuntimeError: ask the disk why
+        reason, remedy = "the write failed", "check the disk and the folder's permissions"
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(path.parent).free
+            reason = f"the write failed with {free / 2**20:.0f} MB free on that disk"
+            if free < 2**20:
+                reason, remedy = "no space left on device", _WRITE_REMEDIES[errno.ENOSPC]
+    return f"cannot write {path}: {reason}; {remedy} {_ELSEWHERE}. Nothing was half-written."
 
 
 def write_text_atomic(path: Path | str, text: str) -> None:

@@ -8,7 +8,7 @@ def test_layers_apply_in_order(tmp_path):
     experiment = tmp_path / "exp.yaml"
     experiment.write_text(yaml.safe_dump({"model": {"name": "resnet20"}, "train": {"epochs": 7}}))
     config = load_config("digits", str(experiment), ["train.lr=0.01"])
-    assert config.run_name == "exp"
+    assert config.run_name == "exp-lr0.01"  # a result-changing override names a new experiment
     assert config.model.name == "resnet20"
     assert config.train.epochs == 7  # experiment over code default
     assert config.train.lr == 0.01  # override over everything
@@ -75,3 +75,23 @@ def test_config_is_frozen():
     config = load_config("digits", "resnet20")
     with pytest.raises(Exception):
         config.train.epochs = 3
+
+
+def test_the_experiment_name_follows_the_result_changing_overrides():
+    def name(*overrides, **kw):
+        return load_config("digits", "resnet18", list(overrides), **kw).run_name
+
+    assert name() == "resnet18"
+    assert name("train.lr=0.01", "train.epochs=30") == "resnet18-epochs30-lr0.01"
+    assert name("train.seed=1") == "resnet18-seed1"
+    assert name("train.epochs=15") == "resnet18"  # the experiment file's own value: no change
+    # speed, place and later-stage settings are no part of the identity
+    assert name("train.workers=3", "train.device=cpu", "train.compile=true", "cache.enabled=true",
+                "cache.dir=/tmp/c", "tta.views=d4", "ensemble.method=fitted", "refit.epochs=3",
+                "runs_dir=/tmp/r") == "resnet18"
+    long = name("train.lr=0.01", "train.epochs=30", "augment.image_size=64", "train.batch_size=8",
+                "train.weight_decay=0.0001")
+    assert long.startswith("resnet18-h") and len(long) == len("resnet18-h") + 8
+    assert name("train.lr=0.01", name="mine") == "mine"
+    with pytest.raises(ConfigError, match="NAME="):
+        name(name="../escape")

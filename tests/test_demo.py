@@ -13,17 +13,25 @@ def test_demo_chain_end_to_end(tmp_path):
          f"data.root={tmp_path / 'digits'}", f"folds.dir={tmp_path / 'folds'}",
          f"runs_dir={tmp_path / 'runs'}", f"submissions_dir={tmp_path / 'subs'}",
          "folds.n_splits=2", "train.epochs=1", "train.max_batches=3", "augment.image_size=16",
-         "tta.views=hflip"],
+         "tta.views=hflip", "--name", "demo-r20"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert "demo finished: resnet20 on digits" in out
+    assert "demo finished: demo-r20 on digits" in out
     assert "held-out test, ensemble" in out
-    submissions = sorted((tmp_path / "subs").glob("resnet20_cv*.csv"))
+    submissions = sorted((tmp_path / "subs" / "digits").glob("demo-r20_cv*.csv"))
     assert len(submissions) == 1
     submission = pd.read_csv(submissions[0], dtype=str)
     sample = pd.read_csv(tmp_path / "digits" / "sample_submission.csv", dtype=str)
     assert submission["id"].tolist() == sample["id"].tolist()
-    assert (tmp_path / "subs" / "resnet20_refit.csv").is_file()
-    assert (tmp_path / "runs" / "resnet20" / "full" / "test_probs.csv").is_file()
-    assert (tmp_path / "runs" / "resnet20" / "summary.md").is_file()
+    assert (tmp_path / "subs" / "digits" / "demo-r20_refit.csv").is_file()
+    run = tmp_path / "runs" / "digits" / "demo-r20"
+    assert (run / "full" / "test_probs.csv").is_file() and (run / "summary.md").is_file()
+    assert "unvalidated" in out  # the refit joined the ensemble without a fold to score it
+
+    # run again: every stage is current and skipped, nothing retrained
+    stamp = (run / "fold0" / "best.pt").stat().st_mtime_ns
+    again = subprocess.run(result.args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "fold 0: current" in again.stdout and "refit is current" in again.stdout
+    assert (run / "fold0" / "best.pt").stat().st_mtime_ns == stamp

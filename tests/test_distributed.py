@@ -205,7 +205,8 @@ def test_distributed_resume_and_tta_predict(tmp_path):
     out = config.run_dir / "fold1"
     # Resume: every rank loads last.pt (the run had finished; only oof.csv is missing).
     first = (out / "oof.csv").read_bytes()
-    (out / "oof.csv").unlink()
+    (out / "oof.csv").unlink()  # as if killed before the fold's last files were written
+    (out / "train.manifest.json").unlink()
     again = _torchrun("train", *_cli(config), "--folds", "1")
     assert again.stdout.count("resuming after epoch 2") == 1
     assert (out / "oof.csv").read_bytes() == first
@@ -233,7 +234,7 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path):
 
     runs = tmp_path / "ddp_runs"
     _torchrun("train", *_cli(config, [*model, f"runs_dir={runs}"]), "--folds", "0")
-    ddp = torch.load(runs / config.run_name / "fold0" / "last.pt", weights_only=True)["model"]
+    ddp = torch.load(runs / config.data.name / config.run_name / "fold0" / "last.pt", weights_only=True)["model"]
 
     torch.manual_seed(config.train.seed + 0)  # the fold's initial weights, as setup() makes them
     initial = create_model("timm/test_convnext", 3).state_dict()
@@ -256,8 +257,8 @@ def test_parallel_folds_write_what_sequential_runs_write(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "fold 0: started on" in printed and "fold 1: started on" in printed
     for k in (0, 1):
-        out = runs / config.run_name / f"fold{k}"
+        out = runs / config.data.name / config.run_name / f"fold{k}"
         assert (out / "oof.csv").read_bytes() == reference[k], f"fold {k}"
         assert f"fold {k} epoch   1" in (out / "train.log").read_text()  # each fold's own log
-    summary = pd.read_csv(runs / config.run_name / "summary.csv")
+    summary = pd.read_csv(runs / config.data.name / config.run_name / "summary.csv")
     assert summary["fold"].tolist() == [0, 1]

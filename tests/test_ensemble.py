@@ -10,18 +10,25 @@ from sklearn.metrics import cohen_kappa_score
 
 from pipeline import ensemble
 from pipeline.__main__ import main as cli
-from pipeline.config import load_config
-from pipeline.ensemble import (EnsembleError, combine, combine_members, decode_thresholds,
-                               ensemble_runs, expected_grade, fit_thresholds, load_member,
-                               rank_normalise)
-from pipeline.folds import read_folds
+from pipeline.config import load_config, save_config
+from pipeline.decode import decode_cutoff, decode_thresholds, expected_grade, fit_thresholds
+from pipeline.ensemble import (EnsembleError, check_member, combine, combine_members,
+                               ensemble_runs, load_member, rank_normalise)
+from pipeline.folds import read_folds, write_folds
+from pipeline.predict import predict_inputs, read_test_set
+from pipeline.provenance import manifest_path, write_manifest
+from pipeline.refit import refit_inputs
+from pipeline.train import training_inputs
 from pipeline.metrics import quadratic_weighted_kappa, score
 
 TEST_IDS = [f"t{i:03d}" for i in range(12)]
 
 
-def write_competition(tmp_path, classes, n_train=60, n_folds=3, name="comp", **extra):
-    """A competition (sample submission, solution), its folds.csv; returns (config, overrides)."""
+def write_competition(tmp_path, classes, n_train=60, n_folds=3, name="comp", labels=None,
+                      **extra):
+    """A competition (train.csv, test.csv, sample submission, solution) and its folds, recorded
+    with their manifest; returns (config path, overrides). No images: the ensemble reads only
+    probability files."""
     root = tmp_path / name
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -31,19 +38,20 @@ def write_competition(tmp_path, classes, n_train=60, n_folds=3, name="comp", **e
     else:
         sample = pd.DataFrame({"id": TEST_IDS, **{c: 0.5 for c in classes}})
     sample.to_csv(root / "sample_submission.csv", index=False)
+    pd.DataFrame({"id": TEST_IDS}).to_csv(root / "test.csv", index=False)
     solution = rng.choice(classes, len(TEST_IDS))
     pd.DataFrame({"id": TEST_IDS, "label": solution}).to_csv(root / "solution.csv", index=False)
     mapping = {"name": name, "root": str(root), "classes": classes,
                "solution_csv": "solution.csv", **extra}
     (root / f"{name}.yaml").write_text(yaml.safe_dump(mapping))
 
-    labels = [classes[i % len(classes)] for i in range(n_train)]
+    labels = labels or [classes[i % len(classes)] for i in range(n_train)]
     folds = pd.DataFrame({"id": [f"{i:04d}" for i in range(n_train)], "label": labels,
                           "fold": rng.permutation(np.arange(n_train) % n_folds)})
-    (tmp_path / "folds").mkdir(exist_ok=True)
-    folds.to_csv(tmp_path / "folds" / "folds.csv", index=False)
+    folds[["id", "label"]].to_csv(root / "train.csv", index=False)
     overrides = [f"runs_dir={tmp_path / 'runs'}", f"folds.dir={tmp_path / 'folds'}",
                  f"submissions_dir={tmp_path / 'submissions'}"]
+    write_folds(config_of(str(root / f"{name}.yaml"), overrides), folds)
     return str(root / f"{name}.yaml"), overrides
 
 
@@ -60,11 +68,16 @@ def member_probs(targets, n_classes, skill, seed):
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def write_run(config, name, oof, test, folds=None, tta_folds=(), refit=None, competition=None):
-    """A run folder like train+predict write it: per fold oof(.tta).csv, test_probs, config.yaml."""
+def write_run(config, name, oof, test, folds=None, tta_folds=(), refit=None):
+    """An experiment folder as train + predict (+ refit) write it, manifests included: per fold
+    oof(.tta).csv, test_probs.csv, a stand-in best.pt, log.csv and config.yaml."""
     table = read_folds(config)
     classes = config.data.classes
-    run = config.run_dir.parent / name
+    member = config.model_copy(update={"run_name": name})
+    run = member.run_dir
+    save_config(member, run / "config.yaml")
+    inputs, details = training_inputs(member, table)
+    _, test_fingerprint = read_test_set(member.data)
     for k in folds if folds is not None else sorted(table["fold"].unique()):
         fold_dir = run / f"fold{k}"
         fold_dir.mkdir(parents=True)
@@ -72,18 +85,42 @@ def write_run(config, name, oof, test, folds=None, tta_folds=(), refit=None, com
         frame = pd.DataFrame({"id": table["id"].to_numpy()[rows],
                               "label": table["label"].to_numpy()[rows]})
         frame[classes] = oof[rows]
-        frame.to_csv(fold_dir / ("oof_tta.csv" if k in tta_folds else "oof.csv"), index=False)
+        frame.to_csv(fold_dir / "oof.csv", index=False)
+        if k in tta_folds:
+            frame.to_csv(fold_dir / "oof_tta.csv", index=False)
+            (fold_dir / "oof.csv").write_text(frame.assign(**{c: 1 / len(classes) for c in classes})
+                                              .to_csv(index=False))
         test_frame = pd.DataFrame({"id": TEST_IDS})
         test_frame[classes] = test(k) if callable(test) else test
         test_frame.to_csv(fold_dir / "test_probs.csv", index=False)
-        saved = {"data": {"name": competition or config.data.name}}
-        (fold_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+        (fold_dir / "best.pt").write_bytes(f"{name} fold {k}".encode())
+        pd.DataFrame({"epoch": [1], config.data.metric: [0.5], "valid_loss": [0.7],
+                      "seconds": [1.0]}).to_csv(fold_dir / "log.csv", index=False)
+        save_config(member, fold_dir / "config.yaml")
+        write_manifest(manifest_path(fold_dir, "train"), "train", inputs,
+                       [fold_dir / "best.pt", fold_dir / "oof.csv"], details)
+        valid = table[table["fold"] == k]
+        outputs = [fold_dir / "test_probs.csv"] + ([fold_dir / "oof_tta.csv"] if k in tta_folds else [])
+        write_manifest(manifest_path(fold_dir, "predict"), "predict",
+                       predict_inputs(member, fold_dir, test_fingerprint, valid), outputs)
     if refit is not None:
-        (run / "full").mkdir()
-        full = pd.DataFrame({"id": TEST_IDS})
-        full[classes] = refit
-        full.to_csv(run / "full" / "test_probs.csv", index=False)
+        full = run / "full"
+        full.mkdir()
+        frame = pd.DataFrame({"id": TEST_IDS})
+        frame[classes] = refit
+        frame.to_csv(full / "test_probs.csv", index=False)
+        (full / "best.pt").write_bytes(f"{name} full".encode())
+        refit_in, refit_details, *_ = refit_inputs(member, table)
+        write_manifest(manifest_path(full, "train"), "refit", refit_in, [full / "best.pt"],
+                       refit_details)
+        write_manifest(manifest_path(full, "predict"), "predict",
+                       predict_inputs(member, full, test_fingerprint, None), [full / "test_probs.csv"])
     return run
+
+
+def member_check(config, name, refit_weight=None):
+    _, test_fingerprint = read_test_set(config.data)
+    return check_member(name, config, read_folds(config), test_fingerprint, refit_weight)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,12 +215,14 @@ def test_member_reads_tta_first_and_joins_the_refit(tmp_path):
     oof = member_probs(targets, 3, 1.0, seed=4)
     fold_tests = {k: member_probs(np.zeros(12, int), 3, 0.0, seed=10 + k) for k in range(3)}
     refit = member_probs(np.zeros(12, int), 3, 0.0, seed=20)
-    run = write_run(config, "m", oof, lambda k: fold_tests[k], tta_folds=(0, 2), refit=refit)
+    write_run(config, "m", oof, lambda k: fold_tests[k], tta_folds=(0, 2), refit=refit)
 
-    member = load_member(run, read_folds(config), config.data.classes, refit_weight=0.5)
+    check = member_check(config, "m")
+    assert check.problems == [] and check.refit and check.folds == [0, 1, 2]
+    member = load_member(check, read_folds(config), config.data.classes, refit_weight=0.5)
     assert member.oof_source == "oof (fold 1), oof_tta (fold 0,2)"
     assert member.oof_ids == read_folds(config)["id"].tolist()
-    assert np.allclose(member.oof, oof)  # back in folds.csv order
+    assert np.allclose(member.oof, oof)  # back in folds.csv order, TTA files where present
     folds_mean = np.mean(list(fold_tests.values()), axis=0)
     assert np.allclose(member.test, (folds_mean + 0.5 * refit) / 1.5)
     assert member.refit and member.n_folds == 3
@@ -196,20 +235,32 @@ def test_members_must_cover_the_same_oof_ids(tmp_path):
     test = np.full((12, 2), 0.5)
     write_run(config, "full3", member_probs(targets, 2, 1.0, 1), test)
     write_run(config, "only0", member_probs(targets, 2, 1.0, 2), test, folds=[0])
-    with pytest.raises(EnsembleError, match=r"only0 misses 40 of 60 OOF ids"):
+    with pytest.raises(EnsembleError, match=r"only0: fold\(s\) \[1, 2\] of the fold file"):
         ensemble_runs(config, ["full3", "only0"])
+    outcome = ensemble_runs(config, ["full3", "only0"], partial=True)
+    assert "_partial_cv" in outcome.submission.name  # scored over fold 0's 20 rows only
+    assert "the CV covers 20 of 60 labelled rows" in outcome.report.read_text()
 
 
 def test_oof_from_another_split_is_refused(tmp_path):
     data_path, overrides = write_competition(tmp_path, ["a", "b"])
     config = config_of(data_path, overrides)
     targets = read_folds(config)["target"].to_numpy()
-    run = write_run(config, "m", member_probs(targets, 2, 1.0, 1), np.full((12, 2), 0.5))
+    write_run(config, "m", member_probs(targets, 2, 1.0, 1), np.full((12, 2), 0.5))
     folds = read_folds(config)
-    folds.assign(fold=np.roll(folds["fold"].to_numpy(), 1)).drop(columns="target").to_csv(
-        config.folds_csv, index=False)
-    with pytest.raises(EnsembleError, match=r"folds.csv was re-split after this model was trained"):
-        load_member(run, read_folds(config), config.data.classes, 1.0)
+    write_folds(config, folds.assign(fold=np.roll(folds["fold"].to_numpy(), 1)))
+    with pytest.raises(EnsembleError, match=r"fold 0 is stale \(the fold assignment"):
+        ensemble_runs(config, ["m"])
+
+
+def test_a_hand_edited_probability_file_is_refused(tmp_path):
+    data_path, overrides = write_competition(tmp_path, ["a", "b"])
+    config = config_of(data_path, overrides)
+    targets = read_folds(config)["target"].to_numpy()
+    run = write_run(config, "m", member_probs(targets, 2, 1.0, 1), np.full((12, 2), 0.5))
+    (run / "fold1" / "test_probs.csv").write_text("id,a,b\n")
+    with pytest.raises(EnsembleError, match=r"test_probs.csv was modified"):
+        ensemble_runs(config, ["m"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,13 +278,13 @@ def test_cli_writes_submission_and_report(tmp_path, capsys):
     write_run(config, "timm-resnet50", member_probs(targets, 3, 1.0, 2),
               lambda k: member_probs(test_truth, 3, 1.0, 40 + k),
               refit=member_probs(test_truth, 3, 1.0, 50))
-    write_run(config, "other", member_probs(targets, 3, 1.0, 3), np.full((12, 3), 1 / 3),
-              competition="another-competition")  # not ensembled: another competition
+    other = config_of(*write_competition(tmp_path / "other", ["cat", "dog", "fox"], name="another"))
+    write_run(other, "other", member_probs(targets, 3, 1.0, 3), np.full((12, 3), 1 / 3))
 
     rc = cli(["ensemble", "--data", data_path, *overrides, "ensemble.method=fitted"])
     out = capsys.readouterr().out
     assert rc == 0
-    submissions = list((tmp_path / "submissions").glob("*.csv"))
+    submissions = list((tmp_path / "submissions" / "comp").glob("*.csv"))
     assert len(submissions) == 1
     name = submissions[0].stem
     assert name.startswith("resnet18+timm-resnet50_cv")
@@ -241,7 +292,7 @@ def test_cli_writes_submission_and_report(tmp_path, capsys):
     assert submission["id"].tolist() == TEST_IDS
     assert set(submission["label"]) <= {"cat", "dog", "fox"}
 
-    report = (tmp_path / "submissions" / f"{name}.md").read_text()
+    report = (tmp_path / "submissions" / "comp" / f"{name}.md").read_text()
     cv = name.split("_cv")[1]
     upload = f'-c comp -f {submissions[0]} -m "resnet18+timm-resnet50 cv={cv}"'
     assert f"kaggle competitions submit {upload}" in report
@@ -258,9 +309,10 @@ def test_cli_single_model_name_and_named_submission(tmp_path, capsys):
     write_run(config, "resnet18", member_probs(targets, 2, 2.0, 1), np.full((12, 2), 0.5))
     cv = score("accuracy", targets, member_probs(targets, 2, 2.0, 1))
     assert cli(["ensemble", "--data", data_path, "--models", "resnet18", *overrides]) == 0
-    assert (tmp_path / "submissions" / f"resnet18_cv{cv:.4f}.csv").is_file()
+    assert (tmp_path / "submissions" / "comp" / f"resnet18_cv{cv:.4f}.csv").is_file()
     assert cli(["ensemble", "--data", data_path, *overrides, "ensemble.name=final"]) == 0
-    assert (tmp_path / "submissions" / "final.md").is_file()
+    assert (tmp_path / "submissions" / "comp" / "final.md").is_file()
+    assert (tmp_path / "submissions" / "comp" / "final.manifest.json").is_file()
 
 
 def test_cli_names_a_missing_run(tmp_path, capsys):
@@ -270,22 +322,21 @@ def test_cli_names_a_missing_run(tmp_path, capsys):
     write_run(config, "resnet18", member_probs(targets, 2, 2.0, 1), np.full((12, 2), 0.5))
     assert cli(["ensemble", "--data", data_path, "--models", "resnet18,resnet34", *overrides]) == 1
     err = capsys.readouterr().err
-    assert "resnet34 has no fold*/test_probs.csv" in err and "['resnet18']" in err
+    assert "no experiment resnet34 of comp" in err and "['resnet18']" in err
 
 
 def test_ordinal_thresholds_end_to_end(tmp_path, capsys):
     classes = ["0", "1", "2", "3", "4"]
-    data_path, overrides = write_competition(tmp_path, classes, n_train=300, metric="qwk",
-                                             ordinal=True)
-    config = config_of(data_path, overrides)
-    folds = read_folds(config)
     targets, probs = biased_ordinal(n=300, seed=5)
-    folds["label"] = [classes[t] for t in targets]
-    folds.drop(columns="target").to_csv(config.folds_csv, index=False)
+    data_path, overrides = write_competition(tmp_path, classes, n_train=300, metric="qwk",
+                                             ordinal=True, labels=[classes[t] for t in targets])
+    config = config_of(data_path, overrides)
     write_run(config, "m", probs, probs[:12])
-    outcome = ensemble_runs(config_of(data_path, overrides, "ensemble.decode=thresholds"), ["m"])
+    outcome = ensemble_runs(config_of(data_path, overrides, "ensemble.decode=thresholds"), ["m"],
+                            overrides=["ensemble.decode=thresholds"])
     out = capsys.readouterr().out
-    assert "OOF QWK argmax vs thresholds" in out and "ensemble + thresholds" in out
+    assert "argmax vs thresholds (nested)" in out and "ensemble + thresholds, out of fold" in out
+    assert "ensemble + thresholds, in sample" in out
     argmax_qwk = quadratic_weighted_kappa(targets, probs.argmax(1), 5)
     assert outcome.cv_score >= argmax_qwk
 
@@ -310,3 +361,62 @@ def test_probabilities_submission_from_rank_ensemble(tmp_path, capsys):
     assert list(frame.columns) == ["id", "HEM", "ALL"]
     assert np.allclose(frame[["HEM", "ALL"]].sum(axis=1), 1.0)
     assert "rank outputs are scores, not probabilities" in capsys.readouterr().out
+
+
+def test_nested_scores_are_below_in_sample_where_thresholds_overfit():
+    """Few rows, many classes, no signal: thresholds fitted on the rows they score look useful;
+    fitted on the other folds they do not. The honest figure is the nested one."""
+    rng = np.random.default_rng(3)
+    n, classes = 40, 5
+    targets = rng.integers(0, classes, n)
+    probs = rng.dirichlet(np.ones(classes), n)
+    row_folds = np.arange(n) % 4
+    decoded = decode_thresholds(probs, probs[:5], targets, row_folds)
+    assert decoded.score_in_sample > decoded.score_nested + 0.1
+    assert decoded.score_in_sample >= decoded.score_argmax
+
+
+def test_fitted_weights_are_scored_out_of_fold():
+    targets = np.arange(60) % 3
+    good, noise = member_probs(targets, 3, 2.0, 1), member_probs(targets, 3, 0.0, 2)
+    stack = np.stack([good, noise])
+    row_folds = np.arange(60) % 3
+    combined = combine_members(stack, stack[:, :10], targets, "fitted", "log_loss", row_folds)
+    assert combined.weights[0] > combined.weights[1]
+    in_sample = score("log_loss", targets, combined.oof)
+    nested = score("log_loss", targets, combined.oof_nested)
+    assert nested > in_sample  # log-loss: the honest figure is the worse one
+    assert not np.allclose(combined.oof, combined.oof_nested)
+
+
+def test_binary_f1_cutoff_is_fitted_out_of_fold():
+    rng = np.random.default_rng(0)
+    targets = (rng.random(400) < 0.2).astype(int)  # rare positives
+    logit = rng.normal(size=400) + 1.5 * targets - 1.0  # under-confident: 0.5 is a poor cut
+    positive = 1 / (1 + np.exp(-logit))
+    probs = np.stack([1 - positive, positive], axis=1)
+    decoded = decode_cutoff(probs, probs[:7], targets, "binary_f1", 1, np.arange(400) % 5)
+    assert decoded.used and decoded.params[0] < 0.5
+    assert decoded.score_nested > decoded.score_argmax
+    assert decoded.score_in_sample >= decoded.score_nested
+    assert decoded.test_labels.shape == (7,)
+
+
+def test_binary_f1_competition_submits_cutoff_labels_with_an_honest_name(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    labels = ["hem" if rng.random() < 0.8 else "all" for _ in range(120)]
+    data_path, overrides = write_competition(tmp_path, ["hem", "all"], n_train=120,
+                                             metric="binary_f1", labels=labels,
+                                             positive_class="all")
+    config = config_of(data_path, overrides)
+    targets = read_folds(config)["target"].to_numpy()
+    logit = rng.normal(size=120) + 1.5 * targets - 1.0
+    positive = 1 / (1 + np.exp(-logit))
+    probs = np.stack([1 - positive, positive], axis=1)
+    write_run(config, "m", probs, probs[:12])
+    outcome = ensemble_runs(config, None)
+    out = capsys.readouterr().out
+    assert "argmax vs cut-off (nested)" in out  # judged out of fold, used only if it helps
+    manifest = yaml.safe_load(outcome.submission.with_suffix(".manifest.json").read_text())
+    assert f"_cv{manifest['details']['cv']:.4f}" in outcome.submission.name
+    assert manifest["details"]["decode"]["kind"] in ("cutoff", "argmax")

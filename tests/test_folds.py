@@ -60,7 +60,7 @@ def test_folds_csv_is_deterministic(tmp_path, digits_root):
         subprocess.run([sys.executable, "-m", "pipeline", "folds", "--data", "digits",
                         f"data.root={digits_root}", f"folds.dir={folds_dir}"],
                        cwd=REPO, check=True, capture_output=True)
-        contents.append((folds_dir / "folds.csv").read_bytes())
+        contents.append((folds_dir / "digits.csv").read_bytes())
     assert contents[0] == contents[1]
     header = contents[0].decode().splitlines()[0:2]
     assert header[0] == "id,label,fold" and header[1].split(",")[0].isdigit()

@@ -2,40 +2,44 @@ import pandas as pd
 import pytest
 
 from pipeline.config import load_config
-from pipeline.refit import refit_epochs, run_refit
+from pipeline.folds import read_folds
+from pipeline.refit import best_epochs, refit_epochs, run_refit
 from pipeline.train import run_training
 from pipeline.utils import PipelineError
 from tests.test_train import tiny
 
 
-def write_log(path, accuracies):
-    path.mkdir(parents=True)
-    pd.DataFrame({"epoch": range(1, len(accuracies) + 1), "accuracy": accuracies,
-                  "train_loss": 0.1}).to_csv(path / "log.csv", index=False)
+def log(accuracies, metric="accuracy"):
+    return pd.DataFrame({"epoch": range(1, len(accuracies) + 1), metric: accuracies,
+                         "valid_loss": 0.5, "train_loss": 0.1})
 
 
-def test_epochs_are_the_median_best_epoch_of_the_folds(tmp_path):
-    config = load_config("digits", "resnet20", [f"runs_dir={tmp_path}"])
-    write_log(config.run_dir / "fold0", [0.5, 0.7, 0.9, 0.8])  # best epoch 3
-    write_log(config.run_dir / "fold1", [0.5, 0.6, 0.7, 0.8, 0.9, 0.85])  # best epoch 5
-    write_log(config.run_dir / "fold2", [0.6, 0.95, 0.9])  # best epoch 2
-    assert refit_epochs(config) == (3, "median best epoch of folds [3, 5, 2]")
-    fixed = load_config("digits", "resnet20", [f"runs_dir={tmp_path}", "refit.epochs=7"])
-    assert refit_epochs(fixed) == (7, "refit.epochs")
+def test_epochs_are_the_median_best_epoch_of_the_folds():
+    logs = [log([0.5, 0.7, 0.9, 0.8]),  # best epoch 3
+            log([0.5, 0.6, 0.7, 0.8, 0.9, 0.85]),  # best epoch 5
+            log([0.6, 0.95, 0.9])]  # best epoch 2
+    assert best_epochs(logs, "accuracy") == [3, 5, 2]
 
 
-def test_log_loss_competitions_pick_the_lowest_epoch(tmp_path):
-    config = load_config("digits", "resnet20", [f"runs_dir={tmp_path}", "data.metric=log_loss"])
-    pd.DataFrame({"epoch": [1, 2, 3], "log_loss": [0.9, 0.3, 0.5]}).to_csv(
-        (config.run_dir / "fold0").mkdir(parents=True) or config.run_dir / "fold0" / "log.csv",
-        index=False)
-    assert refit_epochs(config)[0] == 2
+def test_log_loss_competitions_pick_the_lowest_epoch():
+    assert best_epochs([log([0.9, 0.3, 0.5], "log_loss")], "log_loss") == [2]
 
 
-def test_no_fold_logs_is_a_clear_error(tmp_path):
-    config = load_config("digits", "resnet20", [f"runs_dir={tmp_path}"])
-    with pytest.raises(PipelineError, match="run `make train MODEL=resnet20` first"):
-        refit_epochs(config)
+def test_an_undefined_metric_picks_the_lowest_validation_loss():
+    frame = log([float("nan")] * 3, "roc_auc").assign(valid_loss=[0.9, 0.4, 0.6])
+    assert best_epochs([frame], "roc_auc") == [2]
+
+
+def test_epoch_count_from_current_folds_or_the_setting(tmp_path):
+    config = tiny(tmp_path, extra=["train.epochs=2"])
+    folds = read_folds(config)
+    with pytest.raises(PipelineError, match=r"run `make train MODEL=resnet20-\S+` first"):
+        refit_epochs(config, folds)
+    fixed = config.model_copy(update={"refit": config.refit.model_copy(update={"epochs": 7})})
+    assert refit_epochs(fixed, folds) == (7, "refit.epochs")
+    run_training(config, None, force=False)
+    epochs, source = refit_epochs(config, folds)
+    assert 1 <= epochs <= 2 and source.startswith("median best epoch of folds")
 
 
 def test_refit_trains_on_all_rows_and_writes_a_submission(tmp_path):
@@ -47,9 +51,34 @@ def test_refit_trains_on_all_rows_and_writes_a_submission(tmp_path):
     assert len(log) == result["epochs"] and "valid_loss" not in log
     test = pd.read_csv(full / "test_probs.csv", dtype={"id": str})
     assert test["id"].tolist() == ["t000", "t001", "t002", "t003"]
-    submission = pd.read_csv(tmp_path / "subs" / "resnet20_refit.csv", dtype=str)
+    submission = pd.read_csv(tmp_path / "subs" / "tiny" / f"{config.run_name}_refit.csv", dtype=str)
     assert list(submission.columns) == ["id", "label"]
     assert set(submission["label"]) <= {"cat", "dog", "fox"}
     stamp = (full / "best.pt").stat().st_mtime_ns
     run_refit(config, force=False)  # finished: not retrained
     assert (full / "best.pt").stat().st_mtime_ns == stamp
+
+
+def test_refit_walks_the_folds_learning_rate_path():
+    from pipeline.train import FoldPath, lr_factor
+
+    # folds: 30 epochs of 10 steps, cosine with 1 warm-up epoch; CV chose epoch 18
+    folds = load_config("digits", "resnet20", ["train.epochs=30", "train.warmup_epochs=1"])
+    fold = lr_factor(folds, 10)
+    refit = folds.model_copy(update={"train": folds.train.model_copy(update={"epochs": 18})})
+    path = FoldPath(steps_per_epoch=10, epochs=30, until=18)
+    walked = lr_factor(refit, 12, path)  # the full data: 12 steps per epoch (K=6)
+    for refit_step in (0, 11, 100, 215):  # the refit's steps map onto the folds' by progress
+        assert walked(refit_step) == pytest.approx(fold(refit_step * 18 * 10 / (18 * 12)))
+    assert walked(18 * 12 - 1) == pytest.approx(fold(180 - 1), abs=1e-3)
+    assert walked(18 * 12 - 1) > 0.3  # ends where the validated models were, not decayed to 0
+    squeezed = lr_factor(refit, 12)  # the old way: the whole cosine in 18 epochs
+    assert squeezed(18 * 12 - 1) < 0.01
+
+    # multistep: the milestones stay at the folds' epochs (a refit past them decays there)
+    steps = load_config("digits", "resnet20", ["train.epochs=30", "train.warmup_epochs=0",
+                                               "train.scheduler=multistep",
+                                               "train.milestones=[20,25]"])
+    longer = steps.model_copy(update={"train": steps.train.model_copy(update={"epochs": 22})})
+    walked = lr_factor(longer, 10, FoldPath(10, 30, until=22))
+    assert walked(19 * 10) == pytest.approx(1.0) and walked(21 * 10) == pytest.approx(0.1)

@@ -12,6 +12,7 @@ from pipeline.config import load_config
 from pipeline.data import ImageReadError
 from pipeline.folds import make_folds
 from pipeline.losses import FocalLoss, class_weights
+from pipeline.utils import PipelineError
 from pipeline.train import lr_factor, run_training
 from tests.conftest import REPO, make_competition
 
@@ -60,13 +61,13 @@ def test_finished_fold_is_skipped(tmp_path, capsys):
     stamp = (config.run_dir / "fold1" / "best.pt").stat().st_mtime_ns
     run_training(config, [1], force=False)
     assert (config.run_dir / "fold1" / "best.pt").stat().st_mtime_ns == stamp
-    assert "fold 1: finished earlier" in capsys.readouterr().out
+    assert "fold 1: current" in capsys.readouterr().out
 
 
 def test_changed_config_refuses_to_resume(tmp_path):
     config = tiny(tmp_path, extra=["train.epochs=1"])
     run_training(config, [0], force=False)
-    (config.run_dir / "fold0" / "oof.csv").unlink()  # as if killed before the end
+    (config.run_dir / "fold0" / "train.manifest.json").unlink()  # as if killed before the end
     changed = config.model_copy(update={"train": config.train.model_copy(update={"lr": 0.5})})
     with pytest.raises(Exception, match=r"train.lr: 0.02 -> 0.5"):
         run_training(changed, [0], force=False)
@@ -116,17 +117,36 @@ def test_schedule_warms_up_then_decays():
     assert [multistep(s * 5) for s in (0, 3, 6)] == pytest.approx([1, 0.1, 0.01])
 
 
-def test_corrupt_image_mid_training_is_named(tmp_path):
+def test_an_image_changed_after_folds_stops_training_before_it_starts(tmp_path):
     config = tiny(tmp_path)
     bad = config.data.root_path / "train" / "0005.png"
     bad.write_bytes(b"\x89PNG garbage")
+    with pytest.raises(PipelineError, match=r"training images .*make folds"):
+        run_training(config, [0], force=False)
+    assert not config.run_dir.exists()
+
+
+def test_corrupt_image_mid_training_is_named(tmp_path, monkeypatch):
+    config = tiny(tmp_path)
+    bad = config.data.root_path / "train" / "0005.png"
+    # broken after the fingerprints were taken (a disk error mid-run): named, not a traceback
+    import pipeline.train as train
+
+    fingerprints = train.training_inputs
+
+    def break_after_fingerprints(*args):
+        result = fingerprints(*args)
+        bad.write_bytes(b"\x89PNG garbage")
+        return result
+
+    monkeypatch.setattr(train, "training_inputs", break_after_fingerprints)
     with pytest.raises(ImageReadError, match=r"0005\.png"):
         run_training(config, [0], force=False)
 
 
 def _train_command(data, tmp_path, epochs):
     return [sys.executable, "-m", "pipeline", "train", "--data", str(data), "--model", "resnet20",
-            "--folds", "0", f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
+            "--folds", "0", "--name", "r", f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
             "folds.n_splits=2", "augment.image_size=32", "train.batch_size=8", "train.workers=0",
             f"train.epochs={epochs}", "model.drop_rate=0.2"]
 
@@ -143,7 +163,7 @@ def test_killed_run_resumes_to_identical_result(tmp_path):
 
     process = subprocess.Popen(_train_command(data, resumed, 3), cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = resumed / "runs" / "resnet20" / "fold0" / "last.pt"
+    last = resumed / "runs" / "tiny" / "r" / "fold0" / "last.pt"
     deadline = time.time() + 120
     while not last.exists() and time.time() < deadline:
         time.sleep(0.01)
@@ -157,12 +177,12 @@ def test_killed_run_resumes_to_identical_result(tmp_path):
                             text=True, check=True)
     assert "resuming after epoch" in result.stdout
     for name in ("last.pt", "best.pt"):
-        a = torch.load(reference / "runs/resnet20/fold0" / name, weights_only=True)["model"]
-        b = torch.load(resumed / "runs/resnet20/fold0" / name, weights_only=True)["model"]
+        a = torch.load(reference / "runs/tiny/r/fold0" / name, weights_only=True)["model"]
+        b = torch.load(resumed / "runs/tiny/r/fold0" / name, weights_only=True)["model"]
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}: {key}")
-    assert ((reference / "runs/resnet20/fold0/oof.csv").read_bytes()
-            == (resumed / "runs/resnet20/fold0/oof.csv").read_bytes())
+    assert ((reference / "runs/tiny/r/fold0/oof.csv").read_bytes()
+            == (resumed / "runs/tiny/r/fold0/oof.csv").read_bytes())
 
 
 def test_head_only_stage_leaves_the_body_untouched(tmp_path):
@@ -191,3 +211,15 @@ def test_balanced_sampler_draws_classes_equally():
     targets = [0] * 90 + [1] * 10
     drawn = np.asarray(targets)[list(balanced_sampler(targets, torch.Generator().manual_seed(0)))]
     assert len(drawn) == 100 and 35 <= (drawn == 1).sum() <= 65
+
+
+def test_epochs_are_chosen_by_the_metric_as_the_submission_decodes_it(tmp_path):
+    labels = [c for c in ("0", "1", "2") for _ in range(6)]
+    config = tiny(tmp_path, labels=labels, extra=["data.metric=qwk", "data.ordinal=true"])
+    run_training(config, [0], force=False)
+    log = pd.read_csv(config.run_dir / "fold0" / "log.csv")
+    assert "decoded" in log  # QWK after thresholds fitted on the fold: what picks best.pt
+    assert log["decoded"].between(-1, 1).all()
+    from pipeline.train import best_log_row
+
+    assert best_log_row(log, "qwk")["decoded"] == log["decoded"].max()

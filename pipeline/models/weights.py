@@ -27,6 +27,8 @@ class count) the file's head is dropped and the model's fresh head is kept.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -52,14 +54,54 @@ class WeightsMismatchError(PipelineError):
     """A weights file does not fit the model (missing/unexpected keys, wrong shapes)."""
 
 
+class WeightsReadError(PipelineError):
+    """A weights file cannot be read (truncated, corrupt, not a state_dict); names the file."""
+
+
+def load_error_gist(err: Exception) -> str:
+    """'UnpicklingError: Unsupported operand 60': a load error's type and the line that says why.
+
+    torch wraps every weights_only refusal in a long "Weights only load failed" text; its gist is
+    the WeightsUnpickler line ("Unsupported global: GLOBAL x.Y ..." for a pickled object, anything
+    else, e.g. "Unsupported operand 60", for bytes that are no pickle at all).
+    """
+    text = str(err).strip()
+    gist = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    detail = gist.group(1).strip() if gist else (text.splitlines()[0] if text else "")
+    return f"{type(err).__name__}{': ' + detail if detail else ''}"
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """The message for a weights file that does not load: file, size, the reader's own words."""
+    reader = "safetensors" if path.suffix == ".safetensors" else "torch.load"
+    return (f"cannot read weights file {path} ({path.stat().st_size} bytes; {reader}: "
+            f"{load_error_gist(err)}). It is corrupt or "
+            f"incomplete (an interrupted download?) or not a {reader.split('.')[0]} file: "
+            f"download or save it again, or set model.pretrained=false")
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state_dict from .safetensors or a torch file, on the CPU, without unpickling code."""
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFoundError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        return load_file(path, device="cpu")
-    content = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(path, device="cpu")
+        except Exception as err:  # SafetensorError, OSError: a truncated or foreign file
+            raise WeightsReadError(_unreadable(path, err)) from None
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:  # not a pickle at all: corrupt, or an HTML error page saved as .pth
+            raise WeightsReadError(_unreadable(path, err)) from None
+        raise WeightsReadError(
+            f"{path} holds Python objects besides tensors ({found.group(1)}), which "
+            f"weights_only=True refuses to unpickle (they could run code); re-save it as a "
+            f"state_dict (torch.save(model.state_dict(), ...)) or as .safetensors") from None
+    except Exception as err:  # RuntimeError (not a zip archive), EOFError: truncated or corrupt
+        raise WeightsReadError(_unreadable(path, err)) from None
     for key in ("state_dict", "model"):  # training checkpoints wrap the weights
         if isinstance(content, dict) and isinstance(content.get(key), dict):
             content = content[key]
