@@ -46,7 +46,7 @@ COMMON = --data $(DATA) $(if $(FORCE),--force)
 IDENTITY = $(if $(NAME),--name $(NAME)) $(if $(SEEDS),--seeds $(SEEDS))
 OVERRIDES = $(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(TTA),tta.views=$(TTA)) $(ARGS)
 
-.PHONY: help install demo demo-data check folds train predict ensemble refit runs status cache bench test test-all clean
+.PHONY: help install demo demo-data check folds train predict ensemble refit pseudo runs status cache bench test test-all clean
 
 help: ## list the targets and variables
 	@echo "usage: make TARGET [DATA=digits] [MODEL=resnet18] [FOLDS=0,2] [EPOCHS=n] [TTA=d4] [FORCE=1] [ARGS='k=v ...']"
@@ -83,6 +83,9 @@ ensemble: ## average folds and models (MODELS="a b"; PARTIAL=1) -> submissions/D
 refit: ## train MODEL on all labelled rows (GPUS=4), predict the test set -> runs/DATA/MODEL/full/
 	$(RUN_GPUS) refit --model $(MODEL) $(COMMON) $(IDENTITY) $(OVERRIDES)
 
+pseudo: ## pseudo-label the test set with the current ensemble (MODELS=), train MODEL on it too
+	$(RUN) pseudo --model $(MODEL) $(if $(MODELS),--models "$(MODELS)") $(COMMON) $(if $(NAME),--name $(NAME)) $(OVERRIDES)
+
 runs: ## every experiment of DATA: settings, CV, status, submissions -> runs/DATA/leaderboard.*
 	$(RUN) runs --data $(DATA) $(ARGS)
 
@@ -102,4 +105,4 @@ test-all: ## every test, the slow end-to-end ones too
 	$(PYTHON) -m pytest -q -m ''
 
 clean: ## remove generated folds, runs and submissions (not data/)
-	rm -rf runs folds/*.csv folds/*.json submissions/*/
+	rm -rf runs pseudo folds/*.csv folds/*.json submissions/*/

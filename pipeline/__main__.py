@@ -30,6 +30,7 @@ VERBS = {
     "ensemble": ("pipeline.ensemble", "average folds and models, write the submission"),
     "refit": ("pipeline.refit", "train on all labelled rows, predict the test set"),
     "cache": ("pipeline.cache", "decode and resize every image once into the cache"),
+    "pseudo": ("pipeline.pseudo", "pseudo-label the test set with the ensemble, train round two"),
     "runs": ("pipeline.runs", "every experiment of the competition in one table"),
     "status": ("pipeline.runs", "what each stage of one experiment was made from, and if current"),
     "demo": ("pipeline.demo", "the whole chain on the demo competition"),

@@ -200,6 +200,9 @@ class FoldsConfig(_Section):
 
 class ModelConfig(_Section):
     name: str = "resnet18"  # ours: resnet18..152, resnet20..110; timm: timm/<name>
+    # classification: one logit per class; regression: one output, the grade (ordinal
+    # competitions), trained with train.regression_loss and decoded by thresholds
+    head: Literal["classification", "regression"] = "classification"
     pretrained: bool = False
     weights: str | None = None  # path to a .safetensors/.pt/.pth state_dict; overrides weights_dir
     weights_dir: str = "weights"  # pretrained weights found here by name: <name>.safetensors
@@ -267,6 +270,27 @@ class TrainConfig(_Section):
     device: str = "auto"  # auto, cpu, cuda, cuda:1
     seed: int = 42
     max_batches: int | None = None  # debug: stop each epoch after this many batches
+    regression_loss: Literal["mse", "smooth_l1"] = "smooth_l1"  # model.head: regression
+    # Weight EMA (timm ModelEmaV3, with its warm-up): validated, saved in best.pt and predicted
+    # with the averaged weights; the raw ones stay in last.pt for a resume.
+    ema: bool = False
+    ema_decay: float = Field(0.999, gt=0, lt=1)  # per optimiser step, after the warm-up
+    # mixup / cutmix (timm.data.Mixup): alpha of the Beta distribution; 0 is off. Targets become
+    # soft; class weights then weigh each class's share of a soft target (losses.py).
+    mixup: float = Field(0.0, ge=0)
+    cutmix: float = Field(0.0, ge=0)
+    mix_prob: float = Field(1.0, ge=0, le=1)  # share of batches mixed
+    accumulate: int = Field(1, ge=1)  # micro-batches per optimiser step: batch_size * accumulate
+    average_best: int = Field(0, ge=0)  # best.pt = the mean weights of the k best epochs; 0: off
+    # a pseudo-label set of `make pseudo` (pseudo/<competition>/<name>/): its test images join
+    # each fold's training part, never its validation part
+    pseudo: str | None = None
+
+    @model_validator(mode="after")
+    def _mixing_needs_hard_labels(self) -> TrainConfig:
+        if (self.mixup or self.cutmix) and self.loss == "focal":
+            raise ValueError("mixup/cutmix make soft targets; use loss: ce with them")
+        return self
 
 
 class TTAConfig(_Section):
@@ -274,6 +298,13 @@ class TTAConfig(_Section):
     reduce: Literal["mean", "geomean"] = "mean"
     shift: float = 0.1  # shifts: fraction of the image size
     scale: float = 0.1  # scales: +/- this zoom factor
+
+
+class PseudoConfig(_Section):
+    """`make pseudo`: the current ensemble's test predictions as training labels."""
+
+    mode: Literal["hard", "soft"] = "hard"  # hard: confident argmax labels; soft: the distribution
+    threshold: float = Field(0.9, gt=0, le=1)  # hard: keep test images whose top probability >= this
 
 
 class EnsembleConfig(_Section):
@@ -334,10 +365,12 @@ class Config(_Section):
     tta: TTAConfig = TTAConfig()
     predict: PredictConfig = PredictConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
+    pseudo: PseudoConfig = PseudoConfig()
     refit: RefitConfig = RefitConfig()
     cache: CacheConfig = CacheConfig()
     runs_dir: str = "runs"
     submissions_dir: str = "submissions"
+    pseudo_dir: str = "pseudo"  # pseudo-label sets of `make pseudo`, per competition
 
     @property
     def competition_runs(self) -> Path:
@@ -355,6 +388,10 @@ class Config(_Section):
     @property
     def submissions_path(self) -> Path:
         return Path(self.submissions_dir) / self.data.name
+
+    @property
+    def pseudo_path(self) -> Path:
+        return Path(self.pseudo_dir) / self.data.name
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -492,13 +529,13 @@ def build_config(merged: dict[str, Any], sources: list[str] | None = None) -> Co
 # Settings that change how fast, where or how verbosely a stage runs, never what it produces:
 # they are no part of an experiment's name or fingerprints (a resume may change them too).
 NO_RESULT_KEYS = frozenset({
-    "run_name", "runs_dir", "submissions_dir", "folds.dir",
+    "run_name", "runs_dir", "submissions_dir", "pseudo_dir", "folds.dir",
     "train.workers", "train.device", "train.compile", "train.amp", "train.channels_last",
     "cache.enabled", "cache.dir", "cache.format", "predict.batch_size",
 })
 # Sections that a later stage reads, not training: a change redoes that stage only (new TTA views
 # are predicted again, never retrained), so they do not rename the experiment.
-LATER_STAGE_SECTIONS = frozenset({"folds", "tta", "predict", "ensemble", "refit"})
+LATER_STAGE_SECTIONS = frozenset({"folds", "tta", "predict", "ensemble", "refit", "pseudo"})
 # Where a competition's files are and how its test side is submitted. The labelled rows, the fold
 # assignment and the images are fingerprinted themselves, so a moved data folder is not a new
 # experiment while an edited train.csv is a changed input.
@@ -583,6 +620,11 @@ def check_run_name(name: str) -> str:
     return name
 
 
+# Experiment defaults of every `ordinal: true` competition: the best recipe of the ordinal
+# benchmark (bench/recipes.py; the table is in README.md, "Training recipes").
+ORDINAL_DEFAULTS: dict[str, Any] = {}
+
+
 def load_config(data: str = "digits", model: str | None = None,
                 overrides: list[str] | tuple[str, ...] = (), name: str | None = None) -> Config:
     """Read the competition and experiment configs, apply overrides, validate once.
@@ -606,6 +648,10 @@ def load_config(data: str = "digits", model: str | None = None,
     if "data" in experiment:
         raise ConfigError(f"{sources[-1]}: an experiment cannot set data.*; use DATA=<competition>")
 
+    if data_mapping.get("ordinal"):
+        # the recipe measured best on ordinal competitions (bench/recipes.py, README) comes first;
+        # the competition's own defaults and the experiment file still override it
+        competition_defaults = deep_merge(ORDINAL_DEFAULTS, competition_defaults)
     merged = deep_merge(competition_defaults, experiment)
     merged = deep_merge({"run_name": run_name}, merged)
     merged["data"] = data_mapping

@@ -502,7 +502,10 @@ class ImageDataset(Dataset):
         if targets is not None and len(targets) != len(paths):
             raise ValueError(f"{len(paths)} paths but {len(targets)} targets")
         self.paths = list(paths)
-        self.targets = None if targets is None else np.asarray(targets, dtype=np.int64)
+        # class indices (N,), or target distributions (N, C) (soft pseudo-labels)
+        soft = targets is not None and np.ndim(targets) == 2
+        self.targets = None if targets is None else np.asarray(
+            targets, dtype=np.float32 if soft else np.int64)
         self.transform = transform
         self.loader = loader
 
@@ -518,6 +521,8 @@ class ImageDataset(Dataset):
                 reseed(self.transform, seed)
             image = self.transform(image=image)["image"]
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if self.targets is not None and self.targets.ndim == 2:
+            return tensor, torch.from_numpy(self.targets[index])
         target = -1 if self.targets is None else int(self.targets[index])
         return tensor, target
 

@@ -160,6 +160,36 @@ def predict_logits(model: torch.nn.Module, normalizer: Normalizer, loader: DataL
     return torch.cat(outputs, dim=1 if views else 0).cpu().numpy()
 
 
+def output_size(head: str, n_classes: int) -> int:
+    """Model outputs: one logit per class, or one grade for a regression head."""
+    return 1 if head == "regression" else n_classes
+
+
+def grade_to_probs(grades: np.ndarray, n_classes: int) -> np.ndarray:
+    """Grades (..., N) -> (..., N, C): each grade as a two-point distribution between the grades
+    around it (2.3 -> 0.7 on grade 2, 0.3 on grade 3), after clipping to [0, C-1].
+
+    Every later stage reads class columns as probabilities; with this encoding their expected
+    grade sum_c c * p_c is the predicted grade itself, so averaging folds, views and models
+    averages grades, and the ensemble's thresholds cut the averaged grade.
+    """
+    grades = np.clip(np.asarray(grades, dtype=np.float64), 0, n_classes - 1)
+    low = np.minimum(np.floor(grades).astype(np.int64), n_classes - 2)
+    upper_share = grades - low
+    probs = np.zeros((*grades.shape, n_classes))
+    np.put_along_axis(probs, low[..., None], (1 - upper_share)[..., None], axis=-1)
+    np.put_along_axis(probs, (low + 1)[..., None], upper_share[..., None], axis=-1)
+    return probs
+
+
+def outputs_to_probs(outputs: np.ndarray, head: str, n_classes: int) -> np.ndarray:
+    """Model outputs (..., N, K) -> probabilities (..., N, C): softmax, or a regression head's
+    grade as `grade_to_probs` encodes it."""
+    if head == "regression":
+        return grade_to_probs(outputs[..., 0], n_classes)
+    return softmax(outputs)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
@@ -191,7 +221,8 @@ def model_from_checkpoint(path: Path) -> tuple[torch.nn.Module, Config, dict[str
     """Rebuild the model a checkpoint was trained as (its config travels inside it)."""
     checkpoint = load_checkpoint(path)
     config = config_from_dict(checkpoint["config"])
-    model = create_model(config.model.name, len(config.data.classes), pretrained=False,
+    model = create_model(config.model.name, output_size(config.model.head, len(config.data.classes)),
+                         pretrained=False,
                          drop_rate=config.model.drop_rate)
     model.load_state_dict(checkpoint["model"])
     return model, config, checkpoint

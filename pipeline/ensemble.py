@@ -817,9 +817,10 @@ def _details(config: Config, settings: EnsembleConfig, names: list[str], combine
     cv_score = scores["out of fold"]
     rows = [["method", settings.method], ["weights", weights], ["decode", settings.decode],
             [f"CV {metric}, out of fold ({direction} is better)", f"{cv_score:.4f}"]]
-    if abs(scores["in sample"] - cv_score) > 1e-12:
-        rows.append([f"CV {metric}, in sample (fitted on the rows it scores; optimistic)",
-                     f"{scores['in sample']:.4f}"])
+    fitted = abs(scores["in sample"] - cv_score) > 1e-12
+    rows.append([f"CV {metric}, in sample", f"{scores['in sample']:.4f} " + (
+        "(weights/thresholds/cut-off fitted on the rows it scores: optimistic)" if fitted
+        else "(nothing fitted on the OOF rows: the same)")])
     if decoded is not None:
         what = "thresholds" if decoded.kind == "thresholds" else "cut-off"
         rows.append([f"out of fold: argmax vs {what} (nested)",

@@ -75,12 +75,81 @@ class FocalLoss(torch.nn.Module):
         return (per_sample * sample_weight).sum() / sample_weight.sum()
 
 
+class SoftTargetLoss(torch.nn.Module):
+    """Cross-entropy (or focal loss) against soft targets q (B, C), as mixup and cutmix make them.
+
+    loss = sum_i s_i * l_i / sum_i s_i with l_i = -sum_c q_ic (1 - p_ic)**gamma log p_ic and the
+    sample weight s_i = sum_c q_ic w_c: a mixed image weighs its classes' weights in the shares it
+    holds them, so for one-hot q this is the weighted loss of the hard label.
+    """
+
+    def __init__(self, weight: torch.Tensor | None = None, gamma: float = 0.0):
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        log_probs = F.log_softmax(logits.float(), dim=1)
+        focus = (1 - log_probs.exp()).pow(self.gamma) if self.gamma else 1.0
+        per_sample = -(soft * focus * log_probs).sum(dim=1)
+        if self.weight is None:
+            return per_sample.mean()
+        sample_weight = soft @ self.weight
+        return (per_sample * sample_weight).sum() / sample_weight.sum()
+
+
+class GradeLoss(torch.nn.Module):
+    """A regression head's loss on the grade (the class index of an ordinal competition).
+
+    Targets are class indices (B,) or soft targets (B, C) from mixup, whose grade is
+    sum_c c * q_c (the mix of the two grades). Class weights weigh each sample as its grade's
+    class (its soft shares, when mixed).
+    """
+
+    def __init__(self, kind: str, weight: torch.Tensor | None, num_classes: int):
+        super().__init__()
+        self.kind = kind
+        self.register_buffer("weight", weight)
+        self.register_buffer("grades", torch.arange(num_classes, dtype=torch.float32))
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        predicted = outputs.float().reshape(len(outputs))
+        soft = targets.float() if targets.ndim == 2 else F.one_hot(
+            targets, len(self.grades)).float()
+        grade = soft @ self.grades
+        if self.kind == "mse":
+            per_sample = F.mse_loss(predicted, grade, reduction="none")
+        else:
+            per_sample = F.smooth_l1_loss(predicted, grade, reduction="none")
+        if self.weight is None:
+            return per_sample.mean()
+        sample_weight = soft @ self.weight
+        return (per_sample * sample_weight).sum() / sample_weight.sum()
+
+
+class TrainingLoss(torch.nn.Module):
+    """The training loss for class-index targets (B,) and soft targets (B, C) alike."""
+
+    def __init__(self, hard: torch.nn.Module, soft: torch.nn.Module):
+        super().__init__()
+        self.hard, self.soft = hard, soft
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.soft(outputs, targets) if targets.ndim == 2 else self.hard(outputs, targets)
+
+
 def build_loss(kind: str, weights: np.ndarray | None, label_smoothing: float,
-               focal_gamma: float) -> torch.nn.Module:
+               focal_gamma: float, head: str = "classification", regression_loss: str = "smooth_l1",
+               num_classes: int | None = None) -> torch.nn.Module:
     weight = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+    if head == "regression":
+        grade = GradeLoss(regression_loss, weight, num_classes or len(weights))
+        return TrainingLoss(grade, grade)
+    soft = SoftTargetLoss(weight, focal_gamma if kind == "focal" else 0.0)
     if kind == "focal":
-        return FocalLoss(focal_gamma, weight, label_smoothing)
-    return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+        return TrainingLoss(FocalLoss(focal_gamma, weight, label_smoothing), soft)
+    return TrainingLoss(torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing),
+                        soft)
 
 
 def balanced_sampler(targets: Sequence[int], generator: torch.Generator) -> WeightedRandomSampler:
@@ -90,3 +159,17 @@ def balanced_sampler(targets: Sequence[int], generator: torch.Generator) -> Weig
     sample_weights = 1.0 / counts[targets]
     return WeightedRandomSampler(torch.as_tensor(sample_weights, dtype=torch.double),
                                  num_samples=len(targets), replacement=True, generator=generator)
+
+
+def build_mixer(train, num_classes: int):
+    """timm's Mixup for train.mixup / train.cutmix (None when both are 0).
+
+    It mixes a batch with its reverse and returns soft targets (B, C), label smoothing included;
+    TrainingLoss then takes the soft-target branch (SoftTargetLoss, GradeLoss).
+    """
+    if not train.mixup and not train.cutmix:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=train.mixup, cutmix_alpha=train.cutmix, prob=train.mix_prob,
+                 label_smoothing=train.label_smoothing, num_classes=num_classes)

@@ -29,6 +29,7 @@ from pipeline.config import Config, PredictConfig, TTAConfig
 from pipeline.data import ImageDataset, load_test_ids, test_image_paths, train_image_paths
 from pipeline.engine import (
     amp_dtype,
+    grade_to_probs,
     inference_batch_size,
     loader_settings,
     make_loader,
@@ -112,9 +113,12 @@ def tta_views(tta: TTAConfig, image_size: int) -> list[View]:
     return [_identity, _zoom(1 + tta.scale), _zoom(1 - tta.scale)]  # scales
 
 
-def reduce_views(logits: np.ndarray, how: str) -> np.ndarray:
-    """(V, N, C) logits -> (N, C) probabilities: mean of the views' probabilities, or their
-    geometric mean (renormalised)."""
+def reduce_views(logits: np.ndarray, how: str, head: str = "classification",
+                 n_classes: int | None = None) -> np.ndarray:
+    """(V, N, K) outputs -> (N, C) probabilities: mean of the views' probabilities, or their
+    geometric mean (renormalised); a regression head's grades are averaged over the views."""
+    if head == "regression":
+        return grade_to_probs(logits[..., 0].astype(np.float64).mean(axis=0), n_classes)
     probs = softmax(logits.astype(np.float64))
     if how == "geomean":
         log_mean = np.log(np.clip(probs, 1e-12, 1)).mean(axis=0)
@@ -167,12 +171,18 @@ class CheckpointPredictor:
         shard = predict_logits(self.model, self.normalizer, loader, self.device, self.dtype,
                                desc=desc, views=self.views)
         logits = distributed.gather_shards(shard, axis=1)  # (V, N, C)
-        return reduce_views(logits, self.reduce)
+        return reduce_views(logits, self.reduce, self.config.model.head,
+                            len(self.config.data.classes))
 
 
 def probability_frame(ids: Sequence[str], probs: np.ndarray, classes: list[str],
-                      labels: Sequence[str] | None = None) -> pd.DataFrame:
+                      labels: Sequence[str] | None = None, head: str = "classification") -> pd.DataFrame:
+    """id[, label], one probability column per class and, for a regression head, `grade` next to
+    them: the predicted grade, which the class columns encode as a two-point distribution
+    (engine.grade_to_probs), so every later stage reads them as probabilities."""
     frame = pd.DataFrame(probs, columns=classes)
+    if head == "regression":
+        frame["grade"] = probs @ np.arange(len(classes), dtype=np.float64)
     if labels is not None:
         frame.insert(0, "label", list(labels))
     frame.insert(0, "id", list(ids))
@@ -230,10 +240,12 @@ def predict_dir(config: Config, out_dir: Path, test_ids: list[str], test_fingerp
         oof_probs = predictor.predict(valid_paths, f"{tag} oof x{len(predictor.views)}")
     if not distributed.is_main():
         return None  # rank 0 writes
-    write_csv_atomic(probability_frame(test_ids, test_probs, classes), outputs[0])
+    head = predictor.config.model.head
+    write_csv_atomic(probability_frame(test_ids, test_probs, classes, head=head), outputs[0])
     result = {"run": tag, "views": len(predictor.views), "test images": len(test_ids)}
     if valid is not None:
-        write_csv_atomic(probability_frame(valid["id"], oof_probs, classes, valid["label"]), outputs[1])
+        write_csv_atomic(probability_frame(valid["id"], oof_probs, classes, valid["label"], head),
+                         outputs[1])
         plain = read_probs(out_dir / "oof.csv")
         metric = data.metric
         positive = data.positive_index if len(classes) == 2 else 1

@@ -206,6 +206,8 @@ def input_changes(recorded: dict[str, str], now: dict[str, str],
             keys = changed_keys(details_then["settings"], details_now["settings"])
             if keys:
                 what = f"the settings ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+            else:  # equal values, other keys: the pipeline's settings were added or removed
+                what = "the set of settings (this version of the pipeline has other ones)"
         reasons.append(f"{what} changed" if name in recorded and name in now
                        else f"{what} {'not recorded' if name in now else 'no longer used'}")
     return reasons

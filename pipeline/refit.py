@@ -32,7 +32,8 @@ from pipeline.predict import predict_dir, read_probs, read_test_set
 from pipeline.provenance import fingerprint, freshness, manifest_path, refuse_stale, write_manifest
 from pipeline.submission import build_submission, score_against_solution, write_submission
 from pipeline.train import (FoldPath, FoldTrainer, Rows, best_log_row, current_folds, fold_dir,
-                            preflight, stale_remedy, start_experiment, steps_per_epoch,
+                            preflight, pseudo_rows, stale_remedy, start_experiment,
+                            steps_per_epoch,
                             training_inputs)
 from pipeline.utils import PipelineError, format_table
 
@@ -79,7 +80,6 @@ def train_full(config: Config, folds: pd.DataFrame, inputs: dict[str, str],
     if fresh.state == "stale" and not force:
         raise refuse_stale(f"the refit {out_dir}", fresh, stale_remedy(config, "the refit"))
     preflight(config)
-    start_experiment(config)
     if distributed.is_main():
         if force and out_dir.exists():
             shutil.rmtree(out_dir)
@@ -87,7 +87,8 @@ def train_full(config: Config, folds: pd.DataFrame, inputs: dict[str, str],
         save_config(config, out_dir / "config.yaml")
     distributed.barrier()
     trainer = FoldTrainer(config, out_dir, Rows.of(folds), None,
-                          config.train.seed + REFIT_SEED_OFFSET, "full", inputs, path)
+                          config.train.seed + REFIT_SEED_OFFSET, "full", inputs, path,
+                          pseudo=pseudo_rows(config, "full"))
     trainer.setup()
     trainer.fit()
     if distributed.is_main():
@@ -135,6 +136,7 @@ def run_refit(config: Config, force: bool) -> dict:
           f"the folds' learning-rate path to their epoch {path.until:g} of {path.epochs}")
     # No early stopping without a validation set; the schedule walks the folds' (FoldPath).
     refit = refit_config(config, epochs)
+    start_experiment(config)  # the experiment's settings, not the refit's epoch count
     out_dir = train_full(refit, folds, inputs, details, force, path)
     test_ids, test_fingerprint = read_test_set(config.data)
     predict_dir(refit, out_dir, test_ids, test_fingerprint, None, force)

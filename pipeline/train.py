@@ -19,6 +19,7 @@ why the results do not depend on the number of GPUs (train.batch_size is the glo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import sys
@@ -30,13 +31,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from timm.utils import ModelEmaV3
 from torch.utils.data import RandomSampler
 
 from pipeline import distributed, plots
 from pipeline.augment import Normalizer, build_transforms, compute_dataset_stats, resolve_normalization
 from pipeline.cache import image_loader
 from pipeline.config import Config, config_from_dict, save_config, training_settings
-from pipeline.data import ImageDataset, SeededSampler, train_image_paths
+from pipeline.data import ImageDataset, SeededSampler, test_image_paths, train_image_paths
 from pipeline.engine import (
     amp_dtype,
     autocast,
@@ -44,19 +46,22 @@ from pipeline.engine import (
     load_checkpoint,
     loader_settings,
     make_loader,
+    output_size,
+    outputs_to_probs,
     predict_logits,
     progress,
     resolve_device,
     save_checkpoint,
-    softmax,
     unwrap,
 )
 from pipeline.decode import decoded_score, decoder_kind
 from pipeline.folds import read_folds
+from pipeline.predict import probability_frame
+from pipeline.pseudo import pseudo_fingerprint, read_pseudo
 from pipeline.provenance import (Freshness, fingerprint, folds_fingerprint, freshness,
                                  images_fingerprint, input_changes, manifest_path, refuse_stale,
                                  write_manifest)
-from pipeline.losses import balanced_sampler, build_loss, class_weights
+from pipeline.losses import balanced_sampler, build_loss, build_mixer, class_weights
 from pipeline.metrics import higher_is_better, is_better, report_metrics, score
 from pipeline.models import create_model, model_input_config
 from pipeline.models.finetune import freeze_body, param_groups, unfreeze
@@ -152,9 +157,12 @@ class FoldTrainer:
 
     def __init__(self, config: Config, out_dir: Path, train_rows: Rows, valid_rows: Rows | None,
                  seed: int, tag: str, inputs: dict[str, str] | None = None,
-                 path: FoldPath | None = None):
+                 path: FoldPath | None = None,
+                 pseudo: tuple[list[Path], np.ndarray] | None = None):
         self.config, self.out_dir, self.tag, self.seed = config, out_dir, tag, seed
         self.path = path  # the refit: the folds' learning-rate path to walk again
+        # pseudo-labelled test images (paths, target distributions (N, C)): training part only
+        self.pseudo = pseudo
         # The input fingerprints of this training (provenance.py): stored in last.pt, so a resume
         # goes on only from a checkpoint that the same inputs made.
         self.inputs = inputs or {}
@@ -175,7 +183,9 @@ class FoldTrainer:
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % 2**32)
         num_classes = len(data.classes)
-        self.model = create_model(c.model.name, num_classes, pretrained=c.model.pretrained,
+        self.head = c.model.head
+        self.model = create_model(c.model.name, output_size(self.head, num_classes),
+                                  pretrained=c.model.pretrained,
                                   weights=c.model.weights, weights_dir=c.model.weights_dir,
                                   drop_rate=c.model.drop_rate, zero_init_last=c.model.zero_init_last)
         train_paths = train_image_paths(data, self.train_rows.ids)
@@ -183,7 +193,10 @@ class FoldTrainer:
         # cache.enabled: every image decoded and shrunk once now, read back as arrays every epoch
         self.read_image = image_loader(c.cache, c.augment, train_paths + train_image_paths(
             data, valid_ids), desc=f"{self.tag} cache")
-        self.train_set = ImageDataset(train_paths, self.train_rows.targets,
+        train_targets = self.train_rows.targets
+        if self.pseudo is not None:
+            train_paths, train_targets = self._with_pseudo(train_paths, num_classes)
+        self.train_set = ImageDataset(train_paths, train_targets,
                                       build_transforms(c.augment, train=True), self.read_image)
         self.mean, self.std = self._normalization(train_paths)
         on_cuda = self.device.type == "cuda"
@@ -200,7 +213,10 @@ class FoldTrainer:
         self.batch_size = distributed.per_rank_batch(c.train.batch_size)
         self.generator = torch.Generator()
         if c.train.sampler == "balanced":
-            base = balanced_sampler(self.train_rows.targets, self.generator)
+            classes_drawn = np.asarray(train_targets)
+            if classes_drawn.ndim == 2:  # soft pseudo-labels: their most likely class
+                classes_drawn = classes_drawn.argmax(axis=1)
+            base = balanced_sampler(classes_drawn, self.generator)
         else:
             base = RandomSampler(self.train_set, generator=self.generator)
         drop_last = len(self.train_set) > c.train.batch_size  # no size-1 batch for BatchNorm
@@ -219,19 +235,41 @@ class FoldTrainer:
 
         weights = class_weights(self.train_rows.targets, num_classes, c.train.class_weights,
                                 c.train.effective_beta)
-        self.criterion = build_loss(c.train.loss, weights, c.train.label_smoothing,
-                                    c.train.focal_gamma).to(self.device)
+        loss_args = (c.train.loss, weights, c.train.label_smoothing, c.train.focal_gamma,
+                     self.head, c.train.regression_loss, num_classes)
+        self.criterion = build_loss(*loss_args).to(self.device)
         # The same loss on the CPU, for the validation logits (which come back as numpy).
-        self.valid_criterion = build_loss(c.train.loss, weights, c.train.label_smoothing,
-                                          c.train.focal_gamma)
+        self.valid_criterion = build_loss(*loss_args)
+        self.mixer = build_mixer(c.train, num_classes)
         self.optimizer = build_optimizer(c, self.model)
-        steps = len(self.train_loader) if c.train.max_batches is None else min(
+        batches = len(self.train_loader) if c.train.max_batches is None else min(
             len(self.train_loader), c.train.max_batches)
+        # train.accumulate micro-batches per optimiser step (an effective batch of
+        # batch_size * accumulate); the schedule counts optimiser steps
+        steps = max(1, batches // c.train.accumulate)
         self.steps_per_epoch = steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lr_factor(c, steps, self.path))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.forward_model, self.eval_model = self._wrap_model(on_cuda)
+        self.ema = None
+        if c.train.ema:
+            # validated, saved in best.pt and predicted with the averaged weights
+            self.ema = ModelEmaV3(unwrap(self.model), decay=c.train.ema_decay, use_warmup=True)
+            self.eval_model = self.ema.module
+        self.optimizer_steps = 0
+        self.top: list[tuple[float, int]] = []  # (signed score, epoch) of the kept best epochs
+
+    def _with_pseudo(self, train_paths: list[Path], num_classes: int) -> tuple[list, np.ndarray]:
+        """The training part plus the pseudo-labelled test images; every target becomes a
+        distribution (N, C): the labelled rows one-hot (label smoothing applied here, as the
+        soft-target loss does not), the pseudo rows as `make pseudo` wrote them."""
+        paths, soft = self.pseudo
+        smoothing = self.config.train.label_smoothing
+        labelled = np.eye(num_classes, dtype=np.float32)[self.train_rows.targets]
+        labelled = labelled * (1 - smoothing) + smoothing / num_classes
+        print(f"{self.tag}: {len(paths)} pseudo-labelled test images join the training part")
+        return train_paths + list(paths), np.concatenate([labelled, soft.astype(np.float32)])
 
     def _wrap_model(self, on_cuda: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(training forward, validation forward): the model itself, or compiled.
@@ -262,20 +300,28 @@ class FoldTrainer:
 
     # ---- checkpoints ---------------------------------------------------------------------
 
+    def evaluated_weights(self) -> dict[str, torch.Tensor]:
+        """The weights validation saw (the EMA's when train.ema): what best.pt holds."""
+        return (self.ema.module if self.ema is not None else unwrap(self.model)).state_dict()
+
     def _payload(self, epoch: int, **extra: Any) -> dict[str, Any]:
-        return {"model": unwrap(self.model).state_dict(), "config": self.config.to_dict(),
+        return {"model": self.evaluated_weights(), "config": self.config.to_dict(),
                 "epoch": epoch, "classes": list(self.config.data.classes),
                 "normalization": {"mean": list(self.mean), "std": list(self.std)}, **extra}
 
     def save_last(self, epoch: int, best: float | None, best_epoch: int, finished: bool) -> None:
         np_state = np.random.get_state()
-        save_checkpoint(self._payload(
+        payload = self._payload(
             epoch, optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(), best_score=best, best_epoch=best_epoch,
             finished=finished, inputs=self.inputs,
             rng={"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].copy()),
                  "generator": self.generator.get_state()},
-        ), self.out_dir / "last.pt")
+            optimizer_steps=self.optimizer_steps, top=self.top)
+        payload["model"] = unwrap(self.model).state_dict()  # the raw weights: a resume trains on
+        if self.ema is not None:
+            payload["ema"] = self.ema.module.state_dict()
+        save_checkpoint(payload, self.out_dir / "last.pt")
 
     def resume(self) -> tuple[int, float | None, int]:
         """Load last.pt if present: (next epoch, best score, best epoch)."""
@@ -293,6 +339,10 @@ class FoldTrainer:
                                 f"{'; '.join(changed)}. FORCE=1 restarts it, or undo the change "
                                 f"to resume")
         unwrap(self.model).load_state_dict(checkpoint["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(checkpoint["ema"])
+        self.optimizer_steps = int(checkpoint.get("optimizer_steps", 0))
+        self.top = [tuple(item) for item in checkpoint.get("top", [])]
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
@@ -312,14 +362,18 @@ class FoldTrainer:
         torch.manual_seed(seed + distributed.rank())
         self.generator.manual_seed(seed)
         self.sampler.set_epoch(epoch)
+        if self.mixer is not None:
+            np.random.seed(seed % 2**32)  # timm's Mixup draws from numpy's global generator
         running = torch.zeros((), device=self.device)
         seen, start = 0, time.perf_counter()
+        micro_batches = self.steps_per_epoch * c.accumulate  # an incomplete last step is dropped
         bar = progress(self.train_loader, f"{self.tag} epoch {epoch + 1}/{c.epochs}")
         with clean_image_errors():
             for step, (images, targets) in enumerate(bar):
-                if c.max_batches is not None and step >= c.max_batches:
+                if step >= micro_batches:
                     break
-                loss = self.train_step(images, targets)
+                loss = self.train_step(images, targets, first=step % c.accumulate == 0,
+                                       last=(step + 1) % c.accumulate == 0)
                 running += loss.detach() * len(targets)
                 seen += len(targets)
                 if step % 20 == 0:  # the only device sync: the progress bar's numbers
@@ -330,31 +384,78 @@ class FoldTrainer:
         total, count = distributed.all_sum([float(running), seen])  # over every rank's images
         return total / max(count, 1)
 
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, first: bool = True,
+                   last: bool = True) -> torch.Tensor:
+        """One micro-batch; the optimiser steps after the `last` of train.accumulate of them."""
         c = self.config.train
         images = self.normalizer(images.to(self.device, non_blocking=True))
         targets = targets.to(self.device, non_blocking=True)
-        with autocast(self.device, self.dtype):
-            loss = self.criterion(self.forward_model(images).float(), targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        if self.mixer is not None and len(images) % 2 == 0:  # timm mixes a batch with its reverse
+            images, targets = self.mixer(images, targets)  # targets: (B, C) soft
+        if first:
+            self.optimizer.zero_grad(set_to_none=True)
+        # Under DDP the gradients are averaged across ranks only on the step's last micro-batch.
+        sync = contextlib.nullcontext() if last or not hasattr(self.forward_model, "no_sync") \
+            else self.forward_model.no_sync()
+        with sync:
+            with autocast(self.device, self.dtype):
+                loss = self.criterion(self.forward_model(images).float(), targets)
+            self.scaler.scale(loss / c.accumulate).backward()
+        if not last:
+            return loss
         if c.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        self.optimizer_steps += 1
+        if self.ema is not None:
+            self.ema.update(unwrap(self.model), step=self.optimizer_steps)
         return loss
 
     def validate(self) -> tuple[float, np.ndarray]:
         distributed.sync_buffers(self.model)  # under torchrun: rank 0's BN statistics, as saved
         shard = predict_logits(self.eval_model, self.normalizer, self.valid_loader, self.device,
                                self.dtype, desc=f"{self.tag} validate")
-        logits = distributed.gather_shards(shard)  # (N, C) in valid_rows order, on every rank
+        logits = distributed.gather_shards(shard)  # (N, K) in valid_rows order, on every rank
         targets = torch.tensor(self.valid_rows.targets)
         with torch.no_grad():
             loss = float(self.valid_criterion(torch.as_tensor(logits), targets))
-        return loss, softmax(logits)
+        return loss, outputs_to_probs(logits, self.head, len(self.config.data.classes))
+
+    # ---- averaging the best epochs (train.average_best) ----------------------------------
+
+    def keep_top(self, epoch: int, selection: tuple[str, float]) -> None:
+        """Keep the weights of the train.average_best best epochs in top/epoch<e>.pt."""
+        k = self.config.train.average_best
+        if not k or not distributed.is_main():
+            return
+        name, value = selection
+        sign = 1.0 if higher_is_better(name) else -1.0
+        self.top.append((sign * value, epoch))
+        self.top.sort(reverse=True)
+        folder = self.out_dir / "top"
+        if (sign * value, epoch) in self.top[:k]:
+            save_checkpoint({"model": self.evaluated_weights()}, folder / f"epoch{epoch}.pt")
+        for _, dropped in self.top[k:]:
+            (folder / f"epoch{dropped}.pt").unlink(missing_ok=True)
+        self.top = self.top[:k]
+
+    def average_top(self, best_epoch: int) -> None:
+        """best.pt = the mean of the kept epochs' weights (integer buffers from the best one)."""
+        if not self.config.train.average_best or not self.top or not distributed.is_main():
+            return
+        epochs = [epoch for _, epoch in self.top]
+        states = [load_checkpoint(self.out_dir / "top" / f"epoch{e}.pt")["model"] for e in epochs]
+        averaged = {}
+        for key, value in states[0].items():
+            averaged[key] = (torch.stack([s[key].float() for s in states]).mean(0).to(value.dtype)
+                             if value.is_floating_point() else value)
+        payload = self._payload(best_epoch, averaged_epochs=[e + 1 for e in sorted(epochs)])
+        payload["model"] = averaged
+        save_checkpoint(payload, self.out_dir / "best.pt")
+        print(f"{self.tag}: best.pt = the mean weights of epochs {sorted(e + 1 for e in epochs)}")
 
     def selection(self, row: dict[str, Any]) -> tuple[str, float]:
         """(metric, value) that picks the best epoch: the competition metric, or the validation
@@ -401,6 +502,8 @@ class FoldTrainer:
                 if writer:
                     save_checkpoint(self._payload(epoch, score=best, metric=self.metric),
                                     self.out_dir / "best.pt")
+            if "valid_loss" in row:
+                self.keep_top(epoch, self.selection(row))
             stop = (self.valid_loader is not None and c.early_stopping
                     and epoch - best_epoch >= c.early_stopping)
             finished = epoch == c.epochs - 1 or bool(stop)
@@ -415,6 +518,7 @@ class FoldTrainer:
             if stop:
                 print(f"{self.tag}: early stop, no improvement for {c.early_stopping} epochs")
                 break
+        self.average_top(best_epoch)
         return {"best_score": best, "best_epoch": best_epoch + 1, "epochs": len(log),
                 "seconds": round(sum(r["seconds"] for r in log), 1)}
 
@@ -453,6 +557,9 @@ def training_inputs(config: Config, folds: pd.DataFrame) -> tuple[dict[str, str]
     settings = training_settings(config.to_dict())
     inputs = {"folds": folds_fingerprint(folds), "settings": fingerprint(settings),
               "train_images": images_fingerprint(ids, train_image_paths(data, ids))}
+    pseudo = pseudo_fingerprint(config)
+    if pseudo is not None:
+        inputs["pseudo"] = pseudo
     return inputs, {"settings": settings}
 
 
@@ -479,9 +586,7 @@ def write_oof(trainer: FoldTrainer, out_dir: Path) -> pd.DataFrame | None:
         return None
     classes = trainer.config.data.classes
     rows = trainer.valid_rows
-    oof = pd.DataFrame(probs, columns=classes)
-    oof.insert(0, "label", rows.labels)
-    oof.insert(0, "id", rows.ids)
+    oof = probability_frame(rows.ids, probs, classes, rows.labels, trainer.head)
     plots.write_confusion(rows.targets, probs.argmax(1), classes, out_dir)
     plots.write_curves(pd.read_csv(out_dir / "log.csv"), trainer.metric, out_dir / "curves.png")
     write_csv_atomic(oof, out_dir / "oof.csv")
@@ -510,7 +615,7 @@ def train_fold(config: Config, folds: pd.DataFrame, fold: int, inputs: dict[str,
     distributed.barrier()  # under torchrun: no rank looks for last.pt before a FORCE clean-up
     trainer = FoldTrainer(config, out_dir, Rows.of(folds[folds["fold"] != fold]),
                           Rows.of(folds[folds["fold"] == fold]), config.train.seed + fold,
-                          f"fold {fold}", inputs)
+                          f"fold {fold}", inputs, pseudo=pseudo_rows(config, f"fold{fold}"))
     trainer.setup()
     trainer.fit()
     write_oof(trainer, out_dir)
@@ -520,6 +625,14 @@ def train_fold(config: Config, folds: pd.DataFrame, fold: int, inputs: dict[str,
                        {**details, "fold": fold, "train_rows": len(trainer.train_rows.ids),
                         "valid_rows": len(trainer.valid_rows.ids)})
     distributed.barrier()  # every rank reads the fold's files once rank 0 has written them
+
+
+def pseudo_rows(config: Config, part: str) -> tuple[list[Path], np.ndarray] | None:
+    """train.pseudo's test images and targets for `part` (fold<k> or full), or None."""
+    if not config.train.pseudo:
+        return None
+    ids, targets = read_pseudo(config, part)
+    return test_image_paths(config.data, ids), targets
 
 
 def best_log_row(log: pd.DataFrame, metric: str) -> pd.Series:
@@ -622,6 +735,10 @@ def preflight(config: Config) -> None:
                  drop_rate=config.model.drop_rate, zero_init_last=config.model.zero_init_last)
     build_transforms(config.augment, train=True)
     build_transforms(config.augment, train=False)
+    if config.train.pseudo and (config.train.mixup or config.train.cutmix):
+        raise PipelineError("train.pseudo with mixup/cutmix: timm's Mixup mixes class indices, "
+                            "and pseudo-labels are distributions; turn one of them off")
+    pseudo_fingerprint(config)  # a named pseudo-label set must exist
     distributed.per_rank_batch(config.train.batch_size)  # a batch the ranks cannot share: now
 
 

@@ -1,0 +1,156 @@
+"""The winning recipes: a regression head, EMA, mixup/cutmix, accumulation, averaged best epochs,
+pseudo-labels; each on tiny data, each checked for what it must do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import pipeline.train as train_module
+from pipeline.__main__ import main as cli
+from pipeline.config import load_config
+from pipeline.decode import apply_thresholds, expected_grade
+from pipeline.engine import grade_to_probs
+from pipeline.folds import make_folds
+from pipeline.losses import SoftTargetLoss, build_mixer
+from pipeline.train import run_training
+from tests.test_provenance import Competition
+
+GRADES = [c for c in ("0", "1", "2") for _ in range(6)]
+
+
+def ordinal(tmp_path, *extra, name="r"):
+    comp = Competition(tmp_path, labels=GRADES, metric="qwk", ordinal=True)
+    config = comp.config("train.epochs=2", *extra, name=name)
+    make_folds(config)
+    return comp, config
+
+
+def test_a_regression_grade_is_encoded_and_decoded_exactly():
+    grades = np.array([0.0, 0.4, 1.6, 2.2, 3.9, 4.0, 5.3, -1.0])
+    probs = grade_to_probs(grades, 5)
+    np.testing.assert_allclose(probs.sum(axis=1), 1)
+    np.testing.assert_allclose(expected_grade(probs), np.clip(grades, 0, 4))
+    labels = apply_thresholds(expected_grade(probs), np.array([0.5, 1.5, 2.5, 3.5]))
+    assert labels.tolist() == [0, 0, 2, 2, 4, 4, 4, 0]
+
+
+def test_regression_head_writes_grades_and_probabilities(tmp_path):
+    _, config = ordinal(tmp_path, "model.head=regression")
+    run_training(config, [0], force=False)
+    oof = pd.read_csv(config.run_dir / "fold0" / "oof.csv", dtype={"id": str, "label": str})
+    assert list(oof.columns) == ["id", "label", "0", "1", "2", "grade"]
+    np.testing.assert_allclose(oof[["0", "1", "2"]].sum(axis=1), 1, atol=1e-9)
+    np.testing.assert_allclose(expected_grade(oof[["0", "1", "2"]].to_numpy()), oof["grade"])
+    checkpoint = torch.load(config.run_dir / "fold0" / "best.pt", weights_only=True)
+    assert checkpoint["model"]["fc.weight"].shape[0] == 1  # one output: the grade
+
+
+def test_ema_weights_are_the_ones_saved_and_differ_from_the_raw_ones(tmp_path):
+    _, config = ordinal(tmp_path, "train.ema=true", "train.ema_decay=0.9", "train.epochs=1")
+    run_training(config, [0], force=False)
+    fold = config.run_dir / "fold0"
+    best = torch.load(fold / "best.pt", weights_only=True)["model"]
+    last = torch.load(fold / "last.pt", weights_only=True)
+    key = "fc.weight"
+    assert torch.equal(best[key], last["ema"][key])  # best.pt holds the EMA weights
+    assert not torch.equal(best[key], last["model"][key])  # last.pt keeps the raw ones
+
+
+def test_mixup_targets_sum_to_one_and_mix_two_labels():
+    config = load_config("digits", "resnet20", ["train.mixup=1.0"])
+    mixer = build_mixer(config.train, num_classes=10)
+    np.random.seed(0)
+    images = torch.rand(8, 3, 8, 8)
+    targets = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    mixed, soft = mixer(images.clone(), targets)
+    np.testing.assert_allclose(soft.sum(dim=1).numpy(), 1, atol=1e-6)
+    assert ((soft > 0).sum(dim=1) == 2).all()  # image i mixes label i and label 7 - i
+    assert torch.allclose(soft[0, 0] + soft[0, 7], torch.tensor(1.0))
+    assert not torch.equal(mixed, images)
+
+
+def test_soft_targets_of_one_hot_labels_are_the_weighted_cross_entropy():
+    logits = torch.randn(6, 3)
+    targets = torch.tensor([0, 1, 2, 2, 1, 0])
+    weight = torch.tensor([0.5, 1.0, 2.0])
+    expected = torch.nn.functional.cross_entropy(logits, targets, weight=weight)
+    got = SoftTargetLoss(weight)(logits, torch.nn.functional.one_hot(targets, 3).float())
+    torch.testing.assert_close(got, expected)
+
+
+def test_accumulation_and_averaged_best_epochs(tmp_path):
+    _, config = ordinal(tmp_path, "train.accumulate=2", "train.average_best=2", "train.epochs=3")
+    run_training(config, [0], force=False)
+    fold = config.run_dir / "fold0"
+    last = torch.load(fold / "last.pt", weights_only=True)
+    # 9 training images, batch 4: 2 micro-batches (drop_last), 1 optimiser step per epoch
+    assert last["optimizer_steps"] == 3
+    best = torch.load(fold / "best.pt", weights_only=True)
+    assert len(best["averaged_epochs"]) == 2
+
+
+def test_a_killed_run_with_ema_and_mixup_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    recipe = ["train.ema=true", "train.ema_decay=0.9", "train.mixup=0.4", "train.epochs=2"]
+    _, reference = ordinal(tmp_path / "a", *recipe)
+    run_training(reference, [0], force=False)
+    _, resumed = ordinal(tmp_path / "b", *recipe)
+    original = train_module.FoldTrainer.train_epoch
+
+    def die_at_second_epoch(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(train_module.FoldTrainer, "train_epoch", die_at_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(resumed, [0], force=False)
+    monkeypatch.setattr(train_module.FoldTrainer, "train_epoch", original)
+    run_training(resumed, [0], force=False)
+    for name, key in (("last.pt", "model"), ("last.pt", "ema"), ("best.pt", "model")):
+        a = torch.load(reference.run_dir / "fold0" / name, weights_only=True)[key]
+        b = torch.load(resumed.run_dir / "fold0" / name, weights_only=True)[key]
+        for tensor in a:
+            torch.testing.assert_close(a[tensor], b[tensor], rtol=0, atol=0, msg=f"{name} {tensor}")
+
+
+def test_pseudo_labelled_images_never_reach_a_validation_fold(tmp_path, capsys):
+    comp = Competition(tmp_path)
+    pseudo = [f"pseudo_dir={tmp_path / 'pseudo'}"]
+    assert comp("folds") == 0
+    assert comp("train", "--name", "first") == 0 and comp("predict", "--name", "first") == 0
+    capsys.readouterr()
+    assert comp("pseudo", "--name", "first", "pseudo.mode=soft", *pseudo) == 0
+    out = capsys.readouterr().out
+    assert out.count("4 pseudo-labelled test images join the training part") == 2  # each fold
+    second = comp.run_dir("first-pseudo")
+    folds = pd.read_csv(tmp_path / "folds" / "tiny.csv", dtype=str)
+    for k in (0, 1):
+        oof = pd.read_csv(second / f"fold{k}" / "oof.csv", dtype=str)
+        assert oof["id"].tolist() == folds.loc[folds["fold"] == str(k), "id"].tolist()
+        assert not any(i.startswith("t") for i in oof["id"])  # no test image was validated on
+    (pseudo_set,) = list((tmp_path / "pseudo" / "tiny").iterdir())
+    fold0 = pd.read_csv(pseudo_set / "fold0.csv", dtype={"id": str})
+    assert fold0["id"].tolist() == ["t000", "t001", "t002", "t003"]
+    np.testing.assert_allclose(fold0[["cat", "dog", "fox"]].sum(axis=1), 1, atol=1e-6)
+    # fold 0's labels come from fold 0's model alone (it never saw fold 0's labels)
+    fold0_test = pd.read_csv(comp.run_dir("first") / "fold0" / "test_probs.csv", dtype={"id": str})
+    np.testing.assert_allclose(fold0[["cat", "dog", "fox"]].to_numpy(),
+                               fold0_test[["cat", "dog", "fox"]].to_numpy(), atol=1e-6)
+    assert "without pseudo-labels" in out and "with " in out
+
+
+def test_pseudo_set_is_an_input_of_round_two(tmp_path, capsys):
+    comp = Competition(tmp_path)
+    pseudo = [f"pseudo_dir={tmp_path / 'pseudo'}"]
+    assert comp("folds") == 0
+    assert comp("train", "--name", "first") == 0 and comp("predict", "--name", "first") == 0
+    assert comp("pseudo", "--name", "first", *pseudo) == 0
+    second = comp.run_dir("first-pseudo")
+    manifest = (second / "fold0" / "train.manifest.json").read_text()
+    assert '"pseudo"' in manifest
+    assert cli(["train", "--data", comp.data, "--model", "resnet20", "--name", "x", *comp.paths,
+                *pseudo, "folds.n_splits=2", "train.pseudo=nonexistent"]) == 1
+    assert "no pseudo-label set nonexistent" in capsys.readouterr().err
