@@ -73,13 +73,13 @@ def decoder_kind(data, setting: str) -> str:
 
     if setting != "auto":
         return setting
-    if resolved_submission_kind(data) != "label":
-        return "argmax"
     if data.ordinal and data.metric == "qwk":
-        return "thresholds"
-    if len(data.classes) == 2 and data.metric in ("binary_f1", "weighted_f1", "macro_f1"):
-        return "cutoff"
-    return "argmax"
+        kind = "thresholds"
+    elif len(data.classes) == 2 and data.metric in ("binary_f1", "weighted_f1", "macro_f1"):
+        kind = "cutoff"
+    else:
+        return "argmax"
+    return kind if resolved_submission_kind(data) == "label" else "argmax"
 
 
 def decoded_score(kind: str, metric: str, targets: np.ndarray, probs: np.ndarray,
