@@ -2,20 +2,24 @@
 
     python -m pipeline cache --data retina --model resnet18 [--force] [cache.crop_black_border=true]
     make cache MODEL=resnet18 [DATA=retina] [FORCE=1]
+    make cache MODEL=resnet18 DATA=retina ARGS="cache.crop_circle=true cache.ben_graham=true"
 
 Large retina JPEGs (512 px to several thousand) cost milliseconds to decode, every epoch, fold and
 model. The cache does the deterministic part of loading once: decode (JPEGs at 1/2, 1/4 or 1/8
-size when they stay large enough), crop the black frame around a fundus (optional), shrink to
-`cache.size` (default: the model's input size, so the first transform has nothing left to do),
-and stores the result as an uncompressed .npy (or a lossless .png). With `cache.enabled=true`,
-training and prediction build what is missing before they start and then read only the cache.
+size when they stay large enough), crop the black frame around a fundus (optional; or crop to the
+eye's circle), shrink to `cache.size` (default: the model's input size, so the first transform
+has nothing left to do), subtract the local average colour (Ben Graham's fundus preprocessing,
+optional), and stores the result as an uncompressed .npy (or a lossless .png). With
+`cache.enabled=true`, training and prediction build what is missing before they start and then
+read only the cache.
 
 Where: `<cache.dir>/<settings hash>/<xx>/<source hash>.npy`. The folder is named by a hash of
-every setting that changes the stored pixels (size, mode, crop, interpolation, format, and this
-code's version), so a changed setting never reads an old entry; an entry is named by a hash of
-the source file's absolute path, size and modification time, so an edited or replaced image is
-decoded again. Entries are written to a temporary name and renamed into place: an interrupted
-build leaves only complete entries, and the next one starts where it stopped.
+every setting that changes the stored pixels (size, mode, crop, interpolation, format, the
+fundus steps when on, and this code's version), so a changed setting never reads an old entry; an
+entry is named by a hash of the source file's absolute path, size and modification time, so an
+edited or replaced image is decoded again. Entries are written to a temporary name and renamed
+into place: an interrupted build leaves only complete entries, and the next one starts where it
+stopped.
 
 Without the cache the loader runs the same preprocessing on every read, so `cache.enabled` changes
 speed only, never the images the model sees.
@@ -57,6 +61,13 @@ CACHE_VERSION = 1  # bump when this module changes what it stores: old folders a
 BLACK_LEVEL = 16  # 0..255: a pixel whose brightest channel is <= this is frame (JPEG noise ~10)
 CONTENT_FRACTION = 0.05  # a row/column is photo when > 5% of it is brighter (not a stray label)
 STALE_TEMP_SECONDS = 3600  # temporary files this old are left by a killed build, not by a running one
+# Ben Graham's Gaussian: sigma = eye radius / 30 (his `scale/30` with the radius rescaled to
+# `scale` px); about 8.5 px at 512 px, 3.7 px at 224 px. It keeps lesions and vessels (a few px)
+# and removes the slow variation of lighting and pigment across the eye.
+RADIUS_PER_SIGMA = 30
+# ... and grey (128) beyond 90% of that radius, as his code did: there the blur mixes the black
+# frame in and leaves a bright ring inside the rim and a dark one outside it, the same in every eye.
+RIM_FRACTION = 0.9
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,6 +90,43 @@ def crop_black_border(image: np.ndarray) -> np.ndarray:
     return image[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
 
+def mask_circle(image: np.ndarray, radius: float | None = None, fill: int = 0) -> np.ndarray:
+    """`fill` outside a centred circle of `radius` pixels (None: the inscribed circle, half the
+    shorter side). After `crop_black_border` the image is the eye's bounding box, so the inscribed
+    circle is the eye's rim, as in the APTOS 2019 write-ups' `circle_crop`; a disc the camera cut
+    at the top and bottom loses the strips beyond that circle's sides too, as there."""
+    height, width = image.shape[:2]
+    yy, xx = np.ogrid[:height, :width]
+    radius = min(height, width) / 2 if radius is None else radius
+    # pixel centres at +0.5: the mask is symmetric, and a square image keeps its full diameter
+    inside = (yy + 0.5 - height / 2) ** 2 + (xx + 0.5 - width / 2) ** 2 <= radius ** 2  # (H, W)
+    return np.where(inside[..., None], image, np.asarray(fill, image.dtype))
+
+
+def eye_radius(image: np.ndarray) -> float:
+    """The eye's radius in pixels, read off the middle row as Ben Graham did: half the count of
+    its pixels brighter than a tenth of the row's mean (channels summed). An all-black row gives
+    half the shorter side."""
+    row = image[image.shape[0] // 2].astype(np.float32).sum(axis=-1)  # (W,)
+    bright = int(np.count_nonzero(row > row.mean() / 10))
+    return bright / 2 if bright else min(image.shape[:2]) / 2
+
+
+def subtract_local_average(image: np.ndarray, radius: float) -> np.ndarray:
+    """Ben Graham's fundus normalisation (Kaggle Diabetic Retinopathy 2015, first place):
+    clip(4 * image - 4 * GaussianBlur(image, sigma) + 128, 0, 255), sigma = radius / 30 pixels
+    (`Preprocess` then greys the rim, beyond RIM_FRACTION of the radius, as his code did).
+
+    The blur is the local average colour; what is left is local contrast, on a grey of 128, with
+    lighting, camera and pigment differences between eyes gone. Computed in float32 (his uint8
+    `cv2.addWeighted` rounds the blur first, an error the factor 4 turns into up to 2 levels).
+    """
+    sigma = max(radius, 1.0) / RADIUS_PER_SIGMA  # pixels
+    pixels = image.astype(np.float32)
+    blur = cv2.GaussianBlur(pixels, (0, 0), sigma)  # OpenCV's default border (reflect-101)
+    return np.clip(np.rint(4 * pixels - 4 * blur + 128), 0, 255).astype(np.uint8)
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """The deterministic steps from an image file to the array the cache stores (picklable, so it
@@ -88,18 +136,32 @@ class Preprocess:
     mode: str  # resize | keep_aspect | center_crop (see CacheConfig)
     crop_black_border: bool
     interpolation: str  # augment.interpolation: mode "resize" then equals the first transform
+    crop_circle: bool = False  # the eye's bounding box, black outside its inscribed circle
+    ben_graham: bool = False  # subtract the local average colour, at the stored size
 
     def __call__(self, path: Path | str) -> np.ndarray:
         raw = read_image_bytes(path)
         reduction = jpeg_reduction(raw, self.size)
         while True:
             image = decode_image(raw, path, reduction)
-            if self.crop_black_border:
+            if self.crop_black_border or self.crop_circle:
                 image = crop_black_border(image)
             if reduction == 1 or min(image.shape[:2]) >= self.size:
                 break
             reduction //= 2  # the frame was wider than expected: decode at a larger scale
-        return self.shrink(image)
+        return self.finish(image)
+
+    def finish(self, image: np.ndarray) -> np.ndarray:
+        """The steps after decoding and the box crop: circle mask (at the decoded resolution, so
+        the resize smooths its rim), shrink, then Ben Graham's subtraction at the stored size."""
+        if self.crop_circle:
+            image = mask_circle(image)
+        image = self.shrink(image)
+        if self.ben_graham:
+            radius = eye_radius(image)
+            image = subtract_local_average(image, radius)
+            image = mask_circle(image, RIM_FRACTION * radius, fill=128)
+        return image
 
     def shrink(self, image: np.ndarray) -> np.ndarray:
         """Apply `mode` at `size`; an image already small enough keeps its pixels."""
@@ -120,13 +182,23 @@ class Preprocess:
 
     def settings(self, fmt: str) -> dict[str, Any]:
         """Everything that changes the stored pixels: the cache folder is named by its hash."""
-        return {"version": CACHE_VERSION, **asdict(self), "format": fmt,
+        steps = asdict(self)
+        # The fundus steps came later: named only when on, so folders built before them (and
+        # their hashes) stay valid for the settings that made them.
+        for key in ("crop_circle", "ben_graham"):
+            if not steps[key]:
+                del steps[key]
+        if self.ben_graham:
+            steps.update(radius_per_sigma=RADIUS_PER_SIGMA, rim_fraction=RIM_FRACTION)
+        return {"version": CACHE_VERSION, **steps, "format": fmt,
                 "black_level": BLACK_LEVEL, "content_fraction": CONTENT_FRACTION}
 
 
 def preprocess_of(cache: CacheConfig, augment: AugmentConfig) -> Preprocess:
     return Preprocess(size=cache.size or augment.image_size, mode=cache.mode,
-                      crop_black_border=cache.crop_black_border, interpolation=augment.interpolation)
+                      crop_black_border=cache.crop_black_border,
+                      interpolation=augment.interpolation, crop_circle=cache.crop_circle,
+                      ben_graham=cache.ben_graham)
 
 
 def settings_hash(settings: dict[str, Any]) -> str:

@@ -207,7 +207,13 @@ class ModelConfig(_Section):
     weights: str | None = None  # path to a .safetensors/.pt/.pth state_dict; overrides weights_dir
     weights_dir: str = "weights"  # pretrained weights found here by name: <name>.safetensors
     drop_rate: float = Field(0.0, ge=0, lt=1)  # dropout before the classifier
+    # stochastic depth: each residual branch dropped per sample with a rate rising linearly over
+    # the blocks from 0 to this (ours and timm's; identity at eval, no parameters)
+    drop_path_rate: float = Field(0.0, ge=0, lt=1)
     zero_init_last: bool = True  # zero each block's last BN gamma (train from scratch faster)
+    # cifar: our resnet18..152 get a 3x3 stride-1 stem without max-pool (total stride 8, not 32),
+    # for small images (< 64 px); the CIFAR family resnet20..110 always has it; not for timm
+    stem: Literal["imagenet", "cifar"] = "imagenet"
 
 
 Transform = dict[str, dict[str, Any]]  # one albumentations transform: {Name: {arg: value}}
@@ -337,9 +343,9 @@ class RefitConfig(_Section):
 class CacheConfig(_Section):
     """The resized-image cache (pipeline/cache.py): each image decoded and shrunk once.
 
-    `enabled`, `format` and `dir` change only speed and disk use; `size`, `mode` and
-    `crop_black_border` change the images, with or without the cache (the uncached loader runs
-    the same preprocessing on every read).
+    `enabled`, `format` and `dir` change only speed and disk use; `size`, `mode`,
+    `crop_black_border`, `crop_circle` and `ben_graham` change the images, with or without the
+    cache (the uncached loader runs the same preprocessing on every read).
     """
 
     enabled: bool = False  # train/predict read (and first build) the cache; `make cache` builds it
@@ -351,6 +357,16 @@ class CacheConfig(_Section):
     # keep_aspect: shorter side = size; center_crop: the centred square, then size x size
     mode: Literal["resize", "keep_aspect", "center_crop"] = "resize"
     crop_black_border: bool = False  # cut the black frame around a fundus photo before resizing
+    # Fundus photos (the Kaggle retina write-ups). crop_circle: crop to the bright disc's bounding
+    # box (as crop_black_border), then black outside the circle inscribed in that box, before
+    # resizing: every eye becomes the same centred disc, whatever the camera's frame.
+    crop_circle: bool = False
+    # ben_graham (Ben Graham, EyePACS 2015 winner): subtract the local average colour, after the
+    # resize: out = clip(4 * img - 4 * GaussianBlur(img, sigma) + 128, 0, 255), sigma = r / 30
+    # pixels, r = the eye's radius in pixels at the stored size (about size / 2 after a crop; read
+    # off the middle row as he did), and grey 128 beyond 0.9 r, as in his code (the blur of the
+    # black frame leaves a ring at the rim). Lighting and pigment differences go, lesions stay.
+    ben_graham: bool = False
     format: Literal["npy", "png"] = "npy"  # npy: fastest read; png: lossless, 3x smaller, 10x slower
     dir: str = "cache"  # one sub-folder per preprocessing setting, named by its hash
 

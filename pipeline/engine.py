@@ -223,6 +223,7 @@ def model_from_checkpoint(path: Path) -> tuple[torch.nn.Module, Config, dict[str
     config = config_from_dict(checkpoint["config"])
     model = create_model(config.model.name, output_size(config.model.head, len(config.data.classes)),
                          pretrained=False,
-                         drop_rate=config.model.drop_rate)
+                         drop_rate=config.model.drop_rate,
+                         drop_path_rate=config.model.drop_path_rate, stem=config.model.stem)
     model.load_state_dict(checkpoint["model"])
     return model, config, checkpoint

@@ -63,7 +63,7 @@ from pipeline.provenance import (Freshness, fingerprint, folds_fingerprint, fres
                                  write_manifest)
 from pipeline.losses import balanced_sampler, build_loss, build_mixer, class_weights
 from pipeline.metrics import higher_is_better, is_better, report_metrics, score
-from pipeline.models import create_model, model_input_config
+from pipeline.models import create_model, model_input_config, small_input_warning
 from pipeline.models.finetune import freeze_body, param_groups, unfreeze
 from pipeline.utils import (PipelineError, format_table, markdown_table, warn, write_csv_atomic,
                             write_text_atomic)
@@ -187,7 +187,8 @@ class FoldTrainer:
         self.model = create_model(c.model.name, output_size(self.head, num_classes),
                                   pretrained=c.model.pretrained,
                                   weights=c.model.weights, weights_dir=c.model.weights_dir,
-                                  drop_rate=c.model.drop_rate, zero_init_last=c.model.zero_init_last)
+                                  drop_rate=c.model.drop_rate, zero_init_last=c.model.zero_init_last,
+                                  drop_path_rate=c.model.drop_path_rate, stem=c.model.stem)
         train_paths = train_image_paths(data, self.train_rows.ids)
         valid_ids = self.valid_rows.ids if self.valid_rows is not None else []
         # cache.enabled: every image decoded and shrunk once now, read back as arrays every epoch
@@ -730,9 +731,15 @@ def select_folds(config: Config, folds_to_train: list[int] | None) -> tuple[pd.D
 def preflight(config: Config) -> None:
     """Build what training builds first (the model, its weights, the augmentations), so a wrong
     setting fails here, before FORCE=1 deletes anything or a fold starts."""
-    create_model(config.model.name, len(config.data.classes), pretrained=config.model.pretrained,
-                 weights=config.model.weights, weights_dir=config.model.weights_dir,
-                 drop_rate=config.model.drop_rate, zero_init_last=config.model.zero_init_last)
+    create_model(config.model.name, output_size(config.model.head, len(config.data.classes)),
+                 pretrained=config.model.pretrained, weights=config.model.weights,
+                 weights_dir=config.model.weights_dir, drop_rate=config.model.drop_rate,
+                 zero_init_last=config.model.zero_init_last,
+                 drop_path_rate=config.model.drop_path_rate, stem=config.model.stem)
+    small = small_input_warning(config.model.name, config.augment.image_size,
+                                stem=config.model.stem)
+    if small and distributed.is_main():
+        warn(small)
     build_transforms(config.augment, train=True)
     build_transforms(config.augment, train=False)
     if config.train.pseudo and (config.train.mixup or config.train.cutmix):

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pandas as pd
 import yaml
 
 from pipeline.__main__ import main as cli
 from tests.conftest import write_image
-from tests.test_provenance import FAST, Competition
+from tests.test_provenance import Competition
 
 
 def chain(comp: Competition, *args: str) -> None:

@@ -1,6 +1,12 @@
 """Models: our ResNet family (one table of depths) and a factory that also serves timm models."""
 
-from pipeline.models.factory import create_model, is_timm_name, model_input_config, model_names
+from pipeline.models.factory import (
+    create_model,
+    is_timm_name,
+    model_input_config,
+    model_names,
+    small_input_warning,
+)
 from pipeline.models.finetune import (
     body_parameters,
     freeze_body,
@@ -28,5 +34,6 @@ __all__ = [
     "model_input_config",
     "model_names",
     "param_groups",
+    "small_input_warning",
     "unfreeze",
 ]

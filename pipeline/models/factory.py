@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from pipeline.config import ConfigError
-from pipeline.models.resnet import ARCHS, create_resnet
+from pipeline.models.resnet import ARCHS, create_resnet, total_stride
 from pipeline.models.weights import TIMM_PREFIX, load_pretrained
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ def _unknown_name_error(name: str) -> ConfigError:
                        f"model is 'timm/<name>' (e.g. timm/resnet50, timm/convnext_tiny).{hint}")
 
 
-def _create_timm(name: str, num_classes: int, drop_rate: float) -> nn.Module:
+def _create_timm(name: str, num_classes: int, drop_rate: float,
+                 drop_path_rate: float = 0.0) -> nn.Module:
     import timm
 
     timm_name = name[len(TIMM_PREFIX):]
@@ -57,13 +58,16 @@ def _create_timm(name: str, num_classes: int, drop_rate: float) -> nn.Module:
         hint = f" Did you mean {', '.join('timm/' + c for c in close)}?" if close else ""
         raise ConfigError(f"timm has no model {timm_name!r} (see timm.list_models()).{hint}")
     # pretrained=False always: timm would download; our loader reads local files instead.
+    # drop_path_rate is passed only when set: a few timm models take no such argument.
+    extra = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
     return timm.create_model(timm_name, pretrained=False, num_classes=num_classes,
-                             drop_rate=drop_rate)
+                             drop_rate=drop_rate, **extra)
 
 
 def create_model(name: str, num_classes: int, pretrained: bool = False,
                  weights: str | Path | None = None, weights_dir: str | Path = "weights",
-                 drop_rate: float = 0.0, zero_init_last: bool = True) -> nn.Module:
+                 drop_rate: float = 0.0, zero_init_last: bool = True,
+                 drop_path_rate: float = 0.0, stem: str = "imagenet") -> nn.Module:
     """Build model `name` with a `num_classes` head, and load pretrained weights if asked.
 
     Weights load when `pretrained` is true or an explicit `weights` file is given (naming a file
@@ -71,16 +75,71 @@ def create_model(name: str, num_classes: int, pretrained: bool = False,
     else must match (WeightsMismatchError). No weights found: WeightsNotFoundError, at once.
     An unknown name raises ConfigError (a ValueError) listing ours and the `timm/<name>` form.
     `zero_init_last` applies to our ResNets; timm models keep their own init.
+    `drop_path_rate`: stochastic depth, rising linearly over the blocks up to this rate (ours and
+    timm's). `stem="cifar"` gives our resnet18..152 a 3x3 stride-1 stem without max-pool (small
+    images); the CIFAR family always has it, and timm models refuse it.
     """
+    if stem not in ("imagenet", "cifar"):
+        raise ConfigError(f"model.stem must be 'imagenet' or 'cifar', got {stem!r}")
     if is_timm_name(name):
-        model = _create_timm(name, num_classes, drop_rate)
+        if stem != "imagenet":
+            raise ConfigError(f"model.stem: {stem} applies to our ResNets, not to {name}; "
+                              f"remove it or use resnet18..152 (or the CIFAR family resnet20..110)")
+        model = _create_timm(name, num_classes, drop_rate, drop_path_rate)
     elif name in ARCHS:
-        model = create_resnet(name, num_classes, drop_rate=drop_rate, zero_init_last=zero_init_last)
+        model = create_resnet(name, num_classes, drop_rate=drop_rate, zero_init_last=zero_init_last,
+                              drop_path_rate=drop_path_rate, stem=stem)
     else:
         raise _unknown_name_error(name)
     if pretrained or weights is not None:
         logger.info("%s: %s", name, load_pretrained(model, name, weights, weights_dir))
     return model
+
+
+MIN_FEATURE_MAP = 2  # pixels: below 2x2 the last stage's 3x3 convolutions see mostly padding
+CIFAR_FAMILY = "resnet20, resnet32, resnet44, resnet56, resnet110"
+
+
+def _timm_total_stride(name: str) -> int | None:
+    """The total stride of a timm model from its feature_info, built on the meta device (no
+    memory, no weights); None when timm cannot say."""
+    import timm
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name[len(TIMM_PREFIX):], pretrained=False)
+        return int(model.feature_info[-1]["reduction"])
+    except Exception:  # noqa: BLE001 - an unknown name or an exotic model: no warning, not a crash
+        return None
+
+
+def small_input_warning(model_name: str, image_size: int, stem: str = "imagenet") -> str | None:
+    """A message when `model_name` would end at a feature map smaller than 2x2 at `image_size`
+    pixels (the ImageNet stem's total stride is 32: 1x1 at 32 px), else None.
+
+    ImageNet-stem ResNets (ours and timm's) at 32 px end stage 4 at a single pixel per channel,
+    whose 3x3 convolutions then see only zero padding around it; the CIFAR family (stride 4) and
+    `model.stem: cifar` (stride 8) keep spatial maps there. timm models are judged by the
+    reduction of their last feature_info entry.
+    """
+    if is_timm_name(model_name):
+        if stem != "imagenet":
+            return None  # create_model refuses the combination with its own message
+        stride = _timm_total_stride(model_name)
+    elif model_name in ARCHS:
+        stride = total_stride(model_name, stem)
+    else:
+        return None  # an unknown name is create_model's error, not a warning
+    if stride is None or image_size >= MIN_FEATURE_MAP * stride:
+        return None
+    side = f"{image_size / stride:.2g}"
+    return (f"{model_name} shrinks its input {stride}x: at {image_size} px its last feature map is "
+            f"{side}x{side} (under {MIN_FEATURE_MAP}x{MIN_FEATURE_MAP}), where the 3x3 "
+            f"convolutions of its last stage see mostly zero padding. For small images use the "
+            f"CIFAR family ({CIFAR_FAMILY}: stride 4), or `model.stem: cifar` for our "
+            f"resnet18..152 (a 3x3 stride-1 stem, no max-pool: stride 8), or "
+            f"augment.image_size >= {MIN_FEATURE_MAP * stride}.")
 
 
 def model_input_config(model: nn.Module) -> dict[str, Any]:

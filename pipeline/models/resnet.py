@@ -9,6 +9,15 @@ state_dicts load 1:1 into the ImageNet family. The CIFAR family follows He et al
 a 3x3 stem of 16 channels, no max-pool, three stages of 16/32/64 channels with n=(depth-2)/6
 BasicBlocks each; where the shape changes it uses a 1x1 conv + BN projection (the paper's option B,
 not the zero-padding option A), so its parameter counts are slightly above the paper's table.
+
+Stochastic depth (`drop_path_rate`, Huang et al. 2016) as timm's ResNet does it: each block's
+residual branch goes through timm's `DropPath`, its rate rising linearly from 0 at the first block
+to `drop_path_rate` at the last; at eval it is the identity. DropPath has no parameters, so the
+state_dict keys (and pretrained weights) are the same with and without it.
+
+`stem="cifar"` gives the ImageNet family (resnet18..152) the CIFAR stem for small images: a 3x3
+stride-1 conv without max-pool, total stride 8 instead of 32 (at 32 px the last maps are 4x4, not
+1x1). Key names stay (`conv1.weight` is then 3x3), so ImageNet weights no longer fit the stem.
 """
 
 from __future__ import annotations
@@ -36,13 +45,23 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
+def drop_path_module(rate: float) -> nn.Module:
+    """timm's DropPath for rate > 0 (imported only then: timm costs seconds to import), else the
+    identity; neither has parameters or buffers."""
+    if rate <= 0:
+        return nn.Identity()
+    from timm.layers import DropPath
+
+    return DropPath(rate)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs and a residual; ResNet-18/34 and the CIFAR ResNets."""
 
     expansion = 1  # output channels = planes * expansion
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None) -> None:
+                 downsample: nn.Module | None = None, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -50,6 +69,7 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
+        self.drop_path = drop_path_module(drop_path_rate)  # on the residual branch only
 
     def zero_init_last(self) -> None:
         # With gamma=0 the block starts as the identity, which makes deep nets train faster early
@@ -60,7 +80,7 @@ class BasicBlock(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.bn2(self.conv2(x))
-        return self.relu(x + shortcut)
+        return self.relu(self.drop_path(x) + shortcut)
 
 
 class Bottleneck(nn.Module):
@@ -72,7 +92,7 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None) -> None:
+                 downsample: nn.Module | None = None, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         self.conv1 = conv1x1(inplanes, planes)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -82,6 +102,7 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.drop_path = drop_path_module(drop_path_rate)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
@@ -91,7 +112,7 @@ class Bottleneck(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
         x = self.bn3(self.conv3(x))
-        return self.relu(x + shortcut)
+        return self.relu(self.drop_path(x) + shortcut)
 
 
 Block = type[BasicBlock] | type[Bottleneck]
@@ -135,13 +156,15 @@ class ResNet(nn.Module):
     """A ResNet built from a block type, blocks per stage and a family (stem + widths).
 
     forward(x) = forward_head(forward_features(x)); x is (B, 3, H, W) normalised RGB, the
-    features are (B, num_features, H/32, W/32) for the ImageNet stem and (B, 64, H/4, W/4) for
-    the CIFAR stem, the logits (B, num_classes).
+    features are (B, num_features, H/32, W/32) for the ImageNet family, (B, num_features, H/8, W/8)
+    for it with stem="cifar" and (B, 64, H/4, W/4) for the CIFAR family, the logits
+    (B, num_classes).
     """
 
     def __init__(self, block: Block, layers: tuple[int, ...], family: Family = IMAGENET,
                  num_classes: int = 1000, drop_rate: float = 0.0,
-                 zero_init_last: bool = True) -> None:
+                 zero_init_last: bool = True, drop_path_rate: float = 0.0,
+                 stem: str | None = None) -> None:
         super().__init__()
         if block not in (BasicBlock, Bottleneck):
             raise ValueError(f"block must be BasicBlock or Bottleneck, got {block!r}")
@@ -152,14 +175,23 @@ class ResNet(nn.Module):
             raise ValueError(f"num_classes must be >= 0 (0: no classifier), got {num_classes}")
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
 
         self.drop_rate = drop_rate
         self.pretrained_cfg = family.pretrained_cfg()  # a copy per model: mean/std/input size
         self.inplanes = family.widths[0]
-        self._make_stem(family.stem)
+        self.stem = stem or family.stem
+        self._make_stem(self.stem)
+        # Stochastic depth rises linearly over the blocks of the whole net, from 0 at the first to
+        # drop_path_rate at the last (timm's resnet.py, "linear decay rule" of Huang et al. 2016).
+        total = sum(layers)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         for index, (planes, blocks) in enumerate(zip(family.widths, layers)):
             stride = 1 if index == 0 else 2
-            self.add_module(f"layer{index + 1}", self._make_layer(block, planes, blocks, stride))
+            first = sum(layers[:index])
+            self.add_module(f"layer{index + 1}", self._make_layer(
+                block, planes, blocks, stride, rates[first:first + blocks]))
         self.num_features = self.inplanes
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.fc = self._new_classifier(num_classes)
@@ -171,7 +203,7 @@ class ResNet(nn.Module):
             self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
             self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         elif stem == "cifar":
-            # Small images keep their resolution: total stride 4 instead of 32.
+            # Small images keep their resolution: the stem's stride is 1 instead of 4.
             self.conv1 = conv3x3(3, width)
             self.maxpool = nn.Identity()
         else:
@@ -179,7 +211,8 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
 
-    def _make_layer(self, block: Block, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    def _make_layer(self, block: Block, planes: int, blocks: int, stride: int,
+                    drop_path_rates: list[float]) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             # Projection shortcut only where the shape changes (torchvision; the paper's option B).
@@ -187,9 +220,10 @@ class ResNet(nn.Module):
                 conv1x1(self.inplanes, planes * block.expansion, stride),
                 nn.BatchNorm2d(planes * block.expansion),
             )
-        layers = [block(self.inplanes, planes, stride, downsample)]
+        layers = [block(self.inplanes, planes, stride, downsample, drop_path_rates[0])]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, drop_path_rate=drop_path_rates[i])
+                   for i in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def _new_classifier(self, num_classes: int) -> nn.Module:
@@ -240,10 +274,28 @@ class ResNet(nn.Module):
 
 
 def create_resnet(name: str, num_classes: int = 1000, drop_rate: float = 0.0,
-                  zero_init_last: bool = True) -> ResNet:
-    """Build one variant of the table by name, e.g. `create_resnet("resnet50", 5)`."""
+                  zero_init_last: bool = True, drop_path_rate: float = 0.0,
+                  stem: str | None = None) -> ResNet:
+    """Build one variant of the table by name, e.g. `create_resnet("resnet50", 5)`.
+
+    `stem`: None or "imagenet" keeps the family's own stem (the CIFAR family always has its
+    3x3 one); "cifar" gives resnet18..152 the 3x3 stride-1 stem without max-pool.
+    """
     if name not in ARCHS:
         raise ValueError(f"unknown ResNet {name!r}; valid names: {', '.join(ARCHS)}")
     block, layers, family = ARCHS[name]
+    if stem not in (None, "imagenet", "cifar"):
+        raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
     return ResNet(block, layers, family, num_classes=num_classes, drop_rate=drop_rate,
-                  zero_init_last=zero_init_last)
+                  zero_init_last=zero_init_last, drop_path_rate=drop_path_rate,
+                  stem="cifar" if stem == "cifar" else family.stem)
+
+
+def total_stride(name: str, stem: str | None = None) -> int:
+    """How many times variant `name` shrinks its input, as `create_resnet(name, stem=stem)` builds
+    it: 32 (ImageNet stem: 2 in the conv, 2 in the max-pool, 2 in each of stages 2..4), 8
+    (resnet18..152 with the CIFAR stem), 4 (the CIFAR family: stride-1 stem, stages 2..3)."""
+    _, layers, family = ARCHS[name]
+    stages = 2 ** (len(layers) - 1)  # every stage after the first halves the resolution
+    imagenet_stem = family.stem == "imagenet" and stem != "cifar"
+    return stages * (4 if imagenet_stem else 1)
