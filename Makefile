@@ -46,7 +46,7 @@ COMMON = --data $(DATA) $(if $(FORCE),--force)
 IDENTITY = $(if $(NAME),--name $(NAME)) $(if $(SEEDS),--seeds $(SEEDS))
 OVERRIDES = $(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(TTA),tta.views=$(TTA)) $(ARGS)
 
-.PHONY: help install demo demo-data check folds train predict ensemble refit pseudo runs status cache bench test test-all clean
+.PHONY: help install demo demo-data check folds train predict ensemble refit pseudo runs status bundle cache bench test test-all clean
 
 help: ## list the targets and variables
 	@echo "usage: make TARGET [DATA=digits] [MODEL=resnet18] [FOLDS=0,2] [EPOCHS=n] [TTA=d4] [FORCE=1] [ARGS='k=v ...']"
@@ -92,6 +92,9 @@ runs: ## every experiment of DATA: settings, CV, status, submissions -> runs/DAT
 status: ## what each stage of MODEL was made from (fingerprints) and whether it is current
 	$(RUN) status --data $(DATA) --model $(MODEL) $(if $(NAME),--name $(NAME)) $(ARGS)
 
+bundle: ## pack the newest current submission (NAME=<submission>; MODELS=) -> bundles/DATA/<name>.zip
+	$(RUN) bundle --data $(DATA) $(if $(MODELS),--models "$(MODELS)") $(if $(NAME),--name $(NAME)) $(ARGS)
+
 cache: ## decode and resize every image once (make cache MODEL=m)
 	$(RUN) cache --model $(MODEL) $(COMMON) $(ARGS)
 
@@ -104,5 +107,5 @@ test: ## the fast test suite
 test-all: ## every test, the slow end-to-end ones too
 	$(PYTHON) -m pytest -q -m ''
 
-clean: ## remove generated folds, runs and submissions (not data/)
-	rm -rf runs pseudo folds/*.csv folds/*.json submissions/*/
+clean: ## remove generated folds, runs, submissions and bundles (not data/)
+	rm -rf runs pseudo folds/*.csv folds/*.json submissions/*/ bundles

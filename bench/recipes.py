@@ -37,13 +37,13 @@ from pipeline.metrics import score, score_labels
 
 # recipe -> overrides; the baseline is the pipeline's plain classifier decoded by argmax
 RECIPES = {
-    "baseline (CE)": [],
+    "baseline (CE)": [],  # the baseline: argmax; every recipe: thresholds fitted out of fold
     "sqrt_inverse class weights": ["train.class_weights=sqrt_inverse"],
     "regression head": ["model.head=regression"],
     "EMA": ["train.ema=true", "train.ema_decay=0.99"],
     "mixup 0.4": ["train.mixup=0.4"],
     "regression + EMA": ["model.head=regression", "train.ema=true", "train.ema_decay=0.99"],
-    "regression + EMA + mixup": ["model.head=regression", "train.ema=true",
+    "together: regression + EMA + mixup": ["model.head=regression", "train.ema=true",
                                  "train.ema_decay=0.99", "train.mixup=0.4"],
 }
 DIGITS_RECIPES = ["baseline (CE)", "EMA", "mixup 0.4"]
@@ -149,13 +149,15 @@ def main(argv=None) -> None:
     parser.add_argument("--only", default="ordinal,digits")
     parser.add_argument("--recipes", default=None, help="comma-separated names of RECIPES")
     args = parser.parse_args(argv)
-    about = machine(torch.device("cpu"))
-    started = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",")]
     recipes = None if args.recipes is None else [r.strip() for r in args.recipes.split(",")]
-    tables = run(args.quick, seeds, [n.strip() for n in args.only.split(",")], recipes)
-    record(tables, f"python -m bench.recipes{' --quick' if args.quick else ''} "
-                   f"({(time.perf_counter() - started) / 60:.1f} min)", about)
+    for name in [n.strip() for n in args.only.split(",")]:  # each recorded as soon as it is done
+        about = machine(torch.device("cpu"))
+        started = time.perf_counter()
+        tables = run(args.quick, seeds, [name], recipes)
+        record(tables, f"python -m bench.recipes --only {name} --seeds {args.seeds}"
+                       f"{' --quick' if args.quick else ''} "
+                       f"({(time.perf_counter() - started) / 60:.1f} min)", about)
 
 
 if __name__ == "__main__":

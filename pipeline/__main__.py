@@ -5,6 +5,7 @@
     python -m pipeline train --data digits --model resnet18 --folds 0,2 train.epochs=3
     python -m pipeline train --model resnet20 --parallel folds --gpus 0,1   # a fold per GPU
     python -m torch.distributed.run --standalone --nproc_per_node=4 -m pipeline train --model resnet18
+    python -m pipeline infer --bundle B.zip --images test/ --ids test.csv --out submission.csv
 
 Each verb is one module of this package, imported only when used. Errors the user can fix
 (bad config, bad data, missing inputs) print one clear message and exit with status 1.
@@ -33,6 +34,8 @@ VERBS = {
     "pseudo": ("pipeline.pseudo", "pseudo-label the test set with the ensemble, train round two"),
     "runs": ("pipeline.runs", "every experiment of the competition in one table"),
     "status": ("pipeline.runs", "what each stage of one experiment was made from, and if current"),
+    "bundle": ("pipeline.bundle", "pack a submission's ensemble for offline inference"),
+    "infer": ("pipeline.infer", "run an offline bundle on test images, write the submission"),
     "demo": ("pipeline.demo", "the whole chain on the demo competition"),
 }
 
@@ -61,11 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", default=None,
                          help="experiment: a name in configs/ (resnet18), a model name, or a YAML path")
         sub.add_argument("--models", default=None,
-                         help="ensemble: space- or comma-separated runs (default: every trained one)")
+                         help="ensemble: space- or comma-separated runs (default: every trained "
+                              "one); bundle: the newest submission of exactly these")
         sub.add_argument("--folds", type=_fold_list, default=None, help="only these folds, e.g. 0,2")
         sub.add_argument("--name", default=None,
                          help="the experiment's name (default: the experiment file's, with a "
-                              "suffix for result-changing overrides)")
+                              "suffix for result-changing overrides); bundle: the submission's")
         sub.add_argument("--seeds", type=_seed_list, default=None,
                          help="train/predict/refit: one run per seed, named <experiment>-seed<s>")
         sub.add_argument("--partial", action="store_true",
@@ -79,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--gpus", default=None,
                          help="with --parallel folds: a count (4) or GPU ids (0,1,2,3); without "
                               "GPUs, the number of processes")
+        sub.add_argument("--bundle", default=None,
+                         help="infer: the bundle's zip, or the folder it was unpacked into")
+        sub.add_argument("--images", default=None, help="infer: the test image folder")
+        sub.add_argument("--ids", default=None,
+                         help="infer: a CSV of the test ids (test.csv or the sample submission)")
+        sub.add_argument("--out", default=None, help="infer: the submission CSV to write")
+        sub.add_argument("--time-limit", type=float, default=None,
+                         help="infer: seconds; fall back to fewer TTA views to fit")
         sub.add_argument("overrides", nargs="*", metavar="key=value",
                          help="config overrides, e.g. train.epochs=3 augment.image_size=64")
     return parser

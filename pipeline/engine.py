@@ -139,25 +139,34 @@ def predict_logits(model: torch.nn.Module, normalizer: Normalizer, loader: DataL
         for images, _ in progress(loader, desc):
             images = images.to(device, non_blocking=True)
             if views:
-                # (V*B, C, H, W): the views stacked on the batch dimension, one forward pass (GPU).
-                # Views see pixel values (0..255), so shifts and zooms fill the border with black,
-                # as the training augmentation does; the normaliser then restores channels_last,
-                # which rot90 loses.
-                pixels = images.float()
-                per_pass = views_per_pass(device, len(views))
-                logits = []
-                for first in range(0, len(views), per_pass):
-                    chosen = views[first:first + per_pass]
-                    stacked = normalizer(torch.cat([view(pixels) for view in chosen]))
-                    with autocast(device, dtype):
-                        logits.append(model(stacked).float())
-                outputs.append(torch.cat(logits).view(len(views), images.shape[0], -1))
+                outputs.append(view_logits(model, normalizer, images, device, dtype, views))
             else:
                 with autocast(device, dtype):
                     outputs.append(model(normalizer(images)).float())
     if not outputs:  # an empty shard: more processes than images (see distributed.gather_shards)
         return np.zeros((len(views), 0, 0) if views else (0, 0), dtype=np.float32)
     return torch.cat(outputs, dim=1 if views else 0).cpu().numpy()
+
+
+@torch.no_grad()
+def view_logits(model: torch.nn.Module, normalizer: Normalizer, images: torch.Tensor,
+                device: torch.device, dtype: torch.dtype | None, views: Sequence) -> torch.Tensor:
+    """Logits (V, B, K) of one batch of uint8 images (B, 3, H, W) on `device`, one row per view.
+
+    (V*B, C, H, W): the views stacked on the batch dimension, one forward pass on a GPU, one view
+    per pass on a CPU (`views_per_pass`). Views see pixel values (0..255), so shifts and zooms
+    fill the border with black, as the training augmentation does; the normaliser then restores
+    channels_last, which rot90 loses.
+    """
+    pixels = images.float()
+    per_pass = views_per_pass(device, len(views))
+    logits = []
+    for first in range(0, len(views), per_pass):
+        chosen = views[first:first + per_pass]
+        stacked = normalizer(torch.cat([view(pixels) for view in chosen]))
+        with autocast(device, dtype):
+            logits.append(model(stacked).float())
+    return torch.cat(logits).view(len(views), images.shape[0], -1)
 
 
 def output_size(head: str, n_classes: int) -> int:
@@ -221,9 +230,14 @@ def model_from_checkpoint(path: Path) -> tuple[torch.nn.Module, Config, dict[str
     """Rebuild the model a checkpoint was trained as (its config travels inside it)."""
     checkpoint = load_checkpoint(path)
     config = config_from_dict(checkpoint["config"])
-    model = create_model(config.model.name, output_size(config.model.head, len(config.data.classes)),
-                         pretrained=False,
-                         drop_rate=config.model.drop_rate,
-                         drop_path_rate=config.model.drop_path_rate, stem=config.model.stem)
+    model = model_from_config(config)
     model.load_state_dict(checkpoint["model"])
     return model, config, checkpoint
+
+
+def model_from_config(config: Config) -> torch.nn.Module:
+    """The model `config` trains, without pretrained weights (never a download): the caller
+    loads a checkpoint's (best.pt, or an offline bundle's safetensors)."""
+    return create_model(config.model.name, output_size(config.model.head, len(config.data.classes)),
+                        pretrained=False, drop_rate=config.model.drop_rate,
+                        drop_path_rate=config.model.drop_path_rate, stem=config.model.stem)

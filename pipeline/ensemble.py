@@ -41,7 +41,7 @@ from scipy.stats import rankdata, trim_mean
 
 from pipeline.decode import (Decoded, decode_cutoff, decode_thresholds, decoder_kind,
                              nested)
-from pipeline.config import Config, EnsembleConfig, config_from_dict, training_settings
+from pipeline.config import Config, EnsembleConfig, TTAConfig, config_from_dict, training_settings
 from pipeline.folds import read_folds
 from pipeline.provenance import (Freshness, fingerprint, freshness, manifest_path, read_manifest,
                                  write_manifest)
@@ -152,7 +152,7 @@ def check_member(name: str, config: Config, folds: pd.DataFrame, test_fingerprin
                  refit_weight: float | None) -> MemberCheck:
     """Whether experiment `name` can join the ensemble: every fold of the fold file trained and
     predicted under the inputs of now, and its refit (if used) trained under its settings."""
-    from pipeline.predict import predict_inputs
+    from pipeline.predict import prediction_freshness
     from pipeline.refit import refit_inputs
     from pipeline.train import train_freshness, training_inputs
 
@@ -174,8 +174,8 @@ def check_member(name: str, config: Config, folds: pd.DataFrame, test_fingerprin
                             f"FORCE=1` retrains it")
             continue
         fold_dir = run_dir / f"fold{k}"
-        predicted = freshness(manifest_path(fold_dir, "predict"), predict_inputs(
-            member, fold_dir, test_fingerprint, folds[folds["fold"] == k]))
+        predicted = prediction_freshness(member, fold_dir, test_fingerprint,
+                                         folds[folds["fold"] == k])
         if not predicted.current:
             problems.append(f"fold {k}'s predictions are {predicted.state} ({predicted.why()}): "
                             f"run `make predict MODEL={name}`")
@@ -191,12 +191,26 @@ def check_member(name: str, config: Config, folds: pd.DataFrame, test_fingerprin
                             f"ARGS=ensemble.refit_weight=0")
         else:
             refit = True
+    views = {json.dumps(tta.model_dump(), sort_keys=True) for tta in member_ttas(
+        run_dir, usable, refit).values()}
+    if len(views) > 1:
+        problems.append(f"its folds were predicted with different TTA settings ({sorted(views)}): "
+                        f"`make predict MODEL={name} TTA=<views>` predicts them all alike")
     return MemberCheck(name, member, usable, missing, refit, problems)
+
+
+def member_ttas(run_dir: Path, folds: list[int], refit: bool) -> dict[str, TTAConfig]:
+    """The TTA settings each used part (fold<k>, full) of an experiment was predicted with."""
+    from pipeline.predict import recorded_tta
+
+    parts = [f"fold{k}" for k in folds] + (["full"] if refit else [])
+    found = {part: recorded_tta(Path(run_dir) / part) for part in parts}
+    return {part: tta for part, tta in found.items() if tta is not None}
 
 
 def _refit_problem(member: Config, folds: pd.DataFrame, full: Path, test_fingerprint: str,
                    refit_inputs) -> str | None:
-    from pipeline.predict import predict_inputs
+    from pipeline.predict import prediction_freshness
 
     try:
         inputs, details, *_ = refit_inputs(member, folds)
@@ -205,8 +219,7 @@ def _refit_problem(member: Config, folds: pd.DataFrame, full: Path, test_fingerp
     trained = freshness(manifest_path(full, "train"), inputs, details)
     if not trained.current:
         return f"its refit is stale ({trained.why()}): `make refit MODEL={member.run_name} FORCE=1`"
-    predicted = freshness(manifest_path(full, "predict"),
-                          predict_inputs(member, full, test_fingerprint, None))
+    predicted = prediction_freshness(member, full, test_fingerprint, None)
     if not predicted.current:
         return (f"its refit's predictions are {predicted.state} ({predicted.why()}): "
                 f"`make refit MODEL={member.run_name}`")
@@ -754,6 +767,9 @@ def recipe(config: Config, checks: list[MemberCheck], members: list[Member],
         "groups": [m.name.split(" + ") for m in members],
         "folds": {c.name: c.folds for c in checks},
         "refit_weights": refit_weights,
+        # the TTA each experiment's predictions were made with (chosen at predict time)
+        "tta": {c.name: next(iter(member_ttas(c.config.run_dir, c.folds, c.refit).values()),
+                             c.config.tta).model_dump() for c in checks},
         "refit": [m.name for m in members if m.refit],
         "method": settings.method,
         "weights": None if combined.weights is None else combined.weights.tolist(),

@@ -40,8 +40,9 @@ from pipeline.engine import (
 )
 from pipeline.folds import read_folds
 from pipeline.metrics import score
-from pipeline.provenance import (file_digest, fingerprint, freshness, images_fingerprint,
-                                 manifest_path, write_manifest)
+from pipeline.provenance import (Freshness, file_digest, fingerprint, freshness,
+                                 images_fingerprint, manifest_path, read_manifest,
+                                 write_manifest)
 from pipeline.utils import PipelineError, format_table, write_csv_atomic
 
 View = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) -> (B, C, H, W)
@@ -133,9 +134,12 @@ def reduce_views(logits: np.ndarray, how: str, head: str = "classification",
 class CheckpointPredictor:
     """A trained checkpoint ready to predict images with TTA."""
 
-    def __init__(self, checkpoint: Path, tta: TTAConfig, device_name: str = "auto",
-                 workers: int | None = None, predict: PredictConfig | None = None):
-        self.model, self.config, payload = model_from_checkpoint(checkpoint)
+    def __init__(self, checkpoint: Path | None, tta: TTAConfig, device_name: str = "auto",
+                 workers: int | None = None, predict: PredictConfig | None = None,
+                 loaded: tuple[torch.nn.Module, Config, dict] | None = None):
+        # `loaded`: (model with its weights, config, {"normalization": ...}) built elsewhere (the
+        # offline bundle's safetensors, pipeline/infer.py) instead of read from `checkpoint`
+        self.model, self.config, payload = loaded or model_from_checkpoint(checkpoint)
         # One process: device_name. Under torchrun: cuda:LOCAL_RANK (or the CPU).
         self.device = distributed.local_device(resolve_device(device_name))
         self.dtype = amp_dtype(self.device, self.config.train.amp)
@@ -208,6 +212,25 @@ def predict_inputs(config: Config, out_dir: Path, test_fingerprint: str,
     if valid is not None:
         inputs["folds"] = fingerprint(valid[["id", "label"]].astype(str).to_numpy().tolist())
     return inputs
+
+
+def recorded_tta(out_dir: Path) -> TTAConfig | None:
+    """The TTA settings a folder's predictions were made with (from its predict manifest)."""
+    manifest = read_manifest(manifest_path(out_dir, "predict"))
+    if manifest is None or "tta" not in manifest.details:
+        return None
+    return TTAConfig(**manifest.details["tta"])
+
+
+def prediction_freshness(config: Config, out_dir: Path, test_fingerprint: str,
+                         valid: pd.DataFrame | None) -> Freshness:
+    """Whether out_dir's predictions are current, under the TTA they were made with: TTA is
+    chosen at predict time (`make predict TTA=d4`), so a later stage takes the views as made
+    and checks only that the checkpoint, the test set and the rows are the ones of now."""
+    tta = recorded_tta(out_dir) or config.tta
+    made = config.model_copy(update={"tta": tta})
+    return freshness(manifest_path(out_dir, "predict"),
+                     predict_inputs(made, out_dir, test_fingerprint, valid))
 
 
 def predict_dir(config: Config, out_dir: Path, test_ids: list[str], test_fingerprint: str,

@@ -26,7 +26,7 @@ from pipeline.config import Config, load_config
 from pipeline.ensemble import discover_runs, experiment_config, submission_freshness
 from pipeline.folds import folds_freshness, folds_manifest
 from pipeline.metrics import score
-from pipeline.predict import predict_inputs, read_probs, read_test_set
+from pipeline.predict import prediction_freshness, read_probs, read_test_set
 from pipeline.provenance import Freshness, freshness, manifest_path, read_manifest
 from pipeline.train import train_freshness, training_inputs
 from pipeline.utils import PipelineError, format_table, markdown_table, warn, write_csv_atomic, \
@@ -92,8 +92,8 @@ def experiment_state(config: Config, name: str, folds: pd.DataFrame, test_finger
         predicted = None
         fold_dir = member.run_dir / f"fold{k}"
         if trained.current:
-            predicted = freshness(manifest_path(fold_dir, "predict"), predict_inputs(
-                member, fold_dir, test_fingerprint, folds[folds["fold"] == k]))
+            predicted = prediction_freshness(member, fold_dir, test_fingerprint,
+                                             folds[folds["fold"] == k])
         state.folds.append(FoldState(k, trained, predicted))
     full = member.run_dir / "full"
     if (full / "train.manifest.json").is_file():

@@ -296,3 +296,17 @@ def test_runs_table_shows_every_experiment_and_status(comp, capsys):
     assert len(board) == 2 and (comp.tmp / "runs" / "tiny" / "leaderboard.png").is_file()
     assert comp("status") == 0
     assert "settings=" in capsys.readouterr().out
+
+
+def test_tta_chosen_at_predict_time_is_what_the_ensemble_takes(comp, capsys):
+    assert comp("folds") == 0
+    assert comp("train") == 0
+    assert comp("predict", "tta.views=hflip") == 0  # no retraining: TTA is a predict setting
+    assert comp("ensemble", "ensemble.name=flipped") == 0
+    manifest = json.loads((comp.tmp / "subs" / "tiny" / "flipped.manifest.json").read_text())
+    (experiment,) = manifest["details"]["members"]
+    assert manifest["details"]["tta"][experiment]["views"] == "hflip"
+    assert comp("predict", "--folds", "0") == 0  # fold 0 again without TTA: now they differ
+    capsys.readouterr()
+    assert comp("ensemble", "ensemble.name=mixed") == 1
+    assert "different TTA settings" in capsys.readouterr().err

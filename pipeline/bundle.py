@@ -1,0 +1,353 @@
+"""Pack the ensemble behind a submission into one zip for offline inference (code competitions).
+
+    python -m pipeline bundle --data digits [--models "a b"] [--name <submission>]
+    make bundle DATA=digits [MODELS="a b"] [NAME=<submission>]
+
+Writes bundles/<competition>/<submission>.zip for the newest current submission of the
+competition (`--name` picks one by name, `--models` the newest made of exactly those members);
+a submission whose members changed since it was written is refused, so a bundle always
+reproduces the submission it is named after. Inside, every path relative to the zip's root:
+
+| file                               | what                                                       |
+|------------------------------------|------------------------------------------------------------|
+| `bundle.json`                      | format, package version, competition, submission, and the   |
+|                                    | SHA-256 of every other file                                 |
+| `ensemble.json`                    | the recipe: classes, data settings, submission kind, groups,|
+|                                    | method, weights, decoding; per experiment its TTA settings, |
+|                                    | refit weight and checkpoint files                           |
+| `members/<exp>/fold<k>.safetensors`| each fold's best weights (`full.*`: the full-data refit)    |
+| `members/<exp>/fold<k>.json`       | that checkpoint's resolved config, normalisation, classes   |
+| `sample_submission.csv`            | the sample submission: the format of the output             |
+| `pipeline-<version>-*.whl`         | this package, built from the checkout                       |
+| `requirements.txt`                 | the third-party dependencies, pinned to the installed ones  |
+| `README.md`                        | the notebook cell that installs the wheel and runs `infer`  |
+
+`python -m pipeline infer` (pipeline/infer.py) runs it with nothing but the bundle, the wheel
+and the third-party packages. Weights are safetensors (no pickle); the checkpoint's other
+contents (optimiser, RNG, inputs) stay home.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pipeline
+from pipeline.config import Config
+from pipeline.provenance import read_manifest
+from pipeline.utils import PipelineError, atomic_path, format_table, summarize_offenders
+
+FORMAT = 1  # of bundle.json; infer refuses other formats
+MANIFEST = "bundle.json"
+RECIPE = "ensemble.json"
+SAMPLE = "sample_submission.csv"
+REQUIREMENTS = "requirements.txt"
+MEMBERS = "members"
+# The keys of an ensemble manifest's `details` a bundle is made from (pipeline/ensemble.py, recipe)
+RECIPE_KEYS = ("members", "groups", "folds", "refit_weights", "method", "weights", "decode",
+               "submission_kind")
+STORED = (".safetensors", ".whl")  # already dense: stored, not deflated (a 1 GB bundle in seconds)
+
+
+class BundleError(PipelineError):
+    """A bundle cannot be made or used; the message names the file and the remedy."""
+
+
+def sha256_file(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=1, sort_keys=True, default=_plain) + "\n")
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and tuples in a checkpoint's normalisation, as JSON takes them."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Which submission
+
+
+def submission_name(manifest_file: Path) -> str:
+    return manifest_file.name[:-len(".manifest.json")]
+
+
+def _ensemble_manifests(config: Config) -> list[Path]:
+    """The competition's ensemble submissions' manifests, newest first."""
+    found = [p for p in config.submissions_path.glob("*.manifest.json")
+             if (m := read_manifest(p)) is not None and m.stage == "ensemble"]
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def choose_submission(config: Config, models: list[str] | None, name: str | None) -> Path:
+    """The manifest of the submission to bundle: by name, else the newest (of exactly `models`)."""
+    where = config.submissions_path
+    if name is not None:
+        path = where / f"{name}.manifest.json"
+        if not path.is_file():
+            known = [submission_name(p) for p in _ensemble_manifests(config)]
+            raise BundleError(f"no submission {name!r} in {where}/ ({path.name} not found); "
+                              f"submissions of {config.data.name}: {known or 'none'}")
+        return path
+    manifests = _ensemble_manifests(config)
+    if models is not None:
+        manifests = [p for p in manifests
+                     if sorted(read_manifest(p).details.get("members", [])) == sorted(models)]
+    if not manifests:
+        what = f" made of exactly {' '.join(models)}" if models else ""
+        chosen = f' MODELS="{" ".join(models)}"' if models else ""
+        raise BundleError(f"no ensemble submission{what} in {where}/: run `make ensemble "
+                          f"DATA={config.data.name}{chosen}` first")
+    return manifests[0]
+
+
+def current_recipe(config: Config, manifest_file: Path) -> dict[str, Any]:
+    """The submission's recipe (its manifest's `details`), refused unless the submission is
+    current and the recipe complete."""
+    from pipeline.ensemble import submission_freshness
+
+    name = submission_name(manifest_file)
+    manifest = read_manifest(manifest_file)
+    if manifest is None or manifest.stage != "ensemble":
+        raise BundleError(f"submission {name} ({manifest_file}) is no ensemble's submission (a "
+                          f"refit's own, or unreadable): bundle one of `make ensemble`")
+    fresh = submission_freshness(config, manifest_file)
+    if not fresh.current:
+        raise BundleError(
+            f"submission {name} is not current: {fresh.why()}.\nA bundle must reproduce its "
+            f"submission: bring the members up to date as said, run `make ensemble "
+            f"DATA={config.data.name} MODELS=\"{' '.join(manifest.details.get('members', []))}\"` "
+            f"again, then `make bundle DATA={config.data.name}`")
+    missing = [key for key in RECIPE_KEYS if key not in manifest.details]
+    if missing:
+        raise BundleError(f"{manifest_file} lacks the recipe key(s) {missing}: it was written by "
+                          f"an older pipeline; run `make ensemble` again, then `make bundle`")
+    return manifest.details
+
+
+# --------------------------------------------------------------------------------------------
+# The members' checkpoints
+
+
+def export_checkpoint(best: Path, folder: Path, stem: str) -> list[str]:
+    """best.pt -> <stem>.safetensors (the weights) + <stem>.json (config, normalisation,
+    classes); returns the two file names."""
+    from safetensors.torch import save_file
+
+    from pipeline.engine import load_checkpoint
+
+    checkpoint = load_checkpoint(best)
+    # clone: safetensors refuses tensors that share storage (tied weights)
+    weights = {k: v.detach().clone().contiguous() for k, v in checkpoint["model"].items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(folder / f"{stem}.safetensors"))
+    write_json(folder / f"{stem}.json", {key: checkpoint[key] for key in
+                                         ("config", "normalization", "classes")})
+    return [f"{stem}.safetensors", f"{stem}.json"]
+
+
+def export_members(config: Config, recipe: dict[str, Any], stage: Path) -> dict[str, Any]:
+    """Each experiment's checkpoints into stage/members/<exp>/, and its entry of ensemble.json:
+    {"tta": ..., "refit_weight": w, "checkpoints": [{"part": "fold0", "path":
+    "members/<exp>/fold0"}, ...]} (folds in the ensemble's order, then the refit)."""
+    from pipeline.ensemble import experiment_config
+
+    experiments = {}
+    grouped = [exp for group in recipe["groups"] for exp in group]
+    if sorted(grouped) != sorted(recipe["members"]):
+        raise BundleError(f"the submission's groups {recipe['groups']} do not hold exactly its "
+                          f"members {recipe['members']}: run `make ensemble` again")
+    for exp in grouped:
+        run_dir = config.competition_runs / exp
+        member = experiment_config(run_dir)
+        weight = float(recipe["refit_weights"].get(exp, 0.0))
+        parts = [f"fold{k}" for k in recipe["folds"][exp]] + (["full"] if weight > 0 else [])
+        folder = stage / MEMBERS / exp
+        for part in parts:
+            export_checkpoint(run_dir / part / "best.pt", folder, part)
+        # the views the predictions were made with (TTA is chosen at predict time)
+        tta = recipe.get("tta", {}).get(exp) or member.tta.model_dump()
+        experiments[exp] = {"tta": tta, "refit_weight": weight,
+                            "checkpoints": [{"part": part, "path": f"{MEMBERS}/{exp}/{part}"}
+                                            for part in parts]}
+    return experiments
+
+
+def recipe_file(config: Config, recipe: dict[str, Any], experiments: dict[str, Any],
+                name: str) -> dict[str, Any]:
+    """ensemble.json: everything `infer` needs besides the weights and the sample."""
+    return {"competition": config.data.name, "submission": name,
+            "classes": list(config.data.classes), "data": config.data.model_dump(mode="json"),
+            "submission_kind": recipe["submission_kind"], "groups": recipe["groups"],
+            "method": recipe["method"], "weights": recipe["weights"], "decode": recipe["decode"],
+            "experiments": experiments}
+
+
+# --------------------------------------------------------------------------------------------
+# The package: wheel and pinned requirements
+
+
+def source_root() -> Path:
+    """The checkout the running package comes from (the wheel is built from it)."""
+    root = Path(pipeline.__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise BundleError(f"the wheel is built from the source checkout, but {root} has no "
+                          f"pyproject.toml (pipeline runs from an installed wheel): run `make "
+                          f"bundle` in the checkout, installed with `pip install -e .`")
+    return root
+
+
+def build_wheel(out_dir: Path) -> Path:
+    """pip wheel of a clean copy of the checkout (pyproject.toml, README.md, pipeline/): no
+    network, no build/ or egg-info left in the checkout, no stale module from an old build/."""
+    root = source_root()
+    with tempfile.TemporaryDirectory(prefix="pipeline-wheel-") as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(root / name, src / name)
+        shutil.copytree(root / "pipeline", src / "pipeline",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                   "--no-index", "--disable-pip-version-check", "-q", "-w", str(out_dir), str(src)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+    wheels = sorted(out_dir.glob("pipeline-*.whl"))
+    if done.returncode != 0 or len(wheels) != 1:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:])
+        raise BundleError(f"building the wheel of {root} failed ({' '.join(command[:6])} ...):\n"
+                          f"{tail}\nIt needs pip and setuptools in this environment "
+                          f"(`pip install setuptools`)")
+    version = wheels[0].name.split("-")[1]
+    if version != pipeline.__version__:
+        raise BundleError(f"{root}/pyproject.toml says version {version} but "
+                          f"pipeline/__init__.py says {pipeline.__version__}: make them agree")
+    return wheels[0]
+
+
+def wheel_requirements(wheel: Path) -> list[str]:
+    """The wheel's Requires-Dist without extras (the test extra), as package names."""
+    with zipfile.ZipFile(wheel) as zf:
+        meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = zf.read(meta).decode().splitlines()
+    specs = [line.split(":", 1)[1].strip() for line in lines
+             if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    return [re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", spec).group(0) for spec in specs]
+
+
+def pinned_requirements(names: list[str]) -> str:
+    """requirements.txt: each dependency pinned to the version installed here."""
+    missing = [n for n in names if not _installed(n)]
+    if missing:
+        raise BundleError(f"dependencies {summarize_offenders(missing)} are not installed here, "
+                          f"so they cannot be pinned: `make install`")
+    return "".join(f"{name}=={metadata.version(name)}\n" for name in names)
+
+
+def _installed(name: str) -> bool:
+    try:
+        metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# README and bundle.json
+
+
+def readme(config: Config, name: str, wheel: str) -> str:
+    data = config.data
+    ids = data.test_csv or data.sample_submission
+    comp = f"/kaggle/input/{data.name}"
+    return f"""# Offline inference bundle: {data.name}, submission {name}
+
+Made by `make bundle` of pipeline {pipeline.__version__}. Upload this zip as a Kaggle dataset
+(Kaggle unpacks it into `/kaggle/input/<dataset>/`), add it and the competition to the notebook,
+turn the internet off, and run:
+
+```
+!pip install --no-index --no-deps /kaggle/input/<dataset>/pipeline-*.whl
+!python -m pipeline infer --bundle /kaggle/input/<dataset> \\
+    --images {comp}/{data.test_images} --ids {comp}/{ids} \\
+    --out /kaggle/working/submission.csv
+```
+
+(`{data.name}` is the competition's name in this pipeline; use its folder under
+`/kaggle/input/`.) `--bundle` also takes the zip itself; `--time-limit SECONDS` falls back to fewer
+TTA views when the measured rate says the full set will not fit. The third-party packages are
+the notebook's own; `{REQUIREMENTS}` pins the versions the bundle was made with, and `infer`
+warns when the installed ones differ. `{MANIFEST}` holds the SHA-256 of every file: `infer`
+checks them before it starts. The wheel: `{wheel}`.
+"""
+
+
+def bundle_manifest(stage: Path, config: Config, name: str, wheel: str) -> dict[str, Any]:
+    files = {p.relative_to(stage).as_posix(): sha256_file(p)
+             for p in sorted(stage.rglob("*")) if p.is_file()}
+    return {"format": FORMAT, "pipeline_version": pipeline.__version__,
+            "competition": config.data.name, "submission": name, "wheel": wheel,
+            "made": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": files}
+
+
+def write_zip(stage: Path, out: Path) -> None:
+    """Every file of `stage` into the zip `out`, atomically."""
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w") as zf:
+        for path in sorted(stage.rglob("*")):
+            if path.is_file():
+                how = zipfile.ZIP_STORED if path.suffix in STORED else zipfile.ZIP_DEFLATED
+                zf.write(path, path.relative_to(stage).as_posix(), compress_type=how)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+def make_bundle(config: Config, models: list[str] | None = None, name: str | None = None) -> Path:
+    """Write bundles/<competition>/<submission>.zip; return its path."""
+    from pipeline.submission import sample_path
+
+    manifest_file = choose_submission(config, models, name)
+    name = submission_name(manifest_file)
+    recipe = current_recipe(config, manifest_file)
+    out = config.bundles_path / f"{name}.zip"
+    with tempfile.TemporaryDirectory(prefix="bundle-") as tmp:
+        stage = Path(tmp) / "bundle"
+        experiments = export_members(config, recipe, stage)
+        write_json(stage / RECIPE, recipe_file(config, recipe, experiments, name))
+        shutil.copyfile(sample_path(config.data), stage / SAMPLE)
+        wheel = build_wheel(stage)
+        (stage / REQUIREMENTS).write_text(pinned_requirements(wheel_requirements(wheel)))
+        (stage / "README.md").write_text(readme(config, name, wheel.name))
+        manifest = bundle_manifest(stage, config, name, wheel.name)
+        write_json(stage / MANIFEST, manifest)
+        write_zip(stage, out)
+    checkpoints = sum(len(e["checkpoints"]) for e in experiments.values())
+    print(format_table([[name, len(experiments), checkpoints, len(manifest["files"]) + 1,
+                         f"{out.stat().st_size / 2**20:.1f}", str(out)]],
+                       ["submission", "experiments", "checkpoints", "files", "MiB", "bundle"]))
+    return out
+
+
+def main(args) -> None:
+    from pipeline.config import load_config
+    from pipeline.ensemble import parse_models
+
+    config = load_config(args.data, None, args.overrides)
+    make_bundle(config, parse_models(args.models), args.name)
