@@ -774,14 +774,22 @@ def start_experiment(config: Config) -> None:
         save_config(config, config.run_dir / "config.yaml")
 
 
-def run_training(config: Config, folds_to_train: list[int] | None, force: bool) -> pd.DataFrame | None:
-    """Train the folds one after another (each over every rank when started by torchrun)."""
+def prepare_training(config: Config, folds_to_train: list[int] | None,
+                     force: bool) -> tuple[pd.DataFrame, dict, dict, list[int]]:
+    """(folds, inputs, details, folds to train): everything checked and the experiment's
+    settings saved before any fold starts or FORCE=1 deletes anything."""
     folds, selected = select_folds(config, folds_to_train)
     inputs, details = training_inputs(config, folds)
     todo = plan_folds(config, folds, selected, force, inputs, details)
     if todo:
         preflight(config)
         start_experiment(config)
+    return folds, inputs, details, todo
+
+
+def run_training(config: Config, folds_to_train: list[int] | None, force: bool) -> pd.DataFrame | None:
+    """Train the folds one after another (each over every rank when started by torchrun)."""
+    folds, inputs, details, todo = prepare_training(config, folds_to_train, force)
     for fold in todo:
         train_fold(config, folds, fold, inputs, details, force)
     return write_summary(config, folds) if distributed.is_main() else None
@@ -802,12 +810,7 @@ def run_parallel_folds(config: Config, folds_to_train: list[int] | None, force: 
         raise PipelineError(f"train.device={config.train.device} with --parallel folds: each fold "
                             f"sees only its own GPU (as cuda:0); leave train.device=auto")
     slots = distributed.gpu_slots(gpus)
-    folds, selected = select_folds(config, folds_to_train)
-    inputs, details = training_inputs(config, folds)
-    todo = plan_folds(config, folds, selected, force, inputs, details)
-    if todo:
-        preflight(config)
-        start_experiment(config)
+    folds, _, _, todo = prepare_training(config, folds_to_train, force)
     jobs = []
     for fold in todo:
         out_dir = fold_dir(config, fold)
