@@ -281,7 +281,7 @@ def _describe_sources(sources: dict[int, str]) -> str:
                      for kind in kinds)
 
 
-def _aligned_test(path: Path, classes: list[str],
+def aligned_test(path: Path, classes: list[str],
                   ids: list[str] | None) -> tuple[list[str], np.ndarray]:
     """Test probabilities (N, C), rows put in `ids` order (the first file's when None)."""
     frame = read_probabilities(path, classes)
@@ -304,13 +304,13 @@ def load_member(check: MemberCheck, folds: pd.DataFrame, classes: list[str],
         fold_dir = run_dir / f"fold{k}"
         oof, sources[k] = _read_fold_oof(k, fold_dir, folds, classes)
         parts.append(oof)
-        test_ids, probs = _aligned_test(fold_dir / "test_probs.csv", classes, test_ids)
+        test_ids, probs = aligned_test(fold_dir / "test_probs.csv", classes, test_ids)
         tests.append(probs)
     test = np.mean(tests, axis=0)
 
     refit = check.refit and refit_weight > 0
     if refit:
-        _, full = _aligned_test(run_dir / "full" / "test_probs.csv", classes, test_ids)
+        _, full = aligned_test(run_dir / "full" / "test_probs.csv", classes, test_ids)
         test = (test + refit_weight * full) / (1.0 + refit_weight)
 
     oof = pd.concat(parts).set_index("id")

@@ -34,6 +34,7 @@ What a stage does with the answer (`decide` says it in words):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -83,7 +84,18 @@ def fingerprint(value: Any) -> str:
 
 
 def file_digest(path: Path | str) -> str:
-    """A digest of a file's bytes, read in 1 MiB chunks (a 100 MB checkpoint: ~0.2 s)."""
+    """A digest of a file's bytes, read in 1 MiB chunks (a 100 MB checkpoint: ~0.2 s).
+
+    Remembered per (path, size, modification time) for the process: one `make ensemble` or
+    `make runs` asks for each best.pt several times (its training's outputs, its prediction's
+    input), and a rewritten file has another size or mtime.
+    """
+    stat = os.stat(path)
+    return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -47,7 +47,7 @@ def pseudo_targets(probs: np.ndarray, mode: str, threshold: float) -> tuple[np.n
 
 def make_pseudo_set(config: Config, models: list[str] | None) -> str:
     """Write the pseudo-label set of the current members; returns its name."""
-    from pipeline.ensemble import _aligned_test, select_members
+    from pipeline.ensemble import aligned_test, select_members
     from pipeline.predict import read_test_set
 
     folds = read_folds(config)
@@ -65,7 +65,7 @@ def make_pseudo_set(config: Config, models: list[str] | None) -> str:
     out = set_dir(config, name)
     per_fold = {}
     for k in sorted(int(f) for f in folds["fold"].unique()):
-        members = [_aligned_test(c.config.run_dir / f"fold{k}" / "test_probs.csv", classes,
+        members = [aligned_test(c.config.run_dir / f"fold{k}" / "test_probs.csv", classes,
                                  test_ids)[1] for c in checks]
         per_fold[f"fold{k}"] = np.mean(members, axis=0)
     per_fold["full"] = np.mean(list(per_fold.values()), axis=0)

@@ -50,11 +50,14 @@ def current_fold_logs(config: Config, folds: pd.DataFrame) -> list[pd.DataFrame]
     return [pd.read_csv(fold_dir(config, k) / "log.csv") for k in current_folds(config, folds)]
 
 
-def refit_epochs(config: Config, folds: pd.DataFrame) -> tuple[int, str]:
-    """(epochs, where the number came from)."""
+def refit_epochs(config: Config, folds: pd.DataFrame,
+                 validated: list[int] | None = None) -> tuple[int, str]:
+    """(epochs, where the number came from); `validated`: the current folds' best epochs, when
+    the caller has read them already."""
     if config.refit.epochs is not None:
         return config.refit.epochs, "refit.epochs"
-    epochs = best_epochs(current_fold_logs(config, folds), config.data.metric)
+    epochs = validated if validated is not None else best_epochs(
+        current_fold_logs(config, folds), config.data.metric)
     if not epochs:
         raise PipelineError(f"no current trained fold in {config.run_dir} to take the epoch count "
                             f"from: run `make train MODEL={config.run_name}` first, or set "
@@ -105,13 +108,13 @@ def refit_config(config: Config, epochs: int) -> Config:
     return config.model_copy(update={"train": train})
 
 
-def fold_path(config: Config, folds: pd.DataFrame, epochs: int) -> FoldPath:
-    """The folds' learning-rate path up to the epoch CV chose (their median best epoch; `epochs`
-    when no fold is current), for the refit to walk again."""
+def fold_path(config: Config, folds: pd.DataFrame, epochs: int,
+              validated: list[int]) -> FoldPath:
+    """The folds' learning-rate path up to the epoch CV chose (the median of the current folds'
+    best epochs `validated`; `epochs` when there are none), for the refit to walk again."""
     train_sizes = [int((folds["fold"] != k).sum()) for k in folds["fold"].unique()]
     steps = steps_per_epoch(int(np.median(train_sizes)), config.train.batch_size,
                             config.train.max_batches)
-    validated = best_epochs(current_fold_logs(config, folds), config.data.metric)
     until = float(np.median(validated)) if validated else float(epochs)
     return FoldPath(steps_per_epoch=steps, epochs=config.train.epochs, until=until)
 
@@ -119,8 +122,9 @@ def fold_path(config: Config, folds: pd.DataFrame, epochs: int) -> FoldPath:
 def refit_inputs(config: Config, folds: pd.DataFrame) -> tuple[dict, dict, int, str, FoldPath]:
     """(inputs, details, epochs, source, path): the fold runs' inputs plus the refit's epoch
     count and the learning-rate path it walks."""
-    epochs, source = refit_epochs(config, folds)
-    path = fold_path(config, folds, epochs)
+    validated = best_epochs(current_fold_logs(config, folds), config.data.metric)
+    epochs, source = refit_epochs(config, folds, validated)
+    path = fold_path(config, folds, epochs, validated)
     inputs, details = training_inputs(config, folds)
     inputs["epochs"] = fingerprint([epochs, source, path.steps_per_epoch, path.epochs, path.until])
     details = {**details, "epochs": epochs, "epochs_from": source,

@@ -73,15 +73,23 @@ def _header_kind(data: DataConfig, sample: pd.DataFrame) -> str:
     if len(others) == 1:
         binary_probability = len(data.classes) == 2 and data.metric in PROBABILITY_METRICS
         return "positive_probability" if binary_probability else "label"
-    missing = [c for c in data.classes if c not in others]
-    extra = [c for c in others if c not in data.classes]
-    if missing or extra:
+    gaps = class_column_gaps(others, data.classes)
+    if gaps:
         raise SubmissionError(
             f"{sample_path(data)}: cannot tell the submission kind from header {header!r}: "
-            f"neither one label column nor one column per class of {data.classes} (classes "
-            f"without a column: {missing or '-'}; columns that are no class: {extra or '-'}). "
+            f"neither one label column nor one column per class of {data.classes} ({gaps}). "
             f"Make data.classes spell the classes as the header does, or set data.submission.")
     return "probabilities"
+
+
+def class_column_gaps(columns: list[str], classes: list[str]) -> str | None:
+    """Where a header's prediction columns and the class list differ, in words; None if equal."""
+    missing = [c for c in classes if c not in columns]
+    extra = [c for c in columns if c not in classes]
+    if not missing and not extra:
+        return None
+    return (f"classes without a column: {missing or '-'}; columns that are no class: "
+            f"{extra or '-'}")
 
 
 def submission_kind(data: DataConfig, sample: pd.DataFrame) -> str:
@@ -132,13 +140,11 @@ def label_column_of(sample: pd.DataFrame, data: DataConfig) -> str:
 def probability_columns_of(sample: pd.DataFrame, data: DataConfig) -> list[str]:
     """The sample's class columns, in the sample's order; they must be exactly `data.classes`."""
     columns = [c for c in sample.columns if c != data.id_column]
-    missing = [c for c in data.classes if c not in columns]
-    extra = [c for c in columns if c not in data.classes]
-    if missing or extra:
+    gaps = class_column_gaps(columns, data.classes)
+    if gaps:
         raise SubmissionError(
             f"{sample_path(data)}: a probabilities submission needs one column per class; "
-            f"classes without a column: {missing or '-'}; columns that are no class: {extra or '-'}. "
-            f"Make data.classes spell the classes as the sample's header does.")
+            f"{gaps}. Make data.classes spell the classes as the sample's header does.")
     return columns
 
 

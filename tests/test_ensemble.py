@@ -196,7 +196,7 @@ def test_fast_qwk_equals_sklearn():
 def test_thresholds_beat_biased_argmax():
     targets, probs = biased_ordinal()
     decoded = decode_thresholds(probs, probs[:100], targets)
-    assert decoded.used and decoded.qwk_thresholds >= decoded.qwk_argmax + 0.02
+    assert decoded.used and decoded.score_in_sample >= decoded.score_argmax + 0.02
     assert np.all(np.diff(decoded.thresholds) >= 0)
     assert decoded.test_labels.shape == (100,)
     start = np.arange(4) + 0.5

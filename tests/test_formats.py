@@ -19,24 +19,15 @@ from pipeline.submission import (SubmissionError, build_submission, resolved_sub
                                  score_against_solution, submission_kind, validate_submission,
                                  write_submission)
 from tests.conftest import write_image
+from tests.test_submission import write_data
 
 IDS = ["0001", "0002", "0010", "0003"]
 
 
 def competition(tmp_path, classes, sample: pd.DataFrame | None = None,
                 solution: pd.DataFrame | None = None, **extra):
-    """Write a competition config (and its sample and solution); return its DataConfig."""
-    root = tmp_path / "comp"
-    root.mkdir(parents=True, exist_ok=True)
-    if sample is not None:
-        sample.to_csv(root / "sample_submission.csv", index=False)
-    mapping = {"name": "comp", "root": str(root), "classes": classes, **extra}
-    if solution is not None:
-        solution.to_csv(root / "solution.csv", index=False)
-        mapping["solution_csv"] = "solution.csv"
-    path = root / "comp.yaml"
-    path.write_text(yaml.safe_dump(mapping))
-    return load_config(str(path), None, []).data
+    """A competition config (and its sample and solution); return its DataConfig."""
+    return write_data(tmp_path, classes, sample, solution, **extra)
 
 
 # --------------------------------------------------------------------------------------------

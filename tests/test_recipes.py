@@ -3,6 +3,8 @@ pseudo-labels; each on tiny data, each checked for what it must do."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -154,3 +156,18 @@ def test_pseudo_set_is_an_input_of_round_two(tmp_path, capsys):
     assert cli(["train", "--data", comp.data, "--model", "resnet20", "--name", "x", *comp.paths,
                 *pseudo, "folds.n_splits=2", "train.pseudo=nonexistent"]) == 1
     assert "no pseudo-label set nonexistent" in capsys.readouterr().err
+
+
+def test_round_two_joins_round_one_in_the_next_ensemble(tmp_path, capsys):
+    """The step after `make pseudo`: `make ensemble` takes both rounds, each current."""
+    comp = Competition(tmp_path)
+    pseudo = [f"pseudo_dir={tmp_path / 'pseudo'}"]
+    assert comp("folds") == 0
+    assert comp("train", "--name", "first") == 0 and comp("predict", "--name", "first") == 0
+    assert comp("pseudo", "--name", "first", *pseudo) == 0
+    capsys.readouterr()
+    assert comp("ensemble", "ensemble.name=both", *pseudo) == 0
+    manifest = json.loads((tmp_path / "subs" / "tiny" / "both.manifest.json").read_text())
+    assert sorted(manifest["details"]["members"]) == ["first", "first-pseudo"]
+    assert comp("runs", *pseudo) == 0
+    assert "first-pseudo" in capsys.readouterr().out

@@ -12,12 +12,13 @@ from pipeline.submission import (SubmissionError, build_submission, score_agains
                                  validate_submission, write_submission)
 
 
-def write_data(tmp_path, classes, sample: pd.DataFrame, solution: pd.DataFrame | None = None,
-               **extra):
+def write_data(tmp_path, classes, sample: pd.DataFrame | None,
+               solution: pd.DataFrame | None = None, **extra):
     """A competition config with only what submissions need: a sample (and a solution)."""
     root = tmp_path / "comp"
     root.mkdir(parents=True, exist_ok=True)
-    sample.to_csv(root / "sample_submission.csv", index=False)
+    if sample is not None:
+        sample.to_csv(root / "sample_submission.csv", index=False)
     mapping = {"name": "comp", "root": str(root), "classes": classes, **extra}
     if solution is not None:
         solution.to_csv(root / "solution.csv", index=False)
