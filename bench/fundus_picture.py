@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from bench import synthetic_fundus
-from pipeline.cache import preprocess_of
+from pipeline.imagecache import preprocess_of
 from pipeline.config import AugmentConfig, CacheConfig
 
 OUTPUT = Path(__file__).resolve().parent / "fundus_before_after.png"

@@ -35,7 +35,8 @@ from bench import Rates, Table, cores, interleaved, machine, per_call_ms, record
 from bench import verdict
 from bench import write_fundus_jpegs
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, build_transforms
-from pipeline.cache import build_cache, cache_reader, folder_megabytes, image_loader, preprocess_of
+from pipeline.cache import folder_megabytes
+from pipeline.imagecache import build_cache, cache_reader, image_loader, preprocess_of
 from pipeline.config import AugmentConfig, CacheConfig
 from pipeline.data import ImageDataset, SeededSampler, decode_image, jpeg_reduction
 from pipeline.engine import loader_settings, make_loader

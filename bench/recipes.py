@@ -33,7 +33,10 @@ import torch
 
 from bench import Table, machine, record
 from pipeline.decode import decode_thresholds
+from pipeline.layout import Layout
 from pipeline.metrics import score, score_labels
+from pipeline.probfiles import read_probs
+from pipeline.scoring import targets_of
 
 # recipe -> overrides; the baseline is the pipeline's plain classifier decoded by argmax
 RECIPES = {
@@ -70,14 +73,14 @@ def run_recipe(data: str, overrides: list[str], seed: int, epochs: int,
         if cli(["train", "--data", data, "--model", "resnet20", *argv]) != 0:
             raise RuntimeError(quiet.getvalue()[-2000:])
     config = load_config(data, "resnet20", argv)
-    return pd.concat([pd.read_csv(p, dtype={"id": str, "label": str}, keep_default_na=False)
-                      for p in sorted(config.run_dir.glob("fold*/oof.csv"))])
+    layout = Layout.of(config)
+    exp = layout.experiment(config.run_name)
+    return pd.concat([read_probs(exp.fold(k).oof) for k in layout.fold_numbers(exp.name)])
 
 
 def oof_scores(oof: pd.DataFrame, folds: pd.DataFrame, classes: list[str]) -> dict[str, float]:
     probs = oof[classes].to_numpy(np.float64)
-    index = {c: i for i, c in enumerate(classes)}
-    targets = oof["label"].map(index).to_numpy()
+    targets = targets_of(oof["label"], classes)
     row_folds = folds.set_index("id").loc[oof["id"], "fold"].to_numpy()
     decoded = decode_thresholds(probs, probs[:1], targets, row_folds)
     n = len(classes)

@@ -1,4 +1,4 @@
-"""Training throughput: the pipeline's epoch loop (FoldTrainer.train_epoch) against a bare PyTorch
+"""Training throughput: the pipeline's epoch loop (Trainer.train_epoch) against a bare PyTorch
 loop on the same model, batches and optimiser settings, so the pipeline's own overhead shows.
 
     python -m bench.train_loop [--quick] [--model resnet18] [--size 64] [--batch 32]
@@ -26,11 +26,14 @@ from bench import (Table, cores, interleaved, limited_threads, model_bench_parse
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.config import build_config
 from pipeline.engine import autocast
+from pipeline.layout import Part
 from pipeline.models import create_model
-from pipeline.train import FoldTrainer, Rows
+from pipeline.training.loop import Trainer
+from pipeline.training.parts import Rows, RunSpec
+from pipeline.training.run import make_trainer
 
 TARGET_RATIO = 0.95  # pipeline images/s over bare images/s
-BARE, PIPELINE = "bare PyTorch loop", "pipeline (FoldTrainer.train_epoch)"
+BARE, PIPELINE = "bare PyTorch loop", "pipeline (Trainer.train_epoch)"
 CLASSES = 5
 
 
@@ -40,11 +43,12 @@ def synthetic_batches(count: int, batch: int, size: int, seed: int = 0):
              torch.randint(0, CLASSES, (batch,), generator=generator)) for _ in range(count)]
 
 
-def pipeline_trainer(root: Path, model: str, size: int, batch: int, device: str, amp: bool,
-                     channels_last: bool) -> FoldTrainer:
-    """A FoldTrainer set up as `make train` would (its images are never read: batches come from
-    memory, and ImageNet statistics need no pass over the data)."""
-    labels = [str(i % CLASSES) for i in range(2 * batch)]
+def pipeline_trainer(root: Path, model: str, size: int, batch: int, steps: int, device: str,
+                     amp: bool, channels_last: bool) -> Trainer:
+    """A Trainer built as `make train` builds it (its images are never read: batches come from
+    memory, and ImageNet statistics need no pass over the data). `steps` batches per epoch:
+    the loop stops after the optimiser steps its loader had, so the rows make exactly that many."""
+    labels = [str(i % CLASSES) for i in range(steps * batch + 1)]
     data = {"name": "bench", "root": str(root / "data"), "classes": [str(c) for c in range(CLASSES)]}
     config = build_config({
         "run_name": "bench", "data": data, "runs_dir": str(root / "runs"),
@@ -53,9 +57,8 @@ def pipeline_trainer(root: Path, model: str, size: int, batch: int, device: str,
                   "warmup_epochs": 0, "channels_last": channels_last},
     })
     rows = Rows([f"{i:04d}" for i in range(len(labels))], labels, np.array([int(x) for x in labels]))
-    trainer = FoldTrainer(config, root / "runs" / "fold0", rows, None, seed=0, tag="bench")
-    trainer.setup()
-    return trainer
+    return make_trainer(config, RunSpec(Part(root / "runs" / "fold0"), rows, None, seed=0,
+                                        tag="bench", inputs={}))
 
 
 class BareLoop:
@@ -108,8 +111,10 @@ def measure(model: str, size: int, batch: int, steps: int, rounds: int, device_n
     CPU threads (None: as configured)."""
     threads = threads or torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp, limited_threads(threads):
-        trainer = pipeline_trainer(Path(tmp), model, size, batch, device_name, amp, channels_last)
-        device, dtype = trainer.device, trainer.dtype
+        trainer = pipeline_trainer(Path(tmp), model, size, batch, steps, device_name, amp,
+                                   channels_last)
+        device, dtype = trainer.parts.device, trainer.parts.dtype
+        assert trainer.parts.steps_per_epoch == steps  # both loops run the same batches
         on_cuda_cl = device.type == "cuda" and channels_last
         bare = BareLoop(model, device, dtype, on_cuda_cl)
         batches = synthetic_batches(steps, batch, size)
@@ -117,7 +122,7 @@ def measure(model: str, size: int, batch: int, steps: int, rounds: int, device_n
         if device.type == "cuda":  # both start from device-resident pinned host memory alike
             batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
             float_batches = [(x.pin_memory(), y.pin_memory()) for x, y in float_batches]
-        trainer.train_loader = batches  # the epoch loop as it is, fed from memory
+        trainer.parts.train_loader = batches  # the epoch loop as it is, fed from memory
         epoch = iter(range(10**6))
         contenders = {
             BARE: synced(lambda: bare.epoch(float_batches), steps * batch, device),

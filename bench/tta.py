@@ -19,7 +19,7 @@ from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Normalizer
 from pipeline.config import TTAConfig
 from pipeline.engine import amp_dtype, predict_logits, resolve_device
 from pipeline.models import create_model
-from pipeline.predict import tta_views
+from pipeline.inference import tta_views
 
 TARGET_RATIO = 8.5  # d4 seconds over plain seconds, at most
 

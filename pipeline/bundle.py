@@ -29,9 +29,7 @@ contents (optimiser, RNG, inputs) stay home.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -42,17 +40,19 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import pipeline
-from pipeline.config import Config
-from pipeline.provenance import read_manifest
-from pipeline.utils import PipelineError, atomic_path, format_table, summarize_offenders
+from packaging.requirements import Requirement
+from safetensors.torch import save_file
 
-FORMAT = 1  # of bundle.json; infer refuses other formats
-MANIFEST = "bundle.json"
-RECIPE = "ensemble.json"
-SAMPLE = "sample_submission.csv"
-REQUIREMENTS = "requirements.txt"
-MEMBERS = "members"
+import pipeline
+from pipeline.config import Config, DataConfig, FoldsConfig, load_config, parse_models
+from pipeline.engine import load_checkpoint
+from pipeline.layout import (BUNDLE_FORMAT, BUNDLE_MANIFEST, BUNDLE_README, BUNDLE_RECIPE,
+                             BUNDLE_REQUIREMENTS, BUNDLE_SAMPLE, Layout, bundle_member,
+                             submission_of_manifest)
+from pipeline.provenance import read_manifest, sha256_file
+from pipeline.status import experiment_config, submission_freshness
+from pipeline.submission import sample_path
+from pipeline.utils import PipelineError, atomic_path, format_table, summarize_offenders
 # The keys of an ensemble manifest's `details` a bundle is made from (pipeline/ensemble.py, recipe)
 RECIPE_KEYS = ("members", "groups", "folds", "refit_weights", "method", "weights", "decode",
                "submission_kind")
@@ -60,15 +60,7 @@ STORED = (".safetensors", ".whl")  # already dense: stored, not deflated (a 1 GB
 
 
 class BundleError(PipelineError):
-    """A bundle cannot be made or used; the message names the file and the remedy."""
-
-
-def sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
+    """A bundle cannot be made; the message names the file and the remedy."""
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -85,28 +77,24 @@ def _plain(value: Any) -> Any:
 # Which submission
 
 
-def submission_name(manifest_file: Path) -> str:
-    return manifest_file.name[:-len(".manifest.json")]
-
-
-def _ensemble_manifests(config: Config) -> list[Path]:
+def _ensemble_manifests(layout: Layout) -> list[Path]:
     """The competition's ensemble submissions' manifests, newest first."""
-    found = [p for p in config.submissions_path.glob("*.manifest.json")
+    found = [p for p in layout.submission_manifests()
              if (m := read_manifest(p)) is not None and m.stage == "ensemble"]
     return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
 
 
-def choose_submission(config: Config, models: list[str] | None, name: str | None) -> Path:
+def choose_submission(layout: Layout, models: list[str] | None, name: str | None) -> Path:
     """The manifest of the submission to bundle: by name, else the newest (of exactly `models`)."""
-    where = config.submissions_path
+    where = layout.submissions
     if name is not None:
-        path = where / f"{name}.manifest.json"
+        path = layout.submission(name).manifest
         if not path.is_file():
-            known = [submission_name(p) for p in _ensemble_manifests(config)]
+            known = [submission_of_manifest(p) for p in _ensemble_manifests(layout)]
             raise BundleError(f"no submission {name!r} in {where}/ ({path.name} not found); "
-                              f"submissions of {config.data.name}: {known or 'none'}")
+                              f"submissions of {layout.competition}: {known or 'none'}")
         return path
-    manifests = _ensemble_manifests(config)
+    manifests = _ensemble_manifests(layout)
     if models is not None:
         manifests = [p for p in manifests
                      if sorted(read_manifest(p).details.get("members", [])) == sorted(models)]
@@ -114,27 +102,26 @@ def choose_submission(config: Config, models: list[str] | None, name: str | None
         what = f" made of exactly {' '.join(models)}" if models else ""
         chosen = f' MODELS="{" ".join(models)}"' if models else ""
         raise BundleError(f"no ensemble submission{what} in {where}/: run `make ensemble "
-                          f"DATA={config.data.name}{chosen}` first")
+                          f"DATA={layout.competition}{chosen}` first")
     return manifests[0]
 
 
-def current_recipe(config: Config, manifest_file: Path) -> dict[str, Any]:
+def current_recipe(data: DataConfig, folds: FoldsConfig, layout: Layout,
+                   manifest_file: Path) -> dict[str, Any]:
     """The submission's recipe (its manifest's `details`), refused unless the submission is
     current and the recipe complete."""
-    from pipeline.ensemble import submission_freshness
-
-    name = submission_name(manifest_file)
+    name = submission_of_manifest(manifest_file)
     manifest = read_manifest(manifest_file)
     if manifest is None or manifest.stage != "ensemble":
         raise BundleError(f"submission {name} ({manifest_file}) is no ensemble's submission (a "
                           f"refit's own, or unreadable): bundle one of `make ensemble`")
-    fresh = submission_freshness(config, manifest_file)
+    fresh = submission_freshness(data, folds, layout, manifest_file)
     if not fresh.current:
         raise BundleError(
             f"submission {name} is not current: {fresh.why()}.\nA bundle must reproduce its "
             f"submission: bring the members up to date as said, run `make ensemble "
-            f"DATA={config.data.name} MODELS=\"{' '.join(manifest.details.get('members', []))}\"` "
-            f"again, then `make bundle DATA={config.data.name}`")
+            f"DATA={data.name} MODELS=\"{' '.join(manifest.details.get('members', []))}\"` "
+            f"again, then `make bundle DATA={data.name}`")
     missing = [key for key in RECIPE_KEYS if key not in manifest.details]
     if missing:
         raise BundleError(f"{manifest_file} lacks the recipe key(s) {missing}: it was written by "
@@ -148,53 +135,46 @@ def current_recipe(config: Config, manifest_file: Path) -> dict[str, Any]:
 
 def export_checkpoint(best: Path, folder: Path, stem: str) -> list[str]:
     """best.pt -> <stem>.safetensors (the weights) + <stem>.json (config, normalisation,
-    classes); returns the two file names."""
-    from safetensors.torch import save_file
-
-    from pipeline.engine import load_checkpoint
-
+    classes), both under `folder`; returns the two paths relative to it."""
     checkpoint = load_checkpoint(best)
     # clone: safetensors refuses tensors that share storage (tied weights)
     weights = {k: v.detach().clone().contiguous() for k, v in checkpoint["model"].items()}
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder / stem).parent.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(folder / f"{stem}.safetensors"))
     write_json(folder / f"{stem}.json", {key: checkpoint[key] for key in
                                          ("config", "normalization", "classes")})
     return [f"{stem}.safetensors", f"{stem}.json"]
 
 
-def export_members(config: Config, recipe: dict[str, Any], stage: Path) -> dict[str, Any]:
-    """Each experiment's checkpoints into stage/members/<exp>/, and its entry of ensemble.json:
+def export_members(layout: Layout, recipe: dict[str, Any], stage: Path) -> dict[str, Any]:
+    """Each experiment's checkpoints into the bundle, and its entry of ensemble.json:
     {"tta": ..., "refit_weight": w, "checkpoints": [{"part": "fold0", "path":
     "members/<exp>/fold0"}, ...]} (folds in the ensemble's order, then the refit)."""
-    from pipeline.ensemble import experiment_config
-
     experiments = {}
     grouped = [exp for group in recipe["groups"] for exp in group]
     if sorted(grouped) != sorted(recipe["members"]):
         raise BundleError(f"the submission's groups {recipe['groups']} do not hold exactly its "
                           f"members {recipe['members']}: run `make ensemble` again")
-    for exp in grouped:
-        run_dir = config.competition_runs / exp
-        member = experiment_config(run_dir)
-        weight = float(recipe["refit_weights"].get(exp, 0.0))
-        parts = [f"fold{k}" for k in recipe["folds"][exp]] + (["full"] if weight > 0 else [])
-        folder = stage / MEMBERS / exp
+    for name in grouped:
+        exp = layout.experiment(name)
+        weight = float(recipe["refit_weights"].get(name, 0.0))
+        parts = [exp.fold(k) for k in recipe["folds"][name]] + ([exp.refit] if weight > 0 else [])
         for part in parts:
-            export_checkpoint(run_dir / part / "best.pt", folder, part)
+            export_checkpoint(part.best, stage, bundle_member(name, part.name))
         # the views the predictions were made with (TTA is chosen at predict time)
-        tta = recipe.get("tta", {}).get(exp) or member.tta.model_dump()
-        experiments[exp] = {"tta": tta, "refit_weight": weight,
-                            "checkpoints": [{"part": part, "path": f"{MEMBERS}/{exp}/{part}"}
-                                            for part in parts]}
+        tta = recipe.get("tta", {}).get(name) or experiment_config(exp).tta.model_dump()
+        experiments[name] = {"tta": tta, "refit_weight": weight,
+                             "checkpoints": [{"part": part.name,
+                                              "path": bundle_member(name, part.name)}
+                                             for part in parts]}
     return experiments
 
 
-def recipe_file(config: Config, recipe: dict[str, Any], experiments: dict[str, Any],
+def recipe_file(data: DataConfig, recipe: dict[str, Any], experiments: dict[str, Any],
                 name: str) -> dict[str, Any]:
     """ensemble.json: everything `infer` needs besides the weights and the sample."""
-    return {"competition": config.data.name, "submission": name,
-            "classes": list(config.data.classes), "data": config.data.model_dump(mode="json"),
+    return {"competition": data.name, "submission": name,
+            "classes": list(data.classes), "data": data.model_dump(mode="json"),
             "submission_kind": recipe["submission_kind"], "groups": recipe["groups"],
             "method": recipe["method"], "weights": recipe["weights"], "decode": recipe["decode"],
             "experiments": experiments}
@@ -246,9 +226,9 @@ def wheel_requirements(wheel: Path) -> list[str]:
     with zipfile.ZipFile(wheel) as zf:
         meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
         lines = zf.read(meta).decode().splitlines()
-    specs = [line.split(":", 1)[1].strip() for line in lines
-             if line.startswith("Requires-Dist:") and "extra ==" not in line]
-    return [re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", spec).group(0) for spec in specs]
+    requirements = [Requirement(line.split(":", 1)[1].strip()) for line in lines
+                    if line.startswith("Requires-Dist:")]
+    return [r.name for r in requirements if r.marker is None or "extra" not in str(r.marker)]
 
 
 def pinned_requirements(names: list[str]) -> str:
@@ -272,8 +252,7 @@ def _installed(name: str) -> bool:
 # README and bundle.json
 
 
-def readme(config: Config, name: str, wheel: str) -> str:
-    data = config.data
+def readme(data: DataConfig, name: str, wheel: str) -> str:
     ids = data.test_csv or data.sample_submission
     comp = f"/kaggle/input/{data.name}"
     return f"""# Offline inference bundle: {data.name}, submission {name}
@@ -292,17 +271,17 @@ turn the internet off, and run:
 (`{data.name}` is the competition's name in this pipeline; use its folder under
 `/kaggle/input/`.) `--bundle` also takes the zip itself; `--time-limit SECONDS` falls back to fewer
 TTA views when the measured rate says the full set will not fit. The third-party packages are
-the notebook's own; `{REQUIREMENTS}` pins the versions the bundle was made with, and `infer`
-warns when the installed ones differ. `{MANIFEST}` holds the SHA-256 of every file: `infer`
+the notebook's own; `{BUNDLE_REQUIREMENTS}` pins the versions the bundle was made with, and `infer`
+warns when the installed ones differ. `{BUNDLE_MANIFEST}` holds the SHA-256 of every file: `infer`
 checks them before it starts. The wheel: `{wheel}`.
 """
 
 
-def bundle_manifest(stage: Path, config: Config, name: str, wheel: str) -> dict[str, Any]:
+def bundle_manifest(stage: Path, competition: str, name: str, wheel: str) -> dict[str, Any]:
     files = {p.relative_to(stage).as_posix(): sha256_file(p)
              for p in sorted(stage.rglob("*")) if p.is_file()}
-    return {"format": FORMAT, "pipeline_version": pipeline.__version__,
-            "competition": config.data.name, "submission": name, "wheel": wheel,
+    return {"format": BUNDLE_FORMAT, "pipeline_version": pipeline.__version__,
+            "competition": competition, "submission": name, "wheel": wheel,
             "made": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": files}
 
 
@@ -321,22 +300,21 @@ def write_zip(stage: Path, out: Path) -> None:
 
 def make_bundle(config: Config, models: list[str] | None = None, name: str | None = None) -> Path:
     """Write bundles/<competition>/<submission>.zip; return its path."""
-    from pipeline.submission import sample_path
-
-    manifest_file = choose_submission(config, models, name)
-    name = submission_name(manifest_file)
-    recipe = current_recipe(config, manifest_file)
-    out = config.bundles_path / f"{name}.zip"
+    layout = Layout.of(config)
+    manifest_file = choose_submission(layout, models, name)
+    name = submission_of_manifest(manifest_file)
+    recipe = current_recipe(config.data, config.folds, layout, manifest_file)
+    out = layout.bundle(name)
     with tempfile.TemporaryDirectory(prefix="bundle-") as tmp:
         stage = Path(tmp) / "bundle"
-        experiments = export_members(config, recipe, stage)
-        write_json(stage / RECIPE, recipe_file(config, recipe, experiments, name))
-        shutil.copyfile(sample_path(config.data), stage / SAMPLE)
+        experiments = export_members(layout, recipe, stage)
+        write_json(stage / BUNDLE_RECIPE, recipe_file(config.data, recipe, experiments, name))
+        shutil.copyfile(sample_path(config.data), stage / BUNDLE_SAMPLE)
         wheel = build_wheel(stage)
-        (stage / REQUIREMENTS).write_text(pinned_requirements(wheel_requirements(wheel)))
-        (stage / "README.md").write_text(readme(config, name, wheel.name))
-        manifest = bundle_manifest(stage, config, name, wheel.name)
-        write_json(stage / MANIFEST, manifest)
+        (stage / BUNDLE_REQUIREMENTS).write_text(pinned_requirements(wheel_requirements(wheel)))
+        (stage / BUNDLE_README).write_text(readme(config.data, name, wheel.name))
+        manifest = bundle_manifest(stage, config.data.name, name, wheel.name)
+        write_json(stage / BUNDLE_MANIFEST, manifest)
         write_zip(stage, out)
     checkpoints = sum(len(e["checkpoints"]) for e in experiments.values())
     print(format_table([[name, len(experiments), checkpoints, len(manifest["files"]) + 1,
@@ -346,8 +324,5 @@ def make_bundle(config: Config, models: list[str] | None = None, name: str | Non
 
 
 def main(args) -> None:
-    from pipeline.config import load_config
-    from pipeline.ensemble import parse_models
-
     config = load_config(args.data, None, args.overrides)
     make_bundle(config, parse_models(args.models), args.name)

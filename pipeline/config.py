@@ -25,6 +25,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.utils import PipelineError, write_text_atomic
+
 CONFIG_DIR = Path("configs")
 
 METRICS = ("accuracy", "macro_f1", "weighted_f1", "binary_f1", "qwk", "roc_auc", "log_loss")
@@ -164,11 +166,6 @@ class DataConfig(_Section):
     def test_path_pattern(self) -> str:
         """The test folder's path pattern: test_image_path, else image_path."""
         return self.test_image_path or self.image_path
-
-    @property
-    def positive_index(self) -> int:
-        """Binary competitions: the column of the positive class in `classes` (model outputs)."""
-        return self.classes.index(self.positive_class) if self.positive_class else 1
 
 
 def path_fields(pattern: str) -> set[str]:
@@ -388,31 +385,9 @@ class Config(_Section):
     submissions_dir: str = "submissions"
     pseudo_dir: str = "pseudo"  # pseudo-label sets of `make pseudo`, per competition
     bundles_dir: str = "bundles"  # offline inference bundles of `make bundle`, per competition
-
-    @property
-    def competition_runs(self) -> Path:
-        """runs/<competition>/: every experiment of this competition, and nothing of another."""
-        return Path(self.runs_dir) / self.data.name
-
-    @property
-    def run_dir(self) -> Path:
-        return self.competition_runs / self.run_name
-
-    @property
-    def folds_csv(self) -> Path:
-        return Path(self.folds.dir) / f"{self.data.name}.csv"
-
-    @property
-    def submissions_path(self) -> Path:
-        return Path(self.submissions_dir) / self.data.name
-
-    @property
-    def pseudo_path(self) -> Path:
-        return Path(self.pseudo_dir) / self.data.name
-
-    @property
-    def bundles_path(self) -> Path:
-        return Path(self.bundles_dir) / self.data.name
+    audit_dir: str = "audit"  # `make audit`'s findings, per competition
+    reports_dir: str = "reports"  # `make report`'s static HTML pages, per competition
+    # Paths of a competition's files: pipeline/layout.py (Layout.of(config)), their one owner.
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -550,7 +525,8 @@ def build_config(merged: dict[str, Any], sources: list[str] | None = None) -> Co
 # Settings that change how fast, where or how verbosely a stage runs, never what it produces:
 # they are no part of an experiment's name or fingerprints (a resume may change them too).
 NO_RESULT_KEYS = frozenset({
-    "run_name", "runs_dir", "submissions_dir", "pseudo_dir", "bundles_dir", "folds.dir",
+    "run_name", "runs_dir", "submissions_dir", "pseudo_dir", "bundles_dir", "audit_dir",
+    "reports_dir", "folds.dir",
     "train.workers", "train.device", "train.compile", "train.amp", "train.channels_last",
     "cache.enabled", "cache.dir", "cache.format", "predict.batch_size",
 })
@@ -699,11 +675,30 @@ def load_config(data: str = "digits", model: str | None = None,
 
 
 def save_config(config: Config, path: Path) -> None:
-    from pipeline.utils import write_text_atomic
-
     write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def config_from_dict(mapping: dict[str, Any]) -> Config:
     """Rebuild a Config saved with `save_config` or stored in a checkpoint."""
     return build_config(mapping, ["saved config"])
+
+
+def experiment_configs(data: str, model: str, overrides: list[str] | tuple[str, ...] = (),
+                       name: str | None = None, seeds: list[int] | None = None) -> list[Config]:
+    """One config per seed of SEEDS=0,1,2 (each an experiment of its own:
+    <experiment>-seed<s>), or the one config of the command line."""
+    if not seeds:
+        return [load_config(data, model, overrides, name=name)]
+    if name is not None:
+        raise PipelineError("NAME= names one run; with SEEDS= each seed's run is named "
+                            "<experiment>-seed<s>")
+    return [load_config(data, model, [*overrides, f"train.seed={seed}"]) for seed in seeds]
+
+
+def parse_models(text: str | None) -> list[str] | None:
+    """MODELS="a b,c" -> ['a', 'b', 'c'] as experiment names (`timm/x` -> `timm-x`, a YAML path
+    -> its stem), as `resolve_experiment` names them; None for an empty text."""
+    if not text or not text.strip():
+        return None
+    names = [part for part in re.split(r"[\s,]+", text.strip()) if part]
+    return [Path(n).stem if n.endswith((".yaml", ".yml")) else n.replace("/", "-") for n in names]

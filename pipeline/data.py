@@ -32,6 +32,7 @@ from torch.utils.data import Dataset, Sampler
 
 from pipeline.augment import item_seed, reseed
 from pipeline.config import DataConfig, path_fields
+from pipeline.scoring import class_index, targets_of
 from pipeline.utils import PipelineError, summarize_offenders, warn
 
 
@@ -131,13 +132,8 @@ def _id_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(pieces))
 
 
-def folder_table(data: DataConfig) -> pd.DataFrame:
-    """`train_csv: null`: the labelled rows (id, label columns as named in the config) from the
-    folders of `image_path` ('{label}/{id}.png' lists train/<class>/*.png for each class).
-
-    Raises DataError for folders that are no class, ids found under two classes and an empty
-    listing; warns of classes without a folder and files that do not fit the pattern.
-    """
+def _class_folders(data: DataConfig) -> tuple[Path, str]:
+    """(the folder holding one sub-folder per class, the pattern below a class folder)."""
     folder = train_image_dir(data)
     parts = PurePosixPath(data.image_path).parts
     label_at = [i for i, part in enumerate(parts) if "{label}" in part]
@@ -149,13 +145,18 @@ def folder_table(data: DataConfig) -> pd.DataFrame:
         raise DataError(f"{folder}: folder not found (train_csv: null reads the labels from its "
                         f"sub-folders); fix data.root / data.train_images")
     parent = folder.joinpath(*parts[:label_at[0]])
-    rest = "/".join(parts[label_at[0] + 1:])
     folders = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
     unknown = [name for name in folders if name not in data.classes]
     if unknown:
         raise DataError(f"{parent}: folder(s) {summarize_offenders(unknown)} are not in the class "
                         f"list {data.classes}; add them to `classes` in the competition config, "
                         f"or move them out of {parent}")
+    return parent, "/".join(parts[label_at[0] + 1:])
+
+
+def _list_classes(data: DataConfig, parent: Path, rest: str) -> list[tuple[str, str]]:
+    """(id, label) of every file under parent/<class>/ that fits `rest`; warns of classes
+    without a folder and of files that do not fit."""
     id_regex = _id_regex(rest)
     rows, ignored, missing_classes = [], [], []
     for label in data.classes:
@@ -168,7 +169,7 @@ def folder_table(data: DataConfig) -> pd.DataFrame:
                 continue
             match = id_regex.fullmatch(path.relative_to(class_dir).as_posix())
             if match is None:
-                ignored.append(str(path.relative_to(folder)))
+                ignored.append(str(path.relative_to(train_image_dir(data))))
             else:
                 rows.append((match["id"], label))
     if missing_classes:
@@ -176,7 +177,19 @@ def folder_table(data: DataConfig) -> pd.DataFrame:
     if ignored:
         warn(f"{parent}: ignored {len(ignored)} file(s) that do not fit {data.image_path!r}: "
              f"{summarize_offenders(ignored)}")
-    frame = pd.DataFrame(rows, columns=[data.id_column, data.label_column], dtype=object)
+    return rows
+
+
+def folder_table(data: DataConfig) -> pd.DataFrame:
+    """`train_csv: null`: the labelled rows (id, label columns as named in the config) from the
+    folders of `image_path` ('{label}/{id}.png' lists train/<class>/*.png for each class).
+
+    Raises DataError for folders that are no class, ids found under two classes and an empty
+    listing; warns of classes without a folder and files that do not fit the pattern.
+    """
+    parent, rest = _class_folders(data)
+    frame = pd.DataFrame(_list_classes(data, parent, rest),
+                         columns=[data.id_column, data.label_column], dtype=object)
     collisions = frame[frame[data.id_column].duplicated(keep=False)]
     if len(collisions):
         named = [f"{i} ({', '.join(g[data.label_column])})"
@@ -224,7 +237,7 @@ def load_train_table(data: DataConfig) -> pd.DataFrame:
     dupes = duplicated_ids(frame[data.id_column])
     if dupes:
         problems.append(f"duplicated ids: {summarize_offenders(dupes)}; each image must appear once")
-    index = {name: i for i, name in enumerate(data.classes)}
+    index = class_index(data.classes)
     unknown = frame.loc[~frame[data.label_column].isin(index), data.label_column]
     if len(unknown):
         rows = (unknown.index[:5] + 2).tolist()  # +2: header line and 1-based line numbers
@@ -237,7 +250,7 @@ def load_train_table(data: DataConfig) -> pd.DataFrame:
     table = pd.DataFrame({
         "id": frame[data.id_column].to_numpy(),
         "label": frame[data.label_column].to_numpy(),
-        "target": frame[data.label_column].map(index).to_numpy(dtype=np.int64),
+        "target": targets_of(frame[data.label_column], data.classes),
     })
     groups = group_of(data, frame)
     if groups is not None:
@@ -265,10 +278,6 @@ def load_test_table(data: DataConfig) -> pd.DataFrame:
 def load_test_ids(data: DataConfig) -> list[str]:
     """Test ids in the order of the test CSV (or the sample submission when there is none)."""
     return load_test_table(data)[data.id_column].tolist()
-
-
-def class_names(data: DataConfig) -> list[str]:
-    return list(data.classes)
 
 
 # --------------------------------------------------------------------------------------------

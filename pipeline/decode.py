@@ -9,7 +9,7 @@ Two decoders are fitted on out-of-fold (OOF) predictions:
   the positive class where its probability reaches the cut-off.
 
 Whatever is fitted on OOF rows scores too well on those same rows (the in-sample figure). The
-honest estimate (DESIGN.md, "Honest scores") is `nested`: for each fold, fit on the other folds'
+honest estimate (README.md, "Honest scores") is `nested`: for each fold, fit on the other folds'
 rows, apply to the held one, and score the assembled predictions. The issue that asked for this
 reported, on an ordinal competition's OOF (900 rows, 5 grades), +0.028 QWK in sample against
 +0.002 nested; tests/test_ensemble.py shows the gap on noise.
@@ -67,11 +67,13 @@ def fit_thresholds(grades: np.ndarray, targets: np.ndarray, n_classes: int,
     return thresholds
 
 
-def decoder_kind(data, setting: str) -> str:
+def decoder_kind(data, setting: str, submission_kind: Callable[[], str]) -> str:
     """'thresholds', 'cutoff' or 'argmax' for `ensemble.decode` (auto: thresholds for an ordinal
-    QWK label submission, a cut-off for a binary label submission scored by an F1 metric)."""
-    from pipeline.submission import resolved_submission_kind
+    QWK label submission, a cut-off for a binary label submission scored by an F1 metric).
 
+    `submission_kind()` gives the competition's (submission.resolved_submission_kind, which
+    reads the sample), asked only when it matters: a fitted decoder makes labels, so a
+    probability submission keeps argmax's probabilities."""
     if setting != "auto":
         return setting
     if data.ordinal and data.metric == "qwk":
@@ -80,7 +82,7 @@ def decoder_kind(data, setting: str) -> str:
         kind = "cutoff"
     else:
         return "argmax"
-    return kind if resolved_submission_kind(data) == "label" else "argmax"
+    return kind if submission_kind() == "label" else "argmax"
 
 
 def decoded_score(kind: str, metric: str, targets: np.ndarray, probs: np.ndarray,

@@ -15,10 +15,12 @@ import time
 from pipeline.config import load_config
 from pipeline.demo_data import export_digits
 from pipeline.ensemble import ensemble_runs
-from pipeline.folds import folds_freshness, make_folds
-from pipeline.predict import run_predict
+from pipeline.folds import make_folds
+from pipeline.inference import predict_experiment
+from pipeline.layout import Layout
 from pipeline.refit import run_refit
-from pipeline.train import run_training
+from pipeline.status import folds_freshness, read_folds, read_test_set
+from pipeline.training.experiment import train_folds
 from pipeline.utils import PipelineError, format_table
 
 
@@ -37,15 +39,16 @@ def run_demo(model: str, data: str, overrides: list[str], force: bool,
     banner("demo-data: export the digits competition")
     export_digits(config.data.root_path)
     banner("folds")
-    fresh = folds_freshness(config)
-    if force or not fresh.current:
+    layout = Layout.of(config)
+    if force or not folds_freshness(config.data, config.folds, layout).current:
         make_folds(config)
     else:
-        print(f"{config.folds_csv} is current (FORCE=1 re-splits)")
+        print(f"{layout.folds_csv} is current (FORCE=1 re-splits)")
     banner(f"train {config.run_name} on {config.folds.n_splits} folds")
-    run_training(config, None, force)
+    train_folds(config, layout, None, force)
     banner(f"predict the test set (TTA: {config.tta.views})")
-    run_predict(config, None, force)
+    predict_experiment(config, layout, read_folds(config.data, config.folds, layout), None, force,
+                       read_test_set(config.data))
     banner("refit on all labelled rows")
     refit = run_refit(config, force)
     banner("ensemble folds + refit, write the submission")
@@ -59,7 +62,7 @@ def run_demo(model: str, data: str, overrides: list[str], force: bool,
         ["held-out test, refit alone", f"{refit.get(f'test {metric}', float('nan')):.4f}"],
         ["submission", str(outcome.submission)],
         ["report", str(outcome.report)],
-        ["runs", str(config.run_dir)],
+        ["runs", str(layout.experiment(config.run_name).dir)],
         ["minutes", f"{minutes:.1f}"],
     ]
     banner(f"demo finished: {config.run_name} on {config.data.name} ({metric})")

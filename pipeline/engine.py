@@ -12,6 +12,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from scipy.special import softmax
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 from tqdm import tqdm
 
@@ -196,13 +197,7 @@ def outputs_to_probs(outputs: np.ndarray, head: str, n_classes: int) -> np.ndarr
     grade as `grade_to_probs` encodes it."""
     if head == "regression":
         return grade_to_probs(outputs[..., 0], n_classes)
-    return softmax(outputs)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
+    return softmax(outputs, axis=-1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,15 +44,29 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from safetensors.torch import load_file
+
 import pipeline
-from pipeline.bundle import (FORMAT, MANIFEST, RECIPE, REQUIREMENTS, SAMPLE, BundleError,
-                             sha256_file)
+from pipeline.combine import apply_decoding, combine, fold_mean_with_refit
 from pipeline.config import Config, ConfigError, DataConfig, TTAConfig, config_from_dict
+from pipeline.data import DataError, ImageDataset, load_test_ids, test_image_paths
+from pipeline.engine import make_loader, model_from_config, view_logits
+from pipeline.imagecache import image_loader
+from pipeline.inference import CheckpointPredictor, reduce_views, tta_views
+from pipeline.layout import (BUNDLE_FORMAT, BUNDLE_MANIFEST, BUNDLE_RECIPE, BUNDLE_REQUIREMENTS,
+                             BUNDLE_SAMPLE, REFIT)
+from pipeline.provenance import sha256_file
+from pipeline.submission import (build_submission, probability_columns_of, read_sample,
+                                 submission_kind, write_submission)
 from pipeline.utils import PipelineError, format_table, summarize_offenders, warn
 
 # --time-limit: each step drops views; shifts, scales and vflip go straight to none
 FEWER_VIEWS = {"d4": "flips", "flips": "hflip", "hflip": "none", "vflip": "none",
                "shifts": "none", "scales": "none"}
+
+
+class BundleError(PipelineError):
+    """A bundle cannot be used; the message names the file and the remedy."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,10 +79,10 @@ def opened(path: Path) -> Iterator[Path]:
     may unpack into one), or a zip (given, or the one zip in `path`) unpacked to a temporary
     folder."""
     path = Path(path)
-    if path.is_dir() and not (path / MANIFEST).is_file():
-        inner = [p.parent for p in path.glob(f"*/{MANIFEST}")] or sorted(path.glob("*.zip"))
+    if path.is_dir() and not (path / BUNDLE_MANIFEST).is_file():
+        inner = [p.parent for p in path.glob(f"*/{BUNDLE_MANIFEST}")] or sorted(path.glob("*.zip"))
         if len(inner) != 1:
-            raise BundleError(f"no {MANIFEST} in {path}: pass the folder the bundle was unpacked "
+            raise BundleError(f"no {BUNDLE_MANIFEST} in {path}: pass the folder the bundle was unpacked "
                               f"into, or its zip (bundles/<competition>/<submission>.zip)")
         path = inner[0]
     if path.is_dir():
@@ -99,14 +113,14 @@ def read_json(path: Path) -> dict[str, Any]:
 def check_version(folder: Path, manifest: dict[str, Any]) -> None:
     """The bundle's format and package version must be the installed pipeline's: its configs,
     models and recipe are read by this code."""
-    if manifest.get("format") != FORMAT:
-        raise BundleError(f"{folder / MANIFEST}: bundle format {manifest.get('format')!r}; this "
-                          f"pipeline reads format {FORMAT}: install the bundle's own wheel")
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{folder / BUNDLE_MANIFEST}: bundle format {manifest.get('format')!r}; this "
+                          f"pipeline reads format {BUNDLE_FORMAT}: install the bundle's own wheel")
     made_by, installed = manifest.get("pipeline_version"), pipeline.__version__
     if made_by != installed:
         wheel = folder / str(manifest.get("wheel", "pipeline-*.whl"))
         raise BundleError(
-            f"{folder / MANIFEST}: the bundle was made by pipeline {made_by}, but the installed "
+            f"{folder / BUNDLE_MANIFEST}: the bundle was made by pipeline {made_by}, but the installed "
             f"pipeline is {installed} ({Path(pipeline.__file__).parent}); its configs and models "
             f"may not load the same. Install the bundle's own wheel: pip install --no-index "
             f"--no-deps --force-reinstall {wheel}")
@@ -118,12 +132,12 @@ def check_files(folder: Path, manifest: dict[str, Any]) -> None:
     missing = [name for name in files if not (folder / name).is_file()]
     if missing:
         raise BundleError(f"bundle {folder} is incomplete: {len(missing)} file(s) that "
-                          f"{MANIFEST} lists are missing: {summarize_offenders(missing)}. Upload "
+                          f"{BUNDLE_MANIFEST} lists are missing: {summarize_offenders(missing)}. Upload "
                           f"the whole zip of `make bundle` again")
     changed = [name for name, digest in files.items() if sha256_file(folder / name) != digest]
     if changed:
         raise BundleError(f"bundle {folder}: {summarize_offenders(changed)} do(es) not match "
-                          f"the fingerprint (SHA-256) in {MANIFEST}: changed or corrupted after "
+                          f"the fingerprint (SHA-256) in {BUNDLE_MANIFEST}: changed or corrupted after "
                           f"`make bundle`. Upload the zip again, or re-make it (make bundle)")
 
 
@@ -147,15 +161,13 @@ def check_listed(bundle: Bundle) -> None:
     files = bundle.manifest.get("files") or {}
     unlisted = [f"{stem}{ext}" for _, _, stem in bundle.checkpoints()
                 for ext in (".safetensors", ".json") if f"{stem}{ext}" not in files]
-    if unlisted or SAMPLE not in files:
-        raise BundleError(f"bundle {bundle.folder}: {summarize_offenders(unlisted or [SAMPLE])} "
-                          f"not listed in {MANIFEST}: it was not made by `make bundle`; re-make it")
+    if unlisted or BUNDLE_SAMPLE not in files:
+        raise BundleError(f"bundle {bundle.folder}: {summarize_offenders(unlisted or [BUNDLE_SAMPLE])} "
+                          f"not listed in {BUNDLE_MANIFEST}: it was not made by `make bundle`; re-make it")
 
 
 def check_classes(bundle: Bundle) -> None:
     """Each checkpoint was trained on the bundle's classes, and they fit the sample's header."""
-    from pipeline.submission import probability_columns_of, read_sample, submission_kind
-
     classes = bundle.data.classes
     for _, _, stem in bundle.checkpoints():
         theirs = read_json(bundle.folder / f"{stem}.json").get("classes")
@@ -163,7 +175,7 @@ def check_classes(bundle: Bundle) -> None:
             raise BundleError(f"{bundle.folder / stem}.json: trained on the classes {theirs}, but "
                               f"the bundle's class list is {classes}: re-make the bundle")
     sample_data = bundle.data.model_copy(update={"root": str(bundle.folder),
-                                                 "sample_submission": SAMPLE})
+                                                 "sample_submission": BUNDLE_SAMPLE})
     try:
         sample = read_sample(sample_data)
         kind = submission_kind(sample_data, sample)
@@ -173,7 +185,7 @@ def check_classes(bundle: Bundle) -> None:
         raise BundleError(f"the class list {classes} does not fit the bundle's sample "
                           f"submission: {err}") from None
     if kind != bundle.recipe["submission_kind"]:
-        raise BundleError(f"{bundle.folder / SAMPLE}: its header "
+        raise BundleError(f"{bundle.folder / BUNDLE_SAMPLE}: its header "
                           f"{','.join(sample.columns)!r} makes a {kind} submission, but the "
                           f"ensemble made a {bundle.recipe['submission_kind']} one for the "
                           f"classes {classes}: re-make the bundle")
@@ -181,14 +193,14 @@ def check_classes(bundle: Bundle) -> None:
 
 def load_bundle(folder: Path) -> Bundle:
     """Read and check a bundle folder (see the module docstring for what is checked)."""
-    manifest = read_json(folder / MANIFEST)
+    manifest = read_json(folder / BUNDLE_MANIFEST)
     check_version(folder, manifest)
     check_files(folder, manifest)
-    recipe = read_json(folder / RECIPE)
+    recipe = read_json(folder / BUNDLE_RECIPE)
     try:
         data = DataConfig(**{**recipe["data"], "classes": recipe["classes"]})
     except (KeyError, ValueError) as err:
-        raise BundleError(f"{folder / RECIPE}: its data settings do not load ({err}): re-make "
+        raise BundleError(f"{folder / BUNDLE_RECIPE}: its data settings do not load ({err}): re-make "
                           f"the bundle") from None
     bundle = Bundle(folder, manifest, recipe, data)
     check_listed(bundle)
@@ -200,7 +212,7 @@ def warn_versions(folder: Path) -> None:
     """A note when the installed third-party packages are not the versions the bundle pinned:
     predictions may then differ in the last digits."""
     differ = []
-    for line in (folder / REQUIREMENTS).read_text().splitlines():
+    for line in (folder / BUNDLE_REQUIREMENTS).read_text().splitlines():
         name, _, pinned = line.strip().partition("==")
         if not pinned:
             continue
@@ -211,7 +223,7 @@ def warn_versions(folder: Path) -> None:
         if installed != pinned:
             differ.append(f"{name} {installed} (bundle: {pinned})")
     if differ:
-        warn(f"installed packages differ from the bundle's {REQUIREMENTS}: "
+        warn(f"installed packages differ from the bundle's {BUNDLE_REQUIREMENTS}: "
              f"{summarize_offenders(differ)}; predictions may differ slightly")
 
 
@@ -229,10 +241,8 @@ def test_data(bundle: Bundle, images: Path, ids_csv: Path) -> DataConfig:
                                           "solution_csv": None})
 
 
-def test_set(data: DataConfig) -> tuple[list[str], list[Path]]:
+def test_images_of(data: DataConfig) -> tuple[list[str], list[Path]]:
     """The ids of --ids in order and their image files, all present."""
-    from pipeline.data import DataError, load_test_ids, test_image_paths
-
     ids, paths = load_test_ids(data), test_image_paths(data)
     missing = [i for i, p in zip(ids, paths) if not p.is_file()]
     if missing:
@@ -244,12 +254,12 @@ def test_set(data: DataConfig) -> tuple[list[str], list[Path]]:
 
 def output_data(bundle: Bundle, ids: list[str], folder: Path) -> DataConfig:
     """The sample submission of this run: the bundle's header, the ids of --ids, in `folder`."""
-    sample = pd.read_csv(bundle.folder / SAMPLE, dtype=str, keep_default_na=False)
+    sample = pd.read_csv(bundle.folder / BUNDLE_SAMPLE, dtype=str, keep_default_na=False)
     filler = {c: (sample[c].iloc[0] if len(sample) else "0") for c in sample.columns}
     frame = pd.DataFrame({c: ids if c == bundle.data.id_column else filler[c]
                           for c in sample.columns})
-    frame.to_csv(folder / SAMPLE, index=False)
-    return bundle.data.model_copy(update={"root": str(folder), "sample_submission": SAMPLE,
+    frame.to_csv(folder / BUNDLE_SAMPLE, index=False)
+    return bundle.data.model_copy(update={"root": str(folder), "sample_submission": BUNDLE_SAMPLE,
                                           "solution_csv": None})
 
 
@@ -263,23 +273,17 @@ class Slot:
 
     experiment: str
     part: str  # fold<k> or full
-    predictor: Any  # predict.CheckpointPredictor
+    predictor: CheckpointPredictor
     tta: TTAConfig
     source: int  # which of the decoded inputs (one per preprocessing) it reads
 
     def set_views(self, views: str) -> None:
-        from pipeline.predict import tta_views
-
         self.tta = self.tta.model_copy(update={"views": views})
-        self.predictor.views = tta_views(self.tta, self.predictor.config.augment.image_size)
+        self.predictor.set_views(self.tta)
 
 
 def load_weights(folder: Path, stem: str) -> tuple[torch.nn.Module, Config, dict]:
     """(model with its weights, config, {"normalization": ...}) of <stem>.json/.safetensors."""
-    from safetensors.torch import load_file
-
-    from pipeline.engine import model_from_config
-
     meta = read_json(folder / f"{stem}.json")
     try:
         config = config_from_dict(meta["config"])
@@ -298,8 +302,6 @@ def load_weights(folder: Path, stem: str) -> tuple[torch.nn.Module, Config, dict
 
 
 def load_slots(bundle: Bundle) -> list[Slot]:
-    from pipeline.predict import CheckpointPredictor
-
     slots, sources = [], {}
     for exp, part, stem in bundle.checkpoints():
         tta = TTAConfig(**bundle.recipe["experiments"][exp]["tta"])
@@ -325,10 +327,6 @@ class Inputs(Dataset):
 
 
 def inputs_loader(slots: list[Slot], paths: list[Path]):
-    from pipeline.cache import image_loader
-    from pipeline.data import ImageDataset
-    from pipeline.engine import make_loader
-
     first_of = {}
     for slot in slots:
         first_of.setdefault(slot.source, slot.predictor)
@@ -341,9 +339,6 @@ def inputs_loader(slots: list[Slot], paths: list[Path]):
 
 def run_batch(slots: list[Slot], inputs: list[torch.Tensor]) -> tuple[list[np.ndarray], list[float]]:
     """Each slot's probabilities (B, C) of one batch, views reduced, and its seconds."""
-    from pipeline.engine import view_logits
-    from pipeline.predict import reduce_views
-
     probs, seconds = [], []
     for slot in slots:
         start = time.perf_counter()
@@ -364,8 +359,6 @@ def estimate(n_images: int, n_first: int, load_s: float, seconds: list[float],
 
 
 def _views(slots: list[Slot]) -> list[int]:
-    from pipeline.predict import tta_views
-
     return [len(tta_views(s.tta, s.predictor.config.augment.image_size)) for s in slots]
 
 
@@ -400,8 +393,6 @@ def _seconds(value: float) -> str:
 
 
 def _plan_views(slot: Slot, views: str) -> list:
-    from pipeline.predict import tta_views
-
     return tta_views(slot.tta.model_copy(update={"views": views}),
                      slot.predictor.config.augment.image_size)
 
@@ -442,37 +433,21 @@ def predict_all(slots: list[Slot], paths: list[Path], time_limit: float | None,
 
 def experiment_probs(recipe: dict[str, Any], probs: dict[tuple[str, str], np.ndarray],
                      exp: str) -> np.ndarray:
-    """Its folds' mean, with its refit joined: (folds + w * refit) / (1 + w)."""
+    """Its folds' mean, with its refit joined at its weight (combine.fold_mean_with_refit)."""
     entry = recipe["experiments"][exp]
-    folds = [probs[(exp, c["part"])] for c in entry["checkpoints"] if c["part"] != "full"]
-    test = np.mean(folds, axis=0)
+    parts = [c["part"] for c in entry["checkpoints"]]
     weight = float(entry["refit_weight"])
-    if weight > 0:
-        test = (test + weight * probs[(exp, "full")]) / (1.0 + weight)
-    return test
+    refit = REFIT in parts and weight > 0
+    folds = [probs[(exp, part)] for part in parts if part != REFIT]
+    return fold_mean_with_refit(folds, probs[(exp, REFIT)] if refit else None, weight)
 
 
 def ensemble_probs(recipe: dict[str, Any], probs: dict[tuple[str, str], np.ndarray]) -> np.ndarray:
     """(N, C): each group's experiments averaged, the groups combined by the ensemble's method."""
-    from pipeline.ensemble import combine
-
     stack = np.stack([np.mean([experiment_probs(recipe, probs, e) for e in group], axis=0)
                       for group in recipe["groups"]])
     weights = recipe["weights"]
     return combine(stack, recipe["method"], None if weights is None else np.asarray(weights))
-
-
-def decoded(recipe: dict[str, Any], probs: np.ndarray) -> np.ndarray:
-    """What the submission holds: class indices (N,) of a fitted decoder, else the probabilities."""
-    from pipeline.decode import apply_thresholds, expected_grade
-    from pipeline.metrics import labels_at_cutoff
-
-    decode = recipe["decode"]
-    if decode["kind"] == "thresholds":
-        return apply_thresholds(expected_grade(probs), np.asarray(decode["thresholds"]))
-    if decode["kind"] == "cutoff":
-        return labels_at_cutoff(probs, float(decode["cutoff"]), int(decode["positive"]))
-    return probs
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,17 +457,15 @@ def decoded(recipe: dict[str, Any], probs: np.ndarray) -> np.ndarray:
 def run_infer(bundle_path: Path, images: Path, ids_csv: Path, out: Path,
               time_limit: float | None = None) -> Path:
     """Check the bundle, predict every image, write the submission to `out`; return `out`."""
-    from pipeline.submission import build_submission, write_submission
-
     started = time.perf_counter()
     print(f"pipeline {pipeline.__version__} ({Path(pipeline.__file__).parent})")
     with opened(bundle_path) as folder, tempfile.TemporaryDirectory(prefix="infer-") as tmp:
         bundle = load_bundle(folder)
         warn_versions(folder)
-        ids, paths = test_set(test_data(bundle, images, ids_csv))
+        ids, paths = test_images_of(test_data(bundle, images, ids_csv))
         slots = load_slots(bundle)
         probs = predict_all(slots, paths, time_limit, started)
-        predictions = decoded(bundle.recipe, ensemble_probs(bundle.recipe, probs))
+        predictions = apply_decoding(bundle.recipe["decode"], ensemble_probs(bundle.recipe, probs))
         data = output_data(bundle, ids, Path(tmp))
         write_submission(build_submission(data, ids, predictions), out, data)
         seconds = time.perf_counter() - started

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.utils.class_weight import compute_class_weight
 from torch.utils.data import WeightedRandomSampler
 
 from pipeline.config import ConfigError
@@ -34,10 +35,15 @@ def class_weights(targets: Sequence[int], num_classes: int, scheme: str | Sequen
         return weights
     if scheme == "none":
         return None
+    targets = np.asarray(targets, dtype=np.int64)
     # A class absent from the training fold gets the weight of a class seen once.
-    counts = np.maximum(np.bincount(np.asarray(targets), minlength=num_classes), 1).astype(np.float64)
+    counts = np.maximum(np.bincount(targets, minlength=num_classes), 1).astype(np.float64)
     if scheme == "inverse":
-        raw = 1.0 / counts
+        # sklearn's "balanced" weights, N / (C * n_c), are already scaled so that an image weighs
+        # 1 on average; an absent class joins once, as above
+        absent = np.flatnonzero(np.bincount(targets, minlength=num_classes) == 0)
+        raw = compute_class_weight("balanced", classes=np.arange(num_classes),
+                                   y=np.concatenate([targets, absent]))
     elif scheme == "sqrt_inverse":
         raw = 1.0 / np.sqrt(counts)
     elif scheme == "effective":

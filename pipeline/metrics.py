@@ -104,7 +104,7 @@ def higher_is_better(metric: str) -> bool:
 def score(metric: str, targets: np.ndarray, probs: np.ndarray, positive: int = 1) -> float:
     """The competition metric of probabilities `probs` (N, C) against `targets` (N,).
 
-    `positive` is the positive class's column for binary_f1 (DataConfig.positive_index).
+    `positive` is the positive class's column for binary_f1 (scoring.positive_index).
     """
     probs = np.asarray(probs, dtype=np.float64)
     probs = probs / probs.sum(axis=1, keepdims=True)  # float32 softmax rows sum to 1 +- 1e-7
@@ -117,7 +117,7 @@ def report_metrics(metric: str, targets: np.ndarray, probs: np.ndarray, ordinal:
                    positive: int = 1) -> dict:
     """The competition metric first, then the usual companions (accuracy, macro-F1, QWK, log-loss).
 
-    `positive`: the positive class's column, for binary_f1 (DataConfig.positive_index).
+    `positive`: the positive class's column, for binary_f1 (scoring.positive_index).
     """
     names = [metric] + [m for m in ("accuracy", "macro_f1", "log_loss") if m != metric]
     if ordinal and metric != "qwk":
@@ -205,7 +205,7 @@ def fit_cutoff(targets: np.ndarray, positive_probs: np.ndarray, metric: str,
 
     `targets` are class indices (N,), `positive_probs` (N,) the positive class's probabilities.
     Ties go to the cut-off nearest 0.5. Fitted on out-of-fold predictions, it must be scored on
-    rows it was not fitted on (see DESIGN.md, Honest scores).
+    rows it was not fitted on (README.md, "Honest scores").
     """
     if metric not in CUTOFF_METRICS:
         raise ValueError(f"a cut-off is fitted for {CUTOFF_METRICS}, not {metric!r} (ROC-AUC and "

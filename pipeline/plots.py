@@ -26,11 +26,13 @@ def confusion_frames(targets, predictions, classes: list[str]) -> tuple[pd.DataF
             pd.DataFrame(normalised.round(4), index=index, columns=columns))
 
 
-def write_confusion(targets, predictions, classes: list[str], out_dir: Path) -> None:
-    """confusion.csv (counts, then the row-normalised shares with a `_share` suffix) and .png."""
+def write_confusion(targets, predictions, classes: list[str], csv_path: Path,
+                    png_path: Path) -> None:
+    """The confusion matrix as CSV (counts, then the row-normalised shares with a `_share`
+    suffix) and as a picture of both."""
     counts, normalised = confusion_frames(targets, predictions, classes)
     table = pd.concat([counts, normalised.add_suffix("_share")], axis=1)
-    write_csv_atomic(table, out_dir / "confusion.csv", index=True)
+    write_csv_atomic(table, csv_path, index=True)
 
     size = max(4.0, 0.45 * len(classes) + 2)
     fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
@@ -47,7 +49,7 @@ def write_confusion(targets, predictions, classes: list[str], out_dir: Path) -> 
             ax.text(j, i, format(value, fmt), ha="center", va="center", fontsize=8,
                     color="white" if value > 0.6 * peak else "black")
     fig.tight_layout()
-    _save(fig, out_dir / "confusion.png")
+    save(fig, png_path)
 
 
 def write_curves(log: pd.DataFrame, metric: str, path: Path) -> None:
@@ -67,10 +69,15 @@ def write_curves(log: pd.DataFrame, metric: str, path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save(fig, path)
 
 
-def _save(fig, path: Path) -> None:
+def save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
+
+
+def figure(figsize: tuple[float, float]):
+    """(figure, axes) of one plot, drawn off-screen."""
+    return plt.subplots(figsize=figsize)

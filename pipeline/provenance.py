@@ -1,43 +1,26 @@
-"""Every artefact knows what made it: fingerprints, manifests, and the one freshness rule.
-
-    python -m pipeline status --data digits --model resnet18     # make status MODEL=resnet18
+"""Fingerprints and manifests: what every stage records of what it read and wrote.
 
 Each stage writes, last and atomically, a manifest beside its outputs (`<stage>.manifest.json`,
 modelled on DVC's `dvc.lock`): the fingerprints of what it read (`inputs`), the digests of what it
 wrote (`outputs`), and readable `details` (the settings themselves, counts) from which a message
-can say *what* changed. One function, `freshness`, decides for every stage whether its outputs are
-current: a manifest whose inputs equal the inputs computed now and whose outputs are on disk
-unchanged. Nothing else in the pipeline asks "is it done?".
+can say *what* changed. Which inputs each stage records, and the one rule that compares them with
+the inputs of now, live in pipeline/status.py; this module only hashes and reads/writes.
 
-The fingerprints (16 hex digits of a SHA-256):
-
-| input           | of                                                                        |
-|-----------------|---------------------------------------------------------------------------|
-| `rows`          | the labelled rows as read from train.csv (id, label, group) and the class list |
-| `folds`         | the fold assignment: folds/<competition>.csv's (id, label, fold, group)    |
-| `fold_settings` | folds.n_splits, folds.seed, the group rule, data.drop_bad_images           |
-| `settings`      | every setting that changes what training produces (`config.training_settings`) |
-| `train_images`  | each labelled image's id, size and modification time                      |
-| `checkpoint`    | the bytes of the best.pt a prediction came from                           |
-| `test`          | the test ids in order, and each test image's size and modification time   |
-| `tta`           | the TTA settings of a prediction                                          |
-| `epochs`        | the refit's epoch count and where it came from                            |
-| `members`       | an ensemble's member predictions (their manifests' digests) and its settings |
-
-What a stage does with the answer (`decide` says it in words):
-- current: skipped, in one line;
-- missing: done (an interrupted training resumes when its last.pt was made from the same inputs);
-- stale: redone where nothing is lost (folds, predictions), refused where a user's work would be
-  thrown away (a trained fold, a refit), with the inputs that changed and the remedy: FORCE=1, or
-  NAME= / another experiment file to keep both.
+Fingerprints are 16 hex digits of a SHA-256. File digests are remembered across processes in a
+small SQLite table keyed by (path, size, modification time, inode), as DVC's state database does:
+`make runs` or `make ensemble` over 50 experiments x 5 folds of ResNet-50 (~25 GB of checkpoints)
+then stats the files instead of reading them again (bench/runs_scale.py measures it). The table
+is a cache: when it cannot be opened (a read-only home, a damaged file) digests are computed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
+import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,29 +28,14 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.config import changed_keys
-from pipeline.utils import PipelineError, write_text_atomic
+from pipeline.utils import write_text_atomic
 
 FORMAT = 1  # of the manifest files; a manifest of another format is stale
 DIGITS = 16  # hex digits kept of each SHA-256: collisions are not a concern at 64 bits
-
-# What each input means to a user, for the messages that say what changed.
-INPUT_NAMES = {
-    "rows": "the labelled rows or the class list (train.csv)",
-    "folds": "the fold assignment (folds/<competition>.csv)",
-    "fold_settings": "the fold settings (folds.*, the group rule, data.drop_bad_images)",
-    "settings": "the settings",
-    "train_images": "the training images (files added, removed or modified)",
-    "checkpoint": "the checkpoint (best.pt was retrained)",
-    "test": "the test set (ids, or image files added, removed or modified)",
-    "tta": "the TTA settings",
-    "epochs": "the refit's epoch count",
-    "members": "the member predictions or ensemble settings",
-}
-
-
-class StaleError(PipelineError):
-    """A stage's earlier outputs were made from other inputs and redoing them would lose work."""
+# Files at least this large have their digest remembered across processes (checkpoints); a
+# smaller one (a CSV, a manifest) is hashed in microseconds, faster than a look-up.
+REMEMBER_BYTES = 1 << 20
+STATE_ENV = "PIPELINE_STATE"  # where the digest table lives; default ~/.cache/pipeline/
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,24 +51,81 @@ def fingerprint(value: Any) -> str:
     return digest_bytes(json.dumps(value, sort_keys=True, default=str).encode())
 
 
-def file_digest(path: Path | str) -> str:
-    """A digest of a file's bytes, read in 1 MiB chunks (a 100 MB checkpoint: ~0.2 s).
-
-    Remembered per (path, size, modification time) for the process: one `make ensemble` or
-    `make runs` asks for each best.pt several times (its training's outputs, its prediction's
-    input), and a rewritten file has another size or mtime.
-    """
-    stat = os.stat(path)
-    return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=4096)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
+def sha256_file(path: Path | str) -> str:
+    """The full SHA-256 of a file's bytes, read in 1 MiB chunks (~0.2 s for a 100 MB checkpoint)."""
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sha.update(chunk)
-    return sha.hexdigest()[:DIGITS]
+    return sha.hexdigest()
+
+
+def file_digest(path: Path | str) -> str:
+    """A digest of a file's bytes, remembered per (path, size, mtime, inode): in this process
+    always, across processes for files of REMEMBER_BYTES and more (see the module docstring)."""
+    resolved = str(Path(path).resolve())
+    stat = os.stat(resolved)
+    return _digest(resolved, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=8192)
+def _digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    key = (path, size, mtime_ns, inode)
+    remembered = _STATE.get(key) if size >= REMEMBER_BYTES else None
+    if remembered is not None:
+        return remembered
+    digest = sha256_file(path)[:DIGITS]
+    if size >= REMEMBER_BYTES:
+        _STATE.put(key, digest)
+    return digest
+
+
+class DigestState:
+    """The cross-process table of file digests (SQLite, one row per path)."""
+
+    def __init__(self) -> None:
+        self._connection: sqlite3.Connection | None = None
+        self._failed = False
+
+    def path(self) -> Path:
+        default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pipeline"
+        return Path(os.environ.get(STATE_ENV, default / "digests.sqlite"))
+
+    def _open(self) -> sqlite3.Connection | None:
+        if self._connection is None and not self._failed:
+            try:
+                self.path().parent.mkdir(parents=True, exist_ok=True)
+                connection = sqlite3.connect(self.path(), timeout=10)
+                connection.execute("PRAGMA synchronous=OFF")  # a cache: a lost row is recomputed
+                connection.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, "
+                                   "size INTEGER, mtime_ns INTEGER, inode INTEGER, digest TEXT)")
+                self._connection = connection
+            except (sqlite3.Error, OSError, ValueError):
+                self._failed = True
+        return self._connection
+
+    def get(self, key: tuple[str, int, int, int]) -> str | None:
+        connection = self._open()
+        if connection is None:
+            return None
+        with contextlib.suppress(sqlite3.Error):
+            row = connection.execute("SELECT size, mtime_ns, inode, digest FROM digests WHERE "
+                                     "path = ?", (key[0],)).fetchone()
+            if row is not None and tuple(row[:3]) == key[1:]:
+                return row[3]
+        return None
+
+    def put(self, key: tuple[str, int, int, int], digest: str) -> None:
+        connection = self._open()
+        if connection is None:
+            return
+        with contextlib.suppress(sqlite3.Error):
+            connection.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?)",
+                               (*key, digest))
+            connection.commit()
+
+
+_STATE = DigestState()
 
 
 def table_fingerprint(frame: pd.DataFrame, columns: Sequence[str]) -> str:
@@ -136,10 +161,6 @@ def images_fingerprint(ids: Sequence[str], paths: Sequence[Path]) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Manifests
-
-
-def manifest_path(folder: Path, stage: str) -> Path:
-    return Path(folder) / f"{stage}.manifest.json"
 
 
 @dataclass
@@ -181,68 +202,13 @@ def read_manifest(path: Path) -> Manifest | None:
                     content.get("outputs", {}), content.get("details", {}))
 
 
-# --------------------------------------------------------------------------------------------
-# The one freshness rule
-
-
-@dataclass
-class Freshness:
-    """Whether a stage's outputs are current, and if not, why (in words a user can act on)."""
-
-    state: str  # "current", "missing" (never finished) or "stale"
-    reasons: list[str] = field(default_factory=list)
-    manifest: Manifest | None = None
-
-    @property
-    def current(self) -> bool:
-        return self.state == "current"
-
-    def why(self) -> str:
-        return "; ".join(self.reasons) if self.reasons else self.state
-
-
-def input_changes(recorded: dict[str, str], now: dict[str, str],
-                  details_then: dict[str, Any] | None = None,
-                  details_now: dict[str, Any] | None = None) -> list[str]:
-    """What differs between two sets of input fingerprints, named for a user.
-
-    A changed `settings` input names the keys that changed when both sides recorded them.
-    """
-    reasons = []
-    for name in sorted(set(recorded) | set(now)):
-        if recorded.get(name) == now.get(name):
-            continue
-        what = INPUT_NAMES.get(name, name)
-        if name == "settings" and details_then and details_now and \
-                "settings" in details_then and "settings" in details_now:
-            keys = changed_keys(details_then["settings"], details_now["settings"])
-            if keys:
-                what = f"the settings ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
-            else:  # equal values, other keys: the pipeline's settings were added or removed
-                what = "the set of settings (this version of the pipeline has other ones)"
-        reasons.append(f"{what} changed" if name in recorded and name in now
-                       else f"{what} {'not recorded' if name in now else 'no longer used'}")
-    return reasons
-
-
-def freshness(path: Path, inputs: dict[str, str],
-              details: dict[str, Any] | None = None) -> Freshness:
-    """The one rule: current = a manifest with these inputs and its outputs unchanged on disk."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    if manifest is None:
-        return Freshness("missing", ["not run yet" if not path.exists() else
-                                     f"{path.name} unreadable or of an older format"])
-    reasons = input_changes(manifest.inputs, inputs, manifest.details, details)
+def outputs_problems(path: Path, manifest: Manifest) -> list[str]:
+    """The outputs a manifest lists that are missing or were modified after it was written."""
+    problems = []
     for name, digest in manifest.outputs.items():
-        output = path.parent / name
+        output = Path(path).parent / name
         if not output.is_file():
-            reasons.append(f"{name} is missing")
+            problems.append(f"{name} is missing")
         elif file_digest(output) != digest:
-            reasons.append(f"{name} was modified after the stage wrote it")
-    return Freshness("stale" if reasons else "current", reasons, manifest)
-
-
-def refuse_stale(what: str, fresh: Freshness, remedy: str) -> StaleError:
-    """The error for stale work that redoing would throw away."""
-    return StaleError(f"{what} was made from other inputs: {fresh.why()}.\n{remedy}")
+            problems.append(f"{name} was modified after the stage wrote it")
+    return problems

@@ -20,19 +20,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config, load_config
-from pipeline.folds import read_folds
-from pipeline.provenance import fingerprint, manifest_path, write_manifest
+from pipeline.config import Config, PseudoConfig, load_config, parse_models
+from pipeline.inference import predict_experiment
+from pipeline.layout import Layout
+from pipeline.members import Candidate, select_members
+from pipeline.probfiles import aligned_test
+from pipeline.provenance import fingerprint, write_manifest
+from pipeline.scoring import Scorer
+from pipeline.status import (cv_numbers, experiment_state, fold_numbers, read_folds, read_test_set)
+from pipeline.training.experiment import train_folds
 from pipeline.utils import PipelineError, format_table, write_csv_atomic
-
-
-def set_dir(config: Config, name: str) -> Path:
-    return config.pseudo_path / name
 
 
 def pseudo_targets(probs: np.ndarray, mode: str, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -45,100 +45,79 @@ def pseudo_targets(probs: np.ndarray, mode: str, threshold: float) -> tuple[np.n
     return keep, hard
 
 
-def make_pseudo_set(config: Config, models: list[str] | None) -> str:
-    """Write the pseudo-label set of the current members; returns its name."""
-    from pipeline.ensemble import aligned_test, select_members
-    from pipeline.predict import read_test_set
+def set_name(members: list[Candidate], sources: dict, settings: PseudoConfig) -> str:
+    """<members>-<mode><threshold>-<6 hex digits of the members' predictions and settings>."""
+    threshold = "" if settings.mode == "soft" else f"{settings.threshold:g}"
+    return (f"{'+'.join(c.name for c in members)}-{settings.mode}{threshold}-"
+            f"{fingerprint([sources, settings.model_dump()])[:6]}")
 
-    folds = read_folds(config)
+
+def fold_labels(members: list[Candidate], folds: pd.DataFrame, classes: list[str],
+                test_ids: list[str]) -> dict[str, np.ndarray]:
+    """{fold<k>: the members' mean fold-k test probabilities, full: the mean over the folds}."""
+    per_part = {}
+    for k in fold_numbers(folds):
+        probs = [aligned_test(c.state.exp.fold(k).test_probs, classes, test_ids)[1]
+                 for c in members]
+        per_part[members[0].state.exp.fold(k).name] = np.mean(probs, axis=0)
+    per_part[members[0].state.exp.refit.name] = np.mean(list(per_part.values()), axis=0)
+    return per_part
+
+
+def make_pseudo_set(config: Config, layout: Layout, models: list[str] | None) -> str:
+    """Write the pseudo-label set of the current members; returns its name."""
+    folds = read_folds(config.data, config.folds, layout)
     test_ids, test_fingerprint = read_test_set(config.data)
-    checks, left_out = select_members(config, models, folds, test_fingerprint, partial=False,
-                                      refit_weight=0.0)
+    members, left_out = select_members(config.data, layout, models, folds, test_fingerprint,
+                                       partial=False, refit_weight=0.0)
     for note in left_out:
         print(f"note: {note}")
     classes, settings = config.data.classes, config.pseudo
-    sources = {c.name: {k: (c.config.run_dir / f"fold{k}" / "predict.manifest.json").read_text()
-                        for k in c.folds} for c in checks}
-    threshold = "" if settings.mode == "soft" else f"{settings.threshold:g}"
-    name = (f"{'+'.join(c.name for c in checks)}-{settings.mode}{threshold}-"
-            f"{fingerprint([sources, settings.model_dump()])[:6]}")
-    out = set_dir(config, name)
-    per_fold = {}
-    for k in sorted(int(f) for f in folds["fold"].unique()):
-        members = [aligned_test(c.config.run_dir / f"fold{k}" / "test_probs.csv", classes,
-                                 test_ids)[1] for c in checks]
-        per_fold[f"fold{k}"] = np.mean(members, axis=0)
-    per_fold["full"] = np.mean(list(per_fold.values()), axis=0)
-    rows = []
-    for part, probs in per_fold.items():
+    sources = {c.name: {k: c.state.exp.fold(k).predict_manifest.read_text() for k in c.folds}
+               for c in members}
+    pseudo = layout.pseudo_set(set_name(members, sources, settings))
+    rows, outputs = [], []
+    for part, probs in fold_labels(members, folds, classes, test_ids).items():
         keep, targets = pseudo_targets(probs, settings.mode, settings.threshold)
         frame = pd.DataFrame(targets[keep], columns=classes)
         frame.insert(0, "id", np.asarray(test_ids, dtype=object)[keep])
-        write_csv_atomic(frame, out / f"{part}.csv")
+        write_csv_atomic(frame, pseudo.part(part))
+        outputs.append(pseudo.part(part))
         rows.append([part, int(keep.sum()), len(test_ids)])
-    write_manifest(manifest_path(out, "pseudo"), "pseudo",
+    write_manifest(pseudo.manifest, "pseudo",
                    {"members": fingerprint(sources), "test": test_fingerprint,
-                    "settings": fingerprint(settings.model_dump())},
-                   [out / f"{part}.csv" for part in per_fold],
-                   {"members": [c.name for c in checks], "settings": settings.model_dump()})
+                    "settings": fingerprint(settings.model_dump())}, outputs,
+                   {"members": [c.name for c in members], "settings": settings.model_dump()})
     print(format_table(rows, ["part", "pseudo-labelled", "test images"]))
-    print(f"pseudo-label set {name} ({settings.mode}) -> {out}")
-    return name
+    print(f"pseudo-label set {pseudo.name} ({settings.mode}) -> {pseudo.dir}")
+    return pseudo.name
 
 
-def read_pseudo(config: Config, part: str) -> tuple[list[str], np.ndarray]:
-    """(test ids, target distributions (N, C)) of one part (fold<k> or full) of train.pseudo."""
-    path = set_dir(config, config.train.pseudo) / f"{part}.csv"
-    if not path.is_file():
-        raise PipelineError(f"{path} not found: train.pseudo={config.train.pseudo} names no "
-                            f"pseudo-label set of {config.data.name}; run `make pseudo MODEL=...`")
-    frame = pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
-    return frame["id"].tolist(), frame[config.data.classes].to_numpy(np.float32)
-
-
-def pseudo_fingerprint(config: Config) -> str | None:
-    """The training input of a pseudo-label set: its manifest (the digests of every part)."""
-    if not config.train.pseudo:
-        return None
-    path = manifest_path(set_dir(config, config.train.pseudo), "pseudo")
-    if not path.is_file():
-        raise PipelineError(f"no pseudo-label set {config.train.pseudo} in {config.pseudo_path}: "
-                            f"run `make pseudo MODEL=...` first")
-    return fingerprint(path.read_text())
-
-
-def oof_score(config: Config) -> float | None:
-    from pipeline.train import current_folds
-
-    summary = config.run_dir / "summary.csv"
-    if not summary.is_file() or not current_folds(config, read_folds(config)):
-        return None
-    from pipeline.runs import cv_numbers, experiment_state, read_folds_unchecked
-    from pipeline.predict import read_test_set
-
+def oof_score(config: Config, layout: Layout) -> float | None:
+    """The out-of-fold score of an experiment's current folds (None: none current)."""
+    folds = read_folds(config.data, config.folds, layout)
     _, test_fingerprint = read_test_set(config.data)
-    state = experiment_state(config, config.run_name, read_folds_unchecked(config),
-                             test_fingerprint, None)
-    return None if state is None else cv_numbers(state)["oof"]
+    state = experiment_state(config.data, layout, config.run_name, folds, test_fingerprint)
+    if state is None or not state.current_folds:
+        return None
+    return cv_numbers(state, Scorer.of(config.data))["oof"]
 
 
 def main(args) -> None:
-    from pipeline.ensemble import parse_models
-    from pipeline.predict import run_predict
-    from pipeline.train import run_training
-
     if args.model is None:
         raise PipelineError("pseudo needs the experiment of round two: make pseudo MODEL=resnet18")
     first = load_config(args.data, args.model, args.overrides, name=args.name)
-    name = make_pseudo_set(first, parse_models(args.models))
+    layout = Layout.of(first)
+    name = make_pseudo_set(first, layout, parse_models(args.models))
     second = load_config(args.data, args.model, [*args.overrides, f"train.pseudo={name}"])
     if args.name:
         second = second.model_copy(update={"run_name": f"{args.name}-pseudo"})
     print(f"== round two: {second.run_name}")
-    run_training(second, args.folds, args.force)
-    run_predict(second, args.folds, args.force)
+    train_folds(second, layout, args.folds, args.force)
+    predict_experiment(second, layout, read_folds(second.data, second.folds, layout), args.folds,
+                       args.force, read_test_set(second.data))
     metric = first.data.metric
-    rows = [[first.run_name, "without pseudo-labels", oof_score(first)],
-            [second.run_name, f"with {name}", oof_score(second)]]
+    rows = [[first.run_name, "without pseudo-labels", oof_score(first, layout)],
+            [second.run_name, f"with {name}", oof_score(second, layout)]]
     print(format_table([[a, b, "-" if c is None else c] for a, b, c in rows],
                        ["experiment", "", f"oof {metric}"]))

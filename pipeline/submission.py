@@ -38,6 +38,7 @@ import pandas as pd
 from pipeline.config import DataConfig
 from pipeline.data import read_table
 from pipeline.metrics import one_hot, score
+from pipeline.scoring import class_index, positive_index, targets_of
 from pipeline.utils import PipelineError, summarize_offenders, write_csv_atomic
 
 # scored on hard labels; PROBABILITY_METRICS on probabilities
@@ -102,7 +103,7 @@ def submission_kind(data: DataConfig, sample: pd.DataFrame) -> str:
         how = "data.submission" if data.submission == "label" else \
             f"read off the header {','.join(sample.columns)!r} of {sample_path(data)}"
         binary = (f" or submission: positive_probability (one column holding the probability "
-                  f"of {data.classes[data.positive_index]!r})" if len(data.classes) == 2 else "")
+                  f"of {data.classes[positive_index(data)]!r})" if len(data.classes) == 2 else "")
         raise SubmissionError(
             f"data.metric is {data.metric}, which scores probabilities, but the submission is one "
             f"label per row ({how}): each label would count as a probability of 0 or 1. Set "
@@ -220,10 +221,11 @@ def build_submission(data: DataConfig, test_ids: Sequence[str],
                               f"probabilities, got shape {predictions.shape}")
     probs = predictions.astype(np.float64)[order]
     if kind == "positive_probability":
-        frame[prediction_column_of(sample, data)] = probs[:, data.positive_index]
+        frame[prediction_column_of(sample, data)] = probs[:, positive_index(data)]
     else:
+        index = class_index(data.classes)
         for column in probability_columns_of(sample, data):
-            frame[column] = probs[:, data.classes.index(column)]
+            frame[column] = probs[:, index[column]]
     return frame[list(sample.columns)]
 
 
@@ -363,13 +365,12 @@ def _submission_probs(frame: pd.DataFrame, data: DataConfig) -> np.ndarray:
     kind = submission_kind(data, sample)
     if kind == "label":
         labels = frame[label_column_of(frame, data)].astype(str)
-        index = labels.map({c: i for i, c in enumerate(data.classes)}).to_numpy(dtype=np.int64)
-        return one_hot(index, len(data.classes))
+        return one_hot(targets_of(labels, data.classes), len(data.classes))
     if kind == "positive_probability":
         positive = frame[prediction_column_of(sample, data)].to_numpy(dtype=np.float64)
         probs = np.empty((len(frame), 2), dtype=np.float64)
-        probs[:, data.positive_index] = positive
-        probs[:, 1 - data.positive_index] = 1.0 - positive
+        probs[:, positive_index(data)] = positive
+        probs[:, 1 - positive_index(data)] = 1.0 - positive
         return probs
     return frame[data.classes].to_numpy(dtype=np.float64)
 
@@ -389,6 +390,5 @@ def score_against_solution(data: DataConfig, frame: pd.DataFrame) -> float | Non
     if unknown:
         raise SubmissionError(f"{data.root_path / data.solution_csv}: no label for submission "
                               f"id(s) {summarize_offenders(unknown)}")
-    index = {c: i for i, c in enumerate(data.classes)}
-    targets = truth.loc[ids].map(index).to_numpy(dtype=np.int64)
-    return score(data.metric, targets, _submission_probs(frame, data), data.positive_index)
+    targets = targets_of(truth.loc[ids], data.classes)
+    return score(data.metric, targets, _submission_probs(frame, data), positive_index(data))

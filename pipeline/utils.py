@@ -1,11 +1,10 @@
-"""Small shared helpers: atomic writes, tables, seeding."""
+"""Small shared helpers: errors, atomic writes, tables, warnings."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -125,14 +124,6 @@ def markdown_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str
     out = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(out)
-
-
-def seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def warn(message: str) -> None:

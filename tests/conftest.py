@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from pipeline.config import Config, load_config
+from pipeline.layout import Layout
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,3 +75,35 @@ def digits_root(tmp_path_factory) -> Path:
 def _run_in_repo(monkeypatch):
     """Configs are found relative to the repo root, as with `make`."""
     monkeypatch.chdir(REPO)
+
+
+def experiment_dir(config: Config) -> Path:
+    """runs/<competition>/<experiment>/ of a config, as the layout places it."""
+    return Layout.of(config).experiment(config.run_name).dir
+
+
+def folds_csv(config: Config) -> Path:
+    return Layout.of(config).folds_csv
+
+
+def train(config: Config, folds: list[int] | None = None, force: bool = False):
+    """`make train` for a config built in a test (its folds and summary)."""
+    from pipeline.training.experiment import train_folds
+
+    return train_folds(config, Layout.of(config), folds, force)
+
+
+def predict(config: Config, folds: list[int] | None = None, force: bool = False) -> None:
+    """`make predict` for a config built in a test."""
+    from pipeline.inference import predict_experiment
+    from pipeline.status import read_folds, read_test_set
+
+    layout = Layout.of(config)
+    predict_experiment(config, layout, read_folds(config.data, config.folds, layout), folds,
+                       force, read_test_set(config.data))
+
+
+def read_folds_of(config: Config):
+    from pipeline.status import read_folds
+
+    return read_folds(config.data, config.folds, Layout.of(config))

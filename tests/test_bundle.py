@@ -19,7 +19,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from pipeline.__main__ import main as cli
-from pipeline.bundle import sha256_file
+from pipeline.provenance import sha256_file
 from tests.conftest import REPO
 from tests.test_provenance import Competition
 

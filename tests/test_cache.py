@@ -13,17 +13,19 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.cache as cache_module
+import pipeline.imagecache as cache_module
 import pipeline.engine as engine
 from pipeline.__main__ import main as cli
 from pipeline.augment import Normalizer, build_transforms, reseed
-from pipeline.cache import CachedReader, Preprocess, build_cache, cache_reader, crop_black_border
+from pipeline.imagecache import CachedReader, Preprocess, build_cache, cache_reader, crop_black_border
 from pipeline.config import AugmentConfig, CacheConfig, TTAConfig
 from pipeline.data import DataError, jpeg_reduction, read_image
 from pipeline.engine import predict_logits
-from pipeline.predict import tta_views
-from pipeline.folds import read_folds
-from pipeline.train import FoldTrainer, Rows
+from pipeline.inference import tta_views
+from pipeline.layout import Part
+from pipeline.training.parts import Rows, RunSpec
+from pipeline.training.run import make_trainer
+from tests.conftest import read_folds_of as read_folds
 from tests.conftest import make_competition
 from tests.test_train import tiny
 
@@ -296,10 +298,11 @@ def test_training_with_the_cache_gives_the_same_model(tmp_path):
         config = tiny(tmp_path / str(enabled), extra=[f"cache.enabled={enabled}",
                                                       f"cache.dir={tmp_path / 'cache'}"])
         folds = read_folds(config)
-        trainer = FoldTrainer(config, tmp_path / str(enabled) / "run", Rows.of(folds[folds.fold != 0]),
-                              Rows.of(folds[folds.fold == 0]), seed=0, tag="fold 0")
-        trainer.setup()
-        assert isinstance(trainer.read_image, CachedReader if enabled else Preprocess)
+        spec = RunSpec(Part(tmp_path / str(enabled) / "run"), Rows.of(folds[folds.fold != 0]),
+                       Rows.of(folds[folds.fold == 0]), seed=0, tag="fold 0", inputs={})
+        trainer = make_trainer(config, spec)
+        loader = trainer.parts.train_loader.dataset.loader
+        assert isinstance(loader, CachedReader if enabled else Preprocess)
         trainer.train_epoch(0)
         results.append(trainer.validate()[1])
     np.testing.assert_array_equal(results[0], results[1])

@@ -4,7 +4,7 @@ import sys
 import pandas as pd
 import pytest
 
-from pipeline.check import check_competition
+from pipeline.datacheck import check_competition
 from pipeline.config import load_config
 from pipeline.data import DataError, ImageReadError, image_paths, load_train_table, read_image
 from tests.conftest import REPO, make_competition

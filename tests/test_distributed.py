@@ -28,10 +28,10 @@ from pipeline.distributed import (
     shard_range,
 )
 from pipeline.models import create_model
-from pipeline.predict import CheckpointPredictor
-from pipeline.train import run_parallel_folds, run_training
+from pipeline.inference import CheckpointPredictor
+from pipeline.train import run_parallel_folds
 from pipeline.utils import PipelineError
-from tests.conftest import REPO
+from tests.conftest import REPO, experiment_dir, folds_csv, train
 from tests.test_train import FAST, tiny
 
 # --------------------------------------------------------------------------------------------
@@ -140,8 +140,8 @@ def test_parallel_folds_name_the_failed_fold(tmp_path):
     failing = [sys.executable, "-c", "import sys; print('boom'); sys.exit(2)"]
     with pytest.raises(PipelineError, match=r"fold \d \(exit 2\), fold \d \(exit 2\) failed"):
         run_parallel_folds(config, None, False, "2", failing)
-    assert "boom" in (config.run_dir / "fold1" / "train.log").read_text()
-    assert not (config.run_dir / "summary.csv").exists()
+    assert "boom" in (experiment_dir(config) / "fold1" / "train.log").read_text()
+    assert not (experiment_dir(config) / "summary.csv").exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,13 +176,13 @@ def _train_distributed(tmp_path):
     labels = [c for c in ("cat", "dog", "fox") for _ in range(9)]
     config = tiny(tmp_path, labels=labels)
     result = _torchrun("train", *_cli(config), "--folds", "1")
-    folds = pd.read_csv(config.folds_csv, dtype=str, keep_default_na=False)
+    folds = pd.read_csv(folds_csv(config), dtype=str, keep_default_na=False)
     return config, folds[folds["fold"] == "1"], result
 
 
 def test_distributed_fold_writes_oof_in_order_and_its_checkpoint_loads(tmp_path):
     config, valid, result = _train_distributed(tmp_path)
-    out = config.run_dir / "fold1"
+    out = experiment_dir(config) / "fold1"
     epochs = [line for line in result.stdout.splitlines() if line.startswith("fold 1 epoch")]
     assert len(epochs) == 2, result.stdout  # printed by rank 0 alone
     assert len(pd.read_csv(out / "log.csv")) == 2
@@ -202,7 +202,7 @@ def test_distributed_fold_writes_oof_in_order_and_its_checkpoint_loads(tmp_path)
 @pytest.mark.slow
 def test_distributed_resume_and_tta_predict(tmp_path):
     config, valid, _ = _train_distributed(tmp_path)
-    out = config.run_dir / "fold1"
+    out = experiment_dir(config) / "fold1"
     # Resume: every rank loads last.pt (the run had finished; only oof.csv is missing).
     first = (out / "oof.csv").read_bytes()
     (out / "oof.csv").unlink()  # as if killed before the fold's last files were written
@@ -229,8 +229,8 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path):
     labels = [c for c in ("cat", "dog", "fox") for _ in range(8)]
     model = ["model.name=timm/test_convnext", "augment.image_size=32", "train.epochs=1"]
     config = tiny(tmp_path, labels=labels, extra=model)
-    run_training(config, [0], force=False)  # the reference: one process, batch 4
-    reference = torch.load(config.run_dir / "fold0" / "last.pt", weights_only=True)["model"]
+    train(config, [0], force=False)  # the reference: one process, batch 4
+    reference = torch.load(experiment_dir(config) / "fold0" / "last.pt", weights_only=True)["model"]
 
     runs = tmp_path / "ddp_runs"
     _torchrun("train", *_cli(config, [*model, f"runs_dir={runs}"]), "--folds", "0")
@@ -246,8 +246,8 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path):
 
 def test_parallel_folds_write_what_sequential_runs_write(tmp_path, capsys):
     config = tiny(tmp_path, extra=["train.epochs=1"])
-    run_training(config, None, force=False)  # sequential reference, in this process
-    reference = {k: (config.run_dir / f"fold{k}" / "oof.csv").read_bytes() for k in (0, 1)}
+    train(config, None, force=False)  # sequential reference, in this process
+    reference = {k: (experiment_dir(config) / f"fold{k}" / "oof.csv").read_bytes() for k in (0, 1)}
 
     # The CLI in this process; the two folds run as child processes at once.
     runs = tmp_path / "parallel_runs"

@@ -8,18 +8,21 @@ import pytest
 import yaml
 from sklearn.metrics import cohen_kappa_score
 
-from pipeline import ensemble
+from tests.conftest import experiment_dir
+from pipeline import combine as combine_module
 from pipeline.__main__ import main as cli
+from pipeline.combine import combine, combine_members, rank_normalise
 from pipeline.config import load_config, save_config
 from pipeline.decode import decode_cutoff, decode_thresholds, expected_grade, fit_thresholds
-from pipeline.ensemble import (EnsembleError, check_member, combine, combine_members,
-                               ensemble_runs, load_member, rank_normalise)
-from pipeline.folds import read_folds, write_folds
-from pipeline.predict import predict_inputs, read_test_set
-from pipeline.provenance import manifest_path, write_manifest
-from pipeline.refit import refit_inputs
-from pipeline.train import training_inputs
+from pipeline.ensemble import ensemble_runs
+from pipeline.folds import write_folds
+from pipeline.layout import Layout
+from pipeline.members import EnsembleError, candidate, load_member
 from pipeline.metrics import quadratic_weighted_kappa, score
+from pipeline.provenance import write_manifest
+from pipeline.scoring import Scorer
+from pipeline.status import predict_inputs, refit_plan, read_test_set, training_inputs
+from tests.conftest import read_folds_of as read_folds
 
 TEST_IDS = [f"t{i:03d}" for i in range(12)]
 
@@ -74,53 +77,57 @@ def write_run(config, name, oof, test, folds=None, tta_folds=(), refit=None):
     table = read_folds(config)
     classes = config.data.classes
     member = config.model_copy(update={"run_name": name})
-    run = member.run_dir
-    save_config(member, run / "config.yaml")
-    inputs, details = training_inputs(member, table)
+    layout = Layout.of(member)
+    exp = layout.experiment(name)
+    save_config(member, exp.config)
+    inputs, details = training_inputs(member, table, layout)
     _, test_fingerprint = read_test_set(member.data)
     for k in folds if folds is not None else sorted(table["fold"].unique()):
-        fold_dir = run / f"fold{k}"
-        fold_dir.mkdir(parents=True)
+        part = exp.fold(k)
+        part.dir.mkdir(parents=True)
         rows = np.flatnonzero(table["fold"].to_numpy() == k)[::-1]  # not in folds.csv order
         frame = pd.DataFrame({"id": table["id"].to_numpy()[rows],
                               "label": table["label"].to_numpy()[rows]})
         frame[classes] = oof[rows]
-        frame.to_csv(fold_dir / "oof.csv", index=False)
+        frame.to_csv(part.oof, index=False)
         if k in tta_folds:
-            frame.to_csv(fold_dir / "oof_tta.csv", index=False)
-            (fold_dir / "oof.csv").write_text(frame.assign(**{c: 1 / len(classes) for c in classes})
-                                              .to_csv(index=False))
+            frame.to_csv(part.oof_tta, index=False)
+            part.oof.write_text(frame.assign(**{c: 1 / len(classes) for c in classes})
+                                .to_csv(index=False))
         test_frame = pd.DataFrame({"id": TEST_IDS})
         test_frame[classes] = test(k) if callable(test) else test
-        test_frame.to_csv(fold_dir / "test_probs.csv", index=False)
-        (fold_dir / "best.pt").write_bytes(f"{name} fold {k}".encode())
+        test_frame.to_csv(part.test_probs, index=False)
+        part.best.write_bytes(f"{name} fold {k}".encode())
         pd.DataFrame({"epoch": [1], config.data.metric: [0.5], "valid_loss": [0.7],
-                      "seconds": [1.0]}).to_csv(fold_dir / "log.csv", index=False)
-        save_config(member, fold_dir / "config.yaml")
-        write_manifest(manifest_path(fold_dir, "train"), "train", inputs,
-                       [fold_dir / "best.pt", fold_dir / "oof.csv"], details)
+                      "seconds": [1.0]}).to_csv(part.log, index=False)
+        save_config(member, part.config)
+        write_manifest(part.train_manifest, "train", inputs, [part.best, part.oof], details)
         valid = table[table["fold"] == k]
-        outputs = [fold_dir / "test_probs.csv"] + ([fold_dir / "oof_tta.csv"] if k in tta_folds else [])
-        write_manifest(manifest_path(fold_dir, "predict"), "predict",
-                       predict_inputs(member, fold_dir, test_fingerprint, valid), outputs)
+        outputs = [part.test_probs] + ([part.oof_tta] if k in tta_folds else [])
+        write_manifest(part.predict_manifest, "predict",
+                       predict_inputs(part, member.tta, test_fingerprint, valid), outputs)
     if refit is not None:
-        full = run / "full"
-        full.mkdir()
+        full = exp.refit
+        full.dir.mkdir()
         frame = pd.DataFrame({"id": TEST_IDS})
         frame[classes] = refit
-        frame.to_csv(full / "test_probs.csv", index=False)
-        (full / "best.pt").write_bytes(f"{name} full".encode())
-        refit_in, refit_details, *_ = refit_inputs(member, table)
-        write_manifest(manifest_path(full, "train"), "refit", refit_in, [full / "best.pt"],
-                       refit_details)
-        write_manifest(manifest_path(full, "predict"), "predict",
-                       predict_inputs(member, full, test_fingerprint, None), [full / "test_probs.csv"])
-    return run
+        frame.to_csv(full.test_probs, index=False)
+        full.best.write_bytes(f"{name} full".encode())
+        plan = refit_plan(member, table, layout)
+        write_manifest(full.train_manifest, "refit", plan.inputs, [full.best], plan.details)
+        write_manifest(full.predict_manifest, "predict",
+                       predict_inputs(full, member.tta, test_fingerprint, None), [full.test_probs])
+    return exp.dir
 
 
 def member_check(config, name, refit_weight=None):
     _, test_fingerprint = read_test_set(config.data)
-    return check_member(name, config, read_folds(config), test_fingerprint, refit_weight)
+    return candidate(config.data, Layout.of(config), name, read_folds(config), test_fingerprint,
+                     refit_weight, partial=False)
+
+
+def scorer(metric, classes=3, positive=1):
+    return Scorer(tuple(str(c) for c in range(classes)), metric, False, positive)
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +139,7 @@ def test_identical_members_equal_each_member(method):
     targets = np.arange(50) % 4
     member = member_probs(targets, 4, skill=1.0, seed=1)
     stack = np.stack([member] * 3)
-    result = combine_members(stack, stack, targets, method, "accuracy")
+    result = combine_members(stack, stack, targets, method, scorer("accuracy"))
     expected = member if method != "rank" else rank_normalise(member) / rank_normalise(
         member).sum(axis=1, keepdims=True)
     assert np.allclose(result.oof, expected) and np.allclose(result.test, expected)
@@ -154,8 +161,8 @@ def test_fitted_weights_favour_the_good_member_and_never_score_worse():
     noisy = member_probs(targets, 3, skill=0.2, seed=2)
     stack = np.stack([good, noisy])
     for metric in ("accuracy", "log_loss"):
-        fitted = combine_members(stack, stack, targets, "fitted", metric)
-        equal = combine_members(stack, stack, targets, "mean", metric)
+        fitted = combine_members(stack, stack, targets, "fitted", scorer(metric))
+        equal = combine_members(stack, stack, targets, "mean", scorer(metric))
         assert fitted.weights[0] > 0.8 and fitted.weights.sum() == pytest.approx(1.0)
         assert (fitted.weights >= 0).all()
         fitted_score, equal_score = (score(metric, targets, r.oof) for r in (fitted, equal))
@@ -165,8 +172,8 @@ def test_fitted_weights_favour_the_good_member_and_never_score_worse():
 def test_fitted_weights_fall_back_to_equal_when_worse(monkeypatch):
     targets = np.arange(300) % 3
     stack = np.stack([member_probs(targets, 3, 2.5, 1), member_probs(targets, 3, 0.0, 2)])
-    monkeypatch.setattr(ensemble, "fit_weights", lambda oof, t: np.array([0.0, 1.0]))
-    result = combine_members(stack, stack, targets, "fitted", "accuracy")
+    monkeypatch.setattr(combine_module, "fit_weights", lambda oof, t: np.array([0.0, 1.0]))
+    result = combine_members(stack, stack, targets, "fitted", scorer("accuracy"))
     assert np.allclose(result.weights, [0.5, 0.5])
     assert "worse than equal weights" in result.notes[0]
 
@@ -217,9 +224,9 @@ def test_member_reads_tta_first_and_joins_the_refit(tmp_path):
     refit = member_probs(np.zeros(12, int), 3, 0.0, seed=20)
     write_run(config, "m", oof, lambda k: fold_tests[k], tta_folds=(0, 2), refit=refit)
 
-    check = member_check(config, "m")
+    check = member_check(config, "m", refit_weight=0.5)
     assert check.problems == [] and check.refit and check.folds == [0, 1, 2]
-    member = load_member(check, read_folds(config), config.data.classes, refit_weight=0.5)
+    member = load_member(check, read_folds(config), config.data.classes)
     assert member.oof_source == "oof (fold 1), oof_tta (fold 0,2)"
     assert member.oof_ids == read_folds(config)["id"].tolist()
     assert np.allclose(member.oof, oof)  # back in folds.csv order, TTA files where present
@@ -381,7 +388,7 @@ def test_fitted_weights_are_scored_out_of_fold():
     good, noise = member_probs(targets, 3, 2.0, 1), member_probs(targets, 3, 0.0, 2)
     stack = np.stack([good, noise])
     row_folds = np.arange(60) % 3
-    combined = combine_members(stack, stack[:, :10], targets, "fitted", "log_loss", row_folds)
+    combined = combine_members(stack, stack[:, :10], targets, "fitted", scorer("log_loss"), row_folds)
     assert combined.weights[0] > combined.weights[1]
     in_sample = score("log_loss", targets, combined.oof)
     nested = score("log_loss", targets, combined.oof_nested)

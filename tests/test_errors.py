@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.check import check_competition
+from pipeline.datacheck import check_competition
 from pipeline.config import load_config
 from pipeline.data import DataError, load_train_table, read_table
 from pipeline.engine import load_checkpoint

@@ -12,7 +12,8 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from pipeline import data as data_module
-from pipeline.check import check_competition, check_sample_submission
+from pipeline.scoring import positive_index
+from pipeline.datacheck import check_competition, check_sample_submission
 from pipeline.config import ConfigError, load_config
 from pipeline.data import DataError, load_train_table
 from pipeline.submission import (SubmissionError, build_submission, resolved_submission_kind,
@@ -100,7 +101,7 @@ def test_positive_class_picks_the_submitted_column(tmp_path):
     sample = pd.DataFrame({"id": IDS, "target": 0})
     solution = pd.DataFrame({"id": IDS, "label": ["0", "1", "1", "0"]})
     data = competition(tmp_path, [0, 1], sample, solution, metric="log_loss", positive_class=0)
-    assert data.positive_class == "0" and data.positive_index == 0
+    assert data.positive_class == "0" and positive_index(data) == 0
     probs = np.array([[0.8, 0.2], [0.1, 0.9], [0.3, 0.7], [0.6, 0.4]])
     frame = build_submission(data, IDS, probs)
     assert frame["target"].tolist() == [0.8, 0.1, 0.3, 0.6]  # p(class 0)

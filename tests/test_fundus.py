@@ -9,8 +9,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-import pipeline.cache as cache_module
-from pipeline.cache import (
+import pipeline.imagecache as cache_module
+from pipeline.imagecache import (
     RIM_FRACTION,
     CachedReader,
     Preprocess,

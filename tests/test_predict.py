@@ -3,12 +3,14 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.conftest import experiment_dir, train, predict
 from pipeline.augment import Normalizer
 from pipeline.config import TTAConfig
 from pipeline.data import ImageDataset
-from pipeline.engine import make_loader, predict_logits, softmax
-from pipeline.predict import reduce_views, run_predict, tta_views
-from pipeline.train import run_training
+from scipy.special import softmax
+
+from pipeline.engine import make_loader, predict_logits
+from pipeline.inference import reduce_views, tta_views
 from tests.test_train import tiny
 
 
@@ -66,23 +68,23 @@ def test_batched_tta_matches_views_one_by_one(tmp_path):
     for v, view in enumerate(views):
         np.testing.assert_allclose(logits[v], model(normalizer(view(batch))).numpy(), rtol=1e-5)
     probs = reduce_views(logits, "mean")
-    np.testing.assert_allclose(probs, softmax(logits.astype(np.float64)).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(probs, softmax(logits.astype(np.float64), axis=-1).mean(0), rtol=1e-6)
     geo = reduce_views(logits, "geomean")
     np.testing.assert_allclose(geo.sum(1), 1)
 
 
 def test_predict_writes_test_and_oof_tta(tmp_path, capsys):
     config = tiny(tmp_path, extra=["train.epochs=1", "tta.views=flips"])
-    run_training(config, None, force=False)
-    run_predict(config, None, force=False)
+    train(config, None, force=False)
+    predict(config, None, force=False)
     out = capsys.readouterr().out
     assert "without TTA" in out and "with flips TTA" in out
     for fold in (0, 1):
-        test = pd.read_csv(config.run_dir / f"fold{fold}" / "test_probs.csv", dtype={"id": str})
+        test = pd.read_csv(experiment_dir(config) / f"fold{fold}" / "test_probs.csv", dtype={"id": str})
         assert test["id"].tolist() == ["t000", "t001", "t002", "t003"]
         assert list(test.columns) == ["id", "cat", "dog", "fox"]
-        oof = pd.read_csv(config.run_dir / f"fold{fold}" / "oof_tta.csv", dtype={"id": str})
-        plain = pd.read_csv(config.run_dir / f"fold{fold}" / "oof.csv", dtype={"id": str})
+        oof = pd.read_csv(experiment_dir(config) / f"fold{fold}" / "oof_tta.csv", dtype={"id": str})
+        plain = pd.read_csv(experiment_dir(config) / f"fold{fold}" / "oof.csv", dtype={"id": str})
         assert oof["id"].tolist() == plain["id"].tolist()
-    run_predict(config, None, force=False)  # current: skipped
+    predict(config, None, force=False)  # current: skipped
     assert "predictions are current" in capsys.readouterr().out

@@ -12,7 +12,8 @@ import torch
 
 from pipeline.__main__ import main as cli
 from pipeline.config import load_config
-from pipeline.provenance import fingerprint, freshness, write_manifest
+from pipeline.provenance import fingerprint, write_manifest
+from pipeline.status import freshness
 from tests.conftest import make_competition, write_image
 
 FAST = ["augment.image_size=16", "train.batch_size=4", "train.epochs=1", "train.workers=0"]

@@ -10,14 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-import pipeline.train as train_module
+from pipeline.training.loop import Trainer
+from tests.conftest import experiment_dir, train
 from pipeline.__main__ import main as cli
 from pipeline.config import load_config
 from pipeline.decode import apply_thresholds, expected_grade
 from pipeline.engine import grade_to_probs
 from pipeline.folds import make_folds
 from pipeline.losses import SoftTargetLoss, build_mixer
-from pipeline.train import run_training
 from tests.test_provenance import Competition
 
 GRADES = [c for c in ("0", "1", "2") for _ in range(6)]
@@ -41,19 +41,19 @@ def test_a_regression_grade_is_encoded_and_decoded_exactly():
 
 def test_regression_head_writes_grades_and_probabilities(tmp_path):
     _, config = ordinal(tmp_path, "model.head=regression")
-    run_training(config, [0], force=False)
-    oof = pd.read_csv(config.run_dir / "fold0" / "oof.csv", dtype={"id": str, "label": str})
+    train(config, [0], force=False)
+    oof = pd.read_csv(experiment_dir(config) / "fold0" / "oof.csv", dtype={"id": str, "label": str})
     assert list(oof.columns) == ["id", "label", "0", "1", "2", "grade"]
     np.testing.assert_allclose(oof[["0", "1", "2"]].sum(axis=1), 1, atol=1e-9)
     np.testing.assert_allclose(expected_grade(oof[["0", "1", "2"]].to_numpy()), oof["grade"])
-    checkpoint = torch.load(config.run_dir / "fold0" / "best.pt", weights_only=True)
+    checkpoint = torch.load(experiment_dir(config) / "fold0" / "best.pt", weights_only=True)
     assert checkpoint["model"]["fc.weight"].shape[0] == 1  # one output: the grade
 
 
 def test_ema_weights_are_the_ones_saved_and_differ_from_the_raw_ones(tmp_path):
     _, config = ordinal(tmp_path, "train.ema=true", "train.ema_decay=0.9", "train.epochs=1")
-    run_training(config, [0], force=False)
-    fold = config.run_dir / "fold0"
+    train(config, [0], force=False)
+    fold = experiment_dir(config) / "fold0"
     best = torch.load(fold / "best.pt", weights_only=True)["model"]
     last = torch.load(fold / "last.pt", weights_only=True)
     key = "fc.weight"
@@ -85,8 +85,8 @@ def test_soft_targets_of_one_hot_labels_are_the_weighted_cross_entropy():
 
 def test_accumulation_and_averaged_best_epochs(tmp_path):
     _, config = ordinal(tmp_path, "train.accumulate=2", "train.average_best=2", "train.epochs=3")
-    run_training(config, [0], force=False)
-    fold = config.run_dir / "fold0"
+    train(config, [0], force=False)
+    fold = experiment_dir(config) / "fold0"
     last = torch.load(fold / "last.pt", weights_only=True)
     # 9 training images, batch 4: 2 micro-batches (drop_last), 1 optimiser step per epoch
     assert last["optimizer_steps"] == 3
@@ -97,23 +97,23 @@ def test_accumulation_and_averaged_best_epochs(tmp_path):
 def test_a_killed_run_with_ema_and_mixup_resumes_to_the_same_weights(tmp_path, monkeypatch):
     recipe = ["train.ema=true", "train.ema_decay=0.9", "train.mixup=0.4", "train.epochs=2"]
     _, reference = ordinal(tmp_path / "a", *recipe)
-    run_training(reference, [0], force=False)
+    train(reference, [0], force=False)
     _, resumed = ordinal(tmp_path / "b", *recipe)
-    original = train_module.FoldTrainer.train_epoch
+    original = Trainer.train_epoch
 
     def die_at_second_epoch(self, epoch):
         if epoch == 1:
             raise KeyboardInterrupt
         return original(self, epoch)
 
-    monkeypatch.setattr(train_module.FoldTrainer, "train_epoch", die_at_second_epoch)
+    monkeypatch.setattr(Trainer, "train_epoch", die_at_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        run_training(resumed, [0], force=False)
-    monkeypatch.setattr(train_module.FoldTrainer, "train_epoch", original)
-    run_training(resumed, [0], force=False)
+        train(resumed, [0], force=False)
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    train(resumed, [0], force=False)
     for name, key in (("last.pt", "model"), ("last.pt", "ema"), ("best.pt", "model")):
-        a = torch.load(reference.run_dir / "fold0" / name, weights_only=True)[key]
-        b = torch.load(resumed.run_dir / "fold0" / name, weights_only=True)[key]
+        a = torch.load(experiment_dir(reference) / "fold0" / name, weights_only=True)[key]
+        b = torch.load(experiment_dir(resumed) / "fold0" / name, weights_only=True)[key]
         for tensor in a:
             torch.testing.assert_close(a[tensor], b[tensor], rtol=0, atol=0, msg=f"{name} {tensor}")
 

@@ -1,10 +1,12 @@
 import pandas as pd
 import pytest
 
+from tests.conftest import experiment_dir, read_folds_of, train
 from pipeline.config import load_config
-from pipeline.folds import read_folds
-from pipeline.refit import best_epochs, refit_epochs, run_refit
-from pipeline.train import run_training
+from pipeline.layout import Layout
+from pipeline.refit import run_refit
+from pipeline.scoring import best_epochs
+from pipeline.status import fold_best_epochs, refit_epochs
 from pipeline.utils import PipelineError
 from tests.test_train import tiny
 
@@ -32,21 +34,23 @@ def test_an_undefined_metric_picks_the_lowest_validation_loss():
 
 def test_epoch_count_from_current_folds_or_the_setting(tmp_path):
     config = tiny(tmp_path, extra=["train.epochs=2"])
-    folds = read_folds(config)
+    exp = Layout.of(config).experiment(config.run_name)
     with pytest.raises(PipelineError, match=r"run `make train MODEL=resnet20-\S+` first"):
-        refit_epochs(config, folds)
+        refit_epochs(config.refit, config.run_name, [])
     fixed = config.model_copy(update={"refit": config.refit.model_copy(update={"epochs": 7})})
-    assert refit_epochs(fixed, folds) == (7, "refit.epochs")
-    run_training(config, None, force=False)
-    epochs, source = refit_epochs(config, folds)
+    assert refit_epochs(fixed.refit, fixed.run_name, []) == (7, "refit.epochs")
+    train(config, None, force=False)
+    folds = sorted(read_folds_of(config)["fold"].unique())
+    epochs, source = refit_epochs(config.refit, config.run_name,
+                                  fold_best_epochs(exp, folds, "accuracy"))
     assert 1 <= epochs <= 2 and source.startswith("median best epoch of folds")
 
 
 def test_refit_trains_on_all_rows_and_writes_a_submission(tmp_path):
     config = tiny(tmp_path, extra=["train.epochs=2", f"submissions_dir={tmp_path / 'subs'}"])
-    run_training(config, None, force=False)
+    train(config, None, force=False)
     result = run_refit(config, force=False)
-    full = config.run_dir / "full"
+    full = experiment_dir(config) / "full"
     log = pd.read_csv(full / "log.csv")
     assert len(log) == result["epochs"] and "valid_loss" not in log
     test = pd.read_csv(full / "test_probs.csv", dtype={"id": str})
@@ -60,19 +64,19 @@ def test_refit_trains_on_all_rows_and_writes_a_submission(tmp_path):
 
 
 def test_refit_walks_the_folds_learning_rate_path():
-    from pipeline.train import FoldPath, lr_factor
+    from pipeline.schedule import FoldPath, lr_factor
 
     # folds: 30 epochs of 10 steps, cosine with 1 warm-up epoch; CV chose epoch 18
     folds = load_config("digits", "resnet20", ["train.epochs=30", "train.warmup_epochs=1"])
-    fold = lr_factor(folds, 10)
+    fold = lr_factor(folds.train, 10)
     refit = folds.model_copy(update={"train": folds.train.model_copy(update={"epochs": 18})})
     path = FoldPath(steps_per_epoch=10, epochs=30, until=18)
-    walked = lr_factor(refit, 12, path)  # the full data: 12 steps per epoch (K=6)
+    walked = lr_factor(refit.train, 12, path)  # the full data: 12 steps per epoch (K=6)
     for refit_step in (0, 11, 100, 215):  # the refit's steps map onto the folds' by progress
         assert walked(refit_step) == pytest.approx(fold(refit_step * 18 * 10 / (18 * 12)))
     assert walked(18 * 12 - 1) == pytest.approx(fold(180 - 1), abs=1e-3)
     assert walked(18 * 12 - 1) > 0.3  # ends where the validated models were, not decayed to 0
-    squeezed = lr_factor(refit, 12)  # the old way: the whole cosine in 18 epochs
+    squeezed = lr_factor(refit.train, 12)  # the old way: the whole cosine in 18 epochs
     assert squeezed(18 * 12 - 1) < 0.01
 
     # multistep: the milestones stay at the folds' epochs (a refit past them decays there)
@@ -80,5 +84,5 @@ def test_refit_walks_the_folds_learning_rate_path():
                                                "train.scheduler=multistep",
                                                "train.milestones=[20,25]"])
     longer = steps.model_copy(update={"train": steps.train.model_copy(update={"epochs": 22})})
-    walked = lr_factor(longer, 10, FoldPath(10, 30, until=22))
+    walked = lr_factor(longer.train, 10, FoldPath(10, 30, until=22))
     assert walked(19 * 10) == pytest.approx(1.0) and walked(21 * 10) == pytest.approx(0.1)

@@ -13,8 +13,8 @@ from pipeline.data import ImageReadError
 from pipeline.folds import make_folds
 from pipeline.losses import FocalLoss, class_weights
 from pipeline.utils import PipelineError
-from pipeline.train import lr_factor, run_training
-from tests.conftest import REPO, make_competition
+from pipeline.schedule import lr_factor
+from tests.conftest import REPO, make_competition, experiment_dir, folds_csv, train
 
 FAST = ["augment.image_size=16", "train.batch_size=4", "train.epochs=2", "train.workers=0",
         "train.lr=0.02", "model.name=resnet20"]
@@ -32,24 +32,24 @@ def tiny(tmp_path, labels=None, extra=(), n_splits=2):
 
 def test_one_fold_writes_every_file(tmp_path):
     config = tiny(tmp_path)
-    run_training(config, [0], force=False)
-    out = config.run_dir / "fold0"
+    train(config, [0], force=False)
+    out = experiment_dir(config) / "fold0"
     for name in ("config.yaml", "best.pt", "last.pt", "log.csv", "oof.csv", "confusion.csv",
                  "confusion.png", "curves.png"):
         assert (out / name).is_file(), name
     log = pd.read_csv(out / "log.csv")
     assert log["epoch"].tolist() == [1, 2]
     assert {"train_loss", "valid_loss", "accuracy", "macro_f1", "log_loss", "lr", "seconds"} <= set(log)
-    folds = pd.read_csv(config.folds_csv, dtype=str)
+    folds = pd.read_csv(folds_csv(config), dtype=str)
     oof = pd.read_csv(out / "oof.csv", dtype={"id": str})
     assert oof["id"].tolist() == folds.loc[folds["fold"] == "0", "id"].tolist()
     assert list(oof.columns) == ["id", "label", "cat", "dog", "fox"]
     np.testing.assert_allclose(oof[["cat", "dog", "fox"]].sum(axis=1), 1, atol=1e-5)
     confusion = pd.read_csv(out / "confusion.csv", index_col=0)
     assert confusion[["cat", "dog", "fox"]].to_numpy().sum() == len(oof)
-    summary = pd.read_csv(config.run_dir / "summary.csv")
+    summary = pd.read_csv(experiment_dir(config) / "summary.csv")
     assert summary["fold"].tolist() == [0]
-    assert "out-of-fold" in (config.run_dir / "summary.md").read_text()
+    assert "out-of-fold" in (experiment_dir(config) / "summary.md").read_text()
     checkpoint = torch.load(out / "best.pt", weights_only=True)
     assert checkpoint["config"]["model"]["name"] == "resnet20"
     assert checkpoint["classes"] == ["cat", "dog", "fox"]
@@ -57,20 +57,20 @@ def test_one_fold_writes_every_file(tmp_path):
 
 def test_finished_fold_is_skipped(tmp_path, capsys):
     config = tiny(tmp_path, extra=["train.epochs=1"])
-    run_training(config, [1], force=False)
-    stamp = (config.run_dir / "fold1" / "best.pt").stat().st_mtime_ns
-    run_training(config, [1], force=False)
-    assert (config.run_dir / "fold1" / "best.pt").stat().st_mtime_ns == stamp
+    train(config, [1], force=False)
+    stamp = (experiment_dir(config) / "fold1" / "best.pt").stat().st_mtime_ns
+    train(config, [1], force=False)
+    assert (experiment_dir(config) / "fold1" / "best.pt").stat().st_mtime_ns == stamp
     assert "fold 1: current" in capsys.readouterr().out
 
 
 def test_changed_config_refuses_to_resume(tmp_path):
     config = tiny(tmp_path, extra=["train.epochs=1"])
-    run_training(config, [0], force=False)
-    (config.run_dir / "fold0" / "train.manifest.json").unlink()  # as if killed before the end
+    train(config, [0], force=False)
+    (experiment_dir(config) / "fold0" / "train.manifest.json").unlink()  # as if killed before the end
     changed = config.model_copy(update={"train": config.train.model_copy(update={"lr": 0.5})})
     with pytest.raises(Exception, match=r"train.lr: 0.02 -> 0.5"):
-        run_training(changed, [0], force=False)
+        train(changed, [0], force=False)
 
 
 def test_class_weights_match_hand_computed():
@@ -109,11 +109,11 @@ def test_focal_loss_with_gamma_zero_is_cross_entropy():
 
 def test_schedule_warms_up_then_decays():
     config = load_config("digits", "resnet20", ["train.epochs=10", "train.warmup_epochs=2"])
-    factor = lr_factor(config, steps_per_epoch=5)
+    factor = lr_factor(config.train, steps_per_epoch=5)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
     assert factor(10) == pytest.approx(1.0) and factor(49) < 0.01
     multistep = lr_factor(load_config("digits", "resnet20", [
-        "train.scheduler=multistep", "train.milestones=[3,6]", "train.warmup_epochs=0"]), 5)
+        "train.scheduler=multistep", "train.milestones=[3,6]", "train.warmup_epochs=0"]).train, 5)
     assert [multistep(s * 5) for s in (0, 3, 6)] == pytest.approx([1, 0.1, 0.01])
 
 
@@ -122,26 +122,26 @@ def test_an_image_changed_after_folds_stops_training_before_it_starts(tmp_path):
     bad = config.data.root_path / "train" / "0005.png"
     bad.write_bytes(b"\x89PNG garbage")
     with pytest.raises(PipelineError, match=r"training images .*make folds"):
-        run_training(config, [0], force=False)
-    assert not config.run_dir.exists()
+        train(config, [0], force=False)
+    assert not experiment_dir(config).exists()
 
 
 def test_corrupt_image_mid_training_is_named(tmp_path, monkeypatch):
     config = tiny(tmp_path)
     bad = config.data.root_path / "train" / "0005.png"
     # broken after the fingerprints were taken (a disk error mid-run): named, not a traceback
-    import pipeline.train as train
+    import pipeline.training.experiment as experiment
 
-    fingerprints = train.training_inputs
+    fingerprints = experiment.training_inputs
 
     def break_after_fingerprints(*args):
         result = fingerprints(*args)
         bad.write_bytes(b"\x89PNG garbage")
         return result
 
-    monkeypatch.setattr(train, "training_inputs", break_after_fingerprints)
+    monkeypatch.setattr(experiment, "training_inputs", break_after_fingerprints)
     with pytest.raises(ImageReadError, match=r"0005\.png"):
-        run_training(config, [0], force=False)
+        train(config, [0], force=False)
 
 
 def _train_command(data, tmp_path, epochs):
@@ -187,18 +187,18 @@ def test_killed_run_resumes_to_identical_result(tmp_path):
 
 def test_head_only_stage_leaves_the_body_untouched(tmp_path):
     config = tiny(tmp_path, extra=["train.epochs=2", "train.head_only_epochs=1"])
-    run_training(config, [0], force=False)
-    torch.manual_seed(config.train.seed + 0)  # the fold's seed, as FoldTrainer.setup uses
+    train(config, [0], force=False)
+    torch.manual_seed(config.train.seed + 0)  # the fold's seed, as training/parts.py uses
     from pipeline.models import create_model
 
     initial = create_model("resnet20", 3).state_dict()
-    out = config.run_dir / "fold0"
+    out = experiment_dir(config) / "fold0"
     log = pd.read_csv(out / "log.csv")
     assert log["stage"].tolist() == ["head", "all"]
     # best.pt may be epoch 1 or 2; replay epoch 1 alone to inspect the head stage
     one = tiny(tmp_path / "one", extra=["train.epochs=1", "train.head_only_epochs=1"])
-    run_training(one, [0], force=False)
-    after = torch.load(one.run_dir / "fold0" / "last.pt", weights_only=True)["model"]
+    train(one, [0], force=False)
+    after = torch.load(experiment_dir(one) / "fold0" / "last.pt", weights_only=True)["model"]
     body = [k for k in initial if k.endswith("weight") and not k.startswith("fc.")
             and "bn" not in k and "downsample.1" not in k]
     assert body and all(torch.equal(initial[k], after[k]) for k in body)
@@ -216,10 +216,10 @@ def test_balanced_sampler_draws_classes_equally():
 def test_epochs_are_chosen_by_the_metric_as_the_submission_decodes_it(tmp_path):
     labels = [c for c in ("0", "1", "2") for _ in range(6)]
     config = tiny(tmp_path, labels=labels, extra=["data.metric=qwk", "data.ordinal=true"])
-    run_training(config, [0], force=False)
-    log = pd.read_csv(config.run_dir / "fold0" / "log.csv")
+    train(config, [0], force=False)
+    log = pd.read_csv(experiment_dir(config) / "fold0" / "log.csv")
     assert "decoded" in log  # QWK after thresholds fitted on the fold: what picks best.pt
     assert log["decoded"].between(-1, 1).all()
-    from pipeline.train import best_log_row
+    from pipeline.scoring import best_log_row
 
     assert best_log_row(log, "qwk")["decoded"] == log["decoded"].max()

@@ -1,0 +1,187 @@
+"""Train an experiment's folds, one after another, and summarise them.
+
+    train_folds(config, layout, folds=None, force=False)     # what `make train` runs
+
+Everything is checked before the first fold starts or FORCE=1 deletes anything: the folds to
+train exist, their images are on disk, stale folds are refused together (each named), and the
+model, its weights and the augmentations build. Then each fold is trained (pipeline/training/
+run.py) and summary.csv|md is written over the folds that are current.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import confusion_matrix
+
+from pipeline import distributed
+from pipeline.config import Config, DataConfig, FoldsConfig, save_config
+from pipeline.data import test_image_paths, train_image_paths
+from pipeline.layout import Experiment, Layout
+from pipeline.probfiles import read_probs, read_pseudo
+from pipeline.scoring import Scorer, best_log_row
+from pipeline.status import (current_folds, fold_numbers, joined_oof, read_folds,
+                             stale_remedy, train_freshness, training_inputs)
+from pipeline.training.parts import Rows, RunSpec
+from pipeline.training.run import preflight, train_part
+from pipeline.utils import PipelineError, format_table, markdown_table, write_text_atomic, \
+    write_csv_atomic
+
+
+@dataclass
+class Plan:
+    """The folds to train now, with what they are trained from."""
+
+    folds: pd.DataFrame  # the fold file
+    todo: list[int]
+    inputs: dict[str, str]
+    details: dict[str, Any]
+
+
+def select_folds(data: DataConfig, folds_cfg: FoldsConfig, layout: Layout,
+                 folds_to_train: list[int] | None) -> tuple[pd.DataFrame, list[int]]:
+    """The fold table and the folds to train, checked before any expensive work."""
+    folds = read_folds(data, folds_cfg, layout)
+    available = fold_numbers(folds)
+    selected = folds_to_train if folds_to_train is not None else available
+    unknown = sorted(set(selected) - set(available))
+    if unknown:
+        raise PipelineError(f"fold(s) {unknown} not in {layout.folds_csv} (folds {available})")
+    missing = [p for p in train_image_paths(data, folds["id"].tolist()) if not p.is_file()]
+    if missing:
+        raise PipelineError(f"{len(missing)} training image(s) missing, e.g. {missing[0]}; "
+                            f"run `make check` to list them")
+    return folds, [int(fold) for fold in selected]
+
+
+def plan_folds(competition: str, exp: Experiment, selected: list[int], force: bool,
+               inputs: dict[str, str], details: dict[str, Any]) -> list[int]:
+    """The folds to train now; stale folds refused (all of them named) before any work starts."""
+    todo, stale = [], []
+    for fold in selected:
+        fresh = train_freshness(exp.fold(fold), inputs, details)
+        if fresh.current and not force:
+            print(f"fold {fold}: current ({exp.fold(fold).dir}); FORCE=1 retrains")
+        elif fresh.state == "stale" and not force:
+            stale.append((fold, fresh))
+        else:
+            todo.append(fold)
+    if stale:
+        lines = "\n  ".join(f"fold {k}: {fresh.why()}" for k, fresh in stale)
+        raise PipelineError(f"{competition}/{exp.name} ({exp.dir}) was trained "
+                            f"from other inputs:\n  {lines}\n" + stale_remedy("these folds"))
+    return todo
+
+
+def start_experiment(config: Config, exp: Experiment) -> None:
+    """The experiment's config.yaml: its resolved settings, read by `runs` and `ensemble`."""
+    if distributed.is_main():
+        save_config(config, exp.config)
+
+
+def prepare_training(config: Config, layout: Layout, folds_to_train: list[int] | None,
+                     force: bool) -> Plan:
+    """Everything checked and the experiment's settings saved before any fold starts or
+    FORCE=1 deletes anything."""
+    folds, selected = select_folds(config.data, config.folds, layout, folds_to_train)
+    inputs, details = training_inputs(config, folds, layout)
+    exp = layout.experiment(config.run_name)
+    todo = plan_folds(config.data.name, exp, selected, force, inputs, details)
+    if todo:
+        preflight(config, layout)
+        start_experiment(config, exp)
+    return Plan(folds, todo, inputs, details)
+
+
+def pseudo_rows(data: DataConfig, pseudo: str | None, layout: Layout,
+                part: str) -> tuple[list[Path], np.ndarray] | None:
+    """The test images and targets of `part` (fold<k> or full) of the pseudo-label set
+    `pseudo` (train.pseudo), or None without one."""
+    if not pseudo:
+        return None
+    ids, targets = read_pseudo(layout.pseudo_set(pseudo), part, data.classes)
+    return test_image_paths(data, ids), targets
+
+
+def train_fold(config: Config, layout: Layout, plan: Plan, fold: int, force: bool) -> None:
+    """Train one fold of the plan (every rank, under torchrun)."""
+    folds, exp = plan.folds, layout.experiment(config.run_name)
+    part = exp.fold(fold)
+    spec = RunSpec(part, Rows.of(folds[folds["fold"] != fold]),
+                   Rows.of(folds[folds["fold"] == fold]), config.train.seed + fold,
+                   f"fold {fold}", plan.inputs,
+                   pseudo=pseudo_rows(config.data, config.train.pseudo, layout, part.name))
+    details = {**plan.details, "fold": fold, "train_rows": len(spec.train_rows.ids),
+               "valid_rows": len(spec.valid_rows.ids)}
+    train_part(config, spec, details, force,
+               what=f"{config.data.name}/{config.run_name} fold {fold} ({part.dir})")
+
+
+def train_folds(config: Config, layout: Layout, folds_to_train: list[int] | None,
+                force: bool) -> pd.DataFrame | None:
+    """Train the folds one after another (each over every rank when started by torchrun)."""
+    plan = prepare_training(config, layout, folds_to_train, force)
+    for fold in plan.todo:
+        train_fold(config, layout, plan, fold, force)
+    return write_summary(config, layout, plan.folds) if distributed.is_main() else None
+
+
+# --------------------------------------------------------------------------------------------
+# The summary over the folds
+
+
+def fold_result(exp: Experiment, fold: int, scorer: Scorer) -> dict[str, Any]:
+    """A finished fold's numbers, read back from its files."""
+    log = pd.read_csv(exp.fold(fold).log)
+    best = best_log_row(log, scorer.metric)
+    return {"fold": fold, "best_epoch": int(best["epoch"]), "epochs": len(log),
+            scorer.metric: scorer.score_frame(read_probs(exp.fold(fold).oof)),
+            "seconds": round(float(log["seconds"].sum()), 1)}
+
+
+def write_summary(config: Config, layout: Layout, folds: pd.DataFrame) -> pd.DataFrame | None:
+    """summary.csv|md: per-fold scores, mean, std, and the OOF score of the current folds (a
+    stale or missing fold is left out, and the count says so)."""
+    exp, scorer = layout.experiment(config.run_name), Scorer.of(config.data)
+    done = current_folds(config, folds, layout)
+    for path in (exp.summary_csv, exp.summary_md):
+        path.unlink(missing_ok=True)  # never a summary of folds that are no longer current
+    if not done:
+        return None
+    results = pd.DataFrame([fold_result(exp, k, scorer) for k in done])
+    oof = joined_oof(exp, done)
+    targets, probs = scorer.targets(oof["label"]), scorer.probs_of(oof)
+    overall = scorer.report(targets, probs)
+    write_csv_atomic(results, exp.summary_csv)
+    n_folds, metric = folds["fold"].nunique(), scorer.metric
+    partial = "" if len(done) == n_folds else f" (PARTIAL: {len(done)} of {n_folds} folds)"
+    table = [[r["fold"], r["best_epoch"], r["epochs"], r[metric], r["seconds"]]
+             for r in results.to_dict("records")]
+    headers = ["fold", "best epoch", "epochs", metric, "seconds"]
+    write_text_atomic(exp.summary_md, summary_markdown(
+        config, results, table, headers, overall, len(oof), partial, n_folds,
+        confusion_matrix(targets, probs.argmax(1), labels=range(scorer.n_classes))))
+    print(format_table(table + [["mean", "", "", float(results[metric].mean()), ""],
+                                ["oof", "", "", overall[metric], ""]], headers))
+    print(f"{config.run_name}: out-of-fold {metric} {overall[metric]:.4f} over {len(oof)} images"
+          f"{partial} -> {exp.summary_md}")
+    return results
+
+
+def summary_markdown(config: Config, results: pd.DataFrame, table: list, headers: list[str],
+                     overall: dict[str, float], n_oof: int, partial: str, n_folds: int,
+                     matrix: np.ndarray) -> str:
+    metric, classes = config.data.metric, config.data.classes
+    return (f"# {config.run_name} on {config.data.name}{partial}\n\n"
+            + markdown_table(table, headers)
+            + f"\n\nmean {metric} {results[metric].mean():.4f} ± "
+              f"{results[metric].std(ddof=0):.4f} over {len(results)} of {n_folds} fold(s)"
+              f"\n\nout-of-fold over {n_oof} images: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in overall.items())
+            + "\n\n## Out-of-fold confusion matrix (rows: true, columns: predicted)\n\n"
+            + markdown_table([[c, *row] for c, row in zip(classes, matrix.tolist())],
+                             ["", *classes]) + "\n")

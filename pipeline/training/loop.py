@@ -1,0 +1,221 @@
+"""The training loop of one run: epochs of optimiser steps, validation, the best epoch.
+
+`Trainer.fit` reads top to bottom: resume, then per epoch train, validate, choose, save, log.
+Everything random in an epoch derives from (seed, epoch), not from the state the previous epoch
+left, so a run resumed from last.pt ends with the same weights as an uninterrupted one. Under
+torchrun the same loop runs on every rank; rank 0 alone writes (pipeline/distributed.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import distributed
+from pipeline.config import TrainConfig
+from pipeline.decode import decoded_score
+from pipeline.engine import (autocast, clean_image_errors, outputs_to_probs, predict_logits,
+                             progress, unwrap)
+from pipeline.models.finetune import freeze_body, unfreeze
+from pipeline.scoring import Scorer
+from pipeline.training.checkpoints import Checkpoints, LoopState
+from pipeline.training.parts import Parts, RunSpec
+from pipeline.utils import warn, write_csv_atomic
+
+
+def epoch_seed(base: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([base, epoch, 7]).generate_state(1)[0])
+
+
+class Trainer:
+    """Trains one model (a fold, or the full-data refit) with the parts built for it."""
+
+    def __init__(self, train: TrainConfig, head: str, parts: Parts, spec: RunSpec,
+                 checkpoints: Checkpoints, scorer: Scorer, decoder: str):
+        self.train, self.head, self.parts, self.spec = train, head, parts, spec
+        self.checkpoints, self.scorer = checkpoints, scorer
+        # Epochs are chosen by the metric of the labels the submission will hold: after the
+        # thresholds or cut-off the ensemble fits (pipeline/decode.py), not after argmax.
+        self.decoder = decoder
+        self.state = LoopState()
+        self._warned_undefined = False
+
+    def fit(self) -> dict[str, Any]:
+        c, state = self.train, self.checkpoints.resume(self.parts, self.spec.tag)
+        self.state = state
+        log = read_log(self.spec.part.log, state.epoch)
+        for epoch in range(state.epoch, c.epochs):
+            started = time.perf_counter()
+            row: dict[str, Any] = {"epoch": epoch + 1,
+                                   "stage": "head" if epoch < c.head_only_epochs else "all",
+                                   "train_loss": self.train_epoch(epoch)}
+            improved = True  # the refit (nothing to validate): every epoch is the newest best
+            if self.parts.valid_loader is not None:
+                row.update(self.validation_row())
+                metric, value = self.selection(row)
+                improved = self.scorer.is_better(value, state.best, metric)
+            # Every rank computed it from the same gathered predictions; rank 0's word makes it
+            # one decision (best checkpoint, early stop) even if float rounding ever differed.
+            improved = distributed.broadcast_from_main(improved)
+            row["lr"] = self.parts.optimizer.param_groups[0]["lr"]
+            row["seconds"] = round(time.perf_counter() - started, 2)
+            self.keep(epoch, row, improved)
+            stop = bool(self.parts.valid_loader is not None and c.early_stopping
+                        and epoch - state.best_epoch >= c.early_stopping)
+            log.append(row)
+            self.write(log, epoch, finished=epoch == c.epochs - 1 or stop)
+            print_epoch(self.spec.tag, row, self.scorer.metric, improved)
+            if stop:
+                print(f"{self.spec.tag}: early stop, no improvement for {c.early_stopping} epochs")
+                break
+        self.checkpoints.average_top(self.parts, state, self.spec.tag)
+        return {"best_score": state.best, "best_epoch": state.best_epoch + 1, "epochs": len(log),
+                "seconds": round(sum(r["seconds"] for r in log), 1)}
+
+    # ---- one epoch -----------------------------------------------------------------------
+
+    def train_epoch(self, epoch: int) -> float:
+        c, parts = self.train, self.parts
+        model = unwrap(parts.model)
+        freeze_body(model) if epoch < c.head_only_epochs else unfreeze(model)
+        parts.forward_model.train()  # the DDP wrapper too, under torchrun
+        # Everything random in this epoch derives from (seed, epoch): a resume replays it exactly.
+        seed = epoch_seed(self.spec.seed, epoch)
+        # Dropout differs per rank (each has its own images); the order generator does not.
+        torch.manual_seed(seed + distributed.rank())
+        parts.generator.manual_seed(seed)
+        parts.sampler.set_epoch(epoch)
+        if parts.mixer is not None:
+            np.random.seed(seed % 2**32)  # timm's Mixup draws from numpy's global generator
+        running = torch.zeros((), device=parts.device)
+        seen, start = 0, time.perf_counter()
+        micro_batches = parts.steps_per_epoch * c.accumulate  # an incomplete last step is dropped
+        bar = progress(parts.train_loader, f"{self.spec.tag} epoch {epoch + 1}/{c.epochs}")
+        with clean_image_errors():
+            for step, (images, targets) in enumerate(bar):
+                if step >= micro_batches:
+                    break
+                loss = self.train_step(images, targets, first=step % c.accumulate == 0,
+                                       last=(step + 1) % c.accumulate == 0)
+                running += loss.detach() * len(targets)
+                seen += len(targets)
+                if step % 20 == 0:  # the only device sync: the progress bar's numbers
+                    rate = seen / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{float(running) / seen:.4f}", img_s=f"{rate:.0f}",
+                                    refresh=False)
+        bar.close()
+        total, count = distributed.all_sum([float(running), seen])  # over every rank's images
+        return total / max(count, 1)
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, first: bool = True,
+                   last: bool = True) -> torch.Tensor:
+        """One micro-batch; the optimiser steps after the `last` of train.accumulate of them."""
+        c, parts = self.train, self.parts
+        images = parts.normalizer(images.to(parts.device, non_blocking=True))
+        targets = targets.to(parts.device, non_blocking=True)
+        if parts.mixer is not None and len(images) % 2 == 0:  # timm mixes a batch with its reverse
+            images, targets = parts.mixer(images, targets)  # targets: (B, C) soft
+        if first:
+            parts.optimizer.zero_grad(set_to_none=True)
+        # Under DDP the gradients are averaged across ranks only on the step's last micro-batch.
+        sync = contextlib.nullcontext() if last or not hasattr(parts.forward_model, "no_sync") \
+            else parts.forward_model.no_sync()
+        with sync:
+            with autocast(parts.device, parts.dtype):
+                loss = parts.criterion(parts.forward_model(images).float(), targets)
+            parts.scaler.scale(loss / c.accumulate).backward()
+        if last:
+            self.optimizer_step()
+        return loss
+
+    def optimizer_step(self) -> None:
+        parts = self.parts
+        if self.train.grad_clip:
+            parts.scaler.unscale_(parts.optimizer)
+            torch.nn.utils.clip_grad_norm_(parts.model.parameters(), self.train.grad_clip)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        parts.scheduler.step()
+        self.state.optimizer_steps += 1
+        if parts.ema is not None:
+            parts.ema.update(unwrap(parts.model), step=self.state.optimizer_steps)
+
+    # ---- validation and the best epoch ---------------------------------------------------
+
+    def validate(self) -> tuple[float, np.ndarray]:
+        """(validation loss, probabilities (N, C) in the validation rows' order)."""
+        parts = self.parts
+        distributed.sync_buffers(parts.model)  # under torchrun: rank 0's BN statistics, as saved
+        shard = predict_logits(parts.eval_model, parts.normalizer, parts.valid_loader,
+                               parts.device, parts.dtype, desc=f"{self.spec.tag} validate")
+        logits = distributed.gather_shards(shard)  # (N, K) in valid_rows order, on every rank
+        targets = torch.tensor(self.spec.valid_rows.targets)
+        with torch.no_grad():
+            loss = float(parts.valid_criterion(torch.as_tensor(logits), targets))
+        return loss, outputs_to_probs(logits, self.head, self.scorer.n_classes)
+
+    def validation_row(self) -> dict[str, float]:
+        """The epoch's validation numbers: loss, the metrics, and the metric as decoded."""
+        loss, probs = self.validate()
+        targets = self.spec.valid_rows.targets
+        row = {"valid_loss": loss, **self.scorer.report(targets, probs)}
+        if self.decoder != "argmax":  # the metric as the submission will decode it
+            row["decoded"] = decoded_score(self.decoder, self.scorer.metric, targets, probs,
+                                           self.scorer.positive)
+        return row
+
+    def selection(self, row: dict[str, Any]) -> tuple[str, float]:
+        """(metric, value) that picks the best epoch: the competition metric, or the validation
+        loss where the metric is undefined on this fold (ROC-AUC of a fold holding one class):
+        a NaN never improves, and a fold without best.pt could never be predicted."""
+        value = row.get("decoded", row[self.scorer.metric])
+        if not np.isnan(value):
+            return self.scorer.metric, value
+        if not self._warned_undefined:
+            warn(f"{self.spec.tag}: {self.scorer.metric} is undefined on this validation fold (a "
+                 f"class is missing from it): its best epoch is chosen by the validation loss")
+            self._warned_undefined = True
+        return "log_loss", row["valid_loss"]
+
+    def keep(self, epoch: int, row: dict[str, Any], improved: bool) -> None:
+        """best.pt when the epoch improved; the top-k weights (train.average_best)."""
+        state, validated = self.state, "valid_loss" in row
+        if improved:
+            state.best = self.selection(row)[1] if validated else None
+            state.best_epoch = epoch
+            if distributed.is_main():
+                self.checkpoints.save_best(self.parts, epoch, state.best, self.scorer.metric)
+        if validated:
+            self.checkpoints.keep_top(self.parts, state, epoch, self.selection(row))
+
+    def write(self, log: list[dict[str, Any]], epoch: int, finished: bool) -> None:
+        if distributed.is_main():  # rank 0 writes; in one process: always
+            # The log before last.pt: a kill in between leaves a row that a resume drops
+            # (read_log), never a checkpoint whose epoch the log lacks.
+            write_csv_atomic(pd.DataFrame(log), self.spec.part.log)
+            self.checkpoints.save_last(self.parts, self.state, epoch, finished)
+        distributed.barrier()  # the other ranks may read best.pt from here on
+
+
+def read_log(path: Path, next_epoch: int) -> list[dict[str, Any]]:
+    """The log rows of the epochs already done (a resume drops rows past the checkpoint)."""
+    if next_epoch == 0 or not path.is_file():
+        return []
+    frame = pd.read_csv(path)
+    return frame[frame["epoch"] <= next_epoch].to_dict("records")
+
+
+def print_epoch(tag: str, row: dict[str, Any], metric: str, improved: bool) -> None:
+    parts = [f"{tag} epoch {row['epoch']:>3}", f"train {row['train_loss']:.4f}"]
+    if "valid_loss" in row:
+        parts.append(f"valid {row['valid_loss']:.4f}")
+        parts += [f"{k} {row[k]:.4f}" for k in row if k not in
+                  ("epoch", "stage", "train_loss", "valid_loss", "lr", "seconds")]
+    parts += [f"lr {row['lr']:.2e}", f"{row['seconds']:.1f}s"]
+    print("  ".join(parts) + ("  *" if improved and "valid_loss" in row else ""), flush=True)

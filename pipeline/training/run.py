@@ -1,0 +1,130 @@
+"""Train one run folder (a fold, or the full-data refit): the one way training writes a part.
+
+    train_part(config, spec, inputs, details, force, what=..., stage="train")
+
+A part whose manifest matches the inputs of now is skipped; one made from other inputs is refused,
+naming what changed (FORCE=1 retrains it, NAME= keeps both); otherwise its folder is prepared
+(FORCE=1 clears it first), the resolved config saved, the model trained (resuming from last.pt
+when that was made from the same inputs), the validation fold predicted, and the manifest written
+last: the done mark. `make train`, `make refit` and `make pseudo`'s round two all train here.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+
+from pipeline import distributed, plots
+from pipeline.augment import build_transforms
+from pipeline.config import Config, DataConfig, save_config
+from pipeline.decode import decoder_kind
+from pipeline.engine import load_checkpoint, unwrap
+from pipeline.layout import Layout
+from pipeline.models import small_input_warning
+from pipeline.probfiles import probability_frame
+from pipeline.provenance import write_manifest
+from pipeline.scoring import Scorer
+from pipeline.status import pseudo_fingerprint, refuse_stale, stale_remedy, train_freshness
+from pipeline.submission import resolved_submission_kind
+from pipeline.training.checkpoints import Checkpoints
+from pipeline.training.loop import Trainer
+from pipeline.training.parts import RunSpec, build_model, build_parts
+from pipeline.utils import PipelineError, warn, write_csv_atomic
+
+
+def preflight(config: Config, layout: Layout) -> None:
+    """Build what training builds first (the model, its weights, the augmentations), so a wrong
+    setting fails here, before FORCE=1 deletes anything or a fold starts."""
+    build_model(config.model, len(config.data.classes))
+    small = small_input_warning(config.model.name, config.augment.image_size,
+                                stem=config.model.stem)
+    if small and distributed.is_main():
+        warn(small)
+    build_transforms(config.augment, train=True)
+    build_transforms(config.augment, train=False)
+    if config.train.pseudo and (config.train.mixup or config.train.cutmix):
+        raise PipelineError("train.pseudo with mixup/cutmix: timm's Mixup mixes class indices, "
+                            "and pseudo-labels are distributions; turn one of them off")
+    pseudo_fingerprint(config.train.pseudo, layout)  # a named pseudo-label set must exist
+    distributed.per_rank_batch(config.train.batch_size)  # a batch the ranks cannot share: now
+
+
+def epoch_decoder(data: DataConfig, decode: str) -> str:
+    """How the submission will decode probabilities (ensemble.decode): what picks a fold's best
+    epoch."""
+    return decoder_kind(data, decode, lambda: resolved_submission_kind(data))
+
+
+def make_trainer(config: Config, spec: RunSpec) -> Trainer:
+    """The loop of one run with its parts built (dataset statistics kept beside its folder)."""
+    parts = build_parts(config, spec, spec.part.dataset_stats)
+    checkpoints = Checkpoints(spec.part, config.to_dict(), list(config.data.classes),
+                              spec.inputs, config.train.average_best)
+    return Trainer(config.train, config.model.head, parts, spec, checkpoints,
+                   Scorer.of(config.data), epoch_decoder(config.data, config.ensemble.decode))
+
+
+def train_part(config: Config, spec: RunSpec, details: dict[str, Any], force: bool, what: str,
+               stage: str = "train", before: Callable[[], None] | None = None) -> bool:
+    """Train spec.part unless it is current; False when it was current (skipped).
+
+    `what` names the part in a refusal ("tiny/resnet18 fold 0 (runs/...)"); `stage` is the
+    manifest's stage name (train, or refit for the full-data refit); `before` runs once the part
+    is to be trained, before FORCE=1 clears its folder (a preflight of the settings).
+    """
+    part = spec.part
+    fresh = train_freshness(part, spec.inputs, details)
+    if fresh.current and not force:
+        print(f"{part.dir}: refit is current (FORCE=1 retrains)" if part.is_refit else
+              f"{spec.tag}: current ({part.dir}); FORCE=1 retrains")
+        return False
+    if fresh.state == "stale" and not force:
+        the = "the refit" if part.is_refit else "the fold"
+        raise refuse_stale(what, fresh, stale_remedy(the))
+    if before is not None:
+        before()
+    if distributed.is_main():
+        if force and part.dir.exists():
+            shutil.rmtree(part.dir)
+        part.dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, part.config)
+    distributed.barrier()  # under torchrun: no rank looks for last.pt before a FORCE clean-up
+    trainer = make_trainer(config, spec)
+    trainer.fit()
+    if spec.valid_rows is not None:
+        write_oof(trainer, config.data.classes)
+    if distributed.is_main():
+        write_manifest(part.train_manifest, stage, spec.inputs, part.trained_outputs(), details)
+    distributed.barrier()  # every rank reads the part's files once rank 0 has written them
+    return True
+
+
+def write_oof(trainer: Trainer, classes: list[str]) -> pd.DataFrame | None:
+    """Predict the validation fold with the best checkpoint: oof.csv, the confusion matrix and
+    the learning curves. Under torchrun every rank predicts its shard; rank 0 writes."""
+    part, rows = trainer.spec.part, trainer.spec.valid_rows
+    best = load_checkpoint(part.best)
+    unwrap(trainer.parts.model).load_state_dict(best["model"])
+    if trainer.parts.ema is not None:  # validation reads the EMA: give it best.pt's weights,
+        trainer.parts.ema.module.load_state_dict(best["model"])  # not the last epoch's
+    _, probs = trainer.validate()
+    if not distributed.is_main():
+        return None
+    oof = probability_frame(rows.ids, probs, classes, rows.labels, trainer.head)
+    plots.write_confusion(rows.targets, probs.argmax(1), classes, part.confusion_csv,
+                          part.confusion_png)
+    plots.write_curves(pd.read_csv(part.log), trainer.scorer.metric, part.curves)
+    write_csv_atomic(oof, part.oof)
+    return oof
+
+
+def clear_parts(parts: list, force: bool) -> None:
+    """FORCE=1 before parallel folds: clear their folders here, where their logs will live."""
+    if force:
+        for part in parts:
+            if part.dir.exists():
+                shutil.rmtree(part.dir)
+

@@ -1,0 +1,171 @@
+"""The package's structure (DESIGN.md, "Layers"): one owner for each kind of knowledge, data
+flowing one way. entry -> stages -> core -> base; a stage never imports another stage; the
+offline runtime imports no stage; no import circle; file names spelled by the layout alone."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
+
+ENTRY = {"pipeline.__main__", "pipeline.demo"}
+STAGES = {"pipeline.check", "pipeline.folds", "pipeline.train", "pipeline.predict",
+          "pipeline.refit", "pipeline.ensemble", "pipeline.pseudo", "pipeline.runs",
+          "pipeline.bundle", "pipeline.cache", "pipeline.demo_data", "pipeline.audit",
+          "pipeline.report"}
+OFFLINE = {"pipeline.infer"}  # what a code competition's notebook runs: core, models, data only
+BASE = {"pipeline", "pipeline.config", "pipeline.provenance", "pipeline.metrics",
+        "pipeline.utils", "pipeline.distributed"}
+RANK = {"base": 0, "core": 1, "offline": 2, "stage": 2, "entry": 3}
+# File names whose one owner is pipeline/layout.py
+LAYOUT_NAMES = {"best.pt", "last.pt", "log.csv", "oof.csv", "oof_tta.csv", "test_probs.csv",
+                "summary.csv", "summary.md", "full", "train.manifest.json",
+                "predict.manifest.json", "pseudo.manifest.json", "bundle.json", "ensemble.json",
+                "dataset_stats.json", "confusion.csv", "confusion.png", "curves.png"}
+
+
+def modules() -> dict[str, ast.Module]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = ast.parse(path.read_text(), str(path))
+    return found
+
+
+MODULES = modules()
+
+
+def layer(name: str) -> str:
+    if name in ENTRY:
+        return "entry"
+    if name in STAGES:
+        return "stage"
+    if name in OFFLINE:
+        return "offline"
+    if name in BASE:
+        return "base"
+    return "core"
+
+
+def imported(tree: ast.AST, name: str) -> set[str]:
+    """The pipeline modules a module imports (`from pipeline.x import y` counts y when it is a
+    module, else x)."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
+            for alias in node.names:
+                candidate = f"{node.module}.{alias.name}"
+                out.add(candidate if candidate in MODULES else node.module)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("pipeline.")}
+    return {m for m in out if m in MODULES and m != name}
+
+
+GRAPH = {name: imported(tree, name) for name, tree in MODULES.items()}
+
+
+def test_the_layer_map_knows_every_module():
+    """A new module must be placed: the lists above name every stage and base module."""
+    for stage in STAGES - {"pipeline.audit", "pipeline.report"}:
+        assert stage in MODULES, stage
+    assert all(m in MODULES for m in BASE | ENTRY | OFFLINE)
+
+
+def test_no_import_circle():
+    index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in GRAPH[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for module in MODULES:
+        if module not in index:
+            visit(module)
+    assert circles == []
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_flow_down_and_stages_stay_apart(module):
+    for target in GRAPH[module]:
+        assert RANK[layer(target)] <= RANK[layer(module)], f"{module} ({layer(module)}) imports " \
+                                                           f"{target} ({layer(target)})"
+        if layer(module) in ("stage", "offline"):
+            assert layer(target) not in ("stage", "offline"), f"{module} imports {target}"
+
+
+def test_no_pipeline_import_inside_a_function():
+    offenders = []
+    for name, tree in MODULES.items():
+        if name == "pipeline.__main__":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.ImportFrom) and (sub.module or "").startswith("pipeline"):
+                        offenders.append(f"{name}:{sub.lineno}")
+                    if isinstance(sub, ast.Import) and any(a.name.startswith("pipeline")
+                                                           for a in sub.names):
+                        offenders.append(f"{name}:{sub.lineno}")
+    assert offenders == []
+
+
+def test_functions_are_short_and_the_trainer_small():
+    long = [f"{name}.{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for name, tree in MODULES.items() for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > 50]
+    assert long == []
+    loop = MODULES["pipeline.training.loop"]
+    (trainer,) = [n for n in loop.body if isinstance(n, ast.ClassDef) and n.name == "Trainer"]
+    assert trainer.end_lineno - trainer.lineno + 1 < 200
+
+
+def test_file_names_are_spelled_by_the_layout_alone():
+    offenders = []
+    for name, tree in MODULES.items():
+        if name == "pipeline.layout":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value in LAYOUT_NAMES:
+                offenders.append(f"{name}:{node.lineno} {node.value!r}")
+            if isinstance(node, ast.JoinedStr) and node.values and \
+                    isinstance(node.values[0], ast.Constant) and \
+                    str(node.values[0].value).endswith("fold") and len(node.values) > 1:
+                offenders.append(f"{name}:{node.lineno} f'fold{{...}}'")
+    assert offenders == []
+
+
+def test_the_class_index_is_built_in_one_place():
+    """{class: index} comprehensions over a class list live in pipeline/scoring.py only."""
+    offenders = []
+    for name, tree in MODULES.items():
+        if name == "pipeline.scoring":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.DictComp) and "enumerate" in ast.unparse(node) and \
+                    "class" in ast.unparse(node):
+                offenders.append(f"{name}:{node.lineno}")
+            if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("classes.index"):
+                offenders.append(f"{name}:{node.lineno}")
+    assert offenders == []
