@@ -3,4 +3,4 @@
 Run `make help` (or `python -m pipeline --help`) for the stages.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

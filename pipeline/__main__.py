@@ -17,9 +17,10 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from pipeline.config import ConfigError
-from pipeline.utils import PipelineError
+from pipeline.utils import WRITE_ERRNOS, PipelineError, write_failure
 
 # verb -> (module, help)
 VERBS = {
@@ -104,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         entry(args)
     except (ConfigError, PipelineError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk or read-only folder outside the atomic writers
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        print(f"error: {write_failure(Path(err.filename or '.'), err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; re-run to resume", file=sys.stderr)

@@ -19,7 +19,7 @@ from pipeline.config import DataConfig, load_config
 from pipeline.data import load_test_ids, load_train_table, test_image_paths, train_image_paths
 from pipeline.imagecache import BuildReport, CachedReader, build_cache, cache_reader
 from pipeline.layout import Layout
-from pipeline.status import read_folds_unchecked
+from pipeline.status import load_experiment, read_folds_unchecked
 from pipeline.utils import format_table, warn
 
 
@@ -51,8 +51,9 @@ def other_folders(reader: CachedReader) -> list[Path]:
 
 
 def main(args) -> None:
-    config = load_config(args.data, args.model, args.overrides)
-    reader = cache_reader(config.cache, config.augment)
+    config = (load_experiment(args.data, args.model, args.overrides) if args.model
+              else load_config(args.data, None, args.overrides))
+    reader = cache_reader(config.cache, config.augment, config.data.max_image_pixels)
     if args.force and reader.folder.exists():
         shutil.rmtree(reader.folder)
     report = build_cache(reader, competition_images(config.data, Layout.of(config)),

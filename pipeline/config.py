@@ -74,6 +74,9 @@ class DataConfig(_Section):
     positive_class: str | None = None  # binary: the class whose probability is submitted/scored;
     #                                    None: the second of `classes`
     drop_bad_images: bool = False  # drop missing/unreadable training images instead of failing
+    # width x height above which an image is refused from its header, before it is decoded (a
+    # 20000 x 20000 PNG of 388 KB decodes to 1.2 GB): 10,000 x 10,000 covers any real photo
+    max_image_pixels: int = Field(100_000_000, ge=1)
     defaults: dict[str, Any] = Field(default_factory=dict)  # experiment defaults for this competition
 
     @field_validator("classes", mode="before")
@@ -470,6 +473,19 @@ def resolve_experiment(model: str) -> tuple[str, dict[str, Any], Path | None]:
     return model.replace("/", "-"), {"model": {"name": model}}, None
 
 
+def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved experiment's resolved config as an experiment mapping: without its data section
+    and name, and without the settings that change no result (where files go, workers, the
+    device), which come from the command of now."""
+    mapping = {key: copy.deepcopy(value) for key, value in saved.items()
+               if key not in ("data", "run_name") and key not in NO_RESULT_KEYS}
+    for key in NO_RESULT_KEYS:
+        section, _, leaf = key.partition(".")
+        if leaf and isinstance(mapping.get(section), dict):
+            mapping[section].pop(leaf, None)
+    return mapping
+
+
 def _nearest_key(section: type[BaseModel], key: str) -> str | None:
     matches = difflib.get_close_matches(key, list(section.model_fields), n=1, cutoff=0.6)
     return matches[0] if matches else None
@@ -539,6 +555,7 @@ LATER_STAGE_SECTIONS = frozenset({"folds", "tta", "predict", "ensemble", "refit"
 DATA_FILE_KEYS = frozenset({
     "root", "train_csv", "test_csv", "sample_submission", "solution_csv", "train_images",
     "test_images", "test_image_path", "submission", "positive_class", "drop_bad_images",
+    "max_image_pixels",
     "group_column", "group_pattern", "defaults",
 })
 
@@ -626,12 +643,15 @@ ORDINAL_DEFAULTS: dict[str, Any] = {"model": {"head": "regression"}}
 
 
 def load_config(data: str = "digits", model: str | None = None,
-                overrides: list[str] | tuple[str, ...] = (), name: str | None = None) -> Config:
+                overrides: list[str] | tuple[str, ...] = (), name: str | None = None,
+                saved: tuple[dict[str, Any], str] | None = None) -> Config:
     """Read the competition and experiment configs, apply overrides, validate once.
 
     The run name is the experiment file's stem; overrides that change what training produces add
     a suffix (`identity_suffix`), so another setting is another experiment folder and never
-    reuses the first one's results. `name` (NAME=) names the experiment outright.
+    reuses the first one's results. `name` (NAME=) names the experiment outright. `saved`: the
+    resolved config an experiment `model` was trained with and where it was read (status.py,
+    load_experiment), instead of an experiment file.
     """
     data_path = resolve_data_path(data)
     data_mapping = _read_yaml(data_path)
@@ -642,6 +662,9 @@ def load_config(data: str = "digits", model: str | None = None,
 
     if model is None:
         run_name, experiment = "data", {}
+    elif saved is not None:
+        run_name, experiment = model, saved_settings(saved[0])
+        sources.append(saved[1])
     else:
         run_name, experiment, experiment_path = resolve_experiment(model)
         sources.append(str(experiment_path) if experiment_path else f"MODEL={model}")
@@ -660,10 +683,17 @@ def load_config(data: str = "digits", model: str | None = None,
         merged = deep_merge(merged, parse_override(text))
     if overrides:
         sources.append("overrides " + " ".join(overrides))
-    config = build_config(merged, sources)
+    return named(build_config(merged, sources), base, sources, bool(overrides), name)
+
+
+def named(config: Config, base: dict[str, Any], sources: list[str], overridden: bool,
+          name: str | None) -> Config:
+    """The config under its experiment's name: NAME= outright, else the experiment's own name
+    with a suffix for the result-changing settings the overrides changed from `base`."""
     if name is not None:
         return config.model_copy(update={"run_name": check_run_name(name)})
-    if overrides and config.run_name == run_name:
+    run_name = base["run_name"]
+    if overridden and config.run_name == run_name:
         try:
             base_dict = build_config(base, sources).to_dict()
         except ConfigError:  # valid only with the overrides: name by all of them
@@ -681,18 +711,6 @@ def save_config(config: Config, path: Path) -> None:
 def config_from_dict(mapping: dict[str, Any]) -> Config:
     """Rebuild a Config saved with `save_config` or stored in a checkpoint."""
     return build_config(mapping, ["saved config"])
-
-
-def experiment_configs(data: str, model: str, overrides: list[str] | tuple[str, ...] = (),
-                       name: str | None = None, seeds: list[int] | None = None) -> list[Config]:
-    """One config per seed of SEEDS=0,1,2 (each an experiment of its own:
-    <experiment>-seed<s>), or the one config of the command line."""
-    if not seeds:
-        return [load_config(data, model, overrides, name=name)]
-    if name is not None:
-        raise PipelineError("NAME= names one run; with SEEDS= each seed's run is named "
-                            "<experiment>-seed<s>")
-    return [load_config(data, model, [*overrides, f"train.seed={seed}"]) for seed in seeds]
 
 
 def parse_models(text: str | None) -> list[str] | None:

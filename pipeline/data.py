@@ -44,6 +44,17 @@ class ImageReadError(DataError):
     """One image could not be read; names the path."""
 
 
+class ImageTooLarge(ImageReadError):
+    """An image's header says it holds more pixels than data.max_image_pixels."""
+
+
+# PIL reads headers only here (sizes, before any decoding); the pixel budget is ours,
+# data.max_image_pixels, checked from the header before OpenCV decodes a byte of pixels. PIL's
+# own guard would refuse to even read the header of an image above 2 x its limit.
+Image.MAX_IMAGE_PIXELS = None
+MAX_IMAGE_PIXELS = DataConfig.model_fields["max_image_pixels"].default
+
+
 # --------------------------------------------------------------------------------------------
 # Tables
 
@@ -446,31 +457,68 @@ def decode_image(raw: bytes, source: Path | str, reduction: int = 1) -> np.ndarr
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def read_image_bytes(path: Path | str) -> bytes:
-    """The encoded bytes of an image file, refusing truncated files, with errors that name it."""
+def header_size(raw: bytes) -> tuple[int, int] | None:
+    """(width, height) from an encoded image's header (PNG, JPEG, WebP, TIFF, BMP, ...), without
+    decoding its pixels; None when the header does not say."""
+    try:
+        return Image.open(io.BytesIO(raw)).size
+    except Exception:  # not a format PIL knows, or a broken header: the decoder names the file
+        return None
+
+
+def check_pixels(raw: bytes, source: Path | str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """Refuse an image whose header holds more than `max_pixels` pixels, before decoding it."""
+    size = header_size(raw)
+    if size is None or size[0] * size[1] <= max_pixels:
+        return
+    width, height = size
+    raise ImageTooLarge(
+        f"image {source} is {width} x {height} px ({width * height / 1e6:.0f} Mpx), over the "
+        f"pixel budget of {max_pixels / 1e6:g} Mpx (data.max_image_pixels): decoding it would "
+        f"take {width * height * 3 / 2**30:.1f} GB. Shrink or replace it, raise "
+        f"data.max_image_pixels if it is a real photo, or set data.drop_bad_images=true to "
+        f"leave it out")
+
+
+def read_image_bytes(path: Path | str, max_pixels: int = MAX_IMAGE_PIXELS) -> bytes:
+    """The encoded bytes of an image file, refusing truncated files and images over the pixel
+    budget (from the header), with errors that name it."""
     try:
         raw = Path(path).read_bytes()
     except OSError as err:
         raise ImageReadError(f"cannot read image {path}: {err.strerror or err}") from None
+    check_pixels(raw, path, max_pixels)
     if _looks_truncated(raw):
         raise ImageReadError(f"image {path} is truncated (incomplete file); re-download it, or set "
                              f"data.drop_bad_images=true to leave it out")
     return raw
 
 
-def read_image(path: Path | str, min_side: int | None = None) -> np.ndarray:
+def read_image(path: Path | str, min_side: int | None = None,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read an image file (PNG, JPEG, ...) as RGB uint8 (H, W, 3), with an error that names it.
 
     With `min_side` (pixels), a large JPEG is decoded at 1/2, 1/4 or 1/8 of its size as long as
     its shorter side stays >= min_side: much faster, for images that are shrunk afterwards anyway.
     """
-    raw = read_image_bytes(path)
+    raw = read_image_bytes(path, max_pixels)
     return decode_image(raw, path, jpeg_reduction(raw, min_side) if min_side else 1)
 
 
-def image_problem(path: Path) -> str | None:
+def outside_link(path: Path, real_folder: Path) -> str | None:
+    """Where `path` leads when a symbolic link takes it outside the folder whose real path is
+    `real_folder` (ids cannot leave the folder with '..', and neither may a link), else None.
+    A folder that is itself a link is fine: its files resolve inside its target."""
+    target = path.resolve()
+    return None if target.is_relative_to(real_folder) else str(target)
+
+
+def image_problem(path: Path, real_folder: Path | None = None,
+                  max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:
     """None when the image reads cleanly, else 'missing', 'name too long: <why>' (an id longer
-    than the file system allows in one name, usually 255 bytes) or 'unreadable: <why>'."""
+    than the file system allows in one name, usually 255 bytes), 'outside: <target>' (a link out
+    of the image folder, given by its real path), 'too large: <why>' (over the pixel budget) or
+    'unreadable: <why>'."""
     try:
         exists = path.is_file()
     except OSError as err:  # Path.is_file raises ENAMETOOLONG rather than returning False
@@ -478,18 +526,30 @@ def image_problem(path: Path) -> str | None:
         return f"{kind}: {err.strerror or err}"
     if not exists:
         return "missing"
+    target = outside_link(path, real_folder) if real_folder is not None else None
+    if target is not None:
+        return f"outside: {target}"
     try:
-        read_image(path)
+        read_image(path, max_pixels=max_pixels)
+    except ImageTooLarge as err:
+        return f"too large: {err}"
     except ImageReadError as err:
         return f"unreadable: {err}"
     return None
 
 
 def find_image_problems(paths: Sequence[Path], workers: int = 4,
-                        progress: Callable | None = None) -> dict[Path, str]:
-    """Check every image (OpenCV releases the GIL, so threads decode in parallel)."""
+                        progress: Callable | None = None, folder: Path | None = None,
+                        max_pixels: int = MAX_IMAGE_PIXELS) -> dict[Path, str]:
+    """Check every image (OpenCV releases the GIL, so threads decode in parallel); `folder`: the
+    image folder no image may lead out of through a link."""
+    real_folder = None if folder is None else folder.resolve()
+
+    def problem(path: Path) -> str | None:
+        return image_problem(path, real_folder, max_pixels)
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(image_problem, paths, chunksize=64)
+        results = pool.map(problem, paths, chunksize=64)
         if progress is not None:
             results = progress(results, total=len(paths))
         return {p: r for p, r in zip(paths, results) if r is not None}

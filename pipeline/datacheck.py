@@ -64,6 +64,11 @@ PROBLEM_PHRASES = {
     "name too long": ("ids too long to be a file name",
                       " (a file system allows 255 bytes per name: shorten those ids in the CSV "
                       "and rename their files)"),
+    "outside": ("links that lead outside the image folder",
+                " (an image lives inside its folder: copy the file in, or point "
+                "data.train_images / data.test_images at the folder it lives in)"),
+    "too large": ("images over the pixel budget (data.max_image_pixels, read from their headers)",
+                  " (shrink them, or raise data.max_image_pixels if they are real photos)"),
 }
 
 
@@ -94,6 +99,16 @@ def check_sample_submission(data: DataConfig, test_ids: list[str]) -> str:
     return kind
 
 
+def warn_empty_classes(data: DataConfig, train: pd.DataFrame) -> None:
+    """A class of `classes` that no labelled row has: nothing to learn it from."""
+    empty = [c for c in data.classes if c not in set(train["label"])]
+    if empty:
+        warn(f"class(es) {summarize_offenders(empty)} of the class list have no labelled row in "
+             f"{data.train_csv or data.train_images}: the model learns nothing of them and will "
+             f"hardly ever predict them. Remove them from `classes` in the competition config "
+             f"unless the submission needs a column for them")
+
+
 def check_competition(data: DataConfig, drop_bad: bool | None = None,
                       workers: int | None = None) -> CheckResult:
     """Validate tables and images; return the usable rows or raise DataError naming every problem."""
@@ -106,8 +121,11 @@ def check_competition(data: DataConfig, drop_bad: bool | None = None,
     train_dir, test_dir = train_image_dir(data), test_image_dir(data)
     train_paths = train_image_paths(data, train["id"].tolist())
     test_paths = test_image_paths(data, test_ids)
-    train_bad = find_image_problems(train_paths, workers, _tqdm("check train images"))
-    test_bad = find_image_problems(test_paths, workers, _tqdm("check test images"))
+    budget = data.max_image_pixels
+    train_bad = find_image_problems(train_paths, workers, _tqdm("check train images"), train_dir,
+                                    budget)
+    test_bad = find_image_problems(test_paths, workers, _tqdm("check test images"), test_dir,
+                                   budget)
 
     train_grouped = _group_problems(train_bad, dict(zip(train_paths, train["id"])))
     test_grouped = _group_problems(test_bad, dict(zip(test_paths, test_ids)))
@@ -120,6 +138,7 @@ def check_competition(data: DataConfig, drop_bad: bool | None = None,
                                        "bad training images out"))
         raise DataError("bad data:\n  " + "\n  ".join(errors) + f"\n{remedy}.")
 
+    warn_empty_classes(data, train)
     dropped = {}
     if train_bad:
         ids_by_path = dict(zip(train_paths, train["id"]))

@@ -21,7 +21,7 @@ from pipeline.augment import Normalizer
 from pipeline.config import Config, PredictConfig, config_from_dict
 from pipeline.data import ImageReadError
 from pipeline.models import create_model
-from pipeline.models.weights import load_error_gist
+from pipeline.models.weights import load_error_gist, pickle_refusal
 from pipeline.utils import PipelineError, atomic_path
 
 
@@ -216,6 +216,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or corrupt (a copy cut short, a full disk long ago)
+        refused = pickle_refusal(path, err)
+        if refused:
+            raise PipelineError(f"{refused}; a checkpoint of this pipeline holds tensors only: "
+                                f"train the fold again (FORCE=1)") from None
         raise PipelineError(f"cannot read checkpoint {path}: {load_error_gist(err)}. It is "
                             f"corrupt or incomplete: delete it and train the fold again "
                             f"(FORCE=1)") from None

@@ -29,6 +29,7 @@ from pipeline.combine import Combined, combine_members, decode_combined, honest_
 from pipeline.config import Config, DataConfig, EnsembleConfig, load_config, parse_models
 from pipeline.decode import Decoded, decoder_kind
 from pipeline.layout import Layout
+from pipeline.locks import holding
 from pipeline.members import (Candidate, EnsembleError, Member, average_seeds,
                               check_members_agree, load_member, seed_family, select_members,
                               stack_members)
@@ -332,9 +333,11 @@ def ensemble_runs(config: Config, models: list[str] | None = None, partial: bool
     check_decode(config.data, config.ensemble)  # before any reading: a wrong setting fails fast
     layout = Layout.of(config)
     folds = read_folds(config.data, config.folds, layout)
-    test_ids, test_fingerprint = read_test_set(config.data)
-    ensemble = make_ensemble(config, layout, folds, test_fingerprint, models, partial, overrides)
-    return write_outputs(config.data, layout, ensemble, ensemble.members[0].test_ids)
+    _, test_fingerprint = read_test_set(config.data)
+    with holding(layout.submissions_lock, layout.submissions, "written"):
+        ensemble = make_ensemble(config, layout, folds, test_fingerprint, models, partial,
+                                 overrides)
+        return write_outputs(config.data, layout, ensemble, ensemble.members[0].test_ids)
 
 
 def main(args) -> None:

@@ -21,6 +21,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from pipeline.config import Config, load_config
 from pipeline.datacheck import check_competition
 from pipeline.layout import Layout
+from pipeline.locks import holding
 from pipeline.provenance import folds_fingerprint, write_manifest
 from pipeline.status import fold_inputs, folds_freshness
 from pipeline.utils import PipelineError, format_table, warn, write_csv_atomic
@@ -68,10 +69,11 @@ def make_folds(config: Config, drop_bad: bool | None = None) -> pd.DataFrame:
         config = config.model_copy(update={"data": config.data.model_copy(
             update={"drop_bad_images": drop_bad})})
     layout = Layout.of(config)
-    recorded = fold_inputs(config.data, config.folds)  # the files as they were checked
-    result = check_competition(config.data)
-    folds = assign_folds(result.train, config.folds.n_splits, config.folds.seed)
-    write_folds(config, folds, result.dropped, recorded)
+    with holding(layout.folds_lock, layout.folds_csv, "split"):
+        recorded = fold_inputs(config.data, config.folds)  # the files as they were checked
+        result = check_competition(config.data)
+        folds = assign_folds(result.train, config.folds.n_splits, config.folds.seed)
+        write_folds(config, folds, result.dropped, recorded)
     print(fold_table(folds, config.data.classes))
     print(f"wrote {layout.folds_csv} ({len(folds)} images, {config.folds.n_splits} folds"
           f"{', grouped' if 'group' in folds else ''}"

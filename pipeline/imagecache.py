@@ -48,6 +48,7 @@ from pipeline.data import (
     ImageReadError,
     decode_image,
     jpeg_reduction,
+    MAX_IMAGE_PIXELS,
     read_image_bytes,
 )
 from pipeline.utils import atomic_path, summarize_offenders, write_text_atomic
@@ -133,9 +134,12 @@ class Preprocess:
     interpolation: str  # augment.interpolation: mode "resize" then equals the first transform
     crop_circle: bool = False  # the eye's bounding box, black outside its inscribed circle
     ben_graham: bool = False  # subtract the local average colour, at the stored size
+    # data.max_image_pixels: refused from the header before decoding (changes no stored pixel,
+    # so it is no part of `settings`)
+    max_pixels: int = MAX_IMAGE_PIXELS
 
     def __call__(self, path: Path | str) -> np.ndarray:
-        raw = read_image_bytes(path)
+        raw = read_image_bytes(path, self.max_pixels)
         reduction = jpeg_reduction(raw, self.size)
         while True:
             image = decode_image(raw, path, reduction)
@@ -178,6 +182,7 @@ class Preprocess:
     def settings(self, fmt: str) -> dict[str, Any]:
         """Everything that changes the stored pixels: the cache folder is named by its hash."""
         steps = asdict(self)
+        del steps["max_pixels"]
         # The fundus steps came later: named only when on, so folders built before them (and
         # their hashes) stay valid for the settings that made them.
         for key in ("crop_circle", "ben_graham"):
@@ -189,11 +194,12 @@ class Preprocess:
                 "black_level": BLACK_LEVEL, "content_fraction": CONTENT_FRACTION}
 
 
-def preprocess_of(cache: CacheConfig, augment: AugmentConfig) -> Preprocess:
+def preprocess_of(cache: CacheConfig, augment: AugmentConfig,
+                  max_pixels: int = MAX_IMAGE_PIXELS) -> Preprocess:
     return Preprocess(size=cache.size or augment.image_size, mode=cache.mode,
                       crop_black_border=cache.crop_black_border,
                       interpolation=augment.interpolation, crop_circle=cache.crop_circle,
-                      ben_graham=cache.ben_graham)
+                      ben_graham=cache.ben_graham, max_pixels=max_pixels)
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -255,8 +261,9 @@ class CachedReader:
         return image
 
 
-def cache_reader(cache: CacheConfig, augment: AugmentConfig) -> CachedReader:
-    preprocess = preprocess_of(cache, augment)
+def cache_reader(cache: CacheConfig, augment: AugmentConfig,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> CachedReader:
+    preprocess = preprocess_of(cache, augment, max_pixels)
     folder = Path(cache.dir) / settings_hash(preprocess.settings(cache.format))
     return CachedReader(preprocess, folder, cache.format)
 
@@ -351,16 +358,18 @@ def _run_parallel(make: Callable, todo: list, workers: int, desc: str) -> dict[P
 
 
 def image_loader(cache: CacheConfig, augment: AugmentConfig, paths: Sequence[Path],
-                 desc: str = "cache") -> Callable[[Path | str], np.ndarray]:
+                 desc: str = "cache",
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> Callable[[Path | str], np.ndarray]:
     """The `loader` for ImageDataset over `paths`.
 
     With cache.enabled: a CachedReader whose missing entries were just built (all at once, in
     parallel, rather than one by one in the first epoch). Without: the same preprocessing on every
-    read (still with reduced JPEG decoding), so both give the same arrays.
+    read (still with reduced JPEG decoding), so both give the same arrays. Either refuses an
+    image over `max_pixels` (data.max_image_pixels) from its header, before decoding it.
     """
     if not cache.enabled:
-        return preprocess_of(cache, augment)
-    reader = cache_reader(cache, augment)
+        return preprocess_of(cache, augment, max_pixels)
+    reader = cache_reader(cache, augment, max_pixels)
     # Under torchrun rank 0 builds the missing entries while the other ranks wait for it.
     if distributed.is_main():
         report = build_cache(reader, paths, desc=desc)

@@ -331,7 +331,8 @@ def inputs_loader(slots: list[Slot], paths: list[Path]):
     for slot in slots:
         first_of.setdefault(slot.source, slot.predictor)
     datasets = [ImageDataset(paths, None, p.transform,
-                             image_loader(p.config.cache, p.config.augment, paths))
+                             image_loader(p.config.cache, p.config.augment, paths,
+                                          max_pixels=p.config.data.max_image_pixels))
                 for _, p in sorted(first_of.items())]
     batch = min(s.predictor.batch_size for s in slots)
     return make_loader(Inputs(datasets), batch, None, slots[0].predictor.settings)

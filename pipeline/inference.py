@@ -2,7 +2,8 @@
 
     predictor = CheckpointPredictor(part.best, tta)          # a best.pt, ready to predict
     probs = predictor.predict(paths, "fold0 test")           # (N, C), views reduced
-    predict_experiment(config, layout, folds, None, force)   # every current fold: `make predict`
+    predict_experiment(config, layout, folds, None, force, read_test_set(config.data))
+                                                             # every current fold: `make predict`
 
 For fold k `predict_part` writes the test set's probabilities (fold<k>/test_probs.csv) and, again,
 its own validation fold's (oof_tta.csv), so the out-of-fold score with and without TTA can be
@@ -34,10 +35,12 @@ from pipeline.engine import (amp_dtype, grade_to_probs, inference_batch_size, lo
                              make_loader, model_from_checkpoint, predict_logits, resolve_device)
 from pipeline.imagecache import image_loader
 from pipeline.layout import Experiment, Layout, Part
+from pipeline.locks import holding
 from pipeline.probfiles import probability_frame, read_probs
 from pipeline.provenance import write_manifest
 from pipeline.scoring import Scorer
-from pipeline.status import current_folds, freshness, joined_oof, predict_inputs
+from pipeline.status import (current_folds, fold_numbers, freshness, joined_oof, predict_inputs,
+                             train_freshness, training_inputs)
 from pipeline.utils import PipelineError, format_table, write_csv_atomic
 
 View = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) -> (B, C, H, W)
@@ -169,7 +172,8 @@ class CheckpointPredictor:
         all N rows back, in order.
         """
         # The checkpoint's cache settings: the preprocessing it was trained with
-        read = image_loader(self.config.cache, self.config.augment, paths, desc=f"{desc} cache")
+        read = image_loader(self.config.cache, self.config.augment, paths, desc=f"{desc} cache",
+                            max_pixels=self.config.data.max_image_pixels)
         dataset = ImageDataset(paths, None, self.transform, read)
         loader = make_loader(dataset, self.batch_size,
                              distributed.shard_sampler(len(dataset)), self.settings)
@@ -243,7 +247,16 @@ def predict_experiment(experiment: Config, layout: Layout, folds: pd.DataFrame,
                        test: tuple[list[str], str]) -> None:
     """Predict every current fold of an experiment (or the chosen ones); a fold not trained under
     the inputs of now is refused: its predictions would not belong to this experiment."""
+    exp = layout.experiment(experiment.run_name)
+    with holding(exp.lock, exp.dir, "predicted"):
+        _predict_folds(experiment, layout, folds, folds_to_predict, force, test)
+
+
+def _predict_folds(experiment: Config, layout: Layout, folds: pd.DataFrame,
+                   folds_to_predict: list[int] | None, force: bool,
+                   test: tuple[list[str], str]) -> None:
     name = experiment.run_name
+    refuse_stale_folds(experiment, folds, layout, folds_to_predict)
     trained = current_folds(experiment, folds, layout)
     if not trained:
         raise PipelineError(f"no current trained folds in {layout.experiment(name).dir}: run "
@@ -264,6 +277,22 @@ def predict_experiment(experiment: Config, layout: Layout, folds: pd.DataFrame,
         print(format_table([list(r.values()) for r in results], list(results[0])))
     if distributed.is_main():
         print_tta_gain(exp, trained, experiment.tta, scorer)
+
+
+def refuse_stale_folds(experiment: Config, folds: pd.DataFrame, layout: Layout,
+                       chosen: list[int] | None) -> None:
+    """A trained fold that is no longer current (its best.pt modified, its inputs changed) is an
+    error naming it, not a fold silently left unpredicted."""
+    inputs, details = training_inputs(experiment, folds, layout)
+    exp = layout.experiment(experiment.run_name)
+    stale = [(k, fresh) for k in (chosen or fold_numbers(folds))
+             if (fresh := train_freshness(exp.fold(k), inputs, details)).state == "stale"]
+    if stale:
+        lines = "\n  ".join(f"fold {k}: {fresh.why()}" for k, fresh in stale)
+        ks = ",".join(str(k) for k, _ in stale)
+        raise PipelineError(f"{exp.dir}: trained fold(s) are stale, nothing was predicted:\n  "
+                            f"{lines}\n`make train MODEL={exp.name} FOLDS={ks} FORCE=1` "
+                            f"retrains them")
 
 
 def print_tta_gain(exp: Experiment, folds: list[int], tta: TTAConfig, scorer: Scorer) -> None:

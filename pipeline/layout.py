@@ -30,6 +30,9 @@ from pipeline.config import Config
 REFIT = "full"  # the part name of the full-data refit
 _FOLD = re.compile(r"^fold(\d+)$")
 MANIFEST_SUFFIX = ".manifest.json"
+# runs/<competition>/.locks/: the locks of one process at a time (pipeline/locks.py). The lock
+# files stay (removing one while another process may open it would let two hold it).
+LOCKS = ".locks"
 
 
 def part_name(fold: int) -> str:
@@ -148,6 +151,12 @@ class Experiment:
     def dataset_stats(self) -> Path:  # augment.normalize: dataset, computed once per experiment
         return self.dir / "dataset_stats.json"
 
+    @property
+    def lock(self) -> Path:
+        """One process at a time trains, predicts or refits it (locks.py); kept in the
+        competition's lock folder, so a refused command leaves no experiment folder behind."""
+        return self.dir.parent / LOCKS / f"experiment-{self.name}.lock"
+
     def fold(self, k: int) -> Part:
         return Part(self.dir / part_name(k))
 
@@ -155,10 +164,6 @@ class Experiment:
     def refit(self) -> Part:
         return Part(self.dir / REFIT)
 
-    def part(self, name: str) -> Part:
-        if name != REFIT and not _FOLD.match(name):
-            raise ValueError(f"no part {name!r}: fold<k> or {REFIT}")
-        return Part(self.dir / name)
 
 
 @dataclass(frozen=True)
@@ -228,6 +233,10 @@ class Layout:
         return self.folds_csv.with_suffix(".dropped.csv")
 
     @property
+    def folds_lock(self) -> Path:
+        return self.runs / LOCKS / "folds.lock"
+
+    @property
     def old_folds_csv(self) -> Path:  # the layout before each competition had its own file
         return self.folds_dir / "folds.csv"
 
@@ -259,6 +268,14 @@ class Layout:
 
     def refit_submission(self, experiment: str) -> Submission:
         return self.submission(f"{experiment}_refit")
+
+    @property
+    def submissions_lock(self) -> Path:
+        return self.runs / LOCKS / "submissions.lock"
+
+    @property
+    def pseudo_lock(self) -> Path:
+        return self.runs / LOCKS / "pseudo.lock"
 
     def submission_manifests(self) -> list[Path]:
         folder = self.submissions

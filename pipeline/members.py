@@ -1,7 +1,8 @@
 """An ensemble's members: which experiments may join, and their predictions read as arrays.
 
-    states, notes = select_members(layout, names, folds, test_fingerprint, partial=False)
-    members = [load_member(s, folds, classes, refit_weight=1.0) for s in states]
+    candidates, notes = select_members(data, layout, names, folds, test_fingerprint, partial,
+                                       refit_weight=None)
+    members = [load_member(c, folds, data.classes) for c in candidates]
     oof_ids, oof_stack, test_stack = stack_members(members)
 
 A member is one experiment: its out-of-fold rows (every fold of the fold file, in the file's
@@ -22,7 +23,7 @@ from pipeline.config import Config, DataConfig, training_settings
 from pipeline.layout import Layout
 from pipeline.probfiles import aligned_test, read_fold_oof
 from pipeline.provenance import fingerprint
-from pipeline.status import ExperimentState, experiment_state
+from pipeline.status import ExperimentState, experiment_config, experiment_state
 from pipeline.utils import PipelineError, summarize_offenders
 
 
@@ -79,12 +80,13 @@ def candidate(data: DataConfig, layout: Layout, name: str, folds: pd.DataFrame,
               test_fingerprint: str, refit_weight: float | None, partial: bool) -> Candidate:
     """Experiment `name` judged as a member: `refit_weight` None takes its own
     ensemble.refit_weight; `partial` allows missing folds when it has some."""
-    state = experiment_state(data, layout, name, folds, test_fingerprint)
-    if state is None:
+    saved = experiment_config(layout.experiment(name))
+    if saved is None:
         raise EnsembleError(f"{layout.experiment(name).dir} is no experiment of "
                             f"{layout.competition}: run `make train DATA={layout.competition} "
                             f"MODEL={name}`")
-    weight = state.config.ensemble.refit_weight if refit_weight is None else refit_weight
+    weight = saved.ensemble.refit_weight if refit_weight is None else refit_weight
+    state = experiment_state(data, layout, name, folds, test_fingerprint, with_refit=weight > 0)
     problems = state.problems(use_refit=weight > 0)
     missing, usable = state.missing_folds, state.predicted_folds
     if missing and not (partial and usable):

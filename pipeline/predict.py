@@ -14,11 +14,10 @@ reduced: pipeline/inference.py.
 from __future__ import annotations
 
 from pipeline import distributed
-from pipeline.config import experiment_configs
 from pipeline.engine import resolve_device
 from pipeline.inference import predict_experiment
 from pipeline.layout import Layout
-from pipeline.status import read_folds, read_test_set
+from pipeline.status import experiment_configs, read_folds, read_test_set
 from pipeline.utils import PipelineError
 
 

@@ -7,7 +7,8 @@ can say *what* changed. Which inputs each stage records, and the one rule that c
 the inputs of now, live in pipeline/status.py; this module only hashes and reads/writes.
 
 Fingerprints are 16 hex digits of a SHA-256. File digests are remembered across processes in a
-small SQLite table keyed by (path, size, modification time, inode), as DVC's state database does:
+small SQLite table keyed by (path, size, modification and change time, inode), as DVC's state
+database does:
 `make runs` or `make ensemble` over 50 experiments x 5 folds of ResNet-50 (~25 GB of checkpoints)
 then stats the files instead of reading them again (bench/runs_scale.py measures it). The table
 is a cache: when it cannot be opened (a read-only home, a damaged file) digests are computed.
@@ -61,16 +62,19 @@ def sha256_file(path: Path | str) -> str:
 
 
 def file_digest(path: Path | str) -> str:
-    """A digest of a file's bytes, remembered per (path, size, mtime, inode): in this process
-    always, across processes for files of REMEMBER_BYTES and more (see the module docstring)."""
+    """A digest of a file's bytes, remembered per (path, size, mtime, ctime, inode): in this
+    process always, across processes for files of REMEMBER_BYTES and more (module docstring).
+    The change time is part of the key because a retrained checkpoint has the same size, and a
+    coarse-mtime file system with inode reuse could give it the old mtime and inode; the rename
+    that puts a file in place sets its ctime."""
     resolved = str(Path(path).resolve())
     stat = os.stat(resolved)
-    return _digest(resolved, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    return _digest(resolved, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
 
 
 @functools.lru_cache(maxsize=8192)
-def _digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
-    key = (path, size, mtime_ns, inode)
+def _digest(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    key = (path, size, mtime_ns, ctime_ns, inode)
     remembered = _STATE.get(key) if size >= REMEMBER_BYTES else None
     if remembered is not None:
         return remembered
@@ -97,30 +101,31 @@ class DigestState:
                 self.path().parent.mkdir(parents=True, exist_ok=True)
                 connection = sqlite3.connect(self.path(), timeout=10)
                 connection.execute("PRAGMA synchronous=OFF")  # a cache: a lost row is recomputed
-                connection.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, "
-                                   "size INTEGER, mtime_ns INTEGER, inode INTEGER, digest TEXT)")
+                connection.execute("CREATE TABLE IF NOT EXISTS file_digests (path TEXT PRIMARY "
+                                   "KEY, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, "
+                                   "inode INTEGER, digest TEXT)")
                 self._connection = connection
             except (sqlite3.Error, OSError, ValueError):
                 self._failed = True
         return self._connection
 
-    def get(self, key: tuple[str, int, int, int]) -> str | None:
+    def get(self, key: tuple[str, int, int, int, int]) -> str | None:
         connection = self._open()
         if connection is None:
             return None
         with contextlib.suppress(sqlite3.Error):
-            row = connection.execute("SELECT size, mtime_ns, inode, digest FROM digests WHERE "
-                                     "path = ?", (key[0],)).fetchone()
-            if row is not None and tuple(row[:3]) == key[1:]:
-                return row[3]
+            row = connection.execute("SELECT size, mtime_ns, ctime_ns, inode, digest FROM "
+                                     "file_digests WHERE path = ?", (key[0],)).fetchone()
+            if row is not None and tuple(row[:4]) == key[1:]:
+                return row[4]
         return None
 
-    def put(self, key: tuple[str, int, int, int], digest: str) -> None:
+    def put(self, key: tuple[str, int, int, int, int], digest: str) -> None:
         connection = self._open()
         if connection is None:
             return
         with contextlib.suppress(sqlite3.Error):
-            connection.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?)",
+            connection.execute("INSERT OR REPLACE INTO file_digests VALUES (?, ?, ?, ?, ?, ?)",
                                (*key, digest))
             connection.commit()
 

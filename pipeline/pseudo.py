@@ -23,14 +23,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config, PseudoConfig, load_config, parse_models
+from pipeline.config import Config, DataConfig, FoldsConfig, PseudoConfig, parse_models
 from pipeline.inference import predict_experiment
 from pipeline.layout import Layout
+from pipeline.locks import holding
 from pipeline.members import Candidate, select_members
 from pipeline.probfiles import aligned_test
 from pipeline.provenance import fingerprint, write_manifest
 from pipeline.scoring import Scorer
-from pipeline.status import (cv_numbers, experiment_state, fold_numbers, read_folds, read_test_set)
+from pipeline.status import (cv_numbers, experiment_state, fold_numbers, load_experiment,
+                             read_folds, read_test_set)
 from pipeline.training.experiment import train_folds
 from pipeline.utils import PipelineError, format_table, write_csv_atomic
 
@@ -66,6 +68,11 @@ def fold_labels(members: list[Candidate], folds: pd.DataFrame, classes: list[str
 
 def make_pseudo_set(config: Config, layout: Layout, models: list[str] | None) -> str:
     """Write the pseudo-label set of the current members; returns its name."""
+    with holding(layout.pseudo_lock, layout.pseudo, "written"):
+        return _write_pseudo_set(config, layout, models)
+
+
+def _write_pseudo_set(config: Config, layout: Layout, models: list[str] | None) -> str:
     folds = read_folds(config.data, config.folds, layout)
     test_ids, test_fingerprint = read_test_set(config.data)
     members, left_out = select_members(config.data, layout, models, folds, test_fingerprint,
@@ -93,23 +100,24 @@ def make_pseudo_set(config: Config, layout: Layout, models: list[str] | None) ->
     return pseudo.name
 
 
-def oof_score(config: Config, layout: Layout) -> float | None:
-    """The out-of-fold score of an experiment's current folds (None: none current)."""
-    folds = read_folds(config.data, config.folds, layout)
-    _, test_fingerprint = read_test_set(config.data)
-    state = experiment_state(config.data, layout, config.run_name, folds, test_fingerprint)
+def oof_score(data: DataConfig, folds_cfg: FoldsConfig, layout: Layout,
+              name: str) -> float | None:
+    """The out-of-fold score of experiment `name`'s current folds (None: none current)."""
+    folds = read_folds(data, folds_cfg, layout)
+    _, test_fingerprint = read_test_set(data)
+    state = experiment_state(data, layout, name, folds, test_fingerprint, with_refit=False)
     if state is None or not state.current_folds:
         return None
-    return cv_numbers(state, Scorer.of(config.data))["oof"]
+    return cv_numbers(state, Scorer.of(data))["oof"]
 
 
 def main(args) -> None:
     if args.model is None:
         raise PipelineError("pseudo needs the experiment of round two: make pseudo MODEL=resnet18")
-    first = load_config(args.data, args.model, args.overrides, name=args.name)
+    first = load_experiment(args.data, args.model, args.overrides, name=args.name)
     layout = Layout.of(first)
     name = make_pseudo_set(first, layout, parse_models(args.models))
-    second = load_config(args.data, args.model, [*args.overrides, f"train.pseudo={name}"])
+    second = load_experiment(args.data, args.model, [*args.overrides, f"train.pseudo={name}"])
     if args.name:
         second = second.model_copy(update={"run_name": f"{args.name}-pseudo"})
     print(f"== round two: {second.run_name}")
@@ -117,7 +125,9 @@ def main(args) -> None:
     predict_experiment(second, layout, read_folds(second.data, second.folds, layout), args.folds,
                        args.force, read_test_set(second.data))
     metric = first.data.metric
-    rows = [[first.run_name, "without pseudo-labels", oof_score(first, layout)],
-            [second.run_name, f"with {name}", oof_score(second, layout)]]
+    rows = [[first.run_name, "without pseudo-labels",
+             oof_score(first.data, first.folds, layout, first.run_name)],
+            [second.run_name, f"with {name}",
+             oof_score(second.data, second.folds, layout, second.run_name)]]
     print(format_table([[a, b, "-" if c is None else c] for a, b, c in rows],
                        ["experiment", "", f"oof {metric}"]))

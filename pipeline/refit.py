@@ -21,14 +21,15 @@ from __future__ import annotations
 import pandas as pd
 
 from pipeline import distributed
-from pipeline.config import Config, experiment_configs
+from pipeline.config import Config, DataConfig
 from pipeline.engine import resolve_device
 from pipeline.inference import PredictJob, predict_part
 from pipeline.layout import Layout, Part
+from pipeline.locks import holding
 from pipeline.probfiles import read_probs
 from pipeline.provenance import fingerprint, write_manifest
 from pipeline.scoring import Scorer
-from pipeline.status import RefitPlan, read_folds, refit_plan, read_test_set
+from pipeline.status import RefitPlan, experiment_configs, read_folds, read_test_set, refit_plan
 from pipeline.submission import build_submission, score_against_solution, write_submission
 from pipeline.training.experiment import pseudo_rows, start_experiment
 from pipeline.training.parts import Rows, RunSpec
@@ -51,33 +52,40 @@ def train_refit(config: Config, layout: Layout, folds: pd.DataFrame, plan: Refit
     part = layout.experiment(config.run_name).refit
     spec = RunSpec(part, Rows.of(folds), None, config.train.seed + REFIT_SEED_OFFSET, part.name,
                    plan.inputs, plan.path,
-                   pseudo=pseudo_rows(config.data, config.train.pseudo, layout, part.name))
+                   pseudo=lambda: pseudo_rows(config.data, config.train.pseudo, layout, part.name))
     train_part(refit, spec, {**plan.details, "rows": len(folds), "unvalidated": True}, force,
                what=f"the refit {part.dir}", stage="refit",
                before=lambda: preflight(refit, layout))
     return part
 
 
-def write_refit_submission(config: Config, layout: Layout, part: Part,
+def write_refit_submission(data: DataConfig, name: str, layout: Layout, part: Part,
                            test_ids: list[str]) -> dict:
     """submissions/<competition>/<experiment>_refit.csv: the refit alone (unvalidated)."""
-    probs = Scorer.of(config.data).probs_of(read_probs(part.test_probs))
-    frame = build_submission(config.data, test_ids, probs)
-    submission = layout.refit_submission(config.run_name)
-    path = write_submission(frame, submission.csv, config.data)
+    probs = Scorer.of(data).probs_of(read_probs(part.test_probs))
+    frame = build_submission(data, test_ids, probs)
+    submission = layout.refit_submission(name)
+    path = write_submission(frame, submission.csv, data)
     write_manifest(submission.manifest, "submission",
                    {"members": fingerprint({"refit": part.predict_manifest.read_text()})},
-                   [path], {"members": [config.run_name], "refit only": True,
-                            "unvalidated": True})
-    result = {"run": config.run_name, "submission": str(path)}
-    test_score = score_against_solution(config.data, frame)
+                   [path], {"members": [name], "refit only": True, "unvalidated": True})
+    result = {"run": name, "submission": str(path)}
+    test_score = score_against_solution(data, frame)
     if test_score is not None:
-        result[f"test {config.data.metric}"] = test_score
+        result[f"test {data.metric}"] = test_score
     return result
 
 
 def run_refit(config: Config, force: bool) -> dict:
+    """Refit on all labelled rows and predict the test set, one process at a time on the
+    experiment; returns the row of the stage's table (rank 0)."""
     layout = Layout.of(config)
+    exp = layout.experiment(config.run_name)
+    with holding(exp.lock, exp.dir, "refitted"):
+        return _refit(config, layout, force)
+
+
+def _refit(config: Config, layout: Layout, force: bool) -> dict:
     folds = read_folds(config.data, config.folds, layout)
     plan = refit_plan(config, folds, layout)
     print(f"{config.run_name}: refit on all labelled rows for {plan.epochs} epochs "
@@ -86,12 +94,12 @@ def run_refit(config: Config, force: bool) -> dict:
     start_experiment(config, layout.experiment(config.run_name))  # not the refit's epoch count
     part = train_refit(config, layout, folds, plan, force)
     test_ids, test_fingerprint = read_test_set(config.data)
-    job = PredictJob.of(refit_config(config, plan.epochs), test_ids, test_fingerprint)
+    job = PredictJob.of(config, test_ids, test_fingerprint)
     predict_part(part, job, config.data, None, force, Scorer.of(config.data))
     distributed.barrier()
     if not distributed.is_main():
         return {}
-    result = write_refit_submission(config, layout, part, test_ids)
+    result = write_refit_submission(config.data, config.run_name, layout, part, test_ids)
     result = {"run": result.pop("run"), "epochs": plan.epochs, **result}
     print(format_table([list(result.values())], list(result)))
     print("note: a refit has no validation fold: its score is unknown (unvalidated)")

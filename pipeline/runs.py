@@ -26,8 +26,8 @@ from pipeline.layout import Layout, old_layout_runs, submission_of_manifest
 from pipeline.provenance import read_manifest
 from pipeline.scoring import Scorer
 from pipeline.status import (ExperimentState, Freshness, cv_numbers, experiment_state,
-                             folds_freshness, read_folds_unchecked, submission_freshness,
-                             read_test_set)
+                             folds_freshness, load_experiment, read_folds_unchecked,
+                             read_test_set, submission_freshness)
 from pipeline.utils import (PipelineError, format_table, markdown_table, warn, write_csv_atomic,
                             write_text_atomic)
 
@@ -49,26 +49,27 @@ def submissions_of(data: DataConfig, folds: FoldsConfig, layout: Layout) -> dict
     return found
 
 
-def competition_states(config: Config, layout: Layout) -> list[ExperimentState]:
+def competition_states(data: DataConfig, folds_cfg: FoldsConfig,
+                       layout: Layout) -> list[ExperimentState]:
     """The state of every experiment of the competition (the fold file may be stale: then
     every fold is, with the reason)."""
     names = layout.experiment_names()
     if not names:
         return []
     if not layout.folds_csv.is_file():
-        raise PipelineError(f"{layout.folds_csv} not found: run `make folds DATA={config.data.name}`")
-    fresh = folds_freshness(config.data, config.folds, layout)
+        raise PipelineError(f"{layout.folds_csv} not found: run `make folds DATA={data.name}`")
+    fresh = folds_freshness(data, folds_cfg, layout)
     folds_error = None if fresh.current else f"the folds no longer fit the data ({fresh.why()})"
-    folds = read_folds_unchecked(config.data, layout)
-    _, test_fingerprint = read_test_set(config.data)
-    states = [experiment_state(config.data, layout, name, folds, test_fingerprint, folds_error)
+    folds = read_folds_unchecked(data, layout)
+    _, test_fingerprint = read_test_set(data)
+    states = [experiment_state(data, layout, name, folds, test_fingerprint, folds_error)
               for name in names]
     return [s for s in states if s is not None]
 
 
-def leaderboard(config: Config, layout: Layout) -> pd.DataFrame:
-    states = competition_states(config, layout)
-    submissions = submissions_of(config.data, config.folds, layout) if states else {}
+def leaderboard(data: DataConfig, folds_cfg: FoldsConfig, layout: Layout) -> pd.DataFrame:
+    states = competition_states(data, folds_cfg, layout)
+    submissions = submissions_of(data, folds_cfg, layout) if states else {}
     rows = []
     for state in states:
         c = state.config
@@ -78,7 +79,7 @@ def leaderboard(config: Config, layout: Layout) -> pd.DataFrame:
                      state.status(), numbers["minutes"],
                      ", ".join(submissions.get(state.name, [])) or "-"])
     frame = pd.DataFrame(rows, columns=HEADERS)
-    ascending = config.data.metric == "log_loss"
+    ascending = data.metric == "log_loss"
     return frame.sort_values("oof", ascending=ascending, na_position="last", kind="stable")
 
 
@@ -106,7 +107,7 @@ def main_runs(args) -> None:
     if old:
         warn(f"{[str(p) for p in old]} are of the old layout (runs/<model>/, before each "
              f"competition had its folder): they are not read; retrain them, or delete them")
-    frame = leaderboard(config, layout)
+    frame = leaderboard(config.data, config.folds, layout)
     if frame.empty:
         print(f"no experiment of {config.data.name} in {layout.runs}/ yet: "
               f"make train MODEL=<model> DATA={config.data.name}")
@@ -144,15 +145,26 @@ def experiment_rows(state: ExperimentState) -> list[list[str]]:
     return rows
 
 
+def command_state(config: Config, layout: Layout) -> ExperimentState | None:
+    """The state of the command's experiment under the command's settings (None: untrained)."""
+    if config.run_name not in layout.experiment_names() or not layout.folds_csv.is_file():
+        return None
+    fresh = folds_freshness(config.data, config.folds, layout)
+    folds_error = None if fresh.current else f"the folds no longer fit the data ({fresh.why()})"
+    _, test_fingerprint = read_test_set(config.data)
+    return experiment_state(config.data, layout, config.run_name,
+                            read_folds_unchecked(config.data, layout), test_fingerprint,
+                            folds_error, experiment=config)
+
+
 def main_status(args) -> None:
-    config = (load_config(args.data, args.model, args.overrides, name=args.name) if args.model
-              else load_config(args.data, None, args.overrides))
+    config = (load_experiment(args.data, args.model, args.overrides, name=args.name)
+              if args.model else load_config(args.data, None, args.overrides))
     layout = Layout.of(config)
     rows = [_row("folds", str(layout.folds_csv),
                  folds_freshness(config.data, config.folds, layout))]
-    if args.model:
-        state = next((s for s in competition_states(config, layout)
-                      if s.name == config.run_name), None)
+    if args.model:  # judged by the settings of this command, as `make train` would judge them
+        state = command_state(config, layout)
         if state is None:
             raise PipelineError(f"no experiment {config.run_name} of {config.data.name} in "
                                 f"{layout.runs}/")

@@ -88,9 +88,9 @@ def optimizer_steps(batches: int, max_batches: int | None, accumulate: int) -> i
     return max(1, batches // accumulate)
 
 
-def steps_per_epoch(n_images: int, batch_size: int, max_batches: int | None,
-                    accumulate: int = 1) -> int:
-    """Optimiser steps of one epoch over `n_images`, as the training loader batches them:
-    drop_last when the data holds more than a batch (no size-1 batch for BatchNorm)."""
+def steps_per_epoch(n_images: int, batch_size: int, max_batches: int | None) -> int:
+    """Loader batches of one epoch over `n_images` (drop_last when the data holds more than a
+    batch: no size-1 batch for BatchNorm), at most train.max_batches. The refit's FoldPath
+    counts these; with train.accumulate its steps scale alike, so the path is the same."""
     batches = n_images // batch_size if n_images > batch_size else 1
-    return optimizer_steps(batches, max_batches, accumulate)
+    return optimizer_steps(batches, max_batches, 1)

@@ -60,10 +60,6 @@ class Scorer:
     def n_classes(self) -> int:
         return len(self.classes)
 
-    @property
-    def higher_is_better(self) -> bool:
-        return metrics.higher_is_better(self.metric)
-
     def targets(self, labels: Iterable[str]) -> np.ndarray:
         return targets_of(labels, self.classes)
 

@@ -36,17 +36,21 @@ pseudo alike.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline.config import (Config, DataConfig, EnsembleConfig, FoldsConfig, RefitConfig,
-                             TTAConfig, changed_keys, config_from_dict, training_settings)
-from pipeline.data import load_test_ids, load_train_table, test_image_paths, train_image_paths
+from pipeline.config import (DATA_FILE_KEYS, Config, DataConfig, EnsembleConfig, FoldsConfig,
+                             RefitConfig, TrainConfig, TTAConfig, changed_keys, config_from_dict,
+                             load_config, resolve_experiment, training_settings)
+from pipeline.data import (MAX_IMAGE_PIXELS, load_test_ids, load_train_table, test_image_paths,
+                           train_image_paths)
 from pipeline.layout import Experiment, Layout, Part, part_name
+from pipeline.models import is_timm_name, model_names
 from pipeline.probfiles import read_probs
 from pipeline.provenance import (Manifest, file_digest, fingerprint, folds_fingerprint,
                                  images_fingerprint, outputs_problems, read_manifest,
@@ -68,7 +72,12 @@ INPUT_NAMES = {
     "tta": "the TTA settings",
     "epochs": "the refit's epoch count",
     "members": "the member predictions or ensemble settings",
+    "oof": "how an EMA run's oof.csv is predicted (from best.pt's EMA weights since pipeline "
+           "0.2; before, from the last epoch's)",
 }
+# An EMA run records how its oof.csv was predicted: runs made before the fix lack the input
+# and are stale once (retrain them: FORCE=1); other runs are unaffected.
+EMA_OOF = "the EMA oof predicted with the best epoch's weights"
 
 
 class StaleError(PipelineError):
@@ -159,6 +168,10 @@ def fold_inputs(data: DataConfig, folds: FoldsConfig,
     settings = {"n_splits": folds.n_splits, "seed": folds.seed,
                 "group_column": data.group_column, "group_pattern": data.group_pattern,
                 "drop_bad_images": data.drop_bad_images}
+    if data.max_image_pixels != MAX_IMAGE_PIXELS:
+        # it decides which images are bad; named only when set, so that folds made before the
+        # setting existed keep their fingerprint
+        settings["max_image_pixels"] = data.max_image_pixels
     paths = train_image_paths(data, table["id"].tolist())
     inputs = {"rows": rows_fingerprint(table, data.classes),
               "train_images": images_fingerprint(table["id"].tolist(), paths),
@@ -234,6 +247,8 @@ def training_inputs(experiment: Config, folds: pd.DataFrame,
     pseudo = pseudo_fingerprint(experiment.train.pseudo, layout)
     if pseudo is not None:
         inputs["pseudo"] = pseudo
+    if experiment.train.ema:
+        inputs["oof"] = fingerprint(EMA_OOF)
     return inputs, {"settings": settings}
 
 
@@ -312,7 +327,8 @@ def refit_epochs(refit: RefitConfig, name: str, validated: list[int]) -> tuple[i
     return int(round(float(np.median(validated)))), f"median best epoch of folds {validated}"
 
 
-def fold_path(train, folds: pd.DataFrame, epochs: int, validated: list[int]) -> FoldPath:
+def fold_path(train: TrainConfig, folds: pd.DataFrame, epochs: int,
+              validated: list[int]) -> FoldPath:
     """The folds' learning-rate path up to the epoch CV chose (the median of the current folds'
     best epochs `validated`; `epochs` when there are none), for the refit to walk again."""
     train_sizes = [int((folds["fold"] != k).sum()) for k in folds["fold"].unique()]
@@ -345,6 +361,37 @@ def current_folds(experiment: Config, folds: pd.DataFrame, layout: Layout) -> li
 
 
 # --------------------------------------------------------------------------------------------
+# Which experiment a command means
+
+
+def load_experiment(data: str, model: str, overrides: list[str] | tuple[str, ...] = (),
+                    name: str | None = None) -> Config:
+    """The config of MODEL=...: an experiment file (configs/<name>.yaml, a YAML path), a model
+    name (the defaults with that model), or else the name of an experiment the competition
+    already has (runs/<competition>/<name>/config.yaml: the settings it was trained with), so a
+    remedy that names an experiment (`make predict MODEL=resnet18-seed1`) works as printed."""
+    if resolve_experiment(model)[2] is None and model not in model_names() \
+            and not is_timm_name(model):
+        exp = Layout.of(load_config(data, None, overrides)).experiment(model.replace("/", "-"))
+        if exp.config.is_file():
+            saved = yaml.safe_load(exp.config.read_text()) or {}
+            return load_config(data, exp.name, overrides, name, saved=(saved, str(exp.config)))
+    return load_config(data, model, overrides, name)
+
+
+def experiment_configs(data: str, model: str, overrides: list[str] | tuple[str, ...] = (),
+                       name: str | None = None, seeds: list[int] | None = None) -> list[Config]:
+    """One config per seed of SEEDS=0,1,2 (each an experiment of its own:
+    <experiment>-seed<s>), or the one config of the command line."""
+    if not seeds:
+        return [load_experiment(data, model, overrides, name)]
+    if name is not None:
+        raise PipelineError("NAME= names one run; with SEEDS= each seed's run is named "
+                            "<experiment>-seed<s>")
+    return [load_experiment(data, model, [*overrides, f"train.seed={seed}"]) for seed in seeds]
+
+
+# --------------------------------------------------------------------------------------------
 # The state of an experiment
 
 
@@ -372,6 +419,7 @@ class ExperimentState:
     folds: list[FoldState] = field(default_factory=list)
     refit_train: Freshness | None = None  # None: never refitted
     refit_predict: Freshness | None = None
+    refit_unchecked: str | None = None  # why the refit's inputs cannot be computed now
     error: str | None = None  # the folds file no longer fits the data: every fold is stale
 
     @property
@@ -436,6 +484,8 @@ class ExperimentState:
         leave_out = "; or leave the refit out: ARGS=ensemble.refit_weight=0"
         if self.refit_train is None:
             return []
+        if self.refit_unchecked:
+            return [f"its refit cannot be checked: {self.refit_unchecked}{leave_out}"]
         if not self.refit_train.current:
             return [f"its refit is stale ({self.refit_train.why()}): `make refit "
                     f"MODEL={self.name} FORCE=1`{leave_out}"]
@@ -477,6 +527,7 @@ def _refit_state(state: ExperimentState, folds: pd.DataFrame, layout: Layout,
     try:
         plan = refit_plan(state.config, folds, layout)
     except PipelineError as err:
+        state.refit_unchecked = str(err)
         state.refit_train = Freshness("stale", [f"it cannot be checked: {err}"])
         return
     state.refit_train = freshness(part.train_manifest, plan.inputs, plan.details)
@@ -486,30 +537,47 @@ def _refit_state(state: ExperimentState, folds: pd.DataFrame, layout: Layout,
 
 def experiment_state(data: DataConfig, layout: Layout, name: str, folds: pd.DataFrame,
                      test_fingerprint: str, folds_error: str | None = None,
-                     experiment: Config | None = None) -> ExperimentState | None:
+                     experiment: Config | None = None,
+                     with_refit: bool = True) -> ExperimentState | None:
     """The state of experiment `name` under the fold file, test set and data of now (None: no
     such experiment). `folds_error`: the fold file no longer fits the data (every fold is stale).
 
     Judged against `experiment` (the settings of a command line, as `make train` would judge
     them) or else the settings it was trained with (its config.yaml), read with the competition's
-    data settings of now: a moved data folder is the same experiment, a changed class list not.
+    file settings of now (`with_data_files`). `with_refit`: judge its refit too.
     """
     exp = layout.experiment(name)
+    inputs_layout = layout
     if experiment is None:
         experiment = experiment_config(exp)
         if experiment is None:
             return None
-        experiment = experiment.model_copy(update={"data": data})
+        experiment = with_data_files(experiment, data)
+        # its pseudo-label set is where it was trained from (a where-setting of its own)
+        inputs_layout = replace(layout, pseudo=Path(experiment.pseudo_dir) / data.name)
     experiment = experiment.model_copy(update={"run_name": name})
     state = ExperimentState(name, experiment, exp, error=folds_error)
-    inputs, details = training_inputs(experiment, folds, layout)
+    try:
+        inputs, details = training_inputs(experiment, folds, inputs_layout)
+    except PipelineError as err:  # e.g. its pseudo-label set is gone: every fold is stale
+        inputs, details = {"unreadable": str(err)}, {}
+        state.error = state.error or str(err)
     for k in fold_numbers(folds):
         part = exp.fold(k)
         trained = train_freshness(part, inputs, details)
         state.folds.append(_fold_state(experiment.tta, part, k, folds, trained,
-                                       test_fingerprint, folds_error))
-    _refit_state(state, folds, layout, test_fingerprint)
+                                       test_fingerprint, state.error))
+    if with_refit and not state.error:
+        _refit_state(state, folds, inputs_layout, test_fingerprint)
     return state
+
+
+def with_data_files(experiment: Config, data: DataConfig) -> Config:
+    """A saved experiment with the competition's file settings of now (where its files are, how
+    the test side is submitted: config.DATA_FILE_KEYS), its result-changing data settings kept:
+    a moved data folder is the same experiment, another metric or class list is not."""
+    files = {key: getattr(data, key) for key in DATA_FILE_KEYS}
+    return experiment.model_copy(update={"data": experiment.data.model_copy(update=files)})
 
 
 def joined_oof(exp: Experiment, folds: list[int], tta: bool = False) -> pd.DataFrame:
@@ -580,6 +648,9 @@ def submission_freshness(data: DataConfig, folds_cfg: FoldsConfig, layout: Layou
                 zip(manifest.details.get("members", []), states) if state is None]
     problems += [f"{s.name}: {p}" for s in states if s is not None
                  for p in s.problems(refits.get(s.name, False))]
+    problems += [f"{s.name}: its refit, which this submission used, is missing or stale"
+                 for s in states if s is not None and refits.get(s.name) and not s.refit_current
+                 and not s.problems(True)]
     if problems:
         return Freshness("stale", problems, manifest)
     return freshness(manifest_file, {"members": member_fingerprint(states, refits, settings)})

@@ -24,9 +24,11 @@ import sys
 import pandas as pd
 
 from pipeline import distributed
-from pipeline.config import Config, experiment_configs
+from pipeline.config import Config
 from pipeline.engine import resolve_device
 from pipeline.layout import Layout
+from pipeline.locks import holding
+from pipeline.status import experiment_configs
 from pipeline.training.experiment import prepare_training, train_folds, write_summary
 from pipeline.training.run import clear_parts
 from pipeline.utils import PipelineError
@@ -48,8 +50,14 @@ def run_parallel_folds(config: Config, folds_to_train: list[int] | None, force: 
                             f"sees only its own GPU (as cuda:0); leave train.device=auto")
     slots = distributed.gpu_slots(gpus)
     layout = Layout.of(config)
-    plan = prepare_training(config, layout, folds_to_train, force)
     exp = layout.experiment(config.run_name)
+    with holding(exp.lock, exp.dir, "trained"):  # the fold processes work under it
+        return _parallel_folds(config, layout, exp, folds_to_train, force, slots, command)
+
+
+def _parallel_folds(config: Config, layout: Layout, exp, folds_to_train: list[int] | None,
+                    force: bool, slots: list[str], command: list[str]) -> pd.DataFrame | None:
+    plan = prepare_training(config, layout, folds_to_train, force)
     parts = [exp.fold(k) for k in plan.todo]
     clear_parts(parts, force)  # here, not in the child: the child's log lives in its folder
     jobs = [distributed.Job(f"fold {k}", [*command, "--folds", str(k)], part.console_log)
@@ -57,9 +65,9 @@ def run_parallel_folds(config: Config, folds_to_train: list[int] | None, force: 
     failed = distributed.run_jobs(jobs, slots)
     if failed:
         names = ", ".join(f"{name} (exit {code})" for name, code in failed.items())
-        raise PipelineError(f"{names} failed; see each failed fold's "
-                            f"{parts[0].console_log.name} in {exp.dir}, fix the cause and re-run: "
-                            f"finished folds are skipped")
+        logs = ", ".join(str(job.log) for job in jobs if job.name in failed)
+        raise PipelineError(f"{names} failed; see {logs}, fix the cause and re-run: finished "
+                            f"folds are skipped")
     return write_summary(config, layout, plan.folds)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import sys
@@ -19,6 +20,23 @@ class PipelineError(RuntimeError):
     """An error the user can fix; printed without a traceback, exit code 1."""
 
 
+# What torch.save's C++ writer says when the disk is full or the write fails otherwise
+# ("file write failed", "[enforce fail at inline_container.cc:672] . unexpected pos ...",
+# "basic_ios::clear: iostream error", "PytorchStreamWriter failed writing file ...").
+TORCH_WRITE_FAILURES = ("write failed", "unexpected pos", "iostream error", "PytorchStreamWriter",
+                        "inline_container")
+
+
+@functools.lru_cache(maxsize=1)
+def file_mode() -> int:
+    """The mode a new file gets from this process's umask (0644 under umask 022). Temporary
+    files are created 0600; the renamed result should be as readable as any other new file (a
+    teammate's, a web server's showing the report)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it into place only if the block succeeds.
@@ -26,7 +44,8 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     A crash or kill inside the block leaves `path` as it was (old content or absent), never half
     written. The temporary name keeps the suffix so writers that dispatch on it (savefig) still work.
     A failed write (a full disk, a read-only or unwritable folder) becomes a PipelineError naming
-    `path`, the reason and the remedy, with the temporary file removed.
+    `path`, the reason and the remedy, with the temporary file removed. The file is given the
+    mode the umask gives new files.
     """
     path = Path(path)
     try:
@@ -39,12 +58,12 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, file_mode())
         os.replace(tmp_path, path)
     except OSError as err:
         raise WriteError(write_failure(path, err)) from None
     except RuntimeError as err:
-        # torch.save reports a failed write as RuntimeError ("... file write failed").
-        if isinstance(err, PipelineError) or "write failed" not in str(err):
+        if isinstance(err, PipelineError) or not any(s in str(err) for s in TORCH_WRITE_FAILURES):
             raise
         raise WriteError(write_failure(path, err)) from None
     finally:
@@ -60,27 +79,44 @@ class WriteError(PipelineError):
 _WRITE_REMEDIES = {
     errno.ENOSPC: "free some space on that disk, or write elsewhere",
     errno.EDQUOT: "free some space within your quota, or write elsewhere",
+    errno.EFBIG: "the file is over the size limit of this process (ulimit -f) or of the file "
+                 "system: raise the limit, or write elsewhere",
     errno.EROFS: "the file system is read-only: write elsewhere",
     errno.EACCES: "make the folder writable for you, or write elsewhere",
     errno.EPERM: "make the folder writable for you, or write elsewhere",
     errno.ENAMETOOLONG: "shorten the name (the file system allows 255 bytes per name)",
 }
+WRITE_ERRNOS = frozenset(_WRITE_REMEDIES)
 _ELSEWHERE = "(runs_dir=, submissions_dir=, folds.dir=, cache.dir= move the outputs)"
+
+
+def _space_needed(path: Path) -> str:
+    """', about N MB needed': the size of the file being replaced, where there is one of a
+    megabyte or more (a checkpoint, rewritten every epoch)."""
+    with contextlib.suppress(OSError):
+        size = path.stat().st_size
+        if size >= 2**20:
+            return f", about {size / 2**20:.0f} MB needed"
+    return ""
 
 
 def write_failure(path: Path, err: Exception) -> str:
     """'cannot write runs/x/best.pt: no space left on device; free some space ...': the reason
-    from the errno (or, for torch's RuntimeError, from the free space left) and its remedy."""
+    from the errno (or, for torch's RuntimeError, from the free space left), the space needed
+    where the file replaces an older one, and the remedy."""
     if isinstance(err, OSError):
         reason = (err.strerror or str(err)).lower()
         remedy = _WRITE_REMEDIES.get(err.errno, "check the disk and the folder's permissions")
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason += _space_needed(path)
     else:  # torch's RuntimeError: ask the disk why
         reason, remedy = "the write failed", "check the disk and the folder's permissions"
         with contextlib.suppress(OSError):
             free = shutil.disk_usage(path.parent).free
             reason = f"the write failed with {free / 2**20:.0f} MB free on that disk"
-            if free < 2**20:
-                reason, remedy = "no space left on device", _WRITE_REMEDIES[errno.ENOSPC]
+            if free < 2**20 + (path.stat().st_size if path.exists() else 0):
+                reason = "no space left on device" + _space_needed(path)
+                remedy = _WRITE_REMEDIES[errno.ENOSPC]
     return f"cannot write {path}: {reason}; {remedy} {_ELSEWHERE}. Nothing was half-written."
 
 

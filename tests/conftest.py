@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -14,6 +16,11 @@ from pipeline.config import Config, load_config
 from pipeline.layout import Layout
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The tests' file digests go to a table of their own, not the user's ~/.cache/pipeline (the
+# subprocesses the tests start inherit it).
+os.environ["PIPELINE_STATE"] = str(Path(tempfile.mkdtemp(prefix="pipeline-state-")) /
+                                   "digests.sqlite")
 
 
 def write_image(path: Path, seed: int, size: int = 16, ext: str = ".png", gray: bool = False) -> Path:

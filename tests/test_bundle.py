@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file, save_file
 
+import pipeline
 from pipeline.__main__ import main as cli
 from pipeline.provenance import sha256_file
 from tests.conftest import REPO
@@ -73,13 +74,13 @@ def test_the_bundle_holds_the_ensemble_and_the_package(made):
         assert {f"members/{experiment}/{part}.safetensors",
                 f"members/{experiment}/{part}.json"} <= names
     assert set(manifest["files"]) == names - {"bundle.json"}
-    assert manifest["pipeline_version"] == "0.1.0" and manifest["submission"] == "sub"
+    assert manifest["pipeline_version"] == pipeline.__version__ and manifest["submission"] == "sub"
     assert recipe["experiments"][experiment]["tta"]["views"] == "hflip"
     assert recipe["experiments"][experiment]["refit_weight"] == 1.0
     assert recipe["classes"] == ["cat", "dog", "fox"] and recipe["submission_kind"] == "label"
     assert "torch==" in requirements and "timm==" in requirements and "pytest" not in requirements
     assert "pip install --no-index --no-deps /kaggle/input/<dataset>/pipeline-*.whl" in readme
-    assert any(n.startswith("pipeline-0.1.0-") and n.endswith(".whl") for n in names)
+    assert any(n.startswith(f"pipeline-{pipeline.__version__}-") and n.endswith(".whl") for n in names)
 
 
 def test_infer_from_the_installed_wheel_alone_reproduces_the_submission(made, tmp_path):
@@ -202,7 +203,7 @@ def test_another_package_version_is_refused_with_the_remedy(made, folder, tmp_pa
     manifest["pipeline_version"] = "0.0.9"
     (folder / "bundle.json").write_text(json.dumps(manifest))
     err = refused(made[0], folder, tmp_path, capsys)
-    assert "made by pipeline 0.0.9" in err and "installed pipeline is 0.1.0" in err
+    assert "made by pipeline 0.0.9" in err and f"installed pipeline is {pipeline.__version__}" in err
     assert "--force-reinstall" in err and ".whl" in err
 
 

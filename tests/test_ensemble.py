@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -427,3 +429,31 @@ def test_binary_f1_competition_submits_cutoff_labels_with_an_honest_name(tmp_pat
     manifest = yaml.safe_load(outcome.submission.with_suffix(".manifest.json").read_text())
     assert f"_cv{manifest['details']['cv']:.4f}" in outcome.submission.name
     assert manifest["details"]["decode"]["kind"] in ("cutoff", "argmax")
+
+
+def test_a_submission_whose_refit_is_gone_is_stale_not_a_traceback(tmp_path, capsys):
+    data_path, overrides = write_competition(tmp_path, ["a", "b"])
+    config = config_of(data_path, overrides)
+    targets = read_folds(config)["target"].to_numpy()
+    run = write_run(config, "m", member_probs(targets, 2, 1.0, 1), np.full((12, 2), 0.5),
+                    refit=np.full((12, 2), 0.5))
+    assert cli(["ensemble", "--data", data_path, *overrides, "ensemble.name=sub"]) == 0
+    shutil.rmtree(run / "full")  # the refit the submission was made with
+    capsys.readouterr()
+    assert cli(["runs", "--data", data_path, *overrides]) == 0
+    assert "sub (stale)" in capsys.readouterr().out
+    assert cli(["bundle", "--data", data_path, *overrides, "--name", "sub"]) == 1
+    err = capsys.readouterr().err
+    assert "its refit, which this submission used, is missing or stale" in err
+    assert "Traceback" not in err
+
+
+def test_members_keep_their_own_metric_when_the_ensemble_scores_by_another(tmp_path, capsys):
+    """Only where a saved experiment's files are comes from the command; its result-changing
+    data settings stay its own (a moved data folder is the same experiment)."""
+    data_path, overrides = write_competition(tmp_path, ["a", "b"])
+    config = config_of(data_path, overrides)
+    targets = read_folds(config)["target"].to_numpy()
+    write_run(config, "m", member_probs(targets, 2, 1.0, 1), np.full((12, 2), 0.5))
+    outcome = ensemble_runs(config_of(data_path, overrides, "data.metric=macro_f1"), ["m"])
+    assert "CV macro_f1, out of fold" in outcome.report.read_text()

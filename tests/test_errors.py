@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -147,9 +149,29 @@ def test_corrupt_weights_name_the_file(weights, name, cut):
 
 def test_pickled_objects_are_refused_with_the_remedy(tmp_path):
     torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "module.pth")
-    with pytest.raises(WeightsReadError, match=r"module.pth holds Python objects besides tensors"
-                                               r".*re-save it as a state_dict"):
+    with pytest.raises(WeightsReadError, match=r"module.pth is not a tensor file: it holds pickled "
+                                               r"Python objects .*refused to unpickle.*state_dict"):
         read_state_dict(tmp_path / "module.pth")
+
+
+class Payload:
+    """What an attacker drops as a weights file: unpickling it would run a command."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle protocol 2", "pickle protocol 4"])
+def test_a_pickle_payload_is_refused_unrun_as_weights_and_as_checkpoint(tmp_path, how):
+    path = tmp_path / "best.pt"
+    if how == "torch.save":
+        torch.save({"model": Payload()}, path)
+    else:
+        path.write_bytes(pickle.dumps({"model": Payload()}, protocol=int(how[-1])))
+    for load in (read_state_dict, load_checkpoint):
+        with pytest.raises(PipelineError, match=r"not a tensor file: .*refused to unpickle"):
+            load(path)
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
 
 
 def test_corrupt_checkpoint_names_the_file(tmp_path):

@@ -213,7 +213,8 @@ def test_seeds_are_runs_of_their_own_averaged_as_one_member(comp, capsys):
     assert comp("folds") == 0
     assert comp("train", "--seeds", "1,2") == 0
     assert comp("predict", "--seeds", "1,2") == 0
-    names = sorted(p.name for p in (comp.tmp / "runs" / "tiny").iterdir() if p.is_dir())
+    names = sorted(p.name for p in (comp.tmp / "runs" / "tiny").iterdir()
+                   if p.is_dir() and not p.name.startswith("."))
     assert len(names) == 2 and all(n.endswith(("seed1", "seed2")) for n in names)
     assert comp("ensemble", "ensemble.name=avg") == 0
     out = capsys.readouterr().out

@@ -80,6 +80,28 @@ def _unreadable(path: Path, err: Exception) -> str:
             f"download or save it again, or set model.pretrained=false")
 
 
+PICKLE_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)")
+PICKLE_PROTOCOLS = (b"\x80\x03", b"\x80\x04", b"\x80\x05")  # a bare pickle, not torch's zip
+
+
+def pickle_refusal(path: Path, err: Exception) -> str | None:
+    """The message for a file that torch.load(weights_only=True) refused because it holds
+    pickled Python objects (which could run code on loading), or None when it is merely corrupt.
+    torch words the refusal of a global in two ways, and a bare pickle of a newer protocol fails
+    on its first opcode instead."""
+    found = PICKLE_GLOBAL.search(str(err))
+    try:
+        bare = Path(path).read_bytes()[:2] in PICKLE_PROTOCOLS
+    except OSError:
+        bare = False
+    if found is None and not bare:
+        return None
+    what = f"pickled Python objects ({found.group(1)})" if found else "a bare pickle"
+    return (f"{path} is not a tensor file: it holds {what}, which torch.load(weights_only=True) "
+            f"refused to unpickle (unpickling can run code). Use a .safetensors file, or a "
+            f"state_dict saved with torch.save(model.state_dict(), ...) from a source you trust")
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state_dict from .safetensors or a torch file, on the CPU, without unpickling code."""
     path = Path(path)
@@ -93,13 +115,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if found is None:  # not a pickle at all: corrupt, or an HTML error page saved as .pth
-            raise WeightsReadError(_unreadable(path, err)) from None
-        raise WeightsReadError(
-            f"{path} holds Python objects besides tensors ({found.group(1)}), which "
-            f"weights_only=True refuses to unpickle (they could run code); re-save it as a "
-            f"state_dict (torch.save(model.state_dict(), ...)) or as .safetensors") from None
+        raise WeightsReadError(pickle_refusal(path, err) or _unreadable(path, err)) from None
     except Exception as err:  # RuntimeError (not a zip archive), EOFError: truncated or corrupt
         raise WeightsReadError(_unreadable(path, err)) from None
     for key in ("state_dict", "model"):  # training checkpoints wrap the weights

@@ -1,6 +1,6 @@
 """Train an experiment's folds, one after another, and summarise them.
 
-    train_folds(config, layout, folds=None, force=False)     # what `make train` runs
+    train_folds(config, layout, folds_to_train=None, force=False)   # what `make train` runs
 
 Everything is checked before the first fold starts or FORCE=1 deletes anything: the folds to
 train exist, their images are on disk, stale folds are refused together (each named), and the
@@ -22,9 +22,11 @@ from pipeline import distributed
 from pipeline.config import Config, DataConfig, FoldsConfig, save_config
 from pipeline.data import test_image_paths, train_image_paths
 from pipeline.layout import Experiment, Layout
+from pipeline.locks import holding
 from pipeline.probfiles import read_probs, read_pseudo
 from pipeline.scoring import Scorer, best_log_row
-from pipeline.status import (current_folds, fold_numbers, joined_oof, read_folds,
+from pipeline.provenance import read_manifest
+from pipeline.status import (current_folds, fold_numbers, input_changes, joined_oof, read_folds,
                              stale_remedy, train_freshness, training_inputs)
 from pipeline.training.parts import Rows, RunSpec
 from pipeline.training.run import preflight, train_part
@@ -77,6 +79,28 @@ def plan_folds(competition: str, exp: Experiment, selected: list[int], force: bo
     return todo
 
 
+def check_one_setting(competition: str, exp: Experiment, folds: pd.DataFrame,
+                      selected: list[int], inputs: dict[str, str], details: dict[str, Any]) -> None:
+    """An experiment's folds are all of one model and settings: training some folds under other
+    settings than its other folds were trained with is refused, naming those folds."""
+    others = []
+    for k in fold_numbers(folds):
+        manifest = read_manifest(exp.fold(k).train_manifest)
+        if k in selected or manifest is None or "settings" not in manifest.inputs:
+            continue
+        if manifest.inputs["settings"] != inputs["settings"]:
+            why = input_changes({"settings": manifest.inputs["settings"]},
+                                {"settings": inputs["settings"]}, manifest.details, details)
+            others.append(f"fold {k}: {'; '.join(why)}")
+    if others:
+        lines = "\n  ".join(others)
+        raise PipelineError(
+            f"{competition}/{exp.name}: its other folds were trained with other settings:\n  "
+            f"{lines}\nAn experiment's folds are all of one model and settings: train every "
+            f"fold under the new ones (FORCE=1 without FOLDS=), or give them a name of their "
+            f"own (NAME=<new name>)")
+
+
 def start_experiment(config: Config, exp: Experiment) -> None:
     """The experiment's config.yaml: its resolved settings, read by `runs` and `ensemble`."""
     if distributed.is_main():
@@ -90,6 +114,7 @@ def prepare_training(config: Config, layout: Layout, folds_to_train: list[int] |
     folds, selected = select_folds(config.data, config.folds, layout, folds_to_train)
     inputs, details = training_inputs(config, folds, layout)
     exp = layout.experiment(config.run_name)
+    check_one_setting(config.data.name, exp, folds, selected, inputs, details)
     todo = plan_folds(config.data.name, exp, selected, force, inputs, details)
     if todo:
         preflight(config, layout)
@@ -114,7 +139,7 @@ def train_fold(config: Config, layout: Layout, plan: Plan, fold: int, force: boo
     spec = RunSpec(part, Rows.of(folds[folds["fold"] != fold]),
                    Rows.of(folds[folds["fold"] == fold]), config.train.seed + fold,
                    f"fold {fold}", plan.inputs,
-                   pseudo=pseudo_rows(config.data, config.train.pseudo, layout, part.name))
+                   pseudo=lambda: pseudo_rows(config.data, config.train.pseudo, layout, part.name))
     details = {**plan.details, "fold": fold, "train_rows": len(spec.train_rows.ids),
                "valid_rows": len(spec.valid_rows.ids)}
     train_part(config, spec, details, force,
@@ -123,11 +148,14 @@ def train_fold(config: Config, layout: Layout, plan: Plan, fold: int, force: boo
 
 def train_folds(config: Config, layout: Layout, folds_to_train: list[int] | None,
                 force: bool) -> pd.DataFrame | None:
-    """Train the folds one after another (each over every rank when started by torchrun)."""
-    plan = prepare_training(config, layout, folds_to_train, force)
-    for fold in plan.todo:
-        train_fold(config, layout, plan, fold, force)
-    return write_summary(config, layout, plan.folds) if distributed.is_main() else None
+    """Train the folds one after another (each over every rank when started by torchrun), one
+    process at a time on the experiment."""
+    exp = layout.experiment(config.run_name)
+    with holding(exp.lock, exp.dir, "trained"):
+        plan = prepare_training(config, layout, folds_to_train, force)
+        for fold in plan.todo:
+            train_fold(config, layout, plan, fold, force)
+        return write_summary(config, layout, plan.folds) if distributed.is_main() else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +191,7 @@ def write_summary(config: Config, layout: Layout, folds: pd.DataFrame) -> pd.Dat
              for r in results.to_dict("records")]
     headers = ["fold", "best epoch", "epochs", metric, "seconds"]
     write_text_atomic(exp.summary_md, summary_markdown(
-        config, results, table, headers, overall, len(oof), partial, n_folds,
+        config.data, config.run_name, results, table, headers, overall, len(oof), partial, n_folds,
         confusion_matrix(targets, probs.argmax(1), labels=range(scorer.n_classes))))
     print(format_table(table + [["mean", "", "", float(results[metric].mean()), ""],
                                 ["oof", "", "", overall[metric], ""]], headers))
@@ -172,11 +200,11 @@ def write_summary(config: Config, layout: Layout, folds: pd.DataFrame) -> pd.Dat
     return results
 
 
-def summary_markdown(config: Config, results: pd.DataFrame, table: list, headers: list[str],
-                     overall: dict[str, float], n_oof: int, partial: str, n_folds: int,
-                     matrix: np.ndarray) -> str:
-    metric, classes = config.data.metric, config.data.classes
-    return (f"# {config.run_name} on {config.data.name}{partial}\n\n"
+def summary_markdown(data: DataConfig, name: str, results: pd.DataFrame, table: list,
+                     headers: list[str], overall: dict[str, float], n_oof: int, partial: str,
+                     n_folds: int, matrix: np.ndarray) -> str:
+    metric, classes = data.metric, data.classes
+    return (f"# {name} on {data.name}{partial}\n\n"
             + markdown_table(table, headers)
             + f"\n\nmean {metric} {results[metric].mean():.4f} ± "
               f"{results[metric].std(ddof=0):.4f} over {len(results)} of {n_folds} fold(s)"

@@ -26,7 +26,7 @@ from pipeline.models.finetune import freeze_body, unfreeze
 from pipeline.scoring import Scorer
 from pipeline.training.checkpoints import Checkpoints, LoopState
 from pipeline.training.parts import Parts, RunSpec
-from pipeline.utils import warn, write_csv_atomic
+from pipeline.utils import WriteError, warn, write_csv_atomic
 
 
 def epoch_seed(base: int, epoch: int) -> int:
@@ -44,11 +44,12 @@ class Trainer:
         # thresholds or cut-off the ensemble fits (pipeline/decode.py), not after argmax.
         self.decoder = decoder
         self.state = LoopState()
+        self.saved_epoch = -1  # the last epoch whose last.pt was written (a resume goes on after)
         self._warned_undefined = False
 
     def fit(self) -> dict[str, Any]:
         c, state = self.train, self.checkpoints.resume(self.parts, self.spec.tag)
-        self.state = state
+        self.state, self.saved_epoch = state, state.epoch - 1
         log = read_log(self.spec.part.log, state.epoch)
         for epoch in range(state.epoch, c.epochs):
             started = time.perf_counter()
@@ -75,6 +76,7 @@ class Trainer:
                 print(f"{self.spec.tag}: early stop, no improvement for {c.early_stopping} epochs")
                 break
         self.checkpoints.average_top(self.parts, state, self.spec.tag)
+        distributed.barrier()  # every rank reads best.pt (the averaged one) from here on
         return {"best_score": state.best, "best_epoch": state.best_epoch + 1, "epochs": len(log),
                 "seconds": round(sum(r["seconds"] for r in log), 1)}
 
@@ -190,7 +192,8 @@ class Trainer:
             state.best = self.selection(row)[1] if validated else None
             state.best_epoch = epoch
             if distributed.is_main():
-                self.checkpoints.save_best(self.parts, epoch, state.best, self.scorer.metric)
+                with self.saving(epoch):
+                    self.checkpoints.save_best(self.parts, epoch, state.best, self.scorer.metric)
         if validated:
             self.checkpoints.keep_top(self.parts, state, epoch, self.selection(row))
 
@@ -198,9 +201,26 @@ class Trainer:
         if distributed.is_main():  # rank 0 writes; in one process: always
             # The log before last.pt: a kill in between leaves a row that a resume drops
             # (read_log), never a checkpoint whose epoch the log lacks.
-            write_csv_atomic(pd.DataFrame(log), self.spec.part.log)
-            self.checkpoints.save_last(self.parts, self.state, epoch, finished)
+            with self.saving(epoch):
+                write_csv_atomic(pd.DataFrame(log), self.spec.part.log)
+                self.checkpoints.save_last(self.parts, self.state, epoch, finished)
+            self.saved_epoch = epoch
         distributed.barrier()  # the other ranks may read best.pt from here on
+
+    @contextlib.contextmanager
+    def saving(self, epoch: int):
+        """A failed write (a full disk) says what it left: the last good checkpoint to resume."""
+        try:
+            yield
+        except WriteError as err:
+            last, tag = self.spec.part.last, self.spec.tag
+            if self.saved_epoch >= 0:
+                left = (f"{last} still holds epoch {self.saved_epoch + 1}: free the space and run "
+                        f"the same command again to resume from it")
+            else:
+                left = "no epoch of it was saved yet: free the space and run the command again"
+            raise WriteError(f"{err}\n{tag}: training stopped in epoch {epoch + 1}; {left}") \
+                from None
 
 
 def read_log(path: Path, next_epoch: int) -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
 """The parts of one training run, built once before the loop starts.
 
-    parts = build_parts(config, spec)      # model, loaders, loss, optimiser, schedule, EMA, ...
-    Trainer(config, parts, spec, checkpoints).fit()     # pipeline/training/loop.py
+    parts = build_parts(config, spec, part.dataset_stats)   # model, loaders, loss, optimiser, ...
+    trainer = run.make_trainer(config, spec)                 # the parts and the loop together
 
 Each builder takes the config sections it uses. The order is part of the result: the fold's seed
 is set, then the model is created (its initialisation is the only draw from the global
@@ -10,6 +10,7 @@ generators here), so a run is the same whatever else is built around it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +57,9 @@ class RunSpec:
     tag: str  # "fold 2" or "full": the prefix of its lines and progress bars
     inputs: dict[str, str]  # the input fingerprints (status.py), stored in last.pt for a resume
     path: FoldPath | None = None  # the refit: the folds' learning-rate path to walk again
-    # pseudo-labelled test images (paths, target distributions (N, C)): training part only
-    pseudo: tuple[list[Path], np.ndarray] | None = None
+    # the pseudo-labelled test images (paths, target distributions (N, C)) that join the
+    # training part only, read when the run is built (not for a run that is current)
+    pseudo: Callable[[], tuple[list[Path], np.ndarray] | None] | None = None
 
 
 @dataclass
@@ -94,12 +96,12 @@ def build_model(model: ModelConfig, n_classes: int) -> torch.nn.Module:
                         drop_path_rate=model.drop_path_rate, stem=model.stem)
 
 
-def with_pseudo(spec: RunSpec, train_paths: list[Path], n_classes: int,
-                label_smoothing: float) -> tuple[list[Path], np.ndarray]:
+def with_pseudo(spec: RunSpec, pseudo: tuple[list[Path], np.ndarray], train_paths: list[Path],
+                n_classes: int, label_smoothing: float) -> tuple[list[Path], np.ndarray]:
     """The training part plus the pseudo-labelled test images; every target becomes a
     distribution (N, C): the labelled rows one-hot (label smoothing applied here, as the
     soft-target loss does not), the pseudo rows as `make pseudo` wrote them."""
-    paths, soft = spec.pseudo
+    paths, soft = pseudo
     labelled = np.eye(n_classes, dtype=np.float32)[spec.train_rows.targets]
     labelled = labelled * (1 - label_smoothing) + label_smoothing / n_classes
     print(f"{spec.tag}: {len(paths)} pseudo-labelled test images join the training part")
@@ -190,10 +192,13 @@ def build_parts(config: Config, spec: RunSpec, stats_path: Path) -> Parts:
     train_paths = train_image_paths(data, spec.train_rows.ids)
     valid_paths = train_image_paths(data, spec.valid_rows.ids) if spec.valid_rows else []
     # cache.enabled: every image decoded and shrunk once now, read back as arrays every epoch
-    read = image_loader(c.cache, c.augment, train_paths + valid_paths, desc=f"{spec.tag} cache")
+    read = image_loader(c.cache, c.augment, train_paths + valid_paths, desc=f"{spec.tag} cache",
+                        max_pixels=data.max_image_pixels)
     targets = spec.train_rows.targets
-    if spec.pseudo is not None:
-        train_paths, targets = with_pseudo(spec, train_paths, n_classes, c.train.label_smoothing)
+    pseudo = spec.pseudo() if spec.pseudo is not None else None
+    if pseudo is not None:
+        train_paths, targets = with_pseudo(spec, pseudo, train_paths, n_classes,
+                                           c.train.label_smoothing)
     train_set = ImageDataset(train_paths, targets, build_transforms(c.augment, train=True), read)
     mean_std = normalization(c.augment, model, train_set, stats_path)
     channels_last = device.type == "cuda" and c.train.channels_last

@@ -1,6 +1,6 @@
 """Train one run folder (a fold, or the full-data refit): the one way training writes a part.
 
-    train_part(config, spec, inputs, details, force, what=..., stage="train")
+    train_part(config, spec, details, force, what="tiny/resnet18 fold 0 (...)", stage="train")
 
 A part whose manifest matches the inputs of now is skipped; one made from other inputs is refused,
 naming what changed (FORCE=1 retrains it, NAME= keeps both); otherwise its folder is prepared
@@ -77,7 +77,7 @@ def train_part(config: Config, spec: RunSpec, details: dict[str, Any], force: bo
     """
     part = spec.part
     fresh = train_freshness(part, spec.inputs, details)
-    if fresh.current and not force:
+    if distributed.broadcast_from_main(fresh.current and not force):  # every rank, or none
         print(f"{part.dir}: refit is current (FORCE=1 retrains)" if part.is_refit else
               f"{spec.tag}: current ({part.dir}); FORCE=1 retrains")
         return False
