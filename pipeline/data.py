@@ -47,6 +47,10 @@ class ImageReadError(DataError):
 class ImageTooLarge(ImageReadError):
     """An image's header says it holds more pixels than data.max_image_pixels."""
 
+    def __init__(self, message: str, size: str = ""):
+        super().__init__(message)
+        self.size = size  # "20000 x 20000 px"
+
 
 # PIL reads headers only here (sizes, before any decoding); the pixel budget is ours,
 # data.max_image_pixels, checked from the header before OpenCV decodes a byte of pixels. PIL's
@@ -477,7 +481,7 @@ def check_pixels(raw: bytes, source: Path | str, max_pixels: int = MAX_IMAGE_PIX
         f"pixel budget of {max_pixels / 1e6:g} Mpx (data.max_image_pixels): decoding it would "
         f"take {width * height * 3 / 2**30:.1f} GB. Shrink or replace it, raise "
         f"data.max_image_pixels if it is a real photo, or set data.drop_bad_images=true to "
-        f"leave it out")
+        f"leave it out", f"{width} x {height} px")
 
 
 def read_image_bytes(path: Path | str, max_pixels: int = MAX_IMAGE_PIXELS) -> bytes:
@@ -532,7 +536,7 @@ def image_problem(path: Path, real_folder: Path | None = None,
     try:
         read_image(path, max_pixels=max_pixels)
     except ImageTooLarge as err:
-        return f"too large: {err}"
+        return f"too large: {err.size}"
     except ImageReadError as err:
         return f"unreadable: {err}"
     return None

@@ -49,11 +49,14 @@ def _tqdm(desc: str):
 
 
 def _group_problems(problems: dict[Path, str], ids_by_path: dict[Path, str]) -> dict[str, list[str]]:
-    """{'missing': [id, ...], 'unreadable': [...]}, ids in path order."""
+    """{'missing': [id, ...], 'too large': ['id (W x H px)', ...], ...}, ids in path order; the
+    kinds whose detail is short (a size, a link's target) name it beside the id."""
     grouped: dict[str, list[str]] = {}
     for path, problem in problems.items():
-        kind = problem.split(":", 1)[0]
-        grouped.setdefault(kind, []).append(ids_by_path[path])
+        kind, _, detail = problem.partition(": ")
+        shown = f"{ids_by_path[path]} ({detail})" if kind in ("too large", "outside") else \
+            ids_by_path[path]
+        grouped.setdefault(kind, []).append(shown)
     return grouped
 
 

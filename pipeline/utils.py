@@ -6,6 +6,7 @@ import contextlib
 import errno
 import functools
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -109,15 +110,25 @@ def write_failure(path: Path, err: Exception) -> str:
         remedy = _WRITE_REMEDIES.get(err.errno, "check the disk and the folder's permissions")
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             reason += _space_needed(path)
-    else:  # torch's RuntimeError: ask the disk why
-        reason, remedy = "the write failed", "check the disk and the folder's permissions"
-        with contextlib.suppress(OSError):
-            free = shutil.disk_usage(path.parent).free
-            reason = f"the write failed with {free / 2**20:.0f} MB free on that disk"
-            if free < 2**20 + (path.stat().st_size if path.exists() else 0):
-                reason = "no space left on device" + _space_needed(path)
-                remedy = _WRITE_REMEDIES[errno.ENOSPC]
+    else:  # torch's RuntimeError says no errno: ask the disk and the process's limits why
+        reason, remedy = _torch_write_reason(path)
     return f"cannot write {path}: {reason}; {remedy} {_ELSEWHERE}. Nothing was half-written."
+
+
+def _torch_write_reason(path: Path) -> tuple[str, str]:
+    """(reason, remedy) of a write torch.save reported as failed: a full disk, the process's
+    file size limit (ulimit -f), or unknown."""
+    reason, remedy = "the write failed", "check the disk and the folder's permissions"
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(path.parent).free
+        reason = f"the write failed with {free / 2**20:.0f} MB free on that disk"
+        if free < 2**20 + (path.stat().st_size if path.exists() else 0):
+            return "no space left on device" + _space_needed(path), _WRITE_REMEDIES[errno.ENOSPC]
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return (f"{reason}, and this process may write files of at most {limit / 2**20:.1f} MB",
+                _WRITE_REMEDIES[errno.EFBIG])
+    return reason, remedy
 
 
 def write_text_atomic(path: Path | str, text: str) -> None:
