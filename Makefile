@@ -1,6 +1,7 @@
 # The pipeline, one target per stage; each is a thin call of `python -m pipeline VERB`.
 #   make folds train MODEL=resnet18      make predict ensemble      make demo
-# Variables: DATA MODEL MODELS FOLDS TTA EPOCHS FORCE=1 NAME SEEDS=0,1,2 PARTIAL=1 ARGS="key=value ..."
+# Variables: DATA MODEL MODELS FOLDS TTA EPOCHS FORCE=1 NAME SEEDS=0,1,2 PARTIAL=1 KEEP_GOING=1 ARGS="key=value ..."
+#   make train predict MODELS="resnet18 resnet34 timm/resnet50": each experiment in turn
 #   several GPUs: GPUS=4 or GPUS=0,1 [PARALLEL=folds]; several machines: NNODES NODE_RANK MASTER_ADDR MASTER_PORT
 
 .DEFAULT_GOAL := help
@@ -17,6 +18,7 @@ FORCE ?=
 NAME ?=
 SEEDS ?=
 PARTIAL ?=
+KEEP_GOING ?=
 ARGS ?=
 GPUS ?=
 PARALLEL ?=
@@ -44,13 +46,17 @@ TRAIN = $(if $(PARALLEL),$(if $(filter folds,$(PARALLEL)),$(RUN) train --paralle
 COMMON = --data $(DATA) $(if $(FORCE),--force)
 # NAME= names the experiment outright; SEEDS=0,1,2 makes one run per seed (<experiment>-seed<s>)
 IDENTITY = $(if $(NAME),--name $(NAME)) $(if $(SEEDS),--seeds $(SEEDS))
+# train/predict/refit: MODELS="a b c" runs each experiment in turn (KEEP_GOING=1: past a failure)
+EXPERIMENTS = $(if $(MODELS),--models "$(MODELS)" $(if $(KEEP_GOING),--keep-going),--model $(MODEL))
 OVERRIDES = $(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(TTA),tta.views=$(TTA)) $(ARGS)
 
-.PHONY: help install demo demo-data check folds train predict ensemble refit pseudo runs status bundle cache bench test test-all clean
+.PHONY: help install demo demo-data check folds train predict ensemble refit pseudo runs status audit report bundle cache bench test test-all clean
 
 help: ## list the targets and variables
 	@echo "usage: make TARGET [DATA=digits] [MODEL=resnet18] [FOLDS=0,2] [EPOCHS=n] [TTA=d4] [FORCE=1] [ARGS='k=v ...']"
-	@echo "       [NAME=my-run] [SEEDS=0,1,2] [MODELS='a b'] [PARTIAL=1]"
+	@echo "       [NAME=my-run] [SEEDS=0,1,2] [MODELS='a b'] [PARTIAL=1] [KEEP_GOING=1]"
+	@echo "       train/predict/refit MODELS='resnet18 resnet34 timm/resnet50': each in turn;"
+	@echo "       a failure stops there unless KEEP_GOING=1 (the failures are listed at the end)"
 	@echo "       several GPUs: GPUS=4 or GPUS=0,1 [PARALLEL=folds]; several machines: NNODES NODE_RANK MASTER_ADDR [MASTER_PORT]"
 	@echo
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -71,17 +77,17 @@ check: ## pre-flight check of the competition's CSVs and images
 folds: ## stratified (group) K folds -> folds/<competition>.csv
 	$(RUN) folds $(COMMON) $(ARGS)
 
-train: ## train MODEL on each fold (FOLDS=0,2; SEEDS=0,1; GPUS=4) -> runs/DATA/MODEL/fold<k>/
-	$(TRAIN) --model $(MODEL) $(if $(FOLDS),--folds $(FOLDS)) $(COMMON) $(IDENTITY) $(OVERRIDES)
+train: ## train MODEL (or each of MODELS) on each fold (FOLDS=0,2; SEEDS=0,1; GPUS=4) -> runs/DATA/MODEL/fold<k>/
+	$(TRAIN) $(EXPERIMENTS) $(if $(FOLDS),--folds $(FOLDS)) $(COMMON) $(IDENTITY) $(OVERRIDES)
 
-predict: ## TTA inference of each fold's best checkpoint (GPUS=4) -> test_probs.csv, oof_tta.csv
-	$(RUN_GPUS) predict --model $(MODEL) $(if $(FOLDS),--folds $(FOLDS)) $(COMMON) $(IDENTITY) $(OVERRIDES)
+predict: ## TTA inference of each fold's best checkpoint (MODELS=; GPUS=4) -> test_probs.csv, oof_tta.csv
+	$(RUN_GPUS) predict $(EXPERIMENTS) $(if $(FOLDS),--folds $(FOLDS)) $(COMMON) $(IDENTITY) $(OVERRIDES)
 
 ensemble: ## average folds and models (MODELS="a b"; PARTIAL=1) -> submissions/DATA/<name>.csv
 	$(RUN) ensemble $(if $(MODELS),--models "$(MODELS)") $(if $(PARTIAL),--partial) $(COMMON) $(ARGS)
 
-refit: ## train MODEL on all labelled rows (GPUS=4), predict the test set -> runs/DATA/MODEL/full/
-	$(RUN_GPUS) refit --model $(MODEL) $(COMMON) $(IDENTITY) $(OVERRIDES)
+refit: ## train MODEL (MODELS=) on all labelled rows (GPUS=4), predict the test set -> runs/DATA/MODEL/full/
+	$(RUN_GPUS) refit $(EXPERIMENTS) $(COMMON) $(IDENTITY) $(OVERRIDES)
 
 pseudo: ## pseudo-label the test set with the current ensemble (MODELS=), train MODEL on it too
 	$(RUN) pseudo --model $(MODEL) $(if $(MODELS),--models "$(MODELS)") $(COMMON) $(if $(NAME),--name $(NAME)) $(OVERRIDES)
@@ -91,6 +97,12 @@ runs: ## every experiment of DATA: settings, CV, status, submissions -> runs/DAT
 
 status: ## what each stage of MODEL was made from (fingerprints) and whether it is current
 	$(RUN) status --data $(DATA) --model $(MODEL) $(if $(NAME),--name $(NAME)) $(ARGS)
+
+audit: ## duplicates, train/test shift (and with MODEL=, label suspects) -> audit/DATA/
+	$(RUN) audit --data $(DATA) $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL)) $(if $(FORCE),--force) $(if $(NAME),--name $(NAME)) $(ARGS)
+
+report: ## the competition's HTML report: leaderboard, submissions, audit, mistakes as images -> reports/DATA/index.html
+	$(RUN) report --data $(DATA) $(if $(FORCE),--force) $(ARGS)
 
 bundle: ## pack the newest current submission (NAME=<submission>; MODELS=) -> bundles/DATA/<name>.zip
 	$(RUN) bundle --data $(DATA) $(if $(MODELS),--models "$(MODELS)") $(if $(NAME),--name $(NAME)) $(ARGS)
@@ -107,5 +119,5 @@ test: ## the fast test suite
 test-all: ## every test, the slow end-to-end ones too
 	$(PYTHON) -m pytest -q -m ''
 
-clean: ## remove generated folds, runs, submissions and bundles (not data/)
-	rm -rf runs pseudo folds/*.csv folds/*.json submissions/*/ bundles
+clean: ## remove generated folds, runs, submissions, bundles, audits and reports (not data/)
+	rm -rf runs pseudo folds/*.csv folds/*.json submissions/*/ bundles audit reports

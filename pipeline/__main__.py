@@ -5,6 +5,7 @@
     python -m pipeline train --data digits --model resnet18 --folds 0,2 train.epochs=3
     python -m pipeline train --model resnet20 --parallel folds --gpus 0,1   # a fold per GPU
     python -m torch.distributed.run --standalone --nproc_per_node=4 -m pipeline train --model resnet18
+    python -m pipeline train --models "resnet18 resnet34 timm/resnet50" --keep-going
     python -m pipeline infer --bundle B.zip --images test/ --ids test.csv --out submission.csv
 
 Each verb is one module of this package, imported only when used. Errors the user can fix
@@ -16,11 +17,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
+import traceback
 from pathlib import Path
 
 from pipeline.config import ConfigError
-from pipeline.utils import WRITE_ERRNOS, PipelineError, write_failure
+from pipeline.utils import WRITE_ERRNOS, PipelineError, format_table, write_failure
 
 # verb -> (module, help)
 VERBS = {
@@ -36,9 +39,13 @@ VERBS = {
     "runs": ("pipeline.runs", "every experiment of the competition in one table"),
     "status": ("pipeline.runs", "what each stage of one experiment was made from, and if current"),
     "bundle": ("pipeline.bundle", "pack a submission's ensemble for offline inference"),
+    "audit": ("pipeline.audit", "duplicates, train/test shift and label suspects of a competition"),
+    "report": ("pipeline.report", "the competition's static HTML report: leaderboard, mistakes"),
     "infer": ("pipeline.infer", "run an offline bundle on test images, write the submission"),
     "demo": ("pipeline.demo", "the whole chain on the demo competition"),
 }
+# Verbs of one experiment that --models runs for each experiment in turn
+EACH_MODEL_VERBS = ("train", "predict", "refit")
 
 
 def _fold_list(text: str) -> list[int]:
@@ -65,8 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", default=None,
                          help="experiment: a name in configs/ (resnet18), a model name, or a YAML path")
         sub.add_argument("--models", default=None,
-                         help="ensemble: space- or comma-separated runs (default: every trained "
-                              "one); bundle: the newest submission of exactly these")
+                         help="train/predict/refit: each of these experiments in turn; ensemble: "
+                              "space- or comma-separated runs (default: every trained one); "
+                              "bundle: the newest submission of exactly these")
+        sub.add_argument("--keep-going", action="store_true",
+                         help="train/predict/refit --models: go on to the next experiment when "
+                              "one fails (the failures are listed at the end)")
         sub.add_argument("--folds", type=_fold_list, default=None, help="only these folds, e.g. 0,2")
         sub.add_argument("--name", default=None,
                          help="the experiment's name (default: the experiment file's, with a "
@@ -97,12 +108,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def each_model(entry, args) -> None:
+    """Run `entry` once per experiment of --models, in order, and end with a table of what each
+    did. A failure names its experiment; without --keep-going it stops there."""
+    if args.model is not None or args.name is not None:
+        raise PipelineError(f"{args.verb} --models runs each experiment under its own name; "
+                            f"drop --model/--name (make {args.verb} MODELS=\"a b\")")
+    experiments = [m for m in re.split(r"[\s,]+", args.models.strip()) if m]
+    outcomes = {m: "not run" for m in experiments}
+    for experiment in experiments:
+        print(f"=== {args.verb} {experiment}", flush=True)
+        try:
+            entry(argparse.Namespace(**{**vars(args), "model": experiment, "models": None}))
+            outcomes[experiment] = "done"
+        except Exception as err:  # noqa: BLE001 - any failure of one experiment is reported
+            if not isinstance(err, (ConfigError, PipelineError)):
+                traceback.print_exc()
+            print(f"error: {args.verb} {experiment}: {err}", file=sys.stderr)
+            outcomes[experiment] = f"failed: {str(err).splitlines()[0] if str(err) else err!r}"
+            if not args.keep_going:
+                print(format_table([[m, o] for m, o in outcomes.items()], ["experiment", args.verb]))
+                raise PipelineError(f"{args.verb} of {experiment} failed (above); the experiments "
+                                    f"after it were not run. KEEP_GOING=1 (--keep-going) goes on "
+                                    f"past a failing experiment") from err
+    print(format_table([[m, o] for m, o in outcomes.items()], ["experiment", args.verb]))
+    failed = [m for m, o in outcomes.items() if o != "done"]
+    if failed:
+        raise PipelineError(f"{args.verb} failed for {', '.join(failed)} (above); the others "
+                            f"are done")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module = importlib.import_module(VERBS[args.verb][0])
     entry = getattr(module, "main_" + args.verb.replace("-", "_"), module.main)
     try:
-        entry(args)
+        if args.verb in EACH_MODEL_VERBS and args.models:
+            each_model(entry, args)
+        else:
+            entry(args)
     except (ConfigError, PipelineError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -176,8 +176,9 @@ def recipe_file(data: DataConfig, recipe: dict[str, Any], experiments: dict[str,
     return {"competition": data.name, "submission": name,
             "classes": list(data.classes), "data": data.model_dump(mode="json"),
             "submission_kind": recipe["submission_kind"], "groups": recipe["groups"],
-            "method": recipe["method"], "weights": recipe["weights"], "decode": recipe["decode"],
-            "experiments": experiments}
+            "method": recipe["method"], "weights": recipe["weights"],
+            "stacker": recipe.get("stacker"), "decode": recipe["decode"],
+            "views": recipe.get("views", {}), "experiments": experiments}
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,25 +20,37 @@ Methods (`ensemble.method`), over members' (M, N, C) probabilities:
            step functions an optimiser cannot follow), starting from equal weights. They are
            scored nested (each fold mixed by weights fitted on the other folds) and used only
            when that beats equal weights.
+  hillclimb  greedy selection with replacement (Caruana et al. 2004): the weights are how often
+           each member was picked (pipeline/stacking.py)
+  stack    a level-2 scikit-learn model on the members' OOF predictions (`ensemble.stacker`:
+           logreg on log-probabilities, ridge on expected grades for ordinal competitions)
+  auto     every method above scored nested, the best used; its CV nests the choice too (each
+           held fold combined by the method that won on the other folds alone: auto_nested)
 Whatever is fitted on OOF rows is scored out of fold (README.md, "Honest scores").
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import softmax
 from scipy.stats import rankdata, trim_mean
 
+from pipeline.config import EnsembleConfig
 from pipeline.decode import (Decoded, apply_thresholds, decode_cutoff, decode_thresholds,
-                             expected_grade, nested)
+                             decoded_score, expected_grade, nested)
 from pipeline.metrics import labels_at_cutoff
 from pipeline.scoring import Scorer
+from pipeline.stacking import apply_stacker, fit_stacker, hillclimb
 
 TRIM_FRACTION = 0.2  # trimmed mean: cut this share of the members at each end
+FITTED_METHODS = ("fitted", "hillclimb", "stack")  # fitted on OOF rows, so scored nested
+# What a `both` member submits from (choose_views): its class probabilities, or its grade
+# output as two-point distributions between neighbouring grades
+PROBS_VIEW, GRADE_VIEW = "class probabilities", "grade output"
 
 
 @dataclass
@@ -52,6 +64,13 @@ class Combined:
     # (N_oof, C): each fold mixed by weights fitted on the other folds (the honest OOF); the same
     # as `oof` when nothing is fitted
     oof_nested: np.ndarray | None = None
+    fit: Fit | None = None  # what combines the test rows (and, offline, `infer`'s)
+    table: list[MethodScore] = field(default_factory=list)  # auto: every method, scored
+
+    @property
+    def fitted_on_oof(self) -> bool:
+        """Whether something was fitted on the OOF rows, so the in-sample figure differs."""
+        return self.oof_nested is not self.oof
 
 
 def fold_mean_with_refit(fold_tests: Sequence[np.ndarray], refit_test: np.ndarray | None,
@@ -85,7 +104,7 @@ def combine(stack: np.ndarray, method: str, weights: np.ndarray | None = None) -
     members = len(stack)
     if weights is None:
         weights = np.full(members, 1.0 / members)
-    if method in ("mean", "fitted"):
+    if method in ("mean", "fitted", "hillclimb"):
         out = np.tensordot(weights, stack, axes=1)
     elif method == "median":
         out = np.median(stack, axis=0)
@@ -129,23 +148,13 @@ def fit_weights(oof_stack: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return softmax(result.x)
 
 
-def nested_fitted_mix(oof_stack: np.ndarray, targets: np.ndarray,
-                      row_folds: np.ndarray) -> np.ndarray:
-    """The fitted-weights mix of each fold's OOF rows with weights fitted on the other folds."""
-    return nested(lambda train: fit_weights(oof_stack[:, train], targets[train]),
-                  lambda weights, held: combine(oof_stack[:, held], "fitted", weights),
-                  row_folds, oof_stack.shape[1])
-
-
 def _fitted_or_equal(oof_stack: np.ndarray, targets: np.ndarray, scorer: Scorer,
                      row_folds: np.ndarray | None,
                      notes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
     """(weights, nested OOF mix): fitted weights when their honest score is not worse than equal
     weights', else equal weights and None."""
     fitted = fit_weights(oof_stack, targets)
-    nested_folds = row_folds is not None and len(np.unique(row_folds)) > 1
-    honest = (nested_fitted_mix(oof_stack, targets, row_folds) if nested_folds
-              else combine(oof_stack, "fitted", fitted))
+    honest = fitted_nested("fitted", oof_stack, targets, row_folds, scorer, Options())
     equal_score = scorer.score(targets, combine(oof_stack, "mean"))
     fitted_score = scorer.score(targets, honest)
     if scorer.is_better(equal_score, fitted_score):
@@ -156,33 +165,248 @@ def _fitted_or_equal(oof_stack: np.ndarray, targets: np.ndarray, scorer: Scorer,
     return fitted, honest
 
 
+# --------------------------------------------------------------------------------------------
+# Every method as a fit (on OOF rows) and its application (to any rows)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The `ensemble:` settings the fitted methods read."""
+
+    stacker: str = EnsembleConfig().stacker  # stack: logreg | ridge (stacking.STACKERS)
+    rounds: int = EnsembleConfig().hillclimb_rounds  # hillclimb: at most this many picks
+    ordinal: bool = False  # auto also tries the ridge stacker on expected grades
+
+    @classmethod
+    def of(cls, settings: EnsembleConfig, ordinal: bool) -> Options:
+        return cls(settings.stacker, settings.hillclimb_rounds, ordinal)
+
+
+@dataclass
+class Fit:
+    """A method fitted on OOF rows: what it applies to members' predictions (M, N, C)."""
+
+    method: str
+    weights: np.ndarray | None  # mean, rank, fitted, hillclimb; None: median, trimmed, stack
+    stacker: dict | None = None  # stack: the fitted parameters (stacking.fit_stacker)
+
+    def apply(self, stack: np.ndarray) -> np.ndarray:
+        return apply_combination(self.method, self.weights, self.stacker, stack)
+
+    @property
+    def label(self) -> str:
+        return f"stack ({self.stacker['kind']})" if self.method == "stack" else self.method
+
+
+def apply_combination(method: str, weights, stacker: dict | None,
+                      stack: np.ndarray) -> np.ndarray:
+    """(M, N, C) -> (N, C) as a recorded ensemble (method, weights, stacker) combines: what the
+    submission's test rows and the offline `infer` compute."""
+    if method == "stack":
+        return apply_stacker(stacker, stack)
+    return combine(stack, method, None if weights is None else np.asarray(weights))
+
+
+def fit_method(method: str, oof_stack: np.ndarray, targets: np.ndarray, scorer: Scorer,
+               options: Options) -> Fit:
+    """`method` fitted on these OOF rows (nothing to fit: equal weights, or none)."""
+    members = len(oof_stack)
+    if method == "fitted":
+        return Fit(method, fit_weights(oof_stack, targets))
+    if method == "hillclimb":
+        return Fit(method, hillclimb(oof_stack, targets, scorer, options.rounds))
+    if method == "stack":
+        return Fit(method, None, fit_stacker(options.stacker, oof_stack, targets))
+    if method in ("median", "trimmed") and not (method == "trimmed" and members < 3):
+        return Fit(method, None)
+    return Fit(method, np.full(members, 1.0 / members))
+
+
+def fitted_nested(method: str, oof_stack: np.ndarray, targets: np.ndarray,
+                  row_folds: np.ndarray | None, scorer: Scorer, options: Options) -> np.ndarray:
+    """(N, C): each fold combined by `method` fitted on the other folds (the honest OOF); a
+    method with nothing to fit, or a single fold, combines the rows as they are."""
+    if method not in FITTED_METHODS or row_folds is None or len(np.unique(row_folds)) < 2:
+        return fit_method(method, oof_stack, targets, scorer, options).apply(oof_stack)
+    return nested(lambda train: fit_method(method, oof_stack[:, train], targets[train], scorer,
+                                           options),
+                  lambda fit, held: fit.apply(oof_stack[:, held]),
+                  row_folds, oof_stack.shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# auto: every method scored nested, the best used; the choice itself nested for the CV
+
+
+@dataclass
+class MethodScore:
+    """One method of `auto`'s table, fitted on every OOF row and scored both ways."""
+
+    fit: Fit
+    score_nested: float  # the metric of the combined probabilities, fitted on the other folds
+    score_in_sample: float  # fitted on the rows it scores
+
+
+def auto_candidates(options: Options) -> list[tuple[str, Options]]:
+    """The methods `auto` tries, simplest first (a tie goes to the simpler one)."""
+    candidates = [(m, options) for m in ("mean", "median", "trimmed", "rank", "fitted",
+                                         "hillclimb")]
+    stackers = ("logreg", "ridge") if options.ordinal else ("logreg",)
+    return candidates + [("stack", replace(options, stacker=s)) for s in stackers]
+
+
+def score_methods(oof_stack: np.ndarray, targets: np.ndarray, row_folds: np.ndarray | None,
+                  scorer: Scorer, options: Options) -> list[MethodScore]:
+    """Every `auto` candidate, fitted on all rows and scored nested and in sample."""
+    table = []
+    for method, method_options in auto_candidates(options):
+        fit = fit_method(method, oof_stack, targets, scorer, method_options)
+        honest = fitted_nested(method, oof_stack, targets, row_folds, scorer, method_options)
+        table.append(MethodScore(fit, scorer.score(targets, honest),
+                                 scorer.score(targets, fit.apply(oof_stack))))
+    return table
+
+
+def best_method(table: list[MethodScore], scorer: Scorer) -> int:
+    """The index of the best nested score; ties go to the earlier (simpler) method."""
+    best = 0
+    for index, row in enumerate(table):
+        if scorer.is_better(row.score_nested, table[best].score_nested):
+            best = index
+    return best
+
+
+def auto_nested(oof_stack: np.ndarray, targets: np.ndarray, row_folds: np.ndarray,
+                scorer: Scorer, options: Options) -> tuple[np.ndarray, list[str]]:
+    """(N, C), the honest OOF of `auto`, and the method chosen for each held fold: for each
+    fold, the methods are scored nested on the other folds alone (by their own folds), the best
+    is fitted on those rows and applied to the held fold. Choosing the best of several nested
+    scores is itself a fit; this double nesting keeps its optimism out of the printed CV."""
+    out = np.empty(oof_stack.shape[1:])
+    chosen = []
+    for fold in np.unique(row_folds):
+        held = row_folds == fold
+        inner = score_methods(oof_stack[:, ~held], targets[~held], row_folds[~held], scorer,
+                              options)
+        fit = inner[best_method(inner, scorer)].fit
+        out[held] = fit.apply(oof_stack[:, held])
+        chosen.append(fit.label)
+    return out, chosen
+
+
+def _auto(oof_stack: np.ndarray, targets: np.ndarray, row_folds: np.ndarray | None,
+          scorer: Scorer, options: Options,
+          notes: list[str]) -> tuple[Fit, np.ndarray, list[MethodScore]]:
+    """(the chosen fit, the honest OOF, the table of every method)."""
+    table = score_methods(oof_stack, targets, row_folds, scorer, options)
+    chosen = table[best_method(table, scorer)].fit
+    if row_folds is None or len(np.unique(row_folds)) < 3:  # nothing to nest the choice in
+        notes.append("auto: too few folds to nest the choice of method; its CV is in sample")
+        return chosen, None, table
+    honest, per_fold = auto_nested(oof_stack, targets, row_folds, scorer, options)
+    notes.append(f"auto chose {chosen.label} on every OOF row (for the test set); chosen on "
+                 f"the other folds alone for each held fold: {', '.join(per_fold)}")
+    return chosen, honest, table
+
+
 def combine_members(oof_stack: np.ndarray, test_stack: np.ndarray, targets: np.ndarray,
-                    method: str, scorer: Scorer,
-                    row_folds: np.ndarray | None = None) -> Combined:
+                    method: str, scorer: Scorer, row_folds: np.ndarray | None = None,
+                    options: Options = Options()) -> Combined:
     """The ensemble of OOF and test predictions by `method`.
 
-    Fitted weights are fitted on every OOF row for the test set; with `row_folds` (each OOF row's
-    fold) they are also scored honestly, each fold mixed by weights fitted on the others, and
-    kept only when that nested score beats equal weights.
+    Whatever is fitted (weights, a selection, a stacker, auto's choice of method) is fitted on
+    every OOF row for the test set; with `row_folds` (each OOF row's fold) it is also scored
+    honestly, each fold combined by a fit on the others. Fitted weights are kept only when that
+    nested score beats equal weights.
     """
     members = len(oof_stack)
     notes: list[str] = []
-    weights: np.ndarray | None = np.full(members, 1.0 / members)
-    oof_nested = None
-    if method == "fitted":
-        weights, oof_nested = _fitted_or_equal(oof_stack, targets, scorer, row_folds, notes)
-    elif method == "trimmed" and members < 3:
+    table: list[MethodScore] = []
+    if method == "auto":
+        fit, honest, table = _auto(oof_stack, targets, row_folds, scorer, options, notes)
+    elif method == "fitted":
+        weights, honest = _fitted_or_equal(oof_stack, targets, scorer, row_folds, notes)
+        fit = Fit("fitted", weights)
+    else:
+        fit = fit_method(method, oof_stack, targets, scorer, options)
+        honest = (fitted_nested(method, oof_stack, targets, row_folds, scorer, options)
+                  if method in FITTED_METHODS else None)
+    if method in ("hillclimb", "stack"):
+        _note_if_worse_than_mean(fit, honest, oof_stack, targets, scorer, notes)
+    if method == "trimmed" and members < 3:
         notes.append(f"trimmed mean needs 3 members, {members} given: plain mean used")
-    elif method in ("median", "trimmed"):
-        weights = None  # not a weighted average
-    elif method == "rank":
+    if fit.method == "rank":
         notes.append("rank outputs are scores, not probabilities; rows renormalised to be scored "
                      "and submitted")
         if scorer.metric != "roc_auc":
             notes.append(f"rank averaging suits ROC-AUC; the metric is {scorer.metric}")
-    oof = combine(oof_stack, method, weights)
-    return Combined(oof=oof, test=combine(test_stack, method, weights), weights=weights,
-                    notes=notes, oof_nested=oof if oof_nested is None else oof_nested)
+    oof = fit.apply(oof_stack)
+    return Combined(oof=oof, test=fit.apply(test_stack), weights=fit.weights, notes=notes,
+                    oof_nested=oof if honest is None else honest, fit=fit, table=table)
+
+
+def _note_if_worse_than_mean(fit: Fit, honest: np.ndarray, oof_stack: np.ndarray,
+                             targets: np.ndarray, scorer: Scorer, notes: list[str]) -> None:
+    mean_score = scorer.score(targets, combine(oof_stack, "mean"))
+    score = scorer.score(targets, honest)
+    if scorer.is_better(mean_score, score):
+        notes.append(f"{fit.label} scored {scorer.metric} {score:.4f} out of fold (nested), "
+                     f"worse than the plain mean's {mean_score:.4f}; ensemble.method=auto "
+                     f"chooses between them")
+
+
+@dataclass
+class ViewChoice:
+    """Which of a member's views (its outputs) it submits from, chosen out of fold."""
+
+    view: str  # chosen on every OOF row: what the test rows come from
+    per_fold: list[str]  # chosen on the other folds, for each held fold
+    nested: dict[str, float]  # each view's own score, out of fold (whatever it fits, nested)
+    oof: np.ndarray  # (N, C): each fold from the view chosen on the other folds (honest)
+    test: np.ndarray  # (N_test, C) of `view`
+
+
+def _view_score(kind: str, probs: np.ndarray, targets: np.ndarray, scorer: Scorer) -> float:
+    """A view's metric as the submission would decode it, fitted on these rows (a choice's
+    training rows)."""
+    if kind in ("thresholds", "cutoff"):
+        return decoded_score(kind, scorer.metric, targets, probs, scorer.positive)
+    return scorer.score(targets, probs)
+
+
+def _nested_score(kind: str, probs: np.ndarray, targets: np.ndarray, row_folds: np.ndarray,
+                  scorer: Scorer) -> float:
+    """A view's honest score: its decoder fitted on the other folds for each held one."""
+    if kind == "thresholds":
+        return decode_thresholds(probs, probs[:1], targets, row_folds).score_nested
+    if kind == "cutoff":
+        return decode_cutoff(probs, probs[:1], targets, scorer.metric, scorer.positive,
+                             row_folds).score_nested
+    return scorer.score(targets, probs)
+
+
+def choose_views(views: dict[str, tuple[np.ndarray, np.ndarray]], targets: np.ndarray,
+                 row_folds: np.ndarray, kind: str, scorer: Scorer) -> ViewChoice:
+    """Choose, nested, which of a member's views ({name: (OOF (N, C), test)}) it submits from:
+    for each held fold the view that scores best on the other folds (decoded as the ensemble
+    will, `kind`), so the assembled OOF is honest; on every row, the view for the test set."""
+    names = list(views)
+
+    def best(rows: np.ndarray) -> str:
+        scores = [_view_score(kind, views[v][0][rows], targets[rows], scorer) for v in names]
+        return names[max(range(len(names)), key=lambda i: (scores[i], -i))]
+
+    oof = np.empty_like(views[names[0]][0])
+    per_fold = []
+    for fold in np.unique(row_folds):
+        held = row_folds == fold
+        chosen = best(~held) if (~held).any() else names[0]
+        oof[held] = views[chosen][0][held]
+        per_fold.append(chosen)
+    view = best(np.ones(len(targets), bool))
+    nested_scores = {v: _nested_score(kind, views[v][0], targets, row_folds, scorer)
+                     for v in names}
+    return ViewChoice(view, per_fold, nested_scores, oof, views[view][1])
 
 
 def decode_combined(kind: str, combined: Combined, targets: np.ndarray, row_folds: np.ndarray,

@@ -196,13 +196,21 @@ class FoldsConfig(_Section):
     n_splits: int = Field(5, ge=2)
     seed: int = 42
     dir: str = "folds"  # folds.csv goes here
+    # keep each group of duplicate images that `make audit` found (audit/<c>/duplicates.csv) in
+    # one fold, as a group column or pattern keeps a patient's eyes
+    duplicates: bool = True
+    # a duplicate group whose labels disagree: keep it (listed), drop its rows, or give them the
+    # group's majority label (ties: the first in the class list)
+    duplicate_conflicts: Literal["keep", "drop", "majority"] = "keep"
 
 
 class ModelConfig(_Section):
     name: str = "resnet18"  # ours: resnet18..152, resnet20..110; timm: timm/<name>
     # classification: one logit per class; regression: one output, the grade (ordinal
-    # competitions), trained with train.regression_loss and decoded by thresholds
-    head: Literal["classification", "regression"] = "classification"
+    # competitions), trained with train.regression_loss and decoded by thresholds; both: the
+    # class logits and the grade on one body, the losses summed (train.grade_loss_weight), and
+    # the ensemble chooses out of fold which of the two each member submits from
+    head: Literal["classification", "regression", "both"] = "classification"
     pretrained: bool = False
     weights: str | None = None  # path to a .safetensors/.pt/.pth state_dict; overrides weights_dir
     weights_dir: str = "weights"  # pretrained weights found here by name: <name>.safetensors
@@ -244,14 +252,25 @@ class AugmentConfig(_Section):
         return self
 
 
+# The learning rate and weight decay each optimiser starts from when they are not set. AdamW at
+# 3e-3 (decay 0.05) is the default, measured on the benchmark suite (bench/BENCHMARKS.md): it
+# beat SGD at 0.05 on every member, by up to +0.45 accuracy with many classes of few images, and
+# never collapsed to the majority class; SGD keeps its 0.05 (Nesterov, 5e-4), Adam 1e-3.
+OPTIMIZER_DEFAULTS = {"adamw": {"lr": 0.003, "weight_decay": 0.05},
+                      "sgd": {"lr": 0.05, "weight_decay": 5e-4},
+                      "adam": {"lr": 0.001, "weight_decay": 5e-4}}
+
+
 class TrainConfig(_Section):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)  # global: under torchrun each of N processes takes 1/N
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0)  # peak learning rate of the head (and body, see body_lr_mult)
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    # peak learning rate of the head (and body, see body_lr_mult); unset: the optimiser's own
+    # (OPTIMIZER_DEFAULTS), so `train.optimizer=sgd` alone trains at SGD's 0.05
+    lr: float = Field(0.003, gt=0)
+    momentum: float = 0.9  # sgd
+    nesterov: bool = True  # sgd
+    weight_decay: float = 0.05  # unset: the optimiser's own, as lr
     scheduler: Literal["cosine", "multistep", "constant"] = "cosine"
     warmup_epochs: int = Field(1, ge=0)  # linear warm-up, then the schedule
     milestones: list[int] = Field(default_factory=list)  # multistep: epochs where lr *= gamma
@@ -276,7 +295,8 @@ class TrainConfig(_Section):
     device: str = "auto"  # auto, cpu, cuda, cuda:1
     seed: int = 42
     max_batches: int | None = None  # debug: stop each epoch after this many batches
-    regression_loss: Literal["mse", "smooth_l1"] = "smooth_l1"  # model.head: regression
+    regression_loss: Literal["mse", "smooth_l1"] = "smooth_l1"  # model.head: regression, both
+    grade_loss_weight: float = Field(1.0, ge=0)  # model.head: both: loss = CE + this * grade loss
     # Weight EMA (timm ModelEmaV3, with its warm-up): validated, saved in best.pt and predicted
     # with the averaged weights; the raw ones stay in last.pt for a resume.
     ema: bool = False
@@ -291,6 +311,20 @@ class TrainConfig(_Section):
     # a pseudo-label set of `make pseudo` (pseudo/<competition>/<name>/): its test images join
     # each fold's training part, never its validation part
     pseudo: str | None = None
+    # a CSV with an `id` column (audit/<competition>/label_issues_<experiment>.csv): those rows
+    # leave every fold's training part and the refit's; they stay in the validation folds, so
+    # the CV still scores every row and stays comparable with the experiment without it
+    exclude: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _optimizer_defaults(cls, values: Any) -> Any:
+        """The chosen optimiser's lr and weight decay where the settings leave them out."""
+        if not isinstance(values, dict):
+            return values
+        chosen = OPTIMIZER_DEFAULTS.get(values.get("optimizer", "adamw"), {})
+        return {**{k: v for k, v in chosen.items() if values.get(k) is None}, **{
+            k: v for k, v in values.items() if v is not None or k not in chosen}}
 
     @model_validator(mode="after")
     def _mixing_needs_hard_labels(self) -> TrainConfig:
@@ -314,7 +348,14 @@ class PseudoConfig(_Section):
 
 
 class EnsembleConfig(_Section):
-    method: Literal["mean", "median", "trimmed", "rank", "fitted"] = "mean"
+    # mean | median | trimmed | rank | fitted (weights) | hillclimb (greedy selection) | stack
+    # (a level-2 model) | auto (each scored nested, the best used): pipeline/combine.py
+    method: Literal["mean", "median", "trimmed", "rank", "fitted", "hillclimb", "stack",
+                    "auto"] = "mean"
+    # stack: logistic regression on the members' log-probabilities, or (ordinal competitions)
+    # ridge regression on their expected grades (pipeline/stacking.py)
+    stacker: Literal["logreg", "ridge"] = "logreg"
+    hillclimb_rounds: int = Field(50, ge=1)  # hillclimb: at most this many picks
     # How probabilities become labels: thresholds on the expected grade (ordinal), a cut-off on
     # the positive class (binary); auto: thresholds for an ordinal QWK label submission, a cut-off
     # for a binary one scored by F1, else argmax. A fitted decoder is used only when its nested
@@ -371,6 +412,27 @@ class CacheConfig(_Section):
     dir: str = "cache"  # one sub-folder per preprocessing setting, named by its hash
 
 
+class AuditConfig(_Section):
+    """`make audit` (pipeline/audit.py): duplicates, train/test shift, label suspects."""
+
+    # near copies: images whose 64-bit perceptual hash differs in at most this many bits (the
+    # hash and the threshold were chosen on planted copies: bench/duplicates.py)
+    hash: Literal["phash", "dhash", "ahash", "whash"] = "phash"
+    max_distance: int = Field(4, ge=0, le=32)
+    shift_folds: int = Field(5, ge=2)  # cross-validation of the train-vs-test classifier
+    test_like: int = Field(100, ge=1)  # training rows listed as the most test-like
+    shown: int = Field(24, ge=1)  # pictures: duplicate groups, label suspects
+
+
+class ReportConfig(_Section):
+    """What `make report` shows (pipeline/report.py); no result depends on it."""
+
+    top_losses: int = Field(24, ge=0)  # the out-of-fold images with the highest loss, overall
+    per_class: int = Field(6, ge=0)  # and for each class (of the first `classes_shown` classes)
+    classes_shown: int = Field(30, ge=1)
+    thumbnail: int = Field(128, ge=16)  # pixels, the longer side of each picture
+
+
 class Config(_Section):
     run_name: str  # names runs/<competition>/<run_name>/: the experiment file's name (+ suffix)
     data: DataConfig
@@ -384,6 +446,8 @@ class Config(_Section):
     pseudo: PseudoConfig = PseudoConfig()
     refit: RefitConfig = RefitConfig()
     cache: CacheConfig = CacheConfig()
+    audit: AuditConfig = AuditConfig()
+    report: ReportConfig = ReportConfig()
     runs_dir: str = "runs"
     submissions_dir: str = "submissions"
     pseudo_dir: str = "pseudo"  # pseudo-label sets of `make pseudo`, per competition
@@ -548,7 +612,8 @@ NO_RESULT_KEYS = frozenset({
 })
 # Sections that a later stage reads, not training: a change redoes that stage only (new TTA views
 # are predicted again, never retrained), so they do not rename the experiment.
-LATER_STAGE_SECTIONS = frozenset({"folds", "tta", "predict", "ensemble", "refit", "pseudo"})
+LATER_STAGE_SECTIONS = frozenset({"folds", "tta", "predict", "ensemble", "refit", "pseudo",
+                                  "audit", "report"})
 # Where a competition's files are and how its test side is submitted. The labelled rows, the fold
 # assignment and the images are fingerprinted themselves, so a moved data folder is not a new
 # experiment while an edited train.csv is a changed input.
@@ -576,17 +641,23 @@ def training_settings(mapping: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def changed_keys(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
-    """'train.lr: 0.05 -> 0.01' for every leaf that differs between two nested mappings."""
+def changed_settings(before: dict[str, Any], after: dict[str, Any],
+                     prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, before, after) for every leaf that differs between two nested mappings."""
     changes = []
     for key in sorted(set(before) | set(after)):
         path = f"{prefix}{key}"
         a, b = before.get(key), after.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            changes += changed_keys(a, b, f"{path}.")
+            changes += changed_settings(a, b, f"{path}.")
         elif a != b:
-            changes.append(f"{path}: {a!r} -> {b!r}")
+            changes.append((path, a, b))
     return changes
+
+
+def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """'train.lr: 0.05 -> 0.01' for every leaf that differs between two nested mappings."""
+    return [f"{key}: {a!r} -> {b!r}" for key, a, b in changed_settings(before, after)]
 
 
 NAME_SUFFIX_MAX = 40  # characters; a longer suffix becomes a hash of the changed settings

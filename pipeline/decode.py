@@ -32,6 +32,23 @@ def expected_grade(probs: np.ndarray) -> np.ndarray:
     return probs @ np.arange(probs.shape[1], dtype=np.float64)
 
 
+def grade_to_probs(grades: np.ndarray, n_classes: int) -> np.ndarray:
+    """Grades (..., N) -> (..., N, C): each grade as a two-point distribution between the grades
+    around it (2.3 -> 0.7 on grade 2, 0.3 on grade 3), after clipping to [0, C-1].
+
+    Every later stage reads class columns as probabilities; with this encoding their expected
+    grade sum_c c * p_c is the predicted grade itself, so averaging folds, views and models
+    averages grades, and the ensemble's thresholds cut the averaged grade.
+    """
+    grades = np.clip(np.asarray(grades, dtype=np.float64), 0, n_classes - 1)
+    low = np.minimum(np.floor(grades).astype(np.int64), n_classes - 2)
+    upper_share = grades - low
+    probs = np.zeros((*grades.shape, n_classes))
+    np.put_along_axis(probs, low[..., None], (1 - upper_share)[..., None], axis=-1)
+    np.put_along_axis(probs, (low + 1)[..., None], upper_share[..., None], axis=-1)
+    return probs
+
+
 def apply_thresholds(grades: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """Class = how many (sorted) thresholds the grade reaches."""
     return np.digitize(grades, np.sort(thresholds)).astype(np.int64)

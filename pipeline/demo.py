@@ -19,6 +19,7 @@ from pipeline.folds import make_folds
 from pipeline.inference import predict_experiment
 from pipeline.layout import Layout
 from pipeline.refit import run_refit
+from pipeline.report import build_report
 from pipeline.status import folds_freshness, read_folds, read_test_set
 from pipeline.training.experiment import train_folds
 from pipeline.utils import PipelineError, format_table
@@ -53,6 +54,8 @@ def run_demo(model: str, data: str, overrides: list[str], force: bool,
     refit = run_refit(config, force)
     banner("ensemble folds + refit, write the submission")
     outcome = ensemble_runs(config, [config.run_name], overrides=overrides)
+    banner("report: the competition's HTML pages")
+    page = build_report(load_config(data, None, overrides))
 
     minutes = (time.perf_counter() - started) / 60
     metric = config.data.metric
@@ -61,13 +64,15 @@ def run_demo(model: str, data: str, overrides: list[str], force: bool,
         ["held-out test, ensemble", f"{outcome.solution_score:.4f}"],
         ["held-out test, refit alone", f"{refit.get(f'test {metric}', float('nan')):.4f}"],
         ["submission", str(outcome.submission)],
-        ["report", str(outcome.report)],
+        ["submission report", str(outcome.report)],
+        ["HTML report", str(page)],
         ["runs", str(layout.experiment(config.run_name).dir)],
         ["minutes", f"{minutes:.1f}"],
     ]
     banner(f"demo finished: {config.run_name} on {config.data.name} ({metric})")
     print(format_table(rows, ["", ""]))
-    return {"cv": outcome.cv_score, "test": outcome.solution_score, "minutes": minutes}
+    return {"cv": outcome.cv_score, "test": outcome.solution_score, "minutes": minutes,
+            "report": page}
 
 
 def main(args) -> None:

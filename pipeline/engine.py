@@ -20,6 +20,7 @@ from pipeline import distributed
 from pipeline.augment import Normalizer
 from pipeline.config import Config, PredictConfig, config_from_dict
 from pipeline.data import ImageReadError
+from pipeline.decode import grade_to_probs
 from pipeline.models import create_model
 from pipeline.models.weights import load_error_gist, pickle_refusal
 from pipeline.utils import PipelineError, atomic_path
@@ -171,33 +172,32 @@ def view_logits(model: torch.nn.Module, normalizer: Normalizer, images: torch.Te
 
 
 def output_size(head: str, n_classes: int) -> int:
-    """Model outputs: one logit per class, or one grade for a regression head."""
-    return 1 if head == "regression" else n_classes
-
-
-def grade_to_probs(grades: np.ndarray, n_classes: int) -> np.ndarray:
-    """Grades (..., N) -> (..., N, C): each grade as a two-point distribution between the grades
-    around it (2.3 -> 0.7 on grade 2, 0.3 on grade 3), after clipping to [0, C-1].
-
-    Every later stage reads class columns as probabilities; with this encoding their expected
-    grade sum_c c * p_c is the predicted grade itself, so averaging folds, views and models
-    averages grades, and the ensemble's thresholds cut the averaged grade.
-    """
-    grades = np.clip(np.asarray(grades, dtype=np.float64), 0, n_classes - 1)
-    low = np.minimum(np.floor(grades).astype(np.int64), n_classes - 2)
-    upper_share = grades - low
-    probs = np.zeros((*grades.shape, n_classes))
-    np.put_along_axis(probs, low[..., None], (1 - upper_share)[..., None], axis=-1)
-    np.put_along_axis(probs, (low + 1)[..., None], upper_share[..., None], axis=-1)
-    return probs
+    """Model outputs: one logit per class, one grade (a regression head), or both: the class
+    logits, then the grade."""
+    return {"regression": 1, "both": n_classes + 1}.get(head, n_classes)
 
 
 def outputs_to_probs(outputs: np.ndarray, head: str, n_classes: int) -> np.ndarray:
-    """Model outputs (..., N, K) -> probabilities (..., N, C): softmax, or a regression head's
-    grade as `grade_to_probs` encodes it."""
+    """Model outputs (..., N, K) -> probabilities (..., N, C): softmax of the class logits, or a
+    regression head's grade as `grade_to_probs` encodes it."""
+    return split_outputs(outputs, head, n_classes)[0]
+
+
+def split_outputs(outputs: np.ndarray, head: str,
+                  n_classes: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Model outputs (..., N, K) -> (probabilities (..., N, C), grades (..., N) or None).
+
+    classification: (softmax, None); regression: (the grade as a two-point distribution, the
+    grade); both: (softmax of the class logits, the grade output), each grade clipped to
+    [0, C-1]. The grade is what a `grade` column of a probability file holds."""
+    outputs = np.asarray(outputs)
     if head == "regression":
-        return grade_to_probs(outputs[..., 0], n_classes)
-    return softmax(outputs, axis=-1)
+        grades = np.clip(outputs[..., 0].astype(np.float64), 0, n_classes - 1)
+        return grade_to_probs(grades, n_classes), grades
+    if head == "both":
+        grades = np.clip(outputs[..., n_classes].astype(np.float64), 0, n_classes - 1)
+        return softmax(outputs[..., :n_classes], axis=-1), grades
+    return softmax(outputs, axis=-1), None
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,14 +25,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.combine import Combined, combine_members, decode_combined, honest_scores
+from pipeline.combine import Combined, Fit, Options, combine_members, decode_combined, honest_scores
 from pipeline.config import Config, DataConfig, EnsembleConfig, load_config, parse_models
 from pipeline.decode import Decoded, decoder_kind
 from pipeline.layout import Layout
+from pipeline.leaderboard import report_line
 from pipeline.locks import holding
 from pipeline.members import (Candidate, EnsembleError, Member, average_seeds,
-                              check_members_agree, load_member, seed_family, select_members,
-                              stack_members)
+                              check_members_agree, choose_view, load_member, seed_family,
+                              select_members, stack_members)
 from pipeline.metrics import higher_is_better
 from pipeline.provenance import write_manifest
 from pipeline.scoring import Scorer
@@ -80,6 +81,12 @@ class Ensemble:
 
 # --------------------------------------------------------------------------------------------
 # Settings
+
+
+def check_method(data: DataConfig, settings: EnsembleConfig) -> None:
+    if settings.method == "stack" and settings.stacker == "ridge" and not data.ordinal:
+        raise EnsembleError(f"ensemble.stacker=ridge regresses the grade of ordinal classes; "
+                            f"{data.name} has data.ordinal: false. Use ensemble.stacker=logreg")
 
 
 def check_decode(data: DataConfig, settings: EnsembleConfig) -> None:
@@ -154,24 +161,28 @@ def make_ensemble(config: Config, layout: Layout, folds: pd.DataFrame, test_fing
                                                  models, partial, folds, test_fingerprint)
     settings = ensemble_settings(config.ensemble, [c.config for c in candidates], overrides)
     check_decode(config.data, settings)
+    check_method(config.data, settings)
     if settings.seeds == "average":
         members = average_seeds(members, [seed_family(c.config) for c in candidates])
+    scorer = Scorer.of(config.data)
+    kind = decoder_kind(config.data, settings.decode,
+                        lambda: resolved_submission_kind(config.data))
+    chosen = [choose_view(m, folds, kind, scorer) for m in members]
+    members = [member for member, _ in chosen]
     is_partial = any(m.missing_folds for m in members)
     check_members_agree(members, partial=is_partial)
     oof_ids, oof_stack, test_stack = stack_members(members)
     by_id = folds.set_index("id")
     targets = by_id.loc[oof_ids, "target"].to_numpy(np.int64)
     row_folds = by_id.loc[oof_ids, "fold"].to_numpy()
-    scorer = Scorer.of(config.data)
-    combined = combine_members(oof_stack, test_stack, targets, settings.method, scorer, row_folds)
-    combined.notes += left_out
+    combined = combine_members(oof_stack, test_stack, targets, settings.method, scorer, row_folds,
+                               Options.of(settings, config.data.ordinal))
+    combined.notes += left_out + [note for _, note in chosen if note]
     if is_partial:
         combined.notes.append(
             "PARTIAL: " + "; ".join(f"{m.name} lacks fold(s) {m.missing_folds}" for m in members
                                     if m.missing_folds)
             + f"; the CV covers {len(oof_ids)} of {len(folds)} labelled rows")
-    kind = decoder_kind(config.data, settings.decode,
-                        lambda: resolved_submission_kind(config.data))
     decoded = decode_combined(kind, combined, targets, row_folds, scorer)
     if any(m.refit for m in members):
         combined.notes.append("the full-data refit joined the test average unvalidated: no fold "
@@ -188,11 +199,17 @@ def _score_columns(metric: str) -> list[str]:
     return [metric] + (["accuracy"] if metric != "accuracy" else [])
 
 
+def method_label(ensemble: Ensemble) -> str:
+    """The method as the report names it: `auto` says what it chose."""
+    used = ensemble.combined.fit.label
+    return f"auto: {used}" if ensemble.settings.method == "auto" else used
+
+
 def score_rows(ensemble: Ensemble, scorer: Scorer) -> list[list]:
     """One row per member and for the ensemble, all scored on the same OOF rows; what was fitted
     on those rows is scored out of fold (nested), its in-sample figure shown beside it."""
     columns, targets = _score_columns(scorer.metric), ensemble.targets
-    combined, decoded, method = ensemble.combined, ensemble.decoded, ensemble.settings.method
+    combined, decoded = ensemble.combined, ensemble.decoded
 
     def scores(probs):
         return [scorer.score(targets, probs, m) for m in columns]
@@ -203,9 +220,9 @@ def score_rows(ensemble: Ensemble, scorer: Scorer) -> list[list]:
     rows = [[m.name, m.oof_source, m.n_folds, "yes (unvalidated)" if m.refit else "no",
              "-" if combined.weights is None else float(combined.weights[i]),
              *scores(ensemble.oof_stack[i])] for i, m in enumerate(ensemble.members)]
-    fitted = method == "fitted" and combined.oof_nested is not combined.oof
-    label = f"ensemble ({method}{', weights nested' if fitted else ''})"
-    rows.append([label, "", "", "", "", *scores(combined.oof_nested)])
+    method, fitted = method_label(ensemble), combined.fitted_on_oof
+    rows.append([f"ensemble ({method}{', out of fold (nested)' if fitted else ''})", "", "", "",
+                 "", *scores(combined.oof_nested)])
     if fitted:
         rows.append([f"ensemble ({method}), in sample", "", "", "", "", *scores(combined.oof)])
     if decoded is not None and decoded.used:
@@ -214,6 +231,29 @@ def score_rows(ensemble: Ensemble, scorer: Scorer) -> list[list]:
                      *label_scores(decoded.nested_labels)])
         rows.append([f"ensemble + {what}, in sample", "", "", "", "",
                      *label_scores(decoded.oof_labels)])
+    return rows
+
+
+def members_used(fit: Fit, names: list[str]) -> str:
+    """Who a fitted method uses, and how: the weights above zero, or the stacker's inputs."""
+    if fit.method == "stack":
+        inputs = ("expected grades" if fit.stacker["kind"] == "ridge" else "log-probabilities")
+        return f"all {len(names)}: {fit.stacker['kind']} on their {inputs}"
+    if fit.weights is None:
+        return f"all {len(names)}, unweighted"
+    return ", ".join(f"{n} {w:.2f}" for n, w in zip(names, fit.weights) if w > 0)
+
+
+def method_rows(ensemble: Ensemble, scorer: Scorer) -> list[list]:
+    """auto's table: each method with the members it uses, its nested and in-sample CV (of the
+    combined probabilities, before any decoding), the one used marked."""
+    combined, names = ensemble.combined, ensemble.names
+    rows = [[row.fit.label, members_used(row.fit, names), row.score_nested, row.score_in_sample,
+             "used" if row.fit is combined.fit else ""] for row in combined.table]
+    if combined.fitted_on_oof:
+        rows.append(["auto (chosen on the other folds for each held fold)", "",
+                     scorer.score(ensemble.targets, combined.oof_nested),
+                     "", "the CV"])
     return rows
 
 
@@ -226,15 +266,16 @@ def details_rows(data: DataConfig, ensemble: Ensemble, csv_path: Path,
                  solution_score: float | None) -> list[list[str]]:
     metric, settings, scores = data.metric, ensemble.settings, ensemble.scores
     combined, decoded = ensemble.combined, ensemble.decoded
-    weights = (f"none ({settings.method} is unweighted)" if combined.weights is None else
-               ", ".join(f"{n} {w:.3f}" for n, w in zip(ensemble.names, combined.weights)))
+    weights = members_used(combined.fit, ensemble.names)
     direction = "higher" if higher_is_better(metric) else "lower"
     cv_score = scores["out of fold"]
-    rows = [["method", settings.method], ["weights", weights], ["decode", settings.decode],
+    rows = [["method", method_label(ensemble)], ["members used", weights],
+            ["decode", settings.decode],
             [f"CV {metric}, out of fold ({direction} is better)", f"{cv_score:.4f}"]]
     fitted = abs(scores["in sample"] - cv_score) > 1e-12
     rows.append([f"CV {metric}, in sample", f"{scores['in sample']:.4f} " + (
-        "(weights/thresholds/cut-off fitted on the rows it scores: optimistic)" if fitted
+        "(weights/selection/stacker/thresholds/cut-off fitted on the rows it scores: "
+        "optimistic)" if fitted
         else "(nothing fitted on the OOF rows: the same)")])
     if decoded is not None:
         what = "thresholds" if decoded.kind == "thresholds" else "cut-off"
@@ -249,9 +290,15 @@ def details_rows(data: DataConfig, ensemble: Ensemble, csv_path: Path,
     return rows
 
 
+METHOD_HEADERS = ["method", "members used", "CV nested", "CV in sample", ""]
+
+
 def markdown_report(name: str, rows: list[list], headers: list[str], details: list[list[str]],
-                    notes: list[str]) -> str:
+                    notes: list[str], methods: list[list]) -> str:
     lines = [f"# Submission {name}", "", markdown_table(rows, headers), ""]
+    if methods:
+        lines += ["## Methods (auto; CV of the combined probabilities, before decoding)", "",
+                  markdown_table(methods, METHOD_HEADERS), ""]
     lines += [f"- **{key}**: `{value}`" if key == "upload" else f"- **{key}**: {value}"
               for key, value in details]
     lines += [f"- note: {note}" for note in notes]
@@ -278,8 +325,15 @@ def recipe(data: DataConfig, ensemble: Ensemble) -> dict:
         # the TTA each experiment's predictions were made with (chosen at predict time)
         "tta": {c.name: c.state.tta(c.refit).model_dump() for c in candidates},
         "refit": [m.name for m in ensemble.members if m.refit],
-        "method": ensemble.settings.method,
+        # what each experiment submits from: its class probabilities, or a `both` head's grade
+        "views": {name: m.view for m in ensemble.members for name in m.name.split(" + ")},
+        # what combines the members' test rows: the method used (auto: the one it chose), its
+        # weights or its stacker's parameters (combine.apply_combination)
+        "method": combined.fit.method,
         "weights": None if combined.weights is None else combined.weights.tolist(),
+        "stacker": combined.fit.stacker,
+        "methods": [{"method": row.fit.label, "cv": row.score_nested,
+                     "cv_in_sample": row.score_in_sample} for row in combined.table],
         "decode": decoding,
         "submission_kind": resolved_submission_kind(data),
         "partial": ensemble.partial,
@@ -309,6 +363,9 @@ def write_outputs(data: DataConfig, layout: Layout, ensemble: Ensemble,
                *(f"oof {m}" for m in _score_columns(metric))]
     details = details_rows(data, ensemble, csv_path, solution_score)
     print(format_table(rows, headers))
+    methods = method_rows(ensemble, scorer) if ensemble.combined.table else []
+    if methods:
+        print(format_table(methods, METHOD_HEADERS))
     for note in ensemble.combined.notes:
         print(f"note: {note}")
     print(format_table([row for row in details if not row[0].startswith("test ")],
@@ -316,13 +373,14 @@ def write_outputs(data: DataConfig, layout: Layout, ensemble: Ensemble,
     if solution_score is not None:
         print(f"test {metric} vs {data.solution_csv}: {solution_score:.4f}")
     write_text_atomic(submission.report, markdown_report(submission.name, rows, headers, details,
-                                                         ensemble.combined.notes))
+                                                         ensemble.combined.notes, methods))
     refits = {c.name: c.refit for c in ensemble.candidates}
     write_manifest(submission.manifest, "ensemble",
                    {"members": member_fingerprint([c.state for c in ensemble.candidates], refits,
                                                   ensemble.settings)},
                    [csv_path, submission.report], recipe(data, ensemble))
     print(f"wrote {csv_path} and {submission.report}")
+    print(report_line(layout))
     return EnsembleOutcome(submission.name, csv_path, submission.report, cv_score, solution_score)
 
 
@@ -331,6 +389,7 @@ def ensemble_runs(config: Config, models: list[str] | None = None, partial: bool
     """Ensemble the current runs' probability files, write the submission, its report and,
     last, its manifest."""
     check_decode(config.data, config.ensemble)  # before any reading: a wrong setting fails fast
+    check_method(config.data, config.ensemble)
     layout = Layout.of(config)
     folds = read_folds(config.data, config.folds, layout)
     _, test_fingerprint = read_test_set(config.data)

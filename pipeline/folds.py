@@ -18,12 +18,15 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config, FoldsConfig, load_config
 from pipeline.datacheck import check_competition
+from pipeline.dupes import conflicts as dup_conflicts
+from pipeline.dupes import describe_conflicts, groups_for_folds, merged_groups
 from pipeline.layout import Layout
 from pipeline.locks import holding
-from pipeline.provenance import folds_fingerprint, write_manifest
-from pipeline.status import fold_inputs, folds_freshness
+from pipeline.provenance import folds_fingerprint, outputs_problems, read_manifest, write_manifest
+from pipeline.scoring import class_index, targets_of
+from pipeline.status import duplicate_groups, fold_inputs, folds_freshness
 from pipeline.utils import PipelineError, format_table, warn, write_csv_atomic
 
 
@@ -52,6 +55,58 @@ def assign_folds(table: pd.DataFrame, n_splits: int, seed: int) -> pd.DataFrame:
     return table.assign(fold=fold)[columns]
 
 
+def with_duplicates(table: pd.DataFrame, classes: list[str], folds_cfg: FoldsConfig,
+                    layout: Layout) -> pd.DataFrame:
+    """The labelled rows with the audit's duplicate groups joined to their groups (a patient's
+    copies and the copies' patients all in one fold), and its conflicting groups kept, dropped
+    or relabelled (folds.duplicate_conflicts)."""
+    groups = duplicate_groups(layout) if folds_cfg.duplicates else None
+    if groups is None or groups.empty:
+        return table
+    warn_stale_audit(layout)
+    found = dup_conflicts(groups.assign(part="train"))
+    if len(found):
+        table = resolve_conflicts(table, groups, found, classes, folds_cfg.duplicate_conflicts)
+    in_group = groups_for_folds(groups.assign(part="train"), table["id"].tolist())
+    existing = table["group"].astype(str) if "group" in table else [""] * len(table)
+    merged = merged_groups(table["id"].tolist(), list(existing), list(in_group))
+    print(f"{len(groups)} labelled image(s) in {groups['group'].nunique()} duplicate group(s) "
+          f"({layout.findings.duplicates}): each group kept in one fold")
+    return table.assign(group=merged.to_numpy())
+
+
+def resolve_conflicts(table: pd.DataFrame, groups: pd.DataFrame, found: pd.DataFrame,
+                      classes: list[str], policy: str) -> pd.DataFrame:
+    """Conflicting duplicate groups: listed; with `drop` their rows go, with `majority` they
+    take the group's most frequent label."""
+    rows = groups[groups["group"].isin(found["group"])]
+    listed = describe_conflicts(found, rows.assign(part="train"))
+    if policy == "keep":
+        warn(f"duplicate groups with conflicting labels: {listed}; kept as labelled "
+             f"(folds.duplicate_conflicts=drop leaves them out, =majority relabels them)")
+        return table
+    if policy == "drop":
+        warn(f"left out {len(rows)} row(s) of duplicate groups with conflicting labels: {listed}")
+        return table[~table["id"].isin(rows["id"])].reset_index(drop=True)
+    order = class_index(classes)
+
+    def most_frequent(labels: pd.Series) -> str:  # ties: the first in the class list
+        counts = labels.value_counts()
+        return min(counts.index, key=lambda label: (-counts[label], order[label]))
+
+    relabel = rows.set_index("id")["group"].map(rows.groupby("group")["label"].agg(most_frequent))
+    changed = table["id"].map(relabel).fillna(table["label"])
+    warn(f"relabelled {int((changed != table['label']).sum())} row(s) of duplicate groups with "
+         f"conflicting labels to their group's majority: {listed}")
+    return table.assign(label=changed, target=targets_of(changed, classes))
+
+
+def warn_stale_audit(layout: Layout) -> None:
+    manifest = layout.findings.manifest(layout.findings.duplicates)
+    if read_manifest(manifest) is not None and outputs_problems(manifest, read_manifest(manifest)):
+        warn(f"{layout.findings.duplicates} was changed after `make audit` wrote it")
+
+
 def fold_table(folds: pd.DataFrame, classes: list[str]) -> str:
     """Per fold: size and the count of each class."""
     rows = []
@@ -70,9 +125,10 @@ def make_folds(config: Config, drop_bad: bool | None = None) -> pd.DataFrame:
             update={"drop_bad_images": drop_bad})})
     layout = Layout.of(config)
     with holding(layout.folds_lock, layout.folds_csv, "split"):
-        recorded = fold_inputs(config.data, config.folds)  # the files as they were checked
+        recorded = fold_inputs(config.data, config.folds, layout)  # the files as checked
         result = check_competition(config.data)
-        folds = assign_folds(result.train, config.folds.n_splits, config.folds.seed)
+        table = with_duplicates(result.train, config.data.classes, config.folds, layout)
+        folds = assign_folds(table, config.folds.n_splits, config.folds.seed)
         write_folds(config, folds, result.dropped, recorded)
     print(fold_table(folds, config.data.classes))
     print(f"wrote {layout.folds_csv} ({len(folds)} images, {config.folds.n_splits} folds"
@@ -89,7 +145,7 @@ def write_folds(config: Config, folds: pd.DataFrame, dropped: dict[str, str] | N
     carry the fingerprints of the data as it is now, like folds this stage made.
     """
     layout = Layout.of(config)
-    inputs, details = inputs or fold_inputs(config.data, config.folds)
+    inputs, details = inputs or fold_inputs(config.data, config.folds, layout)
     dropped = dropped or {}
     columns = ["id", "label", "fold"] + (["group"] if "group" in folds else [])
     write_csv_atomic(folds[columns], layout.folds_csv)

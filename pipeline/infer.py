@@ -47,9 +47,11 @@ from tqdm import tqdm
 from safetensors.torch import load_file
 
 import pipeline
-from pipeline.combine import apply_decoding, combine, fold_mean_with_refit
+from pipeline.combine import (GRADE_VIEW, PROBS_VIEW, apply_combination, apply_decoding,
+                              fold_mean_with_refit)
 from pipeline.config import Config, ConfigError, DataConfig, TTAConfig, config_from_dict
 from pipeline.data import DataError, ImageDataset, load_test_ids, test_image_paths
+from pipeline.decode import grade_to_probs
 from pipeline.engine import make_loader, model_from_config, view_logits
 from pipeline.imagecache import image_loader
 from pipeline.inference import CheckpointPredictor, reduce_views, tta_views
@@ -276,6 +278,7 @@ class Slot:
     predictor: CheckpointPredictor
     tta: TTAConfig
     source: int  # which of the decoded inputs (one per preprocessing) it reads
+    view: str = PROBS_VIEW  # what its experiment submits from (a `both` head: maybe its grade)
 
     def set_views(self, views: str) -> None:
         self.tta = self.tta.model_copy(update={"views": views})
@@ -309,7 +312,8 @@ def load_slots(bundle: Bundle) -> list[Slot]:
         predictor = CheckpointPredictor(None, tta, "auto", None, loaded[1].predict, loaded=loaded)
         key = json.dumps([loaded[1].augment.model_dump(), loaded[1].cache.model_dump()],
                          sort_keys=True)
-        slots.append(Slot(exp, part, predictor, tta, sources.setdefault(key, len(sources))))
+        view = bundle.recipe.get("views", {}).get(exp, PROBS_VIEW)
+        slots.append(Slot(exp, part, predictor, tta, sources.setdefault(key, len(sources)), view))
     return slots
 
 
@@ -339,15 +343,18 @@ def inputs_loader(slots: list[Slot], paths: list[Path]):
 
 
 def run_batch(slots: list[Slot], inputs: list[torch.Tensor]) -> tuple[list[np.ndarray], list[float]]:
-    """Each slot's probabilities (B, C) of one batch, views reduced, and its seconds."""
+    """Each slot's probabilities (B, C) of one batch (TTA views reduced; a grade output as
+    two-point distributions where its experiment submits from it), and its seconds."""
     probs, seconds = [], []
     for slot in slots:
         start = time.perf_counter()
         p = slot.predictor
         images = inputs[slot.source].to(p.device, non_blocking=True)
         logits = view_logits(p.model, p.normalizer, images, p.device, p.dtype, p.views)
-        probs.append(reduce_views(logits.cpu().numpy(), p.reduce, p.config.model.head,
-                                  len(p.config.data.classes)))
+        predicted = reduce_views(logits.cpu().numpy(), p.reduce, p.config.model.head,
+                                 len(p.config.data.classes))
+        probs.append(grade_to_probs(predicted.grade, predicted.probs.shape[1])
+                     if slot.view == GRADE_VIEW else predicted.probs)
         seconds.append(time.perf_counter() - start)
     return probs, seconds
 
@@ -444,11 +451,11 @@ def experiment_probs(recipe: dict[str, Any], probs: dict[tuple[str, str], np.nda
 
 
 def ensemble_probs(recipe: dict[str, Any], probs: dict[tuple[str, str], np.ndarray]) -> np.ndarray:
-    """(N, C): each group's experiments averaged, the groups combined by the ensemble's method."""
+    """(N, C): each group's experiments averaged, the groups combined as the ensemble was (its
+    method with its weights or stacker: combine.apply_combination)."""
     stack = np.stack([np.mean([experiment_probs(recipe, probs, e) for e in group], axis=0)
                       for group in recipe["groups"]])
-    weights = recipe["weights"]
-    return combine(stack, recipe["method"], None if weights is None else np.asarray(weights))
+    return apply_combination(recipe["method"], recipe["weights"], recipe.get("stacker"), stack)
 
 
 # --------------------------------------------------------------------------------------------

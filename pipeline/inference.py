@@ -1,7 +1,7 @@
 """Test-time-augmented inference of a trained checkpoint, and predicting a part's files.
 
     predictor = CheckpointPredictor(part.best, tta)          # a best.pt, ready to predict
-    probs = predictor.predict(paths, "fold0 test")           # (N, C), views reduced
+    predicted = predictor.predict(paths, "fold0 test")       # (N, C) probs (+ grades), reduced
     predict_experiment(config, layout, folds, None, force, read_test_set(config.data))
                                                              # every current fold: `make predict`
 
@@ -31,7 +31,8 @@ from pipeline import distributed
 from pipeline.augment import Normalizer, build_transforms
 from pipeline.config import Config, PredictConfig, TTAConfig
 from pipeline.data import ImageDataset, test_image_paths, train_image_paths
-from pipeline.engine import (amp_dtype, grade_to_probs, inference_batch_size, loader_settings,
+from pipeline.decode import grade_to_probs
+from pipeline.engine import (amp_dtype, autocast, inference_batch_size, loader_settings,
                              make_loader, model_from_checkpoint, predict_logits, resolve_device)
 from pipeline.imagecache import image_loader
 from pipeline.layout import Experiment, Layout, Part
@@ -112,17 +113,31 @@ def tta_views(tta: TTAConfig, image_size: int) -> list[View]:
     return [_identity, _zoom(1 + tta.scale), _zoom(1 - tta.scale)]  # scales
 
 
+@dataclass(frozen=True)
+class Predicted:
+    """A model's predictions of N images: class probabilities and, from a grade output, grades."""
+
+    probs: np.ndarray  # (N, C)
+    grade: np.ndarray | None  # (N,), clipped to [0, C-1]; None for a classification head
+
+
 def reduce_views(logits: np.ndarray, how: str, head: str = "classification",
-                 n_classes: int | None = None) -> np.ndarray:
-    """(V, N, K) outputs -> (N, C) probabilities: mean of the views' probabilities, or their
-    geometric mean (renormalised); a regression head's grades are averaged over the views."""
+                 n_classes: int | None = None) -> Predicted:
+    """(V, N, K) outputs -> the images' predictions, the TTA views reduced: the mean of the views'
+    class probabilities, or their geometric mean (renormalised); a grade output's grades are
+    averaged over the views (then clipped)."""
+    n_classes = n_classes or logits.shape[-1]
+    grade = None
+    if head in ("regression", "both"):
+        column = 0 if head == "regression" else n_classes
+        grade = np.clip(logits[..., column].astype(np.float64).mean(axis=0), 0, n_classes - 1)
     if head == "regression":
-        return grade_to_probs(logits[..., 0].astype(np.float64).mean(axis=0), n_classes)
-    probs = softmax(logits.astype(np.float64), axis=-1)
+        return Predicted(grade_to_probs(grade, n_classes), grade)
+    probs = softmax(logits[..., :n_classes].astype(np.float64), axis=-1)
     if how == "geomean":
         log_mean = np.log(np.clip(probs, 1e-12, 1)).mean(axis=0)
-        return softmax(log_mean, axis=-1)
-    return probs.mean(axis=0)
+        return Predicted(softmax(log_mean, axis=-1), grade)
+    return Predicted(probs.mean(axis=0), grade)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,8 +180,9 @@ class CheckpointPredictor:
         self.views = tta_views(tta, self.config.augment.image_size)
         self.reduce = tta.reduce
 
-    def predict(self, paths: Sequence[Path], desc: str) -> np.ndarray:
-        """Probabilities (N, C), TTA views reduced; in `paths` order.
+    def predict(self, paths: Sequence[Path], desc: str) -> Predicted:
+        """The images' predictions (probabilities (N, C), grades), TTA views reduced; in `paths`
+        order.
 
         Under torchrun each rank predicts a contiguous shard of the paths and every rank gets
         all N rows back, in order.
@@ -182,6 +198,24 @@ class CheckpointPredictor:
         logits = distributed.gather_shards(shard, axis=1)  # (V, N, C)
         return reduce_views(logits, self.reduce, self.config.model.head,
                             len(self.config.data.classes))
+
+
+@torch.no_grad()
+def pooled_features(checkpoint: Path, paths: Sequence[Path]) -> np.ndarray:
+    """(N, D) the model's pooled features of the images (what its classifier sees): for the
+    audit's train/test shift on the model's own view of the images."""
+    predictor = CheckpointPredictor(checkpoint, TTAConfig())
+    model, config = predictor.model.eval(), predictor.config
+    read = image_loader(config.cache, config.augment, paths, max_pixels=config.data.max_image_pixels)
+    loader = make_loader(ImageDataset(paths, None, predictor.transform, read),
+                         predictor.batch_size, None, predictor.settings)
+    features = []
+    for images, _ in loader:
+        batch = predictor.normalizer(images.to(predictor.device))
+        with autocast(predictor.device, predictor.dtype):
+            pooled = model.forward_head(model.forward_features(batch), pre_logits=True)
+        features.append(pooled.float().flatten(1).cpu().numpy())
+    return np.concatenate(features)
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,22 +255,21 @@ def predict_part(part: Part, job: PredictJob, data, valid: pd.DataFrame | None,
         print(f"{part.dir}: predicting again: {fresh.why()}")
     predictor = CheckpointPredictor(part.best, job.tta, job.device, job.workers, job.predict)
     views = len(predictor.views)
-    test_probs = predictor.predict(test_image_paths(data, job.test_ids),
-                                   f"{part.name} test x{views}")
-    oof_probs = None if valid is None else predictor.predict(
+    test = predictor.predict(test_image_paths(data, job.test_ids), f"{part.name} test x{views}")
+    oof = None if valid is None else predictor.predict(
         train_image_paths(data, valid["id"].tolist()), f"{part.name} oof x{views}")
     if not distributed.is_main():
         return None  # rank 0 writes
-    head, classes = predictor.config.model.head, predictor.config.data.classes
-    write_csv_atomic(probability_frame(job.test_ids, test_probs, classes, head=head),
+    classes = predictor.config.data.classes
+    write_csv_atomic(probability_frame(job.test_ids, test.probs, classes, grade=test.grade),
                      part.test_probs)
     result = {"run": part.name, "views": views, "test images": len(job.test_ids)}
     if valid is not None:
-        write_csv_atomic(probability_frame(valid["id"], oof_probs, classes, valid["label"], head),
-                         part.oof_tta)
+        write_csv_atomic(probability_frame(valid["id"], oof.probs, classes, valid["label"],
+                                           grade=oof.grade), part.oof_tta)
         targets = valid["target"].to_numpy()
         result[f"oof {scorer.metric}"] = scorer.score(targets, scorer.probs_of(read_probs(part.oof)))
-        result[f"oof {scorer.metric} tta"] = scorer.score(targets, oof_probs)
+        result[f"oof {scorer.metric} tta"] = scorer.score(targets, oof.probs)
     write_manifest(part.predict_manifest, "predict", inputs, part.predicted_outputs(),
                    {"tta": job.tta.model_dump(), "test images": len(job.test_ids)})
     return result

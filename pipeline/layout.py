@@ -13,7 +13,8 @@ competition is read by another, and one per experiment so that nothing of one is
     submissions/<competition>/<name>.csv|md|manifest.json
     pseudo/<competition>/<set>/fold<k>.csv, full.csv, pseudo.manifest.json
     bundles/<competition>/<name>.zip
-    audit/<competition>/, reports/<competition>/
+    audit/<competition>/duplicates.csv, shift.csv, label_issues_<experiment>.csv, ...
+    reports/<competition>/index.html, experiments/<experiment>.html, images/, *.manifest.json
 
 `fold<k>` is a model validated on fold k; `full` is the full-data refit (fold -1 in the Kaggle
 winners' convention). No other module spells these names: it asks this one.
@@ -198,6 +199,66 @@ class PseudoSet:
 
 
 @dataclass(frozen=True)
+class Audit:
+    """audit/<competition>/: what `make audit` found, each finding with its manifest."""
+
+    dir: Path
+
+    @property
+    def duplicates(self) -> Path:  # group, part, id, label, found: images in groups of copies
+        return self.dir / "duplicates.csv"
+
+    @property
+    def duplicates_png(self) -> Path:
+        return self.dir / "duplicates.png"
+
+    @property
+    def shift(self) -> Path:  # adversarial validation: AUC per feature set and feature
+        return self.dir / "shift.csv"
+
+    @property
+    def test_like(self) -> Path:  # training rows ranked by how test-like they look
+        return self.dir / "test_like.csv"
+
+    def label_issues(self, experiment: str) -> Path:  # suspects from an experiment's OOF
+        return self.dir / f"label_issues_{experiment}.csv"
+
+    def label_issue_files(self) -> dict[str, Path]:
+        """experiment -> its label suspects' file, for every experiment audited."""
+        prefix = "label_issues_"
+        found = sorted(self.dir.glob(f"{prefix}*.csv")) if self.dir.is_dir() else []
+        return {path.stem[len(prefix):]: path for path in found}
+
+    def suspects_png(self, experiment: str) -> Path:
+        return self.dir / f"label_issues_{experiment}.png"
+
+    def manifest(self, finding: Path) -> Path:
+        return finding.with_suffix(MANIFEST_SUFFIX)
+
+
+@dataclass(frozen=True)
+class Report:
+    """reports/<competition>/: the static HTML report of `make report`, each page with its
+    manifest; pictures under images/ (shared by the pages, named by what they show)."""
+
+    dir: Path
+
+    @property
+    def index(self) -> Path:
+        return self.dir / "index.html"
+
+    def experiment(self, name: str) -> Path:
+        return self.dir / "experiments" / f"{name}.html"
+
+    @property
+    def images(self) -> Path:
+        return self.dir / "images"
+
+    def manifest(self, page: Path) -> Path:
+        return page.with_suffix(MANIFEST_SUFFIX)
+
+
+@dataclass(frozen=True)
 class Layout:
     """Every folder and file of one competition."""
 
@@ -277,6 +338,10 @@ class Layout:
     def pseudo_lock(self) -> Path:
         return self.runs / LOCKS / "pseudo.lock"
 
+    @property
+    def audit_lock(self) -> Path:
+        return self.runs / LOCKS / "audit.lock"
+
     def submission_manifests(self) -> list[Path]:
         folder = self.submissions
         return sorted(folder.glob(f"*{MANIFEST_SUFFIX}")) if folder.is_dir() else []
@@ -286,6 +351,18 @@ class Layout:
 
     def bundle(self, name: str) -> Path:
         return self.bundles / f"{name}.zip"
+
+    @property
+    def findings(self) -> Audit:
+        return Audit(self.audit)
+
+    @property
+    def report(self) -> Report:
+        return Report(self.reports)
+
+    @property
+    def report_lock(self) -> Path:
+        return self.runs / LOCKS / "report.lock"
 
 
 def submission_of_manifest(path: Path) -> str:

@@ -144,18 +144,38 @@ class TrainingLoss(torch.nn.Module):
         return self.soft(outputs, targets) if targets.ndim == 2 else self.hard(outputs, targets)
 
 
+class BothLoss(torch.nn.Module):
+    """model.head: both: the class logits' loss plus `weight` times the grade output's loss."""
+
+    def __init__(self, classes: torch.nn.Module, grade: torch.nn.Module, n_classes: int,
+                 weight: float):
+        super().__init__()
+        self.classes, self.grade, self.n_classes, self.weight = classes, grade, n_classes, weight
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        n = self.n_classes
+        return self.classes(outputs[:, :n], targets) + \
+            self.weight * self.grade(outputs[:, n:n + 1], targets)
+
+
 def build_loss(kind: str, weights: np.ndarray | None, label_smoothing: float,
                focal_gamma: float, head: str = "classification", regression_loss: str = "smooth_l1",
-               num_classes: int | None = None) -> torch.nn.Module:
+               num_classes: int | None = None, grade_weight: float = 1.0) -> torch.nn.Module:
     weight = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+    n_classes = num_classes or len(weights)
     if head == "regression":
-        grade = GradeLoss(regression_loss, weight, num_classes or len(weights))
+        grade = GradeLoss(regression_loss, weight, n_classes)
         return TrainingLoss(grade, grade)
     soft = SoftTargetLoss(weight, focal_gamma if kind == "focal" else 0.0)
     if kind == "focal":
-        return TrainingLoss(FocalLoss(focal_gamma, weight, label_smoothing), soft)
-    return TrainingLoss(torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing),
-                        soft)
+        classes = TrainingLoss(FocalLoss(focal_gamma, weight, label_smoothing), soft)
+    else:
+        classes = TrainingLoss(torch.nn.CrossEntropyLoss(weight=weight,
+                                                         label_smoothing=label_smoothing), soft)
+    if head == "both":
+        grade = GradeLoss(regression_loss, weight, n_classes)
+        return BothLoss(classes, TrainingLoss(grade, grade), n_classes, grade_weight)
+    return classes
 
 
 def balanced_sampler(targets: Sequence[int], generator: torch.Generator) -> WeightedRandomSampler:

@@ -13,15 +13,17 @@ experiments whose every fold is trained and predicted under the inputs of now ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 
-from pipeline.combine import fold_mean_with_refit
+from pipeline.combine import GRADE_VIEW, PROBS_VIEW, choose_views, fold_mean_with_refit
 from pipeline.config import Config, DataConfig, training_settings
 from pipeline.layout import Layout
-from pipeline.probfiles import aligned_test, read_fold_oof
+from pipeline.decode import grade_to_probs
+from pipeline.probfiles import GRADE, aligned_test, read_fold_oof
+from pipeline.scoring import Scorer
 from pipeline.provenance import fingerprint
 from pipeline.status import ExperimentState, experiment_config, experiment_state
 from pipeline.utils import PipelineError, summarize_offenders
@@ -44,6 +46,10 @@ class Member:
     n_folds: int
     refit: bool  # whether the refit's test predictions joined the test average
     missing_folds: list[int] = field(default_factory=list)  # --partial: folds not trained
+    # a `both` head: its grade output's OOF and test rows, as two-point distributions
+    grade_oof: np.ndarray | None = None
+    grade_test: np.ndarray | None = None
+    view: str = PROBS_VIEW  # what oof and test hold: PROBS_VIEW, or GRADE_VIEW (choose_view)
 
 
 @dataclass
@@ -150,22 +156,62 @@ def _describe_sources(sources: dict[int, str]) -> str:
 
 def load_member(member: Candidate, folds: pd.DataFrame, classes: list[str]) -> Member:
     """One experiment's OOF (fold-file order) and test average (folds weigh 1, its refit
-    `member.used_refit_weight`), from the folds its state found current."""
-    exp = member.state.exp
+    `member.used_refit_weight`), from the folds its state found current; with a `both` head
+    also its grade output's (as two-point distributions), for the ensemble to choose from."""
+    exp, grade = member.state.exp, member.config.model.head == "both"
+    columns = [*classes, GRADE] if grade else list(classes)
     parts, sources, test_ids, tests = [], {}, None, []
     for k in member.folds:
-        oof, sources[k] = read_fold_oof(exp.fold(k), k, folds, classes)
+        oof, sources[k] = read_fold_oof(exp.fold(k), k, folds, classes, with_grade=grade)
         parts.append(oof)
-        test_ids, probs = aligned_test(exp.fold(k).test_probs, classes, test_ids)
+        test_ids, probs = aligned_test(exp.fold(k).test_probs, classes, test_ids, columns)
         tests.append(probs)
-    refit = aligned_test(exp.refit.test_probs, classes, test_ids)[1] if member.refit else None
-    test = fold_mean_with_refit(tests, refit, member.used_refit_weight)
+    if member.refit:
+        refit = aligned_test(exp.refit.test_probs, classes, test_ids, columns)[1]
+    views = _views(tests, refit if member.refit else None, member.used_refit_weight, grade)
     oof = pd.concat(parts).set_index("id")
     order = [i for i in folds["id"] if i in oof.index]  # fold-file order
+    n = len(classes)
     return Member(name=member.name, oof_ids=order,
                   oof=oof.loc[order, list(classes)].to_numpy(np.float64), test_ids=test_ids,
-                  test=test, oof_source=_describe_sources(sources), n_folds=len(member.folds),
-                  refit=member.refit, missing_folds=list(member.state.missing_folds))
+                  test=views[0], oof_source=_describe_sources(sources), n_folds=len(member.folds),
+                  refit=member.refit, missing_folds=list(member.state.missing_folds),
+                  grade_oof=grade_to_probs(oof.loc[order, GRADE].to_numpy(np.float64), n)
+                  if grade else None, grade_test=views[1])
+
+
+def _views(tests: list[np.ndarray], refit: np.ndarray | None, weight: float,
+           grade: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(test probabilities, grade view or None): each the folds' mean with the refit joined;
+    the grade view of the grade column as two-point distributions."""
+    n = tests[0].shape[1] - (1 if grade else 0)
+    probs = fold_mean_with_refit([t[:, :n] for t in tests],
+                                 None if refit is None else refit[:, :n], weight)
+    if not grade:
+        return probs, None
+    as_probs = [grade_to_probs(t[:, n], n) for t in tests]
+    refit_probs = None if refit is None else grade_to_probs(refit[:, n], n)
+    return probs, fold_mean_with_refit(as_probs, refit_probs, weight)
+
+
+def choose_view(member: Member, folds: pd.DataFrame, kind: str,
+                scorer: Scorer) -> tuple[Member, str | None]:
+    """A `both` member submits from its class probabilities or its grade output, whichever
+    scores better on the other folds (combine.choose_views); returns it with that view as its
+    predictions, and a note saying which and by how much."""
+    if member.grade_oof is None:
+        return member, None
+    by_id = folds.set_index("id")
+    targets = by_id.loc[member.oof_ids, "target"].to_numpy(np.int64)
+    row_folds = by_id.loc[member.oof_ids, "fold"].to_numpy()
+    choice = choose_views({PROBS_VIEW: (member.oof, member.test),
+                           GRADE_VIEW: (member.grade_oof, member.grade_test)},
+                          targets, row_folds, kind, scorer)
+    scores = ", ".join(f"{view} {value:.4f}" for view, value in choice.nested.items())
+    agreed = sum(v == choice.view for v in choice.per_fold)
+    note = (f"{member.name} submits from its {choice.view} (chosen on the other folds for "
+            f"{agreed} of {len(choice.per_fold)} folds; {scorer.metric} out of fold: {scores})")
+    return replace(member, oof=choice.oof, test=choice.test, view=choice.view), note
 
 
 def seed_family(config: Config) -> str:
@@ -186,12 +232,22 @@ def average_seeds(members: list[Member], families: list[str]) -> list[Member]:
 def _mean_member(group: list[Member]) -> Member:
     ids, test_ids = group[0].oof_ids, group[0].test_ids
     common = [i for i in ids if all(i in set(m.oof_ids) for m in group[1:])]
-    oof = np.mean([m.oof[pd.Index(m.oof_ids).get_indexer(common)] for m in group], axis=0)
-    test = np.mean([m.test[pd.Index(m.test_ids).get_indexer(test_ids)] for m in group], axis=0)
+
+    def mean_of(oofs, tests):
+        return (np.mean([o[pd.Index(m.oof_ids).get_indexer(common)] for o, m in zip(oofs, group)],
+                        axis=0),
+                np.mean([t[pd.Index(m.test_ids).get_indexer(test_ids)]
+                         for t, m in zip(tests, group)], axis=0))
+
+    oof, test = mean_of([m.oof for m in group], [m.test for m in group])
+    graded = all(m.grade_oof is not None for m in group)
+    grade_oof, grade_test = (mean_of([m.grade_oof for m in group], [m.grade_test for m in group])
+                             if graded else (None, None))
     return Member(name=" + ".join(m.name for m in group), oof_ids=common, oof=oof,
                   test_ids=test_ids, test=test, oof_source=group[0].oof_source,
                   n_folds=min(m.n_folds for m in group), refit=any(m.refit for m in group),
-                  missing_folds=sorted({k for m in group for k in m.missing_folds}))
+                  missing_folds=sorted({k for m in group for k in m.missing_folds}),
+                  grade_oof=grade_oof, grade_test=grade_test)
 
 
 def check_members_agree(members: list[Member], partial: bool = False) -> None:

@@ -2,9 +2,10 @@
 ensemble, pseudo-labels, runs and the report.
 
 One row per image id and one column per class, named by the class (`id[, label], <classes>`);
-a regression head adds `grade`, the predicted grade, which the class columns encode as a
+a grade output adds `grade`: a regression head's grade, which its class columns encode as a
 two-point distribution (engine.grade_to_probs), so every later stage reads them as
-probabilities. Ids and labels are strings (`0001` stays `0001`).
+probabilities; a `both` head's grade output beside its class probabilities, for the ensemble to
+choose from (combine.choose_views). Ids and labels are strings (`0001` stays `0001`).
 """
 
 from __future__ import annotations
@@ -19,17 +20,21 @@ from pipeline.layout import Part, PseudoSet
 from pipeline.utils import PipelineError, summarize_offenders
 
 
+GRADE = "grade"  # the column of a grade output
+
+
 class PredictionFileError(PipelineError):
     """A probability file is not what its stage wrote; the message names it and the remedy."""
 
 
 def probability_frame(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str],
                       labels: Sequence[str] | None = None,
-                      head: str = "classification") -> pd.DataFrame:
-    """id[, label], one probability column per class and, for a regression head, `grade`."""
+                      grade: np.ndarray | None = None) -> pd.DataFrame:
+    """id[, label], one probability column per class and, from a grade output (a regression or
+    `both` head), `grade`."""
     frame = pd.DataFrame(probs, columns=list(classes))
-    if head == "regression":
-        frame["grade"] = probs @ np.arange(len(classes), dtype=np.float64)
+    if grade is not None:
+        frame[GRADE] = grade
     if labels is not None:
         frame.insert(0, "label", list(labels))
     frame.insert(0, "id", list(ids))
@@ -41,10 +46,16 @@ def read_probs(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"id": str, "label": str}, keep_default_na=False)
 
 
-def read_probabilities(path: Path, classes: Sequence[str], with_label: bool = False) -> pd.DataFrame:
-    """A probability CSV: `id` (+ `label`) as strings, one float column per class, checked."""
+def read_probabilities(path: Path, classes: Sequence[str], with_label: bool = False,
+                       with_grade: bool = False) -> pd.DataFrame:
+    """A probability CSV: `id` (+ `label`) as strings, one float column per class (+ `grade`),
+    checked."""
     frame = read_probs(path)
     meta = ["id"] + (["label"] if with_label else [])
+    if with_grade and GRADE not in frame.columns:
+        raise PredictionFileError(f"{path}: no {GRADE} column, though its model has a grade "
+                                  f"output: re-run `make predict` for this model")
+    classes = [*classes, GRADE] if with_grade else list(classes)
     missing = [c for c in [*meta, *classes] if c not in frame.columns]
     if missing:
         raise PredictionFileError(f"{path}: missing column(s) {missing}; columns are "
@@ -71,12 +82,12 @@ def oof_file(part: Part) -> Path:
                               f"`make predict` (or train) for this model")
 
 
-def read_fold_oof(part: Part, fold: int, folds: pd.DataFrame,
-                  classes: Sequence[str]) -> tuple[pd.DataFrame, str]:
+def read_fold_oof(part: Part, fold: int, folds: pd.DataFrame, classes: Sequence[str],
+                  with_grade: bool = False) -> tuple[pd.DataFrame, str]:
     """(one fold's OOF rows, the file's stem), after checking the file holds exactly that fold's
     ids with the labels of the fold file."""
     path = oof_file(part)
-    oof = read_probabilities(path, classes, with_label=True)
+    oof = read_probabilities(path, classes, with_label=True, with_grade=with_grade)
     expected = folds.loc[folds["fold"] == fold, ["id", "label"]]
     wrong = sorted(set(oof["id"]) ^ set(expected["id"]))
     if wrong:
@@ -91,18 +102,20 @@ def read_fold_oof(part: Part, fold: int, folds: pd.DataFrame,
     return oof, path.stem
 
 
-def aligned_test(path: Path, classes: Sequence[str],
-                 ids: list[str] | None) -> tuple[list[str], np.ndarray]:
-    """Test probabilities (N, C), rows put in `ids` order (the file's own when None)."""
-    frame = read_probabilities(path, classes)
+def aligned_test(path: Path, classes: Sequence[str], ids: list[str] | None,
+                 columns: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """Test probabilities (N, C), rows put in `ids` order (the file's own when None); `columns`:
+    other columns than the classes (["grade"])."""
+    columns = list(columns or classes)
+    frame = read_probabilities(path, classes, with_grade=GRADE in columns)
     if ids is None:
-        return frame["id"].tolist(), frame[list(classes)].to_numpy(np.float64)
+        return frame["id"].tolist(), frame[columns].to_numpy(np.float64)
     differ = sorted(set(frame["id"]) ^ set(ids))
     if differ:
         raise PredictionFileError(f"{path}: its test ids differ from the other folds' "
                                   f"({summarize_offenders(differ)}); re-run `make predict` for "
                                   f"this model")
-    return ids, frame.set_index("id").loc[ids, list(classes)].to_numpy(np.float64)
+    return ids, frame.set_index("id").loc[ids, columns].to_numpy(np.float64)
 
 
 def read_pseudo(pseudo: PseudoSet, part: str,

@@ -31,7 +31,7 @@ from pipeline.provenance import fingerprint, write_manifest
 from pipeline.scoring import Scorer
 from pipeline.status import RefitPlan, experiment_configs, read_folds, read_test_set, refit_plan
 from pipeline.submission import build_submission, score_against_solution, write_submission
-from pipeline.training.experiment import pseudo_rows, start_experiment
+from pipeline.training.experiment import pseudo_rows, start_experiment, training_rows
 from pipeline.training.parts import Rows, RunSpec
 from pipeline.training.run import preflight, train_part
 from pipeline.utils import PipelineError, format_table
@@ -50,7 +50,8 @@ def train_refit(config: Config, layout: Layout, folds: pd.DataFrame, plan: Refit
     """Train on all labelled rows for the plan's epochs, on the folds' learning-rate path."""
     refit = refit_config(config, plan.epochs)
     part = layout.experiment(config.run_name).refit
-    spec = RunSpec(part, Rows.of(folds), None, config.train.seed + REFIT_SEED_OFFSET, part.name,
+    spec = RunSpec(part, Rows.of(training_rows(folds, config.train.exclude)), None,
+                   config.train.seed + REFIT_SEED_OFFSET, part.name,
                    plan.inputs, plan.path,
                    pseudo=lambda: pseudo_rows(config.data, config.train.pseudo, layout, part.name))
     train_part(refit, spec, {**plan.details, "rows": len(folds), "unvalidated": True}, force,

@@ -21,84 +21,13 @@ import numpy as np
 import pandas as pd
 
 from pipeline import plots
-from pipeline.config import Config, DataConfig, FoldsConfig, load_config
-from pipeline.layout import Layout, old_layout_runs, submission_of_manifest
-from pipeline.provenance import read_manifest
-from pipeline.scoring import Scorer
-from pipeline.status import (ExperimentState, Freshness, cv_numbers, experiment_state,
-                             folds_freshness, load_experiment, read_folds_unchecked,
-                             read_test_set, submission_freshness)
+from pipeline.config import Config, load_config
+from pipeline.layout import Layout, old_layout_runs
+from pipeline.leaderboard import HEADERS, leaderboard, report_line
+from pipeline.status import (ExperimentState, Freshness, experiment_state, folds_freshness,
+                             load_experiment, read_folds_unchecked, read_test_set)
 from pipeline.utils import (PipelineError, format_table, markdown_table, warn, write_csv_atomic,
                             write_text_atomic)
-
-HEADERS = ["experiment", "model", "size", "epochs", "seed", "cv mean", "cv std", "oof",
-           "tta gain", "status", "minutes", "submissions"]
-
-
-def submissions_of(data: DataConfig, folds: FoldsConfig, layout: Layout) -> dict[str, list[str]]:
-    """experiment name -> its submissions ('name' or 'name (stale)')."""
-    found: dict[str, list[str]] = {}
-    for path in layout.submission_manifests():
-        manifest = read_manifest(path)
-        if manifest is None:
-            continue
-        fresh = submission_freshness(data, folds, layout, path)
-        label = submission_of_manifest(path) + ("" if fresh.current else " (stale)")
-        for member in manifest.details.get("members", []):
-            found.setdefault(member, []).append(label)
-    return found
-
-
-def competition_states(data: DataConfig, folds_cfg: FoldsConfig,
-                       layout: Layout) -> list[ExperimentState]:
-    """The state of every experiment of the competition (the fold file may be stale: then
-    every fold is, with the reason)."""
-    names = layout.experiment_names()
-    if not names:
-        return []
-    if not layout.folds_csv.is_file():
-        raise PipelineError(f"{layout.folds_csv} not found: run `make folds DATA={data.name}`")
-    fresh = folds_freshness(data, folds_cfg, layout)
-    folds_error = None if fresh.current else f"the folds no longer fit the data ({fresh.why()})"
-    folds = read_folds_unchecked(data, layout)
-    _, test_fingerprint = read_test_set(data)
-    states = [experiment_state(data, layout, name, folds, test_fingerprint, folds_error)
-              for name in names]
-    return [s for s in states if s is not None]
-
-
-def leaderboard(data: DataConfig, folds_cfg: FoldsConfig, layout: Layout) -> pd.DataFrame:
-    states = competition_states(data, folds_cfg, layout)
-    submissions = submissions_of(data, folds_cfg, layout) if states else {}
-    rows = []
-    for state in states:
-        c = state.config
-        numbers = cv_numbers(state, Scorer.of(c.data))
-        rows.append([state.name, c.model.name, c.augment.image_size, c.train.epochs, c.train.seed,
-                     numbers["cv_mean"], numbers["cv_std"], numbers["oof"], numbers["tta_gain"],
-                     state.status(), numbers["minutes"],
-                     ", ".join(submissions.get(state.name, [])) or "-"])
-    frame = pd.DataFrame(rows, columns=HEADERS)
-    ascending = data.metric == "log_loss"
-    return frame.sort_values("oof", ascending=ascending, na_position="last", kind="stable")
-
-
-def plot_leaderboard(frame: pd.DataFrame, metric: str, path: Path) -> None:
-    fig, ax = plots.figure(figsize=(7, 0.45 * frame["oof"].notna().sum() + 1.2))
-    shown = frame.dropna(subset=["oof"]).iloc[::-1]
-    ax.barh(shown["experiment"], shown["cv mean"], xerr=shown["cv std"], color="#9ecae1",
-            label="fold mean ± std")
-    ax.scatter(shown["oof"], shown["experiment"], color="#08519c", zorder=3, label="out of fold")
-    values = shown[["cv mean", "oof"]].to_numpy()
-    low = float(np.nanmin(values - shown[["cv std"]].fillna(0).to_numpy()))
-    high = float(np.nanmax(values))
-    span = max(high - low, 1e-3)
-    ax.set_xlim(low - 0.2 * span, high + 0.2 * span)
-    ax.set_xlabel(metric)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    plots.save(fig, path)
-
 
 def main_runs(args) -> None:
     config = load_config(args.data, None, args.overrides)
@@ -117,10 +46,11 @@ def main_runs(args) -> None:
                       f"# Experiments of {config.data.name} ({config.data.metric})\n\n"
                       + markdown_table(frame.values.tolist(), HEADERS) + "\n")
     if frame["oof"].notna().any():
-        plot_leaderboard(frame, config.data.metric, layout.leaderboard("png"))
+        plots.plot_leaderboard(frame, config.data.metric, layout.leaderboard("png"))
     print(format_table(frame.values.tolist(), HEADERS))
     print(f"{config.data.name} ({config.data.metric}): {len(frame)} experiment(s) -> "
           f"{layout.leaderboard('md')}|csv|png")
+    print(report_line(layout))
 
 
 def _fingerprints(fresh: Freshness | None) -> str:

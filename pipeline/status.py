@@ -52,9 +52,10 @@ from pipeline.data import (MAX_IMAGE_PIXELS, load_test_ids, load_train_table, te
 from pipeline.layout import Experiment, Layout, Part, part_name
 from pipeline.models import is_timm_name, model_names
 from pipeline.probfiles import read_probs
+from pipeline.dupes import read_duplicates
 from pipeline.provenance import (Manifest, file_digest, fingerprint, folds_fingerprint,
                                  images_fingerprint, outputs_problems, read_manifest,
-                                 rows_fingerprint)
+                                 rows_fingerprint, table_fingerprint)
 from pipeline.schedule import FoldPath, steps_per_epoch
 from pipeline.scoring import Scorer, best_epochs, targets_of
 from pipeline.utils import PipelineError
@@ -72,6 +73,8 @@ INPUT_NAMES = {
     "tta": "the TTA settings",
     "epochs": "the refit's epoch count",
     "members": "the member predictions or ensemble settings",
+    "duplicates": "the duplicate groups (audit/<competition>/duplicates.csv)",
+    "exclude": "the rows left out of training (train.exclude)",
     "oof": "how an EMA run's oof.csv is predicted (from best.pt's EMA weights since pipeline "
            "0.2; before, from the last epoch's)",
 }
@@ -157,7 +160,7 @@ def stale_remedy(what: str) -> str:
 # Folds
 
 
-def fold_inputs(data: DataConfig, folds: FoldsConfig,
+def fold_inputs(data: DataConfig, folds: FoldsConfig, layout: Layout | None,
                 table: pd.DataFrame | None = None) -> tuple[dict, dict]:
     """(input fingerprints, readable details) of the folds stage, from the files as they are now.
 
@@ -168,19 +171,36 @@ def fold_inputs(data: DataConfig, folds: FoldsConfig,
     settings = {"n_splits": folds.n_splits, "seed": folds.seed,
                 "group_column": data.group_column, "group_pattern": data.group_pattern,
                 "drop_bad_images": data.drop_bad_images}
-    if data.max_image_pixels != MAX_IMAGE_PIXELS:
-        # it decides which images are bad; named only when set, so that folds made before the
-        # setting existed keep their fingerprint
+    # the settings added since 0.2 are named only when set, so that folds made before keep
+    # their fingerprint
+    if data.max_image_pixels != MAX_IMAGE_PIXELS:  # it decides which images are bad
         settings["max_image_pixels"] = data.max_image_pixels
+    if not folds.duplicates or folds.duplicate_conflicts != "keep":
+        settings.update(duplicates=folds.duplicates, duplicate_conflicts=folds.duplicate_conflicts)
     paths = train_image_paths(data, table["id"].tolist())
     inputs = {"rows": rows_fingerprint(table, data.classes),
               "train_images": images_fingerprint(table["id"].tolist(), paths),
               "fold_settings": fingerprint(settings)}
+    groups = duplicate_groups(layout) if folds.duplicates and layout is not None else None
+    if groups is not None:  # an audit found copies: they are part of what the folds are made of
+        inputs["duplicates"] = table_fingerprint(groups, ["group", "id"])
     return inputs, {"settings": settings, "rows": len(table)}
 
 
+def duplicate_groups(layout: Layout) -> pd.DataFrame | None:
+    """The labelled rows in duplicate groups of the competition's audit (group, id, label) that
+    hold two labelled images or more: only those constrain the folds. None without such a group
+    (or an audit), so that an audit finding only test copies leaves the folds current."""
+    table = read_duplicates(layout.findings.duplicates)
+    if table is None:
+        return None
+    train = table[table["part"] == "train"]
+    train = train[train["group"].map(train["group"].value_counts()) > 1]
+    return None if train.empty else train[["group", "id", "label"]].reset_index(drop=True)
+
+
 def folds_freshness(data: DataConfig, folds: FoldsConfig, layout: Layout) -> Freshness:
-    inputs, details = fold_inputs(data, folds)
+    inputs, details = fold_inputs(data, folds, layout)
     return freshness(layout.folds_manifest, inputs, details)
 
 
@@ -247,9 +267,24 @@ def training_inputs(experiment: Config, folds: pd.DataFrame,
     pseudo = pseudo_fingerprint(experiment.train.pseudo, layout)
     if pseudo is not None:
         inputs["pseudo"] = pseudo
+    if experiment.train.exclude:
+        inputs["exclude"] = fingerprint(sorted(excluded_ids(experiment.train.exclude)))
     if experiment.train.ema:
         inputs["oof"] = fingerprint(EMA_OOF)
     return inputs, {"settings": settings}
+
+
+def excluded_ids(path: str) -> set[str]:
+    """The ids of train.exclude's CSV: rows left out of training."""
+    source = Path(path)
+    if not source.is_file():
+        raise PipelineError(f"train.exclude={path}: no such file; `make audit MODEL=<m>` writes "
+                            f"audit/<competition>/label_issues_<m>.csv")
+    frame = pd.read_csv(source, dtype=str, keep_default_na=False)
+    if "id" not in frame.columns:
+        raise PipelineError(f"train.exclude={path}: no `id` column (columns: "
+                            f"{list(frame.columns)})")
+    return set(frame["id"])
 
 
 def train_freshness(part: Part, inputs: dict[str, str], details: dict[str, Any]) -> Freshness:

@@ -132,6 +132,19 @@ def test_a_probability_ensemble_is_reproduced_to_1e4(tmp_path, capsys):
     fast = pd.read_csv(tmp_path / "fast.csv", dtype={"id": str})
     assert np.abs(fast["label"] - want["label"]).max() > 1e-4
 
+    # a level-2 stacker on the same two experiments: infer applies its stored parameters
+    assert comp("ensemble", "ensemble.name=stacked", "ensemble.method=stack") == 0
+    assert comp("bundle", "--name", "stacked", model=None) == 0
+    stacked = tmp_path / "bundles" / "tiny" / "stacked.zip"
+    with zipfile.ZipFile(stacked) as zf:
+        assert json.loads(zf.read("ensemble.json"))["stacker"]["kind"] == "logreg"
+    assert infer(comp, stacked, tmp_path / "stacked.csv") == 0
+    got = pd.read_csv(tmp_path / "stacked.csv", dtype={"id": str})
+    want = pd.read_csv(tmp_path / "subs" / "tiny" / "stacked.csv", dtype={"id": str})
+    assert got["id"].tolist() == want["id"].tolist()
+    np.testing.assert_allclose(got["label"], want["label"], rtol=0, atol=1e-4)
+    assert np.abs(got["label"] - pd.read_csv(tmp_path / "out.csv")["label"]).max() > 1e-3
+
 
 def test_a_stale_submission_is_not_bundled(made, capsys):
     comp = made[0]

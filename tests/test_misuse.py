@@ -233,7 +233,7 @@ def test_status_judges_the_settings_of_its_command(tmp_path, capsys):
     capsys.readouterr()
     assert comp("status", "--name", "x", "train.lr=0.3") == 0
     out = capsys.readouterr().out
-    assert "stale" in out and "train.lr: 0.05 -> 0.3" in out
+    assert "stale" in out and "train.lr: 0.003 -> 0.3" in out
 
 
 # --------------------------------------------------------------------------------------------

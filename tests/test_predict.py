@@ -67,9 +67,9 @@ def test_batched_tta_matches_views_one_by_one(tmp_path):
     batch = torch.from_numpy(images).permute(0, 3, 1, 2).float()
     for v, view in enumerate(views):
         np.testing.assert_allclose(logits[v], model(normalizer(view(batch))).numpy(), rtol=1e-5)
-    probs = reduce_views(logits, "mean")
+    probs = reduce_views(logits, "mean").probs
     np.testing.assert_allclose(probs, softmax(logits.astype(np.float64), axis=-1).mean(0), rtol=1e-6)
-    geo = reduce_views(logits, "geomean")
+    geo = reduce_views(logits, "geomean").probs
     np.testing.assert_allclose(geo.sum(1), 1)
 
 

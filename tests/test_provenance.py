@@ -120,7 +120,7 @@ def test_a_changed_setting_under_one_name_is_refused_then_forced(comp, capsys):
     capsys.readouterr()
     assert comp("train", "--name", "mine", "train.lr=0.3") == 1
     err = capsys.readouterr().err
-    assert "train.lr: 0.05 -> 0.3" in err and "FORCE=1" in err and "NAME=" in err
+    assert "train.lr: 0.003 -> 0.3" in err and "FORCE=1" in err and "NAME=" in err
     assert comp("train", "--name", "mine", "--force", "train.lr=0.3") == 0
     assert comp("predict", "--name", "mine", "train.lr=0.3") == 0
     # the refit was made with the old settings: the ensemble refuses it, naming the remedy

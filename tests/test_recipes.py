@@ -4,6 +4,7 @@ pseudo-labels; each on tiny data, each checked for what it must do."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ from tests.conftest import experiment_dir, train
 from pipeline.__main__ import main as cli
 from pipeline.config import load_config
 from pipeline.decode import apply_thresholds, expected_grade
-from pipeline.engine import grade_to_probs
+from pipeline.decode import grade_to_probs
 from pipeline.folds import make_folds
 from pipeline.losses import SoftTargetLoss, build_mixer
 from tests.test_provenance import Competition
@@ -171,3 +172,81 @@ def test_round_two_joins_round_one_in_the_next_ensemble(tmp_path, capsys):
     assert sorted(manifest["details"]["members"]) == ["first", "first-pseudo"]
     assert comp("runs", *pseudo) == 0
     assert "first-pseudo" in capsys.readouterr().out
+
+
+def test_a_collapsing_run_says_so(tmp_path, capsys):
+    """An imbalanced competition under a learning rate far too high predicts one class epoch
+    after epoch: training says so, with the remedy, and goes on."""
+    comp = Competition(tmp_path, labels=["a"] * 15 + ["b"] * 3)
+    assert comp("folds") == 0
+    capsys.readouterr()
+    assert comp("train", "--folds", "0", "train.epochs=4", "train.optimizer=sgd", "train.lr=50",
+                "train.grad_clip=1", "train.warmup_epochs=0") == 0  # clipped SGD: no NaN
+    err = capsys.readouterr().err
+    assert re.search(r"fold 0: predicts only class [ab] since epoch \d: lower train.lr or raise "
+                     r"train.warmup_epochs", err), err[-1500:]
+
+
+def test_a_run_that_learns_is_not_called_collapsed(tmp_path, capsys):
+    comp = Competition(tmp_path)
+    assert comp("folds") == 0
+    capsys.readouterr()
+    assert comp("train", "--folds", "0", "train.epochs=3") == 0
+    assert "predicts only" not in capsys.readouterr().err
+
+
+def test_the_both_head_keeps_both_outputs_and_the_ensemble_chooses(tmp_path, capsys):
+    comp, config = ordinal(tmp_path, "model.head=both", "train.epochs=2", name="b")
+    assert comp("train", "--name", "b", "model.head=both", "train.epochs=2") == 0
+    assert comp("predict", "--name", "b", "model.head=both", "train.epochs=2") == 0
+    fold = experiment_dir(config) / "fold0"
+    oof = pd.read_csv(fold / "oof.csv", dtype={"id": str, "label": str})
+    assert list(oof.columns) == ["id", "label", "0", "1", "2", "grade"]
+    np.testing.assert_allclose(oof[["0", "1", "2"]].sum(axis=1), 1, atol=1e-6)
+    assert oof["grade"].between(0, 2).all()
+    assert list(pd.read_csv(fold / "test_probs.csv").columns) == ["id", "0", "1", "2", "grade"]
+    checkpoint = torch.load(fold / "best.pt", weights_only=True)
+    assert checkpoint["model"]["fc.weight"].shape[0] == 4  # 3 class logits and the grade
+    log = pd.read_csv(fold / "log.csv")
+    assert {"qwk", "grade_qwk", "decoded"} <= set(log)
+    capsys.readouterr()
+    assert comp("ensemble", "--models", "b", "ensemble.name=both") == 0
+    out = capsys.readouterr().out
+    assert re.search(r"b submits from its (class probabilities|grade output) \(chosen on the "
+                     r"other folds for \d of 2 folds; qwk out of fold: class probabilities "
+                     r"\S+, grade output \S+\)", out)
+    manifest = json.loads((comp.tmp / "subs" / "tiny" / "both.manifest.json").read_text())
+    assert manifest["details"]["views"]["b"] in ("class probabilities", "grade output")
+
+
+def test_the_view_of_a_fold_is_chosen_on_the_other_folds():
+    """View A is right on folds 1 and 2, wrong on fold 0; view B the other way round. Chosen
+    on the other folds, fold 0 takes A (and is scored wrong): an honest, not an in-sample,
+    choice."""
+    from pipeline.combine import choose_views
+    from pipeline.scoring import Scorer
+
+    targets = np.tile([0, 1, 2], 20)
+    row_folds = np.repeat([0, 1, 2], 20)
+    right = np.eye(3)[targets] * 0.8 + 0.2 / 3
+    wrong = np.eye(3)[(targets + 1) % 3] * 0.8 + 0.2 / 3
+    a = np.where((row_folds == 0)[:, None], wrong, right)
+    b = np.where((row_folds == 0)[:, None], right, wrong)
+    scorer = Scorer(("0", "1", "2"), "accuracy", False, 1)
+    choice = choose_views({"A": (a, a[:2]), "B": (b, b[:2])}, targets, row_folds, "argmax",
+                          scorer)
+    assert choice.per_fold == ["A", "A", "A"]  # fold 0 alone would have chosen B
+    np.testing.assert_array_equal(choice.oof[row_folds == 0], a[row_folds == 0])
+    assert (choice.oof.argmax(1) == targets).mean() == pytest.approx(2 / 3)
+    assert choice.view == "A" and choice.nested == {"A": pytest.approx(2 / 3),
+                                                    "B": pytest.approx(1 / 3)}
+
+
+def test_a_diverged_run_is_an_error_naming_the_remedy(tmp_path, capsys):
+    comp = Competition(tmp_path, labels=["a"] * 15 + ["b"] * 3)
+    assert comp("folds") == 0
+    capsys.readouterr()
+    assert comp("train", "--folds", "0", "train.epochs=1", "train.lr=1e6",
+                "train.warmup_epochs=0") == 1
+    err = capsys.readouterr().err
+    assert "not numbers (NaN or inf)" in err and "Lower train.lr" in err and "Traceback" not in err

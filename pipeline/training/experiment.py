@@ -26,8 +26,8 @@ from pipeline.locks import holding
 from pipeline.probfiles import read_probs, read_pseudo
 from pipeline.scoring import Scorer, best_log_row
 from pipeline.provenance import read_manifest
-from pipeline.status import (current_folds, fold_numbers, input_changes, joined_oof, read_folds,
-                             stale_remedy, train_freshness, training_inputs)
+from pipeline.status import (current_folds, excluded_ids, fold_numbers, input_changes, joined_oof,
+                             read_folds, stale_remedy, train_freshness, training_inputs)
 from pipeline.training.parts import Rows, RunSpec
 from pipeline.training.run import preflight, train_part
 from pipeline.utils import PipelineError, format_table, markdown_table, write_text_atomic, \
@@ -122,6 +122,15 @@ def prepare_training(config: Config, layout: Layout, folds_to_train: list[int] |
     return Plan(folds, todo, inputs, details)
 
 
+def training_rows(rows: pd.DataFrame, exclude: str | None) -> pd.DataFrame:
+    """The rows a run trains on: without train.exclude's ids (they stay in validation)."""
+    if not exclude:
+        return rows
+    kept = rows[~rows["id"].isin(excluded_ids(exclude))]
+    print(f"train.exclude: {len(rows) - len(kept)} of {len(rows)} training row(s) left out")
+    return kept
+
+
 def pseudo_rows(data: DataConfig, pseudo: str | None, layout: Layout,
                 part: str) -> tuple[list[Path], np.ndarray] | None:
     """The test images and targets of `part` (fold<k> or full) of the pseudo-label set
@@ -136,8 +145,9 @@ def train_fold(config: Config, layout: Layout, plan: Plan, fold: int, force: boo
     """Train one fold of the plan (every rank, under torchrun)."""
     folds, exp = plan.folds, layout.experiment(config.run_name)
     part = exp.fold(fold)
-    spec = RunSpec(part, Rows.of(folds[folds["fold"] != fold]),
-                   Rows.of(folds[folds["fold"] == fold]), config.train.seed + fold,
+    train_rows = training_rows(folds[folds["fold"] != fold], config.train.exclude)
+    spec = RunSpec(part, Rows.of(train_rows), Rows.of(folds[folds["fold"] == fold]),
+                   config.train.seed + fold,
                    f"fold {fold}", plan.inputs,
                    pseudo=lambda: pseudo_rows(config.data, config.train.pseudo, layout, part.name))
     details = {**plan.details, "fold": fold, "train_rows": len(spec.train_rows.ids),

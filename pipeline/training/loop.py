@@ -19,14 +19,19 @@ import torch
 
 from pipeline import distributed
 from pipeline.config import TrainConfig
-from pipeline.decode import decoded_score
-from pipeline.engine import (autocast, clean_image_errors, outputs_to_probs, predict_logits,
-                             progress, unwrap)
+from pipeline.decode import decoded_score, grade_to_probs
+from pipeline.engine import (autocast, clean_image_errors, predict_logits, progress,
+                             split_outputs, unwrap)
 from pipeline.models.finetune import freeze_body, unfreeze
 from pipeline.scoring import Scorer
 from pipeline.training.checkpoints import Checkpoints, LoopState
 from pipeline.training.parts import Parts, RunSpec
 from pipeline.utils import WriteError, warn, write_csv_atomic
+
+
+# Epochs in a row that a fold may predict a single class before training says so: the first
+# epochs of an imbalanced competition often do (the majority class), a collapse goes on
+COLLAPSE_EPOCHS = 3
 
 
 def epoch_seed(base: int, epoch: int) -> int:
@@ -46,6 +51,7 @@ class Trainer:
         self.state = LoopState()
         self.saved_epoch = -1  # the last epoch whose last.pt was written (a resume goes on after)
         self._warned_undefined = False
+        self.collapse = CollapseWatch(spec.tag, scorer)
 
     def fit(self) -> dict[str, Any]:
         c, state = self.train, self.checkpoints.resume(self.parts, self.spec.tag)
@@ -58,7 +64,7 @@ class Trainer:
                                    "train_loss": self.train_epoch(epoch)}
             improved = True  # the refit (nothing to validate): every epoch is the newest best
             if self.parts.valid_loader is not None:
-                row.update(self.validation_row())
+                row.update(self.validation_row(epoch))
                 metric, value = self.selection(row)
                 improved = self.scorer.is_better(value, state.best, metric)
             # Every rank computed it from the same gathered predictions; rank 0's word makes it
@@ -150,8 +156,9 @@ class Trainer:
 
     # ---- validation and the best epoch ---------------------------------------------------
 
-    def validate(self) -> tuple[float, np.ndarray]:
-        """(validation loss, probabilities (N, C) in the validation rows' order)."""
+    def validate(self) -> tuple[float, np.ndarray, np.ndarray | None]:
+        """(validation loss, probabilities (N, C), grades (N,) or None), in the validation
+        rows' order."""
         parts = self.parts
         distributed.sync_buffers(parts.model)  # under torchrun: rank 0's BN statistics, as saved
         shard = predict_logits(parts.eval_model, parts.normalizer, parts.valid_loader,
@@ -160,16 +167,22 @@ class Trainer:
         targets = torch.tensor(self.spec.valid_rows.targets)
         with torch.no_grad():
             loss = float(parts.valid_criterion(torch.as_tensor(logits), targets))
-        return loss, outputs_to_probs(logits, self.head, self.scorer.n_classes)
+        return (loss, *split_outputs(logits, self.head, self.scorer.n_classes))
 
-    def validation_row(self) -> dict[str, float]:
+    def validation_row(self, epoch: int) -> dict[str, float]:
         """The epoch's validation numbers: loss, the metrics, and the metric as decoded."""
-        loss, probs = self.validate()
+        loss, probs, grade = self.validate()
         targets = self.spec.valid_rows.targets
+        self.collapse.see(epoch, probs.argmax(axis=1))
         row = {"valid_loss": loss, **self.scorer.report(targets, probs)}
-        if self.decoder != "argmax":  # the metric as the submission will decode it
-            row["decoded"] = decoded_score(self.decoder, self.scorer.metric, targets, probs,
-                                           self.scorer.positive)
+        views = [probs] + ([grade_to_probs(grade, self.scorer.n_classes)]
+                           if self.head == "both" else [])
+        if self.head == "both":  # the grade output's own metric, beside the classes'
+            row[f"grade_{self.scorer.metric}"] = self.scorer.score(targets, views[1])
+        if self.decoder != "argmax":  # the metric as the submission will decode it: the
+            # better of the outputs, as the ensemble may choose either (combine.choose_views)
+            row["decoded"] = max(decoded_score(self.decoder, self.scorer.metric, targets, v,
+                                               self.scorer.positive) for v in views)
         return row
 
     def selection(self, row: dict[str, Any]) -> tuple[str, float]:
@@ -221,6 +234,30 @@ class Trainer:
                 left = "no epoch of it was saved yet: free the space and run the command again"
             raise WriteError(f"{err}\n{tag}: training stopped in epoch {epoch + 1}; {left}") \
                 from None
+
+
+class CollapseWatch:
+    """Says so, once, when a fold has predicted a single class for COLLAPSE_EPOCHS epochs in a
+    row (the majority class, typically: the learning rate threw the model off)."""
+
+    def __init__(self, tag: str, scorer: Scorer):
+        self.tag, self.scorer = tag, scorer
+        self.since: tuple[int, int] | None = None  # (first epoch, class) of the one-class run
+        self.warned = False
+
+    def see(self, epoch: int, predicted: np.ndarray) -> None:
+        if len(np.unique(predicted)) > 1:
+            self.since = None
+            return
+        if self.since is None or self.since[1] != predicted[0]:
+            self.since = (epoch, int(predicted[0]))
+        first, index = self.since
+        if epoch - first + 1 >= COLLAPSE_EPOCHS and not self.warned:
+            what = "grade" if self.scorer.ordinal else "class"
+            warn(f"{self.tag}: predicts only {what} {self.scorer.classes[index]} since epoch "
+                 f"{first + 1}: lower train.lr or raise train.warmup_epochs (or try "
+                 f"train.optimizer=adamw); training goes on")
+            self.warned = True
 
 
 def read_log(path: Path, next_epoch: int) -> list[dict[str, Any]]:

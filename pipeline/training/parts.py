@@ -178,7 +178,7 @@ def losses(train: TrainConfig, head: str, targets: np.ndarray, n_classes: int,
     the training rows' counts only."""
     weights = class_weights(targets, n_classes, train.class_weights, train.effective_beta)
     args = (train.loss, weights, train.label_smoothing, train.focal_gamma, head,
-            train.regression_loss, n_classes)
+            train.regression_loss, n_classes, train.grade_loss_weight)
     return build_loss(*args).to(device), build_loss(*args)
 
 

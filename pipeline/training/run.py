@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from pipeline import distributed, plots
@@ -110,10 +111,15 @@ def write_oof(trainer: Trainer, classes: list[str]) -> pd.DataFrame | None:
     unwrap(trainer.parts.model).load_state_dict(best["model"])
     if trainer.parts.ema is not None:  # validation reads the EMA: give it best.pt's weights,
         trainer.parts.ema.module.load_state_dict(best["model"])  # not the last epoch's
-    _, probs = trainer.validate()
+    _, probs, grade = trainer.validate()
+    if not np.isfinite(probs).all():
+        raise PipelineError(f"{part.best}: the model's outputs are not numbers (NaN or inf) on "
+                            f"the validation fold: training diverged. Lower train.lr (now "
+                            f"{trainer.train.lr:g}) or raise train.warmup_epochs, and retrain "
+                            f"with FORCE=1")
     if not distributed.is_main():
         return None
-    oof = probability_frame(rows.ids, probs, classes, rows.labels, trainer.head)
+    oof = probability_frame(rows.ids, probs, classes, rows.labels, grade)
     plots.write_confusion(rows.targets, probs.argmax(1), classes, part.confusion_csv,
                           part.confusion_png)
     plots.write_curves(pd.read_csv(part.log), trainer.scorer.metric, part.curves)

@@ -1,0 +1,117 @@
+"""Ensembles fitted on out-of-fold predictions beyond one weight per member: greedy selection
+(hill climbing) and level-2 stackers. Pure functions of arrays; pipeline/combine.py scores them
+nested and chooses between methods.
+
+    weights = hillclimb(oof_stack, targets, scorer)             # (M,), counts / rounds
+    stacker = fit_stacker("logreg", oof_stack, targets)          # a JSON-able dict
+    probs = apply_stacker(stacker, test_stack)                   # (N, C), also what `infer` runs
+
+Hill climbing (Caruana et al. 2004, "Ensemble selection from libraries of models"; AutoGluon's
+WeightedEnsemble): start from the best member, then in each round add, with replacement, the
+member whose addition most improves the competition metric of the averaged probabilities; stop
+when no addition improves it strictly or after `rounds`. The weights are how often each member
+was picked. Picking with replacement lets a strong member weigh more without a weight per
+member to overfit; ties go to a member already picked, so the ensemble stays as small as the
+metric allows.
+
+Stackers (BloodAxe's APTOS 2019 ensembling) are scikit-learn estimators fitted on the members'
+OOF predictions:
+  logreg  multinomial logistic regression on every member's log-probabilities (M*C features)
+  ridge   ordinal competitions: ridge regression of the grade on each member's expected grade
+          (M features); the predicted grade becomes a two-point distribution
+          (decode.grade_to_probs), so the thresholds decoder cuts it as it cuts any grade.
+The fitted parameters are stored as plain numbers and applied with numpy here, so the offline
+`infer` needs no pickled estimator.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import softmax
+from sklearn.linear_model import LogisticRegression, Ridge
+
+from pipeline.decode import expected_grade, grade_to_probs
+from pipeline.scoring import Scorer
+
+STACKERS = ("logreg", "ridge")
+LOG_FLOOR = 1e-6  # probabilities are floored before the log: a 0 would be an infinite feature
+STACKER_STRENGTH = 1.0  # inverse L2 strength of logreg (sklearn's C), ridge's alpha
+
+
+def hillclimb(oof_stack: np.ndarray, targets: np.ndarray, scorer: Scorer,
+              rounds: int) -> np.ndarray:
+    """Weights (M,) summing to 1: how often each member was picked by greedy selection with
+    replacement (at most `rounds` picks), starting from the best single member."""
+    members = len(oof_stack)
+    counts = np.zeros(members, np.int64)
+    scores = [scorer.score(targets, p) for p in oof_stack]
+    first = _best_index(scores, scorer, counts)
+    counts[first], total, current = 1, oof_stack[first].copy(), scores[first]
+    for _ in range(rounds - 1):
+        picks = counts.sum()
+        trials = [scorer.score(targets, (total + oof_stack[m]) / (picks + 1))
+                  for m in range(members)]
+        chosen = _best_index(trials, scorer, counts)
+        if not scorer.is_better(trials[chosen], current):
+            break
+        counts[chosen] += 1
+        total += oof_stack[chosen]
+        current = trials[chosen]
+    return counts / counts.sum()
+
+
+def _best_index(scores: list[float], scorer: Scorer, counts: np.ndarray) -> int:
+    """The best score's index; among equal scores a member already picked, then the first."""
+    best = 0
+    for index in range(1, len(scores)):
+        if scorer.is_better(scores[index], scores[best]):
+            best = index
+        elif scores[index] == scores[best] and counts[index] > 0 and counts[best] == 0:
+            best = index
+    return best
+
+
+def stacker_features(kind: str, stack: np.ndarray) -> np.ndarray:
+    """Members' predictions (M, N, C) -> the stacker's inputs: (N, M*C) log-probabilities for
+    logreg, (N, M) expected grades for ridge."""
+    if kind == "ridge":
+        return np.stack([expected_grade(p) for p in stack], axis=1)
+    members, rows, classes = stack.shape
+    logs = np.log(np.clip(stack, LOG_FLOOR, 1.0))
+    return logs.transpose(1, 0, 2).reshape(rows, members * classes)
+
+
+def fit_stacker(kind: str, oof_stack: np.ndarray, targets: np.ndarray) -> dict:
+    """The stacker `kind` fitted on OOF predictions (M, N, C): its parameters as a JSON-able
+    dict that `apply_stacker` reads."""
+    features, n_classes = stacker_features(kind, oof_stack), oof_stack.shape[2]
+    if kind == "ridge":
+        model = Ridge(alpha=STACKER_STRENGTH).fit(features, targets.astype(np.float64))
+        return {"kind": kind, "classes": n_classes, "coef": model.coef_.tolist(),
+                "intercept": float(model.intercept_)}
+    if kind != "logreg":
+        raise ValueError(f"unknown stacker {kind!r}; one of {', '.join(STACKERS)}")
+    present = np.unique(targets)
+    if len(present) == 1:  # nothing to learn: that one class, always
+        coef, intercept = np.zeros((1, features.shape[1])), np.zeros(1)
+    else:
+        model = LogisticRegression(C=STACKER_STRENGTH, max_iter=2000).fit(features, targets)
+        coef, intercept = model.coef_, model.intercept_
+    return {"kind": kind, "classes": n_classes, "present": present.tolist(),
+            "coef": coef.tolist(), "intercept": intercept.tolist()}
+
+
+def apply_stacker(stacker: dict, stack: np.ndarray) -> np.ndarray:
+    """(M, N, C) member predictions -> (N, C) probabilities by a fitted stacker's parameters."""
+    features = stacker_features(stacker["kind"], stack)
+    n_classes = int(stacker["classes"])
+    if stacker["kind"] == "ridge":
+        grades = features @ np.asarray(stacker["coef"]) + stacker["intercept"]
+        return grade_to_probs(grades, n_classes)
+    present = np.asarray(stacker["present"], np.int64)
+    logits = features @ np.asarray(stacker["coef"]).T + np.asarray(stacker["intercept"])
+    if len(present) == 2:  # sklearn's binary model: one logit, for the second class
+        logits = np.concatenate([np.zeros_like(logits), logits], axis=1)
+    probs = np.zeros((len(features), n_classes))
+    probs[:, present] = softmax(logits, axis=1) if len(present) > 1 else 1.0
+    return probs

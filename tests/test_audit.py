@@ -1,0 +1,155 @@
+"""`make audit` on tiny made-up competitions: planted duplicates are found and kept in one fold,
+a group with conflicting labels is listed, a shifted test set is told apart, flipped labels rank
+among the first suspects, and a new duplicate makes the folds stale."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import yaml
+from sklearn.datasets import load_digits
+
+from bench import synthetic_fundus
+from bench.duplicates import copy_of as near_copy
+from pipeline.__main__ import main as cli
+from pipeline.audit import label_suspects
+from pipeline.dupes import image_hashes, merged_groups, near_pairs
+
+DIGITS = load_digits()
+PHOTOS: dict[int, np.ndarray] = {}
+
+
+def digit(index: int, size: int = 256) -> np.ndarray:
+    """A distinct 256 px "fundus photo" per index (photos: what duplicates are found among)."""
+    if (index, size) not in PHOTOS:
+        PHOTOS[(index, size)] = synthetic_fundus(np.random.default_rng(index), size, size)
+    return PHOTOS[(index, size)]
+
+
+def write_comp(root: Path, train: dict[str, tuple[np.ndarray, str]],
+               test: dict[str, np.ndarray]) -> str:
+    for part, images in (("train", {k: v[0] for k, v in train.items()}), ("test", test)):
+        (root / part).mkdir(parents=True, exist_ok=True)
+        for image_id, image in images.items():
+            cv2.imwrite(str(root / part / f"{image_id}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    pd.DataFrame({"id": list(train), "label": [v[1] for v in train.values()]}).to_csv(
+        root / "train.csv", index=False)
+    pd.DataFrame({"id": list(test)}).to_csv(root / "test.csv", index=False)
+    pd.DataFrame({"id": list(test), "label": "0"}).to_csv(root / "sample_submission.csv",
+                                                        index=False)
+    classes = sorted({v[1] for v in train.values()})
+    path = root / "comp.yaml"
+    path.write_text(yaml.safe_dump({"name": "comp", "root": str(root), "classes": classes}))
+    return str(path)
+
+
+def planted(tmp_path: Path) -> tuple[str, list[str]]:
+    """40 distinct photos; three of them with near copies in train (shifted, re-encoded,
+    brightened), one of those groups with a conflicting label, one with a copy in test."""
+    train = {f"a{i:02d}": (digit(i), str(DIGITS.target[i] % 2)) for i in range(40)}
+    train["a00_shift"] = (near_copy(digit(0), "shift"), train["a00"][1])
+    train["a01_jpeg"] = (near_copy(digit(1), "jpeg"), train["a01"][1])
+    train["a02_bright"] = (near_copy(digit(2), "bright"), str(1 - int(train["a02"][1])))
+    test = {f"t{i:02d}": digit(100 + i) for i in range(10)}
+    test["t_copy"] = near_copy(digit(3), "shift")
+    return write_comp(tmp_path / "comp", train, test), [f"folds.dir={tmp_path / 'folds'}",
+                                                         f"runs_dir={tmp_path / 'runs'}",
+                                                         f"audit_dir={tmp_path / 'audit'}",
+                                                         "folds.n_splits=4"]
+
+
+def test_planted_copies_are_found_grouped_and_kept_in_one_fold(tmp_path, capsys):
+    data, paths = planted(tmp_path)
+    assert cli(["audit", "--data", data, *paths]) == 0
+    out = capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "audit" / "comp" / "duplicates.csv", dtype=str)
+    groups = {frozenset(g["part"] + "/" + g["id"]) for _, g in table.groupby("group")}
+    assert frozenset({"train/a00", "train/a00_shift"}) in groups
+    assert frozenset({"train/a01", "train/a01_jpeg"}) in groups
+    assert frozenset({"train/a02", "train/a02_bright"}) in groups
+    assert frozenset({"train/a03", "test/t_copy"}) in groups  # a test image with a labelled copy
+    assert len(groups) == 4  # and nothing else: 40 different photos are no copies
+    assert "groups with conflicting labels" in out and "test images with a labelled copy" in out
+    assert (tmp_path / "audit" / "comp" / "duplicates.png").is_file()
+    capsys.readouterr()
+    assert cli(["folds", "--data", data, *paths]) == 0
+    out, err = capsys.readouterr()
+    assert "each group kept in one fold" in out
+    assert "conflicting labels" in err and "a02" in err  # listed, kept as labelled
+    folds = pd.read_csv(tmp_path / "folds" / "comp.csv", dtype=str).set_index("id")
+    for base, copy in (("a00", "a00_shift"), ("a01", "a01_jpeg"), ("a02", "a02_bright")):
+        assert folds.loc[base, "fold"] == folds.loc[copy, "fold"]
+
+
+def test_conflicting_groups_can_be_dropped_or_relabelled(tmp_path, capsys):
+    data, paths = planted(tmp_path)
+    assert cli(["audit", "--data", data, *paths]) == 0
+    assert cli(["folds", "--data", data, *paths, "folds.duplicate_conflicts=drop"]) == 0
+    folds = pd.read_csv(tmp_path / "folds" / "comp.csv", dtype=str)
+    assert not {"a02", "a02_bright"} & set(folds["id"]) and "a00" in set(folds["id"])
+    assert cli(["folds", "--data", data, *paths, "folds.duplicate_conflicts=majority"]) == 0
+    folds = pd.read_csv(tmp_path / "folds" / "comp.csv", dtype=str).set_index("id")
+    assert folds.loc["a02", "label"] == folds.loc["a02_bright", "label"]
+
+
+def test_a_new_duplicate_makes_the_folds_stale(tmp_path, capsys):
+    data, paths = planted(tmp_path)
+    assert cli(["audit", "--data", data, *paths]) == 0 and cli(["folds", "--data", data, *paths]) == 0
+    root = tmp_path / "comp"
+    cv2.imwrite(str(root / "train" / "a05_copy.png"),
+                cv2.cvtColor(near_copy(digit(5), "shift"), cv2.COLOR_RGB2BGR))
+    table = pd.read_csv(root / "train.csv", dtype=str)
+    table.loc[len(table)] = ["a05_copy", table.set_index("id").loc["a05", "label"]]
+    table.to_csv(root / "train.csv", index=False)
+    assert cli(["folds", "--data", data, *paths]) == 0  # the rows changed: split again ...
+    assert cli(["audit", "--data", data, *paths]) == 0  # ... then the audit finds the new copy
+    capsys.readouterr()
+    assert cli(["status", "--data", data, *paths]) == 0
+    out = capsys.readouterr().out
+    assert "stale" in out and "the duplicate groups" in out
+
+
+def test_a_shifted_test_set_is_told_apart(tmp_path, capsys):
+    same = {f"a{i:02d}": (digit(i), str(DIGITS.target[i] % 2)) for i in range(60)}
+    alike = {f"t{i:02d}": digit(200 + i) for i in range(30)}
+    shifted = {f"t{i:02d}": cv2.GaussianBlur(digit(200 + i, 320), (5, 5), 2) for i in range(30)}
+    aucs = []
+    for name, test in (("same", alike), ("shifted", shifted)):
+        data = write_comp(tmp_path / name, same, test)
+        assert cli(["audit", "--data", data, f"audit_dir={tmp_path / name / 'audit'}"]) == 0
+        shift = pd.read_csv(tmp_path / name / "audit" / "comp" / "shift.csv")
+        aucs.append(shift.loc[shift["what"] == "cheap features", "auc"].item())
+        test_like = pd.read_csv(tmp_path / name / "audit" / "comp" / "test_like.csv")
+        assert len(test_like) == 60 and test_like["p_test"].is_monotonic_decreasing
+    assert aucs[0] < 0.75 and aucs[1] > 0.95, aucs
+
+
+def test_flipped_labels_rank_first_among_the_suspects():
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 3, 300)
+    probs = np.full((300, 3), 0.05)
+    probs[np.arange(300), targets] = 0.9  # a confident, right model
+    given = targets.copy()
+    flipped = rng.choice(300, 15, replace=False)
+    given[flipped] = (given[flipped] + 1) % 3
+    oof = pd.DataFrame(probs, columns=["a", "b", "c"]).assign(
+        id=[f"{i:03d}" for i in range(300)], label=np.array(["a", "b", "c"])[given])
+    suspects = label_suspects(oof, ["a", "b", "c"])
+    assert set(suspects["id"].head(15)) == {f"{i:03d}" for i in flipped}
+    assert (suspects["given"] != suspects["predicted"]).all()
+
+
+def test_copies_are_within_a_few_bits_and_groups_connect(tmp_path):
+    images = [digit(0), near_copy(digit(0), "shift"), near_copy(digit(0), "jpeg"), digit(7)]
+    paths = []
+    for i, image in enumerate(images):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        paths.append(tmp_path / f"{i}.png")
+    pairs = {tuple(p) for p in near_pairs(image_hashes(paths), 4).tolist()}
+    assert {(0, 1), (0, 2)} <= pairs and not any(3 in p for p in pairs)
+    merged = merged_groups(["a", "b", "c", "d"], ["p1", "", "p1", ""], ["", "g", "", "g"])
+    assert merged.tolist() == ["a", "b", "a", "b"]
+

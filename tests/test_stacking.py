@@ -1,0 +1,218 @@
+"""Ensembles the way winners build them: hill-climbing selection, level-2 stackers, `auto`, all
+scored nested; several experiments in one command (issue: many models in one command,
+hill-climbing selection, stacking)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from pipeline.__main__ import main as cli
+from pipeline.combine import Options, combine_members
+from pipeline.layout import Layout
+from pipeline.provenance import read_manifest
+from pipeline.scoring import Scorer
+from pipeline.stacking import apply_stacker, fit_stacker, hillclimb, stacker_features
+from tests.test_ensemble import config_of, member_probs, write_competition, write_run
+from tests.test_provenance import Competition
+
+N, CLASSES = 600, 3
+
+
+def scorer(metric="accuracy", classes=CLASSES):
+    return Scorer(tuple(str(c) for c in range(classes)), metric, False, 1)
+
+
+def targets_and_folds(n=N, classes=CLASSES, folds=5, seed=0):
+    """Balanced targets (no class prior to learn, so chance is exactly 1/classes), random folds."""
+    rng = np.random.default_rng(seed)
+    return rng.permutation(np.arange(n) % classes), rng.permutation(np.arange(n) % folds)
+
+
+def noise_members(targets, count, seed=100):
+    """Members that know nothing: random probabilities, independent of the targets."""
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.dirichlet(np.ones(CLASSES), len(targets)) for _ in range(count)])
+
+
+def test_hillclimb_picks_the_strong_members_and_leaves_the_bad_one_out():
+    targets, folds = targets_and_folds()
+    strong = [member_probs(targets, CLASSES, skill, seed) for skill, seed in
+              ((2.5, 1), (2.2, 2), (2.0, 3))]
+    bad = member_probs(targets, CLASSES, 0.0, 4)
+    stack = np.stack([*strong, bad])
+    weights = hillclimb(stack, targets, scorer(), rounds=50)
+    assert weights[3] == 0 and weights[:3].sum() == pytest.approx(1.0)
+    assert (weights[:3] > 0).sum() >= 2  # picking with replacement still mixes strong members
+    combined = combine_members(stack, stack[:, :5], targets, "hillclimb", scorer(), folds)
+    best_single = max(scorer().score(targets, p) for p in strong)
+    assert scorer().score(targets, combined.oof_nested) > best_single
+
+
+def test_hillclimb_never_reports_its_in_sample_score_as_the_cv():
+    """On members that know nothing, choosing among them fits the noise: the in-sample figure
+    is above chance, the nested one (selection refitted on the other folds) is not."""
+    targets, folds = targets_and_folds(n=300)
+    stack = noise_members(targets, 12)
+    combined = combine_members(stack, stack[:, :5], targets, "hillclimb", scorer(), folds)
+    in_sample = scorer().score(targets, combined.oof)
+    nested = scorer().score(targets, combined.oof_nested)
+    assert in_sample > nested + 0.02
+    assert abs(nested - 1 / CLASSES) < 0.05
+    assert combined.fitted_on_oof
+
+
+def test_ties_go_to_fewer_members():
+    targets, _ = targets_and_folds(n=90)
+    member = member_probs(targets, CLASSES, 3.0, 1)
+    stack = np.stack([member, member.copy(), member.copy()])  # adding a copy changes nothing
+    assert hillclimb(stack, targets, scorer(), rounds=20).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_a_stacker_on_noise_is_at_chance_nested_and_above_it_in_sample():
+    targets, folds = targets_and_folds(n=300)
+    stack = noise_members(targets, 8)
+    combined = combine_members(stack, stack[:, :5], targets, "stack", scorer(), folds)
+    in_sample = scorer().score(targets, combined.oof)
+    nested = scorer().score(targets, combined.oof_nested)
+    assert in_sample > 1 / CLASSES + 0.05  # 24 features fitted to 300 noisy rows
+    assert abs(nested - 1 / CLASSES) < 0.06
+    assert any("worse than the plain mean" in n for n in combined.notes)
+
+
+def test_a_stacker_learns_what_averaging_cannot():
+    """A member that confuses two classes systematically: logistic regression on the
+    log-probabilities undoes the confusion; the mean cannot."""
+    targets, folds = targets_and_folds()
+    honest = member_probs(targets, CLASSES, 1.0, 1)
+    swapped = member_probs(targets, CLASSES, 3.0, 2)[:, [1, 0, 2]]  # classes 0 and 1 swapped
+    stack = np.stack([honest, swapped])
+    mean = combine_members(stack, stack, targets, "mean", scorer(), folds)
+    stacked = combine_members(stack, stack, targets, "stack", scorer(), folds)
+    assert scorer().score(targets, stacked.oof_nested) > scorer().score(targets, mean.oof) + 0.2
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_the_stored_stacker_predicts_as_sklearn_does(classes):
+    """`infer` applies the stacker from its stored numbers: they must give sklearn's own
+    predict_proba (binary has one logit, multinomial one per class)."""
+    targets, _ = targets_and_folds(n=200, classes=classes)
+    stack = np.stack([member_probs(targets, classes, s, seed) for s, seed in ((1.0, 1), (0.5, 2))])
+    stored = json.loads(json.dumps(fit_stacker("logreg", stack, targets)))
+    features = stacker_features("logreg", stack)
+    sklearn = LogisticRegression(C=1.0, max_iter=2000).fit(features, targets)
+    np.testing.assert_allclose(apply_stacker(stored, stack), sklearn.predict_proba(features),
+                               atol=1e-9)
+
+
+def test_ridge_stacks_expected_grades_into_two_point_grades():
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 5, 400)
+    grid = np.arange(5)
+
+    def graded(shift, seed):  # a member whose expected grade is off by `shift`
+        centre = targets + shift + np.random.default_rng(seed).normal(0, 0.6, len(targets))
+        probs = np.exp(-((grid[None] - centre[:, None]) ** 2))
+        return probs / probs.sum(1, keepdims=True)
+
+    stack = np.stack([graded(-0.8, 1), graded(0.5, 2)])
+    stored = fit_stacker("ridge", stack, targets)
+    probs = apply_stacker(stored, stack)
+    assert probs.shape == (400, 5) and np.allclose(probs.sum(1), 1)
+    assert ((probs > 0).sum(1) <= 2).all()  # a grade between two neighbours
+    grades = probs @ grid
+    error = np.abs(grades - targets).mean()
+    assert error < min(np.abs(p @ grid - targets).mean() for p in stack)
+
+
+def test_auto_uses_the_method_with_the_best_nested_score():
+    targets, folds = targets_and_folds()
+    honest = member_probs(targets, CLASSES, 1.0, 1)
+    swapped = member_probs(targets, CLASSES, 3.0, 2)[:, [1, 0, 2]]
+    stack = np.stack([honest, swapped])
+    combined = combine_members(stack, stack[:, :5], targets, "auto", scorer(), folds)
+    table = {row.fit.label: row.score_nested for row in combined.table}
+    assert set(table) == {"mean", "median", "trimmed", "rank", "fitted", "hillclimb",
+                          "stack (logreg)"}
+    assert combined.fit.label == max(table, key=table.get) == "stack (logreg)"
+    # ordinal competitions also try the ridge stacker on expected grades
+    ordinal = combine_members(stack, stack[:, :5], targets, "auto", scorer(), folds,
+                              Options(ordinal=True))
+    assert "stack (ridge)" in {row.fit.label for row in ordinal.table}
+
+
+def test_auto_nests_its_choice_of_method():
+    """On noise members, the best of several nested scores is optimistic (choosing the best is a
+    fit too); auto's CV, the method chosen on the other folds for each held fold, is at chance.
+    Over four noise competitions, so one lucky draw cannot decide."""
+    best_nested, auto_cv = [], []
+    for seed in range(4):
+        targets, folds = targets_and_folds(n=300, seed=seed)
+        stack = noise_members(targets, 12, seed=100 + seed)  # a stream apart from the targets'
+
+        combined = combine_members(stack, stack[:, :5], targets, "auto", scorer(), folds)
+        best_nested.append(max(row.score_nested for row in combined.table))
+        auto_cv.append(scorer().score(targets, combined.oof_nested))
+        assert any("chosen on the other folds alone" in n for n in combined.notes)
+    assert np.mean(best_nested) > np.mean(auto_cv) + 0.01
+    assert abs(np.mean(auto_cv) - 1 / CLASSES) < 0.03
+
+
+# --------------------------------------------------------------------------------------------
+# The stage: the table in the report, the recipe the bundle reads
+
+
+def test_make_ensemble_auto_writes_the_table_and_the_recipe(tmp_path, capsys):
+    classes = ["a", "b", "c"]
+    data, overrides = write_competition(tmp_path, classes, n_train=150, n_folds=5)
+    config = config_of(data, overrides)
+    table = Layout.of(config).folds_csv
+    targets = pd.read_csv(table, dtype=str)["label"].map(classes.index).to_numpy()
+    rng = np.random.default_rng(0)
+    for name, skill in (("good", 2.5), ("fair", 1.5), ("bad", 0.0)):
+        oof = member_probs(targets, 3, skill, int(rng.integers(1000)))
+        write_run(config, name, oof, np.full((12, 3), 1 / 3))
+    assert cli(["ensemble", "--data", data, *overrides, "ensemble.method=auto",
+                "ensemble.name=auto"]) == 0
+    out = capsys.readouterr().out
+    assert "CV nested" in out and "hillclimb" in out and "stack (logreg)" in out
+    report = Layout.of(config).submission("auto").report.read_text()
+    assert "## Methods (auto" in report
+    details = read_manifest(Layout.of(config).submission("auto").manifest).details
+    assert details["method"] in ("mean", "median", "trimmed", "rank", "fitted", "hillclimb",
+                                 "stack")
+    assert len(details["methods"]) == 7 and details["settings"]["method"] == "auto"
+    assert (details["stacker"] is not None) == (details["method"] == "stack")
+
+
+def test_ridge_is_refused_for_classes_that_are_not_ordinal(tmp_path, capsys):
+    data, overrides = write_competition(tmp_path, ["a", "b"], n_train=20, n_folds=2)
+    assert cli(["ensemble", "--data", data, *overrides, "ensemble.method=stack",
+                "ensemble.stacker=ridge"]) == 1
+    assert "ensemble.stacker=logreg" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Several experiments in one command
+
+
+def test_models_trains_each_and_a_failure_stops_unless_keep_going(tmp_path, capsys):
+    comp = Competition(tmp_path)
+    assert comp("folds") == 0
+    assert comp("train", "--models", "no-such-model resnet20", model=None) == 1
+    captured = capsys.readouterr()
+    assert "train of no-such-model failed" in captured.err and "KEEP_GOING=1" in captured.err
+    run = comp.run_dir(comp.config().run_name)
+    assert not run.exists()  # stopped at the failure
+
+    assert comp("train", "--models", "no-such-model resnet20", "--keep-going", model=None) == 1
+    captured = capsys.readouterr()
+    assert "train failed for no-such-model" in captured.err
+    assert (run / "fold1" / "best.pt").is_file()
+
+    assert comp("predict", "--models", "resnet20", model=None) == 0
+    assert (run / "fold0" / "test_probs.csv").is_file()

@@ -1,0 +1,40 @@
+"""The benchmark suite's wiring (bench/suite.py --quick): every member is made with its
+held-out part, every recipe runs through train, predict and ensemble, and the table has a
+held-out row for each."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from bench.suite import main as suite_main
+from bench.suite_data import MEMBERS, export_suite
+
+
+def test_the_members_have_held_out_parts_and_their_kinds(tmp_path):
+    configs = export_suite(tmp_path, n=60)
+    assert sorted(configs) == sorted(MEMBERS)
+    for name, path in configs.items():
+        train = pd.read_csv(path.parent / name / "train.csv", dtype=str)
+        solution = pd.read_csv(path.parent / name / "solution.csv", dtype=str)
+        assert len(train) == 60 and len(solution) >= 19
+        assert not set(train.iloc[:, 0]) & set(solution.iloc[:, 0])  # no test row is labelled
+    ordinal = pd.read_csv(tmp_path / "ordinal-look" / "train.csv", dtype=str)
+    assert ordinal["label"].value_counts(normalize=True)["0"] > 0.6  # imbalanced, as retina
+    binary = pd.read_csv(tmp_path / "binary" / "train.csv", dtype=str)
+    assert 0.2 <= (binary["label"] == "pos").mean() <= 0.3
+    many = pd.read_csv(tmp_path / "many-classes" / "train.csv", dtype=str)
+    assert many["label"].nunique() == 30 and many["label"].value_counts().max() <= 30
+    flipped = pd.read_csv(tmp_path / "noisy-labels" / "flipped.csv", dtype=str)
+    assert len(flipped) == round(0.08 * 60) and (flipped["given"] != flipped["true"]).all()
+
+
+def test_the_quick_suite_writes_a_held_out_row_for_every_member_and_recipe(tmp_path, capsys):
+    suite_main(["--quick", "--no-record", "--recipes", "default,both", "--work", str(tmp_path)])
+    out = capsys.readouterr().out
+    table = out[out.index("Benchmark suite"):]
+    rows = [line.split() for line in table.splitlines()]
+    for member in MEMBERS:
+        assert any(r[:2] == [member, "default"] for r in rows), member
+    for member in ("ordinal-amount", "ordinal-look"):  # the heads: ordinal members only
+        assert any(r[:2] == [member, "both"] for r in rows), member
+    assert not any(r[:2] == ["digits", "both"] for r in rows)
