@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 
 from pipeline.config import ConfigError
+from pipeline.distributed import launched_world_size
 from pipeline.utils import WRITE_ERRNOS, PipelineError, format_table, write_failure
 
 # verb -> (module, help)
@@ -114,6 +115,10 @@ def each_model(entry, args) -> None:
     if args.model is not None or args.name is not None:
         raise PipelineError(f"{args.verb} --models runs each experiment under its own name; "
                             f"drop --model/--name (make {args.verb} MODELS=\"a b\")")
+    if args.keep_going and launched_world_size() > 1:
+        raise PipelineError("--keep-going cannot go on under torchrun: a rank that failed would "
+                            "start the next experiment while the others wait in the last one; "
+                            "run without KEEP_GOING=1 (the first failure stops every rank)")
     experiments = [m for m in re.split(r"[\s,]+", args.models.strip()) if m]
     outcomes = {m: "not run" for m in experiments}
     for experiment in experiments:
@@ -122,6 +127,8 @@ def each_model(entry, args) -> None:
             entry(argparse.Namespace(**{**vars(args), "model": experiment, "models": None}))
             outcomes[experiment] = "done"
         except Exception as err:  # noqa: BLE001 - any failure of one experiment is reported
+            if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+                raise  # a full disk fails the next experiment too: main says what to free
             if not isinstance(err, (ConfigError, PipelineError)):
                 traceback.print_exc()
             print(f"error: {args.verb} {experiment}: {err}", file=sys.stderr)

@@ -35,46 +35,27 @@ from PIL import Image
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.model_selection import StratifiedKFold
 
 from pipeline import plots
-from pipeline.config import AuditConfig, Config, DataConfig, load_config
-from pipeline.data import (load_test_ids, load_train_table, read_image, test_image_paths,
-                           train_image_paths)
+from pipeline.config import AuditConfig, Config, load_config
+from pipeline.data import read_image
 from pipeline.dupes import (conflicts, content_digest, duplicate_table, exact_pairs,
                             group_of_pairs, image_hashes, near_pairs, read_duplicates)
 from pipeline.inference import pooled_features
 from pipeline.layout import Layout
 from pipeline.locks import holding
 from pipeline.probfiles import oof_file, read_probs
-from pipeline.provenance import (file_digest, fingerprint, images_fingerprint, rows_fingerprint,
-                                 write_manifest)
+from pipeline.provenance import fingerprint, write_manifest
 from pipeline.scoring import Scorer
-from pipeline.status import (Freshness, freshness, load_experiment, read_folds, read_test_set,
-                             experiment_state)
+from pipeline.status import (Freshness, audit_image_inputs, audited_images, experiment_state,
+                             freshness, label_issue_inputs, load_experiment, read_folds,
+                             read_test_set)
 from pipeline.utils import PipelineError, format_table, summarize_offenders, write_csv_atomic
 
 
 # --------------------------------------------------------------------------------------------
 # The images audited
-
-
-def audited_images(data: DataConfig) -> tuple[pd.DataFrame, list[Path]]:
-    """(part, id, label of every labelled and test image; their paths), labelled rows first."""
-    train = load_train_table(data)
-    test_ids = load_test_ids(data)
-    frame = pd.DataFrame({"part": ["train"] * len(train) + ["test"] * len(test_ids),
-                          "id": [*train["id"], *test_ids],
-                          "label": [*train["label"], *[""] * len(test_ids)]})
-    paths = train_image_paths(data, train["id"].tolist()) + test_image_paths(data, test_ids)
-    return frame, paths
-
-
-def image_inputs(data: DataConfig, frame: pd.DataFrame, paths: list[Path]) -> dict[str, str]:
-    """The fingerprints every finding is made from: the labelled rows and every image file."""
-    train = frame[frame["part"] == "train"]
-    return {"rows": rows_fingerprint(train, data.classes),
-            "images": images_fingerprint(frame["part"] + "/" + frame["id"], paths)}
 
 
 def run_finding(path: Path, manifest: Path, inputs: dict[str, str], force: bool,
@@ -127,7 +108,7 @@ def audit_duplicates(config: Config, layout: Layout, frame: pd.DataFrame, paths:
                      force: bool) -> list[list]:
     findings = layout.findings
     settings = {"hash": config.audit.hash, "max_distance": config.audit.max_distance}
-    inputs = {**image_inputs(config.data, frame, paths), "settings": fingerprint(settings)}
+    inputs = {**audit_image_inputs(config.data, frame, paths), "settings": fingerprint(settings)}
 
     def compute() -> list[Path]:
         table = find_duplicates(frame, paths, config.audit, config.data.max_image_pixels)
@@ -245,7 +226,7 @@ def experiment_checkpoint(experiment: Config, layout: Layout) -> Path:
 def audit_shift(config: Config, layout: Layout, frame: pd.DataFrame, paths: list[Path],
                 experiment: Config | None, force: bool) -> list[list]:
     findings = layout.findings
-    inputs = {**image_inputs(config.data, frame, paths),
+    inputs = {**audit_image_inputs(config.data, frame, paths),
               "settings": fingerprint([config.audit.shift_folds, config.audit.test_like])}
     if experiment is not None:
         inputs["model"] = fingerprint(str(experiment_checkpoint(experiment, layout).stat()))
@@ -297,8 +278,7 @@ def experiment_oof(experiment: Config, layout: Layout) -> tuple[pd.DataFrame, di
                             f"first (`make status MODEL={experiment.run_name}` says what is "
                             f"missing)")
     files = [oof_file(state.exp.fold(k)) for k in state.current_folds]
-    oof = pd.concat([read_probs(path) for path in files])
-    return oof, {"oof": fingerprint([file_digest(path) for path in files])}
+    return pd.concat([read_probs(path) for path in files]), label_issue_inputs(state)
 
 
 def audit_labels(experiment: Config, layout: Layout, frame: pd.DataFrame, paths: list[Path],

@@ -13,8 +13,8 @@ reproduces the submission it is named after. Inside, every path relative to the 
 | `bundle.json`                      | format, package version, competition, submission, and the   |
 |                                    | SHA-256 of every other file                                 |
 | `ensemble.json`                    | the recipe: classes, data settings, submission kind, groups,|
-|                                    | method, weights, decoding; per experiment its TTA settings, |
-|                                    | refit weight and checkpoint files                           |
+|                                    | method, weights or stacker, decoding, each member's view;   |
+|                                    | per experiment its TTA settings, refit weight, checkpoints  |
 | `members/<exp>/fold<k>.safetensors`| each fold's best weights (`full.*`: the full-data refit)    |
 | `members/<exp>/fold<k>.json`       | that checkpoint's resolved config, normalisation, classes   |
 | `sample_submission.csv`            | the sample submission: the format of the output             |
@@ -123,6 +123,8 @@ def current_recipe(data: DataConfig, folds: FoldsConfig, layout: Layout,
             f"DATA={data.name} MODELS=\"{' '.join(manifest.details.get('members', []))}\"` "
             f"again, then `make bundle DATA={data.name}`")
     missing = [key for key in RECIPE_KEYS if key not in manifest.details]
+    if manifest.details.get("method") == "stack" and not manifest.details.get("stacker"):
+        missing.append("stacker")
     if missing:
         raise BundleError(f"{manifest_file} lacks the recipe key(s) {missing}: it was written by "
                           f"an older pipeline; run `make ensemble` again, then `make bundle`")

@@ -38,13 +38,16 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import softmax
 from scipy.stats import rankdata, trim_mean
+from tqdm import tqdm
 
 from pipeline.config import EnsembleConfig
 from pipeline.decode import (Decoded, apply_thresholds, decode_cutoff, decode_thresholds,
                              decoded_score, expected_grade, nested)
 from pipeline.metrics import labels_at_cutoff
 from pipeline.scoring import Scorer
-from pipeline.stacking import apply_stacker, fit_stacker, hillclimb
+from pipeline.utils import PipelineError
+from pipeline.stacking import (MAX_COEFFICIENTS, apply_stacker, coefficients, fit_stacker,
+                               hillclimb)
 
 TRIM_FRACTION = 0.2  # trimmed mean: cut this share of the members at each end
 FITTED_METHODS = ("fitted", "hillclimb", "stack")  # fitted on OOF rows, so scored nested
@@ -66,12 +69,9 @@ class Combined:
     oof_nested: np.ndarray | None = None
     fit: Fit | None = None  # what combines the test rows (and, offline, `infer`'s)
     table: list[MethodScore] = field(default_factory=list)  # auto: every method, scored
-
-    @property
-    def fitted_on_oof(self) -> bool:
-        """Whether something was fitted on the OOF rows, so the in-sample figure differs."""
-        return self.oof_nested is not self.oof
-
+    fitted: bool = False  # something was fitted on the OOF rows (weights, selection, stacker)
+    nested: bool = False  # and `oof_nested` holds each fold combined by a fit on the others
+    choice_nested: bool = False  # auto: the choice of method was made on the other folds too
 
 def fold_mean_with_refit(fold_tests: Sequence[np.ndarray], refit_test: np.ndarray | None,
                          refit_weight: float) -> np.ndarray:
@@ -150,19 +150,21 @@ def fit_weights(oof_stack: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 def _fitted_or_equal(oof_stack: np.ndarray, targets: np.ndarray, scorer: Scorer,
                      row_folds: np.ndarray | None,
-                     notes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
-    """(weights, nested OOF mix): fitted weights when their honest score is not worse than equal
-    weights', else equal weights and None."""
+                     notes: list[str]) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """(weights, their nested OOF mix or None when there is one fold, whether they are the
+    fitted ones): fitted weights when their honest score is not worse than equal weights',
+    else equal weights."""
     fitted = fit_weights(oof_stack, targets)
     honest = fitted_nested("fitted", oof_stack, targets, row_folds, scorer, Options())
+    judged = combine(oof_stack, "fitted", fitted) if honest is None else honest
     equal_score = scorer.score(targets, combine(oof_stack, "mean"))
-    fitted_score = scorer.score(targets, honest)
+    fitted_score = scorer.score(targets, judged)
     if scorer.is_better(equal_score, fitted_score):
-        how = "out of fold (nested)" if row_folds is not None else "in sample"
+        how = "in sample" if honest is None else "out of fold (nested)"
         notes.append(f"fitted weights scored {scorer.metric} {fitted_score:.4f} {how}, worse "
                      f"than equal weights ({equal_score:.4f}): equal weights used")
-        return np.full(len(oof_stack), 1.0 / len(oof_stack)), None
-    return fitted, honest
+        return np.full(len(oof_stack), 1.0 / len(oof_stack)), None, False
+    return fitted, honest, True
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +176,7 @@ class Options:
     """The `ensemble:` settings the fitted methods read."""
 
     stacker: str = EnsembleConfig().stacker  # stack: logreg | ridge (stacking.STACKERS)
-    rounds: int = EnsembleConfig().hillclimb_rounds  # hillclimb: at most this many picks
+    rounds: int = EnsembleConfig().hillclimb_rounds  # hillclimb: this many picks
     ordinal: bool = False  # auto also tries the ridge stacker on expected grades
 
     @classmethod
@@ -207,6 +209,15 @@ def apply_combination(method: str, weights, stacker: dict | None,
     return combine(stack, method, None if weights is None else np.asarray(weights))
 
 
+def check_stacker(kind: str, members: int, classes: int) -> None:
+    """Refuse a stacker too large to fit and store (stacking.MAX_COEFFICIENTS)."""
+    count = coefficients(kind, members, classes)
+    if count > MAX_COEFFICIENTS:
+        raise PipelineError(f"the {kind} stacker of {members} members x {classes} classes fits "
+                         f"{count:,} coefficients (at most {MAX_COEFFICIENTS:,}); use "
+                         f"ensemble.method=hillclimb or fitted, which fit one weight per member")
+
+
 def fit_method(method: str, oof_stack: np.ndarray, targets: np.ndarray, scorer: Scorer,
                options: Options) -> Fit:
     """`method` fitted on these OOF rows (nothing to fit: equal weights, or none)."""
@@ -216,18 +227,24 @@ def fit_method(method: str, oof_stack: np.ndarray, targets: np.ndarray, scorer: 
     if method == "hillclimb":
         return Fit(method, hillclimb(oof_stack, targets, scorer, options.rounds))
     if method == "stack":
+        check_stacker(options.stacker, members, oof_stack.shape[2])
         return Fit(method, None, fit_stacker(options.stacker, oof_stack, targets))
     if method in ("median", "trimmed") and not (method == "trimmed" and members < 3):
         return Fit(method, None)
     return Fit(method, np.full(members, 1.0 / members))
 
 
+def fold_count(row_folds: np.ndarray | None) -> int:
+    return 0 if row_folds is None else len(np.unique(row_folds))
+
+
 def fitted_nested(method: str, oof_stack: np.ndarray, targets: np.ndarray,
-                  row_folds: np.ndarray | None, scorer: Scorer, options: Options) -> np.ndarray:
-    """(N, C): each fold combined by `method` fitted on the other folds (the honest OOF); a
-    method with nothing to fit, or a single fold, combines the rows as they are."""
-    if method not in FITTED_METHODS or row_folds is None or len(np.unique(row_folds)) < 2:
-        return fit_method(method, oof_stack, targets, scorer, options).apply(oof_stack)
+                  row_folds: np.ndarray | None, scorer: Scorer,
+                  options: Options) -> np.ndarray | None:
+    """(N, C): each fold combined by `method` fitted on the other folds (the honest OOF); None
+    when there is nothing to nest: a method that fits nothing, or fewer than two folds."""
+    if method not in FITTED_METHODS or fold_count(row_folds) < 2:
+        return None
     return nested(lambda train: fit_method(method, oof_stack[:, train], targets[train], scorer,
                                            options),
                   lambda fit, held: fit.apply(oof_stack[:, held]),
@@ -243,27 +260,37 @@ class MethodScore:
     """One method of `auto`'s table, fitted on every OOF row and scored both ways."""
 
     fit: Fit
-    score_nested: float  # the metric of the combined probabilities, fitted on the other folds
+    honest: np.ndarray  # (N, C): fitted on the other folds for each held one (in sample: same)
+    score_nested: float  # the metric of `honest`
     score_in_sample: float  # fitted on the rows it scores
 
 
-def auto_candidates(options: Options) -> list[tuple[str, Options]]:
-    """The methods `auto` tries, simplest first (a tie goes to the simpler one)."""
-    candidates = [(m, options) for m in ("mean", "median", "trimmed", "rank", "fitted",
-                                         "hillclimb")]
+def auto_candidates(options: Options, shape: tuple[int, ...],
+                    row_folds: np.ndarray | None) -> list[tuple[str, Options]]:
+    """The methods `auto` tries, simplest first (a tie goes to the simpler one): with fewer than
+    two folds only those that fit nothing (the others could be judged in sample only); a stacker
+    too large to store is left out."""
+    members, _, classes = shape
+    candidates = [(m, options) for m in ("mean", "median", "trimmed", "rank")]
+    if fold_count(row_folds) < 2:
+        return candidates
+    candidates += [(m, options) for m in ("fitted", "hillclimb")]
     stackers = ("logreg", "ridge") if options.ordinal else ("logreg",)
-    return candidates + [("stack", replace(options, stacker=s)) for s in stackers]
+    return candidates + [("stack", replace(options, stacker=s)) for s in stackers
+                         if coefficients(s, members, classes) <= MAX_COEFFICIENTS]
 
 
 def score_methods(oof_stack: np.ndarray, targets: np.ndarray, row_folds: np.ndarray | None,
                   scorer: Scorer, options: Options) -> list[MethodScore]:
     """Every `auto` candidate, fitted on all rows and scored nested and in sample."""
     table = []
-    for method, method_options in auto_candidates(options):
+    for method, method_options in auto_candidates(options, oof_stack.shape, row_folds):
         fit = fit_method(method, oof_stack, targets, scorer, method_options)
+        in_sample = fit.apply(oof_stack)
         honest = fitted_nested(method, oof_stack, targets, row_folds, scorer, method_options)
-        table.append(MethodScore(fit, scorer.score(targets, honest),
-                                 scorer.score(targets, fit.apply(oof_stack))))
+        honest = in_sample if honest is None else honest
+        table.append(MethodScore(fit, honest, scorer.score(targets, honest),
+                                 scorer.score(targets, in_sample)))
     return table
 
 
@@ -284,7 +311,7 @@ def auto_nested(oof_stack: np.ndarray, targets: np.ndarray, row_folds: np.ndarra
     scores is itself a fit; this double nesting keeps its optimism out of the printed CV."""
     out = np.empty(oof_stack.shape[1:])
     chosen = []
-    for fold in np.unique(row_folds):
+    for fold in tqdm(np.unique(row_folds), desc="auto: nesting the choice", leave=False):
         held = row_folds == fold
         inner = score_methods(oof_stack[:, ~held], targets[~held], row_folds[~held], scorer,
                               options)
@@ -296,17 +323,24 @@ def auto_nested(oof_stack: np.ndarray, targets: np.ndarray, row_folds: np.ndarra
 
 def _auto(oof_stack: np.ndarray, targets: np.ndarray, row_folds: np.ndarray | None,
           scorer: Scorer, options: Options,
-          notes: list[str]) -> tuple[Fit, np.ndarray, list[MethodScore]]:
-    """(the chosen fit, the honest OOF, the table of every method)."""
+          notes: list[str]) -> tuple[Fit, np.ndarray | None, list[MethodScore], bool]:
+    """(the chosen fit, the honest OOF or None when nothing could be nested, every method,
+    whether the choice itself is nested)."""
     table = score_methods(oof_stack, targets, row_folds, scorer, options)
-    chosen = table[best_method(table, scorer)].fit
-    if row_folds is None or len(np.unique(row_folds)) < 3:  # nothing to nest the choice in
-        notes.append("auto: too few folds to nest the choice of method; its CV is in sample")
-        return chosen, None, table
+    best = table[best_method(table, scorer)]
+    folds = fold_count(row_folds)
+    if folds < 2:
+        notes.append("auto: one fold, so only the methods that fit nothing were tried, and the "
+                     "choice between them is in sample")
+        return best.fit, None, table, False
+    if folds == 2:
+        notes.append("auto: two folds, too few to nest the choice of method too: the CV is "
+                     "the chosen method's nested score, optimistic by the choice")
+        return best.fit, best.honest, table, False
     honest, per_fold = auto_nested(oof_stack, targets, row_folds, scorer, options)
-    notes.append(f"auto chose {chosen.label} on every OOF row (for the test set); chosen on "
+    notes.append(f"auto chose {best.fit.label} on every OOF row (for the test set); chosen on "
                  f"the other folds alone for each held fold: {', '.join(per_fold)}")
-    return chosen, honest, table
+    return best.fit, honest, table, True
 
 
 def combine_members(oof_stack: np.ndarray, test_stack: np.ndarray, targets: np.ndarray,
@@ -319,40 +353,48 @@ def combine_members(oof_stack: np.ndarray, test_stack: np.ndarray, targets: np.n
     honestly, each fold combined by a fit on the others. Fitted weights are kept only when that
     nested score beats equal weights.
     """
-    members = len(oof_stack)
     notes: list[str] = []
     table: list[MethodScore] = []
+    choice_nested = False
     if method == "auto":
-        fit, honest, table = _auto(oof_stack, targets, row_folds, scorer, options, notes)
+        fit, honest, table, choice_nested = _auto(oof_stack, targets, row_folds, scorer,
+                                                  options, notes)
     elif method == "fitted":
-        weights, honest = _fitted_or_equal(oof_stack, targets, scorer, row_folds, notes)
-        fit = Fit("fitted", weights)
+        weights, honest, used = _fitted_or_equal(oof_stack, targets, scorer, row_folds, notes)
+        fit = Fit("fitted" if used else "mean", weights)
     else:
         fit = fit_method(method, oof_stack, targets, scorer, options)
-        honest = (fitted_nested(method, oof_stack, targets, row_folds, scorer, options)
-                  if method in FITTED_METHODS else None)
-    if method in ("hillclimb", "stack"):
-        _note_if_worse_than_mean(fit, honest, oof_stack, targets, scorer, notes)
-    if method == "trimmed" and members < 3:
-        notes.append(f"trimmed mean needs 3 members, {members} given: plain mean used")
+        honest = fitted_nested(method, oof_stack, targets, row_folds, scorer, options)
+    fitted = method == "auto" or fit.method in FITTED_METHODS
+    if fitted and honest is None:
+        notes.append(f"{method}: fitted on the OOF rows with one fold, nothing to nest it in: "
+                     f"its CV is in sample (optimistic)")
+    notes += method_notes(method, fit, honest, oof_stack, targets, scorer)
+    oof = fit.apply(oof_stack)
+    return Combined(oof=oof, test=fit.apply(test_stack), weights=fit.weights, notes=notes,
+                    oof_nested=oof if honest is None else honest, fit=fit, table=table,
+                    fitted=fitted, nested=honest is not None, choice_nested=choice_nested)
+
+
+def method_notes(method: str, fit: Fit, honest: np.ndarray | None, oof_stack: np.ndarray,
+                 targets: np.ndarray, scorer: Scorer) -> list[str]:
+    """What the report should say about the method used."""
+    notes = []
+    if method in ("hillclimb", "stack") and honest is not None:
+        mean_score = scorer.score(targets, combine(oof_stack, "mean"))
+        score = scorer.score(targets, honest)
+        if scorer.is_better(mean_score, score):
+            notes.append(f"{fit.label} scored {scorer.metric} {score:.4f} out of fold (nested), "
+                         f"worse than the plain mean's {mean_score:.4f}; ensemble.method=auto "
+                         f"chooses between them")
+    if fit.method == "trimmed" and len(oof_stack) < 3:
+        notes.append(f"trimmed mean needs 3 members, {len(oof_stack)} given: plain mean used")
     if fit.method == "rank":
         notes.append("rank outputs are scores, not probabilities; rows renormalised to be scored "
                      "and submitted")
         if scorer.metric != "roc_auc":
             notes.append(f"rank averaging suits ROC-AUC; the metric is {scorer.metric}")
-    oof = fit.apply(oof_stack)
-    return Combined(oof=oof, test=fit.apply(test_stack), weights=fit.weights, notes=notes,
-                    oof_nested=oof if honest is None else honest, fit=fit, table=table)
-
-
-def _note_if_worse_than_mean(fit: Fit, honest: np.ndarray, oof_stack: np.ndarray,
-                             targets: np.ndarray, scorer: Scorer, notes: list[str]) -> None:
-    mean_score = scorer.score(targets, combine(oof_stack, "mean"))
-    score = scorer.score(targets, honest)
-    if scorer.is_better(mean_score, score):
-        notes.append(f"{fit.label} scored {scorer.metric} {score:.4f} out of fold (nested), "
-                     f"worse than the plain mean's {mean_score:.4f}; ensemble.method=auto "
-                     f"chooses between them")
+    return notes
 
 
 @dataclass
@@ -392,9 +434,13 @@ def choose_views(views: dict[str, tuple[np.ndarray, np.ndarray]], targets: np.nd
     will, `kind`), so the assembled OOF is honest; on every row, the view for the test set."""
     names = list(views)
 
-    def best(rows: np.ndarray) -> str:
+    def best(rows: np.ndarray) -> str:  # by the metric's direction; a tie: the first view
         scores = [_view_score(kind, views[v][0][rows], targets[rows], scorer) for v in names]
-        return names[max(range(len(names)), key=lambda i: (scores[i], -i))]
+        chosen = 0
+        for index in range(1, len(names)):
+            if scorer.is_better(scores[index], scores[chosen]):
+                chosen = index
+        return names[chosen]
 
     oof = np.empty_like(views[names[0]][0])
     per_fold = []

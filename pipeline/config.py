@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.utils import PipelineError, write_text_atomic
+from pipeline.utils import write_text_atomic
 
 CONFIG_DIR = Path("configs")
 

@@ -9,7 +9,8 @@ Per experiment (a member, pipeline/members.py):
            fold, so OOF predictions made on a different split cannot leak into the score.
   - test = the mean of its folds' `test_probs.csv`; a full-data refit joins with weight
            `ensemble.refit_weight` (the folds together weigh 1).
-Across members, `ensemble.method` (mean, median, trimmed, rank, fitted: pipeline/combine.py),
+Across members, `ensemble.method` (mean, median, trimmed, rank, fitted, hillclimb, stack, auto:
+pipeline/combine.py),
 then the decoding: thresholds on the expected grade for an ordinal QWK label submission, a
 cut-off for a binary F1 one (`ensemble.decode`, pipeline/decode.py). Whatever is fitted on the OOF
 rows is scored nested (fitted on the other folds, applied to the held one); that score names the
@@ -67,6 +68,7 @@ class Ensemble:
     decoded: Decoded | None
     scores: dict[str, float]  # out of fold (nested) and in sample
     partial: bool
+    n_folds: int  # the folds the OOF rows come from (one: nothing can be nested)
 
     @property
     def names(self) -> list[str]:
@@ -188,7 +190,8 @@ def make_ensemble(config: Config, layout: Layout, folds: pd.DataFrame, test_fing
         combined.notes.append("the full-data refit joined the test average unvalidated: no fold "
                               "scored it, so the CV above does not include it")
     return Ensemble(candidates, members, settings, oof_stack, targets, combined, decoded,
-                    honest_scores(targets, combined, decoded, scorer), is_partial)
+                    honest_scores(targets, combined, decoded, scorer), is_partial,
+                    len(np.unique(row_folds)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,11 +223,14 @@ def score_rows(ensemble: Ensemble, scorer: Scorer) -> list[list]:
     rows = [[m.name, m.oof_source, m.n_folds, "yes (unvalidated)" if m.refit else "no",
              "-" if combined.weights is None else float(combined.weights[i]),
              *scores(ensemble.oof_stack[i])] for i, m in enumerate(ensemble.members)]
-    method, fitted = method_label(ensemble), combined.fitted_on_oof
-    rows.append([f"ensemble ({method}{', out of fold (nested)' if fitted else ''})", "", "", "",
-                 "", *scores(combined.oof_nested)])
-    if fitted:
+    method = method_label(ensemble)
+    if combined.fitted and combined.nested:
+        rows.append([f"ensemble ({method}), out of fold (nested)", "", "", "", "",
+                     *scores(combined.oof_nested)])
         rows.append([f"ensemble ({method}), in sample", "", "", "", "", *scores(combined.oof)])
+    else:
+        what = ", in sample: one fold, nothing to nest it in" if combined.fitted else ""
+        rows.append([f"ensemble ({method}{what})", "", "", "", "", *scores(combined.oof)])
     if decoded is not None and decoded.used:
         what = "thresholds" if decoded.kind == "thresholds" else "cut-off"
         rows.append([f"ensemble + {what}, out of fold (nested)", "", "", "", "",
@@ -250,7 +256,7 @@ def method_rows(ensemble: Ensemble, scorer: Scorer) -> list[list]:
     combined, names = ensemble.combined, ensemble.names
     rows = [[row.fit.label, members_used(row.fit, names), row.score_nested, row.score_in_sample,
              "used" if row.fit is combined.fit else ""] for row in combined.table]
-    if combined.fitted_on_oof:
+    if combined.choice_nested:
         rows.append(["auto (chosen on the other folds for each held fold)", "",
                      scorer.score(ensemble.targets, combined.oof_nested),
                      "", "the CV"])
@@ -260,6 +266,18 @@ def method_rows(ensemble: Ensemble, scorer: Scorer) -> list[list]:
 def kaggle_command(competition: str, names: list[str], csv_path: Path, cv_score: float) -> str:
     return (f'kaggle competitions submit -c {competition} -f {csv_path} '
             f'-m "{"+".join(names)} cv={cv_score:.4f}"')
+
+
+def in_sample_note(ensemble: Ensemble) -> str:
+    """What the in-sample figure is, beside the CV: the same when nothing was fitted on the OOF
+    rows; optimistic when something was; the CV itself when there was one fold to nest in."""
+    decoded = ensemble.decoded is not None and ensemble.decoded.used
+    if not (ensemble.combined.fitted or decoded):
+        return "(nothing fitted on the OOF rows: the same)"
+    if ensemble.n_folds < 2:
+        return ("(one fold: nothing to nest the fits in, so the CV above is this in-sample "
+                "figure: optimistic)")
+    return "(weights/selection/stacker/thresholds/cut-off fitted on the rows it scores: optimistic)"
 
 
 def details_rows(data: DataConfig, ensemble: Ensemble, csv_path: Path,
@@ -272,11 +290,8 @@ def details_rows(data: DataConfig, ensemble: Ensemble, csv_path: Path,
     rows = [["method", method_label(ensemble)], ["members used", weights],
             ["decode", settings.decode],
             [f"CV {metric}, out of fold ({direction} is better)", f"{cv_score:.4f}"]]
-    fitted = abs(scores["in sample"] - cv_score) > 1e-12
-    rows.append([f"CV {metric}, in sample", f"{scores['in sample']:.4f} " + (
-        "(weights/selection/stacker/thresholds/cut-off fitted on the rows it scores: "
-        "optimistic)" if fitted
-        else "(nothing fitted on the OOF rows: the same)")])
+    rows.append([f"CV {metric}, in sample",
+                 f"{scores['in sample']:.4f} {in_sample_note(ensemble)}"])
     if decoded is not None:
         what = "thresholds" if decoded.kind == "thresholds" else "cut-off"
         rows.append([f"out of fold: argmax vs {what} (nested)",
@@ -330,6 +345,7 @@ def recipe(data: DataConfig, ensemble: Ensemble) -> dict:
         # what combines the members' test rows: the method used (auto: the one it chose), its
         # weights or its stacker's parameters (combine.apply_combination)
         "method": combined.fit.method,
+        "method_label": method_label(ensemble),
         "weights": None if combined.weights is None else combined.weights.tolist(),
         "stacker": combined.fit.stacker,
         "methods": [{"method": row.fit.label, "cv": row.score_nested,

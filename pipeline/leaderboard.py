@@ -15,6 +15,7 @@ import pandas as pd
 
 from pipeline.config import DataConfig, FoldsConfig
 from pipeline.layout import Layout, submission_of_manifest
+from pipeline.metrics import higher_is_better
 from pipeline.provenance import read_manifest
 from pipeline.scoring import Scorer
 from pipeline.status import (ExperimentState, cv_numbers, experiment_state, folds_freshness,
@@ -72,8 +73,8 @@ def leaderboard(data: DataConfig, folds_cfg: FoldsConfig, layout: Layout,
                      state.status(), numbers["minutes"],
                      ", ".join(submissions.get(state.name, [])) or "-"])
     frame = pd.DataFrame(rows, columns=HEADERS)
-    ascending = data.metric == "log_loss"
-    return frame.sort_values("oof", ascending=ascending, na_position="last", kind="stable")
+    return frame.sort_values("oof", ascending=not higher_is_better(data.metric),
+                             na_position="last", kind="stable")
 
 
 @dataclass
@@ -101,10 +102,7 @@ def submission_summaries(data: DataConfig, folds: FoldsConfig,
         if manifest is None:
             continue
         details, fresh = manifest.details, submission_freshness(data, folds, layout, path)
-        stacker = details.get("stacker")
-        method = details.get("method", "?") + (f" ({stacker['kind']})" if stacker else "")
-        if details.get("settings", {}).get("method") == "auto":
-            method = f"auto: {method}"
+        method = details.get("method_label", details.get("method", "?"))
         if details.get("refit only"):
             method = "the full-data refit alone (unvalidated: no CV)"
         name = submission_of_manifest(path)
@@ -113,7 +111,7 @@ def submission_summaries(data: DataConfig, folds: FoldsConfig,
             float(details.get("cv", np.nan)), float(details.get("cv_in_sample", np.nan)),
             fresh.current, "" if fresh.current else fresh.why(), bool(details.get("partial")),
             details.get("methods", [])))
-    sign = 1 if data.metric == "log_loss" else -1
+    sign = -1 if higher_is_better(data.metric) else 1
     return sorted(found, key=lambda s: (np.isnan(s.cv), sign * np.nan_to_num(s.cv)))
 
 

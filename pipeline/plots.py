@@ -17,6 +17,9 @@ from pipeline.data import read_image  # noqa: E402
 from pipeline.utils import atomic_path, write_csv_atomic  # noqa: E402
 
 
+LABELLED_CLASSES = 30  # confusion matrices above this many classes are drawn without numbers
+
+
 def confusion_frames(targets, predictions, classes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(counts, row-normalised) with true classes as rows and predicted classes as columns."""
     counts = confusion_matrix(targets, predictions, labels=np.arange(len(classes)))
@@ -41,16 +44,21 @@ def write_confusion(targets, predictions, classes: list[str], csv_path: Path,
 def plot_confusion(counts: pd.DataFrame, normalised: pd.DataFrame, png_path: Path) -> None:
     """Both matrices side by side: counts, and shares of each true class (its recall)."""
     classes = list(counts.index)
-    size = max(4.0, 0.45 * len(classes) + 2)
+    # past LABELLED_CLASSES the cells and ticks would be unreadable (and the figure too large to
+    # draw): the matrices alone, at a capped size
+    labelled = len(classes) <= LABELLED_CLASSES
+    size = min(max(4.0, 0.45 * len(classes) + 2), 16.0)
     fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
     for ax, frame, title, fmt in ((axes[0], counts, "counts", "d"),
                                   (axes[1], normalised, "row-normalised (recall)", ".2f")):
         ax.imshow(frame.to_numpy(), cmap="Blues", vmin=0)
-        ax.set_xticks(range(len(classes)), classes, rotation=45 if len(classes) > 6 else 0)
-        ax.set_yticks(range(len(classes)), classes)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(title)
+        if not labelled:
+            continue
+        ax.set_xticks(range(len(classes)), classes, rotation=45 if len(classes) > 6 else 0)
+        ax.set_yticks(range(len(classes)), classes)
         peak = frame.to_numpy().max() or 1
         for (i, j), value in np.ndenumerate(frame.to_numpy()):
             ax.text(j, i, format(value, fmt), ha="center", va="center", fontsize=8,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import pandas as pd
 from sklearn.metrics import classification_report
 
 import pipeline
+from pipeline import leaderboard as leaderboard_module
 from pipeline import plots
 from pipeline.config import (Config, DataConfig, ReportConfig, changed_settings, load_config,
                              training_settings)
@@ -44,10 +46,12 @@ from pipeline.leaderboard import (HEADERS, SubmissionSummary, competition_states
                                   submission_summaries)
 from pipeline.locks import holding
 from pipeline.metrics import higher_is_better
-from pipeline.probfiles import read_probs
+from pipeline.decode import expected_grade
+from pipeline.probfiles import GRADE
 from pipeline.provenance import fingerprint, write_manifest
 from pipeline.scoring import Scorer
-from pipeline.status import ExperimentState, cv_numbers, freshness, joined_oof
+from pipeline.status import (ExperimentState, cv_numbers, findings_staleness, freshness,
+                             joined_oof)
 from pipeline.utils import format_table, write_text_atomic
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -64,9 +68,11 @@ def environment() -> jinja2.Environment:
 
 
 def template_fingerprint() -> str:
-    """The templates and this package's version: a change in either rebuilds every page."""
-    texts = {p.name: p.read_text() for p in sorted(TEMPLATES.glob("*.html"))}
-    return fingerprint([pipeline.__version__, texts])
+    """The templates, the code that fills them and this package's version: a change in any
+    rebuilds every page."""
+    sources = [*sorted(TEMPLATES.glob("*.html")), Path(__file__), Path(plots.__file__),
+               Path(leaderboard_module.__file__)]
+    return fingerprint([pipeline.__version__, {p.name: p.read_text() for p in sources}])
 
 
 def number(value: Any, digits: int = 4) -> str:
@@ -117,19 +123,37 @@ def oof_of(state: ExperimentState) -> tuple[pd.DataFrame, str]:
     return joined_oof(state.exp, done, tta=tta), (part.oof_tta if tta else part.oof).name
 
 
-def losses_of(oof: pd.DataFrame, scorer: Scorer) -> pd.DataFrame:
-    """Each OOF row with its given and predicted class, their probabilities and its loss
-    (-log p of the given class), highest loss first."""
+def losses_of(oof: pd.DataFrame, scorer: Scorer, head: str) -> pd.DataFrame:
+    """Each OOF row with its given and predicted class, their probabilities and its loss,
+    highest first: -log p of the given class, or for a grade head (whose class columns are
+    two-point distributions, 0 beyond the neighbouring grades) how far its grade is from the
+    given one, the grade rounded as its prediction."""
     targets, probs = scorer.targets(oof["label"]), scorer.probs_of(oof)
-    predicted = probs.argmax(axis=1)
     rows = np.arange(len(oof))
+    grade = None
+    if head != "classification":
+        grade = oof[GRADE].to_numpy(float) if GRADE in oof else expected_grade(probs)
+        predicted = np.clip(np.rint(grade), 0, scorer.n_classes - 1).astype(np.int64)
+    else:
+        predicted = probs.argmax(axis=1)
     table = pd.DataFrame({
         "id": oof["id"].to_numpy(), "given": oof["label"].to_numpy(),
         "predicted": np.asarray(scorer.classes, dtype=object)[predicted],
         "p_given": probs[rows, targets], "p_predicted": probs[rows, predicted],
-        "target": targets, "prediction": predicted})
-    table["loss"] = -np.log(np.clip(table["p_given"], LOSS_FLOOR, 1.0))
+        "target": targets, "prediction": predicted, "grade": grade})
+    table["loss"] = (np.abs(grade - targets) if grade is not None
+                     else -np.log(np.clip(table["p_given"], LOSS_FLOOR, 1.0)))
     return table.sort_values("loss", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def tile_lines(row) -> list[str]:
+    """A top loss's caption: the given and predicted class with their probabilities, or with
+    the grade a grade head gave."""
+    if row.grade is not None and not pd.isna(row.grade):
+        return [f"given {row.given}", f"predicted {row.predicted} (grade {row.grade:.2f})",
+                f"off by {row.loss:.2f} grades"]
+    return [f"given {row.given} ({row.p_given:.2f})",
+            f"predicted {row.predicted} ({row.p_predicted:.2f})", f"loss {row.loss:.2f}"]
 
 
 def loss_tiles(rows: pd.DataFrame, config: Config, report: Report, page: Path,
@@ -146,10 +170,8 @@ def loss_tiles(rows: pd.DataFrame, config: Config, report: Report, page: Path,
     tiles = []
     for row, source in zip(rows.itertuples(), paths):
         image = thumbnail(report, source, read, side, how)
-        tiles.append(Tile(relative(image, page), row.id, [
-            f"given {row.given} ({row.p_given:.2f})",
-            f"predicted {row.predicted} ({row.p_predicted:.2f})", f"loss {row.loss:.2f}"],
-            "wrong" if row.given != row.predicted else ""))
+        tiles.append(Tile(relative(image, page), row.id, tile_lines(row),
+                          "wrong" if row.given != row.predicted else ""))
     return tiles
 
 
@@ -215,12 +237,13 @@ def experiment_context(state: ExperimentState, defaults: Config, report: Report,
     config, page = state.config, report.experiment(state.name)
     scorer = Scorer.of(config.data)
     oof, source = oof_of(state)
-    losses = losses_of(oof, scorer)
+    losses = losses_of(oof, scorer, config.model.head)
     numbers = cv_numbers(state, scorer)
     shown = top_losses(losses, settings, scorer.classes)
     return {
         "name": state.name, "competition": config.data.name, "metric": config.data.metric,
         "status": state.status(), "model": config.model.name, "source": source,
+        "decoded_as": "argmax" if config.model.head == "classification" else "the grade rounded",
         "numbers": {k: number(v) for k, v in numbers.items()},
         "tta": state.tta(False).views if not math.isnan(numbers["tta_gain"]) else None,
         "figures": experiment_figures(state, losses, report, page),
@@ -234,16 +257,31 @@ def experiment_context(state: ExperimentState, defaults: Config, report: Report,
 # The competition's page
 
 
-def leaderboard_rows(frame: pd.DataFrame, report: Report) -> list[dict]:
-    """Each experiment's row as `make runs` prints it, with a link to its page."""
+NUMERIC = {"size", "epochs", "seed", "cv mean", "cv std", "oof", "tta gain", "minutes"}
+
+
+def sort_key(value: Any) -> Any:
+    """What a cell sorts by in the page: numbers by value, the rest (a dash, text) as text."""
+    if isinstance(value, (int, float, np.number)) and not pd.isna(value):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def leaderboard_rows(frame: pd.DataFrame, report: Report, pages: set[str]) -> list[dict]:
+    """Each experiment's row as `make runs` prints it, with a link to its page where it has
+    one (an experiment with no current fold has none)."""
     rows = []
     for record in frame.to_dict("records"):
-        rows.append({"cells": [number(record[h]) if isinstance(record[h], float) else record[h]
-                               for h in HEADERS],
-                     "sort": [record[h] if isinstance(record[h], (int, float))
-                              and not (isinstance(record[h], float) and math.isnan(record[h]))
-                              else str(record[h]) for h in HEADERS],
-                     "href": relative(report.experiment(record["experiment"]), report.index)})
+        name = record["experiment"]
+        cells = [{"text": number(record[h]) if isinstance(record[h], float) else record[h],
+                  "sort": sort_key(record[h]), "numeric": h in NUMERIC,
+                  "stale": h == "status" and str(record[h]).startswith("stale")}
+                 for h in HEADERS]
+        rows.append({"cells": cells, "href": (relative(report.experiment(name), report.index)
+                                              if name in pages else None)})
     return rows
 
 
@@ -286,8 +324,10 @@ def duplicate_groups(data: DataConfig, layout: Layout, side: int) -> list[list[T
     return groups
 
 
-def audit_context(data: DataConfig, layout: Layout, side: int) -> dict | None:
-    """The audit's findings, where `make audit` wrote them."""
+def audit_context(data: DataConfig, layout: Layout, side: int,
+                  stale: dict[str, str]) -> dict | None:
+    """The audit's findings, where `make audit` wrote them, each marked when it was made from
+    other images, rows or OOF predictions than now (`stale`: status.findings_staleness)."""
     findings = layout.findings
     shift = (pd.read_csv(findings.shift)
              if findings.shift.is_file() else None)
@@ -308,12 +348,12 @@ def audit_context(data: DataConfig, layout: Layout, side: int) -> dict | None:
                   + [[r.what, r.name, number(r.auc, 3), ""]
                      for r in shift[shift["what"] == "feature"].head(5).itertuples()])
     return {"groups": groups, "shift": shift_rows, "suspects": suspects,
-            "duplicates_found": findings.duplicates.is_file()}
+            "duplicates_found": findings.duplicates.is_file(), "stale": stale}
 
 
-def index_context(config: Config, layout: Layout, frame: pd.DataFrame,
-                  summaries: list[SubmissionSummary]) -> dict:
-    report, data = layout.report, config.data
+def index_context(config: Config, layout: Layout, shown: dict) -> dict:
+    """The index page's context from what it shows (index_inputs' `shown`)."""
+    report, data, frame = layout.report, config.data, shown["frame"]
     plot = None
     if frame["oof"].notna().any():
         path = report.images / "leaderboard.png"
@@ -321,9 +361,10 @@ def index_context(config: Config, layout: Layout, frame: pd.DataFrame,
         plot = relative(path, report.index)
     return {"competition": data.name, "metric": data.metric,
             "direction": "higher" if higher_is_better(data.metric) else "lower",
-            "headers": HEADERS, "rows": leaderboard_rows(frame, report), "plot": plot,
-            "submissions": submission_rows(summaries),
-            "audit": audit_context(data, layout, config.report.thumbnail),
+            "headers": [{"text": h, "numeric": h in NUMERIC} for h in HEADERS],
+            "rows": leaderboard_rows(frame, report, shown["pages"]), "plot": plot,
+            "submissions": submission_rows(shown["summaries"]),
+            "audit": audit_context(data, layout, config.report.thumbnail, shown["stale"]),
             "version": pipeline.__version__}
 
 
@@ -331,16 +372,23 @@ def index_context(config: Config, layout: Layout, frame: pd.DataFrame,
 # The stage
 
 
-def page_outputs(page: Path, report: Report) -> list[Path]:
-    """The page and every picture of images/ it shows (a deleted one rebuilds the page)."""
-    text = page.read_text()
-    return [page] + sorted(p for p in report.images.glob("*") if p.name in text)
+def shown_pictures(page: Path) -> list[Path]:
+    """The files a page's <img src=...> name, resolved against its folder."""
+    if not page.is_file():
+        return []
+    return [(page.parent / src).resolve() for src in re.findall(r'<img[^>]*\ssrc="([^"]+)"',
+                                                                 page.read_text())]
+
+
+def page_outputs(page: Path) -> list[Path]:
+    """The page and every picture it shows (a deleted one rebuilds the page)."""
+    return [page, *sorted(set(shown_pictures(page)))]
 
 
 def render(page: Path, template: str, context: dict, inputs: dict, report: Report) -> None:
     html = environment().get_template(template).render(**context)
     write_text_atomic(page, html)
-    write_manifest(report.manifest(page), "report", inputs, page_outputs(page, report))
+    write_manifest(report.manifest(page), "report", inputs, page_outputs(page))
 
 
 def experiment_inputs(state: ExperimentState, config: Config, defaults: Config) -> dict:
@@ -358,9 +406,12 @@ def experiment_inputs(state: ExperimentState, config: Config, defaults: Config) 
 def build_experiment(state: ExperimentState, config: Config, defaults: Config,
                      force: bool) -> str:
     """Write one experiment's page unless it is current; 'written', 'current' or why not."""
-    report, page = Layout.of(config).report, Layout.of(config).report.experiment(state.name)
-    if not state.current_folds:
-        return "skipped: no current fold"
+    report = Layout.of(config).report
+    page = report.experiment(state.name)
+    if not state.current_folds:  # an old page would show old scores as if current
+        page.unlink(missing_ok=True)
+        report.manifest(page).unlink(missing_ok=True)
+        return "none: no current fold"
     inputs = experiment_inputs(state, config, defaults)
     if not force and freshness(report.manifest(page), inputs).current:
         return "current"
@@ -369,15 +420,37 @@ def build_experiment(state: ExperimentState, config: Config, defaults: Config,
     return "written"
 
 
-def index_inputs(config: Config, layout: Layout, frame: pd.DataFrame,
-                 summaries: list[SubmissionSummary]) -> dict:
+def index_inputs(config: Config, layout: Layout, shown: dict) -> dict:
+    """What the index shows: the leaderboard, the submissions, which experiments have a page,
+    the audit's manifests and whether each finding is current; the settings and the code."""
     findings = layout.findings
-    audit_files = sorted(layout.audit.glob("*.manifest.json")) if layout.audit.is_dir() else []
-    return {"leaderboard": fingerprint(frame.to_csv(index=False)),
-            "submissions": fingerprint([vars(s) | {"csv": str(s.csv)} for s in summaries]),
+    audit_files = sorted(findings.dir.glob("*.manifest.json")) if findings.dir.is_dir() else []
+    return {"leaderboard": fingerprint(shown["frame"].to_csv(index=False)),
+            "submissions": fingerprint([vars(s) | {"csv": str(s.csv)}
+                                        for s in shown["summaries"]]),
+            "pages": fingerprint(sorted(shown["pages"])),
             "audit": fingerprint([p.read_text() for p in audit_files]
-                                 + [str(findings.label_issue_files())]),
+                                 + [str(findings.label_issue_files()), shown["stale"]]),
             "report": fingerprint(config.report.model_dump()), "templates": template_fingerprint()}
+
+
+def what_index_shows(config: Config, layout: Layout, states: list[ExperimentState],
+                     done: list[list[str]]) -> dict:
+    return {"frame": leaderboard(config.data, config.folds, layout, states),
+            "summaries": submission_summaries(config.data, config.folds, layout),
+            "stale": findings_staleness(config.data, layout, states),
+            "pages": {name for name, state in done if not state.startswith("none")}}
+
+
+def prune_images(report: Report) -> int:
+    """Delete the pictures no page shows any more (an old fold's top losses); how many."""
+    shown = set()
+    for page in [report.index, *report.dir.glob("experiments/*.html")]:
+        shown |= {Path(src).name for src in shown_pictures(page)}
+    stale = [p for p in report.images.glob("*") if p.name not in shown]
+    for path in stale:
+        path.unlink()
+    return len(stale)
 
 
 def build_report(config: Config, force: bool = False) -> Path:
@@ -386,16 +459,18 @@ def build_report(config: Config, force: bool = False) -> Path:
     report = layout.report
     with holding(layout.report_lock, report.dir, "written"):
         states = competition_states(config.data, config.folds, layout)
-        frame = leaderboard(config.data, config.folds, layout, states)
-        summaries = submission_summaries(config.data, config.folds, layout)
         done = [[state.name, build_experiment(state, config, config, force)] for state in states]
-        inputs = index_inputs(config, layout, frame, summaries)
-        fresh = freshness(report.manifest(report.index), inputs).current
-        if force or not fresh:
-            render(report.index, "index.html", index_context(config, layout, frame, summaries),
-                   inputs, report)
-        done.append(["index", "current" if fresh and not force else "written"])
+        shown = what_index_shows(config, layout, states, done)
+        inputs = index_inputs(config, layout, shown)
+        current = not force and freshness(report.manifest(report.index), inputs).current
+        if not current:
+            render(report.index, "index.html", index_context(config, layout, shown), inputs,
+                   report)
+        done.append(["index", "current" if current else "written"])
+        pruned = prune_images(report) if report.images.is_dir() else 0
     print(format_table(done, ["page", "state"]))
+    if pruned:
+        print(f"removed {pruned} picture(s) no page shows any more")
     print(f"report: {report.index} (open it from disk, or serve the folder: "
           f"python -m http.server -d {report.dir})")
     return report.index

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 from pipeline import plots
 from pipeline.config import Config, load_config
 from pipeline.layout import Layout, old_layout_runs

@@ -7,12 +7,14 @@ nested and chooses between methods.
     probs = apply_stacker(stacker, test_stack)                   # (N, C), also what `infer` runs
 
 Hill climbing (Caruana et al. 2004, "Ensemble selection from libraries of models"; AutoGluon's
-WeightedEnsemble): start from the best member, then in each round add, with replacement, the
-member whose addition most improves the competition metric of the averaged probabilities; stop
-when no addition improves it strictly or after `rounds`. The weights are how often each member
-was picked. Picking with replacement lets a strong member weigh more without a weight per
-member to overfit; ties go to a member already picked, so the ensemble stays as small as the
-metric allows.
+WeightedEnsemble): start from the best member, then in each of `rounds` rounds add, with
+replacement, the member whose addition most improves the competition metric of the averaged
+probabilities, and keep the best prefix of the picks (the shortest reaching the best score). The
+weights are how often each member was picked. Picking with replacement lets a strong member
+weigh more without a weight per member to overfit; ties go to a member already picked, so the
+ensemble stays as small as the metric allows. The metric is that of the averaged probabilities
+(argmax, or the 0.5 cut-off): a decoder (thresholds, a cut-off) is fitted afterwards, nested, on
+what the selection made; fitting one inside every trial would cost a threshold search each.
 
 Stackers (BloodAxe's APTOS 2019 ensembling) are scikit-learn estimators fitted on the members'
 OOF predictions:
@@ -35,29 +37,41 @@ from pipeline.scoring import Scorer
 
 STACKERS = ("logreg", "ridge")
 LOG_FLOOR = 1e-6  # probabilities are floored before the log: a 0 would be an infinite feature
-STACKER_STRENGTH = 1.0  # inverse L2 strength of logreg (sklearn's C), ridge's alpha
+PATIENCE = 5  # hill climbing stops after this many picks in a row that did not improve
+# sklearn's defaults, not tuned (bench/ensembles.py measures the stacker as it is): logreg's C is
+# the inverse of its L2 strength, ridge's alpha the strength itself
+LOGREG_C, RIDGE_ALPHA = 1.0, 1.0
+# logreg has C x (M*C) coefficients, stored in the submission's manifest; above this many the
+# stacker is refused (and auto leaves it out): hillclimb or fitted weights scale to any C
+MAX_COEFFICIENTS = 200_000
 
 
 def hillclimb(oof_stack: np.ndarray, targets: np.ndarray, scorer: Scorer,
               rounds: int) -> np.ndarray:
     """Weights (M,) summing to 1: how often each member was picked by greedy selection with
-    replacement (at most `rounds` picks), starting from the best single member."""
+    replacement, starting from the best single member. A pick that scores no better is still
+    made (on step metrics like accuracy and QWK a later one may improve), until `rounds` picks
+    or PATIENCE picks in a row without a better score; the best prefix is kept: the shortest
+    one reaching the best score."""
     members = len(oof_stack)
     counts = np.zeros(members, np.int64)
     scores = [scorer.score(targets, p) for p in oof_stack]
     first = _best_index(scores, scorer, counts)
-    counts[first], total, current = 1, oof_stack[first].copy(), scores[first]
-    for _ in range(rounds - 1):
+    counts[first], total = 1, oof_stack[first].copy()
+    best_score, best_counts, since_best = scores[first], counts.copy(), 0
+    for _ in range(rounds - 1 if members > 1 else 0):
+        if since_best >= PATIENCE:
+            break
         picks = counts.sum()
         trials = [scorer.score(targets, (total + oof_stack[m]) / (picks + 1))
                   for m in range(members)]
         chosen = _best_index(trials, scorer, counts)
-        if not scorer.is_better(trials[chosen], current):
-            break
         counts[chosen] += 1
         total += oof_stack[chosen]
-        current = trials[chosen]
-    return counts / counts.sum()
+        since_best += 1
+        if scorer.is_better(trials[chosen], best_score):
+            best_score, best_counts, since_best = trials[chosen], counts.copy(), 0
+    return best_counts / best_counts.sum()
 
 
 def _best_index(scores: list[float], scorer: Scorer, counts: np.ndarray) -> int:
@@ -69,6 +83,11 @@ def _best_index(scores: list[float], scorer: Scorer, counts: np.ndarray) -> int:
         elif scores[index] == scores[best] and counts[index] > 0 and counts[best] == 0:
             best = index
     return best
+
+
+def coefficients(kind: str, members: int, classes: int) -> int:
+    """How many numbers the stacker `kind` fits (and the manifest stores)."""
+    return members + 1 if kind == "ridge" else classes * (members * classes + 1)
 
 
 def stacker_features(kind: str, stack: np.ndarray) -> np.ndarray:
@@ -86,7 +105,7 @@ def fit_stacker(kind: str, oof_stack: np.ndarray, targets: np.ndarray) -> dict:
     dict that `apply_stacker` reads."""
     features, n_classes = stacker_features(kind, oof_stack), oof_stack.shape[2]
     if kind == "ridge":
-        model = Ridge(alpha=STACKER_STRENGTH).fit(features, targets.astype(np.float64))
+        model = Ridge(alpha=RIDGE_ALPHA).fit(features, targets.astype(np.float64))
         return {"kind": kind, "classes": n_classes, "coef": model.coef_.tolist(),
                 "intercept": float(model.intercept_)}
     if kind != "logreg":
@@ -95,7 +114,7 @@ def fit_stacker(kind: str, oof_stack: np.ndarray, targets: np.ndarray) -> dict:
     if len(present) == 1:  # nothing to learn: that one class, always
         coef, intercept = np.zeros((1, features.shape[1])), np.zeros(1)
     else:
-        model = LogisticRegression(C=STACKER_STRENGTH, max_iter=2000).fit(features, targets)
+        model = LogisticRegression(C=LOGREG_C, max_iter=2000).fit(features, targets)
         coef, intercept = model.coef_, model.intercept_
     return {"kind": kind, "classes": n_classes, "present": present.tolist(),
             "coef": coef.tolist(), "intercept": intercept.tolist()}

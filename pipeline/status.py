@@ -51,7 +51,7 @@ from pipeline.data import (MAX_IMAGE_PIXELS, load_test_ids, load_train_table, te
                            train_image_paths)
 from pipeline.layout import Experiment, Layout, Part, part_name
 from pipeline.models import is_timm_name, model_names
-from pipeline.probfiles import read_probs
+from pipeline.probfiles import oof_file, read_probs
 from pipeline.dupes import read_duplicates
 from pipeline.provenance import (Manifest, file_digest, fingerprint, folds_fingerprint,
                                  images_fingerprint, outputs_problems, read_manifest,
@@ -689,3 +689,59 @@ def submission_freshness(data: DataConfig, folds_cfg: FoldsConfig, layout: Layou
     if problems:
         return Freshness("stale", problems, manifest)
     return freshness(manifest_file, {"members": member_fingerprint(states, refits, settings)})
+
+
+# --------------------------------------------------------------------------------------------
+# The audit's findings
+
+
+def audited_images(data: DataConfig) -> tuple[pd.DataFrame, list[Path]]:
+    """(part, id, label of every labelled and test image; their paths), labelled rows first."""
+    train = load_train_table(data)
+    test_ids = load_test_ids(data)
+    frame = pd.DataFrame({"part": ["train"] * len(train) + ["test"] * len(test_ids),
+                          "id": [*train["id"], *test_ids],
+                          "label": [*train["label"], *[""] * len(test_ids)]})
+    paths = train_image_paths(data, train["id"].tolist()) + test_image_paths(data, test_ids)
+    return frame, paths
+
+
+def audit_image_inputs(data: DataConfig, frame: pd.DataFrame, paths: list[Path]) -> dict[str, str]:
+    """The fingerprints every finding is made from: the labelled rows and every image file."""
+    train = frame[frame["part"] == "train"]
+    return {"rows": rows_fingerprint(train, data.classes),
+            "images": images_fingerprint(frame["part"] + "/" + frame["id"], paths)}
+
+
+def label_issue_inputs(state: ExperimentState) -> dict[str, str]:
+    """What an experiment's label suspects are made from: its current folds' OOF files (with
+    TTA where predicted)."""
+    files = [oof_file(state.exp.fold(k)) for k in state.current_folds]
+    return {"oof": fingerprint([file_digest(path) for path in files])}
+
+
+def findings_staleness(data: DataConfig, layout: Layout,
+                       states: list[ExperimentState]) -> dict[str, str]:
+    """For each finding of the audit on disk ("duplicates", "shift", "label suspects of <e>"):
+    "" when it was made from the images, rows and OOF files of now, else what changed (its
+    settings aside: a finding is what `make audit` found with the settings it had)."""
+    findings, stale = layout.findings, {}
+    frame, paths = audited_images(data)
+    now = audit_image_inputs(data, frame, paths)
+    for name, path in (("duplicates", findings.duplicates), ("shift", findings.shift)):
+        manifest = read_manifest(findings.manifest(path))
+        if path.is_file():
+            stale[name] = _changed(manifest, now, "the images or labelled rows changed since")
+    by_name = {s.name: s for s in states}
+    for experiment, path in findings.label_issue_files().items():
+        manifest, state = read_manifest(findings.manifest(path)), by_name.get(experiment)
+        inputs = label_issue_inputs(state) if state and state.current_folds else {"oof": ""}
+        stale[f"label suspects of {experiment}"] = _changed(
+            manifest, inputs, f"{experiment}'s out-of-fold predictions changed since")
+    return stale
+
+
+def _changed(manifest: Manifest | None, now: dict[str, str], what: str) -> str:
+    if manifest is None or any(manifest.inputs.get(k) != v for k, v in now.items()):
+        return f"stale: {what} the audit (make audit again)"
+    return ""

@@ -10,7 +10,6 @@ import pytest
 import yaml
 from sklearn.metrics import cohen_kappa_score
 
-from tests.conftest import experiment_dir
 from pipeline import combine as combine_module
 from pipeline.__main__ import main as cli
 from pipeline.combine import combine, combine_members, rank_normalise

@@ -80,6 +80,7 @@ def built(tmp_path_factory):
             run(verb, "--model", "resnet20", "--name", name, f"train.epochs={epochs}",
                 "tta.views=hflip")
     run("ensemble", "--models", "strong weak", "ensemble.name=both")
+    run("ensemble", "--models", "strong weak", "ensemble.name=chosen", "ensemble.method=auto")
     # after training: its one duplicate group pairs a labelled image with a test image, which
     # constrains no fold, so the trained experiments stay current
     run("audit")
@@ -192,6 +193,22 @@ def test_the_browser_shows_every_picture_and_the_leaderboard_in_cv_order(built, 
     assert all(name.startswith(report.dir.resolve().as_uri()) for name in resources(browser))
 
 
+def test_sorting_a_table_works_and_its_nested_tables_do_not_break_it(built, browser):
+    config, _ = built
+    browser.get(Layout.of(config).report.index.resolve().as_uri())
+    column = browser.execute_script("""
+        window.failures = [];
+        window.addEventListener('error', e => window.failures.push(e.message));
+        var table = document.getElementById('leaderboard-table');
+        table.tHead.rows[0].cells[0].click();   // by experiment name, ascending
+        document.querySelectorAll('details').forEach(d => d.open = true);
+        document.querySelectorAll('details th').forEach(th => th.click());
+        return Array.from(table.tBodies[0].rows).map(r => r.cells[0].innerText);""")
+    assert column == ["strong", "weak"]
+    assert browser.execute_script("return window.failures;") == []
+    assert "every method (auto)" in browser.find_element("id", "submissions-table").text
+
+
 def test_the_top_losses_show_the_impossible_image(built, browser):
     config, _ = built
     page = Layout.of(config).report.experiment("strong")
@@ -205,3 +222,51 @@ def test_the_top_losses_show_the_impossible_image(built, browser):
     assert BLANK in overall, overall  # among the top 3 of 37 out-of-fold images
     assert all(name.startswith(page.parent.parent.resolve().as_uri())
                for name in resources(browser))
+
+
+# --------------------------------------------------------------------------------------------
+# What the pages show, without a browser
+
+
+def test_a_grade_heads_top_losses_are_its_grades_furthest_off():
+    """A regression head's class columns are two-point distributions (0 beyond the neighbouring
+    grades): its losses are how far the grade is, not -log of a probability that is 0."""
+    from pipeline.decode import grade_to_probs
+    from pipeline.report import losses_of
+    from pipeline.scoring import Scorer
+
+    grades = np.array([0.1, 3.9, 2.2, 1.0])
+    given = ["0", "0", "2", "4"]  # off by 0.1, 3.9, 0.2 and 3.0
+    frame = pd.DataFrame({"id": list("abcd"), "label": given})
+    frame[[str(c) for c in range(5)]] = grade_to_probs(grades, 5)
+    frame["grade"] = grades
+    scorer = Scorer(tuple(str(c) for c in range(5)), "qwk", True, 1)
+    losses = losses_of(frame, scorer, "regression")
+    assert losses["id"].tolist() == ["b", "d", "c", "a"]
+    assert losses["predicted"].tolist() == ["4", "1", "2", "0"]
+
+
+def test_an_experiment_without_a_current_fold_has_no_page_and_no_link(built):
+    config, run = built
+    layout = Layout.of(config)
+    empty = layout.experiment("empty")
+    empty.dir.mkdir()
+    shutil.copy(layout.experiment("weak").config, empty.config)  # trained nothing yet
+    page = layout.report.experiment("empty")
+    page.write_text("an old page")
+    run("report")
+    assert not page.exists()
+    index = layout.report.index.read_text()
+    assert "empty" in index and "experiments/empty.html" not in index
+    shutil.rmtree(empty.dir)
+    run("report")
+
+
+def test_a_finding_made_from_other_images_is_marked_stale(built):
+    """Last: it changes an image, so every experiment of the module's competition is stale."""
+    config, run = built
+    image = Path(config.data.root_path) / "train" / "red00.png"
+    colour_image(image, COLOURS["red"], seed=12345)
+    run("report")
+    index = Layout.of(config).report.index.read_text()
+    assert "stale: the images or labelled rows changed since the audit" in index

@@ -12,7 +12,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from pipeline.__main__ import main as cli
-from pipeline.combine import Options, combine_members
+from pipeline.combine import Options, choose_views, combine_members
 from pipeline.layout import Layout
 from pipeline.provenance import read_manifest
 from pipeline.scoring import Scorer
@@ -63,7 +63,7 @@ def test_hillclimb_never_reports_its_in_sample_score_as_the_cv():
     nested = scorer().score(targets, combined.oof_nested)
     assert in_sample > nested + 0.02
     assert abs(nested - 1 / CLASSES) < 0.05
-    assert combined.fitted_on_oof
+    assert combined.fitted and combined.nested
 
 
 def test_ties_go_to_fewer_members():
@@ -216,3 +216,45 @@ def test_models_trains_each_and_a_failure_stops_unless_keep_going(tmp_path, caps
 
     assert comp("predict", "--models", "resnet20", model=None) == 0
     assert (run / "fold0" / "test_probs.csv").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Too few folds to nest in: said so, never labelled out of fold
+
+
+def test_with_one_fold_a_fitted_method_is_labelled_in_sample():
+    targets, _ = targets_and_folds(n=300)
+    one_fold = np.zeros(300, int)
+    stack = noise_members(targets, 8)
+    for method in ("hillclimb", "stack", "fitted"):
+        combined = combine_members(stack, stack[:, :5], targets, method, scorer(), one_fold)
+        assert not combined.nested and combined.oof_nested is combined.oof
+        assert combined.fitted == (combined.fit.method != "mean")  # fitted may fall back
+    auto = combine_members(stack, stack[:, :5], targets, "auto", scorer(), one_fold)
+    assert {row.fit.method for row in auto.table} == {"mean", "median", "trimmed", "rank"}
+    assert not auto.nested and any("one fold" in n for n in auto.notes)
+
+
+def test_with_two_folds_auto_reports_the_chosen_methods_nested_score_and_says_so():
+    targets, _ = targets_and_folds(n=300)
+    two_folds = np.arange(300) % 2
+    honest = member_probs(targets, CLASSES, 1.0, 1)
+    swapped = member_probs(targets, CLASSES, 3.0, 2)[:, [1, 0, 2]]
+    stack = np.stack([honest, swapped, *noise_members(targets, 4)])
+    combined = combine_members(stack, stack[:, :5], targets, "auto", scorer("log_loss"),
+                               two_folds)
+    chosen = next(r for r in combined.table if r.fit is combined.fit)
+    assert scorer("log_loss").score(targets, combined.oof_nested) == pytest.approx(
+        chosen.score_nested)
+    assert combined.nested and not combined.choice_nested
+    assert any("two folds" in n for n in combined.notes)
+
+
+def test_a_views_choice_follows_the_metrics_direction():
+    """log-loss: lower is better; the good view must win, on every fold and for the test set."""
+    targets, folds = targets_and_folds(n=300)
+    good = member_probs(targets, CLASSES, 3.0, 1)
+    bad = noise_members(targets, 1)[0]
+    choice = choose_views({"bad": (bad, bad[:5]), "good": (good, good[:5])}, targets, folds,
+                          "argmax", scorer("log_loss"))
+    assert choice.view == "good" and set(choice.per_fold) == {"good"}
