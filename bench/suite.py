@@ -97,14 +97,16 @@ def quiet_cli(argv: list[str], log: Path) -> None:
 
 
 def run_recipe(data: Path, work: Path, recipe: str, seed: int, epochs: int,
-               base: list[str] = ()) -> Result:
+               base: list[str] = (), shared: list[str] = (), suffix: str = "") -> Result:
     """Train, predict and ensemble one recipe at one seed (after the `base` overrides: a
-    candidate default); score its submission."""
+    candidate default); score its submission. `shared`: settings every verb must see, the
+    ensemble's included (how the folds are made); `suffix` tells apart experiments of one
+    recipe and seed that differ in `base`."""
     started = time.perf_counter()
-    name = f"{recipe.replace(' ', '_')}-s{seed}"
+    name = f"{recipe.replace(' ', '_')}-s{seed}{suffix}"
     where = [f"runs_dir={work / 'runs'}", f"folds.dir={work / 'folds'}",
              f"submissions_dir={work / 'subs'}", f"pseudo_dir={work / 'pseudo'}",
-             f"audit_dir={work / 'audit'}"]
+             f"audit_dir={work / 'audit'}", *shared]
     overrides = [*where, *COMMON, f"train.epochs={epochs}", f"train.seed={seed}", *base,
                  *RECIPES[recipe]]
     log = work / f"{name}.log"

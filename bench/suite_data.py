@@ -56,6 +56,7 @@ def write_competition(root: Path, name: str, train: tuple[list, list, list],
     """Write images (ids, images, labels) of both parts, the CSVs and `<root>/<name>.yaml`;
     return the config's path. The folder is built aside and renamed into place."""
     folder = root / name
+    root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     try:
         for part, (ids, images, _) in (("train", train), ("test", test)):

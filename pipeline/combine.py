@@ -178,10 +178,12 @@ class Options:
     stacker: str = EnsembleConfig().stacker  # stack: logreg | ridge (stacking.STACKERS)
     rounds: int = EnsembleConfig().hillclimb_rounds  # hillclimb: this many picks
     ordinal: bool = False  # auto also tries the ridge stacker on expected grades
+    # the submission's decoder (decode.decoder_kind): auto scores each method as decoded by it
+    decode: str = "argmax"
 
     @classmethod
-    def of(cls, settings: EnsembleConfig, ordinal: bool) -> Options:
-        return cls(settings.stacker, settings.hillclimb_rounds, ordinal)
+    def of(cls, settings: EnsembleConfig, ordinal: bool, decode: str = "argmax") -> Options:
+        return cls(settings.stacker, settings.hillclimb_rounds, ordinal, decode)
 
 
 @dataclass
@@ -282,15 +284,17 @@ def auto_candidates(options: Options, shape: tuple[int, ...],
 
 def score_methods(oof_stack: np.ndarray, targets: np.ndarray, row_folds: np.ndarray | None,
                   scorer: Scorer, options: Options) -> list[MethodScore]:
-    """Every `auto` candidate, fitted on all rows and scored nested and in sample."""
+    """Every `auto` candidate, fitted on all rows and scored nested and in sample, each as its
+    own submission would print it: decoded by the submission's decoder (thresholds fitted on
+    the other folds, say), so auto picks what scores best as submitted, not by argmax."""
     table = []
     for method, method_options in auto_candidates(options, oof_stack.shape, row_folds):
         fit = fit_method(method, oof_stack, targets, scorer, method_options)
         in_sample = fit.apply(oof_stack)
         honest = fitted_nested(method, oof_stack, targets, row_folds, scorer, method_options)
         honest = in_sample if honest is None else honest
-        table.append(MethodScore(fit, honest, scorer.score(targets, honest),
-                                 scorer.score(targets, in_sample)))
+        scores = submitted_scores(options.decode, in_sample, honest, targets, row_folds, scorer)
+        table.append(MethodScore(fit, honest, scores["out of fold"], scores["in sample"]))
     return table
 
 
@@ -459,13 +463,9 @@ def decode_combined(kind: str, combined: Combined, targets: np.ndarray, row_fold
                     scorer: Scorer) -> Decoded | None:
     """The fitted decoder `kind` (thresholds, cutoff; argmax: None) of an ensemble, judged by its
     nested score; a note says so when it did not beat argmax."""
-    if kind == "thresholds":
-        decoded = decode_thresholds(combined.oof, combined.test, targets, row_folds,
-                                    combined.oof_nested)
-    elif kind == "cutoff":
-        decoded = decode_cutoff(combined.oof, combined.test, targets, scorer.metric,
-                                scorer.positive, row_folds, combined.oof_nested)
-    else:
+    decoded = fit_decoder(kind, combined.oof, combined.test, targets, row_folds, scorer,
+                          combined.oof_nested)
+    if decoded is None:
         return None
     what = "thresholds" if kind == "thresholds" else f"a cut-off of {decoded.params[0]:.3f}"
     if not decoded.used:
@@ -476,6 +476,20 @@ def decode_combined(kind: str, combined: Combined, targets: np.ndarray, row_fold
     return decoded
 
 
+def fit_decoder(kind: str, oof: np.ndarray, test: np.ndarray, targets: np.ndarray,
+                row_folds: np.ndarray | None, scorer: Scorer,
+                oof_nested: np.ndarray | None = None) -> Decoded | None:
+    """The decoder `kind` fitted on `oof` (thresholds, cutoff; argmax: None), its nested score
+    taken on `oof_nested` (a fitted ensemble's honest mix; None: `oof`)."""
+    if kind == "thresholds":
+        return decode_thresholds(oof, test, targets, row_folds, oof_nested)
+    if kind == "cutoff":
+        folds = np.zeros(len(oof), int) if row_folds is None else row_folds
+        return decode_cutoff(oof, test, targets, scorer.metric, scorer.positive, folds,
+                             oof_nested)
+    return None
+
+
 def honest_scores(targets: np.ndarray, combined: Combined, decoded: Decoded | None,
                   scorer: Scorer) -> dict[str, float]:
     """{'out of fold': the honest CV, 'in sample': the figure fitted on the rows it scores}.
@@ -483,10 +497,23 @@ def honest_scores(targets: np.ndarray, combined: Combined, decoded: Decoded | No
     The honest CV scores each fold with whatever was fitted (weights, thresholds, cut-off) on the
     other folds only; it is the number in the submission's name.
     """
+    return _printed(decoded, combined.oof, combined.oof_nested, targets, scorer)
+
+
+def submitted_scores(kind: str, oof: np.ndarray, oof_nested: np.ndarray, targets: np.ndarray,
+                     row_folds: np.ndarray | None, scorer: Scorer) -> dict[str, float]:
+    """honest_scores of combined OOF rows (`oof` fitted on every row, `oof_nested` on the other
+    folds) as the submission decodes them: what `make ensemble` of that method would print."""
+    decoded = fit_decoder(kind, oof, oof[:1], targets, row_folds, scorer, oof_nested)
+    return _printed(decoded, oof, oof_nested, targets, scorer)
+
+
+def _printed(decoded: Decoded | None, oof: np.ndarray, oof_nested: np.ndarray,
+             targets: np.ndarray, scorer: Scorer) -> dict[str, float]:
     if decoded is not None and decoded.used:
         return {"out of fold": decoded.score_nested, "in sample": decoded.score_in_sample}
-    return {"out of fold": scorer.score(targets, combined.oof_nested),
-            "in sample": scorer.score(targets, combined.oof)}
+    return {"out of fold": scorer.score(targets, oof_nested),
+            "in sample": scorer.score(targets, oof)}
 
 
 def apply_decoding(decoding: dict, probs: np.ndarray) -> np.ndarray:

@@ -278,7 +278,10 @@ class TrainConfig(_Section):
     loss: Literal["ce", "focal"] = "ce"
     focal_gamma: float = 2.0
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    class_weights: Literal["none", "inverse", "sqrt_inverse", "effective"] | list[float] = "none"
+    # sqrt_inverse: chosen on the benchmark suite (README, "Training recipes"): never worse,
+    # +0.09 QWK on the ordinal member whose rare grades have looks of their own
+    class_weights: Literal["none", "inverse", "sqrt_inverse", "effective"] | list[float] = (
+        "sqrt_inverse")
     effective_beta: float = Field(0.999, gt=0, lt=1)  # for class_weights: effective
     sampler: Literal["shuffle", "balanced"] = "shuffle"  # balanced: classes drawn equally often
     head_only_epochs: int = Field(0, ge=0)  # two-stage fine-tuning: train only the head first

@@ -178,7 +178,7 @@ def make_ensemble(config: Config, layout: Layout, folds: pd.DataFrame, test_fing
     targets = by_id.loc[oof_ids, "target"].to_numpy(np.int64)
     row_folds = by_id.loc[oof_ids, "fold"].to_numpy()
     combined = combine_members(oof_stack, test_stack, targets, settings.method, scorer, row_folds,
-                               Options.of(settings, config.data.ordinal))
+                               Options.of(settings, config.data.ordinal, kind))
     combined.notes += left_out + [note for _, note in chosen if note]
     if is_partial:
         combined.notes.append(

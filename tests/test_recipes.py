@@ -183,8 +183,9 @@ def test_a_collapsing_run_says_so(tmp_path, capsys):
     assert comp("train", "--folds", "0", "train.epochs=4", "train.optimizer=sgd", "train.lr=50",
                 "train.grad_clip=1", "train.warmup_epochs=0") == 0  # clipped SGD: no NaN
     err = capsys.readouterr().err
-    assert re.search(r"fold 0: predicts only class [ab] since epoch \d: lower train.lr or raise "
-                     r"train.warmup_epochs", err), err[-1500:]
+    assert re.search(r"fold 0: predicts only class [ab] since epoch \d: lower train.lr \(now 50\) "
+                     r"or raise train.warmup_epochs \(now 0\), or try train.optimizer=adamw",
+                     err), err[-1500:]
 
 
 def test_a_run_that_learns_is_not_called_collapsed(tmp_path, capsys):

@@ -12,7 +12,8 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from pipeline.__main__ import main as cli
-from pipeline.combine import Options, choose_views, combine_members
+from pipeline.combine import (Options, choose_views, combine_members, decode_combined,
+                              honest_scores)
 from pipeline.layout import Layout
 from pipeline.provenance import read_manifest
 from pipeline.scoring import Scorer
@@ -143,6 +144,40 @@ def test_auto_uses_the_method_with_the_best_nested_score():
     ordinal = combine_members(stack, stack[:, :5], targets, "auto", scorer(), folds,
                               Options(ordinal=True))
     assert "stack (ridge)" in {row.fit.label for row in ordinal.table}
+
+
+def shrunk_member(targets, noise, seed, grades=5):
+    """An ordinal member that under-predicts high grades (its grade is 0.6 x the target, plus
+    noise): argmax loses the top grades, thresholds on the expected grade win them back."""
+    rng = np.random.default_rng(seed)
+    guess = 0.6 * targets + rng.normal(0, noise, len(targets))
+    logits = -((np.arange(grades)[None, :] - guess[:, None]) ** 2) / 0.5
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    return probs / probs.sum(1, keepdims=True)
+
+
+def test_auto_judges_each_method_as_its_submission_is_decoded():
+    """With QWK thresholds, auto's table holds what `make ensemble` of each method would print
+    (decoded, nested), not the argmax score: it once picked a stacker that beat the mean by
+    argmax and lost to it once both were decoded."""
+    targets, folds = targets_and_folds(n=400, classes=5)
+    stack = np.stack([shrunk_member(targets, noise, seed) for noise, seed in
+                      ((0.5, 1), (0.7, 2), (0.9, 3))])
+    qwk = Scorer(tuple("01234"), "qwk", True, 1)
+    options = Options(ordinal=True, decode="thresholds")
+    auto = combine_members(stack, stack[:, :5], targets, "auto", qwk, folds, options)
+    decoded_rows = 0
+    for row in auto.table:
+        if row.fit.method == "fitted":  # alone, fitted weights fall back to the mean
+            continue
+        stacker = row.fit.stacker["kind"] if row.fit.stacker else options.stacker
+        alone = combine_members(stack, stack[:, :5], targets, row.fit.method, qwk, folds,
+                                Options(stacker=stacker, ordinal=True, decode="thresholds"))
+        printed = honest_scores(targets, alone, decode_combined("thresholds", alone, targets,
+                                                                folds, qwk), qwk)
+        assert row.score_nested == pytest.approx(printed["out of fold"]), row.fit.label
+        decoded_rows += row.score_nested > qwk.score(targets, row.honest) + 0.01
+    assert decoded_rows >= 3  # the thresholds mattered: argmax would have judged differently
 
 
 def test_auto_nests_its_choice_of_method():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from bench.audit_effects import main as audit_effects_main
 from bench.suite import main as suite_main
 from bench.suite_data import MEMBERS, export_suite
 
@@ -38,3 +39,12 @@ def test_the_quick_suite_writes_a_held_out_row_for_every_member_and_recipe(tmp_p
     for member in ("ordinal-amount", "ordinal-look"):  # the heads: ordinal members only
         assert any(r[:2] == [member, "both"] for r in rows), member
     assert not any(r[:2] == ["digits", "both"] for r in rows)
+
+
+def test_the_quick_audit_benchmark_measures_both_effects(capsys):
+    audit_effects_main(["--quick", "--no-record"])
+    out = capsys.readouterr().out
+    assert "split at random" in out and "kept in one fold" in out
+    suspects = out[out.index("Label suspects"):].splitlines()
+    row = next(line.split() for line in suspects if line.split()[:1] == ["0"])
+    assert len(row) == 7 and 0 <= float(row[2]) <= 1 and 0 <= float(row[3]) <= 1

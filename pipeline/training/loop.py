@@ -51,7 +51,7 @@ class Trainer:
         self.state = LoopState()
         self.saved_epoch = -1  # the last epoch whose last.pt was written (a resume goes on after)
         self._warned_undefined = False
-        self.collapse = CollapseWatch(spec.tag, scorer)
+        self.collapse = CollapseWatch(spec.tag, scorer, train)
 
     def fit(self) -> dict[str, Any]:
         c, state = self.train, self.checkpoints.resume(self.parts, self.spec.tag)
@@ -240,8 +240,12 @@ class CollapseWatch:
     """Says so, once, when a fold has predicted a single class for COLLAPSE_EPOCHS epochs in a
     row (the majority class, typically: the learning rate threw the model off)."""
 
-    def __init__(self, tag: str, scorer: Scorer):
+    def __init__(self, tag: str, scorer: Scorer, train: TrainConfig):
         self.tag, self.scorer = tag, scorer
+        self.remedy = (f"lower train.lr (now {train.lr:g}) or raise train.warmup_epochs (now "
+                       f"{train.warmup_epochs})")
+        if train.optimizer != "adamw":
+            self.remedy += ", or try train.optimizer=adamw (its default lr)"
         self.since: tuple[int, int] | None = None  # (first epoch, class) of the one-class run
         self.warned = False
 
@@ -255,8 +259,7 @@ class CollapseWatch:
         if epoch - first + 1 >= COLLAPSE_EPOCHS and not self.warned:
             what = "grade" if self.scorer.ordinal else "class"
             warn(f"{self.tag}: predicts only {what} {self.scorer.classes[index]} since epoch "
-                 f"{first + 1}: lower train.lr or raise train.warmup_epochs (or try "
-                 f"train.optimizer=adamw); training goes on")
+                 f"{first + 1}: {self.remedy}; training goes on")
             self.warned = True
 
 
