@@ -279,7 +279,8 @@ class TrainConfig(_Section):
     focal_gamma: float = 2.0
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # sqrt_inverse: chosen on the benchmark suite (README, "Training recipes"): never worse,
-    # +0.09 QWK on the ordinal member whose rare grades have looks of their own
+    # +0.09 QWK on the ordinal member whose rare grades have looks of their own. Unset: none
+    # with the balanced sampler and on log-loss competitions (LOG_LOSS_DEFAULTS)
     class_weights: Literal["none", "inverse", "sqrt_inverse", "effective"] | list[float] = (
         "sqrt_inverse")
     effective_beta: float = Field(0.999, gt=0, lt=1)  # for class_weights: effective
@@ -328,6 +329,16 @@ class TrainConfig(_Section):
         chosen = OPTIMIZER_DEFAULTS.get(values.get("optimizer", "adamw"), {})
         return {**{k: v for k, v in chosen.items() if values.get(k) is None}, **{
             k: v for k, v in values.items() if v is not None or k not in chosen}}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _balanced_sampler_needs_no_weights(cls, values: Any) -> Any:
+        """The balanced sampler corrects the imbalance already: class weights on top would
+        correct it twice, so they default to none with it."""
+        if isinstance(values, dict) and values.get("sampler") == "balanced" and \
+                values.get("class_weights") is None:
+            return {**values, "class_weights": "none"}
+        return values
 
     @model_validator(mode="after")
     def _mixing_needs_hard_labels(self) -> TrainConfig:
@@ -708,12 +719,14 @@ def check_run_name(name: str) -> str:
     return name
 
 
-# Experiment defaults of every `ordinal: true` competition: the best recipe of the ordinal
-# benchmark (bench/recipes.py, bench/BENCHMARKS.md; the table is in README.md, "Training
-# recipes"): the regression head, decoded by thresholds fitted out of fold (ensemble.decode:
-# auto). Nested QWK 0.935 +- 0.001 against 0.108 +- 0.108 for cross-entropy and argmax, macro-F1
-# 0.687 against 0.189; EMA and mixup did not add to it there.
+# Experiment defaults of every `ordinal: true` competition: the head measured best on both
+# ordinal members of the benchmark suite (bench/suite.py; README.md, "Training recipes"): the
+# regression head, decoded by thresholds fitted out of fold (ensemble.decode: auto).
 ORDINAL_DEFAULTS: dict[str, Any] = {"model": {"head": "regression"}}
+# ...and of a competition scored by log-loss: class weights would pull the probabilities the
+# metric scores away from the classes' true shares (the suite, which chose sqrt_inverse, has
+# no such member)
+LOG_LOSS_DEFAULTS: dict[str, Any] = {"train": {"class_weights": "none"}}
 
 
 def load_config(data: str = "digits", model: str | None = None,
@@ -749,6 +762,8 @@ def load_config(data: str = "digits", model: str | None = None,
         # the recipe measured best on ordinal competitions (bench/recipes.py, README) comes first;
         # the competition's own defaults and the experiment file still override it
         competition_defaults = deep_merge(ORDINAL_DEFAULTS, competition_defaults)
+    if data_mapping.get("metric") == "log_loss":
+        competition_defaults = deep_merge(LOG_LOSS_DEFAULTS, competition_defaults)
     merged = deep_merge(competition_defaults, experiment)
     merged = deep_merge({"run_name": run_name}, merged)
     merged["data"] = data_mapping

@@ -196,10 +196,13 @@ def decode_cutoff(oof: np.ndarray, test: np.ndarray, targets: np.ndarray, metric
     oof_nested = oof if oof_nested is None else oof_nested
     cutoff = fit_cutoff(targets, oof[:, positive], metric, positive)
     in_sample = labels_at_cutoff(oof, cutoff, positive)
-    honest = nested(lambda train: fit_cutoff(targets[train], oof_nested[train, positive], metric,
-                                             positive),
-                    lambda fitted, held: labels_at_cutoff(oof_nested[held], fitted, positive),
-                    row_folds, len(oof))
+    if len(np.unique(row_folds)) > 1:
+        honest = nested(lambda train: fit_cutoff(targets[train], oof_nested[train, positive],
+                                                 metric, positive),
+                        lambda fitted, held: labels_at_cutoff(oof_nested[held], fitted, positive),
+                        row_folds, len(oof))
+    else:  # one fold: nothing to nest in, so in sample (the report labels it)
+        honest = labels_at_cutoff(oof_nested, cutoff, positive)
     plain = labels_at_cutoff(oof_nested, 0.5, positive)
 
     def of(labels):

@@ -250,16 +250,15 @@ def members_used(fit: Fit, names: list[str]) -> str:
     return ", ".join(f"{n} {w:.2f}" for n, w in zip(names, fit.weights) if w > 0)
 
 
-def method_rows(ensemble: Ensemble, scorer: Scorer) -> list[list]:
-    """auto's table: each method with the members it uses, its nested and in-sample CV (of the
-    combined probabilities, before any decoding), the one used marked."""
+def method_rows(ensemble: Ensemble) -> list[list]:
+    """auto's table: each method with the members it uses, its nested and in-sample CV (as its
+    own submission would decode them), the one used marked."""
     combined, names = ensemble.combined, ensemble.names
     rows = [[row.fit.label, members_used(row.fit, names), row.score_nested, row.score_in_sample,
              "used" if row.fit is combined.fit else ""] for row in combined.table]
     if combined.choice_nested:
         rows.append(["auto (chosen on the other folds for each held fold)", "",
-                     scorer.score(ensemble.targets, combined.oof_nested),
-                     "", "the CV"])
+                     ensemble.scores["out of fold"], "", "the CV"])
     return rows
 
 
@@ -312,7 +311,7 @@ def markdown_report(name: str, rows: list[list], headers: list[str], details: li
                     notes: list[str], methods: list[list]) -> str:
     lines = [f"# Submission {name}", "", markdown_table(rows, headers), ""]
     if methods:
-        lines += ["## Methods (auto; CV of the combined probabilities, before decoding)", "",
+        lines += ["## Methods (auto; each CV as that method's submission decodes it)", "",
                   markdown_table(methods, METHOD_HEADERS), ""]
     lines += [f"- **{key}**: `{value}`" if key == "upload" else f"- **{key}**: {value}"
               for key, value in details]
@@ -379,7 +378,7 @@ def write_outputs(data: DataConfig, layout: Layout, ensemble: Ensemble,
                *(f"oof {m}" for m in _score_columns(metric))]
     details = details_rows(data, ensemble, csv_path, solution_score)
     print(format_table(rows, headers))
-    methods = method_rows(ensemble, scorer) if ensemble.combined.table else []
+    methods = method_rows(ensemble) if ensemble.combined.table else []
     if methods:
         print(format_table(methods, METHOD_HEADERS))
     for note in ensemble.combined.notes:

@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, config_from_dict, load_config, parse_override
+from pipeline.config import (ConfigError, TrainConfig, config_from_dict, load_config,
+                             parse_override)
 
 
 def test_layers_apply_in_order(tmp_path):
@@ -95,3 +96,23 @@ def test_the_experiment_name_follows_the_result_changing_overrides():
     assert name("train.lr=0.01", name="mine") == "mine"
     with pytest.raises(ConfigError, match="NAME="):
         name(name="../escape")
+
+
+def test_class_weights_default_to_sqrt_inverse_except_where_they_would_correct_twice_or_skew():
+    assert TrainConfig().class_weights == "sqrt_inverse"
+    # the balanced sampler corrects the imbalance already; a setting of one's own still wins
+    assert TrainConfig(sampler="balanced").class_weights == "none"
+    assert TrainConfig(sampler="balanced", class_weights="inverse").class_weights == "inverse"
+
+
+def test_a_log_loss_competition_trains_without_class_weights(tmp_path):
+    path = tmp_path / "probs.yaml"
+    competition = {"name": "probs", "root": str(tmp_path), "classes": ["a", "b"],
+                   "image_path": "{id}.png", "metric": "log_loss"}
+    path.write_text(yaml.safe_dump(competition))
+    assert load_config(str(path), "resnet20").train.class_weights == "none"
+    assert load_config(str(path), "resnet20", ["train.class_weights=inverse"]) \
+        .train.class_weights == "inverse"
+    competition["metric"] = "accuracy"
+    path.write_text(yaml.safe_dump(competition))
+    assert load_config(str(path), "resnet20").train.class_weights == "sqrt_inverse"

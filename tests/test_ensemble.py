@@ -410,6 +410,17 @@ def test_binary_f1_cutoff_is_fitted_out_of_fold():
     assert decoded.test_labels.shape == (7,)
 
 
+def test_a_cutoff_with_one_fold_is_judged_in_sample_instead_of_crashing():
+    """PARTIAL=1 with one trained fold of a binary F1 competition: nothing to nest in."""
+    rng = np.random.default_rng(1)
+    targets = (rng.random(200) < 0.3).astype(int)
+    positive = 1 / (1 + np.exp(-(rng.normal(size=200) + 2 * targets - 1)))
+    probs = np.stack([1 - positive, positive], axis=1)
+    decoded = decode_cutoff(probs, probs[:3], targets, "binary_f1", 1, np.zeros(200, int))
+    assert decoded.score_nested == decoded.score_in_sample
+    assert decoded.test_labels.shape == (3,)
+
+
 def test_binary_f1_competition_submits_cutoff_labels_with_an_honest_name(tmp_path, capsys):
     rng = np.random.default_rng(1)
     labels = ["hem" if rng.random() < 0.8 else "all" for _ in range(120)]

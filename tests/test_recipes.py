@@ -184,7 +184,8 @@ def test_a_collapsing_run_says_so(tmp_path, capsys):
                 "train.grad_clip=1", "train.warmup_epochs=0") == 0  # clipped SGD: no NaN
     err = capsys.readouterr().err
     assert re.search(r"fold 0: predicts only class [ab] since epoch \d: lower train.lr \(now 50\) "
-                     r"or raise train.warmup_epochs \(now 0\), or try train.optimizer=adamw",
+                     r"or raise train.warmup_epochs \(now 0\), or try train.optimizer=adamw "
+                     r"train.lr=0.003 train.weight_decay=0.05",
                      err), err[-1500:]
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from pipeline import distributed
-from pipeline.config import TrainConfig
+from pipeline.config import OPTIMIZER_DEFAULTS, TrainConfig
 from pipeline.decode import decoded_score, grade_to_probs
 from pipeline.engine import (autocast, clean_image_errors, predict_logits, progress,
                              split_outputs, unwrap)
@@ -244,8 +244,10 @@ class CollapseWatch:
         self.tag, self.scorer = tag, scorer
         self.remedy = (f"lower train.lr (now {train.lr:g}) or raise train.warmup_epochs (now "
                        f"{train.warmup_epochs})")
-        if train.optimizer != "adamw":
-            self.remedy += ", or try train.optimizer=adamw (its default lr)"
+        if train.optimizer != "adamw":  # spelt out: a file's lr would stay with AdamW otherwise
+            adamw = OPTIMIZER_DEFAULTS["adamw"]
+            self.remedy += (f", or try train.optimizer=adamw train.lr={adamw['lr']:g} "
+                            f"train.weight_decay={adamw['weight_decay']:g}")
         self.since: tuple[int, int] | None = None  # (first epoch, class) of the one-class run
         self.warned = False
 
