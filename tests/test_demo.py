@@ -12,6 +12,8 @@ def test_demo_chain_end_to_end(tmp_path):
         [sys.executable, "-m", "pipeline", "demo", "--model", "resnet20",
          f"data.root={tmp_path / 'digits'}", f"folds.dir={tmp_path / 'folds'}",
          f"runs_dir={tmp_path / 'runs'}", f"submissions_dir={tmp_path / 'subs'}",
+         f"reports_dir={tmp_path / 'reports'}", f"audit_dir={tmp_path / 'audit'}",
+         f"pseudo_dir={tmp_path / 'pseudo'}", f"bundles_dir={tmp_path / 'bundles'}",
          "folds.n_splits=2", "train.epochs=1", "train.max_batches=3", "augment.image_size=16",
          "tta.views=hflip", "--name", "demo-r20"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -28,6 +30,9 @@ def test_demo_chain_end_to_end(tmp_path):
     run = tmp_path / "runs" / "digits" / "demo-r20"
     assert (run / "full" / "test_probs.csv").is_file() and (run / "summary.md").is_file()
     assert "unvalidated" in out  # the refit joined the ensemble without a fold to score it
+    report = tmp_path / "reports" / "digits"  # the demo ends by writing its report, there
+    assert (report / "index.html").is_file()
+    assert (report / "experiments" / "demo-r20.html").is_file()
 
     # run again: every stage is current and skipped, nothing retrained
     stamp = (run / "fold0" / "best.pt").stat().st_mtime_ns
