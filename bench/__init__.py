@@ -226,13 +226,17 @@ def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
     return "met" if met else "MISSED"
 
 
-def record(tables: Sequence[Table], what: str, about: str, path: Path = RESULTS) -> None:
-    """Print the tables and append them to BENCHMARKS.md as one dated section (atomically).
+def record(tables: Sequence[Table], what: str, about: str, path: Path = RESULTS,
+           append: bool = True) -> None:
+    """Print the tables and append them to BENCHMARKS.md as one dated section (atomically);
+    `append=False` (a bench's --no-record) only prints.
 
     `about` is `machine()` taken when the run started (its load average is the one that counts).
     """
     for table in tables:
         print("\n" + table.text())
+    if not append:
+        return
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     section = [f"### {stamp}: {what}", "", f"Machine: {about}.", ""]
     section += [table.markdown() + "\n" for table in tables]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -135,10 +136,9 @@ def main(argv=None) -> None:
               ["seed", "suspects", "precision", "recall", "held-out accuracy",
                "held-out, suspects excluded", "change"], labels)]
     minutes = (time.perf_counter() - started) / 60
-    if args.no_record:
-        print("\n\n".join(table.text() for table in tables))
-    else:
-        record(tables, f"python -m bench.audit_effects ({minutes:.1f} min)", about)
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    record(tables, f"python -m bench.audit_effects {command} ({minutes:.1f} min)", about,
+           append=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -170,12 +170,9 @@ def main(argv=None) -> None:
               noise_optimism(), []),
     ]
     minutes = (time.perf_counter() - started) / 60
-    if args.no_record:
-        for table in tables:
-            print(table.text())
-    else:
-        command = " ".join(sys.argv[1:] if argv is None else argv)
-        record(tables, f"python -m bench.ensembles {command} ({minutes:.1f} min)", about)
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    record(tables, f"python -m bench.ensembles {command} ({minutes:.1f} min)", about,
+           append=not args.no_record)
 
 
 if __name__ == "__main__":

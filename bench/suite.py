@@ -64,7 +64,7 @@ RECIPES: dict[str, list[str]] = {
     # the decoding (ordinal and binary members: thresholds or a cut-off, nested, are the default)
     "decode argmax": ["ensemble.decode=argmax"],
     # the other recipes
-    "sqrt_inverse weights": ["train.class_weights=sqrt_inverse"],
+    "no class weights": ["train.class_weights=none"],  # the default until 2026-12-02
     "EMA": ["train.ema=true", "train.ema_decay=0.99"],
     "mixup 0.2": ["train.mixup=0.2"],
 }
@@ -219,11 +219,9 @@ def main(argv=None) -> None:
                    "labels; CV: the nested CV printed beside it",
                    "classes predicted 1: the submission predicts one class (a collapse)"])
     minutes = (time.perf_counter() - started) / 60
-    if args.no_record:
-        print(table.text())
-    else:
-        command = " ".join(sys.argv[1:] if argv is None else argv)
-        record([table], f"python -m bench.suite {command} ({minutes:.1f} min)", about)
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    record([table], f"python -m bench.suite {command} ({minutes:.1f} min)", about,
+           append=not args.no_record)
 
 
 if __name__ == "__main__":

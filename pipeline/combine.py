@@ -484,8 +484,7 @@ def fit_decoder(kind: str, oof: np.ndarray, test: np.ndarray, targets: np.ndarra
     if kind == "thresholds":
         return decode_thresholds(oof, test, targets, row_folds, oof_nested)
     if kind == "cutoff":
-        folds = np.zeros(len(oof), int) if row_folds is None else row_folds
-        return decode_cutoff(oof, test, targets, scorer.metric, scorer.positive, folds,
+        return decode_cutoff(oof, test, targets, scorer.metric, scorer.positive, row_folds,
                              oof_nested)
     return None
 

@@ -187,12 +187,13 @@ def decode_thresholds(oof: np.ndarray, test: np.ndarray, targets: np.ndarray,
 
 
 def decode_cutoff(oof: np.ndarray, test: np.ndarray, targets: np.ndarray, metric: str,
-                  positive: int, row_folds: np.ndarray,
+                  positive: int, row_folds: np.ndarray | None = None,
                   oof_nested: np.ndarray | None = None) -> Decoded:
     """A cut-off on the positive class's probability (binary label submissions), fitted on every
     OOF row for the test set and judged by its nested score against the 0.5 cut-off."""
     if metric not in CUTOFF_METRICS:
         raise ValueError(f"no cut-off for {metric}")
+    row_folds = np.zeros(len(oof), int) if row_folds is None else np.asarray(row_folds)
     oof_nested = oof if oof_nested is None else oof_nested
     cutoff = fit_cutoff(targets, oof[:, positive], metric, positive)
     in_sample = labels_at_cutoff(oof, cutoff, positive)

@@ -17,8 +17,10 @@ from pipeline.combine import (Options, choose_views, combine_members, decode_com
 from pipeline.layout import Layout
 from pipeline.provenance import read_manifest
 from pipeline.scoring import Scorer
-from pipeline.stacking import apply_stacker, fit_stacker, hillclimb, stacker_features
-from tests.test_ensemble import config_of, member_probs, write_competition, write_run
+from pipeline.stacking import (STACKER_SOLVER, apply_stacker, fit_stacker, hillclimb,
+                               stacker_features)
+from tests.test_ensemble import (biased_ordinal, config_of, member_probs, write_competition,
+                                 write_run)
 from tests.test_provenance import Competition
 
 N, CLASSES = 600, 3
@@ -105,7 +107,7 @@ def test_the_stored_stacker_predicts_as_sklearn_does(classes):
     stack = np.stack([member_probs(targets, classes, s, seed) for s, seed in ((1.0, 1), (0.5, 2))])
     stored = json.loads(json.dumps(fit_stacker("logreg", stack, targets)))
     features = stacker_features("logreg", stack)
-    sklearn = LogisticRegression(C=1.0, max_iter=2000).fit(features, targets)
+    sklearn = LogisticRegression(C=1.0, max_iter=2000, solver=STACKER_SOLVER).fit(features, targets)
     np.testing.assert_allclose(apply_stacker(stored, stack), sklearn.predict_proba(features),
                                atol=1e-9)
 
@@ -221,6 +223,37 @@ def test_make_ensemble_auto_writes_the_table_and_the_recipe(tmp_path, capsys):
                                  "stack")
     assert len(details["methods"]) == 7 and details["settings"]["method"] == "auto"
     assert (details["stacker"] is not None) == (details["method"] == "stack")
+
+
+def test_auto_on_an_ordinal_competition_prints_what_each_method_would_submit(tmp_path, capsys):
+    """The competitor's sequence: `make ensemble` with auto, then again with a method from its
+    table: the CV the second run prints is the one auto's table showed (decoded by nested
+    thresholds, not argmax), and auto's own row is the CV in its submission's name."""
+    classes = ["0", "1", "2", "3", "4"]
+    targets, _ = biased_ordinal(n=300, seed=5)
+    data, overrides = write_competition(tmp_path, classes, n_train=300, n_folds=4, metric="qwk",
+                                        ordinal=True, labels=[classes[t] for t in targets])
+    config = config_of(data, overrides)
+    for seed in (1, 2, 3):
+        _, probs = biased_ordinal(n=300, seed=5)  # the same rows, a member's own noise:
+        noisy = probs * np.random.default_rng(seed).uniform(0.5, 1.5, probs.shape)
+        write_run(config, f"m{seed}", noisy / noisy.sum(1, keepdims=True), probs[:12])
+
+    def ensemble(method):
+        assert cli(["ensemble", "--data", data, *overrides, f"ensemble.method={method}",
+                    f"ensemble.name={method}"]) == 0
+        return read_manifest(Layout.of(config).submission(method).manifest).details
+
+    auto = ensemble("auto")
+    table = {row["method"]: row["cv"] for row in auto["methods"]}
+    for method in ("mean", "hillclimb"):
+        alone = ensemble(method)
+        assert alone["decode"]["kind"] == "thresholds"  # what the table must have scored
+        assert alone["cv"] == pytest.approx(table[method]), method
+    report = Layout.of(config).submission("auto").report.read_text()
+    auto_row = next(line for line in report.splitlines() if "chosen on the other folds" in line)
+    assert f"{auto['cv']:.4f}" in auto_row
+    capsys.readouterr()
 
 
 def test_ridge_is_refused_for_classes_that_are_not_ordinal(tmp_path, capsys):
