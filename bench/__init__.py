@@ -10,7 +10,6 @@ medians (other jobs may share the machine), and the markdown record.
 from __future__ import annotations
 
 import argparse
-
 import datetime
 import os
 import platform
@@ -25,7 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline.utils import format_table, markdown_table, write_text_atomic
+from pipeline.base.utils import format_table, markdown_table, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "BENCHMARKS.md"
 

@@ -23,7 +23,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 
 from bench import Table, machine, record, synthetic_fundus
-from pipeline.dupes import HASHES, image_hashes, near_pairs
+from pipeline.data.duplicates import HASHES, image_hashes, near_pairs
 
 KINDS = ("shift", "jpeg", "bright", "all three")
 THRESHOLDS = (2, 4, 6, 8, 10, 12)

@@ -31,10 +31,10 @@ import pandas as pd
 from bench import Table, machine, record
 from bench.suite import COMMON, held_out, quiet_cli
 from bench.suite_data import export_suite
-from pipeline.combine import combine_members
-from pipeline.config import load_config
-from pipeline.layout import Layout
-from pipeline.scoring import Scorer
+from pipeline.base.config import load_config
+from pipeline.base.task import Scorer
+from pipeline.ensembling.combine import combine_members
+from pipeline.experiments.layout import Layout
 
 # experiment name -> (model, overrides); "bad" is deliberately undertrained
 MEMBERS: dict[str, tuple[str, list[str]]] = {

@@ -5,7 +5,7 @@
 A synthetic retina photo (bench.synthetic_fundus: disc, optic disc, macula, vessels, no download),
 made harder the way real ones are: a wide black frame, the disc cut at the top and bottom, uneven
 lighting from one side, and a few small lesions (dark red haemorrhages, yellow exudates). It goes
-through the pipeline's own preprocessing step (pipeline/cache.py, `Preprocess`), the one that both
+through the pipeline's own preprocessing step (pipeline/stages/cache.py, `Preprocess`), the one that both
 the cache and the uncached loader run, so the picture shows exactly what a model is fed.
 """
 
@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from bench import synthetic_fundus
-from pipeline.imagecache import preprocess_of
-from pipeline.config import AugmentConfig, CacheConfig
+from pipeline.base.config import AugmentConfig, CacheConfig
+from pipeline.data.imagecache import preprocess_of
 
 OUTPUT = Path(__file__).resolve().parent / "fundus_before_after.png"
 PANEL = 256  # pixels per panel side: the input size the README's settings use in the picture
@@ -49,7 +49,7 @@ def retina_photo(seed: int = 3, height: int = 560, width: int = 760) -> np.ndarr
 
 
 def panels(photo: np.ndarray, size: int = PANEL) -> list[tuple[str, np.ndarray]]:
-    """(title, RGB image) for the raw photo and each setting, through pipeline.cache.Preprocess."""
+    """(title, RGB image) for the raw photo and each setting, through pipeline.stages.cache.Preprocess."""
     augment = AugmentConfig(image_size=size)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "eye.png"

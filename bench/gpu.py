@@ -15,9 +15,8 @@ import argparse
 
 import torch
 
-from bench import Table, machine, record
+from bench import Table, machine, record, train_loop
 from bench import tta as tta_bench
-from bench import train_loop
 
 VARIANTS = [("float32", False, False), ("mixed precision", True, False),
             ("mixed precision + channels_last", True, True)]

@@ -31,15 +31,30 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from bench import Rates, Table, cores, interleaved, machine, per_call_ms, record, single_threaded
-from bench import verdict
-from bench import write_fundus_jpegs
-from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, build_transforms
-from pipeline.cache import folder_megabytes
-from pipeline.imagecache import build_cache, cache_reader, image_loader, preprocess_of
-from pipeline.config import AugmentConfig, CacheConfig
-from pipeline.data import ImageDataset, SeededSampler, decode_image, jpeg_reduction
-from pipeline.engine import loader_settings, make_loader
+from bench import (
+    Rates,
+    Table,
+    cores,
+    interleaved,
+    machine,
+    per_call_ms,
+    record,
+    single_threaded,
+    verdict,
+    write_fundus_jpegs,
+)
+from pipeline.base.config import AugmentConfig, CacheConfig
+from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD, build_transforms
+from pipeline.data.dataset import ImageDataset, SeededSampler
+from pipeline.data.imagecache import (
+    build_cache,
+    cache_reader,
+    image_loader,
+    preprocess_of,
+)
+from pipeline.data.images import decode_image, jpeg_reduction
+from pipeline.inference.engine import loader_settings, make_loader
+from pipeline.stages.cache import folder_megabytes
 
 IMAGE_SIZE = 224
 BATCH = 32

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline.utils import format_table, write_text_atomic
+from pipeline.base.utils import format_table, write_text_atomic
 
 GRADES = (0, 1, 2, 3, 4)
 SHARES = (0.73, 0.07, 0.15, 0.025, 0.025)  # of the retina data (EyePACS 2015 train labels)

@@ -10,7 +10,7 @@ come from the fold runs' oof.csv (`--quick`: a 100-image export, one epoch, to c
 wiring):
 
 - QWK and macro-F1 of argmax, and of thresholds fitted out of fold (nested: each fold's
-  thresholds fitted on the other folds, pipeline/decode.py): what the ensemble would submit;
+  thresholds fitted on the other folds, pipeline/ensembling/decode.py): what the ensemble would submit;
 - accuracy.
 
 The table gives mean ± std over the seeds; the seed-to-seed std is the margin a recipe must
@@ -32,11 +32,11 @@ import pandas as pd
 import torch
 
 from bench import Table, machine, record
-from pipeline.decode import decode_thresholds
-from pipeline.layout import Layout
-from pipeline.metrics import score, score_labels
-from pipeline.probfiles import read_probs
-from pipeline.scoring import targets_of
+from pipeline.base.metrics import score, score_labels
+from pipeline.base.task import targets_of
+from pipeline.ensembling.decode import decode_thresholds
+from pipeline.experiments.layout import Layout
+from pipeline.experiments.probfiles import read_probs
 
 # recipe -> overrides; the baseline is the pipeline's plain classifier decoded by argmax
 RECIPES = {
@@ -62,7 +62,7 @@ def run_recipe(data: str, overrides: list[str], seed: int, epochs: int,
                work: Path) -> pd.DataFrame:
     """Train every fold of one recipe and seed; return the concatenated oof.csv."""
     from pipeline.__main__ import main as cli
-    from pipeline.config import load_config
+    from pipeline.base.config import load_config
 
     paths = [f"folds.dir={work / 'folds'}", f"runs_dir={work / 'runs'}"]
     argv = [*paths, *COMMON, f"train.epochs={epochs}", f"train.seed={seed}", *overrides]
@@ -98,7 +98,7 @@ def competition(name: str, work: Path, quick: bool) -> tuple[str, list[str]]:
         from bench.ordinal_data import export_ordinal
 
         return str(export_ordinal(work / "ordinal", n=100 if quick else 600, seed=0)), list(RECIPES)
-    from pipeline.demo_data import export_digits
+    from pipeline.stages.demo_data import export_digits
 
     root = export_digits(work / "digits")
     config = work / "digits.yaml"

@@ -25,11 +25,16 @@ import pandas as pd
 import yaml
 
 from bench import Table, machine, record
-from pipeline.config import load_config, save_config
-from pipeline.folds import write_folds
-from pipeline.layout import Layout
-from pipeline.provenance import write_manifest
-from pipeline.status import predict_inputs, read_folds, read_test_set, training_inputs
+from pipeline.base.config import load_config, save_config
+from pipeline.experiments.freshness import (
+    predict_inputs,
+    read_folds,
+    read_test_set,
+    training_inputs,
+)
+from pipeline.experiments.layout import Layout
+from pipeline.experiments.manifests import write_manifest
+from pipeline.stages.folds import write_folds
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b"]

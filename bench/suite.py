@@ -36,10 +36,10 @@ import pandas as pd
 from bench import Table, machine, record
 from bench.suite_data import MEMBERS, export_suite
 from pipeline.__main__ import main as cli
-from pipeline.config import load_config
-from pipeline.layout import Layout
-from pipeline.scoring import Scorer
-from pipeline.submission import read_solution
+from pipeline.base.config import load_config
+from pipeline.base.task import Scorer
+from pipeline.ensembling.submission import read_solution
+from pipeline.experiments.layout import Layout
 
 # recipe -> overrides of the pipeline's defaults (the experiment file is resnet20's: none)
 ADAMW = ["train.optimizer=adamw", "train.weight_decay=0.05"]

@@ -34,7 +34,7 @@ import yaml
 from sklearn.datasets import load_digits
 
 from bench.ordinal_data import export_ordinal, paired_grades, shown_grades
-from pipeline.utils import format_table, write_text_atomic
+from pipeline.base.utils import format_table, write_text_atomic
 
 MEMBERS = ("digits", "ordinal-amount", "ordinal-look", "binary", "many-classes", "noisy-labels")
 TEST_FRACTION = 1 / 3  # held-out test rows per labelled row

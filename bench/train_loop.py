@@ -21,12 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import (Table, cores, interleaved, limited_threads, model_bench_parser,
-                   run_model_bench, verdict)
-from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.config import build_config
-from pipeline.engine import autocast
-from pipeline.layout import Part
+from bench import (
+    Table,
+    cores,
+    interleaved,
+    limited_threads,
+    model_bench_parser,
+    run_model_bench,
+    verdict,
+)
+from pipeline.base.config import build_config
+from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.experiments.layout import Part
+from pipeline.inference.engine import autocast
 from pipeline.models import create_model
 from pipeline.training.loop import Trainer
 from pipeline.training.parts import Rows, RunSpec

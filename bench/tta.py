@@ -10,16 +10,22 @@ from memory (uint8, normalised on the device as in prediction); runs alternate, 
 
 from __future__ import annotations
 
-
 import torch
 
-from bench import (Table, cores, interleaved, limited_threads, model_bench_parser,
-                   run_model_bench, verdict)
-from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Normalizer
-from pipeline.config import TTAConfig
-from pipeline.engine import amp_dtype, predict_logits, resolve_device
+from bench import (
+    Table,
+    cores,
+    interleaved,
+    limited_threads,
+    model_bench_parser,
+    run_model_bench,
+    verdict,
+)
+from pipeline.base.config import TTAConfig
+from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD, Normalizer
+from pipeline.inference.engine import amp_dtype, predict_logits, resolve_device
+from pipeline.inference.predictor import tta_views
 from pipeline.models import create_model
-from pipeline.inference import tta_views
 
 TARGET_RATIO = 8.5  # d4 seconds over plain seconds, at most
 

@@ -22,27 +22,27 @@ import sys
 import traceback
 from pathlib import Path
 
-from pipeline.config import ConfigError
-from pipeline.distributed import launched_world_size
-from pipeline.utils import WRITE_ERRNOS, PipelineError, format_table, write_failure
+from pipeline.base.config import ConfigError
+from pipeline.base.distributed import launched_world_size
+from pipeline.base.utils import WRITE_ERRNOS, PipelineError, format_table, write_failure
 
 # verb -> (module, help)
 VERBS = {
-    "demo-data": ("pipeline.demo_data", "export the embedded digits competition to data/digits"),
-    "check": ("pipeline.check", "pre-flight check of a competition's CSVs and images"),
-    "folds": ("pipeline.folds", "write stratified (group) folds to folds/<competition>.csv"),
-    "train": ("pipeline.train", "train one model per fold"),
-    "predict": ("pipeline.predict", "TTA inference of each fold on the test set and its OOF"),
-    "ensemble": ("pipeline.ensemble", "average folds and models, write the submission"),
-    "refit": ("pipeline.refit", "train on all labelled rows, predict the test set"),
-    "cache": ("pipeline.cache", "decode and resize every image once into the cache"),
-    "pseudo": ("pipeline.pseudo", "pseudo-label the test set with the ensemble, train round two"),
-    "runs": ("pipeline.runs", "every experiment of the competition in one table"),
-    "status": ("pipeline.runs", "what each stage of one experiment was made from, and if current"),
-    "bundle": ("pipeline.bundle", "pack a submission's ensemble for offline inference"),
-    "audit": ("pipeline.audit", "duplicates, train/test shift and label suspects of a competition"),
-    "report": ("pipeline.report", "the competition's static HTML report: leaderboard, mistakes"),
-    "infer": ("pipeline.infer", "run an offline bundle on test images, write the submission"),
+    "demo-data": ("pipeline.stages.demo_data", "export the embedded digits competition to data/digits"),
+    "check": ("pipeline.stages.check", "pre-flight check of a competition's CSVs and images"),
+    "folds": ("pipeline.stages.folds", "write stratified (group) folds to folds/<competition>.csv"),
+    "train": ("pipeline.stages.train", "train one model per fold"),
+    "predict": ("pipeline.stages.predict", "TTA inference of each fold on the test set and its OOF"),
+    "ensemble": ("pipeline.stages.ensemble", "average folds and models, write the submission"),
+    "refit": ("pipeline.stages.refit", "train on all labelled rows, predict the test set"),
+    "cache": ("pipeline.stages.cache", "decode and resize every image once into the cache"),
+    "pseudo": ("pipeline.stages.pseudo", "pseudo-label the test set with the ensemble, train round two"),
+    "runs": ("pipeline.stages.runs", "every experiment of the competition in one table"),
+    "status": ("pipeline.stages.runs", "what each stage of one experiment was made from, and if current"),
+    "bundle": ("pipeline.stages.bundle", "pack a submission's ensemble for offline inference"),
+    "audit": ("pipeline.stages.audit", "duplicates, train/test shift and label suspects of a competition"),
+    "report": ("pipeline.stages.report", "the competition's static HTML report: leaderboard, mistakes"),
+    "infer": ("pipeline.offline.infer", "run an offline bundle on test images, write the submission"),
     "demo": ("pipeline.demo", "the whole chain on the demo competition"),
 }
 # Verbs of one experiment that --models runs for each experiment in turn

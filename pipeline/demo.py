@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import time
 
-from pipeline.config import load_config
-from pipeline.demo_data import export_digits
-from pipeline.ensemble import ensemble_runs
-from pipeline.folds import make_folds
-from pipeline.inference import predict_experiment
-from pipeline.layout import Layout
-from pipeline.refit import run_refit
-from pipeline.report import build_report
-from pipeline.status import folds_freshness, read_folds, read_test_set
+from pipeline.base.config import load_config
+from pipeline.base.utils import PipelineError, format_table
+from pipeline.experiments.freshness import folds_freshness, read_folds, read_test_set
+from pipeline.experiments.layout import Layout
+from pipeline.inference.experiment import predict_experiment
+from pipeline.stages.demo_data import export_digits
+from pipeline.stages.ensemble import ensemble_runs
+from pipeline.stages.folds import make_folds
+from pipeline.stages.refit import run_refit
+from pipeline.stages.report import build_report
 from pipeline.training.experiment import train_folds
-from pipeline.utils import PipelineError, format_table
 
 
 def banner(text: str) -> None:

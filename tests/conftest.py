@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.config import Config, load_config
-from pipeline.layout import Layout
+from pipeline.base.config import Config, load_config
+from pipeline.experiments.layout import Layout
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def tiny_config(tiny_competition: Path, tmp_path: Path) -> Config:
 
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
-    from pipeline.demo_data import export_digits
+    from pipeline.stages.demo_data import export_digits
 
     return export_digits(tmp_path_factory.mktemp("demo") / "digits")
 
@@ -102,8 +102,8 @@ def train(config: Config, folds: list[int] | None = None, force: bool = False):
 
 def predict(config: Config, folds: list[int] | None = None, force: bool = False) -> None:
     """`make predict` for a config built in a test."""
-    from pipeline.inference import predict_experiment
-    from pipeline.status import read_folds, read_test_set
+    from pipeline.experiments.freshness import read_folds, read_test_set
+    from pipeline.inference.experiment import predict_experiment
 
     layout = Layout.of(config)
     predict_experiment(config, layout, read_folds(config.data, config.folds, layout), folds,
@@ -111,6 +111,6 @@ def predict(config: Config, folds: list[int] | None = None, force: bool = False)
 
 
 def read_folds_of(config: Config):
-    from pipeline.status import read_folds
+    from pipeline.experiments.freshness import read_folds
 
     return read_folds(config.data, config.folds, Layout.of(config))

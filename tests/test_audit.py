@@ -15,8 +15,8 @@ from sklearn.datasets import load_digits
 from bench import synthetic_fundus
 from bench.duplicates import copy_of as near_copy
 from pipeline.__main__ import main as cli
-from pipeline.audit import label_suspects
-from pipeline.dupes import image_hashes, merged_groups, near_pairs
+from pipeline.data.duplicates import image_hashes, merged_groups, near_pairs
+from pipeline.stages.audit import label_suspects
 
 DIGITS = load_digits()
 PHOTOS: dict[int, np.ndarray] = {}

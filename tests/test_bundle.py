@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import pipeline
 from pipeline.__main__ import main as cli
-from pipeline.provenance import sha256_file
+from pipeline.base.fingerprints import sha256_file
 from tests.conftest import REPO
 from tests.test_provenance import Competition
 

@@ -13,20 +13,27 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.imagecache as cache_module
-import pipeline.engine as engine
+import pipeline.data.imagecache as cache_module
+import pipeline.inference.engine as engine
 from pipeline.__main__ import main as cli
-from pipeline.augment import Normalizer, build_transforms, reseed
-from pipeline.imagecache import CachedReader, Preprocess, build_cache, cache_reader, crop_black_border
-from pipeline.config import AugmentConfig, CacheConfig, TTAConfig
-from pipeline.data import DataError, jpeg_reduction, read_image
-from pipeline.engine import predict_logits
-from pipeline.inference import tta_views
-from pipeline.layout import Part
+from pipeline.base.config import AugmentConfig, CacheConfig, TTAConfig
+from pipeline.data.augment import Normalizer, build_transforms, reseed
+from pipeline.data.imagecache import (
+    CachedReader,
+    Preprocess,
+    build_cache,
+    cache_reader,
+    crop_black_border,
+)
+from pipeline.data.images import jpeg_reduction, read_image
+from pipeline.data.tables import DataError
+from pipeline.experiments.layout import Part
+from pipeline.inference.engine import predict_logits
+from pipeline.inference.predictor import tta_views
 from pipeline.training.parts import Rows, RunSpec
 from pipeline.training.run import make_trainer
-from tests.conftest import read_folds_of as read_folds
 from tests.conftest import make_competition
+from tests.conftest import read_folds_of as read_folds
 from tests.test_train import tiny
 
 

@@ -4,9 +4,10 @@ import sys
 import pandas as pd
 import pytest
 
-from pipeline.datacheck import check_competition
-from pipeline.config import load_config
-from pipeline.data import DataError, ImageReadError, image_paths, load_train_table, read_image
+from pipeline.base.config import load_config
+from pipeline.data.checks import check_competition
+from pipeline.data.images import ImageReadError, read_image
+from pipeline.data.tables import DataError, image_paths, load_train_table
 from tests.conftest import REPO, make_competition
 
 LABELS = [c for c in ("a", "b") for _ in range(5)]

@@ -1,8 +1,13 @@
 import pytest
 import yaml
 
-from pipeline.config import (ConfigError, TrainConfig, config_from_dict, load_config,
-                             parse_override)
+from pipeline.base.config import (
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    load_config,
+    parse_override,
+)
 
 
 def test_layers_apply_in_order(tmp_path):

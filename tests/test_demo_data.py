@@ -1,7 +1,7 @@
 import cv2
 import pandas as pd
 
-from pipeline.demo_data import export_digits
+from pipeline.stages.demo_data import export_digits
 
 
 def test_export_counts_and_files(digits_root):

@@ -17,20 +17,15 @@ import torch
 from torch.utils.data import RandomSampler
 
 from pipeline.__main__ import main as cli_main
-from pipeline.config import TTAConfig
-from pipeline.data import SeededSampler, image_paths, train_image_dir
-from pipeline.distributed import (
-    Job,
-    RankOrder,
-    gpu_slots,
-    per_rank_batch,
-    run_jobs,
-    shard_range,
-)
+from pipeline.base.config import TTAConfig
+from pipeline.base.distributed import RankOrder, per_rank_batch, shard_range
+from pipeline.base.utils import PipelineError
+from pipeline.data.dataset import SeededSampler
+from pipeline.data.tables import image_paths, train_image_dir
+from pipeline.inference.predictor import CheckpointPredictor
 from pipeline.models import create_model
-from pipeline.inference import CheckpointPredictor
-from pipeline.train import run_parallel_folds
-from pipeline.utils import PipelineError
+from pipeline.stages.train import run_parallel_folds
+from pipeline.training.jobs import Job, gpu_slots, run_jobs
 from tests.conftest import REPO, experiment_dir, folds_csv, train
 from tests.test_train import FAST, tiny
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from timm.layers import DropPath
 
-from pipeline.config import ModelConfig
+from pipeline.base.config import ModelConfig
 from pipeline.models import ARCHS, create_model
 
 SMALL = ["resnet18", "resnet50", "resnet20"]  # both block types, both families

@@ -10,19 +10,29 @@ import pytest
 import yaml
 from sklearn.metrics import cohen_kappa_score
 
-from pipeline import combine as combine_module
 from pipeline.__main__ import main as cli
-from pipeline.combine import combine, combine_members, rank_normalise
-from pipeline.config import load_config, save_config
-from pipeline.decode import decode_cutoff, decode_thresholds, expected_grade, fit_thresholds
-from pipeline.ensemble import ensemble_runs
-from pipeline.folds import write_folds
-from pipeline.layout import Layout
-from pipeline.members import EnsembleError, candidate, load_member
-from pipeline.metrics import quadratic_weighted_kappa, score
-from pipeline.provenance import write_manifest
-from pipeline.scoring import Scorer
-from pipeline.status import predict_inputs, refit_plan, read_test_set, training_inputs
+from pipeline.base.config import load_config, save_config
+from pipeline.base.metrics import quadratic_weighted_kappa, score
+from pipeline.base.task import Scorer
+from pipeline.ensembling import combine as combine_module
+from pipeline.ensembling.combine import combine, combine_members, rank_normalise
+from pipeline.ensembling.decode import (
+    decode_cutoff,
+    decode_thresholds,
+    expected_grade,
+    fit_thresholds,
+)
+from pipeline.ensembling.members import EnsembleError, candidate, load_member
+from pipeline.experiments.freshness import (
+    predict_inputs,
+    read_test_set,
+    refit_plan,
+    training_inputs,
+)
+from pipeline.experiments.layout import Layout
+from pipeline.experiments.manifests import write_manifest
+from pipeline.stages.ensemble import ensemble_runs
+from pipeline.stages.folds import write_folds
 from tests.conftest import read_folds_of as read_folds
 
 TEST_IDS = [f"t{i:03d}" for i in range(12)]

@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.datacheck import check_competition
-from pipeline.config import load_config
-from pipeline.data import DataError, load_train_table, read_table
-from pipeline.engine import load_checkpoint
+from pipeline.base.config import load_config
+from pipeline.base.utils import PipelineError, WriteError, atomic_path, write_csv_atomic
+from pipeline.data.checks import check_competition
+from pipeline.data.tables import DataError, load_train_table, read_table
+from pipeline.inference.engine import load_checkpoint
 from pipeline.models.weights import WeightsReadError, read_state_dict
-from pipeline.utils import PipelineError, WriteError, atomic_path, write_csv_atomic
 from tests.conftest import REPO, make_competition
 
 LABELS = [c for c in ("a", "b") for _ in range(3)]

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import load_config
-from pipeline.folds import assign_folds, make_folds
+from pipeline.base.config import load_config
+from pipeline.stages.folds import assign_folds, make_folds
 from tests.conftest import REPO, make_competition
 
 

@@ -11,14 +11,20 @@ import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from pipeline import data as data_module
-from pipeline.scoring import positive_index
-from pipeline.datacheck import check_competition, check_sample_submission
-from pipeline.config import ConfigError, load_config
-from pipeline.data import DataError, load_train_table
-from pipeline.submission import (SubmissionError, build_submission, resolved_submission_kind,
-                                 score_against_solution, submission_kind, validate_submission,
-                                 write_submission)
+from pipeline.base.config import ConfigError, load_config
+from pipeline.base.task import positive_index
+from pipeline.data import tables as data_module
+from pipeline.data.checks import check_competition, check_sample_submission
+from pipeline.data.tables import DataError, load_train_table
+from pipeline.ensembling.submission import (
+    SubmissionError,
+    build_submission,
+    resolved_submission_kind,
+    score_against_solution,
+    submission_kind,
+    validate_submission,
+    write_submission,
+)
 from tests.conftest import write_image
 from tests.test_submission import write_data
 

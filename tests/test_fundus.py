@@ -9,8 +9,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-import pipeline.imagecache as cache_module
-from pipeline.imagecache import (
+import pipeline.data.imagecache as cache_module
+from pipeline.base.config import AugmentConfig, CacheConfig, load_config
+from pipeline.data.imagecache import (
     RIM_FRACTION,
     CachedReader,
     Preprocess,
@@ -19,7 +20,6 @@ from pipeline.imagecache import (
     settings_hash,
     subtract_local_average,
 )
-from pipeline.config import AugmentConfig, CacheConfig, load_config
 from tests.test_cache import fundus, write_photos
 
 

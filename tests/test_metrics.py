@@ -9,9 +9,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, log_loss, roc_auc_score
 
-from pipeline.config import METRICS, ConfigError, load_config
-from pipeline.metrics import (METRIC_FUNCTIONS, cutoff_candidates, fit_cutoff, is_better,
-                              labels_at_cutoff, score, score_at_cutoff)
+from pipeline.base.config import METRICS, ConfigError, load_config
+from pipeline.base.metrics import (
+    METRIC_FUNCTIONS,
+    cutoff_candidates,
+    fit_cutoff,
+    is_better,
+    labels_at_cutoff,
+    score,
+    score_at_cutoff,
+)
 from tests.conftest import make_competition
 
 

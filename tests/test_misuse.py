@@ -23,9 +23,10 @@ import pytest
 import torch
 
 from pipeline.__main__ import main as cli
-from pipeline.config import AugmentConfig, CacheConfig
-from pipeline.data import DataError, ImageTooLarge
-from pipeline.imagecache import build_cache, cache_reader, image_loader
+from pipeline.base.config import AugmentConfig, CacheConfig
+from pipeline.data.imagecache import build_cache, cache_reader, image_loader
+from pipeline.data.images import ImageTooLarge
+from pipeline.data.tables import DataError
 from tests.conftest import REPO, write_image
 from tests.test_provenance import Competition
 
@@ -327,7 +328,7 @@ def test_a_file_size_limit_is_a_message_not_a_traceback(tmp_path):
 
 def test_files_are_created_with_the_umask(tmp_path):
     code = ("import os, sys; os.umask(int(sys.argv[1], 8)); "
-            "from pipeline.utils import write_text_atomic; write_text_atomic(sys.argv[2], 'x')")
+            "from pipeline.base.utils import write_text_atomic; write_text_atomic(sys.argv[2], 'x')")
     for umask, mode in (("022", 0o644), ("027", 0o640), ("002", 0o664)):
         target = tmp_path / f"{umask}.txt"
         subprocess.run([sys.executable, "-c", code, umask, str(target)], cwd=REPO, check=True)

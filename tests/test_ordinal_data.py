@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from bench.ordinal_data import SHARES, export_ordinal, grade_counts
-from pipeline.config import load_config
-from pipeline.folds import make_folds
+from pipeline.base.config import load_config
+from pipeline.stages.folds import make_folds
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import ConfigError, PredictConfig, load_config
-from pipeline.engine import amp_dtype, inference_batch_size
+from pipeline.base.config import ConfigError, PredictConfig, load_config
+from pipeline.inference.engine import amp_dtype, inference_batch_size
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")

@@ -2,15 +2,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from tests.conftest import experiment_dir, train, predict
-from pipeline.augment import Normalizer
-from pipeline.config import TTAConfig
-from pipeline.data import ImageDataset
 from scipy.special import softmax
 
-from pipeline.engine import make_loader, predict_logits
-from pipeline.inference import reduce_views, tta_views
+from pipeline.base.config import TTAConfig
+from pipeline.data.augment import Normalizer
+from pipeline.data.dataset import ImageDataset
+from pipeline.inference.engine import make_loader, predict_logits
+from pipeline.inference.predictor import reduce_views, tta_views
+from tests.conftest import experiment_dir, predict, train
 from tests.test_train import tiny
 
 

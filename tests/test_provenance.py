@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from pipeline.__main__ import main as cli
-from pipeline.config import load_config
-from pipeline.provenance import fingerprint, write_manifest
-from pipeline.status import freshness
+from pipeline.base.config import load_config
+from pipeline.base.fingerprints import fingerprint
+from pipeline.experiments.freshness import freshness
+from pipeline.experiments.manifests import write_manifest
 from tests.conftest import make_competition, write_image
 
 FAST = ["augment.image_size=16", "train.batch_size=4", "train.epochs=1", "train.workers=0"]

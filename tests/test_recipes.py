@@ -11,14 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.training.loop import Trainer
-from tests.conftest import experiment_dir, train
 from pipeline.__main__ import main as cli
-from pipeline.config import load_config
-from pipeline.decode import apply_thresholds, expected_grade
-from pipeline.decode import grade_to_probs
-from pipeline.folds import make_folds
-from pipeline.losses import SoftTargetLoss, build_mixer
+from pipeline.base.config import load_config
+from pipeline.ensembling.decode import apply_thresholds, expected_grade, grade_to_probs
+from pipeline.stages.folds import make_folds
+from pipeline.training.loop import Trainer
+from pipeline.training.losses import SoftTargetLoss, build_mixer
+from tests.conftest import experiment_dir, train
 from tests.test_provenance import Competition
 
 GRADES = [c for c in ("0", "1", "2") for _ in range(6)]
@@ -225,8 +224,8 @@ def test_the_view_of_a_fold_is_chosen_on_the_other_folds():
     """View A is right on folds 1 and 2, wrong on fold 0; view B the other way round. Chosen
     on the other folds, fold 0 takes A (and is scored wrong): an honest, not an in-sample,
     choice."""
-    from pipeline.combine import choose_views
-    from pipeline.scoring import Scorer
+    from pipeline.base.task import Scorer
+    from pipeline.ensembling.combine import choose_views
 
     targets = np.tile([0, 1, 2], 20)
     row_folds = np.repeat([0, 1, 2], 20)

@@ -1,13 +1,13 @@
 import pandas as pd
 import pytest
 
+from pipeline.base.config import load_config
+from pipeline.base.task import best_epochs
+from pipeline.base.utils import PipelineError
+from pipeline.experiments.freshness import fold_best_epochs, refit_epochs
+from pipeline.experiments.layout import Layout
+from pipeline.stages.refit import run_refit
 from tests.conftest import experiment_dir, read_folds_of, train
-from pipeline.config import load_config
-from pipeline.layout import Layout
-from pipeline.refit import run_refit
-from pipeline.scoring import best_epochs
-from pipeline.status import fold_best_epochs, refit_epochs
-from pipeline.utils import PipelineError
 from tests.test_train import tiny
 
 
@@ -64,7 +64,7 @@ def test_refit_trains_on_all_rows_and_writes_a_submission(tmp_path):
 
 
 def test_refit_walks_the_folds_learning_rate_path():
-    from pipeline.schedule import FoldPath, lr_factor
+    from pipeline.training.schedule import FoldPath, lr_factor
 
     # folds: 30 epochs of 10 steps, cosine with 1 warm-up epoch; CV chose epoch 18
     folds = load_config("digits", "resnet20", ["train.epochs=30", "train.warmup_epochs=1"])

@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from pipeline.__main__ import main as cli
-from pipeline.config import load_config
-from pipeline.layout import Layout
-from pipeline.leaderboard import leaderboard
+from pipeline.base.config import load_config
+from pipeline.experiments.layout import Layout
+from pipeline.experiments.leaderboard import leaderboard
 
 COLOURS = {"red": (0, 0, 230), "green": (0, 200, 0), "blue": (230, 0, 0)}  # BGR
 BLANK = "blank"  # a flat blue image labelled red: it looks like every blue one, so no model
@@ -231,9 +231,9 @@ def test_the_top_losses_show_the_impossible_image(built, browser):
 def test_a_grade_heads_top_losses_are_its_grades_furthest_off():
     """A regression head's class columns are two-point distributions (0 beyond the neighbouring
     grades): its losses are how far the grade is, not -log of a probability that is 0."""
-    from pipeline.decode import grade_to_probs
-    from pipeline.report import losses_of
-    from pipeline.scoring import Scorer
+    from pipeline.base.task import Scorer
+    from pipeline.ensembling.decode import grade_to_probs
+    from pipeline.stages.report import losses_of
 
     grades = np.array([0.1, 3.9, 2.2, 1.0])
     given = ["0", "0", "2", "4"]  # off by 0.1, 3.9, 0.2 and 3.0

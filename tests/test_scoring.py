@@ -1,4 +1,4 @@
-"""One owner of how a competition scores (pipeline/scoring.py): the class index, the positive
+"""One owner of how a competition scores (pipeline/base/task.py): the class index, the positive
 class, the metric of out-of-fold probabilities, and the stages that print those numbers."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import f1_score
 
-from pipeline.scoring import Scorer, class_index, positive_index, targets_of
-from pipeline.config import load_config
+from pipeline.base.config import load_config
+from pipeline.base.task import Scorer, class_index, positive_index, targets_of
 from tests.test_provenance import Competition
 
 # The positive class listed first, and the minority, so its F1 differs from the other class's

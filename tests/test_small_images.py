@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.base.config import ConfigError, ModelConfig
 from pipeline.models import ARCHS, create_model, small_input_warning
 from pipeline.models.resnet import total_stride
 

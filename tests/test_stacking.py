@@ -12,15 +12,31 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from pipeline.__main__ import main as cli
-from pipeline.combine import (Options, choose_views, combine_members, decode_combined,
-                              honest_scores, score_methods)
-from pipeline.layout import Layout
-from pipeline.provenance import read_manifest
-from pipeline.scoring import Scorer
-from pipeline.stacking import (STACKER_SOLVER, apply_stacker, fit_stacker, hillclimb,
-                               stacker_features)
-from tests.test_ensemble import (biased_ordinal, config_of, member_probs, write_competition,
-                                 write_run)
+from pipeline.base.task import Scorer
+from pipeline.ensembling.combine import (
+    Options,
+    choose_views,
+    combine_members,
+    decode_combined,
+    honest_scores,
+    score_methods,
+)
+from pipeline.ensembling.stacking import (
+    STACKER_SOLVER,
+    apply_stacker,
+    fit_stacker,
+    hillclimb,
+    stacker_features,
+)
+from pipeline.experiments.layout import Layout
+from pipeline.experiments.manifests import read_manifest
+from tests.test_ensemble import (
+    biased_ordinal,
+    config_of,
+    member_probs,
+    write_competition,
+    write_run,
+)
 from tests.test_provenance import Competition
 
 N, CLASSES = 600, 3

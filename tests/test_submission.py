@@ -7,9 +7,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.config import load_config
-from pipeline.submission import (SubmissionError, build_submission, score_against_solution,
-                                 validate_submission, write_submission)
+from pipeline.base.config import load_config
+from pipeline.ensembling.submission import (
+    SubmissionError,
+    build_submission,
+    score_against_solution,
+    validate_submission,
+    write_submission,
+)
 
 
 def write_data(tmp_path, classes, sample: pd.DataFrame | None,

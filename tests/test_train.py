@@ -8,13 +8,13 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.data import ImageReadError
-from pipeline.folds import make_folds
-from pipeline.losses import FocalLoss, class_weights
-from pipeline.utils import PipelineError
-from pipeline.schedule import lr_factor
-from tests.conftest import REPO, make_competition, experiment_dir, folds_csv, train
+from pipeline.base.config import load_config
+from pipeline.base.utils import PipelineError
+from pipeline.data.images import ImageReadError
+from pipeline.stages.folds import make_folds
+from pipeline.training.losses import FocalLoss, class_weights
+from pipeline.training.schedule import lr_factor
+from tests.conftest import REPO, experiment_dir, folds_csv, make_competition, train
 
 FAST = ["augment.image_size=16", "train.batch_size=4", "train.epochs=2", "train.workers=0",
         "train.lr=0.02", "model.name=resnet20"]
@@ -206,7 +206,7 @@ def test_head_only_stage_leaves_the_body_untouched(tmp_path):
 
 
 def test_balanced_sampler_draws_classes_equally():
-    from pipeline.losses import balanced_sampler
+    from pipeline.training.losses import balanced_sampler
 
     targets = [0] * 90 + [1] * 10
     drawn = np.asarray(targets)[list(balanced_sampler(targets, torch.Generator().manual_seed(0)))]
@@ -220,6 +220,6 @@ def test_epochs_are_chosen_by_the_metric_as_the_submission_decodes_it(tmp_path):
     log = pd.read_csv(experiment_dir(config) / "fold0" / "log.csv")
     assert "decoded" in log  # QWK after thresholds fitted on the fold: what picks best.pt
     assert log["decoded"].between(-1, 1).all()
-    from pipeline.scoring import best_log_row
+    from pipeline.base.task import best_log_row
 
     assert best_log_row(log, "qwk")["decoded"] == log["decoded"].max()

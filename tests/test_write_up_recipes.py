@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.augment import build_transforms
-from pipeline.config import CONFIG_DIR, load_config
+from pipeline.base.config import CONFIG_DIR, load_config
+from pipeline.data.augment import build_transforms
 
 RETINA = ["retina-resnet18", "retina-resnet18-pretrained", "retina-resnet50",
           "retina-resnet50-pretrained", "retina-two-stage"]

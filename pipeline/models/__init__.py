@@ -15,7 +15,11 @@ from pipeline.models.finetune import (
     unfreeze,
 )
 from pipeline.models.resnet import ARCHS, BasicBlock, Bottleneck, ResNet, create_resnet
-from pipeline.models.weights import WeightsMismatchError, WeightsNotFoundError, load_pretrained
+from pipeline.models.weights import (
+    WeightsMismatchError,
+    WeightsNotFoundError,
+    load_pretrained,
+)
 
 __all__ = [
     "ARCHS",

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.base.config import ConfigError
 from pipeline.models.resnet import ARCHS, create_resnet, total_stride
 from pipeline.models.weights import TIMM_PREFIX, load_pretrained
 

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from pipeline.utils import PipelineError
+from pipeline.base.utils import PipelineError
 
 SUFFIXES = (".safetensors", ".pth", ".pt")
 HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub repos hold

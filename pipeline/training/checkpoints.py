@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import distributed
-from pipeline.config import config_from_dict, training_settings
-from pipeline.engine import load_checkpoint, save_checkpoint, unwrap
-from pipeline.layout import Part
-from pipeline.metrics import higher_is_better
-from pipeline.status import input_changes
+from pipeline.base import distributed
+from pipeline.base.config import config_from_dict, training_settings
+from pipeline.base.metrics import higher_is_better
+from pipeline.base.utils import PipelineError
+from pipeline.experiments.freshness import input_changes
+from pipeline.experiments.layout import Part
+from pipeline.inference.engine import load_checkpoint, save_checkpoint, unwrap
 from pipeline.training.parts import Parts
-from pipeline.utils import PipelineError
 
 
 @dataclass

@@ -18,20 +18,34 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix
 
-from pipeline import distributed
-from pipeline.config import Config, DataConfig, FoldsConfig, save_config
-from pipeline.data import test_image_paths, train_image_paths
-from pipeline.layout import Experiment, Layout
-from pipeline.locks import holding
-from pipeline.probfiles import read_probs, read_pseudo
-from pipeline.scoring import Scorer, best_log_row
-from pipeline.provenance import read_manifest
-from pipeline.status import (current_folds, excluded_ids, fold_numbers, input_changes, joined_oof,
-                             read_folds, stale_remedy, train_freshness, training_inputs)
+from pipeline.base import distributed
+from pipeline.base.config import Config, DataConfig, FoldsConfig, save_config
+from pipeline.base.task import Scorer, best_log_row
+from pipeline.base.utils import (
+    PipelineError,
+    format_table,
+    markdown_table,
+    write_csv_atomic,
+    write_text_atomic,
+)
+from pipeline.data.tables import test_image_paths, train_image_paths
+from pipeline.experiments.freshness import (
+    current_folds,
+    excluded_ids,
+    fold_numbers,
+    input_changes,
+    read_folds,
+    stale_remedy,
+    train_freshness,
+    training_inputs,
+)
+from pipeline.experiments.layout import Experiment, Layout
+from pipeline.experiments.locks import holding
+from pipeline.experiments.manifests import read_manifest
+from pipeline.experiments.probfiles import read_probs, read_pseudo
+from pipeline.experiments.state import joined_oof
 from pipeline.training.parts import Rows, RunSpec
 from pipeline.training.run import preflight, train_part
-from pipeline.utils import PipelineError, format_table, markdown_table, write_text_atomic, \
-    write_csv_atomic
 
 
 @dataclass

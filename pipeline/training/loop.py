@@ -3,7 +3,7 @@
 `Trainer.fit` reads top to bottom: resume, then per epoch train, validate, choose, save, log.
 Everything random in an epoch derives from (seed, epoch), not from the state the previous epoch
 left, so a run resumed from last.pt ends with the same weights as an uninterrupted one. Under
-torchrun the same loop runs on every rank; rank 0 alone writes (pipeline/distributed.py).
+torchrun the same loop runs on every rank; rank 0 alone writes (pipeline/base/distributed.py).
 """
 
 from __future__ import annotations
@@ -17,17 +17,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import distributed
-from pipeline.config import OPTIMIZER_DEFAULTS, TrainConfig
-from pipeline.decode import decoded_score, grade_to_probs
-from pipeline.engine import (autocast, clean_image_errors, predict_logits, progress,
-                             split_outputs, unwrap)
+from pipeline.base import distributed
+from pipeline.base.config import OPTIMIZER_DEFAULTS, TrainConfig
+from pipeline.base.task import Scorer
+from pipeline.base.utils import WriteError, warn, write_csv_atomic
+from pipeline.ensembling.decode import decoded_score, grade_to_probs
+from pipeline.inference.engine import (
+    autocast,
+    clean_image_errors,
+    predict_logits,
+    progress,
+    split_outputs,
+    unwrap,
+)
 from pipeline.models.finetune import freeze_body, unfreeze
-from pipeline.scoring import Scorer
 from pipeline.training.checkpoints import Checkpoints, LoopState
 from pipeline.training.parts import Parts, RunSpec
-from pipeline.utils import WriteError, warn, write_csv_atomic
-
 
 # Epochs in a row that a fold may predict a single class before training says so: the first
 # epochs of an imbalanced competition often do (the majority class), a collapse goes on
@@ -46,7 +51,7 @@ class Trainer:
         self.train, self.head, self.parts, self.spec = train, head, parts, spec
         self.checkpoints, self.scorer = checkpoints, scorer
         # Epochs are chosen by the metric of the labels the submission will hold: after the
-        # thresholds or cut-off the ensemble fits (pipeline/decode.py), not after argmax.
+        # thresholds or cut-off the ensemble fits (pipeline/ensembling/decode.py), not after argmax.
         self.decoder = decoder
         self.state = LoopState()
         self.saved_epoch = -1  # the last epoch whose last.pt was written (a resume goes on after)

@@ -20,17 +20,38 @@ import torch
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, RandomSampler
 
-from pipeline import distributed
-from pipeline.augment import (Normalizer, build_transforms, compute_dataset_stats,
-                              resolve_normalization)
-from pipeline.config import AugmentConfig, Config, ModelConfig, TrainConfig
-from pipeline.data import ImageDataset, SeededSampler, train_image_paths
-from pipeline.engine import amp_dtype, loader_settings, make_loader, output_size, resolve_device
-from pipeline.imagecache import image_loader
-from pipeline.layout import Part
-from pipeline.losses import balanced_sampler, build_loss, build_mixer, class_weights
+from pipeline.base import distributed
+from pipeline.base.config import AugmentConfig, Config, ModelConfig, TrainConfig
+from pipeline.data.augment import (
+    Normalizer,
+    build_transforms,
+    compute_dataset_stats,
+    resolve_normalization,
+)
+from pipeline.data.dataset import ImageDataset, SeededSampler
+from pipeline.data.imagecache import image_loader
+from pipeline.data.tables import train_image_paths
+from pipeline.experiments.layout import Part
+from pipeline.inference.engine import (
+    amp_dtype,
+    loader_settings,
+    make_loader,
+    output_size,
+    resolve_device,
+)
 from pipeline.models import create_model, model_input_config
-from pipeline.schedule import FoldPath, build_optimizer, build_scheduler, optimizer_steps
+from pipeline.training.losses import (
+    balanced_sampler,
+    build_loss,
+    build_mixer,
+    class_weights,
+)
+from pipeline.training.schedule import (
+    FoldPath,
+    build_optimizer,
+    build_scheduler,
+    optimizer_steps,
+)
 
 
 @dataclass

@@ -18,22 +18,28 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import distributed, plots
-from pipeline.augment import build_transforms
-from pipeline.config import Config, DataConfig, save_config
-from pipeline.decode import decoder_kind
-from pipeline.engine import load_checkpoint, unwrap
-from pipeline.layout import Layout
+from pipeline.base import distributed
+from pipeline.base.config import Config, DataConfig, save_config
+from pipeline.base.task import Scorer
+from pipeline.base.utils import PipelineError, warn, write_csv_atomic
+from pipeline.data.augment import build_transforms
+from pipeline.ensembling.decode import decoder_kind
+from pipeline.ensembling.submission import resolved_submission_kind
+from pipeline.experiments.freshness import (
+    pseudo_fingerprint,
+    refuse_stale,
+    stale_remedy,
+    train_freshness,
+)
+from pipeline.experiments.layout import Layout
+from pipeline.experiments.manifests import write_manifest
+from pipeline.experiments.probfiles import probability_frame
+from pipeline.inference.engine import load_checkpoint, unwrap
 from pipeline.models import small_input_warning
-from pipeline.probfiles import probability_frame
-from pipeline.provenance import write_manifest
-from pipeline.scoring import Scorer
-from pipeline.status import pseudo_fingerprint, refuse_stale, stale_remedy, train_freshness
-from pipeline.submission import resolved_submission_kind
+from pipeline.reporting import plots
 from pipeline.training.checkpoints import Checkpoints
 from pipeline.training.loop import Trainer
 from pipeline.training.parts import RunSpec, build_model, build_parts
-from pipeline.utils import PipelineError, warn, write_csv_atomic
 
 
 def preflight(config: Config, layout: Layout) -> None:

@@ -1,0 +1,190 @@
+"""Reading images: header sizes before any decode, the pixel budget, decoding, and the checks.
+
+    raw = read_image_bytes(path, max_pixels)      # refused above the budget, from the header alone
+    image = read_image(path, min_side=64)          # (H, W, 3) uint8 RGB, JPEG decoded at reduced size
+    problems = find_image_problems(paths)          # {path: what is wrong} for missing or unreadable
+
+A truncated file, a link out of the image folder or an image over `data.max_image_pixels` is an
+`ImageReadError` that names the file.
+"""
+from __future__ import annotations
+
+import errno
+import io
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from pipeline.data.tables import MAX_IMAGE_PIXELS, DataError
+
+
+class ImageReadError(DataError):
+    """One image could not be read; names the path."""
+
+
+class ImageTooLarge(ImageReadError):
+    """An image's header says it holds more pixels than data.max_image_pixels."""
+
+    def __init__(self, message: str, size: str = ""):
+        super().__init__(message)
+        self.size = size  # "20000 x 20000 px"
+
+
+# PIL reads headers only here (sizes, before any decoding); the pixel budget is ours,
+# data.max_image_pixels, checked from the header before OpenCV decodes a byte of pixels. PIL's
+# own guard would refuse to even read the header of an image above 2 x its limit.
+def _looks_truncated(raw: bytes) -> bool:
+    """JPEGs end with the EOI marker, PNGs with the IEND chunk; OpenCV decodes cut files silently.
+
+    Some writers pad after the EOI marker, so it is looked for in the last kilobyte; inside JPEG
+    scan data 0xFF is byte-stuffed, so the marker cannot appear there by chance.
+    """
+    if raw[:2] == b"\xff\xd8":
+        return b"\xff\xd9" not in raw[-1024:]
+    if raw[:8] == b"\x89PNG\r\n\x1a\n":
+        return b"IEND" not in raw[-32:]
+    return False
+
+
+# Decoding flags by JPEG scale-down factor: libjpeg decodes at 1/2, 1/4 or 1/8 size in its inverse
+# DCT, which skips most of the decoding work (a 2048 px photo decodes ~4x faster at 1/8) and is an
+# anti-aliased shrink in itself. Other formats are always decoded at full size.
+JPEG_REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
+                      4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def jpeg_reduction(raw: bytes, min_side: int) -> int:
+    """The largest JPEG scale-down factor (1, 2, 4 or 8) that keeps the shorter side >= min_side.
+
+    Reads only the header (PIL stops at the frame size: ~40 us, no decoding); 1 for non-JPEGs.
+    """
+    if raw[:2] != b"\xff\xd8":
+        return 1
+    try:
+        width, height = Image.open(io.BytesIO(raw)).size
+    except Exception:  # a broken header: decode at full size and let the decoder name the file
+        return 1
+    shorter = min(width, height)
+    for factor in (8, 4, 2):
+        if -(-shorter // factor) >= min_side:  # libjpeg rounds the scaled size up
+            return factor
+    return 1
+
+
+def decode_image(raw: bytes, source: Path | str, reduction: int = 1) -> np.ndarray:
+    """Decode encoded bytes to an RGB uint8 array (H, W, 3); grayscale images get three channels.
+
+    `reduction` (2, 4, 8) decodes a JPEG at that fraction of its size (see `jpeg_reduction`).
+    """
+    flags = JPEG_REDUCED_FLAGS[reduction] if raw[:2] == b"\xff\xd8" else cv2.IMREAD_COLOR
+    image = cv2.imdecode(np.frombuffer(raw, np.uint8), flags) if raw else None
+    if image is None:
+        raise ImageReadError(f"cannot decode image {source}: not an image or corrupt; "
+                             f"replace it, or set data.drop_bad_images=true to leave it out")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def header_size(raw: bytes) -> tuple[int, int] | None:
+    """(width, height) from an encoded image's header (PNG, JPEG, WebP, TIFF, BMP, ...), without
+    decoding its pixels; None when the header does not say."""
+    try:
+        return Image.open(io.BytesIO(raw)).size
+    except Exception:  # not a format PIL knows, or a broken header: the decoder names the file
+        return None
+
+
+def check_pixels(raw: bytes, source: Path | str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """Refuse an image whose header holds more than `max_pixels` pixels, before decoding it."""
+    size = header_size(raw)
+    if size is None or size[0] * size[1] <= max_pixels:
+        return
+    width, height = size
+    raise ImageTooLarge(
+        f"image {source} is {width} x {height} px ({width * height / 1e6:.0f} Mpx), over the "
+        f"pixel budget of {max_pixels / 1e6:g} Mpx (data.max_image_pixels): decoding it would "
+        f"take {width * height * 3 / 2**30:.1f} GB. Shrink or replace it, raise "
+        f"data.max_image_pixels if it is a real photo, or set data.drop_bad_images=true to "
+        f"leave it out", f"{width} x {height} px")
+
+
+def read_image_bytes(path: Path | str, max_pixels: int = MAX_IMAGE_PIXELS) -> bytes:
+    """The encoded bytes of an image file, refusing truncated files and images over the pixel
+    budget (from the header), with errors that name it."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise ImageReadError(f"cannot read image {path}: {err.strerror or err}") from None
+    check_pixels(raw, path, max_pixels)
+    if _looks_truncated(raw):
+        raise ImageReadError(f"image {path} is truncated (incomplete file); re-download it, or set "
+                             f"data.drop_bad_images=true to leave it out")
+    return raw
+
+
+def read_image(path: Path | str, min_side: int | None = None,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Read an image file (PNG, JPEG, ...) as RGB uint8 (H, W, 3), with an error that names it.
+
+    With `min_side` (pixels), a large JPEG is decoded at 1/2, 1/4 or 1/8 of its size as long as
+    its shorter side stays >= min_side: much faster, for images that are shrunk afterwards anyway.
+    """
+    raw = read_image_bytes(path, max_pixels)
+    return decode_image(raw, path, jpeg_reduction(raw, min_side) if min_side else 1)
+
+
+def outside_link(path: Path, real_folder: Path) -> str | None:
+    """Where `path` leads when a symbolic link takes it outside the folder whose real path is
+    `real_folder` (ids cannot leave the folder with '..', and neither may a link), else None.
+    A folder that is itself a link is fine: its files resolve inside its target."""
+    target = path.resolve()
+    return None if target.is_relative_to(real_folder) else str(target)
+
+
+def image_problem(path: Path, real_folder: Path | None = None,
+                  max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:
+    """None when the image reads cleanly, else 'missing', 'name too long: <why>' (an id longer
+    than the file system allows in one name, usually 255 bytes), 'outside: <target>' (a link out
+    of the image folder, given by its real path), 'too large: <why>' (over the pixel budget) or
+    'unreadable: <why>'."""
+    try:
+        exists = path.is_file()
+    except OSError as err:  # Path.is_file raises ENAMETOOLONG rather than returning False
+        kind = "name too long" if err.errno == errno.ENAMETOOLONG else "unreadable"
+        return f"{kind}: {err.strerror or err}"
+    if not exists:
+        return "missing"
+    target = outside_link(path, real_folder) if real_folder is not None else None
+    if target is not None:
+        return f"outside: {target}"
+    try:
+        read_image(path, max_pixels=max_pixels)
+    except ImageTooLarge as err:
+        return f"too large: {err.size}"
+    except ImageReadError as err:
+        return f"unreadable: {err}"
+    return None
+
+
+def find_image_problems(paths: Sequence[Path], workers: int = 4,
+                        progress: Callable | None = None, folder: Path | None = None,
+                        max_pixels: int = MAX_IMAGE_PIXELS) -> dict[Path, str]:
+    """Check every image (OpenCV releases the GIL, so threads decode in parallel); `folder`: the
+    image folder no image may lead out of through a link."""
+    real_folder = None if folder is None else folder.resolve()
+
+    def problem(path: Path) -> str | None:
+        return image_problem(path, real_folder, max_pixels)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(problem, paths, chunksize=64)
+        if progress is not None:
+            results = progress(results, total=len(paths))
+        return {p: r for p, r in zip(paths, results) if r is not None}
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset

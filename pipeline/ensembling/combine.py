@@ -1,0 +1,538 @@
+"""Ensemble maths as pure functions of arrays: combining members, fitted weights, nested
+scores, decoding, and an experiment's fold mean with its refit.
+
+    test = fold_mean_with_refit(fold_tests, refit_test, weight)     # one experiment's test rows
+    combined = combine_members(oof_stack, test_stack, targets, "fitted", scorer, row_folds)
+    decoded = decode_combined("thresholds", combined, targets, row_folds, scorer)
+
+`make ensemble` (pipeline/stages/ensemble.py), `make pseudo` and the offline `infer` all call these, so
+a submission, its pseudo-labels and its offline reproduction are made by the same code.
+
+Methods (`ensemble.method`), over members' (M, N, C) probabilities:
+  mean     the plain average
+  median   the per-cell median, rows renormalised
+  trimmed  scipy's trim_mean cutting 20% at each end (the mean below 3 members), rows renormalised
+  rank     the average of per-class rank-normalised probabilities: for ROC-AUC, where only the
+           order matters and members are calibrated differently. Outputs are scores, not
+           probabilities; rows are renormalised to be scored and submitted.
+  fitted   non-negative weights summing to 1 (softmax-parametrised), fitted on the OOF predictions
+           by minimising log-loss (the smooth proxy of every metric here; accuracy and QWK are
+           step functions an optimiser cannot follow), starting from equal weights. They are
+           scored nested (each fold mixed by weights fitted on the other folds) and used only
+           when that beats equal weights.
+  hillclimb  greedy selection with replacement (Caruana et al. 2004): the weights are how often
+           each member was picked (pipeline/ensembling/stacking.py)
+  stack    a level-2 scikit-learn model on the members' OOF predictions (`ensemble.stacker`:
+           logreg on log-probabilities, ridge on expected grades for ordinal competitions)
+  auto     every method above scored nested, the best used; its CV nests the choice too (each
+           held fold combined by the method that won on the other folds alone: auto_nested)
+Whatever is fitted on OOF rows is scored out of fold (README.md, "Honest scores").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import softmax
+from scipy.stats import rankdata, trim_mean
+from tqdm import tqdm
+
+from pipeline.base.config import EnsembleConfig
+from pipeline.base.metrics import labels_at_cutoff
+from pipeline.base.task import Scorer
+from pipeline.base.utils import PipelineError
+from pipeline.ensembling.decode import (
+    Decoded,
+    apply_thresholds,
+    decode_cutoff,
+    decode_thresholds,
+    decoded_score,
+    expected_grade,
+    nested,
+)
+from pipeline.ensembling.stacking import (
+    MAX_COEFFICIENTS,
+    apply_stacker,
+    coefficients,
+    fit_stacker,
+    hillclimb,
+)
+
+TRIM_FRACTION = 0.2  # trimmed mean: cut this share of the members at each end
+FITTED_METHODS = ("fitted", "hillclimb", "stack")  # fitted on OOF rows, so scored nested
+# What a `both` member submits from (choose_views): its class probabilities, or its grade
+# output as two-point distributions between neighbouring grades
+PROBS_VIEW, GRADE_VIEW = "class probabilities", "grade output"
+
+
+@dataclass
+class Combined:
+    """The ensemble's predictions and how they were made."""
+
+    oof: np.ndarray  # (N_oof, C), rows sum to 1; fitted weights: fitted on these very rows
+    test: np.ndarray  # (N_test, C), rows sum to 1
+    weights: np.ndarray | None  # per member; None for median/trimmed (not a weighted average)
+    notes: list[str] = field(default_factory=list)
+    # (N_oof, C): each fold mixed by weights fitted on the other folds (the honest OOF); the same
+    # as `oof` when nothing is fitted
+    oof_nested: np.ndarray | None = None
+    fit: Fit | None = None  # what combines the test rows (and, offline, `infer`'s)
+    table: list[MethodScore] = field(default_factory=list)  # auto: every method, scored
+    fitted: bool = False  # something was fitted on the OOF rows (weights, selection, stacker)
+    nested: bool = False  # and `oof_nested` holds each fold combined by a fit on the others
+    choice_nested: bool = False  # auto: the choice of method was made on the other folds too
+
+def fold_mean_with_refit(fold_tests: Sequence[np.ndarray], refit_test: np.ndarray | None,
+                         refit_weight: float) -> np.ndarray:
+    """One experiment's test rows: its folds' mean, with the full-data refit joined at
+    `refit_weight` (the folds together weigh 1): (mean + w * refit) / (1 + w)."""
+    test = np.mean(fold_tests, axis=0)
+    if refit_test is not None and refit_weight > 0:
+        test = (test + refit_weight * refit_test) / (1.0 + refit_weight)
+    return test
+
+
+def normalise_rows(scores: np.ndarray) -> np.ndarray:
+    """Rows scaled to sum to 1 (a row of zeros becomes uniform)."""
+    totals = scores.sum(axis=1, keepdims=True)
+    uniform = np.full_like(scores, 1.0 / scores.shape[1])
+    return np.divide(scores, totals, out=uniform, where=totals > 0)
+
+
+def rank_normalise(probs: np.ndarray) -> np.ndarray:
+    """Each class column (N,) -> its ranks / N in (0, 1]; ties share their average rank."""
+    return rankdata(probs, axis=0, method="average") / len(probs)
+
+
+def combine(stack: np.ndarray, method: str, weights: np.ndarray | None = None) -> np.ndarray:
+    """(M, N, C) member predictions -> (N, C), rows summing to 1.
+
+    `weights` (M,) apply to mean and fitted (equal when None); rank averages rank-normalised
+    members (scores, renormalised per row).
+    """
+    members = len(stack)
+    if weights is None:
+        weights = np.full(members, 1.0 / members)
+    if method in ("mean", "fitted", "hillclimb"):
+        out = np.tensordot(weights, stack, axes=1)
+    elif method == "median":
+        out = np.median(stack, axis=0)
+    elif method == "trimmed":
+        out = trim_mean(stack, TRIM_FRACTION, axis=0) if members >= 3 else stack.mean(axis=0)
+    elif method == "rank":
+        out = np.tensordot(weights, np.stack([rank_normalise(p) for p in stack]), axes=1)
+    else:
+        raise ValueError(f"unknown ensemble method {method!r}")
+    return normalise_rows(out)
+
+
+def _log_loss_of_true(true_probs: np.ndarray, weights: np.ndarray) -> tuple[float, np.ndarray]:
+    """Log-loss of the weighted mix and its gradient in the weights.
+
+    true_probs (M, N): each member's probability of the true class, p_m[i, y_i].
+    """
+    mix = np.clip(weights @ true_probs, 1e-15, None)
+    loss = -np.log(mix).mean()
+    grad = -(true_probs / mix).mean(axis=1)
+    return float(loss), grad
+
+
+def fit_weights(oof_stack: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Non-negative weights summing to 1 minimising OOF log-loss, from equal weights.
+
+    Weights = softmax(z) keeps them on the simplex without constraints; the analytic gradient
+    through the softmax (w * (g - w.g)) makes L-BFGS converge in a few dozen steps.
+    """
+    members = len(oof_stack)
+    if members == 1:
+        return np.ones(1)
+    true_probs = oof_stack[:, np.arange(len(targets)), targets]  # (M, N)
+
+    def objective(z: np.ndarray) -> tuple[float, np.ndarray]:
+        weights = softmax(z)
+        loss, grad = _log_loss_of_true(true_probs, weights)
+        return loss, weights * (grad - weights @ grad)
+
+    result = minimize(objective, np.zeros(members), jac=True, method="L-BFGS-B")
+    return softmax(result.x)
+
+
+def _fitted_or_equal(oof_stack: np.ndarray, targets: np.ndarray, scorer: Scorer,
+                     row_folds: np.ndarray | None,
+                     notes: list[str]) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """(weights, their nested OOF mix or None when there is one fold, whether they are the
+    fitted ones): fitted weights when their honest score is not worse than equal weights',
+    else equal weights."""
+    fitted = fit_weights(oof_stack, targets)
+    honest = fitted_nested("fitted", oof_stack, targets, row_folds, scorer, Options())
+    judged = combine(oof_stack, "fitted", fitted) if honest is None else honest
+    equal_score = scorer.score(targets, combine(oof_stack, "mean"))
+    fitted_score = scorer.score(targets, judged)
+    if scorer.is_better(equal_score, fitted_score):
+        how = "in sample" if honest is None else "out of fold (nested)"
+        notes.append(f"fitted weights scored {scorer.metric} {fitted_score:.4f} {how}, worse "
+                     f"than equal weights ({equal_score:.4f}): equal weights used")
+        return np.full(len(oof_stack), 1.0 / len(oof_stack)), None, False
+    return fitted, honest, True
+
+
+# --------------------------------------------------------------------------------------------
+# Every method as a fit (on OOF rows) and its application (to any rows)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The `ensemble:` settings the fitted methods read."""
+
+    stacker: str = EnsembleConfig().stacker  # stack: logreg | ridge (stacking.STACKERS)
+    rounds: int = EnsembleConfig().hillclimb_rounds  # hillclimb: this many picks
+    ordinal: bool = False  # auto also tries the ridge stacker on expected grades
+    # the submission's decoder (decode.decoder_kind): auto scores each method as decoded by it
+    decode: str = "argmax"
+
+    @classmethod
+    def of(cls, settings: EnsembleConfig, ordinal: bool, decode: str = "argmax") -> Options:
+        return cls(settings.stacker, settings.hillclimb_rounds, ordinal, decode)
+
+
+@dataclass
+class Fit:
+    """A method fitted on OOF rows: what it applies to members' predictions (M, N, C)."""
+
+    method: str
+    weights: np.ndarray | None  # mean, rank, fitted, hillclimb; None: median, trimmed, stack
+    stacker: dict | None = None  # stack: the fitted parameters (stacking.fit_stacker)
+
+    def apply(self, stack: np.ndarray) -> np.ndarray:
+        return apply_combination(self.method, self.weights, self.stacker, stack)
+
+    @property
+    def label(self) -> str:
+        return f"stack ({self.stacker['kind']})" if self.method == "stack" else self.method
+
+
+def apply_combination(method: str, weights, stacker: dict | None,
+                      stack: np.ndarray) -> np.ndarray:
+    """(M, N, C) -> (N, C) as a recorded ensemble (method, weights, stacker) combines: what the
+    submission's test rows and the offline `infer` compute."""
+    if method == "stack":
+        return apply_stacker(stacker, stack)
+    return combine(stack, method, None if weights is None else np.asarray(weights))
+
+
+def check_stacker(kind: str, members: int, classes: int) -> None:
+    """Refuse a stacker too large to fit and store (stacking.MAX_COEFFICIENTS)."""
+    count = coefficients(kind, members, classes)
+    if count > MAX_COEFFICIENTS:
+        raise PipelineError(f"the {kind} stacker of {members} members x {classes} classes fits "
+                         f"{count:,} coefficients (at most {MAX_COEFFICIENTS:,}); use "
+                         f"ensemble.method=hillclimb or fitted, which fit one weight per member")
+
+
+def fit_method(method: str, oof_stack: np.ndarray, targets: np.ndarray, scorer: Scorer,
+               options: Options) -> Fit:
+    """`method` fitted on these OOF rows (nothing to fit: equal weights, or none)."""
+    members = len(oof_stack)
+    if method == "fitted":
+        return Fit(method, fit_weights(oof_stack, targets))
+    if method == "hillclimb":
+        return Fit(method, hillclimb(oof_stack, targets, scorer, options.rounds))
+    if method == "stack":
+        check_stacker(options.stacker, members, oof_stack.shape[2])
+        return Fit(method, None, fit_stacker(options.stacker, oof_stack, targets))
+    if method in ("median", "trimmed") and not (method == "trimmed" and members < 3):
+        return Fit(method, None)
+    return Fit(method, np.full(members, 1.0 / members))
+
+
+def fold_count(row_folds: np.ndarray | None) -> int:
+    return 0 if row_folds is None else len(np.unique(row_folds))
+
+
+def fitted_nested(method: str, oof_stack: np.ndarray, targets: np.ndarray,
+                  row_folds: np.ndarray | None, scorer: Scorer,
+                  options: Options) -> np.ndarray | None:
+    """(N, C): each fold combined by `method` fitted on the other folds (the honest OOF); None
+    when there is nothing to nest: a method that fits nothing, or fewer than two folds."""
+    if method not in FITTED_METHODS or fold_count(row_folds) < 2:
+        return None
+    return nested(lambda train: fit_method(method, oof_stack[:, train], targets[train], scorer,
+                                           options),
+                  lambda fit, held: fit.apply(oof_stack[:, held]),
+                  row_folds, oof_stack.shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# auto: every method scored nested, the best used; the choice itself nested for the CV
+
+
+@dataclass
+class MethodScore:
+    """One method of `auto`'s table, fitted on every OOF row and scored both ways."""
+
+    fit: Fit
+    honest: np.ndarray  # (N, C): fitted on the other folds for each held one (in sample: same)
+    score_nested: float  # the metric of `honest`
+    score_in_sample: float  # fitted on the rows it scores
+
+
+def auto_candidates(options: Options, shape: tuple[int, ...],
+                    row_folds: np.ndarray | None) -> list[tuple[str, Options]]:
+    """The methods `auto` tries, simplest first (a tie goes to the simpler one): with fewer than
+    two folds only those that fit nothing (the others could be judged in sample only); a stacker
+    too large to store is left out."""
+    members, _, classes = shape
+    candidates = [(m, options) for m in ("mean", "median", "trimmed", "rank")]
+    if fold_count(row_folds) < 2:
+        return candidates
+    candidates += [(m, options) for m in ("fitted", "hillclimb")]
+    stackers = ("logreg", "ridge") if options.ordinal else ("logreg",)
+    return candidates + [("stack", replace(options, stacker=s)) for s in stackers
+                         if coefficients(s, members, classes) <= MAX_COEFFICIENTS]
+
+
+def score_methods(oof_stack: np.ndarray, targets: np.ndarray, row_folds: np.ndarray | None,
+                  scorer: Scorer, options: Options) -> list[MethodScore]:
+    """Every `auto` candidate, fitted on all rows and scored nested and in sample, each as its
+    own submission would print it: decoded by the submission's decoder (thresholds fitted on
+    the other folds, say), so auto picks what scores best as submitted, not by argmax."""
+    table = []
+    for method, method_options in auto_candidates(options, oof_stack.shape, row_folds):
+        fit = fit_method(method, oof_stack, targets, scorer, method_options)
+        in_sample = fit.apply(oof_stack)
+        honest = fitted_nested(method, oof_stack, targets, row_folds, scorer, method_options)
+        honest = in_sample if honest is None else honest
+        scores = submitted_scores(options.decode, in_sample, honest, targets, row_folds, scorer)
+        table.append(MethodScore(fit, honest, scores["out of fold"], scores["in sample"]))
+    return table
+
+
+def best_method(table: list[MethodScore], scorer: Scorer) -> int:
+    """The index of the best nested score; ties go to the earlier (simpler) method."""
+    best = 0
+    for index, row in enumerate(table):
+        if scorer.is_better(row.score_nested, table[best].score_nested):
+            best = index
+    return best
+
+
+def auto_nested(oof_stack: np.ndarray, targets: np.ndarray, row_folds: np.ndarray,
+                scorer: Scorer, options: Options) -> tuple[np.ndarray, list[str]]:
+    """(N, C), the honest OOF of `auto`, and the method chosen for each held fold: for each
+    fold, the methods are scored nested on the other folds alone (by their own folds), the best
+    is fitted on those rows and applied to the held fold. Choosing the best of several nested
+    scores is itself a fit; this double nesting keeps its optimism out of the printed CV."""
+    out = np.empty(oof_stack.shape[1:])
+    chosen = []
+    for fold in tqdm(np.unique(row_folds), desc="auto: nesting the choice", leave=False):
+        held = row_folds == fold
+        inner = score_methods(oof_stack[:, ~held], targets[~held], row_folds[~held], scorer,
+                              options)
+        fit = inner[best_method(inner, scorer)].fit
+        out[held] = fit.apply(oof_stack[:, held])
+        chosen.append(fit.label)
+    return out, chosen
+
+
+def _auto(oof_stack: np.ndarray, targets: np.ndarray, row_folds: np.ndarray | None,
+          scorer: Scorer, options: Options,
+          notes: list[str]) -> tuple[Fit, np.ndarray | None, list[MethodScore], bool]:
+    """(the chosen fit, the honest OOF or None when nothing could be nested, every method,
+    whether the choice itself is nested)."""
+    table = score_methods(oof_stack, targets, row_folds, scorer, options)
+    best = table[best_method(table, scorer)]
+    folds = fold_count(row_folds)
+    if folds < 2:
+        notes.append("auto: one fold, so only the methods that fit nothing were tried, and the "
+                     "choice between them is in sample")
+        return best.fit, None, table, False
+    if folds == 2:
+        notes.append("auto: two folds, too few to nest the choice of method too: the CV is "
+                     "the chosen method's nested score, optimistic by the choice")
+        return best.fit, best.honest, table, False
+    honest, per_fold = auto_nested(oof_stack, targets, row_folds, scorer, options)
+    notes.append(f"auto chose {best.fit.label} on every OOF row (for the test set); chosen on "
+                 f"the other folds alone for each held fold: {', '.join(per_fold)}")
+    return best.fit, honest, table, True
+
+
+def combine_members(oof_stack: np.ndarray, test_stack: np.ndarray, targets: np.ndarray,
+                    method: str, scorer: Scorer, row_folds: np.ndarray | None = None,
+                    options: Options = Options()) -> Combined:
+    """The ensemble of OOF and test predictions by `method`.
+
+    Whatever is fitted (weights, a selection, a stacker, auto's choice of method) is fitted on
+    every OOF row for the test set; with `row_folds` (each OOF row's fold) it is also scored
+    honestly, each fold combined by a fit on the others. Fitted weights are kept only when that
+    nested score beats equal weights.
+    """
+    notes: list[str] = []
+    table: list[MethodScore] = []
+    choice_nested = False
+    if method == "auto":
+        fit, honest, table, choice_nested = _auto(oof_stack, targets, row_folds, scorer,
+                                                  options, notes)
+    elif method == "fitted":
+        weights, honest, used = _fitted_or_equal(oof_stack, targets, scorer, row_folds, notes)
+        fit = Fit("fitted" if used else "mean", weights)
+    else:
+        fit = fit_method(method, oof_stack, targets, scorer, options)
+        honest = fitted_nested(method, oof_stack, targets, row_folds, scorer, options)
+    fitted = method == "auto" or fit.method in FITTED_METHODS
+    if fitted and honest is None:
+        notes.append(f"{method}: fitted on the OOF rows with one fold, nothing to nest it in: "
+                     f"its CV is in sample (optimistic)")
+    notes += method_notes(method, fit, honest, oof_stack, targets, scorer)
+    oof = fit.apply(oof_stack)
+    return Combined(oof=oof, test=fit.apply(test_stack), weights=fit.weights, notes=notes,
+                    oof_nested=oof if honest is None else honest, fit=fit, table=table,
+                    fitted=fitted, nested=honest is not None, choice_nested=choice_nested)
+
+
+def method_notes(method: str, fit: Fit, honest: np.ndarray | None, oof_stack: np.ndarray,
+                 targets: np.ndarray, scorer: Scorer) -> list[str]:
+    """What the report should say about the method used."""
+    notes = []
+    if method in ("hillclimb", "stack") and honest is not None:
+        mean_score = scorer.score(targets, combine(oof_stack, "mean"))
+        score = scorer.score(targets, honest)
+        if scorer.is_better(mean_score, score):
+            notes.append(f"{fit.label} scored {scorer.metric} {score:.4f} out of fold (nested), "
+                         f"worse than the plain mean's {mean_score:.4f}; ensemble.method=auto "
+                         f"chooses between them")
+    if fit.method == "trimmed" and len(oof_stack) < 3:
+        notes.append(f"trimmed mean needs 3 members, {len(oof_stack)} given: plain mean used")
+    if fit.method == "rank":
+        notes.append("rank outputs are scores, not probabilities; rows renormalised to be scored "
+                     "and submitted")
+        if scorer.metric != "roc_auc":
+            notes.append(f"rank averaging suits ROC-AUC; the metric is {scorer.metric}")
+    return notes
+
+
+@dataclass
+class ViewChoice:
+    """Which of a member's views (its outputs) it submits from, chosen out of fold."""
+
+    view: str  # chosen on every OOF row: what the test rows come from
+    per_fold: list[str]  # chosen on the other folds, for each held fold
+    nested: dict[str, float]  # each view's own score, out of fold (whatever it fits, nested)
+    oof: np.ndarray  # (N, C): each fold from the view chosen on the other folds (honest)
+    test: np.ndarray  # (N_test, C) of `view`
+
+
+def _view_score(kind: str, probs: np.ndarray, targets: np.ndarray, scorer: Scorer) -> float:
+    """A view's metric as the submission would decode it, fitted on these rows (a choice's
+    training rows)."""
+    if kind in ("thresholds", "cutoff"):
+        return decoded_score(kind, scorer.metric, targets, probs, scorer.positive)
+    return scorer.score(targets, probs)
+
+
+def _nested_score(kind: str, probs: np.ndarray, targets: np.ndarray, row_folds: np.ndarray,
+                  scorer: Scorer) -> float:
+    """A view's honest score: its decoder fitted on the other folds for each held one."""
+    if kind == "thresholds":
+        return decode_thresholds(probs, probs[:1], targets, row_folds).score_nested
+    if kind == "cutoff":
+        return decode_cutoff(probs, probs[:1], targets, scorer.metric, scorer.positive,
+                             row_folds).score_nested
+    return scorer.score(targets, probs)
+
+
+def choose_views(views: dict[str, tuple[np.ndarray, np.ndarray]], targets: np.ndarray,
+                 row_folds: np.ndarray, kind: str, scorer: Scorer) -> ViewChoice:
+    """Choose, nested, which of a member's views ({name: (OOF (N, C), test)}) it submits from:
+    for each held fold the view that scores best on the other folds (decoded as the ensemble
+    will, `kind`), so the assembled OOF is honest; on every row, the view for the test set."""
+    names = list(views)
+
+    def best(rows: np.ndarray) -> str:  # by the metric's direction; a tie: the first view
+        scores = [_view_score(kind, views[v][0][rows], targets[rows], scorer) for v in names]
+        chosen = 0
+        for index in range(1, len(names)):
+            if scorer.is_better(scores[index], scores[chosen]):
+                chosen = index
+        return names[chosen]
+
+    oof = np.empty_like(views[names[0]][0])
+    per_fold = []
+    for fold in np.unique(row_folds):
+        held = row_folds == fold
+        chosen = best(~held) if (~held).any() else names[0]
+        oof[held] = views[chosen][0][held]
+        per_fold.append(chosen)
+    view = best(np.ones(len(targets), bool))
+    nested_scores = {v: _nested_score(kind, views[v][0], targets, row_folds, scorer)
+                     for v in names}
+    return ViewChoice(view, per_fold, nested_scores, oof, views[view][1])
+
+
+def decode_combined(kind: str, combined: Combined, targets: np.ndarray, row_folds: np.ndarray,
+                    scorer: Scorer) -> Decoded | None:
+    """The fitted decoder `kind` (thresholds, cutoff; argmax: None) of an ensemble, judged by its
+    nested score; a note says so when it did not beat argmax."""
+    decoded = fit_decoder(kind, combined.oof, combined.test, targets, row_folds, scorer,
+                          combined.oof_nested)
+    if decoded is None:
+        return None
+    what = "thresholds" if kind == "thresholds" else f"a cut-off of {decoded.params[0]:.3f}"
+    if not decoded.used:
+        combined.notes.append(
+            f"{what} scored {scorer.metric} {decoded.score_nested:.4f} out of fold (each fold "
+            f"decoded by a fit on the others), not above argmax's {decoded.score_argmax:.4f}: "
+            f"argmax used")
+    return decoded
+
+
+def fit_decoder(kind: str, oof: np.ndarray, test: np.ndarray, targets: np.ndarray,
+                row_folds: np.ndarray | None, scorer: Scorer,
+                oof_nested: np.ndarray | None = None) -> Decoded | None:
+    """The decoder `kind` fitted on `oof` (thresholds, cutoff; argmax: None), its nested score
+    taken on `oof_nested` (a fitted ensemble's honest mix; None: `oof`)."""
+    if kind == "thresholds":
+        return decode_thresholds(oof, test, targets, row_folds, oof_nested)
+    if kind == "cutoff":
+        return decode_cutoff(oof, test, targets, scorer.metric, scorer.positive, row_folds,
+                             oof_nested)
+    return None
+
+
+def honest_scores(targets: np.ndarray, combined: Combined, decoded: Decoded | None,
+                  scorer: Scorer) -> dict[str, float]:
+    """{'out of fold': the honest CV, 'in sample': the figure fitted on the rows it scores}.
+
+    The honest CV scores each fold with whatever was fitted (weights, thresholds, cut-off) on the
+    other folds only; it is the number in the submission's name.
+    """
+    return _printed(decoded, combined.oof, combined.oof_nested, targets, scorer)
+
+
+def submitted_scores(kind: str, oof: np.ndarray, oof_nested: np.ndarray, targets: np.ndarray,
+                     row_folds: np.ndarray | None, scorer: Scorer) -> dict[str, float]:
+    """honest_scores of combined OOF rows (`oof` fitted on every row, `oof_nested` on the other
+    folds) as the submission decodes them: what `make ensemble` of that method would print."""
+    decoded = fit_decoder(kind, oof, oof[:1], targets, row_folds, scorer, oof_nested)
+    return _printed(decoded, oof, oof_nested, targets, scorer)
+
+
+def _printed(decoded: Decoded | None, oof: np.ndarray, oof_nested: np.ndarray,
+             targets: np.ndarray, scorer: Scorer) -> dict[str, float]:
+    if decoded is not None and decoded.used:
+        return {"out of fold": decoded.score_nested, "in sample": decoded.score_in_sample}
+    return {"out of fold": scorer.score(targets, oof_nested),
+            "in sample": scorer.score(targets, oof)}
+
+
+def apply_decoding(decoding: dict, probs: np.ndarray) -> np.ndarray:
+    """What a submission holds from ensemble probabilities, by a recorded decoding
+    ({"kind": argmax|thresholds|cutoff, "thresholds": [...], "cutoff": c, "positive": k}):
+    class indices (N,) of a fitted decoder, else the probabilities themselves."""
+    if decoding["kind"] == "thresholds":
+        return apply_thresholds(expected_grade(probs), np.asarray(decoding["thresholds"]))
+    if decoding["kind"] == "cutoff":
+        return labels_at_cutoff(probs, float(decoding["cutoff"]), int(decoding["positive"]))
+    return probs

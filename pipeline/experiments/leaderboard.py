@@ -1,0 +1,130 @@
+"""Every experiment of a competition and every submission, as the leaderboard shows them: read
+by `make runs` (the terminal table) and `make report` (the HTML page).
+
+    frame = leaderboard(data, folds, layout)        # one row per experiment, best first
+    for s in submission_summaries(data, folds, layout): print(s.name, s.cv, s.current)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.base.config import DataConfig, FoldsConfig
+from pipeline.base.metrics import higher_is_better
+from pipeline.base.task import Scorer
+from pipeline.base.utils import PipelineError
+from pipeline.experiments.freshness import (
+    folds_freshness,
+    read_folds_unchecked,
+    read_test_set,
+)
+from pipeline.experiments.layout import Layout, submission_of_manifest
+from pipeline.experiments.manifests import read_manifest
+from pipeline.experiments.state import (
+    ExperimentState,
+    cv_numbers,
+    experiment_state,
+    submission_freshness,
+)
+
+HEADERS = ["experiment", "model", "size", "epochs", "seed", "cv mean", "cv std", "oof",
+           "tta gain", "status", "minutes", "submissions"]
+
+
+def submissions_of(data: DataConfig, folds: FoldsConfig, layout: Layout) -> dict[str, list[str]]:
+    """experiment name -> its submissions ('name' or 'name (stale)')."""
+    found: dict[str, list[str]] = {}
+    for path in layout.submission_manifests():
+        manifest = read_manifest(path)
+        if manifest is None:
+            continue
+        fresh = submission_freshness(data, folds, layout, path)
+        label = submission_of_manifest(path) + ("" if fresh.current else " (stale)")
+        for member in manifest.details.get("members", []):
+            found.setdefault(member, []).append(label)
+    return found
+
+
+def competition_states(data: DataConfig, folds_cfg: FoldsConfig,
+                       layout: Layout) -> list[ExperimentState]:
+    """The state of every experiment of the competition (the fold file may be stale: then
+    every fold is, with the reason)."""
+    names = layout.experiment_names()
+    if not names:
+        return []
+    if not layout.folds_csv.is_file():
+        raise PipelineError(f"{layout.folds_csv} not found: run `make folds DATA={data.name}`")
+    fresh = folds_freshness(data, folds_cfg, layout)
+    folds_error = None if fresh.current else f"the folds no longer fit the data ({fresh.why()})"
+    folds = read_folds_unchecked(data, layout)
+    _, test_fingerprint = read_test_set(data)
+    states = [experiment_state(data, layout, name, folds, test_fingerprint, folds_error)
+              for name in names]
+    return [s for s in states if s is not None]
+
+
+def leaderboard(data: DataConfig, folds_cfg: FoldsConfig, layout: Layout,
+                states: list[ExperimentState] | None = None) -> pd.DataFrame:
+    """One row per experiment (HEADERS), best out-of-fold score first; `states`: the
+    experiments' states when the caller has them already."""
+    states = competition_states(data, folds_cfg, layout) if states is None else states
+    submissions = submissions_of(data, folds_cfg, layout) if states else {}
+    rows = []
+    for state in states:
+        c = state.config
+        numbers = cv_numbers(state, Scorer.of(c.data))
+        rows.append([state.name, c.model.name, c.augment.image_size, c.train.epochs, c.train.seed,
+                     numbers["cv_mean"], numbers["cv_std"], numbers["oof"], numbers["tta_gain"],
+                     state.status(), numbers["minutes"],
+                     ", ".join(submissions.get(state.name, [])) or "-"])
+    frame = pd.DataFrame(rows, columns=HEADERS)
+    return frame.sort_values("oof", ascending=not higher_is_better(data.metric),
+                             na_position="last", kind="stable")
+
+
+@dataclass
+class SubmissionSummary:
+    """One submission as its manifest recorded it, and whether its members are still current."""
+
+    name: str
+    csv: Path
+    members: list[str]
+    method: str  # the method used (auto: the one it chose), with the stacker's kind
+    cv: float  # nested: the CV beside the submission
+    cv_in_sample: float
+    current: bool
+    why: str  # what changed since, when not current
+    partial: bool
+    methods: list[dict]  # auto: every method's nested and in-sample CV
+
+
+def submission_summaries(data: DataConfig, folds: FoldsConfig,
+                         layout: Layout) -> list[SubmissionSummary]:
+    """Every submission of the competition with a readable manifest, best CV first."""
+    found = []
+    for path in layout.submission_manifests():
+        manifest = read_manifest(path)
+        if manifest is None:
+            continue
+        details, fresh = manifest.details, submission_freshness(data, folds, layout, path)
+        method = details.get("method_label", details.get("method", "?"))
+        if details.get("refit only"):
+            method = "the full-data refit alone (unvalidated: no CV)"
+        name = submission_of_manifest(path)
+        found.append(SubmissionSummary(
+            name, layout.submission(name).csv, details.get("members", []), method,
+            float(details.get("cv", np.nan)), float(details.get("cv_in_sample", np.nan)),
+            fresh.current, "" if fresh.current else fresh.why(), bool(details.get("partial")),
+            details.get("methods", [])))
+    sign = -1 if higher_is_better(data.metric) else 1
+    return sorted(found, key=lambda s: (np.isnan(s.cv), sign * np.nan_to_num(s.cv)))
+
+
+def report_line(layout: Layout) -> str:
+    """Where the competition's HTML report is, and how to bring it up to date."""
+    made = "" if layout.report.index.is_file() else " (not written yet)"
+    return f"report: {layout.report.index}{made}; make report DATA={layout.competition} updates it"

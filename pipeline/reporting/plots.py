@@ -1,0 +1,169 @@
+"""Figures and tables a competitor looks at after a fold: confusion matrices and learning curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on training machines
+import cv2  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import confusion_matrix  # noqa: E402
+
+from pipeline.base.utils import atomic_path, write_csv_atomic
+from pipeline.data.images import read_image
+
+LABELLED_CLASSES = 30  # confusion matrices above this many classes are drawn without numbers
+
+
+def confusion_frames(targets, predictions, classes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(counts, row-normalised) with true classes as rows and predicted classes as columns."""
+    counts = confusion_matrix(targets, predictions, labels=np.arange(len(classes)))
+    rows = counts.sum(axis=1, keepdims=True)
+    normalised = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=float), where=rows > 0)
+    index = pd.Index(classes, name="true")
+    columns = pd.Index(classes, name="predicted")
+    return (pd.DataFrame(counts, index=index, columns=columns),
+            pd.DataFrame(normalised.round(4), index=index, columns=columns))
+
+
+def write_confusion(targets, predictions, classes: list[str], csv_path: Path,
+                    png_path: Path) -> None:
+    """The confusion matrix as CSV (counts, then the row-normalised shares with a `_share`
+    suffix) and as a picture of both."""
+    counts, normalised = confusion_frames(targets, predictions, classes)
+    table = pd.concat([counts, normalised.add_suffix("_share")], axis=1)
+    write_csv_atomic(table, csv_path, index=True)
+    plot_confusion(counts, normalised, png_path)
+
+
+def plot_confusion(counts: pd.DataFrame, normalised: pd.DataFrame, png_path: Path) -> None:
+    """Both matrices side by side: counts, and shares of each true class (its recall)."""
+    classes = list(counts.index)
+    # past LABELLED_CLASSES the cells and ticks would be unreadable (and the figure too large to
+    # draw): the matrices alone, at a capped size
+    labelled = len(classes) <= LABELLED_CLASSES
+    size = min(max(4.0, 0.45 * len(classes) + 2), 16.0)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    for ax, frame, title, fmt in ((axes[0], counts, "counts", "d"),
+                                  (axes[1], normalised, "row-normalised (recall)", ".2f")):
+        ax.imshow(frame.to_numpy(), cmap="Blues", vmin=0)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+        if not labelled:
+            continue
+        ax.set_xticks(range(len(classes)), classes, rotation=45 if len(classes) > 6 else 0)
+        ax.set_yticks(range(len(classes)), classes)
+        peak = frame.to_numpy().max() or 1
+        for (i, j), value in np.ndenumerate(frame.to_numpy()):
+            ax.text(j, i, format(value, fmt), ha="center", va="center", fontsize=8,
+                    color="white" if value > 0.6 * peak else "black")
+    fig.tight_layout()
+    save(fig, png_path)
+
+
+def write_curves(log: pd.DataFrame, metric: str, path: Path) -> None:
+    """Loss (train and validation), the competition metric and the learning rate per epoch."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(log["epoch"], log["train_loss"], label="train")
+    if "valid_loss" in log:
+        axes[0].plot(log["epoch"], log["valid_loss"], label="valid")
+    axes[0].set_title("loss")
+    axes[0].legend()
+    if metric in log:
+        axes[1].plot(log["epoch"], log[metric], color="tab:green")
+    axes[1].set_title(f"validation {metric}")
+    axes[2].plot(log["epoch"], log["lr"], color="tab:gray")
+    axes[2].set_title("learning rate (head)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def write_fold_curves(logs: dict[str, pd.DataFrame], metric: str, path: Path) -> None:
+    """Every fold's learning curves on one figure, a colour per fold: training (dashed) and
+    validation loss, the validation metric, the learning rate."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for (fold, log), colour in zip(logs.items(), plt.cm.tab10.colors * 10):
+        axes[0].plot(log["epoch"], log["train_loss"], ls="--", lw=1, color=colour)
+        if "valid_loss" in log:
+            axes[0].plot(log["epoch"], log["valid_loss"], lw=1.5, color=colour, label=fold)
+        if metric in log:
+            axes[1].plot(log["epoch"], log[metric], lw=1.5, color=colour, label=fold)
+        axes[2].plot(log["epoch"], log["lr"], lw=1, color=colour)
+    titles = ("loss (dashed: training)", f"validation {metric}", "learning rate")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.25)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[1].legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def write_thumbnail(image: np.ndarray, dest: Path, side: int) -> None:
+    """A JPEG of an RGB image with its longer side at most `side` pixels (never enlarged)."""
+    scale = side / max(image.shape[:2])
+    if scale < 1:
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    with atomic_path(dest) as tmp:
+        _, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                                  [cv2.IMWRITE_JPEG_QUALITY, 85])
+        Path(tmp).write_bytes(encoded.tobytes())
+
+
+def save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def figure(figsize: tuple[float, float]):
+    """(figure, axes) of one plot, drawn off-screen."""
+    return plt.subplots(figsize=figsize)
+
+
+def write_image_rows(rows: list[list[tuple[Path, str]]], path: Path, title: str,
+                     cell: float = 1.3) -> None:
+    """A picture of images in rows (a duplicate group, a row of suspects), each with its
+    caption: `rows` of (image file, caption). Read with the pipeline's reader (the pixel
+    budget applies); an empty list draws a note."""
+    width = max((len(r) for r in rows), default=1)
+    fig, axes = plt.subplots(max(len(rows), 1), width, squeeze=False,
+                             figsize=(cell * width + 0.4, cell * 1.25 * max(len(rows), 1) + 0.5))
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, row in enumerate(rows):
+        for j, (image_path, caption) in enumerate(row):
+            axes[i][j].imshow(read_image(image_path), interpolation="nearest")
+            axes[i][j].set_title(caption, fontsize=6)
+    if not rows:
+        axes[0][0].text(0.5, 0.5, "none found", ha="center", va="center")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def plot_leaderboard(frame: pd.DataFrame, metric: str, path: Path) -> None:
+    fig, ax = figure(figsize=(7, 0.45 * frame["oof"].notna().sum() + 1.2))
+    shown = frame.dropna(subset=["oof"]).iloc[::-1]
+    ax.barh(shown["experiment"], shown["cv mean"], xerr=shown["cv std"], color="#9ecae1",
+            label="fold mean ± std")
+    ax.scatter(shown["oof"], shown["experiment"], color="#08519c", zorder=3, label="out of fold")
+    values = shown[["cv mean", "oof"]].to_numpy()
+    low = float(np.nanmin(values - shown[["cv std"]].fillna(0).to_numpy()))
+    high = float(np.nanmax(values))
+    span = max(high - low, 1e-3)
+    ax.set_xlim(low - 0.2 * span, high + 0.2 * span)
+    ax.set_xlabel(metric)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    save(fig, path)

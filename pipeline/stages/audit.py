@@ -1,0 +1,349 @@
+"""Trust the data before the CV: duplicates, train/test shift and wrong labels.
+
+    python -m pipeline audit --data retina [--model resnet50]     # make audit [MODEL=resnet50]
+
+Writes audit/<competition>/, each finding with its manifest (current or stale by the one
+freshness rule, pipeline/experiments/freshness.py; a current finding is not computed again):
+
+- duplicates.csv|png: groups of exact copies (the same bytes) and near copies (perceptual hash
+  within audit.max_distance bits), within the labelled rows and between labelled and test rows;
+  groups whose labels disagree, test images with a labelled copy. `make folds` then keeps each
+  group in one fold (folds.duplicates; folds.duplicate_conflicts=drop|majority for the
+  conflicting ones), and the folds' fingerprint includes the groups.
+- shift.csv, test_like.csv: adversarial validation: a classifier told to tell training from
+  test images, cross-validated, on cheap features of each image (size, aspect, file size, JPEG
+  quality, colour, sharpness) and, with MODEL=, on the model's pooled features. Its AUC (0.5:
+  the test set looks like the training set), the features that separate most, and the training
+  images that look most like test images (a validation subset that resembles the leaderboard).
+- label_issues_<experiment>.csv|png (MODEL=): the rows whose out-of-fold probabilities
+  contradict their label most, by confident learning (cleanlab.filter.find_label_issues),
+  ranked, with the given and the predicted label. `ARGS=train.exclude=<that file>` trains a new
+  experiment without them (they stay in validation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from cleanlab.filter import find_label_issues
+from PIL import Image
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+
+from pipeline.base.config import AuditConfig, Config, load_config
+from pipeline.base.fingerprints import fingerprint
+from pipeline.base.task import Scorer
+from pipeline.base.utils import (
+    PipelineError,
+    format_table,
+    summarize_offenders,
+    write_csv_atomic,
+)
+from pipeline.data.duplicates import (
+    conflicts,
+    content_digest,
+    duplicate_table,
+    exact_pairs,
+    group_of_pairs,
+    image_hashes,
+    near_pairs,
+    read_duplicates,
+)
+from pipeline.data.images import read_image
+from pipeline.experiments.freshness import (
+    Freshness,
+    audit_image_inputs,
+    audited_images,
+    freshness,
+    read_folds,
+    read_test_set,
+)
+from pipeline.experiments.layout import Layout
+from pipeline.experiments.locks import holding
+from pipeline.experiments.manifests import write_manifest
+from pipeline.experiments.probfiles import oof_file, read_probs
+from pipeline.experiments.state import experiment_state, label_issue_inputs, load_experiment
+from pipeline.inference.predictor import pooled_features
+from pipeline.reporting import plots
+
+# --------------------------------------------------------------------------------------------
+# The images audited
+
+
+def run_finding(path: Path, manifest: Path, inputs: dict[str, str], force: bool,
+                compute: Callable[[], list[Path]], what: str) -> Freshness:
+    """Compute a finding unless current; its manifest is written last."""
+    fresh = freshness(manifest, inputs)
+    if fresh.current and not force:
+        print(f"{what}: current ({path}); FORCE=1 audits again")
+        return fresh
+    outputs = compute()
+    write_manifest(manifest, what, inputs, outputs)
+    return Freshness("current")
+
+
+# --------------------------------------------------------------------------------------------
+# Duplicates
+
+
+def find_duplicates(frame: pd.DataFrame, paths: list[Path], settings: AuditConfig,
+                    max_pixels: int) -> pd.DataFrame:
+    """Groups of copies among every audited image (exact bytes, or near by perceptual hash)."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        digests = list(pool.map(content_digest, paths))
+    exact = exact_pairs(digests)
+    hashes = image_hashes(paths, settings.hash, max_pixels=max_pixels)
+    near = near_pairs(hashes, settings.max_distance)
+    groups = group_of_pairs(len(paths), np.concatenate([exact, near]))
+    twins = np.zeros(len(paths), bool)
+    twins[exact.reshape(-1)] = True
+    return duplicate_table(frame["id"], frame["part"], frame["label"], groups,
+                           np.where(twins, "exact", "near"))
+
+
+def duplicates_summary(table: pd.DataFrame) -> list[list]:
+    """Rows of the duplicates table printed at the end of the audit."""
+    if table.empty:
+        return [["duplicate groups", 0]]
+    by_group = table.groupby("group")["part"].agg(set)
+    mixed = int(by_group.map(lambda parts: parts == {"train", "test"}).sum())
+    test_with_copy = table[(table["part"] == "test")
+                           & table["group"].isin(by_group[by_group.map(len) > 1].index)]
+    found = conflicts(table)
+    return [["duplicate groups", len(by_group)], ["images in them", len(table)],
+            ["groups holding labelled and test images", mixed],
+            ["test images with a labelled copy", len(test_with_copy)],
+            ["groups with conflicting labels", len(found)]]
+
+
+def audit_duplicates(config: Config, layout: Layout, frame: pd.DataFrame, paths: list[Path],
+                     force: bool) -> list[list]:
+    findings = layout.findings
+    settings = {"hash": config.audit.hash, "max_distance": config.audit.max_distance}
+    inputs = {**audit_image_inputs(config.data, frame, paths), "settings": fingerprint(settings)}
+
+    def compute() -> list[Path]:
+        table = find_duplicates(frame, paths, config.audit, config.data.max_image_pixels)
+        write_csv_atomic(table, findings.duplicates)
+        shown = table[table["group"].isin(table["group"].unique()[:config.audit.shown])]
+        plots.write_image_rows(image_rows(shown, frame, paths, "group"),
+                               findings.duplicates_png, "duplicate groups (one row each)")
+        return [findings.duplicates, findings.duplicates_png]
+
+    run_finding(findings.duplicates, findings.manifest(findings.duplicates), inputs, force,
+                compute, "duplicates")
+    table = read_duplicates(findings.duplicates)
+    found = conflicts(table) if not table.empty else []
+    if len(found):
+        print(f"duplicate groups with conflicting labels: "
+              f"{summarize_offenders([f'{g} {ls}' for g, ls in zip(found.group, found.labels)])}")
+    return duplicates_summary(table)
+
+
+def image_rows(table: pd.DataFrame, frame: pd.DataFrame, paths: list[Path],
+               by: str) -> list[list[tuple[Path, str]]]:
+    """[(path, caption), ...] per value of `by` (a duplicate group), for a picture."""
+    where = {(p, i): path for p, i, path in zip(frame["part"], frame["id"], paths)}
+    return [[(where[(r.part, r.id)], f"{r.part} {r.id}" + (f"\n{r.label}" if r.label else ""))
+             for r in rows_of.itertuples()] for _, rows_of in table.groupby(by, sort=False)]
+
+
+# --------------------------------------------------------------------------------------------
+# Train/test shift
+
+
+FEATURES = ["width", "height", "aspect", "file kB", "jpeg quality", "mean red", "mean green",
+            "mean blue", "std red", "std green", "std blue", "sharpness"]
+
+
+def jpeg_quality(path: Path) -> float:
+    """An estimate of a JPEG's quality from its luminance quantisation table (libjpeg's scaling
+    of the standard table; 100 for PNG and other lossless files)."""
+    with Image.open(path) as image:
+        tables = getattr(image, "quantization", None)
+    if not tables:
+        return 100.0
+    mean = float(np.mean(tables[0]))
+    scale = mean / 57.625  # the standard luminance table's mean at quality 50
+    return float(np.clip(50 / scale if scale > 1 else 100 - 50 * scale, 1, 100))
+
+
+def cheap_features(path: Path, max_pixels: int) -> list[float]:
+    """FEATURES of one image: what a camera, a resolution, a crop or a compressor change."""
+    image = read_image(path, max_pixels=max_pixels)
+    height, width = image.shape[:2]
+    small = cv2.resize(image, (128, 128), interpolation=cv2.INTER_AREA).astype(np.float32)
+    grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+    return [width, height, width / height, Path(path).stat().st_size / 1024,
+            jpeg_quality(path), *small.mean(axis=(0, 1)), *small.std(axis=(0, 1)),
+            float(cv2.Laplacian(grey, cv2.CV_32F).var())]
+
+
+def shift_auc(features: np.ndarray, is_test: np.ndarray, folds: int,
+              model) -> tuple[float, float, np.ndarray]:
+    """(mean AUC, its std over the folds, out-of-fold P(test) per image) of `model` telling
+    test from training images."""
+    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=0)
+    scores, p_test = [], np.zeros(len(is_test))
+    for train, held in split.split(features, is_test):
+        fitted = model.fit(features[train], is_test[train])
+        p_test[held] = fitted.predict_proba(features[held])[:, 1]
+        scores.append(roc_auc_score(is_test[held], p_test[held]))
+    return float(np.mean(scores)), float(np.std(scores)), p_test
+
+
+def feature_separation(features: np.ndarray, is_test: np.ndarray) -> list[list]:
+    """Each cheap feature's own AUC (how far from 0.5), most separating first."""
+    rows = []
+    for name, column in zip(FEATURES, features.T):
+        auc = roc_auc_score(is_test, column) if np.ptp(column) > 0 else 0.5
+        rows.append([name, round(max(auc, 1 - auc), 4)])
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def shift_tables(frame: pd.DataFrame, paths: list[Path], config: Config,
+                 experiment: Config | None, layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(shift.csv: AUC per feature set and per feature; test_like.csv)."""
+    budget = config.data.max_image_pixels
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        features = np.array(list(pool.map(lambda p: cheap_features(p, budget), paths)))
+    is_test = (frame["part"] == "test").to_numpy().astype(int)
+    gbm = HistGradientBoostingClassifier(max_iter=100, random_state=0)
+    auc, std, p_test = shift_auc(features, is_test, config.audit.shift_folds, gbm)
+    rows = [["cheap features", "all", auc, std]]
+    if experiment is not None:
+        pooled = pooled_features(experiment_checkpoint(experiment, layout), paths)
+        logistic = LogisticRegression(max_iter=2000, C=0.1)
+        rows.append(["model features", experiment.run_name,
+                     *shift_auc(pooled, is_test, config.audit.shift_folds, logistic)[:2]])
+    rows += [["feature", name, value, float("nan")]
+             for name, value in feature_separation(features, is_test)]
+    train = frame["part"] == "train"
+    test_like = frame[train].assign(p_test=p_test[train.to_numpy()]).sort_values(
+        "p_test", ascending=False).head(config.audit.test_like)
+    return (pd.DataFrame(rows, columns=["what", "name", "auc", "auc_std"]),
+            test_like[["id", "label", "p_test"]])
+
+
+def experiment_checkpoint(experiment: Config, layout: Layout) -> Path:
+    """The first trained fold's best.pt: its pooled features describe the images."""
+    exp = layout.experiment(experiment.run_name)
+    folds = layout.fold_numbers(exp.name)
+    for k in folds:
+        if exp.fold(k).best.is_file():
+            return exp.fold(k).best
+    raise PipelineError(f"{exp.dir} has no trained fold: `make train MODEL={exp.name}` first")
+
+
+def audit_shift(config: Config, layout: Layout, frame: pd.DataFrame, paths: list[Path],
+                experiment: Config | None, force: bool) -> list[list]:
+    findings = layout.findings
+    inputs = {**audit_image_inputs(config.data, frame, paths),
+              "settings": fingerprint([config.audit.shift_folds, config.audit.test_like])}
+    if experiment is not None:
+        inputs["model"] = fingerprint(str(experiment_checkpoint(experiment, layout).stat()))
+
+    def compute() -> list[Path]:
+        table, test_like = shift_tables(frame, paths, config, experiment, layout)
+        write_csv_atomic(table, findings.shift)
+        write_csv_atomic(test_like, findings.test_like)
+        return [findings.shift, findings.test_like]
+
+    run_finding(findings.shift, findings.manifest(findings.shift), inputs, force, compute,
+                "shift")
+    table = pd.read_csv(findings.shift)
+    sets = table[table["what"] != "feature"]
+    top = table[table["what"] == "feature"].head(3)
+    return [[f"train/test AUC, {r.what} ({r.name})", f"{r.auc:.3f} ± {r.auc_std:.3f}"]
+            for r in sets.itertuples()] + \
+        [["most separating features", ", ".join(f"{r.name} {r.auc:.2f}" for r in top.itertuples())]]
+
+
+# --------------------------------------------------------------------------------------------
+# Label suspects
+
+
+def label_suspects(oof: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """The rows confident learning flags, most suspect first: id, given and predicted label,
+    the probabilities of both (cleanlab ranks by the given label's probability)."""
+    scorer = Scorer(tuple(classes), "accuracy", False, 1)
+    targets, probs = scorer.targets(oof["label"]), scorer.probs_of(oof)
+    ranked = find_label_issues(targets, probs, return_indices_ranked_by="self_confidence")
+    predicted = probs.argmax(axis=1)
+    return pd.DataFrame({
+        "rank": np.arange(1, len(ranked) + 1), "id": oof["id"].to_numpy()[ranked],
+        "given": oof["label"].to_numpy()[ranked],
+        "predicted": np.asarray(classes, dtype=object)[predicted[ranked]],
+        "p_given": probs[ranked, targets[ranked]], "p_predicted": probs[ranked, predicted[ranked]]})
+
+
+def experiment_oof(experiment: Config, layout: Layout) -> tuple[pd.DataFrame, dict[str, str]]:
+    """(the experiment's OOF rows of every fold, TTA where predicted; the fingerprint of the
+    files they came from), refused unless every fold of the fold file is current."""
+    folds = read_folds(experiment.data, experiment.folds, layout)
+    _, test_fingerprint = read_test_set(experiment.data)
+    state = experiment_state(experiment.data, layout, experiment.run_name, folds,
+                             test_fingerprint, experiment=experiment, with_refit=False)
+    if state is None or state.missing_folds or len(state.current_folds) != len(state.folds):
+        raise PipelineError(f"label suspects need the OOF of every fold of "
+                            f"{experiment.run_name}: `make train MODEL={experiment.run_name}` "
+                            f"first (`make status MODEL={experiment.run_name}` says what is "
+                            f"missing)")
+    files = [oof_file(state.exp.fold(k)) for k in state.current_folds]
+    return pd.concat([read_probs(path) for path in files]), label_issue_inputs(state)
+
+
+def audit_labels(experiment: Config, layout: Layout, frame: pd.DataFrame, paths: list[Path],
+                 force: bool) -> list[list]:
+    findings, name = layout.findings, experiment.run_name
+    oof, inputs = experiment_oof(experiment, layout)
+    issues = findings.label_issues(name)
+
+    def compute() -> list[Path]:
+        suspects = label_suspects(oof, experiment.data.classes)
+        write_csv_atomic(suspects, issues)
+        shown = suspects.head(experiment.audit.shown)
+        where = dict(zip(frame["part"] + "/" + frame["id"], paths))
+        pictures = [(where[f"train/{r.id}"], f"{r.id}\n{r.given} -> {r.predicted} "
+                                             f"({r.p_predicted:.2f})")
+                    for r in shown.itertuples()]
+        plots.write_image_rows([pictures[i:i + 8] for i in range(0, len(pictures), 8)],
+                               findings.suspects_png(name),
+                               f"label suspects of {name}: given -> predicted (probability)")
+        return [issues, findings.suspects_png(name)]
+
+    run_finding(issues, findings.manifest(issues), inputs, force, compute, "label issues")
+    suspects = pd.read_csv(issues, dtype={"id": str, "given": str, "predicted": str})
+    return [[f"label suspects ({name})", f"{len(suspects)} of {len(oof)} rows -> {issues}"],
+            ["remedy", f"ARGS=train.exclude={issues} trains without them"]]
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+def run_audit(config: Config, experiment: Config | None, force: bool) -> list[list]:
+    layout = Layout.of(config)
+    frame, paths = audited_images(config.data)
+    with holding(layout.audit_lock, layout.audit, "audited"):
+        rows = audit_duplicates(config, layout, frame, paths, force)
+        rows += audit_shift(config, layout, frame, paths, experiment, force)
+        if experiment is not None:
+            rows += audit_labels(experiment, layout, frame, paths, force)
+    print(format_table(rows, ["finding", "value"]))
+    print(f"audit of {config.data.name} -> {layout.audit}/")
+    return rows
+
+
+def main(args) -> None:
+    config = load_config(args.data, None, args.overrides)
+    experiment = load_experiment(args.data, args.model, args.overrides, args.name) \
+        if args.model else None
+    run_audit(config, experiment, args.force)

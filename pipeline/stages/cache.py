@@ -1,0 +1,81 @@
+"""`make cache`: decode, crop and shrink every image of a competition once, into the cache.
+
+    python -m pipeline cache --data retina --model resnet18 [--force] [cache.crop_black_border=true]
+    make cache MODEL=resnet18 [DATA=retina] [FORCE=1]
+    make cache MODEL=resnet18 DATA=retina ARGS="cache.crop_circle=true cache.ben_graham=true"
+
+The cache itself (where entries live, what they hold, how a stale one is never read) is
+pipeline/data/imagecache.py; training and prediction build what is missing on their own when
+`cache.enabled` is true, so this stage only does it ahead of time and reports the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from pipeline.base.config import DataConfig, load_config
+from pipeline.base.utils import format_table, warn
+from pipeline.data.imagecache import (
+    BuildReport,
+    CachedReader,
+    build_cache,
+    cache_reader,
+)
+from pipeline.data.tables import (
+    load_test_ids,
+    load_train_table,
+    test_image_paths,
+    train_image_paths,
+)
+from pipeline.experiments.freshness import read_folds_unchecked
+from pipeline.experiments.layout import Layout
+from pipeline.experiments.state import load_experiment
+
+
+def competition_images(data: DataConfig, layout: Layout) -> list[Path]:
+    """Every image a run reads: the labelled rows (those of the fold file when it exists, which
+    leaves out images dropped as bad) and the test set."""
+    if layout.folds_csv.is_file():
+        ids = read_folds_unchecked(data, layout)["id"].tolist()
+    else:
+        ids = load_train_table(data)["id"].tolist()
+    return train_image_paths(data, ids) + test_image_paths(data, load_test_ids(data))
+
+
+def folder_megabytes(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.glob("*/*") if p.is_file()) / 2**20
+
+
+def report_table(competition: str, report: BuildReport) -> str:
+    rows = [[competition, report.images, report.present, report.built, f"{report.seconds:.1f}",
+             f"{folder_megabytes(report.folder):.1f}", str(report.folder)]]
+    return format_table(rows, ["data", "images", "already cached", "built", "seconds", "MB",
+                               "folder"])
+
+
+def other_folders(reader: CachedReader) -> list[Path]:
+    """Cache folders of other settings (older configs): candidates for deletion."""
+    parent = reader.folder.parent
+    return sorted(p for p in parent.iterdir() if p.is_dir() and p != reader.folder)
+
+
+def main(args) -> None:
+    config = (load_experiment(args.data, args.model, args.overrides) if args.model
+              else load_config(args.data, None, args.overrides))
+    reader = cache_reader(config.cache, config.augment, config.data.max_image_pixels)
+    if args.force and reader.folder.exists():
+        shutil.rmtree(reader.folder)
+    report = build_cache(reader, competition_images(config.data, Layout.of(config)),
+                         desc=f"cache {config.data.name}")
+    print(report_table(config.data.name, report))
+    print("settings: " + json.dumps(reader.preprocess.settings(reader.fmt)))
+    others = other_folders(reader)
+    if others:
+        print(f"{len(others)} other cache folder(s) in {reader.folder.parent} hold other settings: "
+              + ", ".join(p.name for p in others) + " (delete them when no config uses them)")
+    if not config.cache.enabled:
+        warn(f"cache.enabled is false for {config.run_name}: training will not read this cache; "
+             f"set `cache: {{enabled: true}}` in configs/{config.run_name}.yaml or "
+             f"ARGS=cache.enabled=true")

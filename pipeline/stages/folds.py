@@ -1,0 +1,186 @@
+"""Stratified K folds, written once per competition to folds/<competition>.csv.
+
+    python -m pipeline folds --data digits        # make folds
+
+Uses StratifiedKFold, or StratifiedGroupKFold when the competition names a group (both eyes of
+one patient stay in one fold). Every later stage reads the fold file and never re-splits. The
+data is checked first (pipeline/data/checks.py), so bad data stops here, before any training.
+
+The manifest beside it (folds/<competition>.manifest.json) records the labelled rows, the
+training images and the fold settings it was made from (pipeline/experiments/freshness.py, fold_inputs):
+`make folds` splits again when one of them changed (a fixed label, added rows, another n_splits),
+and every later stage refuses folds that no longer fit the data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from pipeline.base.config import Config, FoldsConfig, load_config
+from pipeline.base.fingerprints import folds_fingerprint
+from pipeline.base.task import class_index, targets_of
+from pipeline.base.utils import PipelineError, format_table, warn, write_csv_atomic
+from pipeline.data.checks import check_competition
+from pipeline.data.duplicates import conflicts as dup_conflicts
+from pipeline.data.duplicates import describe_conflicts, groups_for_folds, merged_groups
+from pipeline.experiments.freshness import (
+    duplicate_groups,
+    fold_inputs,
+    folds_freshness,
+)
+from pipeline.experiments.layout import Layout
+from pipeline.experiments.locks import holding
+from pipeline.experiments.manifests import (
+    outputs_problems,
+    read_manifest,
+    write_manifest,
+)
+
+
+def assign_folds(table: pd.DataFrame, n_splits: int, seed: int) -> pd.DataFrame:
+    """Return `table` (id, label, target[, group]) with a `fold` column 0..n_splits-1.
+
+    Deterministic for a given row order, n_splits and seed.
+    """
+    counts = table["target"].value_counts()
+    if counts.max() < n_splits:
+        raise PipelineError(f"no class has {n_splits} images; lower folds.n_splits")
+    rare = sorted(table.loc[table["target"].isin(counts[counts < n_splits].index), "label"].unique())
+    if rare:
+        warn(f"class(es) {rare} have fewer images than folds ({n_splits}): some folds will "
+             f"validate without them")
+    if "group" in table:
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        splits = splitter.split(table, table["target"], groups=table["group"])
+    else:
+        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        splits = splitter.split(table, table["target"])
+    fold = np.full(len(table), -1, dtype=np.int64)
+    for k, (_, valid_idx) in enumerate(splits):
+        fold[valid_idx] = k
+    columns = ["id", "label", "fold"] + (["group"] if "group" in table else [])
+    return table.assign(fold=fold)[columns]
+
+
+def with_duplicates(table: pd.DataFrame, classes: list[str], folds_cfg: FoldsConfig,
+                    layout: Layout) -> pd.DataFrame:
+    """The labelled rows with the audit's duplicate groups joined to their groups (a patient's
+    copies and the copies' patients all in one fold), and its conflicting groups kept, dropped
+    or relabelled (folds.duplicate_conflicts)."""
+    groups = duplicate_groups(layout) if folds_cfg.duplicates else None
+    if groups is None or groups.empty:
+        return table
+    warn_stale_audit(layout)
+    found = dup_conflicts(groups.assign(part="train"))
+    if len(found):
+        table = resolve_conflicts(table, groups, found, classes, folds_cfg.duplicate_conflicts)
+    in_group = groups_for_folds(groups.assign(part="train"), table["id"].tolist())
+    existing = table["group"].astype(str) if "group" in table else [""] * len(table)
+    merged = merged_groups(table["id"].tolist(), list(existing), list(in_group))
+    print(f"{len(groups)} labelled image(s) in {groups['group'].nunique()} duplicate group(s) "
+          f"({layout.findings.duplicates}): each group kept in one fold")
+    return table.assign(group=merged.to_numpy())
+
+
+def resolve_conflicts(table: pd.DataFrame, groups: pd.DataFrame, found: pd.DataFrame,
+                      classes: list[str], policy: str) -> pd.DataFrame:
+    """Conflicting duplicate groups: listed; with `drop` their rows go, with `majority` they
+    take the group's most frequent label."""
+    rows = groups[groups["group"].isin(found["group"])]
+    listed = describe_conflicts(found, rows.assign(part="train"))
+    if policy == "keep":
+        warn(f"duplicate groups with conflicting labels: {listed}; kept as labelled "
+             f"(folds.duplicate_conflicts=drop leaves them out, =majority relabels them)")
+        return table
+    if policy == "drop":
+        warn(f"left out {len(rows)} row(s) of duplicate groups with conflicting labels: {listed}")
+        return table[~table["id"].isin(rows["id"])].reset_index(drop=True)
+    order = class_index(classes)
+
+    def most_frequent(labels: pd.Series) -> str:  # ties: the first in the class list
+        counts = labels.value_counts()
+        return min(counts.index, key=lambda label: (-counts[label], order[label]))
+
+    relabel = rows.set_index("id")["group"].map(rows.groupby("group")["label"].agg(most_frequent))
+    changed = table["id"].map(relabel).fillna(table["label"])
+    warn(f"relabelled {int((changed != table['label']).sum())} row(s) of duplicate groups with "
+         f"conflicting labels to their group's majority: {listed}")
+    return table.assign(label=changed, target=targets_of(changed, classes))
+
+
+def warn_stale_audit(layout: Layout) -> None:
+    manifest = layout.findings.manifest(layout.findings.duplicates)
+    if read_manifest(manifest) is not None and outputs_problems(manifest, read_manifest(manifest)):
+        warn(f"{layout.findings.duplicates} was changed after `make audit` wrote it")
+
+
+def fold_table(folds: pd.DataFrame, classes: list[str]) -> str:
+    """Per fold: size and the count of each class."""
+    rows = []
+    for k, part in folds.groupby("fold"):
+        counts = part["label"].value_counts()
+        rows.append([int(k), len(part), *[int(counts.get(c, 0)) for c in classes]])
+    counts = folds["label"].value_counts()
+    rows.append(["all", len(folds), *[int(counts.get(c, 0)) for c in classes]])
+    return format_table(rows, ["fold", "images", *classes])
+
+
+def make_folds(config: Config, drop_bad: bool | None = None) -> pd.DataFrame:
+    """Check the data, split it, write folds/<competition>.csv and, last, its manifest."""
+    if drop_bad is not None and drop_bad != config.data.drop_bad_images:
+        config = config.model_copy(update={"data": config.data.model_copy(
+            update={"drop_bad_images": drop_bad})})
+    layout = Layout.of(config)
+    with holding(layout.folds_lock, layout.folds_csv, "split"):
+        recorded = fold_inputs(config.data, config.folds, layout)  # the files as checked
+        result = check_competition(config.data)
+        table = with_duplicates(result.train, config.data.classes, config.folds, layout)
+        folds = assign_folds(table, config.folds.n_splits, config.folds.seed)
+        write_folds(config, folds, result.dropped, recorded)
+    print(fold_table(folds, config.data.classes))
+    print(f"wrote {layout.folds_csv} ({len(folds)} images, {config.folds.n_splits} folds"
+          f"{', grouped' if 'group' in folds else ''}"
+          f"{f', {len(result.dropped)} bad image(s) left out' if result.dropped else ''})")
+    return folds
+
+
+def write_folds(config: Config, folds: pd.DataFrame, dropped: dict[str, str] | None = None,
+                inputs: tuple[dict, dict] | None = None) -> None:
+    """Write a fold assignment (id, label, fold[, group]) and, last, its manifest.
+
+    Also the way in for folds made elsewhere (a public kernel's split): written through here they
+    carry the fingerprints of the data as it is now, like folds this stage made.
+    """
+    layout = Layout.of(config)
+    inputs, details = inputs or fold_inputs(config.data, config.folds, layout)
+    dropped = dropped or {}
+    columns = ["id", "label", "fold"] + (["group"] if "group" in folds else [])
+    write_csv_atomic(folds[columns], layout.folds_csv)
+    outputs = [layout.folds_csv]
+    if dropped:
+        frame = pd.DataFrame({"id": list(dropped), "problem": list(dropped.values())})
+        write_csv_atomic(frame, layout.folds_dropped)
+        outputs.append(layout.folds_dropped)
+    else:
+        layout.folds_dropped.unlink(missing_ok=True)
+    details = {**details, "images": len(folds), "dropped": len(dropped),
+               "folds": folds_fingerprint(folds)}
+    write_manifest(layout.folds_manifest, "folds", inputs, outputs, details)
+
+
+def main(args) -> None:
+    config = load_config(args.data, None, args.overrides)
+    if args.drop_bad:
+        config = config.model_copy(update={"data": config.data.model_copy(
+            update={"drop_bad_images": True})})
+    layout = Layout.of(config)
+    if not args.force:
+        fresh = folds_freshness(config.data, config.folds, layout)
+        if fresh.current:
+            print(f"{layout.folds_csv} is current for {config.data.name} (FORCE=1 splits again)")
+            return
+        if fresh.state == "stale":
+            print(f"{layout.folds_csv}: {fresh.why()}: splitting again")
+    make_folds(config)

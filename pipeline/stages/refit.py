@@ -1,0 +1,127 @@
+"""Full-data refit: train on every labelled row for a fixed number of epochs, predict the test set.
+
+    python -m pipeline refit --data digits --model resnet18 [refit.epochs=12]
+    make refit MODEL=resnet18
+
+The epoch count comes from cross-validation: the median of the folds' best epochs (from their
+log.csv), unless `refit.epochs` is set. The learning rate walks the path the folds walked up to
+that epoch (schedule.FoldPath): the folds' warm-up, milestones and cosine length, not a schedule
+squeezed into the refit's fewer epochs; each refit epoch has K/(K-1) times the folds' steps.
+Without a validation set nothing can pick a best epoch, so the model of the last epoch is the
+result. Writes runs/<competition>/<model>/full/ (config.yaml, best.pt = the last epoch, last.pt,
+log.csv, test_probs.csv with the configured TTA, train.manifest.json and predict.manifest.json)
+and a submission of its own, submissions/<competition>/<model>_refit.csv. A refit made from other
+inputs (settings, rows, epoch count) is refused; FORCE=1 retrains it. `make ensemble` joins the
+refit to the model's folds with weight `ensemble.refit_weight`, and names it as unvalidated: no
+fold scored it.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from pipeline.base import distributed
+from pipeline.base.config import Config, DataConfig
+from pipeline.base.fingerprints import fingerprint
+from pipeline.base.task import Scorer
+from pipeline.base.utils import PipelineError, format_table
+from pipeline.ensembling.submission import (
+    build_submission,
+    score_against_solution,
+    write_submission,
+)
+from pipeline.experiments.freshness import (
+    RefitPlan,
+    read_folds,
+    read_test_set,
+    refit_plan,
+)
+from pipeline.experiments.layout import Layout, Part
+from pipeline.experiments.locks import holding
+from pipeline.experiments.manifests import write_manifest
+from pipeline.experiments.probfiles import read_probs
+from pipeline.experiments.state import experiment_configs
+from pipeline.inference.engine import resolve_device
+from pipeline.inference.experiment import PredictJob, predict_part
+from pipeline.training.experiment import pseudo_rows, start_experiment, training_rows
+from pipeline.training.parts import Rows, RunSpec
+from pipeline.training.run import preflight, train_part
+
+REFIT_SEED_OFFSET = 1000  # the refit's seed differs from every fold's (seed + fold)
+
+
+def refit_config(config: Config, epochs: int) -> Config:
+    """The fold runs' config for `epochs` epochs, without early stopping (nothing to validate)."""
+    train = config.train.model_copy(update={"epochs": epochs, "early_stopping": 0})
+    return config.model_copy(update={"train": train})
+
+
+def train_refit(config: Config, layout: Layout, folds: pd.DataFrame, plan: RefitPlan,
+                force: bool) -> Part:
+    """Train on all labelled rows for the plan's epochs, on the folds' learning-rate path."""
+    refit = refit_config(config, plan.epochs)
+    part = layout.experiment(config.run_name).refit
+    spec = RunSpec(part, Rows.of(training_rows(folds, config.train.exclude)), None,
+                   config.train.seed + REFIT_SEED_OFFSET, part.name,
+                   plan.inputs, plan.path,
+                   pseudo=lambda: pseudo_rows(config.data, config.train.pseudo, layout, part.name))
+    train_part(refit, spec, {**plan.details, "rows": len(folds), "unvalidated": True}, force,
+               what=f"the refit {part.dir}", stage="refit",
+               before=lambda: preflight(refit, layout))
+    return part
+
+
+def write_refit_submission(data: DataConfig, name: str, layout: Layout, part: Part,
+                           test_ids: list[str]) -> dict:
+    """submissions/<competition>/<experiment>_refit.csv: the refit alone (unvalidated)."""
+    probs = Scorer.of(data).probs_of(read_probs(part.test_probs))
+    frame = build_submission(data, test_ids, probs)
+    submission = layout.refit_submission(name)
+    path = write_submission(frame, submission.csv, data)
+    write_manifest(submission.manifest, "submission",
+                   {"members": fingerprint({"refit": part.predict_manifest.read_text()})},
+                   [path], {"members": [name], "refit only": True, "unvalidated": True})
+    result = {"run": name, "submission": str(path)}
+    test_score = score_against_solution(data, frame)
+    if test_score is not None:
+        result[f"test {data.metric}"] = test_score
+    return result
+
+
+def run_refit(config: Config, force: bool) -> dict:
+    """Refit on all labelled rows and predict the test set, one process at a time on the
+    experiment; returns the row of the stage's table (rank 0)."""
+    layout = Layout.of(config)
+    exp = layout.experiment(config.run_name)
+    with holding(exp.lock, exp.dir, "refitted"):
+        return _refit(config, layout, force)
+
+
+def _refit(config: Config, layout: Layout, force: bool) -> dict:
+    folds = read_folds(config.data, config.folds, layout)
+    plan = refit_plan(config, folds, layout)
+    print(f"{config.run_name}: refit on all labelled rows for {plan.epochs} epochs "
+          f"({plan.source}), walking the folds' learning-rate path to their epoch "
+          f"{plan.path.until:g} of {plan.path.epochs}")
+    start_experiment(config, layout.experiment(config.run_name))  # not the refit's epoch count
+    part = train_refit(config, layout, folds, plan, force)
+    test_ids, test_fingerprint = read_test_set(config.data)
+    job = PredictJob.of(config, test_ids, test_fingerprint)
+    predict_part(part, job, config.data, None, force, Scorer.of(config.data))
+    distributed.barrier()
+    if not distributed.is_main():
+        return {}
+    result = write_refit_submission(config.data, config.run_name, layout, part, test_ids)
+    result = {"run": result.pop("run"), "epochs": plan.epochs, **result}
+    print(format_table([list(result.values())], list(result)))
+    print("note: a refit has no validation fold: its score is unknown (unvalidated)")
+    return result
+
+
+def main(args) -> None:
+    if args.model is None:
+        raise PipelineError("refit needs a model: make refit MODEL=resnet18")
+    for config in experiment_configs(args.data, args.model, args.overrides, args.name,
+                                     args.seeds):
+        with distributed.session(resolve_device(config.train.device)):
+            run_refit(config, args.force)

@@ -1,0 +1,494 @@
+"""The competition's report: static HTML pages to open from disk (no server, no network).
+
+    python -m pipeline report --data digits          # make report
+    xdg-open reports/digits/index.html               # or, on a remote machine:
+    python -m http.server -d reports/digits 8000     # then http://localhost:8000 (ssh -L 8000:...)
+
+index.html: the leaderboard of experiments (what `make runs` shows, sortable by any column),
+their CV with the fold spread, every submission with its members, method and both CVs, and the
+audit's findings (duplicate groups as pictures, the train/test AUC, label suspects).
+experiments/<experiment>.html: learning curves of all folds, the OOF confusion matrix,
+precision/recall/F1 per class, the most confused pairs, the images with the highest OOF loss
+(overall and per class), the TTA gain, and the settings that differ from the competition's
+defaults.
+
+Each page is rebuilt only when what it shows changed (its manifest, under the one freshness
+rule of pipeline/experiments/freshness.py). Pictures are resized once into images/, named by the file and how
+it was read, and only the shown ones: a competition of 100,000 images gives a report of a few
+hundred thumbnails. The pages are Jinja2 templates (pipeline/templates/) with inline CSS and a
+few lines of inline JavaScript for sorting: nothing is fetched from outside the folder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+import pandas as pd
+from sklearn.metrics import classification_report
+
+import pipeline
+from pipeline.base.config import (
+    Config,
+    DataConfig,
+    ReportConfig,
+    changed_settings,
+    load_config,
+    training_settings,
+)
+from pipeline.base.fingerprints import fingerprint
+from pipeline.base.metrics import higher_is_better
+from pipeline.base.task import Scorer
+from pipeline.base.utils import format_table, write_text_atomic
+from pipeline.data.duplicates import read_duplicates
+from pipeline.data.imagecache import image_loader
+from pipeline.data.images import read_image
+from pipeline.data.tables import test_image_paths, train_image_paths
+from pipeline.ensembling.decode import expected_grade
+from pipeline.experiments import leaderboard as leaderboard_module
+from pipeline.experiments.freshness import freshness
+from pipeline.experiments.layout import Layout, Report
+from pipeline.experiments.leaderboard import (
+    HEADERS,
+    SubmissionSummary,
+    competition_states,
+    leaderboard,
+    submission_summaries,
+)
+from pipeline.experiments.locks import holding
+from pipeline.experiments.manifests import write_manifest
+from pipeline.experiments.probfiles import GRADE
+from pipeline.experiments.state import ExperimentState, cv_numbers, findings_staleness, joined_oof
+from pipeline.reporting import plots
+
+TEMPLATES = Path(__file__).parents[1] / "reporting" / "templates"
+LOSS_FLOOR = 1e-7  # a probability of 0 for the given class would be an infinite loss
+CONFUSED_PAIRS = 10
+DUPLICATE_GROUPS, GROUP_IMAGES, SUSPECTS = 12, 6, 18  # audit pictures on the index page
+
+
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
+                              autoescape=jinja2.select_autoescape(["html"]),
+                              undefined=jinja2.StrictUndefined, trim_blocks=True,
+                              lstrip_blocks=True)
+
+
+def template_fingerprint() -> str:
+    """The templates, the code that fills them and this package's version: a change in any
+    rebuilds every page."""
+    sources = [*sorted(TEMPLATES.glob("*.html")), Path(__file__), Path(plots.__file__),
+               Path(leaderboard_module.__file__)]
+    return fingerprint([pipeline.__version__, {p.name: p.read_text() for p in sources}])
+
+
+def number(value: Any, digits: int = 4) -> str:
+    """A score as the pages print it: fixed digits, a dash for none."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, (float, np.floating)) else str(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Pictures
+
+
+@dataclass
+class Tile:
+    """One picture of an image with its caption lines."""
+
+    src: str  # relative to the page
+    id: str
+    lines: list[str]
+    flag: str = ""  # a css class: "wrong", "test"
+
+
+def thumbnail(report: Report, source: Path, read, side: int, how: str) -> Path:
+    """images/<key>.jpg of `source` (read by `read`, path -> RGB array), made once: the key is
+    the file (its path, size, modification time), `how` it was read and the size."""
+    stat = source.stat()
+    key = fingerprint([str(source), stat.st_size, stat.st_mtime_ns, how, side])
+    path = report.images / f"{key[:20]}.jpg"
+    if not path.is_file():
+        plots.write_thumbnail(read(source), path, side)
+    return path
+
+
+def relative(path: Path, page: Path) -> str:
+    return Path(os.path.relpath(path, page.parent)).as_posix()
+
+
+# --------------------------------------------------------------------------------------------
+# An experiment's page
+
+
+def oof_of(state: ExperimentState) -> tuple[pd.DataFrame, str]:
+    """(the OOF rows of the current folds: TTA where every one was predicted, which file)."""
+    done, predicted = state.current_folds, state.predicted_folds
+    tta = bool(done) and predicted == done and state.tta(False).views != "none"
+    part = state.exp.fold(done[0])
+    return joined_oof(state.exp, done, tta=tta), (part.oof_tta if tta else part.oof).name
+
+
+def losses_of(oof: pd.DataFrame, scorer: Scorer, head: str) -> pd.DataFrame:
+    """Each OOF row with its given and predicted class, their probabilities and its loss,
+    highest first: -log p of the given class, or for a grade head (whose class columns are
+    two-point distributions, 0 beyond the neighbouring grades) how far its grade is from the
+    given one, the grade rounded as its prediction."""
+    targets, probs = scorer.targets(oof["label"]), scorer.probs_of(oof)
+    rows = np.arange(len(oof))
+    grade = None
+    if head != "classification":
+        grade = oof[GRADE].to_numpy(float) if GRADE in oof else expected_grade(probs)
+        predicted = np.clip(np.rint(grade), 0, scorer.n_classes - 1).astype(np.int64)
+    else:
+        predicted = probs.argmax(axis=1)
+    table = pd.DataFrame({
+        "id": oof["id"].to_numpy(), "given": oof["label"].to_numpy(),
+        "predicted": np.asarray(scorer.classes, dtype=object)[predicted],
+        "p_given": probs[rows, targets], "p_predicted": probs[rows, predicted],
+        "target": targets, "prediction": predicted, "grade": grade})
+    table["loss"] = (np.abs(grade - targets) if grade is not None
+                     else -np.log(np.clip(table["p_given"], LOSS_FLOOR, 1.0)))
+    return table.sort_values("loss", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def tile_lines(row) -> list[str]:
+    """A top loss's caption: the given and predicted class with their probabilities, or with
+    the grade a grade head gave."""
+    if row.grade is not None and not pd.isna(row.grade):
+        return [f"given {row.given}", f"predicted {row.predicted} (grade {row.grade:.2f})",
+                f"off by {row.loss:.2f} grades"]
+    return [f"given {row.given} ({row.p_given:.2f})",
+            f"predicted {row.predicted} ({row.p_predicted:.2f})", f"loss {row.loss:.2f}"]
+
+
+def loss_tiles(rows: pd.DataFrame, config: Config, report: Report, page: Path,
+               side: int) -> list[Tile]:
+    """Pictures of OOF rows as the model saw them (after the pipeline's preprocessing, from the
+    image cache where it is enabled)."""
+    if rows.empty:
+        return []
+    data = config.data
+    paths = train_image_paths(data, rows["id"].tolist())
+    read = image_loader(config.cache, config.augment, paths, desc="report",
+                        max_pixels=data.max_image_pixels)
+    how = fingerprint([config.cache.model_dump(), config.augment.image_size])
+    tiles = []
+    for row, source in zip(rows.itertuples(), paths):
+        image = thumbnail(report, source, read, side, how)
+        tiles.append(Tile(relative(image, page), row.id, tile_lines(row),
+                          "wrong" if row.given != row.predicted else ""))
+    return tiles
+
+
+def top_losses(losses: pd.DataFrame, settings: ReportConfig, classes: tuple[str, ...]) -> dict:
+    """{"all": the highest losses overall, <class>: the highest among rows given it}."""
+    shown = {"all": losses.head(settings.top_losses)}
+    for name in classes[:settings.classes_shown]:
+        shown[name] = losses[losses["given"] == name].head(settings.per_class)
+    return shown
+
+
+def confused_pairs(losses: pd.DataFrame) -> list[list]:
+    """The most frequent (given, predicted) mistakes: count and share of the given class."""
+    wrong = losses[losses["given"] != losses["predicted"]]
+    counts = wrong.groupby(["given", "predicted"]).size().sort_values(ascending=False)
+    per_class = losses["given"].value_counts()
+    return [[given, predicted, int(n), f"{n / per_class[given]:.1%}"]
+            for (given, predicted), n in counts.head(CONFUSED_PAIRS).items()]
+
+
+def class_rows(losses: pd.DataFrame, classes: tuple[str, ...]) -> list[list]:
+    """sklearn's classification_report as rows: precision, recall, F1, support."""
+    found = classification_report(losses["target"], losses["prediction"],
+                                  labels=list(range(len(classes))), target_names=list(classes),
+                                  output_dict=True, zero_division=0)
+    rows = [[name, *(number(found[name][k], 3) for k in ("precision", "recall", "f1-score")),
+             int(found[name]["support"])] for name in [*classes, "macro avg", "weighted avg"]]
+    return rows + [["accuracy", "", "", number(found["accuracy"], 3), len(losses)]]
+
+
+def settings_rows(config: Config, defaults: Config) -> list[list]:
+    """The result-changing settings where the experiment differs from the competition's
+    defaults, then the later stages' (TTA, ensemble)."""
+    rows = [[key, repr(a), repr(b)] for key, a, b in
+            changed_settings(training_settings(defaults.to_dict()),
+                             training_settings(config.to_dict()))]
+    for section in ("tta", "ensemble"):
+        rows += [[f"{section}.{key}", repr(a), repr(b)] for key, a, b in changed_settings(
+            getattr(defaults, section).model_dump(), getattr(config, section).model_dump())]
+    return rows
+
+
+def fold_logs(state: ExperimentState) -> dict[str, pd.DataFrame]:
+    return {f"fold {k}": pd.read_csv(state.exp.fold(k).log) for k in state.current_folds
+            if state.exp.fold(k).log.is_file()}
+
+
+def experiment_figures(state: ExperimentState, losses: pd.DataFrame, report: Report,
+                       page: Path) -> dict[str, str]:
+    """The page's curves and confusion matrix, drawn into images/ (named by the page)."""
+    config, metric = state.config, state.config.data.metric
+    curves = report.images / f"{state.name}.curves.png"
+    plots.write_fold_curves(fold_logs(state), metric, curves)
+    counts, normalised = plots.confusion_frames(losses["target"], losses["prediction"],
+                                                list(config.data.classes))
+    confusion = report.images / f"{state.name}.confusion.png"
+    plots.plot_confusion(counts, normalised, confusion)
+    return {"curves": relative(curves, page), "confusion": relative(confusion, page)}
+
+
+def experiment_context(state: ExperimentState, defaults: Config, report: Report,
+                       settings: ReportConfig) -> dict:
+    config, page = state.config, report.experiment(state.name)
+    scorer = Scorer.of(config.data)
+    oof, source = oof_of(state)
+    losses = losses_of(oof, scorer, config.model.head)
+    numbers = cv_numbers(state, scorer)
+    shown = top_losses(losses, settings, scorer.classes)
+    return {
+        "name": state.name, "competition": config.data.name, "metric": config.data.metric,
+        "status": state.status(), "model": config.model.name, "source": source,
+        "decoded_as": "argmax" if config.model.head == "classification" else "the grade rounded",
+        "numbers": {k: number(v) for k, v in numbers.items()},
+        "tta": state.tta(False).views if not math.isnan(numbers["tta_gain"]) else None,
+        "figures": experiment_figures(state, losses, report, page),
+        "classes": class_rows(losses, scorer.classes), "confused": confused_pairs(losses),
+        "losses": {name: loss_tiles(rows, config, report, page, settings.thumbnail)
+                   for name, rows in shown.items()},
+        "settings": settings_rows(config, defaults), "root": relative(report.dir, page)}
+
+
+# --------------------------------------------------------------------------------------------
+# The competition's page
+
+
+NUMERIC = {"size", "epochs", "seed", "cv mean", "cv std", "oof", "tta gain", "minutes"}
+
+
+def sort_key(value: Any) -> Any:
+    """What a cell sorts by in the page: numbers by value, the rest (a dash, text) as text."""
+    if isinstance(value, (int, float, np.number)) and not pd.isna(value):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def leaderboard_rows(frame: pd.DataFrame, report: Report, pages: set[str]) -> list[dict]:
+    """Each experiment's row as `make runs` prints it, with a link to its page where it has
+    one (an experiment with no current fold has none)."""
+    rows = []
+    for record in frame.to_dict("records"):
+        name = record["experiment"]
+        cells = [{"text": number(record[h]) if isinstance(record[h], float) else record[h],
+                  "sort": sort_key(record[h]), "numeric": h in NUMERIC,
+                  "stale": h == "status" and str(record[h]).startswith("stale")}
+                 for h in HEADERS]
+        rows.append({"cells": cells, "href": (relative(report.experiment(name), report.index)
+                                              if name in pages else None)})
+    return rows
+
+
+def submission_rows(summaries: list[SubmissionSummary]) -> list[dict]:
+    return [{"name": s.name, "members": ", ".join(s.members), "method": s.method,
+             "cv": number(s.cv), "cv_in_sample": number(s.cv_in_sample),
+             "state": "current" if s.current else f"stale: {s.why}", "partial": s.partial,
+             "methods": [[m["method"], number(m["cv"]), number(m["cv_in_sample"])]
+                         for m in s.methods]} for s in summaries]
+
+
+def original_tiles(data: DataConfig, part: str, ids: list[str], report: Report,
+                   side: int, lines: list[list[str]]) -> list[Tile]:
+    """Pictures of training or test images as they are on disk (the audit's view)."""
+    paths = (train_image_paths if part == "train" else test_image_paths)(data, ids)
+
+    def read(path):
+        return read_image(path, min_side=side, max_pixels=data.max_image_pixels)
+
+    return [Tile(relative(thumbnail(report, path, read, side, "original"), report.index),
+                 image_id, caption, "test" if part == "test" else "")
+            for image_id, path, caption in zip(ids, paths, lines)]
+
+
+def duplicate_groups(data: DataConfig, layout: Layout, side: int) -> list[list[Tile]]:
+    findings = layout.findings
+    if not findings.duplicates.is_file():
+        return []
+    table = read_duplicates(findings.duplicates)
+    groups = []
+    for _, rows in list(table.groupby("group", sort=False))[:DUPLICATE_GROUPS]:
+        rows = rows.head(GROUP_IMAGES)
+        tiles = []
+        for part in ("train", "test"):
+            mine = rows[rows["part"] == part]
+            tiles += original_tiles(data, part, mine["id"].tolist(), layout.report, side,
+                                    [[f"{part} {r.id}", r.label or "", r.found]
+                                     for r in mine.itertuples()])
+        groups.append(tiles)
+    return groups
+
+
+def audit_context(data: DataConfig, layout: Layout, side: int,
+                  stale: dict[str, str]) -> dict | None:
+    """The audit's findings, where `make audit` wrote them, each marked when it was made from
+    other images, rows or OOF predictions than now (`stale`: status.findings_staleness)."""
+    findings = layout.findings
+    shift = (pd.read_csv(findings.shift)
+             if findings.shift.is_file() else None)
+    suspects = {}
+    for experiment, path in findings.label_issue_files().items():
+        table = pd.read_csv(path, dtype={"id": str, "given": str, "predicted": str},
+                            keep_default_na=False).head(SUSPECTS)
+        suspects[experiment] = original_tiles(
+            data, "train", table["id"].tolist(), layout.report, side,
+            [[f"given {r.given} ({r.p_given:.2f})", f"predicted {r.predicted} "
+              f"({r.p_predicted:.2f})"] for r in table.itertuples()])
+    groups = duplicate_groups(data, layout, side)
+    if shift is None and not suspects and not findings.duplicates.is_file():
+        return None
+    shift_rows = ([] if shift is None else
+                  [[r.what, r.name, number(r.auc, 3), number(r.auc_std, 3)]
+                   for r in shift.itertuples() if r.what != "feature"]
+                  + [[r.what, r.name, number(r.auc, 3), ""]
+                     for r in shift[shift["what"] == "feature"].head(5).itertuples()])
+    return {"groups": groups, "shift": shift_rows, "suspects": suspects,
+            "duplicates_found": findings.duplicates.is_file(), "stale": stale}
+
+
+def index_context(config: Config, layout: Layout, shown: dict) -> dict:
+    """The index page's context from what it shows (index_inputs' `shown`)."""
+    report, data, frame = layout.report, config.data, shown["frame"]
+    plot = None
+    if frame["oof"].notna().any():
+        path = report.images / "leaderboard.png"
+        plots.plot_leaderboard(frame, data.metric, path)
+        plot = relative(path, report.index)
+    return {"competition": data.name, "metric": data.metric,
+            "direction": "higher" if higher_is_better(data.metric) else "lower",
+            "headers": [{"text": h, "numeric": h in NUMERIC} for h in HEADERS],
+            "rows": leaderboard_rows(frame, report, shown["pages"]), "plot": plot,
+            "submissions": submission_rows(shown["summaries"]),
+            "audit": audit_context(data, layout, config.report.thumbnail, shown["stale"]),
+            "version": pipeline.__version__}
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+def shown_pictures(page: Path) -> list[Path]:
+    """The files a page's <img src=...> name, resolved against its folder."""
+    if not page.is_file():
+        return []
+    return [(page.parent / src).resolve() for src in re.findall(r'<img[^>]*\ssrc="([^"]+)"',
+                                                                 page.read_text())]
+
+
+def page_outputs(page: Path) -> list[Path]:
+    """The page and every picture it shows (a deleted one rebuilds the page)."""
+    return [page, *sorted(set(shown_pictures(page)))]
+
+
+def render(page: Path, template: str, context: dict, inputs: dict, report: Report) -> None:
+    html = environment().get_template(template).render(**context)
+    write_text_atomic(page, html)
+    write_manifest(report.manifest(page), "report", inputs, page_outputs(page))
+
+
+def experiment_inputs(state: ExperimentState, config: Config, defaults: Config) -> dict:
+    """What an experiment's page shows: its folds' manifests (their outputs' digests), its
+    state, its settings against the defaults, the report settings, the templates."""
+    parts = [state.exp.fold(f.fold) for f in state.folds]
+    texts = [p.train_manifest.read_text() if p.train_manifest.is_file() else "" for p in parts]
+    texts += [p.predict_manifest.read_text() if p.predict_manifest.is_file() else ""
+              for p in parts]
+    return {"experiment": fingerprint(texts), "status": fingerprint(state.status()),
+            "settings": fingerprint(settings_rows(state.config, defaults)),
+            "report": fingerprint(config.report.model_dump()), "templates": template_fingerprint()}
+
+
+def build_experiment(state: ExperimentState, config: Config, defaults: Config,
+                     force: bool) -> str:
+    """Write one experiment's page unless it is current; 'written', 'current' or why not."""
+    report = Layout.of(config).report
+    page = report.experiment(state.name)
+    if not state.current_folds:  # an old page would show old scores as if current
+        page.unlink(missing_ok=True)
+        report.manifest(page).unlink(missing_ok=True)
+        return "none: no current fold"
+    inputs = experiment_inputs(state, config, defaults)
+    if not force and freshness(report.manifest(page), inputs).current:
+        return "current"
+    render(page, "experiment.html", experiment_context(state, defaults, report, config.report),
+           inputs, report)
+    return "written"
+
+
+def index_inputs(config: Config, layout: Layout, shown: dict) -> dict:
+    """What the index shows: the leaderboard, the submissions, which experiments have a page,
+    the audit's manifests and whether each finding is current; the settings and the code."""
+    findings = layout.findings
+    audit_files = sorted(findings.dir.glob("*.manifest.json")) if findings.dir.is_dir() else []
+    return {"leaderboard": fingerprint(shown["frame"].to_csv(index=False)),
+            "submissions": fingerprint([vars(s) | {"csv": str(s.csv)}
+                                        for s in shown["summaries"]]),
+            "pages": fingerprint(sorted(shown["pages"])),
+            "audit": fingerprint([p.read_text() for p in audit_files]
+                                 + [str(findings.label_issue_files()), shown["stale"]]),
+            "report": fingerprint(config.report.model_dump()), "templates": template_fingerprint()}
+
+
+def what_index_shows(config: Config, layout: Layout, states: list[ExperimentState],
+                     done: list[list[str]]) -> dict:
+    return {"frame": leaderboard(config.data, config.folds, layout, states),
+            "summaries": submission_summaries(config.data, config.folds, layout),
+            "stale": findings_staleness(config.data, layout, states),
+            "pages": {name for name, state in done if not state.startswith("none")}}
+
+
+def prune_images(report: Report) -> int:
+    """Delete the pictures no page shows any more (an old fold's top losses); how many."""
+    shown = set()
+    for page in [report.index, *report.dir.glob("experiments/*.html")]:
+        shown |= {Path(src).name for src in shown_pictures(page)}
+    stale = [p for p in report.images.glob("*") if p.name not in shown]
+    for path in stale:
+        path.unlink()
+    return len(stale)
+
+
+def build_report(config: Config, force: bool = False) -> Path:
+    """Write every page that is not current; print what was done; return index.html."""
+    layout = Layout.of(config)
+    report = layout.report
+    with holding(layout.report_lock, report.dir, "written"):
+        states = competition_states(config.data, config.folds, layout)
+        done = [[state.name, build_experiment(state, config, config, force)] for state in states]
+        shown = what_index_shows(config, layout, states, done)
+        inputs = index_inputs(config, layout, shown)
+        current = not force and freshness(report.manifest(report.index), inputs).current
+        if not current:
+            render(report.index, "index.html", index_context(config, layout, shown), inputs,
+                   report)
+        done.append(["index", "current" if current else "written"])
+        pruned = prune_images(report) if report.images.is_dir() else 0
+    print(format_table(done, ["page", "state"]))
+    if pruned:
+        print(f"removed {pruned} picture(s) no page shows any more")
+    print(f"report: {report.index} (open it from disk, or serve the folder: "
+          f"python -m http.server -d {report.dir})")
+    return report.index
+
+
+def main(args) -> None:
+    config = load_config(args.data, None, args.overrides)
+    build_report(config, args.force)
