@@ -22,6 +22,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from pipeline.base import log
 from pipeline.base.config import ConfigError
 from pipeline.base.distributed import launched_world_size
 from pipeline.base.utils import WRITE_ERRNOS, PipelineError, format_table, write_failure
@@ -146,6 +147,7 @@ def each_model(entry, args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    log.setup()
     args = build_parser().parse_args(argv)
     module = importlib.import_module(VERBS[args.verb][0])
     entry = getattr(module, "main_" + args.verb.replace("-", "_"), module.main)

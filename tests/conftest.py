@@ -12,10 +12,13 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline.base import log
 from pipeline.base.config import Config, load_config
 from pipeline.experiments.layout import Layout
 
 REPO = Path(__file__).resolve().parents[1]
+
+log.setup()  # what the entry does: the stages' lines go to stdout, where capsys reads them
 
 # The tests' file digests go to a table of their own, not the user's ~/.cache/pipeline (the
 # subprocesses the tests start inherit it).

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import logging
 import os
 import resource
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -174,7 +174,9 @@ def markdown_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str
 
 
 def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    """A warning through the pipeline's logger (pipeline/base/log.py): "warning: ..." on stderr,
+    rank 0 only."""
+    logging.getLogger("pipeline").warning(message)
 
 
 def summarize_offenders(items: Sequence[Any], limit: int = 5) -> str:

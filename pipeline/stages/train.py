@@ -25,9 +25,10 @@ import pandas as pd
 
 from pipeline.base import distributed
 from pipeline.base.config import Config
+from pipeline.base.log import log
 from pipeline.base.utils import PipelineError
 from pipeline.experiments.layout import Layout
-from pipeline.experiments.locks import holding
+from pipeline.experiments.runner import stage_lock
 from pipeline.experiments.state import experiment_configs
 from pipeline.inference.engine import resolve_device
 from pipeline.training.experiment import prepare_training, train_folds, write_summary
@@ -51,7 +52,7 @@ def run_parallel_folds(config: Config, folds_to_train: list[int] | None, force: 
     slots = distributed.gpu_slots(gpus)
     layout = Layout.of(config)
     exp = layout.experiment(config.run_name)
-    with holding(exp.lock, exp.dir, "trained"):  # the fold processes work under it
+    with stage_lock(exp.lock, exp.dir, "trained"):  # the fold processes work under it
         return _parallel_folds(config, layout, exp, folds_to_train, force, slots, command)
 
 
@@ -87,7 +88,7 @@ def main(args) -> None:
                             "launch with torchrun: make train GPUS=4 (see pipeline/base/distributed.py)")
     for config in configs:
         if len(configs) > 1:
-            print(f"== {config.run_name} (train.seed={config.train.seed})", flush=True)
+            log.info(f"== {config.run_name} (train.seed={config.train.seed})")
         if parallel == "folds":
             seed_args = [f"train.seed={config.train.seed}"] if len(configs) > 1 else []
             command = fold_command(args, config.run_name) + seed_args

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix
 
-from pipeline.base import distributed
 from pipeline.base.config import Config, DataConfig, FoldsConfig, save_config
+from pipeline.base.log import log
 from pipeline.base.task import Scorer, best_log_row
 from pipeline.base.utils import (
     PipelineError,
@@ -36,13 +36,12 @@ from pipeline.experiments.freshness import (
     input_changes,
     read_folds,
     stale_remedy,
-    train_freshness,
     training_inputs,
 )
 from pipeline.experiments.layout import Experiment, Layout
-from pipeline.experiments.locks import holding
 from pipeline.experiments.manifests import read_manifest
 from pipeline.experiments.probfiles import read_probs, read_pseudo
+from pipeline.experiments.runner import decide, on_main, stage_lock
 from pipeline.experiments.state import joined_oof
 from pipeline.training.parts import Rows, RunSpec
 from pipeline.training.run import preflight, train_part
@@ -79,11 +78,11 @@ def plan_folds(competition: str, exp: Experiment, selected: list[int], force: bo
     """The folds to train now; stale folds refused (all of them named) before any work starts."""
     todo, stale = [], []
     for fold in selected:
-        fresh = train_freshness(exp.fold(fold), inputs, details)
-        if fresh.current and not force:
-            print(f"fold {fold}: current ({exp.fold(fold).dir}); FORCE=1 retrains")
-        elif fresh.state == "stale" and not force:
-            stale.append((fold, fresh))
+        decision = decide(exp.fold(fold).train_manifest, inputs, details, force, "refuse")
+        if decision.action == "skip":
+            log.info(f"fold {fold}: current ({exp.fold(fold).dir}); FORCE=1 retrains")
+        elif decision.action == "refuse":
+            stale.append((fold, decision.fresh))
         else:
             todo.append(fold)
     if stale:
@@ -117,8 +116,7 @@ def check_one_setting(competition: str, exp: Experiment, folds: pd.DataFrame,
 
 def start_experiment(config: Config, exp: Experiment) -> None:
     """The experiment's config.yaml: its resolved settings, read by `runs` and `ensemble`."""
-    if distributed.is_main():
-        save_config(config, exp.config)
+    on_main(lambda: save_config(config, exp.config))
 
 
 def prepare_training(config: Config, layout: Layout, folds_to_train: list[int] | None,
@@ -141,7 +139,7 @@ def training_rows(rows: pd.DataFrame, exclude: str | None) -> pd.DataFrame:
     if not exclude:
         return rows
     kept = rows[~rows["id"].isin(excluded_ids(exclude))]
-    print(f"train.exclude: {len(rows) - len(kept)} of {len(rows)} training row(s) left out")
+    log.info(f"train.exclude: {len(rows) - len(kept)} of {len(rows)} training row(s) left out")
     return kept
 
 
@@ -175,11 +173,11 @@ def train_folds(config: Config, layout: Layout, folds_to_train: list[int] | None
     """Train the folds one after another (each over every rank when started by torchrun), one
     process at a time on the experiment."""
     exp = layout.experiment(config.run_name)
-    with holding(exp.lock, exp.dir, "trained"):
+    with stage_lock(exp.lock, exp.dir, "trained"):
         plan = prepare_training(config, layout, folds_to_train, force)
         for fold in plan.todo:
             train_fold(config, layout, plan, fold, force)
-        return write_summary(config, layout, plan.folds) if distributed.is_main() else None
+        return on_main(lambda: write_summary(config, layout, plan.folds))
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,9 +215,9 @@ def write_summary(config: Config, layout: Layout, folds: pd.DataFrame) -> pd.Dat
     write_text_atomic(exp.summary_md, summary_markdown(
         config.data, config.run_name, results, table, headers, overall, len(oof), partial, n_folds,
         confusion_matrix(targets, probs.argmax(1), labels=range(scorer.n_classes))))
-    print(format_table(table + [["mean", "", "", float(results[metric].mean()), ""],
+    log.info(format_table(table + [["mean", "", "", float(results[metric].mean()), ""],
                                 ["oof", "", "", overall[metric], ""]], headers))
-    print(f"{config.run_name}: out-of-fold {metric} {overall[metric]:.4f} over {len(oof)} images"
+    log.info(f"{config.run_name}: out-of-fold {metric} {overall[metric]:.4f} over {len(oof)} images"
           f"{partial} -> {exp.summary_md}")
     return results
 

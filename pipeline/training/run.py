@@ -25,15 +25,10 @@ from pipeline.base.utils import PipelineError, warn, write_csv_atomic
 from pipeline.data.augment import build_transforms
 from pipeline.ensembling.decode import decoder_kind
 from pipeline.ensembling.submission import resolved_submission_kind
-from pipeline.experiments.freshness import (
-    pseudo_fingerprint,
-    refuse_stale,
-    stale_remedy,
-    train_freshness,
-)
+from pipeline.experiments.freshness import pseudo_fingerprint, stale_remedy
 from pipeline.experiments.layout import Layout
-from pipeline.experiments.manifests import write_manifest
 from pipeline.experiments.probfiles import probability_frame
+from pipeline.experiments.runner import Step, run_step
 from pipeline.inference.engine import load_checkpoint, unwrap
 from pipeline.models import small_input_warning
 from pipeline.reporting import plots
@@ -48,8 +43,8 @@ def preflight(config: Config, layout: Layout) -> None:
     build_model(config.model, len(config.data.classes))
     small = small_input_warning(config.model.name, config.augment.image_size,
                                 stem=config.model.stem)
-    if small and distributed.is_main():
-        warn(small)
+    if small:
+        warn(small)  # rank 0's (pipeline/base/log.py)
     build_transforms(config.augment, train=True)
     build_transforms(config.augment, train=False)
     if config.train.pseudo and (config.train.mixup or config.train.cutmix):
@@ -83,30 +78,21 @@ def train_part(config: Config, spec: RunSpec, details: dict[str, Any], force: bo
     is to be trained, before FORCE=1 clears its folder (a preflight of the settings).
     """
     part = spec.part
-    fresh = train_freshness(part, spec.inputs, details)
-    if distributed.broadcast_from_main(fresh.current and not force):  # every rank, or none
-        print(f"{part.dir}: refit is current (FORCE=1 retrains)" if part.is_refit else
-              f"{spec.tag}: current ({part.dir}); FORCE=1 retrains")
-        return False
-    if fresh.state == "stale" and not force:
-        the = "the refit" if part.is_refit else "the fold"
-        raise refuse_stale(what, fresh, stale_remedy(the))
-    if before is not None:
-        before()
-    if distributed.is_main():
-        if force and part.dir.exists():
-            shutil.rmtree(part.dir)
-        part.dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, part.config)
-    distributed.barrier()  # under torchrun: no rank looks for last.pt before a FORCE clean-up
-    trainer = make_trainer(config, spec)
-    trainer.fit()
-    if spec.valid_rows is not None:
-        write_oof(trainer, config.data.classes)
-    if distributed.is_main():
-        write_manifest(part.train_manifest, stage, spec.inputs, part.trained_outputs(), details)
-    distributed.barrier()  # every rank reads the part's files once rank 0 has written them
-    return True
+
+    def work() -> bool:
+        trainer = make_trainer(config, spec)
+        trainer.fit()
+        if spec.valid_rows is not None:
+            write_oof(trainer, config.data.classes)
+        return True
+
+    current = (f"{part.dir}: refit is current (FORCE=1 retrains)" if part.is_refit else
+               f"{spec.tag}: current ({part.dir}); FORCE=1 retrains")
+    step = Step(stage, part.train_manifest, spec.inputs, details, part.trained_outputs, work,
+                current, on_stale="refuse", what=what,
+                remedy=stale_remedy("the refit" if part.is_refit else "the fold"),
+                check=before, clear=part.dir, prepare=lambda: save_config(config, part.config))
+    return bool(run_step(step, force))
 
 
 def write_oof(trainer: Trainer, classes: list[str]) -> pd.DataFrame | None:
