@@ -18,21 +18,20 @@ import pandas as pd
 
 from pipeline.base import distributed
 from pipeline.base.config import Config, PredictConfig, TTAConfig
+from pipeline.base.log import log
 from pipeline.base.task import Scorer
-from pipeline.base.utils import PipelineError, format_table, write_csv_atomic
+from pipeline.base.utils import PipelineError, write_csv_atomic
 from pipeline.data.tables import test_image_paths, train_image_paths
 from pipeline.experiments.freshness import (
     current_folds,
     fold_numbers,
-    freshness,
     predict_inputs,
     train_freshness,
     training_inputs,
 )
 from pipeline.experiments.layout import Experiment, Layout, Part
-from pipeline.experiments.locks import holding
-from pipeline.experiments.manifests import write_manifest
 from pipeline.experiments.probfiles import probability_frame, read_probs
+from pipeline.experiments.runner import Step, on_main, run_step, show_table, stage_lock
 from pipeline.experiments.state import joined_oof
 from pipeline.inference.predictor import CheckpointPredictor
 
@@ -62,19 +61,24 @@ def predict_part(part: Part, job: PredictJob, data, valid: pd.DataFrame | None,
     simply made again: nothing is lost. Returns the row of the stage's table (rank 0), or None.
     """
     inputs = predict_inputs(part, job.tta, job.test_fingerprint, valid)
-    fresh = freshness(part.predict_manifest, inputs)
-    if distributed.broadcast_from_main(fresh.current and not force):  # every rank, or none
-        print(f"{part.dir}: predictions are current (FORCE=1 redoes them)")
-        return None
-    if fresh.state == "stale" and not force:
-        print(f"{part.dir}: predicting again: {fresh.why()}")
+    details = {"tta": job.tta.model_dump(), "test images": len(job.test_ids)}
+    step = Step("predict", part.predict_manifest, inputs, details, part.predicted_outputs,
+                lambda: _predict(part, job, data, valid, scorer),
+                current=f"{part.dir}: predictions are current (FORCE=1 redoes them)",
+                redo=f"{part.dir}: predicting again: {{why}}")
+    return run_step(step, force)
+
+
+def _predict(part: Part, job: PredictJob, data, valid: pd.DataFrame | None,
+             scorer: Scorer) -> dict | None:
+    """Every rank predicts its shard of the images; rank 0 writes the probabilities."""
     predictor = CheckpointPredictor(part.best, job.tta, job.device, job.workers, job.predict)
     views = len(predictor.views)
     test = predictor.predict(test_image_paths(data, job.test_ids), f"{part.name} test x{views}")
     oof = None if valid is None else predictor.predict(
         train_image_paths(data, valid["id"].tolist()), f"{part.name} oof x{views}")
     if not distributed.is_main():
-        return None  # rank 0 writes
+        return None  # the shards were gathered on rank 0, which writes
     classes = predictor.config.data.classes
     write_csv_atomic(probability_frame(job.test_ids, test.probs, classes, grade=test.grade),
                      part.test_probs)
@@ -85,8 +89,6 @@ def predict_part(part: Part, job: PredictJob, data, valid: pd.DataFrame | None,
         targets = valid["target"].to_numpy()
         result[f"oof {scorer.metric}"] = scorer.score(targets, scorer.probs_of(read_probs(part.oof)))
         result[f"oof {scorer.metric} tta"] = scorer.score(targets, oof.probs)
-    write_manifest(part.predict_manifest, "predict", inputs, part.predicted_outputs(),
-                   {"tta": job.tta.model_dump(), "test images": len(job.test_ids)})
     return result
 
 
@@ -96,7 +98,7 @@ def predict_experiment(experiment: Config, layout: Layout, folds: pd.DataFrame,
     """Predict every current fold of an experiment (or the chosen ones); a fold not trained under
     the inputs of now is refused: its predictions would not belong to this experiment."""
     exp = layout.experiment(experiment.run_name)
-    with holding(exp.lock, exp.dir, "predicted"):
+    with stage_lock(exp.lock, exp.dir, "predicted"):
         _predict_folds(experiment, layout, folds, folds_to_predict, force, test)
 
 
@@ -120,11 +122,8 @@ def _predict_folds(experiment: Config, layout: Layout, folds: pd.DataFrame,
     job = PredictJob.of(experiment, *test)
     results = [predict_part(exp.fold(k), job, experiment.data, folds[folds["fold"] == k],
                             force, scorer) for k in selected]
-    results = [r for r in results if r]
-    if results:
-        print(format_table([list(r.values()) for r in results], list(results[0])))
-    if distributed.is_main():
-        print_tta_gain(exp, trained, experiment.tta, scorer)
+    show_table([r for r in results if r])
+    on_main(lambda: print_tta_gain(exp, trained, experiment.tta, scorer))
 
 
 def refuse_stale_folds(experiment: Config, folds: pd.DataFrame, layout: Layout,
@@ -152,8 +151,8 @@ def print_tta_gain(exp: Experiment, folds: list[int], tta: TTAConfig, scorer: Sc
     plain = scorer.score_frame(joined_oof(exp, folds))
     with_tta = scorer.score_frame(joined_oof(exp, folds, tta=True))
     if tta.views == "none":
-        print(f"{exp.name}: out-of-fold {metric} {plain:.4f} (tta.views=none; TTA=flips, d4, "
+        log.info(f"{exp.name}: out-of-fold {metric} {plain:.4f} (tta.views=none; TTA=flips, d4, "
               f"shifts or scales tries test-time augmentation)")
         return
-    print(f"{exp.name}: out-of-fold {metric} {plain:.4f} without TTA, {with_tta:.4f} with "
+    log.info(f"{exp.name}: out-of-fold {metric} {plain:.4f} without TTA, {with_tta:.4f} with "
           f"{tta.views} TTA ({with_tta - plain:+.4f})")

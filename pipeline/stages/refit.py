@@ -23,8 +23,9 @@ import pandas as pd
 from pipeline.base import distributed
 from pipeline.base.config import Config, DataConfig
 from pipeline.base.fingerprints import fingerprint
+from pipeline.base.log import log
 from pipeline.base.task import Scorer
-from pipeline.base.utils import PipelineError, format_table
+from pipeline.base.utils import PipelineError
 from pipeline.ensembling.submission import (
     build_submission,
     score_against_solution,
@@ -37,9 +38,8 @@ from pipeline.experiments.freshness import (
     refit_plan,
 )
 from pipeline.experiments.layout import Layout, Part
-from pipeline.experiments.locks import holding
-from pipeline.experiments.manifests import write_manifest
 from pipeline.experiments.probfiles import read_probs
+from pipeline.experiments.runner import Step, run_step, show_table, stage_lock
 from pipeline.experiments.state import experiment_configs
 from pipeline.inference.engine import resolve_device
 from pipeline.inference.experiment import PredictJob, predict_part
@@ -71,21 +71,26 @@ def train_refit(config: Config, layout: Layout, folds: pd.DataFrame, plan: Refit
     return part
 
 
-def write_refit_submission(data: DataConfig, name: str, layout: Layout, part: Part,
-                           test_ids: list[str]) -> dict:
-    """submissions/<competition>/<experiment>_refit.csv: the refit alone (unvalidated)."""
-    probs = Scorer.of(data).probs_of(read_probs(part.test_probs))
-    frame = build_submission(data, test_ids, probs)
+def refit_submission_step(data: DataConfig, name: str, layout: Layout, part: Part,
+                          test_ids: list[str]) -> Step:
+    """submissions/<competition>/<experiment>_refit.csv: the refit alone (unvalidated); written
+    again each time (it is cheap), by rank 0."""
     submission = layout.refit_submission(name)
-    path = write_submission(frame, submission.csv, data)
-    write_manifest(submission.manifest, "submission",
-                   {"members": fingerprint({"refit": part.predict_manifest.read_text()})},
-                   [path], {"members": [name], "refit only": True, "unvalidated": True})
-    result = {"run": name, "submission": str(path)}
-    test_score = score_against_solution(data, frame)
-    if test_score is not None:
-        result[f"test {data.metric}"] = test_score
-    return result
+
+    def work() -> dict:
+        probs = Scorer.of(data).probs_of(read_probs(part.test_probs))
+        frame = build_submission(data, test_ids, probs)
+        path = write_submission(frame, submission.csv, data)
+        result = {"run": name, "submission": str(path)}
+        test_score = score_against_solution(data, frame)
+        if test_score is not None:
+            result[f"test {data.metric}"] = test_score
+        return result
+
+    return Step("submission", submission.manifest,
+                {"members": fingerprint({"refit": part.predict_manifest.read_text()})},
+                {"members": [name], "refit only": True, "unvalidated": True},
+                lambda: [submission.csv], work, current="", main_only=True)
 
 
 def run_refit(config: Config, force: bool) -> dict:
@@ -93,29 +98,33 @@ def run_refit(config: Config, force: bool) -> dict:
     experiment; returns the row of the stage's table (rank 0)."""
     layout = Layout.of(config)
     exp = layout.experiment(config.run_name)
-    with holding(exp.lock, exp.dir, "refitted"):
+    with stage_lock(exp.lock, exp.dir, "refitted"):
         return _refit(config, layout, force)
 
 
 def _refit(config: Config, layout: Layout, force: bool) -> dict:
     folds = read_folds(config.data, config.folds, layout)
     plan = refit_plan(config, folds, layout)
-    print(f"{config.run_name}: refit on all labelled rows for {plan.epochs} epochs "
-          f"({plan.source}), walking the folds' learning-rate path to their epoch "
-          f"{plan.path.until:g} of {plan.path.epochs}")
+    log.info(f"{config.run_name}: refit on all labelled rows for {plan.epochs} epochs "
+             f"({plan.source}), walking the folds' learning-rate path to their epoch "
+             f"{plan.path.until:g} of {plan.path.epochs}")
     start_experiment(config, layout.experiment(config.run_name))  # not the refit's epoch count
     part = train_refit(config, layout, folds, plan, force)
     test_ids, test_fingerprint = read_test_set(config.data)
     job = PredictJob.of(config, test_ids, test_fingerprint)
     predict_part(part, job, config.data, None, force, Scorer.of(config.data))
-    distributed.barrier()
-    if not distributed.is_main():
-        return {}
-    result = write_refit_submission(config.data, config.run_name, layout, part, test_ids)
+    step = refit_submission_step(config.data, config.run_name, layout, part, test_ids)
+    result = run_step(step, force=True)
+    if result is None:
+        return {}  # not rank 0
     result = {"run": result.pop("run"), "epochs": plan.epochs, **result}
-    print(format_table([list(result.values())], list(result)))
-    print("note: a refit has no validation fold: its score is unknown (unvalidated)")
+    show_table([result])
+    log.info("note: a refit has no validation fold: its score is unknown (unvalidated)")
     return result
+
+
+# the command-line flags of its verb (pipeline/__main__.py FLAG_SPECS)
+FLAGS = ("data", "model", "models", "keep_going", "name", "seeds", "force", "overrides")
 
 
 def main(args) -> None:
