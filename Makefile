@@ -72,7 +72,7 @@ demo-data: ## export scikit-learn's digits as a Kaggle-style competition in data
 	$(RUN) demo-data $(if $(FORCE),--force)
 
 check: ## pre-flight check of the competition's CSVs and images
-	$(RUN) check $(COMMON) $(ARGS)
+	$(RUN) check --data $(DATA) $(ARGS)
 
 folds: ## stratified (group) K folds -> folds/<competition>.csv
 	$(RUN) folds $(COMMON) $(ARGS)
@@ -84,7 +84,7 @@ predict: ## TTA inference of each fold's best checkpoint (MODELS=; GPUS=4) -> te
 	$(RUN_GPUS) predict $(EXPERIMENTS) $(if $(FOLDS),--folds $(FOLDS)) $(COMMON) $(IDENTITY) $(OVERRIDES)
 
 ensemble: ## average folds and models (MODELS="a b"; PARTIAL=1) -> submissions/DATA/<name>.csv
-	$(RUN) ensemble $(if $(MODELS),--models "$(MODELS)") $(if $(PARTIAL),--partial) $(COMMON) $(ARGS)
+	$(RUN) ensemble $(if $(MODELS),--models "$(MODELS)") $(if $(PARTIAL),--partial) --data $(DATA) $(ARGS)
 
 refit: ## train MODEL (MODELS=) on all labelled rows (GPUS=4), predict the test set -> runs/DATA/MODEL/full/
 	$(RUN_GPUS) refit $(EXPERIMENTS) $(COMMON) $(IDENTITY) $(OVERRIDES)

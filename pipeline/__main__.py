@@ -64,49 +64,70 @@ def _seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--seeds takes numbers like 0,1,2; got {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Every flag a verb may take, defined once; each verb's module names the ones it takes
+# (`FLAGS`, or `FLAGS_<VERB>` where one module serves two verbs), so that `check --time-limit 3`
+# is a usage error instead of a flag silently ignored.
+FLAG_SPECS = {
+    "data": (("--data",), dict(default=os.environ.get("DATA", "digits"),
+             help="competition: a name in configs/data/ or a YAML path (default: digits)")),
+    "model": (("--model",), dict(default=None, help="experiment: a name in configs/ (resnet18), "
+                                 "a model name, or a YAML path")),
+    "models": (("--models",), dict(default=None, help="train/predict/refit: each of these "
+               "experiments in turn; ensemble: space- or comma-separated runs (default: every "
+               "trained one); bundle: the newest submission of exactly these")),
+    "keep_going": (("--keep-going",), dict(action="store_true", help="with --models: go on to "
+                   "the next experiment when one fails (the failures are listed at the end)")),
+    "folds": (("--folds",), dict(type=_fold_list, default=None, help="only these folds, e.g. 0,2")),
+    "name": (("--name",), dict(default=None, help="the experiment's name (default: the "
+             "experiment file's, with a suffix for result-changing overrides); bundle: the "
+             "submission's")),
+    "seeds": (("--seeds",), dict(type=_seed_list, default=None,
+              help="one run per seed, named <experiment>-seed<s>")),
+    "partial": (("--partial",), dict(action="store_true", help="allow members with missing "
+                "folds (the report says so)")),
+    "force": (("--force",), dict(action="store_true", help="redo work that is already done")),
+    "drop_bad": (("--drop-bad",), dict(action="store_true", help="leave out missing/unreadable "
+                 "training images instead of failing")),
+    "root": (("--root",), dict(default="data/digits", help="where to export")),
+    "parallel": (("--parallel",), dict(choices=["folds"], default=None,
+                 help="folds side by side, one process per GPU of --gpus")),
+    "gpus": (("--gpus",), dict(default=None, help="with --parallel folds: a count (4) or GPU ids "
+             "(0,1,2,3); without GPUs, the number of processes")),
+    "bundle": (("--bundle",), dict(default=None, help="the bundle's zip, or the folder it was "
+               "unpacked into")),
+    "images": (("--images",), dict(default=None, help="the test image folder")),
+    "ids": (("--ids",), dict(default=None, help="a CSV of the test ids (test.csv or the sample "
+            "submission)")),
+    "out": (("--out",), dict(default=None, help="the submission CSV to write")),
+    "time_limit": (("--time-limit",), dict(type=float, default=None,
+                   help="seconds; fall back to fewer TTA views to fit")),
+    "overrides": (("overrides",), dict(nargs="*", metavar="key=value", help="config overrides, "
+                  "e.g. train.epochs=3 augment.image_size=64")),
+}
+
+
+def verb_flags(verb: str, module) -> tuple[str, ...]:
+    """The flags `verb` takes, as its module declares them."""
+    own = getattr(module, "FLAGS_" + verb.upper().replace("-", "_"), None)
+    flags = own if own is not None else getattr(module, "FLAGS", None)
+    if flags is None:
+        raise TypeError(f"{module.__name__} declares no FLAGS for the verb {verb}")
+    unknown = sorted(set(flags) - set(FLAG_SPECS))
+    if unknown:
+        raise TypeError(f"{module.__name__}: unknown flags {unknown} (known: {sorted(FLAG_SPECS)})")
+    return tuple(flags)
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """Every verb as a subparser; `verb`'s module is imported (only that one) for its flags."""
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0])
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for verb, (_, help_text) in VERBS.items():
-        sub = verbs.add_parser(verb, help=help_text, description=help_text)
-        sub.add_argument("--data", default=os.environ.get("DATA", "digits"),
-                         help="competition: a name in configs/data/ or a YAML path (default: digits)")
-        sub.add_argument("--model", default=None,
-                         help="experiment: a name in configs/ (resnet18), a model name, or a YAML path")
-        sub.add_argument("--models", default=None,
-                         help="train/predict/refit: each of these experiments in turn; ensemble: "
-                              "space- or comma-separated runs (default: every trained one); "
-                              "bundle: the newest submission of exactly these")
-        sub.add_argument("--keep-going", action="store_true",
-                         help="train/predict/refit --models: go on to the next experiment when "
-                              "one fails (the failures are listed at the end)")
-        sub.add_argument("--folds", type=_fold_list, default=None, help="only these folds, e.g. 0,2")
-        sub.add_argument("--name", default=None,
-                         help="the experiment's name (default: the experiment file's, with a "
-                              "suffix for result-changing overrides); bundle: the submission's")
-        sub.add_argument("--seeds", type=_seed_list, default=None,
-                         help="train/predict/refit: one run per seed, named <experiment>-seed<s>")
-        sub.add_argument("--partial", action="store_true",
-                         help="ensemble: allow members with missing folds (the report says so)")
-        sub.add_argument("--force", action="store_true", help="redo work that is already done")
-        sub.add_argument("--drop-bad", action="store_true",
-                         help="leave out missing/unreadable training images instead of failing")
-        sub.add_argument("--root", default="data/digits", help="demo-data: where to export")
-        sub.add_argument("--parallel", choices=["folds"], default=None,
-                         help="train: folds side by side, one process per GPU of --gpus")
-        sub.add_argument("--gpus", default=None,
-                         help="with --parallel folds: a count (4) or GPU ids (0,1,2,3); without "
-                              "GPUs, the number of processes")
-        sub.add_argument("--bundle", default=None,
-                         help="infer: the bundle's zip, or the folder it was unpacked into")
-        sub.add_argument("--images", default=None, help="infer: the test image folder")
-        sub.add_argument("--ids", default=None,
-                         help="infer: a CSV of the test ids (test.csv or the sample submission)")
-        sub.add_argument("--out", default=None, help="infer: the submission CSV to write")
-        sub.add_argument("--time-limit", type=float, default=None,
-                         help="infer: seconds; fall back to fewer TTA views to fit")
-        sub.add_argument("overrides", nargs="*", metavar="key=value",
-                         help="config overrides, e.g. train.epochs=3 augment.image_size=64")
+    for name, (module_name, help_text) in VERBS.items():
+        sub = verbs.add_parser(name, help=help_text, description=help_text)
+        if name == verb:
+            for flag in verb_flags(name, importlib.import_module(module_name)):
+                options, settings = FLAG_SPECS[flag]
+                sub.add_argument(*options, **settings)
     return parser
 
 
@@ -148,7 +169,9 @@ def each_model(entry, args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     log.setup()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(verb if verb in VERBS else None).parse_args(argv)
     module = importlib.import_module(VERBS[args.verb][0])
     entry = getattr(module, "main_" + args.verb.replace("-", "_"), module.main)
     try:

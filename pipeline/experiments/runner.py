@@ -62,11 +62,14 @@ class Step:
     on_stale: Literal["redo", "refuse"] = "redo"  # refuse: redoing would lose a user's work
     what: str = ""  # names the outputs in a refusal ("tiny/resnet18 fold 0 (runs/...)")
     remedy: str = ""  # the refusal's remedy
-    redo: str = ""  # the line's start when stale outputs are redone ("<dir>: predicting again")
+    redo: str = ""  # the line when stale outputs are redone; "{why}" is replaced by what changed
     check: Callable[[], None] | None = None  # every rank, once the step is to run, before
     # FORCE=1 deletes anything: a wrong setting fails here and loses nothing
     clear: Path | None = None  # the folder the step owns: FORCE=1 empties it (rank 0)
     prepare: Callable[[], None] | None = None  # rank 0, after `clear`, before the work
+    main_only: bool = False  # the work is rank 0's alone (a submission); None on the others
+    recorded: Callable[[Any], dict[str, Any]] | None = None  # details known once the work is
+    # done (counts), from its value; added to `details` in the manifest
 
 
 @dataclass(frozen=True)
@@ -96,16 +99,17 @@ def run_step(step: Step, force: bool) -> Any:
     if decision.action == "refuse":
         raise refuse_stale(step.what, decision.fresh, step.remedy)
     if decision.fresh.state == "stale" and not force and step.redo:
-        log.info(f"{step.redo}: {decision.fresh.why()}")
+        log.info(step.redo.replace("{why}", decision.fresh.why()))
     if step.check is not None:
         step.check()
     if step.clear is not None or step.prepare is not None:
         if distributed.is_main():
             _prepare(step, force)
         distributed.barrier()  # no rank looks into the folder before it is ready
-    result = step.work()
+    result = step.work() if distributed.is_main() or not step.main_only else None
     if distributed.is_main():
-        write_manifest(step.manifest, step.name, step.inputs, step.outputs(), step.details)
+        details = {**step.details, **(step.recorded(result) if step.recorded else {})}
+        write_manifest(step.manifest, step.name, step.inputs, step.outputs(), details)
     distributed.barrier()  # every rank reads the step's files once rank 0 has written them
     return result
 

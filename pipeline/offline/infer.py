@@ -507,6 +507,10 @@ def run_infer(bundle_path: Path, images: Path, ids_csv: Path, out: Path,
     return Path(out)
 
 
+# the command-line flags of its verb (pipeline/__main__.py FLAG_SPECS)
+FLAGS = ("bundle", "images", "ids", "out", "time_limit", "overrides")
+
+
 def main(args) -> None:
     needed = {"--bundle": args.bundle, "--images": args.images, "--ids": args.ids,
               "--out": args.out}

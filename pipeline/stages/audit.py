@@ -342,6 +342,10 @@ def run_audit(config: Config, experiment: Config | None, force: bool) -> list[li
     return rows
 
 
+# the command-line flags of its verb (pipeline/__main__.py FLAG_SPECS)
+FLAGS = ("data", "model", "name", "force", "overrides")
+
+
 def main(args) -> None:
     config = load_config(args.data, None, args.overrides)
     experiment = load_experiment(args.data, args.model, args.overrides, args.name) \

@@ -347,6 +347,10 @@ def make_bundle(config: Config, models: list[str] | None = None, name: str | Non
     return out
 
 
+# the command-line flags of its verb (pipeline/__main__.py FLAG_SPECS)
+FLAGS = ("data", "models", "name", "overrides")
+
+
 def main(args) -> None:
     config = load_config(args.data, None, args.overrides)
     make_bundle(config, parse_models(args.models), args.name)

@@ -61,6 +61,10 @@ def other_folders(reader: CachedReader) -> list[Path]:
     return sorted(p for p in parent.iterdir() if p.is_dir() and p != reader.folder)
 
 
+# the command-line flags of its verb (pipeline/__main__.py FLAG_SPECS)
+FLAGS = ("data", "model", "force", "overrides")
+
+
 def main(args) -> None:
     config = (load_experiment(args.data, args.model, args.overrides) if args.model
               else load_config(args.data, None, args.overrides))

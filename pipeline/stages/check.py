@@ -25,6 +25,10 @@ def print_summary(data: DataConfig, result: CheckResult) -> None:
                         for c in data.classes], ["class", "images", "share"]))
 
 
+# the command-line flags of its verb (pipeline/__main__.py FLAG_SPECS)
+FLAGS = ("data", "drop_bad", "overrides")
+
+
 def main(args) -> None:
     config = load_config(args.data, None, args.overrides)
     result = check_competition(config.data, drop_bad=args.drop_bad or None)

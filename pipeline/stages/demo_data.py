@@ -72,5 +72,9 @@ def export_digits(root: Path | str = "data/digits", force: bool = False) -> Path
     return root
 
 
+# the command-line flags of its verb (pipeline/__main__.py FLAG_SPECS)
+FLAGS = ("root", "force")
+
+
 def main(args) -> None:
     export_digits(args.root, force=args.force)

@@ -441,6 +441,10 @@ def ensemble_runs(config: Config, models: list[str] | None = None, partial: bool
         return write_outputs(config.data, layout, ensemble, ensemble.members[0].test_ids)
 
 
+# the command-line flags of its verb (pipeline/__main__.py FLAG_SPECS)
+FLAGS = ("data", "models", "partial", "overrides")
+
+
 def main(args) -> None:
     config = load_config(args.data, None, args.overrides)
     ensemble_runs(config, parse_models(args.models), partial=args.partial,

@@ -21,13 +21,13 @@ from pipeline.experiments.state import experiment_configs
 from pipeline.inference.engine import resolve_device
 from pipeline.inference.experiment import predict_experiment
 
+# the command-line flags of its verb (pipeline/__main__.py FLAG_SPECS)
+FLAGS = ("data", "model", "models", "keep_going", "folds", "name", "seeds", "force", "overrides")
+
 
 def main(args) -> None:
     if args.model is None:
         raise PipelineError("predict needs a model: make predict MODEL=resnet18")
-    if args.parallel or args.gpus:
-        raise PipelineError("--parallel/--gpus are for train; predict uses several GPUs through "
-                            "torchrun: make predict GPUS=4")
     for config in experiment_configs(args.data, args.model, args.overrides, args.name,
                                      args.seeds):
         layout = Layout.of(config)

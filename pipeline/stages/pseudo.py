@@ -118,6 +118,10 @@ def oof_score(data: DataConfig, folds_cfg: FoldsConfig, layout: Layout,
     return cv_numbers(state, Scorer.of(data))["oof"]
 
 
+# the command-line flags of its verb (pipeline/__main__.py FLAG_SPECS)
+FLAGS = ("data", "model", "models", "folds", "name", "force", "overrides")
+
+
 def main(args) -> None:
     if args.model is None:
         raise PipelineError("pseudo needs the experiment of round two: make pseudo MODEL=resnet18")

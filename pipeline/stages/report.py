@@ -489,6 +489,10 @@ def build_report(config: Config, force: bool = False) -> Path:
     return report.index
 
 
+# the command-line flags of its verb (pipeline/__main__.py FLAG_SPECS)
+FLAGS = ("data", "force", "overrides")
+
+
 def main(args) -> None:
     config = load_config(args.data, None, args.overrides)
     build_report(config, args.force)

@@ -41,6 +41,10 @@ from pipeline.experiments.state import (
 )
 from pipeline.reporting import plots
 
+# the command-line flags of its verb (pipeline/__main__.py FLAG_SPECS)
+FLAGS_RUNS = ("data", "overrides")
+FLAGS_STATUS = ("data", "model", "name", "overrides")
+
 
 def main_runs(args) -> None:
     config = load_config(args.data, None, args.overrides)

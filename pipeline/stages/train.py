@@ -78,6 +78,13 @@ def fold_command(args, run_name: str) -> list[str]:
             "--name", run_name, *args.overrides]
 
 
+# the command-line flags of its verb (pipeline/__main__.py FLAG_SPECS)
+FLAGS = (
+    "data", "model", "models", "keep_going", "folds", "name", "seeds", "force", "parallel", "gpus",
+    "overrides"
+)
+
+
 def main(args) -> None:
     if args.model is None:
         raise PipelineError("train needs a model: make train MODEL=resnet18")
