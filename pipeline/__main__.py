@@ -22,9 +22,10 @@ import sys
 import traceback
 from pathlib import Path
 
-from pipeline.base import log
 from pipeline.base.config import ConfigError
 from pipeline.base.distributed import launched_world_size
+from pipeline.base.log import log
+from pipeline.base.log import setup as setup_logging
 from pipeline.base.utils import WRITE_ERRNOS, PipelineError, format_table, write_failure
 
 # verb -> (module, help)
@@ -144,7 +145,7 @@ def each_model(entry, args) -> None:
     experiments = [m for m in re.split(r"[\s,]+", args.models.strip()) if m]
     outcomes = {m: "not run" for m in experiments}
     for experiment in experiments:
-        print(f"=== {args.verb} {experiment}", flush=True)
+        log.info(f"=== {args.verb} {experiment}")
         try:
             entry(argparse.Namespace(**{**vars(args), "model": experiment, "models": None}))
             outcomes[experiment] = "done"
@@ -153,14 +154,15 @@ def each_model(entry, args) -> None:
                 raise  # a full disk fails the next experiment too: main says what to free
             if not isinstance(err, (ConfigError, PipelineError)):
                 traceback.print_exc()
-            print(f"error: {args.verb} {experiment}: {err}", file=sys.stderr)
+            log.error(f"error: {args.verb} {experiment}: {err}")
             outcomes[experiment] = f"failed: {str(err).splitlines()[0] if str(err) else err!r}"
             if not args.keep_going:
-                print(format_table([[m, o] for m, o in outcomes.items()], ["experiment", args.verb]))
+                log.info(format_table([[m, o] for m, o in outcomes.items()],
+                                      ["experiment", args.verb]))
                 raise PipelineError(f"{args.verb} of {experiment} failed (above); the experiments "
                                     f"after it were not run. KEEP_GOING=1 (--keep-going) goes on "
                                     f"past a failing experiment") from err
-    print(format_table([[m, o] for m, o in outcomes.items()], ["experiment", args.verb]))
+    log.info(format_table([[m, o] for m, o in outcomes.items()], ["experiment", args.verb]))
     failed = [m for m, o in outcomes.items() if o != "done"]
     if failed:
         raise PipelineError(f"{args.verb} failed for {', '.join(failed)} (above); the others "
@@ -168,7 +170,7 @@ def each_model(entry, args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    log.setup()
+    setup_logging()
     argv = sys.argv[1:] if argv is None else argv
     verb = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(verb if verb in VERBS else None).parse_args(argv)
@@ -180,15 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             entry(args)
     except (ConfigError, PipelineError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        log.error(f"error: {err}")
         return 1
     except OSError as err:  # a full disk or read-only folder outside the atomic writers
         if err.errno not in WRITE_ERRNOS:
             raise
-        print(f"error: {write_failure(Path(err.filename or '.'), err)}", file=sys.stderr)
+        log.error(f"error: {write_failure(Path(err.filename or '.'), err)}")
         return 1
     except KeyboardInterrupt:
-        print("interrupted: finished work is kept; re-run to resume", file=sys.stderr)
+        log.error("interrupted: finished work is kept; re-run to resume")
         return 130
     return 0
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import time
 
 from pipeline.base.config import load_config
+from pipeline.base.log import log
 from pipeline.base.utils import PipelineError, format_table
-from pipeline.experiments.freshness import folds_freshness, read_folds, read_test_set
+from pipeline.experiments.freshness import read_folds, read_test_set
 from pipeline.experiments.layout import Layout
 from pipeline.inference.experiment import predict_experiment
 from pipeline.stages.demo_data import export_digits
@@ -26,7 +27,7 @@ from pipeline.training.experiment import train_folds
 
 
 def banner(text: str) -> None:
-    print(f"\n== {text} " + "=" * max(0, 70 - len(text)), flush=True)
+    log.info(f"\n== {text} " + "=" * max(0, 70 - len(text)))
 
 
 def run_demo(model: str, data: str, overrides: list[str], force: bool,
@@ -41,10 +42,7 @@ def run_demo(model: str, data: str, overrides: list[str], force: bool,
     export_digits(config.data.root_path)
     banner("folds")
     layout = Layout.of(config)
-    if force or not folds_freshness(config.data, config.folds, layout).current:
-        make_folds(config)
-    else:
-        print(f"{layout.folds_csv} is current (FORCE=1 re-splits)")
+    make_folds(config, force=force)
     banner(f"train {config.run_name} on {config.folds.n_splits} folds")
     train_folds(config, layout, None, force)
     banner(f"predict the test set (TTA: {config.tta.views})")
@@ -70,9 +68,13 @@ def run_demo(model: str, data: str, overrides: list[str], force: bool,
         ["minutes", f"{minutes:.1f}"],
     ]
     banner(f"demo finished: {config.run_name} on {config.data.name} ({metric})")
-    print(format_table(rows, ["", ""]))
+    log.info(format_table(rows, ["", ""]))
     return {"cv": outcome.cv_score, "test": outcome.solution_score, "minutes": minutes,
             "report": page}
+
+
+# the command-line flags of its verb (pipeline/__main__.py FLAG_SPECS)
+FLAGS = ("data", "model", "name", "force", "overrides")
 
 
 def main(args) -> None:

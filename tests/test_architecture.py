@@ -163,3 +163,75 @@ def test_the_class_index_is_built_in_one_place():
             if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("classes.index"):
                 offenders.append(f"{name}:{node.lineno}")
     assert offenders == []
+
+
+# --------------------------------------------------------------------------------------------
+# Bookkeeping has one owner: the stage runner (pipeline/experiments/runner.py)
+
+RUNNER = "pipeline.experiments.runner"
+# The lock and the manifest writer are called by the runner alone (and defined in their modules).
+RUNNER_ONLY = {"holding": {RUNNER, "pipeline.experiments.locks"},
+               "write_manifest": {RUNNER, "pipeline.experiments.manifests"}}
+RANK_CHECKS = {"is_main", "barrier", "broadcast_from_main"}
+# Rank checks that are per-rank work inside the core, not bookkeeping: module -> why.
+CORE_RANK_WORK = {
+    "pipeline.training.loop": "rank 0 saves the checkpoint; the ranks agree on 'improved' and "
+                              "wait until best.pt is written before reading it",
+    "pipeline.training.checkpoints": "rank 0 writes and averages the top-k checkpoints",
+    "pipeline.training.run": "write_oof: batched inference gathered its shards on rank 0, "
+                             "which writes oof.csv and the plots",
+    "pipeline.inference.experiment": "predict: the shards were gathered on rank 0, which writes",
+    "pipeline.inference.engine": "one progress bar, rank 0's",
+    "pipeline.data.imagecache": "rank 0 fills the cache, the others wait and read it",
+    "pipeline.experiments.locks": "rank 0 takes the lock for every rank",
+    "pipeline.base.distributed": "defines them",
+    "pipeline.base.log": "the logger's filter: rank 0 speaks",
+    RUNNER: "the runner: rank 0 decides, prepares and writes the manifest",
+}
+
+
+def called_names(tree: ast.AST) -> set[str]:
+    """The names of the functions a module calls (`f(...)` and `module.f(...)` both give f)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            names.add(func.id if isinstance(func, ast.Name) else
+                      func.attr if isinstance(func, ast.Attribute) else "")
+    return names
+
+
+CALLS = {name: called_names(tree) for name, tree in MODULES.items()}
+
+
+@pytest.mark.parametrize("function", sorted(RUNNER_ONLY))
+def test_locks_and_manifests_belong_to_the_runner(function):
+    """A stage declares its steps; only the runner takes locks and writes manifests."""
+    callers = {m for m, calls in CALLS.items() if function in calls}
+    assert callers - RUNNER_ONLY[function] == set()
+
+
+def test_stages_leave_ranks_and_output_to_the_runner_and_the_logger():
+    """Stages and entry neither check ranks nor print: the runner does the first, the
+    "pipeline" logger (pipeline/base/log.py, rank 0 only) the second."""
+    offenders = {m: sorted(CALLS[m] & (RANK_CHECKS | {"print"})) for m in MODULES
+                 if layer(m) in ("stage", "entry") and CALLS[m] & (RANK_CHECKS | {"print"})}
+    assert offenders == {}
+
+
+def test_rank_checks_in_the_core_are_per_rank_work():
+    """A rank check in the core is per-rank work listed (with its reason) in CORE_RANK_WORK."""
+    found = {m for m, calls in CALLS.items() if calls & RANK_CHECKS and layer(m) != "stage"}
+    assert found - set(CORE_RANK_WORK) == set()
+    assert set(CORE_RANK_WORK) - found == set(), "a listed module no longer needs its exception"
+
+
+def test_each_verb_takes_only_its_own_flags(capsys):
+    """`check --time-limit 3` is argparse's usage error, not a flag silently ignored."""
+    from pipeline.__main__ import build_parser
+    with pytest.raises(SystemExit) as stopped:
+        build_parser("check").parse_args(["check", "--time-limit", "3"])
+    assert stopped.value.code == 2
+    assert "unrecognized arguments: --time-limit" in capsys.readouterr().err
+    args = build_parser("infer").parse_args(["infer", "--bundle", "b.zip", "--time-limit", "3"])
+    assert args.time_limit == 3.0 and not hasattr(args, "force")

@@ -3,6 +3,7 @@
     from pipeline.base.log import log
     log.info("fold 0: current (...)")        # stdout, rank 0 only
     log.warning("a better setting is ...")    # stderr as "warning: ...", rank 0 only
+    log.error("error: ...")                    # stderr as it is, every rank
 
 `setup()` is called once by the entry (pipeline/__main__.py; the tests' conftest): plain messages
 (no level, time or name: the lines are the user interface), records below WARNING to stdout and
@@ -35,8 +36,10 @@ class _CurrentStream(logging.StreamHandler):
 
 
 class _MainRankOnly(logging.Filter):
+    """Rank 0's records; errors of every rank (a rank that fails alone must say why)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return distributed.is_main()
+        return record.levelno >= logging.ERROR or distributed.is_main()
 
 
 class _Below(logging.Filter):
@@ -49,10 +52,12 @@ class _Below(logging.Filter):
 
 
 class _Prefixed(logging.Formatter):
-    """Warnings read "warning: ...", errors "error: ...", as the pipeline always wrote them."""
+    """Warnings read "warning: ...", as the pipeline always wrote them; an error's message says
+    itself what it is ("error: ...", "interrupted: ...")."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {super().format(record)}"
+        text = super().format(record)
+        return f"warning: {text}" if record.levelno == logging.WARNING else text
 
 
 def setup() -> logging.Logger:

@@ -39,6 +39,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from pipeline.base.config import AuditConfig, Config, load_config
 from pipeline.base.fingerprints import fingerprint
+from pipeline.base.log import log
 from pipeline.base.task import Scorer
 from pipeline.base.utils import (
     PipelineError,
@@ -58,17 +59,14 @@ from pipeline.data.duplicates import (
 )
 from pipeline.data.images import read_image
 from pipeline.experiments.freshness import (
-    Freshness,
     audit_image_inputs,
     audited_images,
-    freshness,
     read_folds,
     read_test_set,
 )
 from pipeline.experiments.layout import Layout
-from pipeline.experiments.locks import holding
-from pipeline.experiments.manifests import write_manifest
 from pipeline.experiments.probfiles import oof_file, read_probs
+from pipeline.experiments.runner import Step, run_step, stage_lock
 from pipeline.experiments.state import experiment_state, label_issue_inputs, load_experiment
 from pipeline.inference.predictor import pooled_features
 from pipeline.reporting import plots
@@ -78,15 +76,12 @@ from pipeline.reporting import plots
 
 
 def run_finding(path: Path, manifest: Path, inputs: dict[str, str], force: bool,
-                compute: Callable[[], list[Path]], what: str) -> Freshness:
-    """Compute a finding unless current; its manifest is written last."""
-    fresh = freshness(manifest, inputs)
-    if fresh.current and not force:
-        print(f"{what}: current ({path}); FORCE=1 audits again")
-        return fresh
-    outputs = compute()
-    write_manifest(manifest, what, inputs, outputs)
-    return Freshness("current")
+                compute: Callable[[], list[Path]], what: str) -> None:
+    """Compute a finding unless current (stale: computed again); its manifest is written last."""
+    written: list[Path] = []  # compute's files, for the manifest
+    run_step(Step(what, manifest, inputs, {}, lambda: written,
+                  lambda: written.extend(compute()),
+                  current=f"{what}: current ({path}); FORCE=1 audits again"), force)
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,8 +137,8 @@ def audit_duplicates(config: Config, layout: Layout, frame: pd.DataFrame, paths:
     table = read_duplicates(findings.duplicates)
     found = conflicts(table) if not table.empty else []
     if len(found):
-        print(f"duplicate groups with conflicting labels: "
-              f"{summarize_offenders([f'{g} {ls}' for g, ls in zip(found.group, found.labels)])}")
+        log.info(f"duplicate groups with conflicting labels: "
+                 f"{summarize_offenders([f'{g} {ls}' for g, ls in zip(found.group, found.labels)])}")
     return duplicates_summary(table)
 
 
@@ -332,13 +327,13 @@ def audit_labels(experiment: Config, layout: Layout, frame: pd.DataFrame, paths:
 def run_audit(config: Config, experiment: Config | None, force: bool) -> list[list]:
     layout = Layout.of(config)
     frame, paths = audited_images(config.data)
-    with holding(layout.audit_lock, layout.audit, "audited"):
+    with stage_lock(layout.audit_lock, layout.audit, "audited"):
         rows = audit_duplicates(config, layout, frame, paths, force)
         rows += audit_shift(config, layout, frame, paths, experiment, force)
         if experiment is not None:
             rows += audit_labels(experiment, layout, frame, paths, force)
-    print(format_table(rows, ["finding", "value"]))
-    print(f"audit of {config.data.name} -> {layout.audit}/")
+    log.info(format_table(rows, ["finding", "value"]))
+    log.info(f"audit of {config.data.name} -> {layout.audit}/")
     return rows
 
 

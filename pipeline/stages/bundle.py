@@ -52,6 +52,7 @@ from pipeline.base.config import (
     parse_models,
 )
 from pipeline.base.fingerprints import sha256_file
+from pipeline.base.log import log
 from pipeline.base.utils import (
     PipelineError,
     atomic_path,
@@ -341,9 +342,9 @@ def make_bundle(config: Config, models: list[str] | None = None, name: str | Non
         write_json(stage / BUNDLE_MANIFEST, manifest)
         write_zip(stage, out)
     checkpoints = sum(len(e["checkpoints"]) for e in experiments.values())
-    print(format_table([[name, len(experiments), checkpoints, len(manifest["files"]) + 1,
-                         f"{out.stat().st_size / 2**20:.1f}", str(out)]],
-                       ["submission", "experiments", "checkpoints", "files", "MiB", "bundle"]))
+    log.info(format_table([[name, len(experiments), checkpoints, len(manifest["files"]) + 1,
+                            f"{out.stat().st_size / 2**20:.1f}", str(out)]],
+                          ["submission", "experiments", "checkpoints", "files", "MiB", "bundle"]))
     return out
 
 

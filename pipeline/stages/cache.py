@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.base.config import DataConfig, load_config
+from pipeline.base.log import log
 from pipeline.base.utils import format_table, warn
 from pipeline.data.imagecache import (
     BuildReport,
@@ -73,12 +74,12 @@ def main(args) -> None:
         shutil.rmtree(reader.folder)
     report = build_cache(reader, competition_images(config.data, Layout.of(config)),
                          desc=f"cache {config.data.name}")
-    print(report_table(config.data.name, report))
-    print("settings: " + json.dumps(reader.preprocess.settings(reader.fmt)))
+    log.info(report_table(config.data.name, report))
+    log.info("settings: " + json.dumps(reader.preprocess.settings(reader.fmt)))
     others = other_folders(reader)
     if others:
-        print(f"{len(others)} other cache folder(s) in {reader.folder.parent} hold other settings: "
-              + ", ".join(p.name for p in others) + " (delete them when no config uses them)")
+        log.info(f"{len(others)} other cache folder(s) in {reader.folder.parent} hold other settings: "
+                 + ", ".join(p.name for p in others) + " (delete them when no config uses them)")
     if not config.cache.enabled:
         warn(f"cache.enabled is false for {config.run_name}: training will not read this cache; "
              f"set `cache: {{enabled: true}}` in configs/{config.run_name}.yaml or "

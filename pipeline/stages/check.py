@@ -12,6 +12,7 @@ an error (the submission needs every test row).
 from __future__ import annotations
 
 from pipeline.base.config import DataConfig, load_config
+from pipeline.base.log import log
 from pipeline.base.utils import format_table
 from pipeline.data.checks import CheckResult, check_competition
 
@@ -19,10 +20,10 @@ from pipeline.data.checks import CheckResult, check_competition
 def print_summary(data: DataConfig, result: CheckResult) -> None:
     rows = [["train", len(result.train) + len(result.dropped), len(result.dropped)],
             ["test", len(result.test_ids), 0]]
-    print(format_table(rows, ["split", "rows", "dropped"]))
+    log.info(format_table(rows, ["split", "rows", "dropped"]))
     counts = result.train["label"].value_counts()
-    print(format_table([[c, int(counts.get(c, 0)), f"{counts.get(c, 0) / len(result.train):.1%}"]
-                        for c in data.classes], ["class", "images", "share"]))
+    log.info(format_table([[c, int(counts.get(c, 0)), f"{counts.get(c, 0) / len(result.train):.1%}"]
+                           for c in data.classes], ["class", "images", "share"]))
 
 
 # the command-line flags of its verb (pipeline/__main__.py FLAG_SPECS)
@@ -33,5 +34,5 @@ def main(args) -> None:
     config = load_config(args.data, None, args.overrides)
     result = check_competition(config.data, drop_bad=args.drop_bad or None)
     how = "" if config.data.submission != "auto" else " (read off the sample's header)"
-    print(f"{config.data.name}: all checks passed; submission: {result.submission}{how}")
+    log.info(f"{config.data.name}: all checks passed; submission: {result.submission}{how}")
     print_summary(config.data, result)

@@ -19,6 +19,7 @@ import pandas as pd
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from pipeline.base.log import log
 from pipeline.base.utils import format_table
 
 TEST_FRACTION = 0.2
@@ -35,7 +36,7 @@ def export_digits(root: Path | str = "data/digits", force: bool = False) -> Path
     """Write the digits competition under `root`; an existing complete export is kept."""
     root = Path(root)
     if (root / "solution.csv").is_file() and not force:
-        print(f"demo competition already at {root} (use --force to rewrite)")
+        log.info(f"demo competition already at {root} (use --force to rewrite)")
         return root
 
     digits = load_digits()
@@ -65,10 +66,10 @@ def export_digits(root: Path | str = "data/digits", force: bool = False) -> Path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-    print(format_table([["train", len(train_idx), str(root / "train.csv")],
-                        ["test", len(test_idx), str(root / "test.csv")],
-                        ["solution (held out)", len(test_idx), str(root / "solution.csv")]],
-                       ["split", "images", "file"]))
+    log.info(format_table([["train", len(train_idx), str(root / "train.csv")],
+                           ["test", len(test_idx), str(root / "test.csv")],
+                           ["solution (held out)", len(test_idx), str(root / "solution.csv")]],
+                          ["split", "images", "file"]))
     return root
 
 

@@ -33,6 +33,7 @@ from pipeline.base.config import (
     load_config,
     parse_models,
 )
+from pipeline.base.log import log
 from pipeline.base.metrics import higher_is_better
 from pipeline.base.task import Scorer
 from pipeline.base.utils import format_table, markdown_table, warn, write_text_atomic
@@ -66,8 +67,7 @@ from pipeline.ensembling.submission import (
 from pipeline.experiments.freshness import read_folds, read_test_set
 from pipeline.experiments.layout import Layout
 from pipeline.experiments.leaderboard import report_line
-from pipeline.experiments.locks import holding
-from pipeline.experiments.manifests import write_manifest
+from pipeline.experiments.runner import Step, run_step, stage_lock
 from pipeline.experiments.state import member_fingerprint
 
 
@@ -392,11 +392,29 @@ def recipe(data: DataConfig, ensemble: Ensemble) -> dict:
 
 def write_outputs(data: DataConfig, layout: Layout, ensemble: Ensemble,
                   test_ids: list[str]) -> EnsembleOutcome:
-    """The submission, its report and, last, its manifest; the tables printed."""
-    scorer, metric = Scorer.of(data), data.metric
+    """The submission, its report and, last, its manifest (written again each time: it is
+    cheap); the tables shown."""
     cv_score = ensemble.scores["out of fold"]
     submission = layout.submission(submission_name(ensemble.settings, ensemble.names, cv_score,
                                                    ensemble.partial))
+    refits = {c.name: c.refit for c in ensemble.candidates}
+    inputs = {"members": member_fingerprint([c.state for c in ensemble.candidates], refits,
+                                            ensemble.settings)}
+    step = Step("ensemble", submission.manifest, inputs, recipe(data, ensemble),
+                lambda: [submission.csv, submission.report],
+                lambda: write_submission_files(data, ensemble, submission, test_ids), current="")
+    solution_score = run_step(step, force=True)
+    log.info(f"wrote {submission.csv} and {submission.report}")
+    log.info(report_line(layout))
+    return EnsembleOutcome(submission.name, submission.csv, submission.report, cv_score,
+                           solution_score)
+
+
+def write_submission_files(data: DataConfig, ensemble: Ensemble, submission,
+                           test_ids: list[str]) -> float | None:
+    """The submission CSV and its markdown report, with their tables shown; the score against
+    the held-out labels where the competition has them."""
+    scorer, metric = Scorer.of(data), data.metric
     frame = build_submission(data, test_ids, ensemble.predictions)
     csv_path = write_submission(frame, submission.csv, data)
     solution_score = score_against_solution(data, frame)
@@ -404,26 +422,19 @@ def write_outputs(data: DataConfig, layout: Layout, ensemble: Ensemble,
     headers = ["model", "oof", "folds", "refit", "weight",
                *(f"oof {m}" for m in _score_columns(metric))]
     details = details_rows(data, ensemble, csv_path, solution_score)
-    print(format_table(rows, headers))
+    log.info(format_table(rows, headers))
     methods = method_rows(ensemble) if ensemble.combined.table else []
     if methods:
-        print(format_table(methods, METHOD_HEADERS))
+        log.info(format_table(methods, METHOD_HEADERS))
     for note in ensemble.combined.notes:
-        print(f"note: {note}")
-    print(format_table([row for row in details if not row[0].startswith("test ")],
-                       ["ensemble", "value"]))
+        log.info(f"note: {note}")
+    log.info(format_table([row for row in details if not row[0].startswith("test ")],
+                          ["ensemble", "value"]))
     if solution_score is not None:
-        print(f"test {metric} vs {data.solution_csv}: {solution_score:.4f}")
+        log.info(f"test {metric} vs {data.solution_csv}: {solution_score:.4f}")
     write_text_atomic(submission.report, markdown_report(submission.name, rows, headers, details,
                                                          ensemble.combined.notes, methods))
-    refits = {c.name: c.refit for c in ensemble.candidates}
-    write_manifest(submission.manifest, "ensemble",
-                   {"members": member_fingerprint([c.state for c in ensemble.candidates], refits,
-                                                  ensemble.settings)},
-                   [csv_path, submission.report], recipe(data, ensemble))
-    print(f"wrote {csv_path} and {submission.report}")
-    print(report_line(layout))
-    return EnsembleOutcome(submission.name, csv_path, submission.report, cv_score, solution_score)
+    return solution_score
 
 
 def ensemble_runs(config: Config, models: list[str] | None = None, partial: bool = False,
@@ -435,7 +446,7 @@ def ensemble_runs(config: Config, models: list[str] | None = None, partial: bool
     layout = Layout.of(config)
     folds = read_folds(config.data, config.folds, layout)
     _, test_fingerprint = read_test_set(config.data)
-    with holding(layout.submissions_lock, layout.submissions, "written"):
+    with stage_lock(layout.submissions_lock, layout.submissions, "written"):
         ensemble = make_ensemble(config, layout, folds, test_fingerprint, models, partial,
                                  overrides)
         return write_outputs(config.data, layout, ensemble, ensemble.members[0].test_ids)

@@ -14,12 +14,16 @@ and every later stage refuses folds that no longer fit the data.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from pipeline.base.config import Config, FoldsConfig, load_config
 from pipeline.base.fingerprints import folds_fingerprint
+from pipeline.base.log import log
 from pipeline.base.task import class_index, targets_of
 from pipeline.base.utils import PipelineError, format_table, warn, write_csv_atomic
 from pipeline.data.checks import check_competition
@@ -28,15 +32,13 @@ from pipeline.data.duplicates import describe_conflicts, groups_for_folds, merge
 from pipeline.experiments.freshness import (
     duplicate_groups,
     fold_inputs,
-    folds_freshness,
 )
 from pipeline.experiments.layout import Layout
-from pipeline.experiments.locks import holding
 from pipeline.experiments.manifests import (
     outputs_problems,
     read_manifest,
-    write_manifest,
 )
+from pipeline.experiments.runner import Step, run_step, stage_lock
 
 
 def assign_folds(table: pd.DataFrame, n_splits: int, seed: int) -> pd.DataFrame:
@@ -79,8 +81,8 @@ def with_duplicates(table: pd.DataFrame, classes: list[str], folds_cfg: FoldsCon
     in_group = groups_for_folds(groups.assign(part="train"), table["id"].tolist())
     existing = table["group"].astype(str) if "group" in table else [""] * len(table)
     merged = merged_groups(table["id"].tolist(), list(existing), list(in_group))
-    print(f"{len(groups)} labelled image(s) in {groups['group'].nunique()} duplicate group(s) "
-          f"({layout.findings.duplicates}): each group kept in one fold")
+    log.info(f"{len(groups)} labelled image(s) in {groups['group'].nunique()} duplicate group(s) "
+             f"({layout.findings.duplicates}): each group kept in one fold")
     return table.assign(group=merged.to_numpy())
 
 
@@ -127,47 +129,69 @@ def fold_table(folds: pd.DataFrame, classes: list[str]) -> str:
     return format_table(rows, ["fold", "images", *classes])
 
 
-def make_folds(config: Config, drop_bad: bool | None = None) -> pd.DataFrame:
-    """Check the data, split it, write folds/<competition>.csv and, last, its manifest."""
+def make_folds(config: Config, drop_bad: bool | None = None,
+               force: bool = True) -> pd.DataFrame | None:
+    """Check the data, split it, write folds/<competition>.csv and, last, its manifest; without
+    `force`, only when the fold file is not current. The folds, or None when skipped."""
     if drop_bad is not None and drop_bad != config.data.drop_bad_images:
         config = config.model_copy(update={"data": config.data.model_copy(
             update={"drop_bad_images": drop_bad})})
     layout = Layout.of(config)
-    with holding(layout.folds_lock, layout.folds_csv, "split"):
-        recorded = fold_inputs(config.data, config.folds, layout)  # the files as checked
+
+    def split() -> tuple[pd.DataFrame, dict[str, str]]:
         result = check_competition(config.data)
         table = with_duplicates(result.train, config.data.classes, config.folds, layout)
-        folds = assign_folds(table, config.folds.n_splits, config.folds.seed)
-        write_folds(config, folds, result.dropped, recorded)
-    print(fold_table(folds, config.data.classes))
-    print(f"wrote {layout.folds_csv} ({len(folds)} images, {config.folds.n_splits} folds"
-          f"{', grouped' if 'group' in folds else ''}"
-          f"{f', {len(result.dropped)} bad image(s) left out' if result.dropped else ''})")
+        return assign_folds(table, config.folds.n_splits, config.folds.seed), result.dropped
+
+    with stage_lock(layout.folds_lock, layout.folds_csv, "split"):
+        recorded = fold_inputs(config.data, config.folds, layout)  # the files as checked
+        done = run_step(folds_step(config, layout, recorded, split), force)
+    if done is None:
+        return None
+    folds, dropped = done
+    log.info(fold_table(folds, config.data.classes))
+    log.info(f"wrote {layout.folds_csv} ({len(folds)} images, {config.folds.n_splits} folds"
+             f"{', grouped' if 'group' in folds else ''}"
+             f"{f', {len(dropped)} bad image(s) left out' if dropped else ''})")
     return folds
 
 
-def write_folds(config: Config, folds: pd.DataFrame, dropped: dict[str, str] | None = None,
-                inputs: tuple[dict, dict] | None = None) -> None:
-    """Write a fold assignment (id, label, fold[, group]) and, last, its manifest.
+def folds_step(config: Config, layout: Layout, inputs: tuple[dict, dict],
+               split: Callable[[], tuple[pd.DataFrame, dict[str, str]]]) -> Step:
+    """The fold file (and the list of bad images left out) from `split`'s (folds, dropped)."""
+    def work() -> tuple[pd.DataFrame, dict[str, str]]:
+        folds, dropped = split()
+        columns = ["id", "label", "fold"] + (["group"] if "group" in folds else [])
+        write_csv_atomic(folds[columns], layout.folds_csv)
+        if dropped:
+            frame = pd.DataFrame({"id": list(dropped), "problem": list(dropped.values())})
+            write_csv_atomic(frame, layout.folds_dropped)
+        else:
+            layout.folds_dropped.unlink(missing_ok=True)
+        return folds, dropped
 
-    Also the way in for folds made elsewhere (a public kernel's split): written through here they
-    carry the fingerprints of the data as it is now, like folds this stage made.
-    """
+    def outputs() -> list[Path]:
+        return [p for p in (layout.folds_csv, layout.folds_dropped) if p.is_file()]
+
+    return Step("folds", layout.folds_manifest, *inputs, outputs, work,
+                current=f"{layout.folds_csv} is current for {config.data.name} (FORCE=1 splits "
+                        f"again)",
+                redo=f"{layout.folds_csv}: {{why}}: splitting again",
+                recorded=lambda done: {"images": len(done[0]), "dropped": len(done[1]),
+                                       "folds": folds_fingerprint(done[0])})
+
+
+def write_folds(config: Config, folds: pd.DataFrame, dropped: dict[str, str] | None = None) -> None:
+    """Write a fold assignment (id, label, fold[, group]) and, last, its manifest: the way in
+    for folds made elsewhere (a public kernel's split). Written through here they carry the
+    fingerprints of the data as it is now, like folds this stage made."""
     layout = Layout.of(config)
-    inputs, details = inputs or fold_inputs(config.data, config.folds, layout)
-    dropped = dropped or {}
-    columns = ["id", "label", "fold"] + (["group"] if "group" in folds else [])
-    write_csv_atomic(folds[columns], layout.folds_csv)
-    outputs = [layout.folds_csv]
-    if dropped:
-        frame = pd.DataFrame({"id": list(dropped), "problem": list(dropped.values())})
-        write_csv_atomic(frame, layout.folds_dropped)
-        outputs.append(layout.folds_dropped)
-    else:
-        layout.folds_dropped.unlink(missing_ok=True)
-    details = {**details, "images": len(folds), "dropped": len(dropped),
-               "folds": folds_fingerprint(folds)}
-    write_manifest(layout.folds_manifest, "folds", inputs, outputs, details)
+    inputs = fold_inputs(config.data, config.folds, layout)
+    run_step(folds_step(config, layout, inputs, lambda: (folds, dropped or {})), force=True)
+
+
+# the command-line flags of its verb (pipeline/__main__.py FLAG_SPECS)
+FLAGS = ("data", "drop_bad", "force", "overrides")
 
 
 def main(args) -> None:
@@ -175,12 +199,4 @@ def main(args) -> None:
     if args.drop_bad:
         config = config.model_copy(update={"data": config.data.model_copy(
             update={"drop_bad_images": True})})
-    layout = Layout.of(config)
-    if not args.force:
-        fresh = folds_freshness(config.data, config.folds, layout)
-        if fresh.current:
-            print(f"{layout.folds_csv} is current for {config.data.name} (FORCE=1 splits again)")
-            return
-        if fresh.state == "stale":
-            print(f"{layout.folds_csv}: {fresh.why()}: splitting again")
-    make_folds(config)
+    make_folds(config, force=args.force)

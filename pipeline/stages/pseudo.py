@@ -20,6 +20,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -31,14 +33,14 @@ from pipeline.base.config import (
     parse_models,
 )
 from pipeline.base.fingerprints import fingerprint
+from pipeline.base.log import log
 from pipeline.base.task import Scorer
 from pipeline.base.utils import PipelineError, format_table, write_csv_atomic
 from pipeline.ensembling.members import Candidate, select_members
 from pipeline.experiments.freshness import fold_numbers, read_folds, read_test_set
 from pipeline.experiments.layout import Layout
-from pipeline.experiments.locks import holding
-from pipeline.experiments.manifests import write_manifest
 from pipeline.experiments.probfiles import aligned_test
+from pipeline.experiments.runner import Step, run_step, stage_lock
 from pipeline.experiments.state import cv_numbers, experiment_state, load_experiment
 from pipeline.inference.experiment import predict_experiment
 from pipeline.training.experiment import train_folds
@@ -75,7 +77,7 @@ def fold_labels(members: list[Candidate], folds: pd.DataFrame, classes: list[str
 
 def make_pseudo_set(config: Config, layout: Layout, models: list[str] | None) -> str:
     """Write the pseudo-label set of the current members; returns its name."""
-    with holding(layout.pseudo_lock, layout.pseudo, "written"):
+    with stage_lock(layout.pseudo_lock, layout.pseudo, "written"):
         return _write_pseudo_set(config, layout, models)
 
 
@@ -85,25 +87,31 @@ def _write_pseudo_set(config: Config, layout: Layout, models: list[str] | None) 
     members, left_out = select_members(config.data, layout, models, folds, test_fingerprint,
                                        partial=False, refit_weight=0.0)
     for note in left_out:
-        print(f"note: {note}")
+        log.info(f"note: {note}")
     classes, settings = config.data.classes, config.pseudo
     sources = {c.name: {k: c.state.exp.fold(k).predict_manifest.read_text() for k in c.folds}
                for c in members}
     pseudo = layout.pseudo_set(set_name(members, sources, settings))
-    rows, outputs = [], []
-    for part, probs in fold_labels(members, folds, classes, test_ids).items():
-        keep, targets = pseudo_targets(probs, settings.mode, settings.threshold)
-        frame = pd.DataFrame(targets[keep], columns=classes)
-        frame.insert(0, "id", np.asarray(test_ids, dtype=object)[keep])
-        write_csv_atomic(frame, pseudo.part(part))
-        outputs.append(pseudo.part(part))
-        rows.append([part, int(keep.sum()), len(test_ids)])
-    write_manifest(pseudo.manifest, "pseudo",
-                   {"members": fingerprint(sources), "test": test_fingerprint,
-                    "settings": fingerprint(settings.model_dump())}, outputs,
-                   {"members": [c.name for c in members], "settings": settings.model_dump()})
-    print(format_table(rows, ["part", "pseudo-labelled", "test images"]))
-    print(f"pseudo-label set {pseudo.name} ({settings.mode}) -> {pseudo.dir}")
+    outputs: list[Path] = []
+
+    def work() -> list[list]:
+        rows = []
+        for part, probs in fold_labels(members, folds, classes, test_ids).items():
+            keep, targets = pseudo_targets(probs, settings.mode, settings.threshold)
+            frame = pd.DataFrame(targets[keep], columns=classes)
+            frame.insert(0, "id", np.asarray(test_ids, dtype=object)[keep])
+            write_csv_atomic(frame, pseudo.part(part))
+            outputs.append(pseudo.part(part))
+            rows.append([part, int(keep.sum()), len(test_ids)])
+        return rows
+
+    inputs = {"members": fingerprint(sources), "test": test_fingerprint,
+              "settings": fingerprint(settings.model_dump())}
+    details = {"members": [c.name for c in members], "settings": settings.model_dump()}
+    rows = run_step(Step("pseudo", pseudo.manifest, inputs, details, lambda: outputs, work,
+                         current=""), force=True)  # written again each time: it is cheap
+    log.info(format_table(rows, ["part", "pseudo-labelled", "test images"]))
+    log.info(f"pseudo-label set {pseudo.name} ({settings.mode}) -> {pseudo.dir}")
     return pseudo.name
 
 
@@ -131,7 +139,7 @@ def main(args) -> None:
     second = load_experiment(args.data, args.model, [*args.overrides, f"train.pseudo={name}"])
     if args.name:
         second = second.model_copy(update={"run_name": f"{args.name}-pseudo"})
-    print(f"== round two: {second.run_name}")
+    log.info(f"== round two: {second.run_name}")
     train_folds(second, layout, args.folds, args.force)
     predict_experiment(second, layout, read_folds(second.data, second.folds, layout), args.folds,
                        args.force, read_test_set(second.data))
@@ -140,5 +148,5 @@ def main(args) -> None:
              oof_score(first.data, first.folds, layout, first.run_name)],
             [second.run_name, f"with {name}",
              oof_score(second.data, second.folds, layout, second.run_name)]]
-    print(format_table([[a, b, "-" if c is None else c] for a, b, c in rows],
-                       ["experiment", "", f"oof {metric}"]))
+    log.info(format_table([[a, b, "-" if c is None else c] for a, b, c in rows],
+                          ["experiment", "", f"oof {metric}"]))

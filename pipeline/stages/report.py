@@ -43,6 +43,7 @@ from pipeline.base.config import (
     training_settings,
 )
 from pipeline.base.fingerprints import fingerprint
+from pipeline.base.log import log
 from pipeline.base.metrics import higher_is_better
 from pipeline.base.task import Scorer
 from pipeline.base.utils import format_table, write_text_atomic
@@ -481,11 +482,11 @@ def build_report(config: Config, force: bool = False) -> Path:
                    report)
         done.append(["index", "current" if current else "written"])
         pruned = prune_images(report) if report.images.is_dir() else 0
-    print(format_table(done, ["page", "state"]))
+    log.info(format_table(done, ["page", "state"]))
     if pruned:
-        print(f"removed {pruned} picture(s) no page shows any more")
-    print(f"report: {report.index} (open it from disk, or serve the folder: "
-          f"python -m http.server -d {report.dir})")
+        log.info(f"removed {pruned} picture(s) no page shows any more")
+    log.info(f"report: {report.index} (open it from disk, or serve the folder: "
+             f"python -m http.server -d {report.dir})")
     return report.index
 
 

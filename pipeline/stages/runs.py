@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.base.config import Config, load_config
+from pipeline.base.log import log
 from pipeline.base.utils import (
     PipelineError,
     format_table,
@@ -55,8 +56,8 @@ def main_runs(args) -> None:
              f"competition had its folder): they are not read; retrain them, or delete them")
     frame = leaderboard(config.data, config.folds, layout)
     if frame.empty:
-        print(f"no experiment of {config.data.name} in {layout.runs}/ yet: "
-              f"make train MODEL=<model> DATA={config.data.name}")
+        log.info(f"no experiment of {config.data.name} in {layout.runs}/ yet: "
+                 f"make train MODEL=<model> DATA={config.data.name}")
         return
     write_csv_atomic(frame, layout.leaderboard("csv"))
     write_text_atomic(layout.leaderboard("md"),
@@ -64,10 +65,10 @@ def main_runs(args) -> None:
                       + markdown_table(frame.values.tolist(), HEADERS) + "\n")
     if frame["oof"].notna().any():
         plots.plot_leaderboard(frame, config.data.metric, layout.leaderboard("png"))
-    print(format_table(frame.values.tolist(), HEADERS))
-    print(f"{config.data.name} ({config.data.metric}): {len(frame)} experiment(s) -> "
-          f"{layout.leaderboard('md')}|csv|png")
-    print(report_line(layout))
+    log.info(format_table(frame.values.tolist(), HEADERS))
+    log.info(f"{config.data.name} ({config.data.metric}): {len(frame)} experiment(s) -> "
+             f"{layout.leaderboard('md')}|csv|png")
+    log.info(report_line(layout))
 
 
 def _fingerprints(fresh: Freshness | None) -> str:
@@ -116,11 +117,11 @@ def main_status(args) -> None:
             raise PipelineError(f"no experiment {config.run_name} of {config.data.name} in "
                                 f"{layout.runs}/")
         rows += experiment_rows(state)
-    print(format_table(rows, ["stage", "where", "state", "input fingerprints", "why"]))
+    log.info(format_table(rows, ["stage", "where", "state", "input fingerprints", "why"]))
     part = layout.experiment("<experiment>").fold(0)
-    print(f"manifests: {layout.folds_manifest}; {part.train_manifest.name} and "
-          f"{part.predict_manifest.name} in each fold and refit folder of {layout.runs}/"
-          f"<experiment>/; one per submission in {layout.submissions}/")
+    log.info(f"manifests: {layout.folds_manifest}; {part.train_manifest.name} and "
+             f"{part.predict_manifest.name} in each fold and refit folder of {layout.runs}/"
+             f"<experiment>/; one per submission in {layout.submissions}/")
 
 
 main = main_runs
