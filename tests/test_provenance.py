@@ -37,7 +37,8 @@ class Competition:
         overrides = [a for a in args if "=" in a and not a.startswith("--")]
         flags = [a for a in args if a not in overrides]  # --name x, --folds 0: last wins below
         argv = [verb, "--data", self.data, *(["--model", model] if model and verb not in
-                                              ("folds", "ensemble", "runs") else []),
+                                              ("folds", "ensemble", "runs", "check",
+                                              "report", "bundle") else []),
                 *flags, *self.paths, "folds.n_splits=2", *(FAST if fast else []), *overrides]
         return cli(argv)
 

@@ -58,7 +58,7 @@ class Step:
     details: dict[str, Any]  # readable: the settings, counts (for "what changed" messages)
     outputs: Callable[[], Iterable[Path]]  # the files the work wrote, listed once it is done
     work: Callable[[], Any]  # every rank; its value is run_step's
-    current: str  # the one line said when the step is skipped
+    current: str  # the one line said when the step is skipped ("": none)
     on_stale: Literal["redo", "refuse"] = "redo"  # refuse: redoing would lose a user's work
     what: str = ""  # names the outputs in a refusal ("tiny/resnet18 fold 0 (runs/...)")
     remedy: str = ""  # the refusal's remedy
@@ -94,7 +94,8 @@ def run_step(step: Step, force: bool) -> Any:
     """Run a step unless it is current: its work's value, or None when it was skipped."""
     decision = decide(step.manifest, step.inputs, step.details, force, step.on_stale)
     if distributed.broadcast_from_main(decision.action == "skip"):  # every rank, or none
-        log.info(step.current)
+        if step.current:  # empty: the verb says it in its own table
+            log.info(step.current)
         return None
     if decision.action == "refuse":
         raise refuse_stale(step.what, decision.fresh, step.remedy)

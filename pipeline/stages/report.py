@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,6 @@ from pipeline.data.images import read_image
 from pipeline.data.tables import test_image_paths, train_image_paths
 from pipeline.ensembling.decode import expected_grade
 from pipeline.experiments import leaderboard as leaderboard_module
-from pipeline.experiments.freshness import freshness
 from pipeline.experiments.layout import Layout, Report
 from pipeline.experiments.leaderboard import (
     HEADERS,
@@ -62,9 +62,8 @@ from pipeline.experiments.leaderboard import (
     leaderboard,
     submission_summaries,
 )
-from pipeline.experiments.locks import holding
-from pipeline.experiments.manifests import write_manifest
 from pipeline.experiments.probfiles import GRADE
+from pipeline.experiments.runner import Step, run_step, stage_lock
 from pipeline.experiments.state import ExperimentState, cv_numbers, findings_staleness, joined_oof
 from pipeline.reporting import plots
 
@@ -399,10 +398,16 @@ def page_outputs(page: Path) -> list[Path]:
     return [page, *sorted(set(shown_pictures(page)))]
 
 
-def render(page: Path, template: str, context: dict, inputs: dict, report: Report) -> None:
-    html = environment().get_template(template).render(**context)
-    write_text_atomic(page, html)
-    write_manifest(report.manifest(page), "report", inputs, page_outputs(page))
+def render(page: Path, template: str, context: Callable[[], dict], inputs: dict,
+           report: Report, force: bool) -> str:
+    """Write a page (and, last, its manifest) unless it is current: 'written' or 'current'."""
+    def work() -> str:
+        write_text_atomic(page, environment().get_template(template).render(**context()))
+        return "written"
+
+    step = Step("report", report.manifest(page), inputs, {}, lambda: page_outputs(page), work,
+                current="")  # the stage's table says it
+    return run_step(step, force) or "current"
 
 
 def experiment_inputs(state: ExperimentState, config: Config, defaults: Config) -> dict:
@@ -426,12 +431,9 @@ def build_experiment(state: ExperimentState, config: Config, defaults: Config,
         page.unlink(missing_ok=True)
         report.manifest(page).unlink(missing_ok=True)
         return "none: no current fold"
-    inputs = experiment_inputs(state, config, defaults)
-    if not force and freshness(report.manifest(page), inputs).current:
-        return "current"
-    render(page, "experiment.html", experiment_context(state, defaults, report, config.report),
-           inputs, report)
-    return "written"
+    return render(page, "experiment.html",
+                  lambda: experiment_context(state, defaults, report, config.report),
+                  experiment_inputs(state, config, defaults), report, force)
 
 
 def index_inputs(config: Config, layout: Layout, shown: dict) -> dict:
@@ -471,16 +473,14 @@ def build_report(config: Config, force: bool = False) -> Path:
     """Write every page that is not current; print what was done; return index.html."""
     layout = Layout.of(config)
     report = layout.report
-    with holding(layout.report_lock, report.dir, "written"):
+    with stage_lock(layout.report_lock, report.dir, "written"):
         states = competition_states(config.data, config.folds, layout)
         done = [[state.name, build_experiment(state, config, config, force)] for state in states]
         shown = what_index_shows(config, layout, states, done)
         inputs = index_inputs(config, layout, shown)
-        current = not force and freshness(report.manifest(report.index), inputs).current
-        if not current:
-            render(report.index, "index.html", index_context(config, layout, shown), inputs,
-                   report)
-        done.append(["index", "current" if current else "written"])
+        done.append(["index", render(report.index, "index.html",
+                                     lambda: index_context(config, layout, shown), inputs, report,
+                                     force)])
         pruned = prune_images(report) if report.images.is_dir() else 0
     log.info(format_table(done, ["page", "state"]))
     if pruned:
