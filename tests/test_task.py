@@ -46,12 +46,13 @@ def test_the_task_is_resolved_from_the_config(tmp_path):
 
 def test_cross_fitting_never_scores_a_row_with_what_it_fitted_on():
     """On noise, thresholds fitted and scored on the same rows look good; cross-fitted, not."""
-    rng = np.random.default_rng(0)
-    targets = rng.integers(0, 5, 60)
-    probs = rng.dirichlet(np.ones(5), 60)
-    in_sample = decoded_score("thresholds", "qwk", targets, probs)
-    crossed = cross_fitted_score("thresholds", "qwk", targets, probs)
-    assert in_sample > 0.3 and crossed < in_sample - 0.25
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        targets = rng.integers(0, 5, 60)
+        probs = rng.dirichlet(np.ones(5), 60)
+        in_sample = decoded_score("thresholds", "qwk", targets, probs)
+        crossed = cross_fitted_score("thresholds", "qwk", targets, probs)
+        assert crossed < in_sample - 0.15, seed  # in sample, noise looks like skill
     # a perfect model stays perfect under cross-fitting
     perfect = np.eye(5)[targets] * 0.9 + 0.02
     assert cross_fitted_score("thresholds", "qwk", targets, perfect) == pytest.approx(1.0)
@@ -142,20 +143,20 @@ def test_the_log_marks_the_epoch_the_rule_kept(tmp_path):
 # The tiny ordinal competition of issue 25: five grades of coloured discs
 
 
-DISC_COLOURS = ((40, 40, 200), (40, 160, 220), (60, 200, 60), (220, 160, 40), (220, 40, 40))
+DISC_COLOURS = ((0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 0))
 
 
 def write_discs(root, per_grade=12, size=16, seed=0):
-    """A disc per image whose colour (BGR) is its grade, at a random place and radius, on
+    """A disc per image whose colour (BGR) is its grade, at a random place, on
     noise; 12 per grade, 3 test images per grade; returns the config's path."""
     rng = np.random.default_rng(seed)
     rows = []
     for part, count in (("train", per_grade), ("test", 3)):
         for grade, colour in enumerate(DISC_COLOURS):
             for i in range(count):
-                image = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+                image = rng.integers(0, 30, (size, size, 3)).astype(np.uint8)
                 centre = tuple(int(c) for c in rng.integers(5, size - 5, 2))
-                cv2.circle(image, centre, int(rng.integers(3, 6)), colour, -1)
+                cv2.circle(image, centre, 5, colour, -1)
                 image_id = f"{part[:2]}{grade}{i:02d}"
                 (root / part).mkdir(parents=True, exist_ok=True)
                 cv2.imwrite(str(root / part / f"{image_id}.png"), image)
