@@ -108,7 +108,8 @@ def decoder_kind(data, setting: str, submission_kind: Callable[[], str]) -> str:
 def decoded_score(kind: str, metric: str, targets: np.ndarray, probs: np.ndarray,
                   positive: int = 1) -> float:
     """The metric of `probs` as the submission will decode them, with the decoder fitted on these
-    rows (in sample): what picks a fold's best epoch, never a reported CV."""
+    rows (in sample): never a reported CV, nor a fold's best epoch any more (that fitted on the
+    rows it scored and kept undertrained epochs, issue 25: train.epoch_rule, cross_fitted_score)."""
     n_classes = probs.shape[1]
     if kind == "thresholds":
         grades = expected_grade(probs)
