@@ -213,13 +213,15 @@ def test_balanced_sampler_draws_classes_equally():
     assert len(drawn) == 100 and 35 <= (drawn == 1).sum() <= 65
 
 
-def test_epochs_are_chosen_by_the_metric_as_the_submission_decodes_it(tmp_path):
+def test_epochs_are_chosen_by_the_tasks_rule_not_the_submissions_decoder(tmp_path):
     labels = [c for c in ("0", "1", "2") for _ in range(6)]
     config = tiny(tmp_path, labels=labels, extra=["data.metric=qwk", "data.ordinal=true"])
     train(config, [0], force=False)
     log = pd.read_csv(experiment_dir(config) / "fold0" / "log.csv")
-    assert "decoded" in log  # QWK after thresholds fitted on the fold: what picks best.pt
-    assert log["decoded"].between(-1, 1).all()
+    # train.epoch_rule=metric: QWK of a fixed decoding, no thresholds fitted on the fold
+    assert "decoded" not in log and (log["selection"] == log["qwk"]).all()
     from pipeline.base.task import best_log_row
 
-    assert best_log_row(log, "qwk")["decoded"] == log["decoded"].max()
+    kept = best_log_row(log, "qwk")
+    assert kept["selection"] == log["selection"].max()
+    assert kept["epoch"] == log.loc[log["selection"].idxmax(), "epoch"]  # the first best

@@ -20,7 +20,7 @@ import json
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (
@@ -33,6 +33,9 @@ from pydantic import (
 )
 
 from pipeline.base.utils import write_text_atomic
+
+if TYPE_CHECKING:
+    from pipeline.base.task import Task
 
 CONFIG_DIR = Path("configs")
 
@@ -319,6 +322,12 @@ class TrainConfig(_Section):
     mix_prob: float = Field(1.0, ge=0, le=1)  # share of batches mixed
     accumulate: int = Field(1, ge=1)  # micro-batches per optimiser step: batch_size * accumulate
     average_best: int = Field(0, ge=0)  # best.pt = the mean weights of the k best epochs; 0: off
+    # How a fold's best epoch (best.pt) is chosen, never by fitting on the rows it scores:
+    # metric: the competition metric of a fixed decoding (argmax; a grade rounded); loss: the
+    # validation loss; cross_fit: the metric after thresholds / a cut-off fitted on one half of
+    # the validation fold and scored on the other. pipeline/base/task.py (EpochRule); the default
+    # was chosen on the benchmark suite (bench/epoch_rule.py, README "Training recipes").
+    epoch_rule: Literal["metric", "loss", "cross_fit"] = "metric"
     # a pseudo-label set of `make pseudo` (pseudo/<competition>/<name>/): its test images join
     # each fold's training part, never its validation part
     pseudo: str | None = None
@@ -480,6 +489,15 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    @property
+    def task(self) -> Task:
+        """The task (pipeline/base/task.py): metric, positive class, head, epoch rule. A pure
+        function of the frozen sections, so not cached: a cache would survive a model_copy that
+        changed them. load_config resolves it once, so a bad combination fails at load."""
+        from pipeline.base.task import Task  # task.py builds on this module's sections
+
+        return Task.of(self.data, self.model, self.train)
+
 
 # --------------------------------------------------------------------------------------------
 # Loading
@@ -637,10 +655,12 @@ LATER_STAGE_SECTIONS = frozenset({"folds", "tta", "predict", "ensemble", "refit"
                                   "audit", "report"})
 # Where a competition's files are and how its test side is submitted. The labelled rows, the fold
 # assignment and the images are fingerprinted themselves, so a moved data folder is not a new
-# experiment while an edited train.csv is a changed input.
+# experiment while an edited train.csv is a changed input. `submission` is here because training
+# never reads it (the task, pipeline/base/task.py); `positive_class` is not: it changes the metric
+# that chooses a binary fold's best epoch.
 DATA_FILE_KEYS = frozenset({
     "root", "train_csv", "test_csv", "sample_submission", "solution_csv", "train_images",
-    "test_images", "test_image_path", "submission", "positive_class", "drop_bad_images",
+    "test_images", "test_image_path", "submission", "drop_bad_images",
     "max_image_pixels",
     "group_column", "group_pattern", "defaults",
 })
@@ -779,7 +799,9 @@ def load_config(data: str = "digits", model: str | None = None,
         merged = deep_merge(merged, parse_override(text))
     if overrides:
         sources.append("overrides " + " ".join(overrides))
-    return named(build_config(merged, sources), base, sources, bool(overrides), name)
+    config = named(build_config(merged, sources), base, sources, bool(overrides), name)
+    config.task  # resolved once, here: what training reads of the competition and the settings
+    return config
 
 
 def named(config: Config, base: dict[str, Any], sources: list[str], overridden: bool,

@@ -1,6 +1,8 @@
-"""How a competition scores: class -> index, the positive class, the metric of OOF probabilities.
+"""The task: how a competition scores, what the model outputs, how a fold's best epoch is chosen.
 
-    scorer = Scorer.of(config.data)
+    task = Task.of(config.data, config.model, config.train)   # resolved once, frozen
+    task.head, task.epoch_rule                        # Head.REGRESSION, EpochRule.METRIC
+    scorer = Scorer.of(config.data)                   # the scoring part alone (a Task is one)
     targets = scorer.targets(frame["label"])          # class indices (N,) in `classes` order
     scorer.score(targets, probs)                      # the competition metric of (N, C) probabilities
     scorer.score_frame(read_probs(part.oof))          # ... of a probability file (id, label, classes)
@@ -10,18 +12,24 @@ positive class (whose probability is submitted as `id,target` and whose F1 is `b
 `positive_class`, else the second of `classes`. Every stage that scores (training's epoch
 choice, `make predict`'s TTA gain, `make runs`, `make pseudo`, the ensemble) asks a Scorer, so
 a first-listed positive class is the positive class everywhere.
+
+Training reads only the task: never `ensemble.decode` nor the sample submission's header, which
+the ensemble reads to decode the submission's labels. Every part of the task that changes what
+training produces is a training setting (config.training_settings: the classes, metric, ordinal,
+positive class, model.head, train.epoch_rule), so a change reports trained folds stale.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 import pandas as pd
 
 from pipeline.base import metrics
-from pipeline.base.config import DataConfig
+from pipeline.base.config import DataConfig, ModelConfig, TrainConfig
 
 UNKNOWN = -1  # the index of a label outside the class list (a folds file of an older list)
 
@@ -89,10 +97,81 @@ class Scorer:
         return metrics.is_better(metric or self.metric, new, best)
 
 
+class Head(str, Enum):
+    """What the model outputs (model.head)."""
+
+    CLASSIFICATION = "classification"  # one logit per class
+    REGRESSION = "regression"  # one output, the grade (ordinal competitions)
+    BOTH = "both"  # the class logits and the grade on one body
+
+    @property
+    def has_grade(self) -> bool:
+        return self is not Head.CLASSIFICATION
+
+
+class EpochRule(str, Enum):
+    """How a fold's best epoch is chosen (train.epoch_rule). None fits anything on the rows it
+    scores: a decoder fitted on the validation fold and scored on it picks undertrained epochs
+    (issue 25: in-sample thresholds reach QWK 1.0 by epoch 3 of 8 on a tiny ordinal competition
+    whose argmax QWK there is 0.63). Chosen on the benchmark suite: bench/epoch_rule.py."""
+
+    METRIC = "metric"  # the metric of a fixed decoding: argmax; a grade rounded (cuts 0.5, 1.5..)
+    LOSS = "loss"  # the lowest validation loss
+    # the metric after the submission's decoder (thresholds / cut-off), cross-fitted within the
+    # validation fold: fitted on one half, scored on the other, and the other way round
+    CROSS_FIT = "cross_fit"
+
+
+class Decoder(str, Enum):
+    """How probabilities become a label submission's labels (pipeline/ensembling/decode.py)."""
+
+    ARGMAX = "argmax"
+    THRESHOLDS = "thresholds"  # cuts of the expected grade (ordinal, QWK)
+    CUTOFF = "cutoff"  # a cut-off on the positive class's probability (binary, F1)
+
+
+CUTOFF_DECODED_METRICS = ("binary_f1", "weighted_f1", "macro_f1")
+
+
+@dataclass(frozen=True)
+class Task(Scorer):
+    """The competition's scoring (Scorer) with what training needs besides: the model's head and
+    the rule that chooses a fold's best epoch. Every field is a training setting."""
+
+    head: Head = Head.CLASSIFICATION
+    epoch_rule: EpochRule = EpochRule.METRIC
+
+    @classmethod
+    def of(cls, data: DataConfig, model: ModelConfig | None = None,  # type: ignore[override]
+           train: TrainConfig | None = None) -> Task:
+        scorer = Scorer.of(data)
+        return cls(scorer.classes, scorer.metric, scorer.ordinal, scorer.positive,
+                   Head(model.head) if model else Head.CLASSIFICATION,
+                   EpochRule(train.epoch_rule) if train else EpochRule.METRIC)
+
+    @property
+    def label_decoder(self) -> Decoder:
+        """The decoder fitted for this competition's labels (ensemble.decode=auto with a label
+        submission; cross-fitted by EpochRule.CROSS_FIT): thresholds for ordinal QWK, a cut-off
+        for a binary competition scored by an F1, else argmax."""
+        if self.ordinal and self.metric == "qwk":
+            return Decoder.THRESHOLDS
+        if self.n_classes == 2 and self.metric in CUTOFF_DECODED_METRICS:
+            return Decoder.CUTOFF
+        return Decoder.ARGMAX
+
+    @property
+    def higher_is_better(self) -> bool:
+        return metrics.higher_is_better(self.metric)
+
+
 def best_log_row(log: pd.DataFrame, metric: str) -> pd.Series:
-    """The log row of a fold's best epoch: by the metric as the submission decodes it
-    (`decoded`), else the metric, or the lowest validation loss where the metric is undefined on
-    the fold (as training chose its best.pt)."""
+    """The log row of a fold's best epoch, as training chose its best.pt: the last epoch marked
+    `best` (the loop marks each epoch that improved under train.epoch_rule). Logs written before
+    that column: by `decoded` (the in-sample decoded metric), else the metric, or the lowest
+    validation loss where the metric is undefined on the fold."""
+    if "best" in log and log["best"].astype(bool).any():
+        return log[log["best"].astype(bool)].iloc[-1]
     column = "decoded" if "decoded" in log and log["decoded"].notna().any() else metric
     if column in log and log[column].notna().any():
         values = log[column]

@@ -30,6 +30,7 @@ from pipeline.base.metrics import (
     quadratic_weighted_kappa,
     score_labels,
 )
+from pipeline.base.task import Decoder, Task
 
 
 def expected_grade(probs: np.ndarray) -> np.ndarray:
@@ -98,19 +99,17 @@ def decoder_kind(data, setting: str, submission_kind: Callable[[], str]) -> str:
     probability submission keeps argmax's probabilities."""
     if setting != "auto":
         return setting
-    if data.ordinal and data.metric == "qwk":
-        kind = "thresholds"
-    elif len(data.classes) == 2 and data.metric in ("binary_f1", "weighted_f1", "macro_f1"):
-        kind = "cutoff"
-    else:
-        return "argmax"
-    return kind if submission_kind() == "label" else "argmax"
+    kind = Task.of(data).label_decoder  # the task owns which decoder fits the competition
+    if kind is Decoder.ARGMAX or submission_kind() != "label":
+        return Decoder.ARGMAX.value
+    return kind.value
 
 
 def decoded_score(kind: str, metric: str, targets: np.ndarray, probs: np.ndarray,
                   positive: int = 1) -> float:
     """The metric of `probs` as the submission will decode them, with the decoder fitted on these
-    rows (in sample): what picks a fold's best epoch, never a reported CV."""
+    rows (in sample): never a reported CV, nor a fold's best epoch any more (that fitted on the
+    rows it scored and kept undertrained epochs, issue 25: train.epoch_rule, cross_fitted_score)."""
     n_classes = probs.shape[1]
     if kind == "thresholds":
         grades = expected_grade(probs)
@@ -120,6 +119,28 @@ def decoded_score(kind: str, metric: str, targets: np.ndarray, probs: np.ndarray
         cutoff = fit_cutoff(targets, probs[:, positive], metric, positive)
         return score_labels(metric, targets, labels_at_cutoff(probs, cutoff, positive), 2, positive)
     raise ValueError(f"no decoder {kind!r}")
+
+
+def cross_fitted_score(kind: str, metric: str, targets: np.ndarray, probs: np.ndarray,
+                       positive: int = 1) -> float:
+    """The metric of `probs` decoded by `kind`, fitted on one half of these rows and applied to
+    the other, both ways round: never scored on the rows it was fitted on (EpochRule.CROSS_FIT,
+    a fold's best epoch). The halves are stratified by target and fixed by the row order."""
+    n_classes = probs.shape[1]
+    halves = np.empty(len(targets), dtype=np.int64)
+    halves[np.argsort(targets, kind="stable")] = np.arange(len(targets)) % 2
+    if kind == Decoder.THRESHOLDS:
+        grades = expected_grade(probs)
+        labels = nested(lambda fit: fit_thresholds(grades[fit], targets[fit], n_classes, passes=2),
+                        lambda fitted, held: apply_thresholds(grades[held], fitted),
+                        halves, len(targets))
+    elif kind == Decoder.CUTOFF:
+        labels = nested(lambda fit: fit_cutoff(targets[fit], probs[fit, positive], metric, positive),
+                        lambda fitted, held: labels_at_cutoff(probs[held], fitted, positive),
+                        halves, len(targets))
+    else:
+        labels = probs.argmax(axis=1)
+    return score_labels(metric, targets, labels, n_classes, positive)
 
 
 def nested(fit: Callable[[np.ndarray], object], apply: Callable[[object, np.ndarray], np.ndarray],

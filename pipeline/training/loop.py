@@ -19,9 +19,9 @@ import torch
 
 from pipeline.base import distributed
 from pipeline.base.config import OPTIMIZER_DEFAULTS, TrainConfig
-from pipeline.base.task import Scorer
+from pipeline.base.task import EpochRule, Head, Task
 from pipeline.base.utils import WriteError, warn, write_csv_atomic
-from pipeline.ensembling.decode import decoded_score, grade_to_probs
+from pipeline.ensembling.decode import cross_fitted_score, grade_to_probs
 from pipeline.inference.engine import (
     autocast,
     clean_image_errors,
@@ -46,17 +46,17 @@ def epoch_seed(base: int, epoch: int) -> int:
 class Trainer:
     """Trains one model (a fold, or the full-data refit) with the parts built for it."""
 
-    def __init__(self, train: TrainConfig, head: str, parts: Parts, spec: RunSpec,
-                 checkpoints: Checkpoints, scorer: Scorer, decoder: str):
-        self.train, self.head, self.parts, self.spec = train, head, parts, spec
-        self.checkpoints, self.scorer = checkpoints, scorer
-        # Epochs are chosen by the metric of the labels the submission will hold: after the
-        # thresholds or cut-off the ensemble fits (pipeline/ensembling/decode.py), not after argmax.
-        self.decoder = decoder
+    def __init__(self, train: TrainConfig, parts: Parts, spec: RunSpec,
+                 checkpoints: Checkpoints, task: Task):
+        self.train, self.parts, self.spec = train, parts, spec
+        # The task alone says how an epoch is scored and chosen (task.epoch_rule): never
+        # ensemble.decode nor the sample submission, which are no training settings.
+        self.checkpoints, self.task = checkpoints, task
+        self.scorer, self.head = task, task.head  # a Task is a Scorer
         self.state = LoopState()
         self.saved_epoch = -1  # the last epoch whose last.pt was written (a resume goes on after)
         self._warned_undefined = False
-        self.collapse = CollapseWatch(spec.tag, scorer, train)
+        self.collapse = CollapseWatch(spec.tag, task, train)
 
     def fit(self) -> dict[str, Any]:
         c, state = self.train, self.checkpoints.resume(self.parts, self.spec.tag)
@@ -72,6 +72,7 @@ class Trainer:
                 row.update(self.validation_row(epoch))
                 metric, value = self.selection(row)
                 improved = self.scorer.is_better(value, state.best, metric)
+                row["best"] = improved  # best_log_row reads the chosen epoch back from the log
             # Every rank computed it from the same gathered predictions; rank 0's word makes it
             # one decision (best checkpoint, early stop) even if float rounding ever differed.
             improved = distributed.broadcast_from_main(improved)
@@ -175,26 +176,26 @@ class Trainer:
         return (loss, *split_outputs(logits, self.head, self.scorer.n_classes))
 
     def validation_row(self, epoch: int) -> dict[str, float]:
-        """The epoch's validation numbers: loss, the metrics, and the metric as decoded."""
+        """The epoch's validation numbers: loss, the metrics, and `selection`, the value the
+        task's epoch rule scores (selection_value)."""
         loss, probs, grade = self.validate()
         targets = self.spec.valid_rows.targets
         self.collapse.see(epoch, probs.argmax(axis=1))
         row = {"valid_loss": loss, **self.scorer.report(targets, probs)}
-        views = [probs] + ([grade_to_probs(grade, self.scorer.n_classes)]
-                           if self.head == "both" else [])
-        if self.head == "both":  # the grade output's own metric, beside the classes'
+        views = output_views(probs, grade, self.task)
+        if self.head is Head.BOTH:  # the grade output's own metric, beside the classes'
             row[f"grade_{self.scorer.metric}"] = self.scorer.score(targets, views[1])
-        if self.decoder != "argmax":  # the metric as the submission will decode it: the
-            # better of the outputs, as the ensemble may choose either (combine.choose_views)
-            row["decoded"] = max(decoded_score(self.decoder, self.scorer.metric, targets, v,
-                                               self.scorer.positive) for v in views)
+        row["selection"] = selection_value(self.task, targets, views, loss)
         return row
 
     def selection(self, row: dict[str, Any]) -> tuple[str, float]:
-        """(metric, value) that picks the best epoch: the competition metric, or the validation
-        loss where the metric is undefined on this fold (ROC-AUC of a fold holding one class):
-        a NaN never improves, and a fold without best.pt could never be predicted."""
-        value = row.get("decoded", row[self.scorer.metric])
+        """(metric, value) that picks the best epoch: the task's rule (`selection`), or the
+        validation loss where the metric is undefined on this fold (ROC-AUC of a fold holding one
+        class): a NaN never improves, and a fold without best.pt could never be predicted.
+        The metric "log_loss" stands for any lower-is-better value (the loss rule)."""
+        value = row["selection"]
+        if self.task.epoch_rule is EpochRule.LOSS:
+            return "log_loss", value
         if not np.isnan(value):
             return self.scorer.metric, value
         if not self._warned_undefined:
@@ -241,11 +242,38 @@ class Trainer:
                 from None
 
 
+def output_views(probs: np.ndarray, grade: np.ndarray | None, task: Task) -> list[np.ndarray]:
+    """The model's outputs as probabilities (N, C): the classes', and for Head.BOTH the grade's
+    too (a regression head's probabilities are its grade's already: split_outputs)."""
+    if task.head is Head.BOTH:
+        return [probs, grade_to_probs(grade, task.n_classes)]
+    return [probs]
+
+
+def selection_value(task: Task, targets: np.ndarray, views: list[np.ndarray],
+                    loss: float) -> float:
+    """What task.epoch_rule scores for one epoch's validation predictions (`views`: output_views).
+
+    METRIC: the competition metric of a fixed decoding (argmax; a grade's two-point probabilities
+    argmax to the rounded grade); CROSS_FIT: the metric after the competition's label decoder,
+    fitted on one half of the fold and scored on the other (decode.cross_fitted_score); LOSS: the
+    validation loss. Of several views the better (the ensemble may choose either view,
+    combine.choose_views); nothing is fitted on the rows it scores."""
+    if task.epoch_rule is EpochRule.LOSS:
+        return loss
+    if task.epoch_rule is EpochRule.CROSS_FIT:
+        scores = [cross_fitted_score(task.label_decoder, task.metric, targets, v, task.positive)
+                  for v in views]
+    else:
+        scores = [task.score(targets, v) for v in views]
+    return max(scores) if task.higher_is_better else min(scores)
+
+
 class CollapseWatch:
     """Says so, once, when a fold has predicted a single class for COLLAPSE_EPOCHS epochs in a
     row (the majority class, typically: the learning rate threw the model off)."""
 
-    def __init__(self, tag: str, scorer: Scorer, train: TrainConfig):
+    def __init__(self, tag: str, scorer: Task, train: TrainConfig):
         self.tag, self.scorer = tag, scorer
         self.remedy = (f"lower train.lr (now {train.lr:g}) or raise train.warmup_epochs (now "
                        f"{train.warmup_epochs})")
@@ -283,6 +311,6 @@ def print_epoch(tag: str, row: dict[str, Any], metric: str, improved: bool) -> N
     if "valid_loss" in row:
         parts.append(f"valid {row['valid_loss']:.4f}")
         parts += [f"{k} {row[k]:.4f}" for k in row if k not in
-                  ("epoch", "stage", "train_loss", "valid_loss", "lr", "seconds")]
+                  ("epoch", "stage", "train_loss", "valid_loss", "lr", "seconds", "best")]
     parts += [f"lr {row['lr']:.2e}", f"{row['seconds']:.1f}s"]
     print("  ".join(parts) + ("  *" if improved and "valid_loss" in row else ""), flush=True)

@@ -19,12 +19,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.base import distributed
-from pipeline.base.config import Config, DataConfig, save_config
-from pipeline.base.task import Scorer
+from pipeline.base.config import Config, save_config
 from pipeline.base.utils import PipelineError, warn, write_csv_atomic
 from pipeline.data.augment import build_transforms
-from pipeline.ensembling.decode import decoder_kind
-from pipeline.ensembling.submission import resolved_submission_kind
 from pipeline.experiments.freshness import pseudo_fingerprint, stale_remedy
 from pipeline.experiments.layout import Layout
 from pipeline.experiments.probfiles import probability_frame
@@ -54,19 +51,14 @@ def preflight(config: Config, layout: Layout) -> None:
     distributed.per_rank_batch(config.train.batch_size)  # a batch the ranks cannot share: now
 
 
-def epoch_decoder(data: DataConfig, decode: str) -> str:
-    """How the submission will decode probabilities (ensemble.decode): what picks a fold's best
-    epoch."""
-    return decoder_kind(data, decode, lambda: resolved_submission_kind(data))
-
-
 def make_trainer(config: Config, spec: RunSpec) -> Trainer:
     """The loop of one run with its parts built (dataset statistics kept beside its folder)."""
     parts = build_parts(config, spec, spec.part.dataset_stats)
     checkpoints = Checkpoints(spec.part, config.to_dict(), list(config.data.classes),
                               spec.inputs, config.train.average_best)
-    return Trainer(config.train, config.model.head, parts, spec, checkpoints,
-                   Scorer.of(config.data), epoch_decoder(config.data, config.ensemble.decode))
+    # The task alone (config.task: data, model.head, train.epoch_rule), never ensemble.decode
+    # nor the sample's header: every part of it is a training setting, in the fingerprint.
+    return Trainer(config.train, parts, spec, checkpoints, config.task)
 
 
 def train_part(config: Config, spec: RunSpec, details: dict[str, Any], force: bool, what: str,
