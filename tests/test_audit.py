@@ -4,6 +4,7 @@ among the first suspects, and a new duplicate makes the folds stale."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import cv2
@@ -15,7 +16,14 @@ from sklearn.datasets import load_digits
 from bench import synthetic_fundus
 from bench.duplicates import copy_of as near_copy
 from pipeline.__main__ import main as cli
-from pipeline.data.duplicates import image_hashes, merged_groups, near_pairs
+from pipeline.base.fingerprints import sha256_file
+from pipeline.data.duplicates import (
+    exact_pairs,
+    group_of_pairs,
+    image_hashes,
+    merged_groups,
+    near_pairs,
+)
 from pipeline.stages.audit import label_suspects
 
 DIGITS = load_digits()
@@ -153,3 +161,18 @@ def test_copies_are_within_a_few_bits_and_groups_connect(tmp_path):
     merged = merged_groups(["a", "b", "c", "d"], ["p1", "", "p1", ""], ["", "g", "", "g"])
     assert merged.tolist() == ["a", "b", "a", "b"]
 
+
+
+def test_groups_are_connected_components_numbered_by_their_first_image():
+    # 0-5-9 joined through 5 (pairs given out of order, one twice), 2-3, 7-8; 1, 4, 6 alone
+    pairs = np.array([[5, 9], [3, 2], [8, 7], [0, 5], [9, 5]])
+    assert group_of_pairs(10, pairs).tolist() == [0, -1, 1, 1, -1, 0, -1, 2, 2, 0]
+    assert group_of_pairs(3, np.zeros((0, 2), dtype=np.int64)).tolist() == [-1, -1, -1]
+
+
+def test_exact_copies_are_found_by_the_one_file_hasher(tmp_path):
+    for name, content in {"a": b"same", "b": b"other", "c": b"same"}.items():
+        (tmp_path / name).write_bytes(content)
+    digests = [sha256_file(tmp_path / name) for name in "abc"]
+    assert exact_pairs(digests).tolist() == [[0, 2]]
+    assert digests[0] == hashlib.sha256(b"same").hexdigest()  # the digest content_digest gave

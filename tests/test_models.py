@@ -22,13 +22,10 @@ from pipeline.models import (
     WeightsNotFoundError,
     create_model,
     create_resnet,
-    freeze_body,
-    head_parameters,
     is_timm_name,
     model_input_config,
-    param_groups,
-    unfreeze,
 )
+from pipeline.models.finetune import freeze_body, head_parameters, param_groups, unfreeze
 from pipeline.models.resnet import CIFAR
 
 IMAGENET_NAMES = [n for n, (_, _, family) in ARCHS.items() if family is not CIFAR]

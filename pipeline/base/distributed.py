@@ -31,6 +31,11 @@ independent of the number of processes W:
   follows each write), so on several machines runs/, folds/ and the data must be on a filesystem
   they all share.
 
+torch is imported where a process group or a device is needed, not with this module: "who am
+I" is asked by torch-free verbs too (`make check`, `folds`, `runs`), and a process group can
+only exist once `session` (which imports torch) started it, so they learn that they run alone
+without loading torch (~650 MB with its CUDA libraries).
+
 Fold-parallel (`run_jobs`): small models leave a GPU idle; K single-process fold runs, one per
 GPU (`CUDA_VISIBLE_DEVICES`), train K folds in the time of one. Each is a plain
 `python -m pipeline train --folds k`, so its files are the ones a sequential run writes.
@@ -40,33 +45,39 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
-from typing import Any
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.distributed as dist
-from torch import nn
-from torch.utils.data import DistributedSampler, Sampler
 
 from pipeline.base.utils import PipelineError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 # --------------------------------------------------------------------------------------------
 # Who am I
 
 
-def _initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
+def _group() -> Any:
+    """torch.distributed while a process group is up, else None. Only `session` starts one, after
+    importing torch: a process that never loaded torch.distributed has no group to ask."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
 
 
 def world_size() -> int:
     """Processes in the job (1 without torchrun)."""
-    return dist.get_world_size() if _initialized() else 1
+    group = _group()
+    return group.get_world_size() if group else 1
 
 
 def rank() -> int:
     """This process's number, 0..world_size-1 over all machines."""
-    return dist.get_rank() if _initialized() else 0
+    group = _group()
+    return group.get_rank() if group else 0
 
 
 def is_distributed() -> bool:
@@ -85,6 +96,7 @@ def launched_world_size() -> int:
 
 def local_device(device: torch.device) -> torch.device:
     """This process's device: cuda:LOCAL_RANK when torchrun started several, else `device`."""
+    import torch
     world = launched_world_size()
     if world <= 1 or device.type != "cuda":
         return device
@@ -106,9 +118,11 @@ def session(device: torch.device) -> Iterator[None]:
 
     `device` is the resolved train.device; CUDA ranks use nccl on cuda:LOCAL_RANK, CPU ranks gloo.
     """
-    if launched_world_size() <= 1 or _initialized():
+    if launched_world_size() <= 1 or _group():
         yield
         return
+    import torch
+    import torch.distributed as dist
     device = local_device(device)
     on_cuda = device.type == "cuda"
     if on_cuda:
@@ -140,7 +154,7 @@ def per_rank_batch(global_batch: int, world: int | None = None) -> int:
     return global_batch // world
 
 
-class RankOrder(Sampler):
+class RankOrder:
     """This rank's share of the single-process training order: positions r, r + W, r + 2W, ...
 
     `base` (a RandomSampler or the balanced sampler) yields the order one process would train in;
@@ -149,10 +163,13 @@ class RankOrder(Sampler):
     of b = B / W, rank r's k-th batch is positions kB + r, kB + r + W, ..., kB + r + (b-1)W, and the
     union over the ranks is positions kB .. kB + B - 1: exactly the single-process batch k.
     `drop_last` must match the loader's: then both drop the same incomplete last global batch.
+    A sampler by what it does (iterable, sized), as torch's DataLoader takes one.
     """
 
-    def __init__(self, base: Sampler, drop_last: bool, rank_: int | None = None,
+    def __init__(self, base: Iterable[int], drop_last: bool, rank_: int | None = None,
                  world: int | None = None):
+        from torch.utils.data import DistributedSampler
+
         self.base = base
         self.positions = DistributedSampler(
             range(len(base)), num_replicas=world_size() if world is None else world,
@@ -170,7 +187,7 @@ class RankOrder(Sampler):
         return len(self.positions)
 
 
-def rank_order(base: Sampler, drop_last: bool) -> Sampler:
+def rank_order(base: Iterable[int], drop_last: bool) -> Iterable[int]:
     """The training sampler of this rank: `base` itself in one process."""
     return RankOrder(base, drop_last) if is_distributed() else base
 
@@ -197,7 +214,7 @@ def gather_shards(local: np.ndarray, axis: int = 0) -> np.ndarray:
     if not is_distributed():
         return local
     parts: list[Any] = [None] * world_size()
-    dist.all_gather_object(parts, local)
+    _group().all_gather_object(parts, local)
     kept = [p for p in parts if p.size] or parts[:1]
     return np.concatenate(kept, axis=axis)
 
@@ -206,8 +223,10 @@ def all_sum(values: Sequence[float]) -> list[float]:
     """Element-wise sums over the ranks (the values themselves in one process)."""
     if not is_distributed():
         return list(values)
+    import torch
+
     total = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(total)
+    _group().all_reduce(total)
     return total.tolist()
 
 
@@ -216,14 +235,14 @@ def broadcast_from_main(value: Any) -> Any:
     if not is_distributed():
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    _group().broadcast_object_list(box, src=0)
     return box[0]
 
 
 def barrier() -> None:
     """Wait until every rank gets here (after rank 0 wrote what the others read)."""
     if is_distributed():
-        dist.barrier()
+        _group().barrier()
 
 
 def sync_buffers(model: nn.Module) -> None:
@@ -235,12 +254,14 @@ def sync_buffers(model: nn.Module) -> None:
     """
     if is_distributed():
         for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
+            _group().broadcast(buffer, src=0)
 
 
 def _comm_device() -> torch.device:
     # nccl moves CUDA tensors only; gloo CPU tensors.
-    if dist.get_backend() == "nccl":
+    import torch
+
+    if _group().get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -253,6 +274,8 @@ def wrap_ddp(model: nn.Module, device: torch.device, sync_bn: bool,
     state_dict keys stay those of BatchNorm, so checkpoints load anywhere). `find_unused`: needed
     when parameters sit out some steps, e.g. a frozen body during train.head_only_epochs.
     """
+    from torch import nn
+
     if sync_bn:
         if device.type != "cuda":
             raise PipelineError("train.sync_bn=true needs CUDA GPUs (torch's SyncBatchNorm has no "

@@ -16,17 +16,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import albumentations as A
-import cv2
 import numpy as np
 import torch
 
 from pipeline.base.config import AugmentConfig, Transform
 from pipeline.base.utils import PipelineError, write_text_atomic
+from pipeline.data.images import INTERPOLATIONS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC,
-                  "nearest": cv2.INTER_NEAREST}
 
 
 def _build_transform(spec: Transform, where: str) -> A.BasicTransform:

@@ -11,14 +11,14 @@ audit/<competition>/duplicates.csv; `make folds` then keeps each group in one fo
 and the runs trained on them, stale by the usual rule.
 
 The hash: a perceptual hash (imagehash's `phash`, the DCT of a 32x32 grey image, 64 bits) of
-every image, after an exact-bytes pass (SHA-256). Near copies are pairs within `max_distance`
+every image, after an exact-bytes pass (the SHA-256 of base/fingerprints.py's `sha256_file`, the
+one file hasher). Groups are scipy's connected components of the graph of pairs. Near copies are pairs within `max_distance`
 bits (Hamming). Chosen by measurement on planted copies (shifted by a pixel, re-encoded as JPEG,
 brightened) among distractors: bench/duplicates.py, recorded in bench/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +27,8 @@ import imagehash
 import numpy as np
 import pandas as pd
 from PIL import Image
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from pipeline.base.utils import summarize_offenders
 from pipeline.data.images import check_pixels
@@ -35,10 +37,6 @@ from pipeline.data.tables import MAX_IMAGE_PIXELS
 HASHES = {"phash": imagehash.phash, "dhash": imagehash.dhash, "ahash": imagehash.average_hash,
           "whash": imagehash.whash}
 BLOCK = 256  # rows of the pairwise distances at a time: 256 x N uint64 (70 MB for 35k images)
-
-
-def content_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def perceptual_hash(path: Path, kind: str = "phash",
@@ -83,24 +81,20 @@ def exact_pairs(digests: Sequence[str]) -> np.ndarray:
 
 
 def group_of_pairs(n: int, pairs: np.ndarray) -> np.ndarray:
-    """(n,) group numbers by union-find over `pairs` (connected images share one); -1 for an
-    image that has no copy."""
-    parent = np.arange(n)
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in pairs:
-        a, b = root(int(i)), root(int(j))
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    roots = np.array([root(i) for i in range(n)])
-    sizes = np.bincount(roots, minlength=n)
-    numbered = {r: k for k, r in enumerate(sorted(set(roots[sizes[roots] > 1])))}
-    return np.array([numbered.get(r, -1) for r in roots], dtype=np.int64)
+    """(n,) group numbers: images joined by `pairs`, directly or through others, share one
+    (scipy's connected components); -1 for an image that has no copy. Groups are numbered 0, 1,
+    ... in the order of their first image, so the numbers (duplicates.csv, the folds' `dup<k>`
+    groups and their fingerprint) do not depend on how the components are found."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])),
+                       shape=(n, n))
+    count, component = connected_components(graph, directed=False)
+    first_image = np.full(count, n)
+    np.minimum.at(first_image, component, np.arange(n))
+    shared = np.flatnonzero(np.bincount(component, minlength=count) > 1)  # of two images or more
+    number = np.full(count, -1, dtype=np.int64)
+    number[shared[np.argsort(first_image[shared])]] = np.arange(len(shared))
+    return number[component]
 
 
 def duplicate_table(ids: Sequence[str], parts: Sequence[str], labels: Sequence[str],

@@ -43,8 +43,8 @@ from tqdm import tqdm
 from pipeline.base import distributed
 from pipeline.base.config import AugmentConfig, CacheConfig
 from pipeline.base.utils import atomic_path, summarize_offenders, write_text_atomic
-from pipeline.data.augment import INTERPOLATIONS
 from pipeline.data.images import (
+    INTERPOLATIONS,
     ImageReadError,
     decode_image,
     jpeg_reduction,

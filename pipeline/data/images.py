@@ -21,6 +21,9 @@ from PIL import Image
 
 from pipeline.data.tables import MAX_IMAGE_PIXELS, DataError
 
+# augment.interpolation -> OpenCV's flag: the cache's resize and the transforms' Resize use one map
+INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC,
+                  "nearest": cv2.INTER_NEAREST}
 
 class ImageReadError(DataError):
     """One image could not be read; names the path."""

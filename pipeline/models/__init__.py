@@ -1,4 +1,8 @@
-"""Models: our ResNet family (one table of depths) and a factory that also serves timm models."""
+"""Models: our ResNet family (one table of depths) and a factory that also serves timm models.
+
+Fine-tuning's parameter groups and freezing (pipeline/models/finetune.py) are imported from their
+module by training alone: building and loading a model (the offline `infer`) does not need them.
+"""
 
 from pipeline.models.factory import (
     create_model,
@@ -6,13 +10,6 @@ from pipeline.models.factory import (
     model_input_config,
     model_names,
     small_input_warning,
-)
-from pipeline.models.finetune import (
-    body_parameters,
-    freeze_body,
-    head_parameters,
-    param_groups,
-    unfreeze,
 )
 from pipeline.models.resnet import ARCHS, BasicBlock, Bottleneck, ResNet, create_resnet
 from pipeline.models.weights import (
@@ -28,16 +25,11 @@ __all__ = [
     "ResNet",
     "WeightsMismatchError",
     "WeightsNotFoundError",
-    "body_parameters",
     "create_model",
     "create_resnet",
-    "freeze_body",
-    "head_parameters",
     "is_timm_name",
     "load_pretrained",
     "model_input_config",
     "model_names",
-    "param_groups",
     "small_input_warning",
-    "unfreeze",
 ]

@@ -38,7 +38,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
 from pipeline.base.config import AuditConfig, Config, load_config
-from pipeline.base.fingerprints import fingerprint
+from pipeline.base.fingerprints import fingerprint, sha256_file
 from pipeline.base.log import log
 from pipeline.base.task import Scorer
 from pipeline.base.utils import (
@@ -49,7 +49,6 @@ from pipeline.base.utils import (
 )
 from pipeline.data.duplicates import (
     conflicts,
-    content_digest,
     duplicate_table,
     exact_pairs,
     group_of_pairs,
@@ -92,7 +91,7 @@ def find_duplicates(frame: pd.DataFrame, paths: list[Path], settings: AuditConfi
                     max_pixels: int) -> pd.DataFrame:
     """Groups of copies among every audited image (exact bytes, or near by perceptual hash)."""
     with ThreadPoolExecutor(max_workers=4) as pool:
-        digests = list(pool.map(content_digest, paths))
+        digests = list(pool.map(sha256_file, paths))
     exact = exact_pairs(digests)
     hashes = image_hashes(paths, settings.hash, max_pixels=max_pixels)
     near = near_pairs(hashes, settings.max_distance)
