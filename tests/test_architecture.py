@@ -46,9 +46,15 @@ def layer(name: str) -> str:
 
 def imported(tree: ast.AST, name: str) -> set[str]:
     """The pipeline modules a module imports (`from pipeline.x import y` counts y when it is a
-    module, else x)."""
+    module, else x). Imports under `if TYPE_CHECKING:` are for type checkers alone and make no
+    edge: base/task.py names the config's sections in its annotations, while the config builds the
+    task."""
     out = set()
+    type_only = {id(sub) for node in ast.walk(tree) if isinstance(node, ast.If)
+                 and ast.unparse(node.test) == "TYPE_CHECKING" for sub in ast.walk(node)}
     for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
             for alias in node.names:
                 candidate = f"{node.module}.{alias.name}"

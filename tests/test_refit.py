@@ -64,7 +64,7 @@ def test_refit_trains_on_all_rows_and_writes_a_submission(tmp_path):
 
 
 def test_refit_walks_the_folds_learning_rate_path():
-    from pipeline.training.schedule import FoldPath, lr_factor
+    from pipeline.training.lr_path import FoldPath, lr_factor
 
     # folds: 30 epochs of 10 steps, cosine with 1 warm-up epoch; CV chose epoch 18
     folds = load_config("digits", "resnet20", ["train.epochs=30", "train.warmup_epochs=1"])

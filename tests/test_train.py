@@ -13,7 +13,7 @@ from pipeline.base.utils import PipelineError
 from pipeline.data.images import ImageReadError
 from pipeline.stages.folds import make_folds
 from pipeline.training.losses import FocalLoss, class_weights
-from pipeline.training.schedule import lr_factor
+from pipeline.training.lr_path import lr_factor
 from tests.conftest import REPO, experiment_dir, folds_csv, make_competition, train
 
 FAST = ["augment.image_size=16", "train.batch_size=4", "train.epochs=2", "train.workers=0",

@@ -20,7 +20,7 @@ import json
 import re
 import string
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -32,10 +32,8 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.base.task import Task
 from pipeline.base.utils import write_text_atomic
-
-if TYPE_CHECKING:
-    from pipeline.base.task import Task
 
 CONFIG_DIR = Path("configs")
 
@@ -494,8 +492,6 @@ class Config(_Section):
         """The task (pipeline/base/task.py): metric, positive class, head, epoch rule. A pure
         function of the frozen sections, so not cached: a cache would survive a model_copy that
         changed them. load_config resolves it once, so a bad combination fails at load."""
-        from pipeline.base.task import Task  # task.py builds on this module's sections
-
         return Task.of(self.data, self.model, self.train)
 
 

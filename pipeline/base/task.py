@@ -24,12 +24,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from pipeline.base import metrics
-from pipeline.base.config import DataConfig, ModelConfig, TrainConfig
+
+if TYPE_CHECKING:  # the config builds the task (Config.task): no import back at run time
+    from pipeline.base.config import DataConfig, ModelConfig, TrainConfig
 
 UNKNOWN = -1  # the index of a label outside the class list (a folds file of an older list)
 

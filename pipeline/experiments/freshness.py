@@ -70,7 +70,7 @@ from pipeline.data.tables import (
 )
 from pipeline.experiments.layout import Experiment, Layout, Part
 from pipeline.experiments.manifests import Manifest, outputs_problems, read_manifest
-from pipeline.training.schedule import FoldPath, steps_per_epoch
+from pipeline.training.lr_path import FoldPath, steps_per_epoch
 
 # What each input means to a user, for the messages that say what changed.
 INPUT_NAMES = {

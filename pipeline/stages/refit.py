@@ -5,7 +5,7 @@
 
 The epoch count comes from cross-validation: the median of the folds' best epochs (from their
 log.csv), unless `refit.epochs` is set. The learning rate walks the path the folds walked up to
-that epoch (schedule.FoldPath): the folds' warm-up, milestones and cosine length, not a schedule
+that epoch (training/lr_path.FoldPath): the folds' warm-up, milestones and cosine length, not a schedule
 squeezed into the refit's fewer epochs; each refit epoch has K/(K-1) times the folds' steps.
 Without a validation set nothing can pick a best epoch, so the model of the last epoch is the
 result. Writes runs/<competition>/<model>/full/ (config.yaml, best.pt = the last epoch, last.pt,

@@ -31,6 +31,7 @@ from pipeline.experiments.layout import Layout
 from pipeline.experiments.runner import stage_lock
 from pipeline.experiments.state import experiment_configs
 from pipeline.inference.engine import resolve_device
+from pipeline.training import jobs
 from pipeline.training.experiment import prepare_training, train_folds, write_summary
 from pipeline.training.run import clear_parts
 
@@ -49,7 +50,7 @@ def run_parallel_folds(config: Config, folds_to_train: list[int] | None, force: 
     if config.train.device not in ("auto", "cuda", "cpu"):
         raise PipelineError(f"train.device={config.train.device} with --parallel folds: each fold "
                             f"sees only its own GPU (as cuda:0); leave train.device=auto")
-    slots = distributed.gpu_slots(gpus)
+    slots = jobs.gpu_slots(gpus)
     layout = Layout.of(config)
     exp = layout.experiment(config.run_name)
     with stage_lock(exp.lock, exp.dir, "trained"):  # the fold processes work under it
@@ -61,12 +62,12 @@ def _parallel_folds(config: Config, layout: Layout, exp, folds_to_train: list[in
     plan = prepare_training(config, layout, folds_to_train, force)
     parts = [exp.fold(k) for k in plan.todo]
     clear_parts(parts, force)  # here, not in the child: the child's log lives in its folder
-    jobs = [distributed.Job(f"fold {k}", [*command, "--folds", str(k)], part.console_log)
-            for k, part in zip(plan.todo, parts)]
-    failed = distributed.run_jobs(jobs, slots)
+    fold_jobs = [jobs.Job(f"fold {k}", [*command, "--folds", str(k)], part.console_log)
+                 for k, part in zip(plan.todo, parts)]
+    failed = jobs.run_jobs(fold_jobs, slots)
     if failed:
         names = ", ".join(f"{name} (exit {code})" for name, code in failed.items())
-        logs = ", ".join(str(job.log) for job in jobs if job.name in failed)
+        logs = ", ".join(str(job.log) for job in fold_jobs if job.name in failed)
         raise PipelineError(f"{names} failed; see {logs}, fix the cause and re-run: finished "
                             f"folds are skipped")
     return write_summary(config, layout, plan.folds)

@@ -46,12 +46,8 @@ from pipeline.training.losses import (
     build_mixer,
     class_weights,
 )
-from pipeline.training.schedule import (
-    FoldPath,
-    build_optimizer,
-    build_scheduler,
-    optimizer_steps,
-)
+from pipeline.training.lr_path import FoldPath, optimizer_steps
+from pipeline.training.schedule import build_optimizer, build_scheduler
 
 
 @dataclass
