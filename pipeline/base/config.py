@@ -760,7 +760,7 @@ def load_config(data: str = "digits", model: str | None = None,
     The run name is the experiment file's stem; overrides that change what training produces add
     a suffix (`identity_suffix`), so another setting is another experiment folder and never
     reuses the first one's results. `name` (NAME=) names the experiment outright. `saved`: the
-    resolved config an experiment `model` was trained with and where it was read (status.py,
+    resolved config an experiment `model` was trained with and where it was read (experiments/state.py,
     load_experiment), instead of an experiment file.
     """
     data_path = resolve_data_path(data)

@@ -72,7 +72,7 @@ class RunSpec:
     valid_rows: Rows | None
     seed: int
     tag: str  # "fold 2" or "full": the prefix of its lines and progress bars
-    inputs: dict[str, str]  # the input fingerprints (status.py), stored in last.pt for a resume
+    inputs: dict[str, str]  # the input fingerprints (experiments/freshness.py), stored in last.pt for a resume
     path: FoldPath | None = None  # the refit: the folds' learning-rate path to walk again
     # the pseudo-labelled test images (paths, target distributions (N, C)) that join the
     # training part only, read when the run is built (not for a run that is current)
