@@ -82,8 +82,8 @@ def ensemble_rows(member: str, data: Path, work: Path, names: list[str]) -> list
         details = json.loads(submission.manifest.read_text())["details"]
         test, _ = held_out(config.data, pd.read_csv(submission.csv, dtype=str,
                                                     keep_default_na=False))
-        used = details["method"] + (f" ({details['stacker']['kind']})" if details["stacker"]
-                                    else "")
+        used = details["method"] + (f" ({details['stacker']['kind']})"
+                                    if details["method"] == "stack" else "")
         weights, groups = details["weights"], ["+".join(g) for g in details["groups"]]
         picked = ("-" if weights is None else
                   ", ".join(f"{n} {w:.2f}" for n, w in zip(groups, weights) if w > 0))

@@ -28,8 +28,9 @@ Methods (`ensemble.method`), over members' (M, N, C) probabilities:
            each member was picked (pipeline/ensembling/stacking.py)
   stack    a level-2 scikit-learn model on the members' OOF predictions (`ensemble.stacker`:
            logreg on log-probabilities, ridge on expected grades for ordinal competitions)
-  auto     every method above scored nested, the best used; its CV nests the choice too (each
-           held fold combined by the method that won on the other folds alone: auto_nested)
+  auto     every method above scored nested (rank for ROC-AUC only), the best used; its CV
+           nests the choice too: each held fold goes through the whole of auto done on the
+           other folds alone (choice, fit, decoder: auto_nested); the folds' spread is noted
 Whatever is fitted on OOF rows is scored out of fold (README.md, "Honest scores").
 """
 
