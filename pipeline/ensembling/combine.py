@@ -393,7 +393,9 @@ def auto_nested(oof_stack: np.ndarray, targets: np.ndarray, row_folds: np.ndarra
     different procedure from the submission's, with the held fold's labels inside: 0.8610
     printed where the best method's own nested score was 0.8524 and the held-out 0.8285 (issue
     26). Now each held fold goes through exactly the steps the submission goes through, seeing
-    nothing of it."""
+    nothing of it. On six constructed ordinal cases (two members, 300 rows in 5 folds, QWK
+    with thresholds, 3,000 held-out rows), printed minus held-out went from -0.018 ± 0.028 to
+    +0.008 ± 0.013 (the best nested method of the table: +0.017); the folds' spread is noted."""
     out, labels = np.empty(oof_stack.shape[1:]), np.empty(oof_stack.shape[1], np.int64)
     chosen, decoded_any = [], False
     for fold in tqdm(np.unique(row_folds), desc="auto: nesting the choice", leave=False):
