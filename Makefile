@@ -15,6 +15,11 @@ FOLDS ?=
 TTA ?=
 EPOCHS ?=
 FORCE ?=
+# FORCE=1 redoes finished work; every other value is refused here, before anything runs:
+# `$(if $(FORCE),--force)` would read FORCE=0 or FORCE=no as "force" and delete finished folds
+ifneq ($(filter-out 1,$(FORCE)),)
+$(error FORCE=$(FORCE) is not a choice: FORCE=1 redoes finished work; leave FORCE out (or FORCE=) to keep it)
+endif
 NAME ?=
 SEEDS ?=
 PARTIAL ?=

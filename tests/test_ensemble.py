@@ -15,14 +15,20 @@ from pipeline.base.config import load_config, save_config
 from pipeline.base.metrics import quadratic_weighted_kappa, score
 from pipeline.base.task import Scorer
 from pipeline.ensembling import combine as combine_module
-from pipeline.ensembling.combine import combine, combine_members, rank_normalise
+from pipeline.ensembling.combine import combine, combine_members
 from pipeline.ensembling.decode import (
     decode_cutoff,
     decode_thresholds,
     expected_grade,
     fit_thresholds,
 )
-from pipeline.ensembling.members import EnsembleError, candidate, load_member
+from pipeline.ensembling.members import (
+    EnsembleError,
+    Member,
+    average_seeds,
+    candidate,
+    load_member,
+)
 from pipeline.experiments.freshness import (
     predict_inputs,
     read_test_set,
@@ -151,8 +157,8 @@ def test_identical_members_equal_each_member(method):
     member = member_probs(targets, 4, skill=1.0, seed=1)
     stack = np.stack([member] * 3)
     result = combine_members(stack, stack, targets, method, scorer("accuracy"))
-    expected = member if method != "rank" else rank_normalise(member) / rank_normalise(
-        member).sum(axis=1, keepdims=True)
+    alone = combine_members(stack[:1], stack[:1], targets, method, scorer("accuracy"))
+    expected = member if method != "rank" else alone.oof  # rank: each member's ranks
     assert np.allclose(result.oof, expected) and np.allclose(result.test, expected)
     if method == "rank":  # per-class ranks are kept: the AUC of each class is the member's
         assert score("roc_auc", targets, result.oof) == pytest.approx(
@@ -477,3 +483,28 @@ def test_members_keep_their_own_metric_when_the_ensemble_scores_by_another(tmp_p
     write_run(config, "m", member_probs(targets, 2, 1.0, 1), np.full((12, 2), 0.5))
     outcome = ensemble_runs(config_of(data_path, overrides, "data.metric=macro_f1"), ["m"])
     assert "CV macro_f1, out of fold" in outcome.report.read_text()
+
+
+def seed_member(name, ids, oof, test_ids, test):
+    return Member(name=name, oof_ids=list(ids), oof=oof, test_ids=list(test_ids), test=test,
+                  oof_source="oof", n_folds=3, refit=False)
+
+
+def test_averaged_seeds_are_aligned_by_id_over_the_ids_all_cover():
+    rng = np.random.default_rng(0)
+    ids, test_ids = [f"{i:05d}" for i in range(40)], TEST_IDS
+    first = seed_member("a-seed0", ids, rng.dirichlet(np.ones(3), 40), test_ids,
+                        rng.dirichlet(np.ones(3), 12))
+    order, test_order = rng.permutation(40)[:37], rng.permutation(12)  # 3 ids missing
+    truth_oof, truth_test = rng.dirichlet(np.ones(3), 40), rng.dirichlet(np.ones(3), 12)
+    second = seed_member("a-seed1", [ids[i] for i in order], truth_oof[order],
+                         [test_ids[i] for i in test_order], truth_test[test_order])
+    other = seed_member("b", ids, first.oof, test_ids, first.test)
+    averaged = average_seeds([first, second, other], ["a", "a", "b"])
+    assert [m.name for m in averaged] == ["a-seed0 + a-seed1", "b"]
+    mean = averaged[0]
+    kept = sorted(order)  # the first member's order, less the ids the second lacks
+    assert mean.oof_ids == [ids[i] for i in kept] and len(kept) == 37
+    assert np.allclose(mean.oof, (first.oof[kept] + truth_oof[kept]) / 2)
+    assert mean.test_ids == test_ids
+    assert np.allclose(mean.test, (first.test + truth_test) / 2)

@@ -378,3 +378,30 @@ def test_generated_files_stay_out_of_git():
                  "audit/tiny/duplicates.csv", "reports/tiny/index.html", "runs/x/.locks/a"):
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
     assert subprocess.run(["git", "check-ignore", "-q", "folds/.gitkeep"], cwd=REPO).returncode == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Make variables that read as their opposite
+
+
+def dry_make(*args: str) -> subprocess.CompletedProcess:
+    """`make -n ARGS`: what make would run, without running it."""
+    return subprocess.run(["make", "-n", *args, "PYTHON=python"], cwd=REPO, capture_output=True,
+                          text=True)
+
+
+@pytest.mark.parametrize("value", ["0", "no", "false", "yes"])
+def test_force_other_than_1_is_refused_before_anything_runs(value):
+    # FORCE=0 used to run `train --force`: the finished folds deleted and retrained
+    done = dry_make("train", "DATA=x", "MODEL=resnet20", f"FORCE={value}")
+    assert done.returncode != 0 and "--force" not in done.stdout and done.stdout == ""
+    assert f"FORCE={value} is not a choice" in done.stderr and "FORCE=1" in done.stderr
+
+
+def test_force_1_forces_and_no_force_does_not():
+    forced = dry_make("train", "DATA=x", "MODEL=resnet20", "FORCE=1")
+    assert forced.returncode == 0 and "--force" in forced.stdout
+    for plain in (dry_make("train", "DATA=x", "MODEL=resnet20"),
+                  dry_make("train", "DATA=x", "MODEL=resnet20", "FORCE=")):
+        assert plain.returncode == 0 and "pipeline train" in plain.stdout
+        assert "--force" not in plain.stdout

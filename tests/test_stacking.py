@@ -13,8 +13,10 @@ from sklearn.linear_model import LogisticRegression
 
 from pipeline.__main__ import main as cli
 from pipeline.base.task import Scorer
+from pipeline.base.utils import PipelineError
 from pipeline.ensembling.combine import (
     Options,
+    apply_combination,
     choose_views,
     combine_members,
     decode_combined,
@@ -155,8 +157,8 @@ def test_auto_uses_the_method_with_the_best_nested_score():
     stack = np.stack([honest, swapped])
     combined = combine_members(stack, stack[:, :5], targets, "auto", scorer(), folds)
     table = {row.fit.label: row.score_nested for row in combined.table}
-    assert set(table) == {"mean", "median", "trimmed", "rank", "fitted", "hillclimb",
-                          "stack (logreg)"}
+    # rank only where the metric only ranks (ROC-AUC); this one is accuracy
+    assert set(table) == {"mean", "median", "trimmed", "fitted", "hillclimb", "stack (logreg)"}
     assert combined.fit.label == max(table, key=table.get) == "stack (logreg)"
     # ordinal competitions also try the ridge stacker on expected grades
     ordinal = combine_members(stack, stack[:, :5], targets, "auto", scorer(), folds,
@@ -237,7 +239,7 @@ def test_make_ensemble_auto_writes_the_table_and_the_recipe(tmp_path, capsys):
     details = read_manifest(Layout.of(config).submission("auto").manifest).details
     assert details["method"] in ("mean", "median", "trimmed", "rank", "fitted", "hillclimb",
                                  "stack")
-    assert len(details["methods"]) == 7 and details["settings"]["method"] == "auto"
+    assert len(details["methods"]) == 6 and details["settings"]["method"] == "auto"
     assert (details["stacker"] is not None) == (details["method"] == "stack")
 
 
@@ -314,7 +316,7 @@ def test_with_one_fold_a_fitted_method_is_labelled_in_sample():
         assert not combined.nested and combined.oof_nested is combined.oof
         assert combined.fitted == (combined.fit.method != "mean")  # fitted may fall back
     auto = combine_members(stack, stack[:, :5], targets, "auto", scorer(), one_fold)
-    assert {row.fit.method for row in auto.table} == {"mean", "median", "trimmed", "rank"}
+    assert {row.fit.method for row in auto.table} == {"mean", "median", "trimmed"}
     assert not auto.nested and any("one fold" in n for n in auto.notes)
 
 
@@ -341,3 +343,75 @@ def test_a_views_choice_follows_the_metrics_direction():
     choice = choose_views({"bad": (bad, bad[:5]), "good": (good, good[:5])}, targets, folds,
                           "argmax", scorer("log_loss"))
     assert choice.view == "good" and set(choice.per_fold) == {"good"}
+
+
+# --------------------------------------------------------------------------------------------
+# rank against a fixed reference; auto's CV as its submission scores held out (issue 26)
+
+
+def test_a_rows_rank_does_not_depend_on_the_rows_beside_it():
+    """Ranked within the rows passed together, a 10-row fold scored 0.60 where all 30 OOF rows
+    scored 0.33, and `infer` labelled one image by the ids beside it. Against the OOF reference
+    each row's output is its own, in the manifest's form as `infer` reads it."""
+    targets, folds = targets_and_folds(n=300)
+    stack = np.stack([member_probs(targets, CLASSES, 1.5, 1),
+                      member_probs(targets, CLASSES, 0.8, 2) ** 3])  # calibrated differently
+    test = noise_members(np.zeros(40), 2, seed=7)
+    combined = combine_members(stack, test, targets, "rank", scorer("roc_auc"), folds)
+    recorded = json.loads(json.dumps(combined.fit.stacker))  # as the manifest and bundle hold it
+    whole = apply_combination("rank", combined.weights.tolist(), recorded, test)
+    assert np.allclose(whole, combined.test)
+    for rows in ([7], np.arange(3), np.arange(10, 40)):
+        assert np.allclose(apply_combination("rank", combined.weights, recorded, test[:, rows]),
+                           whole[rows])
+    held = folds == 0
+    assert np.allclose(combined.fit.apply(stack[:, held]), combined.oof[held])
+    # a member's order within each class is kept, so its per-class ROC-AUC is
+    alone = combine_members(stack[1:], test[1:], targets, "rank", scorer("roc_auc"), folds)
+    assert scorer("roc_auc").score(targets, alone.oof) == pytest.approx(
+        scorer("roc_auc").score(targets, stack[1]), abs=0.01)
+
+
+def test_a_rank_ensemble_recorded_without_its_reference_is_refused_with_the_remedy():
+    stack = noise_members(np.zeros(20), 2)
+    with pytest.raises(PipelineError, match="run `make ensemble` again"):
+        apply_combination("rank", [0.5, 0.5], None, stack)
+
+
+def test_auto_of_one_member_prints_what_its_submission_scores_held_out():
+    """The issue's case: one experiment, accuracy, 3 folds. auto printed 0.4333 beside a
+    submission identical to the member's (0.3333): rank, ranked within each held fold, won the
+    choice. Now rank is not tried for accuracy, and the CV is what the submission scores on
+    held-out rows of the same kind, within the spread of the folds."""
+    targets, folds = targets_and_folds(n=150, folds=3)
+    held_out = np.random.default_rng(9).permutation(np.arange(3000) % CLASSES)
+    member = member_probs(np.concatenate([targets, held_out]), CLASSES, 0.6, 3)
+    oof, test = member[None, :150], member[None, 150:]
+    qwk_free = scorer()
+    combined = combine_members(oof, test, targets, "auto", qwk_free, folds)
+    printed = honest_scores(targets, combined, None, qwk_free)["out of fold"]
+    truth = qwk_free.score(held_out, combined.test)
+    assert "rank" not in {row.fit.method for row in combined.table}
+    assert abs(printed - truth) <= np.std(combined.fold_scores)
+    alone = qwk_free.score(targets, oof[0])
+    assert abs(printed - alone) <= np.std(combined.fold_scores)
+
+
+def test_auto_with_a_decoder_prints_what_its_submission_scores_held_out():
+    """Ordinal QWK with thresholds, two members: each held fold goes through all of auto done
+    on the other folds (choice, fit, thresholds), so the printed CV is that of the submission's
+    procedure: within the folds' spread of the held-out QWK of the submission itself."""
+    n, n_test = 300, 3000
+    rng = np.random.default_rng(4)
+    targets = rng.permutation(np.arange(n + n_test) % 5)
+    stack = np.stack([shrunk_member(targets, noise, seed) for noise, seed in ((0.5, 1), (0.8, 2))])
+    folds = rng.permutation(np.arange(n) % 5)
+    qwk = Scorer(tuple("01234"), "qwk", True, 1)
+    combined = combine_members(stack[:, :n], stack[:, n:], targets[:n], "auto", qwk, folds,
+                               Options(ordinal=True, decode="thresholds"))
+    decoded = decode_combined("thresholds", combined, targets[:n], folds, qwk)
+    printed = honest_scores(targets[:n], combined, decoded, qwk)["out of fold"]
+    truth = qwk.score_labels(targets[n:], decoded.test_labels)
+    assert combined.nested_labels is not None and len(combined.fold_scores) == 5
+    assert printed == pytest.approx(qwk.score_labels(targets[:n], combined.nested_labels))
+    assert abs(printed - truth) <= np.std(combined.fold_scores), (printed, truth)

@@ -238,9 +238,17 @@ def average_seeds(members: list[Member], families: list[str]) -> list[Member]:
     return [group[0] if len(group) == 1 else _mean_member(group) for group in grouped.values()]
 
 
+def covered_ids(members: list[Member]) -> list[str]:
+    """The OOF ids every member covers, in the first member's order: one set intersection,
+    linear in the ids (a set rebuilt per id made seed averaging quadratic: 7.5 s at 16,000)."""
+    covered = set.intersection(*(set(m.oof_ids) for m in members))
+    return [i for i in members[0].oof_ids if i in covered]
+
+
 def _mean_member(group: list[Member]) -> Member:
-    ids, test_ids = group[0].oof_ids, group[0].test_ids
-    common = [i for i in ids if all(i in set(m.oof_ids) for m in group[1:])]
+    """Seeds of one family as one member: their OOF rows averaged by id over the ids they all
+    cover, their test rows by id in the first member's test order."""
+    test_ids, common = group[0].test_ids, covered_ids(group)
 
     def mean_of(oofs, tests):
         return (np.mean([o[pd.Index(m.oof_ids).get_indexer(common)] for o, m in zip(oofs, group)],
@@ -284,8 +292,7 @@ def check_members_agree(members: list[Member], partial: bool = False) -> None:
 def stack_members(members: list[Member]) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(OOF ids, (M, N_oof, C), (M, N_test, C)): the OOF ids every member covers, in the first
     member's order, and every member's rows in that order."""
-    covered = set.intersection(*(set(m.oof_ids) for m in members))
-    ids, test_ids = [i for i in members[0].oof_ids if i in covered], members[0].test_ids
+    ids, test_ids = covered_ids(members), members[0].test_ids
     oof = np.stack([m.oof[pd.Index(m.oof_ids).get_indexer(ids)] for m in members])
     test = np.stack([m.test[pd.Index(m.test_ids).get_indexer(test_ids)] for m in members])
     return ids, oof, test
