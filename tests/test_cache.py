@@ -277,17 +277,33 @@ def test_cache_verb_builds_every_image_once(tmp_path, capsys):
     data = make_competition(tmp_path / "comp", ["a", "b"] * 3, ext=".jpg")
     args = ["cache", "--data", str(data), "--model", "resnet20", f"cache.dir={tmp_path / 'cache'}",
             f"folds.dir={tmp_path / 'folds'}", "augment.image_size=12"]
+
+    def counts(out: str) -> list[str]:  # the table's images, already cached, built
+        lines = out.splitlines()
+        header = next(i for i, line in enumerate(lines) if "already cached" in line)
+        return lines[header + 2].split()[1:4]
+
     assert cli(args) == 0
     out = capsys.readouterr()
+    assert counts(out.out) == ["10", "0", "10"]
     assert "cache.enabled is false" in out.err  # built, but said it will not be read
-    folders = [p for p in (tmp_path / "cache").iterdir()]
+    folders = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
     assert len(folders) == 1 and (folders[0] / "settings.json").is_file()
     assert len(list(folders[0].glob("*/*.npy"))) == 6 + 4  # train + test
-    assert cli(args + ["cache.enabled=true"]) == 0
+    assert (folders[0] / "tiny.manifest.json").is_file()  # the runner's record, per competition
+    assert cli(args + ["cache.enabled=true"]) == 0  # a setting that stores no other pixel
     out = capsys.readouterr()
-    table = out.out.splitlines()
-    assert "already cached" in table[0] and table[2].split()[1:4] == ["10", "10", "0"]
+    assert "every image of tiny is cached" in out.out and "already cached" not in out.out
     assert "cache.enabled is false" not in out.err
+    replaced = next((tmp_path / "comp" / "train").iterdir())
+    os.utime(replaced, ns=(time.time_ns(), time.time_ns() + 10**9))  # an image replaced
+    assert cli(args) == 0
+    out = capsys.readouterr().out
+    assert "images changed: caching what is missing" in out
+    assert counts(out) == ["10", "9", "1"]  # that one alone
+    assert cli(args + ["--force"]) == 0
+    assert counts(capsys.readouterr().out) == ["10", "0", "10"]
+    assert len(list(folders[0].glob("*/*.npy"))) == 10  # the replaced image's old entry went
 
 
 def test_cache_verb_names_a_missing_image(tmp_path, capsys):

@@ -5,8 +5,12 @@ the folder, and a page is rebuilt only when what it shows changed."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import cv2
@@ -15,10 +19,12 @@ import pandas as pd
 import pytest
 import yaml
 
+import pipeline
 from pipeline.__main__ import main as cli
 from pipeline.base.config import load_config
 from pipeline.experiments.layout import Layout
 from pipeline.experiments.leaderboard import leaderboard
+from pipeline.experiments.manifests import read_manifest
 
 COLOURS = {"red": (0, 0, 230), "green": (0, 200, 0), "blue": (230, 0, 0)}  # BGR
 BLANK = "blank"  # a flat blue image labelled red: it looks like every blue one, so no model
@@ -74,6 +80,8 @@ def built(tmp_path_factory):
     def run(*argv: str) -> None:
         assert cli([argv[0], "--data", data, *argv[1:], *common]) == 0
 
+    run.flags = ["--data", data, *common]  # a verb's flags, for a run in another process
+
     run("folds")
     for name, epochs in (("strong", 6), ("weak", 1)):
         for verb in ("train", "predict"):
@@ -125,6 +133,65 @@ def test_a_page_is_rebuilt_only_when_what_it_shows_changed(built, capsys):
     out = capsys.readouterr().out
     assert re.search(r"weak\s+written", out) and re.search(r"strong\s+current", out)
     assert curves.is_file()
+
+
+class ImageSources(HTMLParser):
+    """The src of every <img> of a page, as a browser reads them (the test's own reading; the
+    stage never parses its pages)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sources: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+def shown_on(page: Path) -> set[Path]:
+    parser = ImageSources()
+    parser.feed(page.read_text())
+    return {(page.parent / src).resolve() for src in parser.sources}
+
+
+def test_a_pages_manifest_lists_exactly_the_pictures_it_shows(built):
+    config, _ = built
+    report = Layout.of(config).report
+    pages = [report.index, report.experiment("strong"), report.experiment("weak")]
+    for page in pages:
+        outputs = {(page.parent / name).resolve()
+                   for name in read_manifest(report.manifest(page)).outputs}
+        shown = shown_on(page)
+        assert len(shown) > 2, page  # the figures and the tiles
+        assert outputs == shown | {page.resolve()}, page
+    # and the images folder holds what the pages show, nothing else
+    assert {p.resolve() for p in report.images.glob("*")} == set().union(*map(shown_on, pages))
+
+
+def test_a_report_setting_rebuilds_the_pages_and_an_unrelated_code_edit_does_not(
+        built, capsys, tmp_path):
+    config, run = built
+    run("report", "report.thumbnail=96")
+    out = capsys.readouterr().out
+    assert re.search(r"strong\s+written", out) and re.search(r"index\s+written", out)
+    run("report")  # back to the module's settings
+    capsys.readouterr()
+    # The same report from a copy of the package whose report code (and the modules that once
+    # were fingerprinted with it) were edited: every page stays current.
+    package = Path(pipeline.__file__).parent
+    shutil.copytree(package, tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for edited in ("stages/report.py", "reporting/plots.py", "experiments/leaderboard.py"):
+        with open(tmp_path / "pipeline" / edited, "a") as source:
+            source.write("\n# an edit that changes no page\n")
+    script = ("import sys, pipeline; from pipeline.__main__ import main; "
+              f"assert pipeline.__file__.startswith({str(tmp_path)!r}), pipeline.__file__; "
+              "sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", script, "report", *run.flags],
+                          cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert re.search(r"strong\s+current", out) and re.search(r"index\s+current", out), out
 
 
 def test_the_experiment_page_lists_per_class_scores_and_the_differing_settings(built):

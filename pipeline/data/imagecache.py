@@ -22,6 +22,15 @@ stopped.
 
 Without the cache the loader runs the same preprocessing on every read, so `cache.enabled` changes
 speed only, never the images the model sees.
+
+Bookkeeping. `make cache` is a step of the stage runner (pipeline/experiments/runner.py): its
+lock, its manifest (`<folder>/<competition>.manifest.json`: the settings and the source files'
+fingerprint, which is what names the entries) and FORCE=1 are the runner's. `image_loader` keeps
+its own rank check: it runs inside the work of other steps (a training fold, a prediction, the
+offline runtime of a code competition, which imports no experiments layer), where rank 0 fills
+the cache and the other ranks wait at a barrier before reading it; a step of its own there would
+nest a manifest and a lock inside the caller's for no decision of its own, since each entry
+already says by its name whether it is current.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from tqdm import tqdm
 
 from pipeline.base import distributed
 from pipeline.base.config import AugmentConfig, CacheConfig
+from pipeline.base.fingerprints import images_fingerprint
 from pipeline.base.utils import atomic_path, summarize_offenders, write_text_atomic
 from pipeline.data.images import (
     INTERPOLATIONS,
@@ -219,6 +229,26 @@ class CachedReader:
     folder: Path  # <cache.dir>/<settings hash>
     fmt: str = "npy"
 
+    @property
+    def settings_file(self) -> Path:
+        """settings.json: what the folder's hash stands for, readable."""
+        return self.folder / "settings.json"
+
+    @property
+    def lock(self) -> Path:
+        """One `make cache` at a time on this folder; outside it, as FORCE=1 deletes it."""
+        return self.folder.parent / ".locks" / f"{self.folder.name}.lock"
+
+    def manifest(self, competition: str) -> Path:
+        """`make cache`'s record for one competition (a folder serves every competition with
+        these settings)."""
+        return self.folder / f"{competition}.manifest.json"
+
+    def sources_fingerprint(self, paths: Sequence[Path | str]) -> str:
+        """The source files as `entry` names them (absolute path, size, modification time; a
+        missing one as such): equal fingerprints, the same entries."""
+        return images_fingerprint([os.path.abspath(p) for p in paths], paths)
+
     def entry(self, path: Path | str) -> Path:
         """The entry of `path` as it is now on disk: a changed file gets a new entry."""
         source = os.path.abspath(path)
@@ -301,7 +331,7 @@ def build_cache(reader: CachedReader, paths: Iterable[Path | str], workers: int 
     started = time.perf_counter()
     unique = list(dict.fromkeys(Path(p) for p in paths))
     reader.folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(reader.folder / "settings.json",
+    write_text_atomic(reader.settings_file,
                       json.dumps(reader.preprocess.settings(reader.fmt), indent=1) + "\n")
     remove_stale_temps(reader.folder)
     todo: list[tuple[Path, Path]] = []

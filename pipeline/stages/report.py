@@ -13,17 +13,22 @@ precision/recall/F1 per class, the most confused pairs, the images with the high
 defaults.
 
 Each page is rebuilt only when what it shows changed (its manifest, under the one freshness
-rule of pipeline/experiments/freshness.py). Pictures are resized once into images/, named by the file and how
-it was read, and only the shown ones: a competition of 100,000 images gives a report of a few
-hundred thumbnails. The pages are Jinja2 templates (pipeline/templates/) with inline CSS and a
-few lines of inline JavaScript for sorting: nothing is fetched from outside the folder.
+rule of pipeline/experiments/freshness.py). A page's inputs are data: the experiments' manifests,
+the leaderboard rows, the submissions, the audit's findings, the report settings, and
+PAGE_FORMAT, bumped by hand when the pages' layout changes (the code's own files are no input:
+editing an unrelated line of Python rebuilds nothing). Pictures are resized once into images/,
+named by the file and how it was read, and only the shown ones: a competition of 100,000 images
+gives a report of a few hundred thumbnails. A page says which pictures it shows: the templates
+name each one through `picture(path)` (Pictures), which gives its src and records it; the page's
+manifest lists them as its outputs, and the pictures no manifest lists are deleted. The pages
+are Jinja2 templates (pipeline/reporting/templates/) with inline CSS and a few lines of inline
+JavaScript for sorting: nothing is fetched from outside the folder.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +58,6 @@ from pipeline.data.imagecache import image_loader
 from pipeline.data.images import read_image
 from pipeline.data.tables import test_image_paths, train_image_paths
 from pipeline.ensembling.decode import expected_grade
-from pipeline.experiments import leaderboard as leaderboard_module
 from pipeline.experiments.layout import Layout, Report
 from pipeline.experiments.leaderboard import (
     HEADERS,
@@ -62,6 +66,7 @@ from pipeline.experiments.leaderboard import (
     leaderboard,
     submission_summaries,
 )
+from pipeline.experiments.manifests import read_manifest
 from pipeline.experiments.probfiles import GRADE
 from pipeline.experiments.runner import Step, run_step, stage_lock
 from pipeline.experiments.state import ExperimentState, cv_numbers, findings_staleness, joined_oof
@@ -71,6 +76,9 @@ TEMPLATES = Path(__file__).parents[1] / "reporting" / "templates"
 LOSS_FLOOR = 1e-7  # a probability of 0 for the given class would be an infinite loss
 CONFUSED_PAIRS = 10
 DUPLICATE_GROUPS, GROUP_IMAGES, SUSPECTS = 12, 6, 18  # audit pictures on the index page
+# Bump by hand when a change of the templates, or of the code that fills them, changes what a
+# page shows: every page is then rebuilt once. The code's files are no input of a page.
+PAGE_FORMAT = 1
 
 
 def environment() -> jinja2.Environment:
@@ -78,14 +86,6 @@ def environment() -> jinja2.Environment:
                               autoescape=jinja2.select_autoescape(["html"]),
                               undefined=jinja2.StrictUndefined, trim_blocks=True,
                               lstrip_blocks=True)
-
-
-def template_fingerprint() -> str:
-    """The templates, the code that fills them and this package's version: a change in any
-    rebuilds every page."""
-    sources = [*sorted(TEMPLATES.glob("*.html")), Path(__file__), Path(plots.__file__),
-               Path(leaderboard_module.__file__)]
-    return fingerprint([pipeline.__version__, {p.name: p.read_text() for p in sources}])
 
 
 def number(value: Any, digits: int = 4) -> str:
@@ -103,7 +103,7 @@ def number(value: Any, digits: int = 4) -> str:
 class Tile:
     """One picture of an image with its caption lines."""
 
-    src: str  # relative to the page
+    image: Path  # under images/; the template names it through `picture`
     id: str
     lines: list[str]
     flag: str = ""  # a css class: "wrong", "test"
@@ -122,6 +122,22 @@ def thumbnail(report: Report, source: Path, read, side: int, how: str) -> Path:
 
 def relative(path: Path, page: Path) -> str:
     return Path(os.path.relpath(path, page.parent)).as_posix()
+
+
+class Pictures:
+    """The pictures one page shows, collected while it is rendered: each <img> of the templates
+    calls `picture(path)`, which records the file and gives its src relative to the page."""
+
+    def __init__(self, page: Path):
+        self.page = page
+        self.shown: list[Path] = []
+
+    def __call__(self, path: Path) -> str:
+        self.shown.append(Path(path))
+        return relative(path, self.page)
+
+    def files(self) -> list[Path]:
+        return sorted(set(self.shown))
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,8 +185,7 @@ def tile_lines(row) -> list[str]:
             f"predicted {row.predicted} ({row.p_predicted:.2f})", f"loss {row.loss:.2f}"]
 
 
-def loss_tiles(rows: pd.DataFrame, config: Config, report: Report, page: Path,
-               side: int) -> list[Tile]:
+def loss_tiles(rows: pd.DataFrame, config: Config, report: Report, side: int) -> list[Tile]:
     """Pictures of OOF rows as the model saw them (after the pipeline's preprocessing, from the
     image cache where it is enabled)."""
     if rows.empty:
@@ -182,8 +197,7 @@ def loss_tiles(rows: pd.DataFrame, config: Config, report: Report, page: Path,
     how = fingerprint([config.cache.model_dump(), config.augment.image_size])
     tiles = []
     for row, source in zip(rows.itertuples(), paths):
-        image = thumbnail(report, source, read, side, how)
-        tiles.append(Tile(relative(image, page), row.id, tile_lines(row),
+        tiles.append(Tile(thumbnail(report, source, read, side, how), row.id, tile_lines(row),
                           "wrong" if row.given != row.predicted else ""))
     return tiles
 
@@ -232,8 +246,8 @@ def fold_logs(state: ExperimentState) -> dict[str, pd.DataFrame]:
             if state.exp.fold(k).log.is_file()}
 
 
-def experiment_figures(state: ExperimentState, losses: pd.DataFrame, report: Report,
-                       page: Path) -> dict[str, str]:
+def experiment_figures(state: ExperimentState, losses: pd.DataFrame,
+                       report: Report) -> dict[str, Path]:
     """The page's curves and confusion matrix, drawn into images/ (named by the page)."""
     config, metric = state.config, state.config.data.metric
     curves = report.images / f"{state.name}.curves.png"
@@ -242,7 +256,7 @@ def experiment_figures(state: ExperimentState, losses: pd.DataFrame, report: Rep
                                                 list(config.data.classes))
     confusion = report.images / f"{state.name}.confusion.png"
     plots.plot_confusion(counts, normalised, confusion)
-    return {"curves": relative(curves, page), "confusion": relative(confusion, page)}
+    return {"curves": curves, "confusion": confusion}
 
 
 def experiment_context(state: ExperimentState, defaults: Config, report: Report,
@@ -259,9 +273,9 @@ def experiment_context(state: ExperimentState, defaults: Config, report: Report,
         "decoded_as": "argmax" if config.model.head == "classification" else "the grade rounded",
         "numbers": {k: number(v) for k, v in numbers.items()},
         "tta": state.tta(False).views if not math.isnan(numbers["tta_gain"]) else None,
-        "figures": experiment_figures(state, losses, report, page),
+        "figures": experiment_figures(state, losses, report),
         "classes": class_rows(losses, scorer.classes), "confused": confused_pairs(losses),
-        "losses": {name: loss_tiles(rows, config, report, page, settings.thumbnail)
+        "losses": {name: loss_tiles(rows, config, report, settings.thumbnail)
                    for name, rows in shown.items()},
         "settings": settings_rows(config, defaults), "root": relative(report.dir, page)}
 
@@ -314,8 +328,8 @@ def original_tiles(data: DataConfig, part: str, ids: list[str], report: Report,
     def read(path):
         return read_image(path, min_side=side, max_pixels=data.max_image_pixels)
 
-    return [Tile(relative(thumbnail(report, path, read, side, "original"), report.index),
-                 image_id, caption, "test" if part == "test" else "")
+    return [Tile(thumbnail(report, path, read, side, "original"), image_id, caption,
+                 "test" if part == "test" else "")
             for image_id, path, caption in zip(ids, paths, lines)]
 
 
@@ -371,7 +385,7 @@ def index_context(config: Config, layout: Layout, shown: dict) -> dict:
     if frame["oof"].notna().any():
         path = report.images / "leaderboard.png"
         plots.plot_leaderboard(frame, data.metric, path)
-        plot = relative(path, report.index)
+        plot = path
     return {"competition": data.name, "metric": data.metric,
             "direction": "higher" if higher_is_better(data.metric) else "lower",
             "headers": [{"text": h, "numeric": h in NUMERIC} for h in HEADERS],
@@ -385,41 +399,34 @@ def index_context(config: Config, layout: Layout, shown: dict) -> dict:
 # The stage
 
 
-def shown_pictures(page: Path) -> list[Path]:
-    """The files a page's <img src=...> name, resolved against its folder."""
-    if not page.is_file():
-        return []
-    return [(page.parent / src).resolve() for src in re.findall(r'<img[^>]*\ssrc="([^"]+)"',
-                                                                 page.read_text())]
-
-
-def page_outputs(page: Path) -> list[Path]:
-    """The page and every picture it shows (a deleted one rebuilds the page)."""
-    return [page, *sorted(set(shown_pictures(page)))]
-
-
 def render(page: Path, template: str, context: Callable[[], dict], inputs: dict,
            report: Report, force: bool) -> str:
-    """Write a page (and, last, its manifest) unless it is current: 'written' or 'current'."""
+    """Write a page (and, last, its manifest) unless it is current: 'written' or 'current'.
+    The manifest's outputs are the page and every picture it showed (a deleted one rebuilds
+    the page)."""
+    pictures = Pictures(page)
+
     def work() -> str:
-        write_text_atomic(page, environment().get_template(template).render(**context()))
+        html = environment().get_template(template).render(picture=pictures, **context())
+        write_text_atomic(page, html)
         return "written"
 
-    step = Step("report", report.manifest(page), inputs, {}, lambda: page_outputs(page), work,
+    step = Step("report", report.manifest(page), inputs, {},
+                lambda: [page, *pictures.files()], work,
                 current="")  # the stage's table says it
     return run_step(step, force) or "current"
 
 
 def experiment_inputs(state: ExperimentState, config: Config, defaults: Config) -> dict:
     """What an experiment's page shows: its folds' manifests (their outputs' digests), its
-    state, its settings against the defaults, the report settings, the templates."""
+    state, its settings against the defaults, the report settings, the pages' format."""
     parts = [state.exp.fold(f.fold) for f in state.folds]
     texts = [p.train_manifest.read_text() if p.train_manifest.is_file() else "" for p in parts]
     texts += [p.predict_manifest.read_text() if p.predict_manifest.is_file() else ""
               for p in parts]
     return {"experiment": fingerprint(texts), "status": fingerprint(state.status()),
             "settings": fingerprint(settings_rows(state.config, defaults)),
-            "report": fingerprint(config.report.model_dump()), "templates": template_fingerprint()}
+            "report": fingerprint(config.report.model_dump()), "format": str(PAGE_FORMAT)}
 
 
 def build_experiment(state: ExperimentState, config: Config, defaults: Config,
@@ -438,7 +445,8 @@ def build_experiment(state: ExperimentState, config: Config, defaults: Config,
 
 def index_inputs(config: Config, layout: Layout, shown: dict) -> dict:
     """What the index shows: the leaderboard, the submissions, which experiments have a page,
-    the audit's manifests and whether each finding is current; the settings and the code."""
+    the audit's manifests and whether each finding is current; the report settings, the
+    pipeline's version (the page names it) and the pages' format."""
     findings = layout.findings
     audit_files = sorted(findings.dir.glob("*.manifest.json")) if findings.dir.is_dir() else []
     return {"leaderboard": fingerprint(shown["frame"].to_csv(index=False)),
@@ -447,7 +455,8 @@ def index_inputs(config: Config, layout: Layout, shown: dict) -> dict:
             "pages": fingerprint(sorted(shown["pages"])),
             "audit": fingerprint([p.read_text() for p in audit_files]
                                  + [str(findings.label_issue_files()), shown["stale"]]),
-            "report": fingerprint(config.report.model_dump()), "templates": template_fingerprint()}
+            "report": fingerprint(config.report.model_dump()),
+            "version": pipeline.__version__, "format": str(PAGE_FORMAT)}
 
 
 def what_index_shows(config: Config, layout: Layout, states: list[ExperimentState],
@@ -458,12 +467,20 @@ def what_index_shows(config: Config, layout: Layout, states: list[ExperimentStat
             "pages": {name for name, state in done if not state.startswith("none")}}
 
 
-def prune_images(report: Report) -> int:
-    """Delete the pictures no page shows any more (an old fold's top losses); how many."""
+def shown_pictures(report: Report) -> set[Path]:
+    """The pictures the pages show, as their manifests list them (resolved paths)."""
     shown = set()
     for page in [report.index, *report.dir.glob("experiments/*.html")]:
-        shown |= {Path(src).name for src in shown_pictures(page)}
-    stale = [p for p in report.images.glob("*") if p.name not in shown]
+        manifest = read_manifest(report.manifest(page))
+        if manifest is not None:
+            shown |= {(page.parent / name).resolve() for name in manifest.outputs}
+    return shown
+
+
+def prune_images(report: Report) -> int:
+    """Delete the pictures no page shows any more (an old fold's top losses); how many."""
+    shown = shown_pictures(report)
+    stale = [p for p in report.images.glob("*") if p.resolve() not in shown]
     for path in stale:
         path.unlink()
     return len(stale)
