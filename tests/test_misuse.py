@@ -122,10 +122,11 @@ def remedies(text: str) -> list[str]:
 
 def run_make(comp: Competition, command: str) -> int:
     """A printed `make VERB... VAR=value ...` run as the Makefile runs it (its variables become
-    the CLI's flags), with this competition's folders."""
+    the CLI's flags), with this competition's folders. The competition is the one its DATA=
+    names, as make would take it: a remedy without DATA= acts on the demo, and fails here."""
     words = shlex.split(command)[1:]
     verbs = [w for w in words if "=" not in w]
-    flags, overrides = [], []
+    flags, overrides, data = [], [], "digits"  # the Makefile's default
     for name, value in (w.split("=", 1) for w in words if "=" in w):
         if name in MAKE_FLAGS:
             flags += [MAKE_FLAGS[name], value]
@@ -135,10 +136,13 @@ def run_make(comp: Competition, command: str) -> int:
             overrides += value.split()
         elif name == "TTA":
             overrides.append(f"tta.views={value}")
-        elif name != "DATA":
+        elif name == "DATA":
+            data = value
+        else:
             raise AssertionError(f"unknown make variable in {command!r}")
+    assert data == comp.data, f"{command!r} does not name the competition {comp.data}"
     for verb in verbs:
-        rc = cli([verb, "--data", comp.data, *flags, *comp.paths, "folds.n_splits=2", *overrides])
+        rc = cli([verb, "--data", data, *flags, *comp.paths, "folds.n_splits=2", *overrides])
         if rc != 0:
             return rc
     return 0
@@ -186,7 +190,7 @@ def test_the_remedies_of_a_named_experiment_work(tmp_path, capsys):
     assert "fold 0: best.pt was modified" in err
     assert run_make(comp, remedies(err)[0]) == 0  # make train MODEL=foo FOLDS=0 FORCE=1
     ran = follow_remedies(comp, capsys, ensemble_argv(comp, "--models", "foo"))
-    assert ran == ["make predict MODEL=foo"]
+    assert ran == [f"make predict MODEL=foo DATA={shlex.quote(comp.data)}"]
 
 
 def test_the_remedies_of_seeded_experiments_work(tmp_path, capsys):
@@ -195,7 +199,7 @@ def test_the_remedies_of_seeded_experiments_work(tmp_path, capsys):
     assert comp("train", "--seeds", "0,1") == 0 and comp("predict", "--seeds", "0,1") == 0
     comp.add_test_image("t999")
     ran = follow_remedies(comp, capsys, ensemble_argv(comp))
-    assert sorted(r.split("MODEL=")[1][-5:] for r in ran) == ["seed0", "seed1"]
+    assert sorted(r.split("MODEL=")[1].split()[0][-5:] for r in ran) == ["seed0", "seed1"]
 
 
 def test_the_remedies_of_a_pseudo_labelled_round_work(tmp_path, capsys):

@@ -111,7 +111,8 @@ def _predict_folds(experiment: Config, layout: Layout, folds: pd.DataFrame,
     if not trained:
         raise PipelineError(f"no current trained folds in {layout.experiment(name).dir}: run "
                             f"`{make_command('train', experiment.data.name, MODEL=name)}` first "
-                            f"(`make runs` shows what is stale and why)")
+                            f"(`{make_command('runs', experiment.data.name)}` shows what is stale "
+                            f"and why)")
     selected = trained if folds_to_predict is None else folds_to_predict
     untrained = sorted(set(selected) - set(trained))
     if untrained:
