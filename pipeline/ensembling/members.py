@@ -135,8 +135,9 @@ def select_members(data: DataConfig, layout: Layout, names: list[str] | None,
     notes = [f"left out {c.name}: {'; '.join(c.problems)}" for c in candidates if c.problems]
     if not usable:
         raise EnsembleError(f"no experiment of {layout.competition} is current and complete:\n  "
-                            + "\n  ".join(notes) + f"\n(`{make_command('runs', layout.competition)}` "
-                            f"shows every experiment)")
+                            + "\n  ".join(notes)
+                            + f"\n(`{make_command('runs', layout.competition)}` shows every "
+                            f"experiment)")
     return usable, notes
 
 

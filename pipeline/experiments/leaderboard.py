@@ -57,7 +57,8 @@ def competition_states(data: DataConfig, folds_cfg: FoldsConfig,
     if not names:
         return []
     if not layout.folds_csv.is_file():
-        raise PipelineError(f"{layout.folds_csv} not found: run `{make_command('folds', data.name)}`")
+        raise PipelineError(f"{layout.folds_csv} not found: run "
+                            f"`{make_command('folds', data.name)}`")
     fresh = folds_freshness(data, folds_cfg, layout)
     folds_error = None if fresh.current else f"the folds no longer fit the data ({fresh.why()})"
     folds = read_folds_unchecked(data, layout)
