@@ -382,3 +382,23 @@ def test_generated_files_stay_out_of_git():
                  "audit/tiny/duplicates.csv", "reports/tiny/index.html", "runs/x/.locks/a"):
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
     assert subprocess.run(["git", "check-ignore", "-q", "folds/.gitkeep"], cwd=REPO).returncode == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Remedies that name the part at fault (issue 26)
+
+
+def test_a_refit_predicted_with_other_views_is_named_and_aligned(tmp_path, capsys):
+    """`make predict TTA=flips` then `make refit`: the refit (views none) is named as the part
+    that differs, and the printed `make refit ... TTA=flips` (not `make predict`) aligns it."""
+    comp = Competition(tmp_path)
+    assert comp("folds") == 0 and comp("train") == 0
+    assert comp("predict", "tta.views=flips") == 0 and comp("refit") == 0
+    capsys.readouterr()
+    argv = ensemble_argv(comp, "ensemble.refit_weight=0.5")
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    assert "fold 0: flips, fold 1: flips, the refit: none" in err
+    ran = follow_remedies(comp, capsys, argv)
+    assert len(ran) == 1 and ran[0].startswith("make refit MODEL=resnet20-")
+    assert " TTA=flips DATA=" in ran[0]
