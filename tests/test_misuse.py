@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.__main__ import build_parser
 from pipeline.__main__ import main as cli
 from pipeline.base.config import AugmentConfig, CacheConfig
 from pipeline.data.imagecache import build_cache, cache_reader, image_loader
@@ -211,7 +212,7 @@ def test_the_remedies_of_a_pseudo_labelled_round_work(tmp_path, capsys):
     assert len(second) == 1  # round two's name is a hash of its settings
     comp.add_test_image("t999")
     ran = follow_remedies(comp, capsys, ensemble_argv(comp))
-    assert f"make predict MODEL={second[0]}" in ran
+    assert f"make predict MODEL={second[0]} DATA={shlex.quote(comp.data)}" in ran
 
 
 def test_the_remedy_of_missing_folds_works(tmp_path, capsys):
@@ -402,3 +403,12 @@ def test_a_refit_predicted_with_other_views_is_named_and_aligned(tmp_path, capsy
     ran = follow_remedies(comp, capsys, argv)
     assert len(ran) == 1 and ran[0].startswith("make refit MODEL=resnet20-")
     assert " TTA=flips DATA=" in ran[0]
+
+
+def test_seeds_with_a_space_reach_the_cli_as_one_list():
+    """`make train SEEDS="0, 1"` was split by the shell, and `1` blamed as an override."""
+    shown = subprocess.run(["make", "-n", "train", "SEEDS=0, 1", "FOLDS=0, 1", "PYTHON=python"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout
+    argv = shlex.split(shown.strip().splitlines()[-1])[3:]  # after `python -m pipeline`
+    args = build_parser("train").parse_args(argv)
+    assert args.seeds == [0, 1] and args.folds == [0, 1] and not args.overrides
