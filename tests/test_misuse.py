@@ -412,3 +412,16 @@ def test_seeds_with_a_space_reach_the_cli_as_one_list():
     argv = shlex.split(shown.strip().splitlines()[-1])[3:]  # after `python -m pipeline`
     args = build_parser("train").parse_args(argv)
     assert args.seeds == [0, 1] and args.folds == [0, 1] and not args.overrides
+
+
+def test_other_fold_settings_are_named_with_both_ways_out(tmp_path, capsys):
+    """`make folds ARGS=folds.n_splits=2` then a command with another n_splits: the setting is
+    named, and the remedies keep the folds or split again with this command's value."""
+    comp = Competition(tmp_path)
+    assert comp("folds") == 0
+    capsys.readouterr()
+    assert comp("train", "folds.n_splits=3") == 1
+    err = capsys.readouterr().err
+    assert "the fold settings (n_splits: 2 -> 3) changed" in err
+    assert 'give this command ARGS="folds.n_splits=2"' in err
+    assert f"`make folds ARGS=folds.n_splits=3 DATA={shlex.quote(comp.data)}`" in err
