@@ -50,7 +50,7 @@ TRAIN = $(if $(PARALLEL),$(if $(filter folds,$(PARALLEL)),$(RUN) train --paralle
 	$(error PARALLEL=$(PARALLEL): the one mode is PARALLEL=folds)),$(RUN_GPUS) train)
 COMMON = --data $(DATA) $(if $(FORCE),--force)
 # NAME= names the experiment outright; SEEDS=0,1,2 makes one run per seed (<experiment>-seed<s>)
-IDENTITY = $(if $(NAME),--name $(NAME)) $(if $(SEEDS),--seeds $(SEEDS))
+IDENTITY = $(if $(NAME),--name $(NAME)) $(if $(SEEDS),--seeds "$(SEEDS)")
 # train/predict/refit: MODELS="a b c" runs each experiment in turn (KEEP_GOING=1: past a failure)
 EXPERIMENTS = $(if $(MODELS),--models "$(MODELS)" $(if $(KEEP_GOING),--keep-going),--model $(MODEL))
 OVERRIDES = $(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(TTA),tta.views=$(TTA)) $(ARGS)
@@ -83,10 +83,10 @@ folds: ## stratified (group) K folds -> folds/<competition>.csv
 	$(RUN) folds $(COMMON) $(ARGS)
 
 train: ## train MODEL (or each of MODELS) on each fold (FOLDS=0,2; SEEDS=0,1; GPUS=4) -> runs/DATA/MODEL/fold<k>/
-	$(TRAIN) $(EXPERIMENTS) $(if $(FOLDS),--folds $(FOLDS)) $(COMMON) $(IDENTITY) $(OVERRIDES)
+	$(TRAIN) $(EXPERIMENTS) $(if $(FOLDS),--folds "$(FOLDS)") $(COMMON) $(IDENTITY) $(OVERRIDES)
 
 predict: ## TTA inference of each fold's best checkpoint (MODELS=; GPUS=4) -> test_probs.csv, oof_tta.csv
-	$(RUN_GPUS) predict $(EXPERIMENTS) $(if $(FOLDS),--folds $(FOLDS)) $(COMMON) $(IDENTITY) $(OVERRIDES)
+	$(RUN_GPUS) predict $(EXPERIMENTS) $(if $(FOLDS),--folds "$(FOLDS)") $(COMMON) $(IDENTITY) $(OVERRIDES)
 
 ensemble: ## average folds and models (MODELS="a b"; PARTIAL=1) -> submissions/DATA/<name>.csv
 	$(RUN) ensemble $(if $(MODELS),--models "$(MODELS)") $(if $(PARTIAL),--partial) --data $(DATA) $(ARGS)

@@ -26,7 +26,13 @@ from pipeline.base.config import ConfigError
 from pipeline.base.distributed import launched_world_size
 from pipeline.base.log import log
 from pipeline.base.log import setup as setup_logging
-from pipeline.base.utils import WRITE_ERRNOS, PipelineError, format_table, write_failure
+from pipeline.base.utils import (
+    WRITE_ERRNOS,
+    PipelineError,
+    data_argument,
+    format_table,
+    write_failure,
+)
 
 # verb -> (module, help)
 VERBS = {
@@ -177,10 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(VERBS[args.verb][0])
     entry = getattr(module, "main_" + args.verb.replace("-", "_"), module.main)
     try:
-        if args.verb in EACH_MODEL_VERBS and args.models:
-            each_model(entry, args)
-        else:
-            entry(args)
+        with data_argument(getattr(args, "data", None)):  # the remedies' DATA= (make_command)
+            if args.verb in EACH_MODEL_VERBS and args.models:
+                each_model(entry, args)
+            else:
+                entry(args)
     except (ConfigError, PipelineError) as err:
         log.error(f"error: {err}")
         return 1

@@ -73,3 +73,26 @@ def test_rare_class_warns(capsys):
     folds = assign_folds(table, n_splits=5, seed=1)
     assert "['b'] have fewer images than folds (5)" in capsys.readouterr().err
     assert len(folds) == 12
+
+
+def test_a_grouped_split_that_breaks_stratification_says_so(capsys):
+    """Issue 26: one chained "duplicate group" holding half the rows lands in one fold; the
+    split says which classes moved (per-fold counts) and which groups are to blame."""
+    labels = ["a"] * 150 + ["b"] * 150 + ["d"] * 150
+    groups = [f"g{i}" for i in range(450)]
+    groups[300:450] = ["chain"] * 150  # every image of class d chained into one group
+    table = pd.DataFrame({"id": [str(i) for i in range(450)], "label": labels,
+                          "target": [{"a": 0, "b": 1, "d": 2}[x] for x in labels],
+                          "group": groups})
+    folds = assign_folds(table, n_splits=3, seed=0)
+    err = capsys.readouterr().err
+    assert folds.groupby("group")["fold"].nunique().max() == 1
+    d_counts = "/".join(str((folds[folds["label"] == "d"]["fold"] == k).sum()) for k in range(3))
+    assert f"class 'd': {d_counts} where even is 50 per fold" in err
+    assert "'chain' (150 images, 33% of the rows)" in err
+    assert "class 'a'" not in err
+
+
+def test_a_grouped_split_within_tolerance_is_quiet(capsys):
+    assign_folds(imbalanced_table(), n_splits=5, seed=42)
+    assert "moved class shares" not in capsys.readouterr().err

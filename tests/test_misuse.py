@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.__main__ import build_parser
 from pipeline.__main__ import main as cli
 from pipeline.base.config import AugmentConfig, CacheConfig
 from pipeline.data.imagecache import build_cache, cache_reader, image_loader
@@ -122,10 +123,11 @@ def remedies(text: str) -> list[str]:
 
 def run_make(comp: Competition, command: str) -> int:
     """A printed `make VERB... VAR=value ...` run as the Makefile runs it (its variables become
-    the CLI's flags), with this competition's folders."""
+    the CLI's flags), with this competition's folders. The competition is the one its DATA=
+    names, as make would take it: a remedy without DATA= acts on the demo, and fails here."""
     words = shlex.split(command)[1:]
     verbs = [w for w in words if "=" not in w]
-    flags, overrides = [], []
+    flags, overrides, data = [], [], "digits"  # the Makefile's default
     for name, value in (w.split("=", 1) for w in words if "=" in w):
         if name in MAKE_FLAGS:
             flags += [MAKE_FLAGS[name], value]
@@ -135,10 +137,13 @@ def run_make(comp: Competition, command: str) -> int:
             overrides += value.split()
         elif name == "TTA":
             overrides.append(f"tta.views={value}")
-        elif name != "DATA":
+        elif name == "DATA":
+            data = value
+        else:
             raise AssertionError(f"unknown make variable in {command!r}")
+    assert data == comp.data, f"{command!r} does not name the competition {comp.data}"
     for verb in verbs:
-        rc = cli([verb, "--data", comp.data, *flags, *comp.paths, "folds.n_splits=2", *overrides])
+        rc = cli([verb, "--data", data, *flags, *comp.paths, "folds.n_splits=2", *overrides])
         if rc != 0:
             return rc
     return 0
@@ -186,7 +191,7 @@ def test_the_remedies_of_a_named_experiment_work(tmp_path, capsys):
     assert "fold 0: best.pt was modified" in err
     assert run_make(comp, remedies(err)[0]) == 0  # make train MODEL=foo FOLDS=0 FORCE=1
     ran = follow_remedies(comp, capsys, ensemble_argv(comp, "--models", "foo"))
-    assert ran == ["make predict MODEL=foo"]
+    assert ran == [f"make predict MODEL=foo DATA={shlex.quote(comp.data)}"]
 
 
 def test_the_remedies_of_seeded_experiments_work(tmp_path, capsys):
@@ -195,7 +200,7 @@ def test_the_remedies_of_seeded_experiments_work(tmp_path, capsys):
     assert comp("train", "--seeds", "0,1") == 0 and comp("predict", "--seeds", "0,1") == 0
     comp.add_test_image("t999")
     ran = follow_remedies(comp, capsys, ensemble_argv(comp))
-    assert sorted(r.split("MODEL=")[1][-5:] for r in ran) == ["seed0", "seed1"]
+    assert sorted(r.split("MODEL=")[1].split()[0][-5:] for r in ran) == ["seed0", "seed1"]
 
 
 def test_the_remedies_of_a_pseudo_labelled_round_work(tmp_path, capsys):
@@ -207,7 +212,7 @@ def test_the_remedies_of_a_pseudo_labelled_round_work(tmp_path, capsys):
     assert len(second) == 1  # round two's name is a hash of its settings
     comp.add_test_image("t999")
     ran = follow_remedies(comp, capsys, ensemble_argv(comp))
-    assert f"make predict MODEL={second[0]}" in ran
+    assert f"make predict MODEL={second[0]} DATA={shlex.quote(comp.data)}" in ran
 
 
 def test_the_remedy_of_missing_folds_works(tmp_path, capsys):
@@ -405,3 +410,45 @@ def test_force_1_forces_and_no_force_does_not():
                   dry_make("train", "DATA=x", "MODEL=resnet20", "FORCE=")):
         assert plain.returncode == 0 and "pipeline train" in plain.stdout
         assert "--force" not in plain.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Remedies that name the part at fault (issue 26)
+
+
+def test_a_refit_predicted_with_other_views_is_named_and_aligned(tmp_path, capsys):
+    """`make predict TTA=flips` then `make refit`: the refit (views none) is named as the part
+    that differs, and the printed `make refit ... TTA=flips` (not `make predict`) aligns it."""
+    comp = Competition(tmp_path)
+    assert comp("folds") == 0 and comp("train") == 0
+    assert comp("predict", "tta.views=flips") == 0 and comp("refit") == 0
+    capsys.readouterr()
+    argv = ensemble_argv(comp, "ensemble.refit_weight=0.5")
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    assert "fold 0: flips, fold 1: flips, the refit: none" in err
+    ran = follow_remedies(comp, capsys, argv)
+    assert len(ran) == 1 and ran[0].startswith("make refit MODEL=resnet20-")
+    assert " TTA=flips DATA=" in ran[0]
+
+
+def test_seeds_with_a_space_reach_the_cli_as_one_list():
+    """`make train SEEDS="0, 1"` was split by the shell, and `1` blamed as an override."""
+    shown = subprocess.run(["make", "-n", "train", "SEEDS=0, 1", "FOLDS=0, 1", "PYTHON=python"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout
+    argv = shlex.split(shown.strip().splitlines()[-1])[3:]  # after `python -m pipeline`
+    args = build_parser("train").parse_args(argv)
+    assert args.seeds == [0, 1] and args.folds == [0, 1] and not args.overrides
+
+
+def test_other_fold_settings_are_named_with_both_ways_out(tmp_path, capsys):
+    """`make folds ARGS=folds.n_splits=2` then a command with another n_splits: the setting is
+    named, and the remedies keep the folds or split again with this command's value."""
+    comp = Competition(tmp_path)
+    assert comp("folds") == 0
+    capsys.readouterr()
+    assert comp("train", "folds.n_splits=3") == 1
+    err = capsys.readouterr().err
+    assert "the fold settings (n_splits: 2 -> 3) changed" in err
+    assert 'give this command ARGS="folds.n_splits=2"' in err
+    assert f"`make folds ARGS=folds.n_splits=3 DATA={shlex.quote(comp.data)}`" in err

@@ -139,7 +139,7 @@ def test_a_fixed_label_reaches_the_oof_file(comp, capsys):
     comp.set_label("0000", "fox")  # was cat
     capsys.readouterr()
     assert comp("train") == 1  # the folds no longer fit train.csv
-    assert "make folds DATA=tiny" in capsys.readouterr().err
+    assert f"make folds DATA={comp.data}" in capsys.readouterr().err  # as the user named it
     assert comp("folds") == 0
     assert "splitting again" in capsys.readouterr().out
     assert comp("train") == 1  # trained on the old labels: refused, not reused

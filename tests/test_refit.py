@@ -35,14 +35,15 @@ def test_an_undefined_metric_picks_the_lowest_validation_loss():
 def test_epoch_count_from_current_folds_or_the_setting(tmp_path):
     config = tiny(tmp_path, extra=["train.epochs=2"])
     exp = Layout.of(config).experiment(config.run_name)
-    with pytest.raises(PipelineError, match=r"run `make train MODEL=resnet20-\S+` first"):
-        refit_epochs(config.refit, config.run_name, [])
+    with pytest.raises(PipelineError, match=rf"run `make train MODEL=resnet20-\S+ "
+                                            rf"DATA={config.data.name}` first"):
+        refit_epochs(config.refit, config.run_name, [], config.data.name)
     fixed = config.model_copy(update={"refit": config.refit.model_copy(update={"epochs": 7})})
-    assert refit_epochs(fixed.refit, fixed.run_name, []) == (7, "refit.epochs")
+    assert refit_epochs(fixed.refit, fixed.run_name, [], fixed.data.name) == (7, "refit.epochs")
     train(config, None, force=False)
     folds = sorted(read_folds_of(config)["fold"].unique())
     epochs, source = refit_epochs(config.refit, config.run_name,
-                                  fold_best_epochs(exp, folds, "accuracy"))
+                                  fold_best_epochs(exp, folds, "accuracy"), config.data.name)
     assert 1 <= epochs <= 2 and source.startswith("median best epoch of folds")
 
 

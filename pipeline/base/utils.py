@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import resource
+import shlex
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -185,3 +186,41 @@ def summarize_offenders(items: Sequence[Any], limit: int = 5) -> str:
     if len(items) > limit:
         return f"{shown} (and {len(items) - limit} more; {len(items)} in all)"
     return f"{shown} ({len(items)} in all)" if len(items) > 1 else shown
+
+
+# --------------------------------------------------------------------------------------------
+# Remedies: the `make ...` commands that messages print
+
+
+DEFAULT_DATA = "digits"  # the Makefile's DATA default: a remedy for any other competition names it
+_data_argument: list[str] = []  # DATA= as the running command spelled it (see data_argument)
+
+
+@contextlib.contextmanager
+def data_argument(data: str | None) -> Iterator[None]:
+    """While a command runs, DATA= as its user spelled it (a name or a YAML path). The config
+    holds the competition's name only, and a remedy must name the competition the way the user
+    did, or `make` falls back to the demo. The entry point (pipeline/__main__.py) sets it."""
+    _data_argument.append(data or "")
+    try:
+        yield
+    finally:
+        _data_argument.pop()
+
+
+def make_command(verbs: str, competition: str, **variables: Any) -> str:
+    """`make VERBS VAR=value ... DATA=<competition>`: a remedy that works as printed. The one
+    owner of how a printed command names its competition: DATA= is the command's own spelling
+    (else `competition`, the config's name), left out only for the Makefile's default. Variables
+    whose value is None or "" are left out; values with spaces are quoted for the shell, but a
+    placeholder (`MODEL=<model>`) is shown as it is: the user fills it in."""
+    data = (_data_argument[-1] if _data_argument else "") or competition
+    variables = {**{k: v for k, v in variables.items() if v is not None and v != ""},
+                 **({"DATA": data} if data != DEFAULT_DATA else {})}
+    words = [f"{name}={_shell_word(str(value))}" for name, value in variables.items()]
+    return " ".join(["make", verbs, *words])
+
+
+def _shell_word(value: str) -> str:
+    placeholder = value.startswith("<") and value.endswith(">")
+    return value if placeholder else shlex.quote(value)

@@ -21,7 +21,7 @@ import pandas as pd
 from pipeline.base.config import Config, DataConfig, training_settings
 from pipeline.base.fingerprints import fingerprint
 from pipeline.base.task import Scorer
-from pipeline.base.utils import PipelineError, summarize_offenders
+from pipeline.base.utils import PipelineError, make_command, summarize_offenders
 from pipeline.ensembling.combine import (
     GRADE_VIEW,
     PROBS_VIEW,
@@ -98,15 +98,16 @@ def candidate(data: DataConfig, layout: Layout, name: str, folds: pd.DataFrame,
     saved = experiment_config(layout.experiment(name))
     if saved is None:
         raise EnsembleError(f"{layout.experiment(name).dir} is no experiment of "
-                            f"{layout.competition}: run `make train DATA={layout.competition} "
-                            f"MODEL={name}`")
+                            f"{layout.competition}: run "
+                            f"`{make_command('train', layout.competition, MODEL=name)}`")
     weight = saved.ensemble.refit_weight if refit_weight is None else refit_weight
     state = experiment_state(data, layout, name, folds, test_fingerprint, with_refit=weight > 0)
     problems = state.problems(use_refit=weight > 0)
     missing, usable = state.missing_folds, state.predicted_folds
     if missing and not (partial and usable):
         what = "no fold" if not usable else f"fold(s) {missing} of the fold file"
-        problems.append(f"{what} trained: `make train predict MODEL={name}`"
+        problems.append(f"{what} trained: "
+                        f"`{make_command('train predict', layout.competition, MODEL=name)}`"
                         + ("" if not usable else " (or PARTIAL=1 to ensemble the folds it has)"))
     return Candidate(state, weight, problems)
 
@@ -134,7 +135,9 @@ def select_members(data: DataConfig, layout: Layout, names: list[str] | None,
     notes = [f"left out {c.name}: {'; '.join(c.problems)}" for c in candidates if c.problems]
     if not usable:
         raise EnsembleError(f"no experiment of {layout.competition} is current and complete:\n  "
-                            + "\n  ".join(notes) + "\n(`make runs` shows every experiment)")
+                            + "\n  ".join(notes)
+                            + f"\n(`{make_command('runs', layout.competition)}` shows every "
+                            f"experiment)")
     return usable, notes
 
 
@@ -142,16 +145,18 @@ def _check_names(layout: Layout, names: list[str] | None, found: list[str]) -> N
     competition = layout.competition
     if names is None:
         if not found:
-            raise EnsembleError(f"no experiment of {competition} in {layout.runs}/: run `make "
-                                f"train predict MODEL=<model> DATA={competition}`")
+            remedy = make_command("train predict", competition, MODEL="<model>")
+            raise EnsembleError(f"no experiment of {competition} in {layout.runs}/: run "
+                                f"`{remedy}`")
         return
     if len(set(names)) != len(names):
         raise EnsembleError(f"MODELS names a run twice: {names}")
     unknown = [m for m in names if m not in found]
     if unknown:
         raise EnsembleError(f"no experiment {', '.join(unknown)} of {competition} in "
-                            f"{layout.runs}/: run `make train predict MODEL=<name> "
-                            f"DATA={competition}` first; experiments of {competition}: "
+                            f"{layout.runs}/: run "
+                            f"`{make_command('train predict', competition, MODEL='<name>')}` "
+                            f"first; experiments of {competition}: "
                             f"{found or 'none'}")
 
 

@@ -33,6 +33,7 @@ The state of a whole experiment built on this rule lives in pipeline/experiments
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ from pipeline.base.fingerprints import (
     table_fingerprint,
 )
 from pipeline.base.task import best_epochs, targets_of
-from pipeline.base.utils import PipelineError
+from pipeline.base.utils import PipelineError, make_command
 from pipeline.data.duplicates import read_duplicates
 from pipeline.data.tables import (
     MAX_IMAGE_PIXELS,
@@ -131,19 +132,21 @@ def input_changes(recorded: dict[str, str], now: dict[str, str],
         if recorded.get(name) == now.get(name):
             continue
         what = INPUT_NAMES.get(name, name)
-        if name == "settings" and details_then and details_now and \
+        if name in ("settings", "fold_settings") and details_then and details_now and \
                 "settings" in details_then and "settings" in details_now:
-            what = _settings_change(details_then["settings"], details_now["settings"])
+            what = _settings_change(details_then["settings"], details_now["settings"],
+                                    "the fold settings" if name == "fold_settings" else
+                                    "the settings")
         reasons.append(f"{what} changed" if name in recorded and name in now
                        else f"{what} {'not recorded' if name in now else 'no longer used'}")
     return reasons
 
 
-def _settings_change(then: dict[str, Any], now: dict[str, Any]) -> str:
+def _settings_change(then: dict[str, Any], now: dict[str, Any], what: str) -> str:
     keys = changed_keys(then, now)
     if not keys:  # equal values, other keys: the pipeline's settings were added or removed
-        return "the set of settings (this version of the pipeline has other ones)"
-    return f"the settings ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+        return f"the set of {what[4:]} (this version of the pipeline has other ones)"
+    return f"{what} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
 
 
 def freshness(path, inputs: dict[str, str], details: dict[str, Any] | None = None) -> Freshness:
@@ -237,14 +240,39 @@ def read_folds(data: DataConfig, folds: FoldsConfig, layout: Layout) -> pd.DataF
         if layout.old_folds_csv.is_file():
             hint = (f" ({layout.old_folds_csv} is of the old layout, shared by every "
                     f"competition; it is not read)")
-        raise PipelineError(f"{path} not found{hint}: run `make folds DATA={data.name}` first")
-    fresh = folds_freshness(data, folds, layout)
+        raise PipelineError(f"{path} not found{hint}: run `{make_command('folds', data.name)}` "
+                            f"first")
+    inputs, details = fold_inputs(data, folds, layout)
+    fresh = freshness(layout.folds_manifest, inputs, details)
     if not fresh.current:
         raise PipelineError(f"{path} does not fit {data.name} as it is now: {fresh.why()}. "
-                            f"Run `make folds DATA={data.name}` to split again (add "
-                            f"ARGS=data.drop_bad_images=true to leave bad images out); runs "
+                            f"{_folds_remedy(data, fresh, details['settings'])}; runs "
                             f"trained on the old folds are then reported as stale")
     return read_folds_unchecked(data, layout)
+
+
+# The fold settings (fold_inputs) as overrides: these are folds.*, the others data.*
+FOLD_SECTION_KEYS = ("n_splits", "seed", "duplicates", "duplicate_conflicts")
+
+
+def _fold_override(key: str, value: Any) -> str:
+    section = "folds" if key in FOLD_SECTION_KEYS else "data"
+    text = json.dumps(value) if value is None or isinstance(value, bool) else value  # YAML's
+    return f"{section}.{key}={text}"
+
+
+def _folds_remedy(data: DataConfig, fresh: Freshness, now: dict[str, Any]) -> str:
+    """Split again, with this command's fold settings where they differ from the folds' (so
+    `make folds ARGS=folds.n_splits=2` then a command without it is told both ways out)."""
+    then = (fresh.manifest.details if fresh.manifest else {}).get("settings") or {}
+    changed = [key for key in now if key in then and then[key] != now[key]]
+    if not changed:
+        return (f"Run `{make_command('folds', data.name)}` to split again (add "
+                f"ARGS=data.drop_bad_images=true to leave bad images out)")
+    keep = " ".join(_fold_override(key, then[key]) for key in changed)
+    again = " ".join(_fold_override(key, now[key]) for key in changed)
+    return (f"To use the folds as they are, give this command ARGS=\"{keep}\"; to split again "
+            f"with this command's settings, run `{make_command('folds', data.name, ARGS=again)}`")
 
 
 def fold_numbers(folds: pd.DataFrame) -> list[int]:
@@ -262,8 +290,9 @@ def pseudo_fingerprint(train_pseudo: str | None, layout: Layout) -> str | None:
         return None
     path = layout.pseudo_set(train_pseudo).manifest
     if not path.is_file():
+        remedy = make_command("pseudo", layout.competition, MODEL="<round-two experiment>")
         raise PipelineError(f"no pseudo-label set {train_pseudo} in {layout.pseudo}: run "
-                            f"`make pseudo MODEL=...` first")
+                            f"`{remedy}` first")
     return fingerprint(path.read_text())
 
 
@@ -280,18 +309,20 @@ def training_inputs(experiment: Config, folds: pd.DataFrame,
     if pseudo is not None:
         inputs["pseudo"] = pseudo
     if experiment.train.exclude:
-        inputs["exclude"] = fingerprint(sorted(excluded_ids(experiment.train.exclude)))
+        inputs["exclude"] = fingerprint(sorted(excluded_ids(experiment.train.exclude, layout)))
     if experiment.train.ema:
         inputs["oof"] = fingerprint(EMA_OOF)
     return inputs, {"settings": settings}
 
 
-def excluded_ids(path: str) -> set[str]:
-    """The ids of train.exclude's CSV: rows left out of training."""
+def excluded_ids(path: str, layout: Layout | None = None) -> set[str]:
+    """The ids of train.exclude's CSV: rows left out of training. `layout`: the competition's,
+    for the remedy (training_inputs checks the file first, with it)."""
     source = Path(path)
     if not source.is_file():
-        raise PipelineError(f"train.exclude={path}: no such file; `make audit MODEL=<m>` writes "
-                            f"audit/<competition>/label_issues_<m>.csv")
+        where = layout.findings.label_issues("<m>") if layout else "label_issues_<m>.csv"
+        remedy = make_command("audit", layout.competition, MODEL="<m>") if layout else "make audit"
+        raise PipelineError(f"train.exclude={path}: no such file; `{remedy}` writes {where}")
     frame = pd.read_csv(source, dtype=str, keep_default_na=False)
     if "id" not in frame.columns:
         raise PipelineError(f"train.exclude={path}: no `id` column (columns: "
@@ -363,14 +394,16 @@ def fold_best_epochs(exp: Experiment, folds: list[int], metric: str) -> list[int
     return best_epochs([pd.read_csv(exp.fold(k).log) for k in folds], metric)
 
 
-def refit_epochs(refit: RefitConfig, name: str, validated: list[int]) -> tuple[int, str]:
+def refit_epochs(refit: RefitConfig, name: str, validated: list[int],
+                 competition: str) -> tuple[int, str]:
     """(epochs, where the number came from): refit.epochs, else the median best epoch of the
     current folds (`validated`) of experiment `name`."""
     if refit.epochs is not None:
         return refit.epochs, "refit.epochs"
     if not validated:
         raise PipelineError(f"no current trained fold of {name} to take the epoch count from: "
-                            f"run `make train MODEL={name}` first, or set ARGS=refit.epochs=N")
+                            f"run `{make_command('train', competition, MODEL=name)}` first, or "
+                            f"set ARGS=refit.epochs=N")
     return int(round(float(np.median(validated)))), f"median best epoch of folds {validated}"
 
 
@@ -389,7 +422,8 @@ def refit_plan(experiment: Config, folds: pd.DataFrame, layout: Layout) -> Refit
     exp = layout.experiment(experiment.run_name)
     current = current_folds(experiment, folds, layout)
     validated = fold_best_epochs(exp, current, experiment.data.metric)
-    epochs, source = refit_epochs(experiment.refit, experiment.run_name, validated)
+    epochs, source = refit_epochs(experiment.refit, experiment.run_name, validated,
+                                   experiment.data.name)
     path = fold_path(experiment.train, folds, epochs, validated)
     inputs, details = training_inputs(experiment, folds, layout)
     inputs["epochs"] = fingerprint([epochs, source, path.steps_per_epoch, path.epochs, path.until])

@@ -16,7 +16,7 @@ import pandas as pd
 from pipeline.base.config import DataConfig, FoldsConfig
 from pipeline.base.metrics import higher_is_better
 from pipeline.base.task import Scorer
-from pipeline.base.utils import PipelineError
+from pipeline.base.utils import PipelineError, make_command
 from pipeline.experiments.freshness import (
     folds_freshness,
     read_folds_unchecked,
@@ -57,7 +57,8 @@ def competition_states(data: DataConfig, folds_cfg: FoldsConfig,
     if not names:
         return []
     if not layout.folds_csv.is_file():
-        raise PipelineError(f"{layout.folds_csv} not found: run `make folds DATA={data.name}`")
+        raise PipelineError(f"{layout.folds_csv} not found: run "
+                            f"`{make_command('folds', data.name)}`")
     fresh = folds_freshness(data, folds_cfg, layout)
     folds_error = None if fresh.current else f"the folds no longer fit the data ({fresh.why()})"
     folds = read_folds_unchecked(data, layout)
@@ -127,4 +128,5 @@ def submission_summaries(data: DataConfig, folds: FoldsConfig,
 def report_line(layout: Layout) -> str:
     """Where the competition's HTML report is, and how to bring it up to date."""
     made = "" if layout.report.index.is_file() else " (not written yet)"
-    return f"report: {layout.report.index}{made}; make report DATA={layout.competition} updates it"
+    return (f"report: {layout.report.index}{made}; {make_command('report', layout.competition)} "
+            f"updates it")

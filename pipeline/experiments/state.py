@@ -12,7 +12,7 @@ pipeline/experiments/freshness.py. It also resolves which experiment a command m
 """
 from __future__ import annotations
 
-import json
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from pipeline.base.config import (
 )
 from pipeline.base.fingerprints import file_digest, fingerprint
 from pipeline.base.task import Scorer
-from pipeline.base.utils import PipelineError
+from pipeline.base.utils import PipelineError, make_command
 from pipeline.experiments.freshness import (
     Freshness,
     audit_image_inputs,
@@ -49,7 +49,7 @@ from pipeline.experiments.freshness import (
     train_freshness,
     training_inputs,
 )
-from pipeline.experiments.layout import Experiment, Layout, Part, part_name
+from pipeline.experiments.layout import REFIT, Experiment, Layout, Part, part_name
 from pipeline.experiments.manifests import Manifest, read_manifest
 from pipeline.experiments.probfiles import oof_file, read_probs
 from pipeline.models import is_timm_name, model_names
@@ -151,26 +151,49 @@ class ExperimentState:
             text += ", refit" + ("" if self.refit_train.current else " stale")
         return text
 
+    def remedy(self, verbs: str, **variables: object) -> str:
+        """A printed command for this experiment, complete (DATA= included: base/utils.py)."""
+        return make_command(verbs, self.config.data.name, MODEL=self.name, **variables)
+
     def problems(self, use_refit: bool) -> list[str]:
         """Why the experiment cannot join an ensemble as it is, each with its remedy (missing
         folds are the caller's to judge: PARTIAL=1 allows them)."""
         problems = []
         for f in self.folds:
             if f.train.state == "stale":
-                problems.append(f"fold {f.fold} is stale ({f.train.why()}): `make train "
-                                f"MODEL={self.name} FORCE=1` retrains it")
+                problems.append(f"fold {f.fold} is stale ({f.train.why()}): "
+                                f"`{self.remedy('train', FORCE=1)}` retrains it")
             elif f.predict is not None and not f.predict.current:
                 problems.append(f"fold {f.fold}'s predictions are {f.predict.state} "
-                                f"({f.predict.why()}): run `make predict MODEL={self.name}`")
+                                f"({f.predict.why()}): run `{self.remedy('predict')}`")
         if use_refit:
             problems += self._refit_problems()
-        views = {json.dumps(tta.model_dump(), sort_keys=True)
-                 for tta in self.ttas(use_refit and self.refit_current).values()}
-        if len(views) > 1:
-            problems.append(f"its folds were predicted with different TTA settings "
-                            f"({sorted(views)}): `make predict MODEL={self.name} TTA=<views>` "
-                            f"predicts them all alike")
-        return problems
+        return problems + self._tta_problems(use_refit and self.refit_current)
+
+    def _tta_problems(self, with_refit: bool) -> list[str]:
+        """Parts predicted with other TTA settings than the rest, each named with its views, and
+        the command that aligns them: the refit to its folds when the folds agree, else the folds
+        to the setting most of them have (and the refit to it too)."""
+        ttas = self.ttas(with_refit)
+        if len({_tta_text(t) for t in ttas.values()}) <= 1:
+            return []
+        said = ", ".join(f"{_part_label(part)}: {_tta_text(t)}" for part, t in ttas.items())
+        folds = [t for part, t in ttas.items() if part != REFIT]
+        target = Counter(folds).most_common(1)[0][0]
+        refit = ttas.get(REFIT)
+        steps = []
+        if any(t != target for t in folds):
+            steps.append(f"`{self.remedy('predict', **self._tta_variables(target))}`")
+        if refit is not None and refit != target:
+            steps.append(f"`{self.remedy('refit', **self._tta_variables(target))}`")
+        return [f"its parts were predicted with different TTA settings ({said}): "
+                f"{' then '.join(steps)} predicts them all alike"]
+
+    def _tta_variables(self, tta: TTAConfig) -> dict[str, str | None]:
+        """TTA= and, for its other settings where they differ from the experiment's, ARGS=."""
+        others = [f"tta.{key}={value}" for key, value in tta.model_dump().items()
+                  if key != "views" and value != getattr(self.config.tta, key)]
+        return {"TTA": tta.views, "ARGS": " ".join(others) or None}
 
     def _refit_problems(self) -> list[str]:
         leave_out = "; or leave the refit out: ARGS=ensemble.refit_weight=0"
@@ -179,13 +202,13 @@ class ExperimentState:
         if self.refit_unchecked:
             return [f"its refit cannot be checked: {self.refit_unchecked}{leave_out}"]
         if not self.refit_train.current:
-            return [f"its refit is stale ({self.refit_train.why()}): `make refit "
-                    f"MODEL={self.name} FORCE=1`{leave_out}"]
+            return [f"its refit is stale ({self.refit_train.why()}): "
+                    f"`{self.remedy('refit', FORCE=1)}`{leave_out}"]
         if self.refit_predict is None or not self.refit_predict.current:
             state = self.refit_predict.state if self.refit_predict else "missing"
             why = self.refit_predict.why() if self.refit_predict else "not predicted"
-            return [f"its refit's predictions are {state} ({why}): `make refit "
-                    f"MODEL={self.name}`{leave_out}"]
+            return [f"its refit's predictions are {state} ({why}): "
+                    f"`{self.remedy('refit')}`{leave_out}"]
         return []
 
     def ttas(self, with_refit: bool) -> dict[str, TTAConfig]:
@@ -198,6 +221,18 @@ class ExperimentState:
     def tta(self, with_refit: bool) -> TTAConfig:
         """The one TTA setting its predictions were made with (its config's when unrecorded)."""
         return next(iter(self.ttas(with_refit).values()), self.config.tta)
+
+
+def _part_label(part: str) -> str:
+    """`fold 0`, `the refit`: a part as a message names it."""
+    return "the refit" if part == REFIT else part.replace("fold", "fold ")
+
+
+def _tta_text(tta: TTAConfig) -> str:
+    """`flips`, or `flips (reduce=geomean)` where a setting besides the views is not the default."""
+    others = [f"{key}={value}" for key, value in tta.model_dump().items()
+              if key != "views" and value != getattr(TTAConfig(), key)]
+    return tta.views + (f" ({', '.join(others)})" if others else "")
 
 
 def _fold_state(tta: TTAConfig, part: Part, fold: int, folds: pd.DataFrame,
@@ -370,17 +405,19 @@ def findings_staleness(data: DataConfig, layout: Layout,
     for name, path in (("duplicates", findings.duplicates), ("shift", findings.shift)):
         manifest = read_manifest(findings.manifest(path))
         if path.is_file():
-            stale[name] = _changed(manifest, now, "the images or labelled rows changed since")
+            stale[name] = _changed(manifest, now, "the images or labelled rows changed since",
+                                   make_command("audit", data.name))
     by_name = {s.name: s for s in states}
     for experiment, path in findings.label_issue_files().items():
         manifest, state = read_manifest(findings.manifest(path)), by_name.get(experiment)
         inputs = label_issue_inputs(state) if state and state.current_folds else {"oof": ""}
         stale[f"label suspects of {experiment}"] = _changed(
-            manifest, inputs, f"{experiment}'s out-of-fold predictions changed since")
+            manifest, inputs, f"{experiment}'s out-of-fold predictions changed since",
+            make_command("audit", data.name, MODEL=experiment))
     return stale
 
 
-def _changed(manifest: Manifest | None, now: dict[str, str], what: str) -> str:
+def _changed(manifest: Manifest | None, now: dict[str, str], what: str, remedy: str) -> str:
     if manifest is None or any(manifest.inputs.get(k) != v for k, v in now.items()):
-        return f"stale: {what} the audit (make audit again)"
+        return f"stale: {what} the audit (`{remedy}` again)"
     return ""

@@ -20,7 +20,7 @@ from pipeline.base import distributed
 from pipeline.base.config import Config, PredictConfig, TTAConfig
 from pipeline.base.log import log
 from pipeline.base.task import Scorer
-from pipeline.base.utils import PipelineError, write_csv_atomic
+from pipeline.base.utils import PipelineError, make_command, write_csv_atomic
 from pipeline.data.tables import test_image_paths, train_image_paths
 from pipeline.experiments.freshness import (
     current_folds,
@@ -110,14 +110,16 @@ def _predict_folds(experiment: Config, layout: Layout, folds: pd.DataFrame,
     trained = current_folds(experiment, folds, layout)
     if not trained:
         raise PipelineError(f"no current trained folds in {layout.experiment(name).dir}: run "
-                            f"`make train DATA={experiment.data.name} MODEL={name}` first "
-                            f"(`make runs` shows what is stale and why)")
+                            f"`{make_command('train', experiment.data.name, MODEL=name)}` first "
+                            f"(`{make_command('runs', experiment.data.name)}` shows what is stale "
+                            f"and why)")
     selected = trained if folds_to_predict is None else folds_to_predict
     untrained = sorted(set(selected) - set(trained))
     if untrained:
+        remedy = make_command("train", experiment.data.name, MODEL=name,
+                              FOLDS=",".join(map(str, untrained)))
         raise PipelineError(f"fold(s) {untrained} of {name} are not trained under the "
-                            f"current inputs: run `make train MODEL={name} "
-                            f"FOLDS={','.join(map(str, untrained))}` first")
+                            f"current inputs: run `{remedy}` first")
     exp, scorer = layout.experiment(name), Scorer.of(experiment.data)
     job = PredictJob.of(experiment, *test)
     results = [predict_part(exp.fold(k), job, experiment.data, folds[folds["fold"] == k],
@@ -136,10 +138,10 @@ def refuse_stale_folds(experiment: Config, folds: pd.DataFrame, layout: Layout,
              if (fresh := train_freshness(exp.fold(k), inputs, details)).state == "stale"]
     if stale:
         lines = "\n  ".join(f"fold {k}: {fresh.why()}" for k, fresh in stale)
-        ks = ",".join(str(k) for k, _ in stale)
+        remedy = make_command("train", experiment.data.name, MODEL=exp.name,
+                              FOLDS=",".join(str(k) for k, _ in stale), FORCE=1)
         raise PipelineError(f"{exp.dir}: trained fold(s) are stale, nothing was predicted:\n  "
-                            f"{lines}\n`make train MODEL={exp.name} FOLDS={ks} FORCE=1` "
-                            f"retrains them")
+                            f"{lines}\n`{remedy}` retrains them")
 
 
 def print_tta_gain(exp: Experiment, folds: list[int], tta: TTAConfig, scorer: Scorer) -> None:

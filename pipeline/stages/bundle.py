@@ -57,6 +57,7 @@ from pipeline.base.utils import (
     PipelineError,
     atomic_path,
     format_table,
+    make_command,
     summarize_offenders,
 )
 from pipeline.ensembling.submission import sample_path
@@ -122,9 +123,9 @@ def choose_submission(layout: Layout, models: list[str] | None, name: str | None
                      if sorted(read_manifest(p).details.get("members", [])) == sorted(models)]
     if not manifests:
         what = f" made of exactly {' '.join(models)}" if models else ""
-        chosen = f' MODELS="{" ".join(models)}"' if models else ""
-        raise BundleError(f"no ensemble submission{what} in {where}/: run `make ensemble "
-                          f"DATA={layout.competition}{chosen}` first")
+        remedy = make_command("ensemble", layout.competition,
+                              MODELS=" ".join(models) if models else None)
+        raise BundleError(f"no ensemble submission{what} in {where}/: run `{remedy}` first")
     return manifests[0]
 
 
@@ -136,20 +137,22 @@ def current_recipe(data: DataConfig, folds: FoldsConfig, layout: Layout,
     manifest = read_manifest(manifest_file)
     if manifest is None or manifest.stage != "ensemble":
         raise BundleError(f"submission {name} ({manifest_file}) is no ensemble's submission (a "
-                          f"refit's own, or unreadable): bundle one of `make ensemble`")
+                          f"refit's own, or unreadable): bundle one of "
+                          f"`{make_command('ensemble', data.name)}`")
     fresh = submission_freshness(data, folds, layout, manifest_file)
+    members = " ".join(manifest.details.get("members", []))
+    again = (f"`{make_command('ensemble', data.name, MODELS=members)}` again, then "
+             f"`{make_command('bundle', data.name, MODELS=members)}`")
     if not fresh.current:
         raise BundleError(
             f"submission {name} is not current: {fresh.why()}.\nA bundle must reproduce its "
-            f"submission: bring the members up to date as said, run `make ensemble "
-            f"DATA={data.name} MODELS=\"{' '.join(manifest.details.get('members', []))}\"` "
-            f"again, then `make bundle DATA={data.name}`")
+            f"submission: bring the members up to date as said, run {again}")
     missing = [key for key in RECIPE_KEYS if key not in manifest.details]
     if manifest.details.get("method") == "stack" and not manifest.details.get("stacker"):
         missing.append("stacker")
     if missing:
         raise BundleError(f"{manifest_file} lacks the recipe key(s) {missing}: it was written by "
-                          f"an older pipeline; run `make ensemble` again, then `make bundle`")
+                          f"an older pipeline; run {again}")
     return manifest.details
 
 
@@ -178,7 +181,8 @@ def export_members(layout: Layout, recipe: dict[str, Any], stage: Path) -> dict[
     grouped = [exp for group in recipe["groups"] for exp in group]
     if sorted(grouped) != sorted(recipe["members"]):
         raise BundleError(f"the submission's groups {recipe['groups']} do not hold exactly its "
-                          f"members {recipe['members']}: run `make ensemble` again")
+                          f"members {recipe['members']}: run "
+                          f"`{make_command('ensemble', layout.competition)}` again")
     for name in grouped:
         exp = layout.experiment(name)
         weight = float(recipe["refit_weights"].get(name, 0.0))

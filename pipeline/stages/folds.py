@@ -63,7 +63,40 @@ def assign_folds(table: pd.DataFrame, n_splits: int, seed: int) -> pd.DataFrame:
     for k, (_, valid_idx) in enumerate(splits):
         fold[valid_idx] = k
     columns = ["id", "label", "fold"] + (["group"] if "group" in table else [])
-    return table.assign(fold=fold)[columns]
+    folds = table.assign(fold=fold)[columns]
+    if "group" in folds:
+        warn_broken_strata(folds, n_splits)
+    return folds
+
+
+# How far a grouped split may move a class's count in a fold from its even share (count / K)
+# before it is warned of: this fraction of the share, and never less than SHARE_SLACK_ROWS rows
+# (a group of a few rows tips a small class's count by as many: no news).
+SHARE_TOLERANCE = 0.25
+SHARE_SLACK_ROWS = 2
+LARGEST_GROUPS_SHOWN = 5
+
+
+def warn_broken_strata(folds: pd.DataFrame, n_splits: int) -> None:
+    """A grouped split keeps each group in one fold; a group too large for a fold (a duplicate
+    audit that chained many images) then moves class shares, and stratification breaks without
+    a word. Warn, with the per-fold class counts and the largest groups to blame."""
+    counts = pd.crosstab(folds["label"], folds["fold"])
+    even = counts.sum(axis=1).to_numpy()[:, None] / n_splits
+    off = np.abs(counts.to_numpy() - even)
+    broken = (off > np.maximum(SHARE_TOLERANCE * even, SHARE_SLACK_ROWS)).any(axis=1)
+    if not broken.any():
+        return
+    sizes = folds["group"].value_counts().head(LARGEST_GROUPS_SHOWN)
+    largest = ", ".join(f"{group!r} ({size} images, {size / len(folds):.0%} of the rows)"
+                        for group, size in sizes.items())
+    per_class = "; ".join(f"class {label!r}: {'/'.join(map(str, counts.loc[label]))} "
+                          f"where even is {even[i, 0]:.0f} per fold"
+                          for i, label in enumerate(counts.index) if broken[i])
+    warn(f"the grouped split moved class shares beyond {SHARE_TOLERANCE:.0%} of a fold's even "
+         f"share (a group is kept in one fold): {per_class}. Largest groups: {largest}. A group "
+         f"that holds a large share of the rows (duplicate groups that chain many images: "
+         f"audit.* thresholds, folds.duplicates=false) cannot be split evenly")
 
 
 def with_duplicates(table: pd.DataFrame, classes: list[str], folds_cfg: FoldsConfig,

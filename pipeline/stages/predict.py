@@ -14,7 +14,7 @@ reduced: pipeline/inference/predictor.py.
 from __future__ import annotations
 
 from pipeline.base import distributed
-from pipeline.base.utils import PipelineError
+from pipeline.base.utils import PipelineError, make_command
 from pipeline.experiments.freshness import read_folds, read_test_set
 from pipeline.experiments.layout import Layout
 from pipeline.experiments.state import experiment_configs
@@ -27,7 +27,8 @@ FLAGS = ("data", "model", "models", "keep_going", "folds", "name", "seeds", "for
 
 def main(args) -> None:
     if args.model is None:
-        raise PipelineError("predict needs a model: make predict MODEL=resnet18")
+        example = make_command("predict", args.data, MODEL="resnet18")
+        raise PipelineError(f"predict needs a model: {example}")
     for config in experiment_configs(args.data, args.model, args.overrides, args.name,
                                      args.seeds):
         layout = Layout.of(config)

@@ -35,7 +35,7 @@ from pipeline.base.config import (
 from pipeline.base.fingerprints import fingerprint
 from pipeline.base.log import log
 from pipeline.base.task import Scorer
-from pipeline.base.utils import PipelineError, format_table, write_csv_atomic
+from pipeline.base.utils import PipelineError, format_table, make_command, write_csv_atomic
 from pipeline.ensembling.members import Candidate, select_members
 from pipeline.experiments.freshness import fold_numbers, read_folds, read_test_set
 from pipeline.experiments.layout import Layout
@@ -132,7 +132,8 @@ FLAGS = ("data", "model", "models", "folds", "name", "force", "overrides")
 
 def main(args) -> None:
     if args.model is None:
-        raise PipelineError("pseudo needs the experiment of round two: make pseudo MODEL=resnet18")
+        raise PipelineError(f"pseudo needs the experiment of round two: "
+                            f"{make_command('pseudo', args.data, MODEL='resnet18')}")
     first = load_experiment(args.data, args.model, args.overrides, name=args.name)
     layout = Layout.of(first)
     name = make_pseudo_set(first, layout, parse_models(args.models))

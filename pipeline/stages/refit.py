@@ -25,7 +25,7 @@ from pipeline.base.config import Config, DataConfig
 from pipeline.base.fingerprints import fingerprint
 from pipeline.base.log import log
 from pipeline.base.task import Scorer
-from pipeline.base.utils import PipelineError
+from pipeline.base.utils import PipelineError, make_command
 from pipeline.ensembling.submission import (
     build_submission,
     score_against_solution,
@@ -129,7 +129,8 @@ FLAGS = ("data", "model", "models", "keep_going", "name", "seeds", "force", "ove
 
 def main(args) -> None:
     if args.model is None:
-        raise PipelineError("refit needs a model: make refit MODEL=resnet18")
+        example = make_command("refit", args.data, MODEL="resnet18")
+        raise PipelineError(f"refit needs a model: {example}")
     for config in experiment_configs(args.data, args.model, args.overrides, args.name,
                                      args.seeds):
         with distributed.session(resolve_device(config.train.device)):

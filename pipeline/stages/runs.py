@@ -22,6 +22,7 @@ from pipeline.base.log import log
 from pipeline.base.utils import (
     PipelineError,
     format_table,
+    make_command,
     markdown_table,
     warn,
     write_csv_atomic,
@@ -57,7 +58,7 @@ def main_runs(args) -> None:
     frame = leaderboard(config.data, config.folds, layout)
     if frame.empty:
         log.info(f"no experiment of {config.data.name} in {layout.runs}/ yet: "
-                 f"make train MODEL=<model> DATA={config.data.name}")
+                 f"{make_command('train', config.data.name, MODEL='<model>')}")
         return
     write_csv_atomic(frame, layout.leaderboard("csv"))
     write_text_atomic(layout.leaderboard("md"),

@@ -26,7 +26,7 @@ import pandas as pd
 from pipeline.base import distributed
 from pipeline.base.config import Config
 from pipeline.base.log import log
-from pipeline.base.utils import PipelineError
+from pipeline.base.utils import PipelineError, make_command
 from pipeline.experiments.layout import Layout
 from pipeline.experiments.runner import stage_lock
 from pipeline.experiments.state import experiment_configs
@@ -45,8 +45,10 @@ def run_parallel_folds(config: Config, folds_to_train: list[int] | None, force: 
     The summary is written once every fold has finished; a failed fold is an error naming it.
     """
     if distributed.launched_world_size() > 1:
-        raise PipelineError("--parallel folds starts its own processes, one per GPU: run it with "
-                            "python, not torchrun (make train PARALLEL=folds GPUS=0,1)")
+        example = make_command("train", config.data.name, MODEL=config.run_name,
+                               PARALLEL="folds", GPUS="0,1")
+        raise PipelineError(f"--parallel folds starts its own processes, one per GPU: run it "
+                            f"with python, not torchrun ({example})")
     if config.train.device not in ("auto", "cuda", "cpu"):
         raise PipelineError(f"train.device={config.train.device} with --parallel folds: each fold "
                             f"sees only its own GPU (as cuda:0); leave train.device=auto")
@@ -88,12 +90,15 @@ FLAGS = (
 
 def main(args) -> None:
     if args.model is None:
-        raise PipelineError("train needs a model: make train MODEL=resnet18")
+        example = make_command("train", args.data, MODEL="resnet18")
+        raise PipelineError(f"train needs a model: {example}")
     configs = experiment_configs(args.data, args.model, args.overrides, args.name, args.seeds)
     parallel, gpus = args.parallel, args.gpus
     if gpus and parallel != "folds":
-        raise PipelineError("--gpus goes with --parallel folds; to train each fold on several GPUs "
-                            "launch with torchrun: make train GPUS=4 (see pipeline/base/distributed.py)")
+        example = make_command("train", args.data, MODEL=args.model, GPUS=4)
+        raise PipelineError(f"--gpus goes with --parallel folds; to train each fold on several "
+                            f"GPUs launch with torchrun: {example} (see "
+                            f"pipeline/base/distributed.py)")
     for config in configs:
         if len(configs) > 1:
             log.info(f"== {config.run_name} (train.seed={config.train.seed})")

@@ -24,6 +24,7 @@ from pipeline.base.task import Scorer, best_log_row
 from pipeline.base.utils import (
     PipelineError,
     format_table,
+    make_command,
     markdown_table,
     write_csv_atomic,
     write_text_atomic,
@@ -69,7 +70,7 @@ def select_folds(data: DataConfig, folds_cfg: FoldsConfig, layout: Layout,
     missing = [p for p in train_image_paths(data, folds["id"].tolist()) if not p.is_file()]
     if missing:
         raise PipelineError(f"{len(missing)} training image(s) missing, e.g. {missing[0]}; "
-                            f"run `make check` to list them")
+                            f"run `{make_command('check', data.name)}` to list them")
     return folds, [int(fold) for fold in selected]
 
 
