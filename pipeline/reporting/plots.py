@@ -1,4 +1,9 @@
-"""Figures and tables a competitor looks at after a fold: confusion matrices and learning curves."""
+"""Figures and tables a competitor looks at after a fold: confusion matrices and learning curves.
+
+Every text on them (class names, experiment names, image ids, captions) is drawn as plain text
+(`plain_text`): a class named `$10_to_$20` (a price bin) is no mathtext formula, and would
+otherwise fail to parse mid-training.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,10 @@ from sklearn.metrics import confusion_matrix  # noqa: E402
 
 from pipeline.base.utils import atomic_path, write_csv_atomic
 from pipeline.data.images import read_image
+
+# Labels are the competition's words, never formulas: no mathtext ('$...$') and no LaTeX; every
+# drawer below creates its texts (and saves) under these settings.
+plain_text = matplotlib.rc_context({"text.parse_math": False, "text.usetex": False})
 
 LABELLED_CLASSES = 30  # confusion matrices above this many classes are drawn without numbers
 
@@ -40,6 +49,7 @@ def write_confusion(targets, predictions, classes: list[str], csv_path: Path,
     plot_confusion(counts, normalised, png_path)
 
 
+@plain_text
 def plot_confusion(counts: pd.DataFrame, normalised: pd.DataFrame, png_path: Path) -> None:
     """Both matrices side by side: counts, and shares of each true class (its recall)."""
     classes = list(counts.index)
@@ -66,6 +76,7 @@ def plot_confusion(counts: pd.DataFrame, normalised: pd.DataFrame, png_path: Pat
     save(fig, png_path)
 
 
+@plain_text
 def write_curves(log: pd.DataFrame, metric: str, path: Path) -> None:
     """Loss (train and validation), the competition metric and the learning rate per epoch."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -86,6 +97,7 @@ def write_curves(log: pd.DataFrame, metric: str, path: Path) -> None:
     save(fig, path)
 
 
+@plain_text
 def write_fold_curves(logs: dict[str, pd.DataFrame], metric: str, path: Path) -> None:
     """Every fold's learning curves on one figure, a colour per fold: training (dashed) and
     validation loss, the validation metric, the learning rate."""
@@ -131,6 +143,7 @@ def figure(figsize: tuple[float, float]):
     return plt.subplots(figsize=figsize)
 
 
+@plain_text
 def write_image_rows(rows: list[list[tuple[Path, str]]], path: Path, title: str,
                      cell: float = 1.3) -> None:
     """A picture of images in rows (a duplicate group, a row of suspects), each with its
@@ -152,6 +165,7 @@ def write_image_rows(rows: list[list[tuple[Path, str]]], path: Path, title: str,
     save(fig, path)
 
 
+@plain_text
 def plot_leaderboard(frame: pd.DataFrame, metric: str, path: Path) -> None:
     fig, ax = figure(figsize=(7, 0.45 * frame["oof"].notna().sum() + 1.2))
     shown = frame.dropna(subset=["oof"]).iloc[::-1]
