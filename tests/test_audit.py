@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 from sklearn.datasets import load_digits
 
@@ -23,7 +24,9 @@ from pipeline.data.duplicates import (
     image_hashes,
     merged_groups,
     near_pairs,
+    perceptual_hash,
 )
+from pipeline.data.images import ImageReadError
 from pipeline.stages.audit import label_suspects
 
 DIGITS = load_digits()
@@ -176,3 +179,10 @@ def test_exact_copies_are_found_by_the_one_file_hasher(tmp_path):
     digests = [sha256_file(tmp_path / name) for name in "abc"]
     assert exact_pairs(digests).tolist() == [[0, 2]]
     assert digests[0] == hashlib.sha256(b"same").hexdigest()  # the digest content_digest gave
+
+
+def test_a_bad_image_is_named_by_the_hasher(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for path in (tmp_path / "bad.png", tmp_path / "missing.png"):
+        with pytest.raises(ImageReadError, match=path.name):
+            perceptual_hash(path)

@@ -19,6 +19,7 @@ brightened) among distractors: bench/duplicates.py, recorded in bench/BENCHMARKS
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +32,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from pipeline.base.utils import summarize_offenders
-from pipeline.data.images import check_pixels
+from pipeline.data.images import ImageReadError, read_image_bytes
 from pipeline.data.tables import MAX_IMAGE_PIXELS
 
 HASHES = {"phash": imagehash.phash, "dhash": imagehash.dhash, "ahash": imagehash.average_hash,
@@ -41,11 +42,15 @@ BLOCK = 256  # rows of the pairwise distances at a time: 256 x N uint64 (70 MB f
 
 def perceptual_hash(path: Path, kind: str = "phash",
                     max_pixels: int = MAX_IMAGE_PIXELS) -> np.uint64:
-    """A 64-bit perceptual hash of an image (its header checked against the pixel budget)."""
-    raw = Path(path).read_bytes()
-    check_pixels(raw, path, max_pixels)
-    with Image.open(path) as image:
-        bits = HASHES[kind](image.convert("RGB")).hash.flatten()
+    """A 64-bit perceptual hash of an image, read by the pipeline's reader (a missing or
+    truncated file, or one over the pixel budget, is an ImageReadError that names it)."""
+    raw = read_image_bytes(path, max_pixels)
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            bits = HASHES[kind](image.convert("RGB")).hash.flatten()
+    except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise ImageReadError(f"cannot decode image {path}: {err}; replace it, or set "
+                             f"data.drop_bad_images=true to leave it out") from None
     return np.uint64(int("".join("1" if b else "0" for b in bits), 2))
 
 
