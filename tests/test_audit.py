@@ -186,3 +186,15 @@ def test_a_bad_image_is_named_by_the_hasher(tmp_path):
     for path in (tmp_path / "bad.png", tmp_path / "missing.png"):
         with pytest.raises(ImageReadError, match=path.name):
             perceptual_hash(path)
+
+
+def test_the_picture_of_a_group_of_50_copies_stays_narrow(tmp_path):
+    # one photo and 49 copies (labels spelt as price bins, drawn as plain text), 10 others
+    train = {f"c{i:02d}": (digit(0), "$10_to_$20") for i in range(50)}
+    train |= {f"a{i:02d}": (digit(i), "cost$5") for i in range(1, 11)}
+    data = write_comp(tmp_path / "comp", train, {f"t{i}": digit(100 + i) for i in range(5)})
+    assert cli(["audit", "--data", data, f"audit_dir={tmp_path / 'audit'}"]) == 0
+    table = pd.read_csv(tmp_path / "audit" / "comp" / "duplicates.csv", dtype=str)
+    assert len(table) == 50 and table["group"].nunique() == 1
+    picture = cv2.imread(str(tmp_path / "audit" / "comp" / "duplicates.png"))
+    assert picture.shape[1] < 1200, picture.shape  # 6 images drawn (+44 more), not 50

@@ -51,12 +51,14 @@ from pipeline.base.utils import (
 )
 from pipeline.data.checks import check_competition
 from pipeline.data.duplicates import (
+    GROUP_IMAGES,
     conflicts,
     duplicate_table,
     exact_pairs,
     group_of_pairs,
     image_hashes,
     near_pairs,
+    progress,
     read_duplicates,
 )
 from pipeline.data.images import read_image
@@ -127,7 +129,7 @@ def find_duplicates(frame: pd.DataFrame, paths: list[Path], settings: AuditConfi
                     max_pixels: int) -> pd.DataFrame:
     """Groups of copies among every audited image (exact bytes, or near by perceptual hash)."""
     with ThreadPoolExecutor(max_workers=4) as pool:
-        digests = list(pool.map(sha256_file, paths))
+        digests = list(progress(pool.map(sha256_file, paths), len(paths), "SHA-256 of images"))
     exact = exact_pairs(digests)
     hashes = image_hashes(paths, settings.hash, max_pixels=max_pixels)
     near = near_pairs(hashes, settings.max_distance)
@@ -163,9 +165,8 @@ def audit_duplicates(config: Config, layout: Layout, images: AuditedImages,
         frame, paths = images.usable
         table = find_duplicates(frame, paths, config.audit, config.data.max_image_pixels)
         write_csv_atomic(table, findings.duplicates)
-        shown = table[table["group"].isin(table["group"].unique()[:config.audit.shown])]
-        plots.write_image_rows(image_rows(shown, frame, paths, "group"),
-                               findings.duplicates_png, "duplicate groups (one row each)")
+        write_duplicates_picture(table, frame, paths, config.audit.shown,
+                                 findings.duplicates_png)
         return [findings.duplicates, findings.duplicates_png]
 
     run_finding(findings.duplicates, findings.manifest(findings.duplicates), inputs, force,
@@ -178,12 +179,23 @@ def audit_duplicates(config: Config, layout: Layout, images: AuditedImages,
     return duplicates_summary(table)
 
 
-def image_rows(table: pd.DataFrame, frame: pd.DataFrame, paths: list[Path],
-               by: str) -> list[list[tuple[Path, str]]]:
-    """[(path, caption), ...] per value of `by` (a duplicate group), for a picture."""
-    where = {(p, i): path for p, i, path in zip(frame["part"], frame["id"], paths)}
-    return [[(where[(r.part, r.id)], f"{r.part} {r.id}" + (f"\n{r.label}" if r.label else ""))
-             for r in rows_of.itertuples()] for _, rows_of in table.groupby(by, sort=False)]
+def write_duplicates_picture(table: pd.DataFrame, frame: pd.DataFrame, paths: list[Path],
+                             groups: int, path: Path) -> None:
+    """The first `groups` duplicate groups, a row each of at most GROUP_IMAGES images, the
+    row's title saying how many more the group holds: bounded however large the groups."""
+    where = {(p, i): file for p, i, file in zip(frame["part"], frame["id"], paths)}
+    rows, titles = [], []
+    for number, members in list(table.groupby("group", sort=False))[:groups]:
+        rows.append([(where[(r.part, r.id)], f"{r.part} {r.id}\n{r.label}".strip())
+                     for r in members.head(GROUP_IMAGES).itertuples()])
+        more = len(members) - GROUP_IMAGES
+        titles.append(f"group {number}\n{len(members)} images"
+                      + (f"\n+{more} more" if more > 0 else ""))
+    found = table["group"].nunique()
+    title = "duplicate groups, one row each"
+    if found > len(rows):
+        title += f" (the first {len(rows)} of {found})"
+    plots.write_image_rows(rows, path, title, row_titles=titles)
 
 
 # --------------------------------------------------------------------------------------------
