@@ -3,13 +3,17 @@
     python -m pipeline audit --data retina [--model resnet50]     # make audit [MODEL=resnet50]
 
 Writes audit/<competition>/, each finding with its manifest (current or stale by the one
-freshness rule, pipeline/experiments/freshness.py; a current finding is not computed again):
+freshness rule, pipeline/experiments/freshness.py; a current finding is not computed again).
+Before a finding is computed, its images are checked as `make check` and `make folds` check
+them: a missing, unreadable or oversized image is an error naming it; with
+data.drop_bad_images=true bad training images are left out and listed.
 
 - duplicates.csv|png: groups of exact copies (the same bytes) and near copies (perceptual hash
   within audit.max_distance bits), within the labelled rows and between labelled and test rows;
   groups whose labels disagree, test images with a labelled copy. `make folds` then keeps each
   group in one fold (folds.duplicates; folds.duplicate_conflicts=drop|majority for the
-  conflicting ones), and the folds' fingerprint includes the groups.
+  conflicting ones), and the folds' fingerprint includes the groups. The picture shows the
+  first audit.shown groups, a row of at most GROUP_IMAGES each ("+N more").
 - shift.csv, test_like.csv: adversarial validation: a classifier told to tell training from
   test images, cross-validated, on cheap features of each image (size, aspect, file size, JPEG
   quality, colour, sharpness) and, with MODEL=, on the model's pooled features. Its AUC (0.5:
