@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 from sklearn.datasets import load_digits
 
@@ -23,7 +24,9 @@ from pipeline.data.duplicates import (
     image_hashes,
     merged_groups,
     near_pairs,
+    perceptual_hash,
 )
+from pipeline.data.images import ImageReadError
 from pipeline.stages.audit import label_suspects
 
 DIGITS = load_digits()
@@ -176,3 +179,22 @@ def test_exact_copies_are_found_by_the_one_file_hasher(tmp_path):
     digests = [sha256_file(tmp_path / name) for name in "abc"]
     assert exact_pairs(digests).tolist() == [[0, 2]]
     assert digests[0] == hashlib.sha256(b"same").hexdigest()  # the digest content_digest gave
+
+
+def test_a_bad_image_is_named_by_the_hasher(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for path in (tmp_path / "bad.png", tmp_path / "missing.png"):
+        with pytest.raises(ImageReadError, match=path.name):
+            perceptual_hash(path)
+
+
+def test_the_picture_of_a_group_of_50_copies_stays_narrow(tmp_path):
+    # one photo and 49 copies (labels spelt as price bins, drawn as plain text), 10 others
+    train = {f"c{i:02d}": (digit(0), "$10_to_$20") for i in range(50)}
+    train |= {f"a{i:02d}": (digit(i), "cost$5") for i in range(1, 11)}
+    data = write_comp(tmp_path / "comp", train, {f"t{i}": digit(100 + i) for i in range(5)})
+    assert cli(["audit", "--data", data, f"audit_dir={tmp_path / 'audit'}"]) == 0
+    table = pd.read_csv(tmp_path / "audit" / "comp" / "duplicates.csv", dtype=str)
+    assert len(table) == 50 and table["group"].nunique() == 1
+    picture = cv2.imread(str(tmp_path / "audit" / "comp" / "duplicates.png"))
+    assert picture.shape[1] < 1200, picture.shape  # 6 images drawn (+44 more), not 50

@@ -452,3 +452,38 @@ def test_other_fold_settings_are_named_with_both_ways_out(tmp_path, capsys):
     assert "the fold settings (n_splits: 2 -> 3) changed" in err
     assert 'give this command ARGS="folds.n_splits=2"' in err
     assert f"`make folds ARGS=folds.n_splits=3 DATA={shlex.quote(comp.data)}`" in err
+
+
+def test_the_audit_checks_images_as_folds_does(tmp_path, capsys):
+    comp = Competition(tmp_path)
+    audit = [f"audit_dir={tmp_path / 'audit'}"]
+    (comp.root / "train" / "0002.png").write_bytes(b"not an image")  # unreadable (PIL refuses)
+    (comp.root / "train" / "0003.png").unlink()  # missing (the exact-copy digest's crash)
+    png_bomb(comp.root / "train" / "0004.png")  # 20000 x 20000 px in its header
+    capsys.readouterr()
+    assert comp("audit", *audit, model=None) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for image_id in ("0002", "0003", "0004"):
+        assert image_id in err
+    assert "drop_bad_images=true" in err
+    # told to, the audit leaves bad training images out and lists them, as folds does
+    assert comp("audit", *audit, "data.drop_bad_images=true", model=None) == 0
+    out, err = capsys.readouterr()
+    assert "dropped 3 bad training image(s): 0002, 0003, 0004" in err
+    assert "bad training images left out" in out
+    audited = tmp_path / "audit" / "tiny"
+    assert (audited / "duplicates.csv").is_file() and (audited / "shift.csv").is_file()
+    # a bad test image stays an error: the submission needs every test row
+    (comp.root / "test" / "t001.png").write_bytes(b"not an image")
+    assert comp("audit", *audit, "data.drop_bad_images=true", model=None) == 1
+    assert "t001" in capsys.readouterr().err
+
+
+def test_class_names_with_dollar_signs_are_drawn_as_plain_text(tmp_path, capsys):
+    # price bins: matplotlib would read '$10_to_$20' as mathtext and fail to parse it
+    labels = [c for c in ("cost$5", "$10_to_$20", "$$") for _ in range(4)]
+    comp = Competition(tmp_path, labels=labels)
+    assert comp("folds") == 0 and comp("train", "--folds", "0") == 0
+    fold = next((tmp_path / "runs" / "tiny").glob("resnet20*/fold0"))
+    assert (fold / "confusion.png").stat().st_size > 0 and (fold / "curves.png").is_file()

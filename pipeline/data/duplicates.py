@@ -19,6 +19,7 @@ brightened) among distractors: bench/duplicates.py, recorded in bench/BENCHMARKS
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,23 +30,36 @@ import pandas as pd
 from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+from tqdm import tqdm
 
 from pipeline.base.utils import summarize_offenders
-from pipeline.data.images import check_pixels
+from pipeline.data.images import ImageReadError, read_image_bytes
 from pipeline.data.tables import MAX_IMAGE_PIXELS
 
 HASHES = {"phash": imagehash.phash, "dhash": imagehash.dhash, "ahash": imagehash.average_hash,
           "whash": imagehash.whash}
 BLOCK = 256  # rows of the pairwise distances at a time: 256 x N uint64 (70 MB for 35k images)
+# Images of one group drawn in a picture (the report shows as many): a group of 1,000 copies
+# is one row of GROUP_IMAGES and "+994 more", not a figure 150,000 px wide.
+GROUP_IMAGES = 6
+
+
+def progress(items, total: int, desc: str, unit: str = "img"):
+    """A progress bar over long work (every second at most); gone when the work is done."""
+    return tqdm(items, total=total, desc=desc, unit=unit, leave=False, mininterval=1.0)
 
 
 def perceptual_hash(path: Path, kind: str = "phash",
                     max_pixels: int = MAX_IMAGE_PIXELS) -> np.uint64:
-    """A 64-bit perceptual hash of an image (its header checked against the pixel budget)."""
-    raw = Path(path).read_bytes()
-    check_pixels(raw, path, max_pixels)
-    with Image.open(path) as image:
-        bits = HASHES[kind](image.convert("RGB")).hash.flatten()
+    """A 64-bit perceptual hash of an image, read by the pipeline's reader (a missing or
+    truncated file, or one over the pixel budget, is an ImageReadError that names it)."""
+    raw = read_image_bytes(path, max_pixels)
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            bits = HASHES[kind](image.convert("RGB")).hash.flatten()
+    except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise ImageReadError(f"cannot decode image {path}: {err}; replace it, or set "
+                             f"data.drop_bad_images=true to leave it out") from None
     return np.uint64(int("".join("1" if b else "0" for b in bits), 2))
 
 
@@ -53,7 +67,8 @@ def image_hashes(paths: Sequence[Path], kind: str = "phash", workers: int = 4,
                  max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """(N,) uint64 perceptual hashes, computed in threads (PIL releases the GIL as it decodes)."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return np.array(list(pool.map(lambda p: perceptual_hash(p, kind, max_pixels), paths)),
+        hashes = pool.map(lambda p: perceptual_hash(p, kind, max_pixels), paths)
+        return np.array(list(progress(hashes, len(paths), f"{kind} of each image")),
                         dtype=np.uint64)
 
 
@@ -61,7 +76,8 @@ def near_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     """(P, 2) index pairs i < j whose hashes differ in at most `max_distance` bits."""
     hashes = np.asarray(hashes, dtype=np.uint64)
     found = []
-    for start in range(0, len(hashes), BLOCK):
+    starts = range(0, len(hashes), BLOCK)
+    for start in progress(starts, len(starts), f"pairs within {max_distance} bits", "block"):
         block = hashes[start:start + BLOCK]
         distance = np.bitwise_count(block[:, None] ^ hashes[None, :])  # (B, N) bits that differ
         rows, cols = np.nonzero(distance <= max_distance)

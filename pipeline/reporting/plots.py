@@ -1,4 +1,9 @@
-"""Figures and tables a competitor looks at after a fold: confusion matrices and learning curves."""
+"""Figures and tables a competitor looks at after a fold: confusion matrices and learning curves.
+
+Every text on them (class names, experiment names, image ids, captions) is drawn as plain text
+(`plain_text`): a class named `$10_to_$20` (a price bin) is no mathtext formula, and would
+otherwise fail to parse mid-training.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,10 @@ from sklearn.metrics import confusion_matrix  # noqa: E402
 
 from pipeline.base.utils import atomic_path, write_csv_atomic
 from pipeline.data.images import read_image
+
+# Labels are the competition's words, never formulas: no mathtext ('$...$') and no LaTeX; every
+# drawer below creates its texts (and saves) under these settings.
+plain_text = matplotlib.rc_context({"text.parse_math": False, "text.usetex": False})
 
 LABELLED_CLASSES = 30  # confusion matrices above this many classes are drawn without numbers
 
@@ -40,6 +49,7 @@ def write_confusion(targets, predictions, classes: list[str], csv_path: Path,
     plot_confusion(counts, normalised, png_path)
 
 
+@plain_text
 def plot_confusion(counts: pd.DataFrame, normalised: pd.DataFrame, png_path: Path) -> None:
     """Both matrices side by side: counts, and shares of each true class (its recall)."""
     classes = list(counts.index)
@@ -66,6 +76,7 @@ def plot_confusion(counts: pd.DataFrame, normalised: pd.DataFrame, png_path: Pat
     save(fig, png_path)
 
 
+@plain_text
 def write_curves(log: pd.DataFrame, metric: str, path: Path) -> None:
     """Loss (train and validation), the competition metric and the learning rate per epoch."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -86,6 +97,7 @@ def write_curves(log: pd.DataFrame, metric: str, path: Path) -> None:
     save(fig, path)
 
 
+@plain_text
 def write_fold_curves(logs: dict[str, pd.DataFrame], metric: str, path: Path) -> None:
     """Every fold's learning curves on one figure, a colour per fold: training (dashed) and
     validation loss, the validation metric, the learning rate."""
@@ -108,12 +120,18 @@ def write_fold_curves(logs: dict[str, pd.DataFrame], metric: str, path: Path) ->
     save(fig, path)
 
 
+def shrunk(image: np.ndarray, side: int) -> np.ndarray:
+    """An RGB image with its longer side at most `side` pixels (never enlarged)."""
+    scale = side / max(image.shape[:2])
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
 def write_thumbnail(image: np.ndarray, dest: Path, side: int) -> None:
     """A JPEG of an RGB image with its longer side at most `side` pixels (never enlarged)."""
-    scale = side / max(image.shape[:2])
-    if scale < 1:
-        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    image = shrunk(image, side)
     with atomic_path(dest) as tmp:
         _, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
                                   [cv2.IMWRITE_JPEG_QUALITY, 85])
@@ -131,27 +149,48 @@ def figure(figsize: tuple[float, float]):
     return plt.subplots(figsize=figsize)
 
 
+# A picture of images holds at most this many rows and images per row, each image shrunk to
+# at most PANEL_PIXELS on its longer side: its size and memory do not grow with the data.
+MAX_ROWS, MAX_ROW_IMAGES, PANEL_PIXELS = 64, 12, 160
+
+
+@plain_text
 def write_image_rows(rows: list[list[tuple[Path, str]]], path: Path, title: str,
-                     cell: float = 1.3) -> None:
+                     cell: float = 1.3, row_titles: list[str] | None = None) -> None:
     """A picture of images in rows (a duplicate group, a row of suspects), each with its
-    caption: `rows` of (image file, caption). Read with the pipeline's reader (the pixel
-    budget applies); an empty list draws a note."""
+    caption: `rows` of (image file, caption), and each row's title left of it. Read with the
+    pipeline's reader (the pixel budget applies); an empty list draws a note. The callers
+    choose what to show (and say what they left out); past MAX_ROWS rows or MAX_ROW_IMAGES
+    images in a row the rest is cut here too, and the title says so."""
+    if len(rows) > MAX_ROWS:
+        title += f" (the first {MAX_ROWS} rows of {len(rows)})"
+        rows, row_titles = rows[:MAX_ROWS], row_titles and row_titles[:MAX_ROWS]
+    rows = [row[:MAX_ROW_IMAGES] for row in rows]
     width = max((len(r) for r in rows), default=1)
     fig, axes = plt.subplots(max(len(rows), 1), width, squeeze=False,
-                             figsize=(cell * width + 0.4, cell * 1.25 * max(len(rows), 1) + 0.5))
-    for ax in axes.flat:
-        ax.axis("off")
+                             figsize=(cell * width + 0.6, cell * 1.25 * max(len(rows), 1) + 0.5))
+    for ax in axes.flat:  # no frame or ticks, but the row's title (a y label) stays
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.spines[:].set_visible(False)
     for i, row in enumerate(rows):
         for j, (image_path, caption) in enumerate(row):
-            axes[i][j].imshow(read_image(image_path), interpolation="nearest")
+            image = shrunk(read_image(image_path, min_side=PANEL_PIXELS), PANEL_PIXELS)
+            axes[i][j].imshow(image, interpolation="nearest")
             axes[i][j].set_title(caption, fontsize=6)
+        if row_titles:
+            axes[i][0].set_ylabel(row_titles[i], fontsize=6)
     if not rows:
         axes[0][0].text(0.5, 0.5, "none found", ha="center", va="center")
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
+    # the title in the top 0.4 inch, whatever the figure's height (a share of it would land
+    # inside the first row of a tall one)
+    top = 1 - 0.4 / fig.get_figheight()
+    fig.suptitle(title, fontsize=8, y=1 - 0.15 / fig.get_figheight(), va="top")
+    fig.tight_layout(rect=(0, 0, 1, top))
     save(fig, path)
 
 
+@plain_text
 def plot_leaderboard(frame: pd.DataFrame, metric: str, path: Path) -> None:
     fig, ax = figure(figsize=(7, 0.45 * frame["oof"].notna().sum() + 1.2))
     shown = frame.dropna(subset=["oof"]).iloc[::-1]

@@ -3,13 +3,17 @@
     python -m pipeline audit --data retina [--model resnet50]     # make audit [MODEL=resnet50]
 
 Writes audit/<competition>/, each finding with its manifest (current or stale by the one
-freshness rule, pipeline/experiments/freshness.py; a current finding is not computed again):
+freshness rule, pipeline/experiments/freshness.py; a current finding is not computed again).
+Before a finding is computed, its images are checked as `make check` and `make folds` check
+them: a missing, unreadable or oversized image is an error naming it; with
+data.drop_bad_images=true bad training images are left out and listed.
 
 - duplicates.csv|png: groups of exact copies (the same bytes) and near copies (perceptual hash
   within audit.max_distance bits), within the labelled rows and between labelled and test rows;
   groups whose labels disagree, test images with a labelled copy. `make folds` then keeps each
   group in one fold (folds.duplicates; folds.duplicate_conflicts=drop|majority for the
-  conflicting ones), and the folds' fingerprint includes the groups.
+  conflicting ones), and the folds' fingerprint includes the groups. The picture shows the
+  first audit.shown groups, a row of at most GROUP_IMAGES each ("+N more").
 - shift.csv, test_like.csv: adversarial validation: a classifier told to tell training from
   test images, cross-validated, on cheap features of each image (size, aspect, file size, JPEG
   quality, colour, sharpness) and, with MODEL=, on the model's pooled features. Its AUC (0.5:
@@ -25,6 +29,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import cv2
@@ -37,7 +43,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
-from pipeline.base.config import AuditConfig, Config, load_config
+from pipeline.base.config import AuditConfig, Config, DataConfig, load_config
 from pipeline.base.fingerprints import fingerprint, sha256_file
 from pipeline.base.log import log
 from pipeline.base.task import Scorer
@@ -47,13 +53,16 @@ from pipeline.base.utils import (
     summarize_offenders,
     write_csv_atomic,
 )
+from pipeline.data.checks import check_competition
 from pipeline.data.duplicates import (
+    GROUP_IMAGES,
     conflicts,
     duplicate_table,
     exact_pairs,
     group_of_pairs,
     image_hashes,
     near_pairs,
+    progress,
     read_duplicates,
 )
 from pipeline.data.images import read_image
@@ -74,6 +83,39 @@ from pipeline.reporting import plots
 # The images audited
 
 
+@dataclass
+class AuditedImages:
+    """Every labelled and test image of the competition, as its CSVs list them (the findings'
+    fingerprints are of these files), and, on first use, the ones the audit reads: checked as
+    `make check` and `make folds` check them (pipeline/data/checks.py). A bad image is an error
+    that names it with the remedy; with data.drop_bad_images=true bad training images are left
+    out and listed (a bad test image stays an error). A current audit reads no image."""
+
+    data: DataConfig
+    frame: pd.DataFrame  # part (train/test), id, label ('' for test): labelled rows first
+    paths: list[Path]
+    dropped: dict[str, str] = field(default_factory=dict)  # training id -> what is wrong
+
+    @classmethod
+    def of(cls, data: DataConfig) -> AuditedImages:
+        return cls(data, *audited_images(data))
+
+    def inputs(self) -> dict[str, str]:
+        """The fingerprints a finding is made from: the rows and image files as listed, and the
+        settings that decide which images are read."""
+        return {**audit_image_inputs(self.data, self.frame, self.paths),
+                "image checks": fingerprint([self.data.drop_bad_images,
+                                             self.data.max_image_pixels])}
+
+    @cached_property
+    def usable(self) -> tuple[pd.DataFrame, list[Path]]:
+        """(frame, paths) of the images that passed the check."""
+        self.dropped = check_competition(self.data).dropped
+        keep = ~((self.frame["part"] == "train") & self.frame["id"].isin(self.dropped)).to_numpy()
+        return (self.frame[keep].reset_index(drop=True),
+                [path for path, kept in zip(self.paths, keep) if kept])
+
+
 def run_finding(path: Path, manifest: Path, inputs: dict[str, str], force: bool,
                 compute: Callable[[], list[Path]], what: str) -> None:
     """Compute a finding unless current (stale: computed again); its manifest is written last."""
@@ -91,7 +133,7 @@ def find_duplicates(frame: pd.DataFrame, paths: list[Path], settings: AuditConfi
                     max_pixels: int) -> pd.DataFrame:
     """Groups of copies among every audited image (exact bytes, or near by perceptual hash)."""
     with ThreadPoolExecutor(max_workers=4) as pool:
-        digests = list(pool.map(sha256_file, paths))
+        digests = list(progress(pool.map(sha256_file, paths), len(paths), "SHA-256 of images"))
     exact = exact_pairs(digests)
     hashes = image_hashes(paths, settings.hash, max_pixels=max_pixels)
     near = near_pairs(hashes, settings.max_distance)
@@ -117,18 +159,18 @@ def duplicates_summary(table: pd.DataFrame) -> list[list]:
             ["groups with conflicting labels", len(found)]]
 
 
-def audit_duplicates(config: Config, layout: Layout, frame: pd.DataFrame, paths: list[Path],
+def audit_duplicates(config: Config, layout: Layout, images: AuditedImages,
                      force: bool) -> list[list]:
     findings = layout.findings
     settings = {"hash": config.audit.hash, "max_distance": config.audit.max_distance}
-    inputs = {**audit_image_inputs(config.data, frame, paths), "settings": fingerprint(settings)}
+    inputs = {**images.inputs(), "settings": fingerprint(settings)}
 
     def compute() -> list[Path]:
+        frame, paths = images.usable
         table = find_duplicates(frame, paths, config.audit, config.data.max_image_pixels)
         write_csv_atomic(table, findings.duplicates)
-        shown = table[table["group"].isin(table["group"].unique()[:config.audit.shown])]
-        plots.write_image_rows(image_rows(shown, frame, paths, "group"),
-                               findings.duplicates_png, "duplicate groups (one row each)")
+        write_duplicates_picture(table, frame, paths, config.audit.shown,
+                                 findings.duplicates_png)
         return [findings.duplicates, findings.duplicates_png]
 
     run_finding(findings.duplicates, findings.manifest(findings.duplicates), inputs, force,
@@ -141,12 +183,23 @@ def audit_duplicates(config: Config, layout: Layout, frame: pd.DataFrame, paths:
     return duplicates_summary(table)
 
 
-def image_rows(table: pd.DataFrame, frame: pd.DataFrame, paths: list[Path],
-               by: str) -> list[list[tuple[Path, str]]]:
-    """[(path, caption), ...] per value of `by` (a duplicate group), for a picture."""
-    where = {(p, i): path for p, i, path in zip(frame["part"], frame["id"], paths)}
-    return [[(where[(r.part, r.id)], f"{r.part} {r.id}" + (f"\n{r.label}" if r.label else ""))
-             for r in rows_of.itertuples()] for _, rows_of in table.groupby(by, sort=False)]
+def write_duplicates_picture(table: pd.DataFrame, frame: pd.DataFrame, paths: list[Path],
+                             groups: int, path: Path) -> None:
+    """The first `groups` duplicate groups, a row each of at most GROUP_IMAGES images, the
+    row's title saying how many more the group holds: bounded however large the groups."""
+    where = {(p, i): file for p, i, file in zip(frame["part"], frame["id"], paths)}
+    rows, titles = [], []
+    for number, members in list(table.groupby("group", sort=False))[:groups]:
+        rows.append([(where[(r.part, r.id)], f"{r.part} {r.id}\n{r.label}".strip())
+                     for r in members.head(GROUP_IMAGES).itertuples()])
+        more = len(members) - GROUP_IMAGES
+        titles.append(f"group {number}\n{len(members)} images"
+                      + (f"\n+{more} more" if more > 0 else ""))
+    found = table["group"].nunique()
+    title = "duplicate groups, one row each"
+    if found > len(rows):
+        title += f" (the first {len(rows)} of {found})"
+    plots.write_image_rows(rows, path, title, row_titles=titles)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,16 +289,16 @@ def experiment_checkpoint(experiment: Config, layout: Layout) -> Path:
     raise PipelineError(f"{exp.dir} has no trained fold: `make train MODEL={exp.name}` first")
 
 
-def audit_shift(config: Config, layout: Layout, frame: pd.DataFrame, paths: list[Path],
+def audit_shift(config: Config, layout: Layout, images: AuditedImages,
                 experiment: Config | None, force: bool) -> list[list]:
     findings = layout.findings
-    inputs = {**audit_image_inputs(config.data, frame, paths),
+    inputs = {**images.inputs(),
               "settings": fingerprint([config.audit.shift_folds, config.audit.test_like])}
     if experiment is not None:
         inputs["model"] = fingerprint(str(experiment_checkpoint(experiment, layout).stat()))
 
     def compute() -> list[Path]:
-        table, test_like = shift_tables(frame, paths, config, experiment, layout)
+        table, test_like = shift_tables(*images.usable, config, experiment, layout)
         write_csv_atomic(table, findings.shift)
         write_csv_atomic(test_like, findings.test_like)
         return [findings.shift, findings.test_like]
@@ -294,7 +347,7 @@ def experiment_oof(experiment: Config, layout: Layout) -> tuple[pd.DataFrame, di
     return pd.concat([read_probs(path) for path in files]), label_issue_inputs(state)
 
 
-def audit_labels(experiment: Config, layout: Layout, frame: pd.DataFrame, paths: list[Path],
+def audit_labels(experiment: Config, layout: Layout, images: AuditedImages,
                  force: bool) -> list[list]:
     findings, name = layout.findings, experiment.run_name
     oof, inputs = experiment_oof(experiment, layout)
@@ -304,6 +357,7 @@ def audit_labels(experiment: Config, layout: Layout, frame: pd.DataFrame, paths:
         suspects = label_suspects(oof, experiment.data.classes)
         write_csv_atomic(suspects, issues)
         shown = suspects.head(experiment.audit.shown)
+        frame, paths = images.usable
         where = dict(zip(frame["part"] + "/" + frame["id"], paths))
         pictures = [(where[f"train/{r.id}"], f"{r.id}\n{r.given} -> {r.predicted} "
                                              f"({r.p_predicted:.2f})")
@@ -325,12 +379,15 @@ def audit_labels(experiment: Config, layout: Layout, frame: pd.DataFrame, paths:
 
 def run_audit(config: Config, experiment: Config | None, force: bool) -> list[list]:
     layout = Layout.of(config)
-    frame, paths = audited_images(config.data)
+    images = AuditedImages.of(config.data)
     with stage_lock(layout.audit_lock, layout.audit, "audited"):
-        rows = audit_duplicates(config, layout, frame, paths, force)
-        rows += audit_shift(config, layout, frame, paths, experiment, force)
+        rows = audit_duplicates(config, layout, images, force)
+        rows += audit_shift(config, layout, images, experiment, force)
         if experiment is not None:
-            rows += audit_labels(experiment, layout, frame, paths, force)
+            rows += audit_labels(experiment, layout, images, force)
+    if images.dropped:
+        rows.append(["bad training images left out (data.drop_bad_images)",
+                     summarize_offenders(list(images.dropped))])
     log.info(format_table(rows, ["finding", "value"]))
     log.info(f"audit of {config.data.name} -> {layout.audit}/")
     return rows

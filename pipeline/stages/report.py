@@ -53,7 +53,7 @@ from pipeline.base.log import log
 from pipeline.base.metrics import higher_is_better
 from pipeline.base.task import Scorer
 from pipeline.base.utils import format_table, write_text_atomic
-from pipeline.data.duplicates import read_duplicates
+from pipeline.data.duplicates import GROUP_IMAGES, read_duplicates
 from pipeline.data.imagecache import image_loader
 from pipeline.data.images import read_image
 from pipeline.data.tables import test_image_paths, train_image_paths
@@ -75,7 +75,7 @@ from pipeline.reporting import plots
 TEMPLATES = Path(__file__).parents[1] / "reporting" / "templates"
 LOSS_FLOOR = 1e-7  # a probability of 0 for the given class would be an infinite loss
 CONFUSED_PAIRS = 10
-DUPLICATE_GROUPS, GROUP_IMAGES, SUSPECTS = 12, 6, 18  # audit pictures on the index page
+DUPLICATE_GROUPS, SUSPECTS = 12, 18  # audit pictures on the index page (GROUP_IMAGES: duplicates')
 # Bump by hand when a change of the templates, or of the code that fills them, changes what a
 # page shows: every page is then rebuilt once. The code's files are no input of a page.
 PAGE_FORMAT = 1
