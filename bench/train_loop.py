@@ -34,7 +34,7 @@ from pipeline.base.config import build_config
 from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.experiments.layout import Part
 from pipeline.inference.engine import autocast
-from pipeline.models import create_model
+from pipeline.models.factory import create_model
 from pipeline.training.loop import Trainer
 from pipeline.training.parts import Rows, RunSpec
 from pipeline.training.run import make_trainer

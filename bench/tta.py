@@ -25,7 +25,7 @@ from pipeline.base.config import TTAConfig
 from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD, Normalizer
 from pipeline.inference.engine import amp_dtype, predict_logits, resolve_device
 from pipeline.inference.predictor import tta_views
-from pipeline.models import create_model
+from pipeline.models.factory import create_model
 
 TARGET_RATIO = 8.5  # d4 seconds over plain seconds, at most
 

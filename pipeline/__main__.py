@@ -15,6 +15,7 @@ Each verb is one module of this package, imported only when used. Errors the use
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import re
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from pipeline.base.config import ConfigError
 from pipeline.base.distributed import launched_world_size
+from pipeline.base.fingerprints import remembered
 from pipeline.base.log import log
 from pipeline.base.log import setup as setup_logging
 from pipeline.base.utils import (
@@ -55,6 +57,8 @@ VERBS = {
 }
 # Verbs of one experiment that --models runs for each experiment in turn
 EACH_MODEL_VERBS = ("train", "predict", "refit")
+# Verbs that write a competition's CSVs or images: they read them afresh each time they ask
+WRITES_DATA = ("demo-data", "demo")
 
 
 def _fold_list(text: str) -> list[int]:
@@ -182,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(verb if verb in VERBS else None).parse_args(argv)
     module = importlib.import_module(VERBS[args.verb][0])
     entry = getattr(module, "main_" + args.verb.replace("-", "_"), module.main)
+    # the competition's CSVs and images are read (and stat'ed) once per command, except by the
+    # verbs that write them
+    memory = contextlib.nullcontext() if args.verb in WRITES_DATA else remembered()
     try:
-        with data_argument(getattr(args, "data", None)):  # the remedies' DATA= (make_command)
+        with data_argument(getattr(args, "data", None)), memory:  # DATA= in remedies
             if args.verb in EACH_MODEL_VERBS and args.models:
                 each_model(entry, args)
             else:

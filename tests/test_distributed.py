@@ -23,7 +23,7 @@ from pipeline.base.utils import PipelineError
 from pipeline.data.dataset import SeededSampler
 from pipeline.data.tables import image_paths, train_image_dir
 from pipeline.inference.predictor import CheckpointPredictor
-from pipeline.models import create_model
+from pipeline.models.factory import create_model
 from pipeline.stages.train import run_parallel_folds
 from pipeline.training.jobs import Job, gpu_slots, run_jobs
 from tests.conftest import REPO, experiment_dir, folds_csv, train

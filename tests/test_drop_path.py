@@ -8,7 +8,8 @@ import torch
 from timm.layers import DropPath
 
 from pipeline.base.config import ModelConfig
-from pipeline.models import ARCHS, create_model
+from pipeline.models.factory import create_model
+from pipeline.models.resnet import ARCHS
 
 SMALL = ["resnet18", "resnet50", "resnet20"]  # both block types, both families
 

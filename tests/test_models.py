@@ -14,19 +14,10 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.models import (
-    ARCHS,
-    BasicBlock,
-    Bottleneck,
-    WeightsMismatchError,
-    WeightsNotFoundError,
-    create_model,
-    create_resnet,
-    is_timm_name,
-    model_input_config,
-)
+from pipeline.models.factory import create_model, is_timm_name, model_input_config
 from pipeline.models.finetune import freeze_body, head_parameters, param_groups, unfreeze
-from pipeline.models.resnet import CIFAR
+from pipeline.models.resnet import ARCHS, CIFAR, BasicBlock, Bottleneck, create_resnet
+from pipeline.models.weights import WeightsMismatchError, WeightsNotFoundError
 
 IMAGENET_NAMES = [n for n, (_, _, family) in ARCHS.items() if family is not CIFAR]
 CIFAR_NAMES = [n for n, (_, _, family) in ARCHS.items() if family is CIFAR]

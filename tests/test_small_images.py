@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pipeline.base.config import ConfigError, ModelConfig
-from pipeline.models import ARCHS, create_model, small_input_warning
-from pipeline.models.resnet import total_stride
+from pipeline.models.factory import create_model, small_input_warning
+from pipeline.models.resnet import ARCHS, total_stride
 
 IMAGENET_FAMILY = [name for name, (_, _, family) in ARCHS.items() if family.stem == "imagenet"]
 CIFAR_FAMILY = [name for name, (_, _, family) in ARCHS.items() if family.stem == "cifar"]

@@ -189,7 +189,7 @@ def test_head_only_stage_leaves_the_body_untouched(tmp_path):
     config = tiny(tmp_path, extra=["train.epochs=2", "train.head_only_epochs=1"])
     train(config, [0], force=False)
     torch.manual_seed(config.train.seed + 0)  # the fold's seed, as training/parts.py uses
-    from pipeline.models import create_model
+    from pipeline.models.factory import create_model
 
     initial = create_model("resnet20", 3).state_dict()
     out = experiment_dir(config) / "fold0"

@@ -8,6 +8,11 @@ modification and change time, inode), as DVC's state database does: `make runs` 
 ensemble` over 50 experiments x 5 folds of ResNet-50 (~25 GB of checkpoints) then stats the files
 instead of reading them again (bench/runs_scale.py measures it). The table is a cache: when it
 cannot be opened (a read-only home, a damaged file) digests are computed.
+
+Inside `remembered()` (a whole command: pipeline/__main__.py), `once(key, compute)` computes each
+key once: the labelled rows, the training images' and the test set's fingerprints are asked for
+by every experiment and every submission that `make runs` or `make report` judges, and each ask
+stats every image again (bench/scale.py measures it).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import hashlib
 import json
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +158,37 @@ def images_fingerprint(ids: Sequence[str], paths: Sequence[Path]) -> str:
         except OSError:
             sha.update(f"{image_id}\t-1\t-1\n".encode())
     return sha.hexdigest()[:DIGITS]
+
+
+# --------------------------------------------------------------------------------------------
+# Once per command
+
+_REMEMBERED: dict[Any, Any] | None = None  # None: outside `remembered()`, every ask computes
+
+
+@contextlib.contextmanager
+def remembered():
+    """Inside the block, `once` computes each key once (nested blocks share the outer memory).
+
+    Only for work during which the files behind the keys do not change: a command reading the
+    competition's CSVs and images, not one writing them (`make demo-data`), since a key names the
+    files, not their state."""
+    global _REMEMBERED
+    outer = _REMEMBERED
+    _REMEMBERED = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _REMEMBERED = outer
+
+
+def once(key: Any, compute: Callable[[], Any]) -> Any:
+    """`compute()`, remembered under `key` inside `remembered()`; computed each time outside."""
+    if _REMEMBERED is None:
+        return compute()
+    if key not in _REMEMBERED:
+        _REMEMBERED[key] = compute()
+    return _REMEMBERED[key]
 
 
 # --------------------------------------------------------------------------------------------

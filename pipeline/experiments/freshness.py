@@ -56,6 +56,7 @@ from pipeline.base.fingerprints import (
     fingerprint,
     folds_fingerprint,
     images_fingerprint,
+    once,
     rows_fingerprint,
     table_fingerprint,
 )
@@ -172,6 +173,32 @@ def stale_remedy(what: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# The competition's files, read once per command (fingerprints.remembered)
+
+
+def _files_key(data: DataConfig) -> str:
+    """Every data setting: which files are read and how (the key of what is read once)."""
+    return data.model_dump_json()
+
+
+def labelled_rows(data: DataConfig) -> pd.DataFrame:
+    """The labelled rows (`load_train_table`), read once per command; a copy the caller owns."""
+    return once(("labelled rows", _files_key(data)), lambda: load_train_table(data)).copy()
+
+
+def test_ids(data: DataConfig) -> list[str]:
+    """The test ids in order (`load_test_ids`), read once per command; a list the caller owns."""
+    return list(once(("test ids", _files_key(data)), lambda: load_test_ids(data)))
+
+
+def train_images_fingerprint(data: DataConfig, ids: list[str]) -> str:
+    """The training images of `ids` (each one's size and mtime), stat'ed once per command and
+    id list: every experiment and every submission asks for it."""
+    return once(("train images", _files_key(data), tuple(ids)),
+                lambda: images_fingerprint(ids, train_image_paths(data, ids)))
+
+
+# --------------------------------------------------------------------------------------------
 # Folds
 
 
@@ -182,7 +209,7 @@ def fold_inputs(data: DataConfig, folds: FoldsConfig, layout: Layout | None,
     Reads train.csv and stats every labelled image (no decoding): cheap enough for every stage
     that reads the folds to ask whether they still fit the data.
     """
-    table = load_train_table(data) if table is None else table
+    table = labelled_rows(data) if table is None else table
     settings = {"n_splits": folds.n_splits, "seed": folds.seed,
                 "group_column": data.group_column, "group_pattern": data.group_pattern,
                 "drop_bad_images": data.drop_bad_images}
@@ -192,9 +219,8 @@ def fold_inputs(data: DataConfig, folds: FoldsConfig, layout: Layout | None,
         settings["max_image_pixels"] = data.max_image_pixels
     if not folds.duplicates or folds.duplicate_conflicts != "keep":
         settings.update(duplicates=folds.duplicates, duplicate_conflicts=folds.duplicate_conflicts)
-    paths = train_image_paths(data, table["id"].tolist())
     inputs = {"rows": rows_fingerprint(table, data.classes),
-              "train_images": images_fingerprint(table["id"].tolist(), paths),
+              "train_images": train_images_fingerprint(data, table["id"].tolist()),
               "fold_settings": fingerprint(settings)}
     groups = duplicate_groups(layout) if folds.duplicates and layout is not None else None
     if groups is not None:  # an audit found copies: they are part of what the folds are made of
@@ -304,7 +330,7 @@ def training_inputs(experiment: Config, folds: pd.DataFrame,
     ids = folds["id"].tolist()
     settings = training_settings(experiment.to_dict())
     inputs = {"folds": folds_fingerprint(folds), "settings": fingerprint(settings),
-              "train_images": images_fingerprint(ids, train_image_paths(data, ids))}
+              "train_images": train_images_fingerprint(data, ids)}
     pseudo = pseudo_fingerprint(experiment.train.pseudo, layout)
     if pseudo is not None:
         inputs["pseudo"] = pseudo
@@ -340,8 +366,10 @@ def train_freshness(part: Part, inputs: dict[str, str], details: dict[str, Any])
 
 def read_test_set(data: DataConfig) -> tuple[list[str], str]:
     """(test ids, fingerprint of the ids in order and of each test image's size and mtime)."""
-    ids = load_test_ids(data)
-    return ids, fingerprint([ids, images_fingerprint(ids, test_image_paths(data, ids))])
+    ids = test_ids(data)
+    fingerprinted = once(("test images", _files_key(data)),
+                         lambda: images_fingerprint(ids, test_image_paths(data, ids)))
+    return ids, fingerprint([ids, fingerprinted])
 
 
 def predict_inputs(part: Part, tta: TTAConfig, test_fingerprint: str,
@@ -447,12 +475,11 @@ def current_folds(experiment: Config, folds: pd.DataFrame, layout: Layout) -> li
 
 def audited_images(data: DataConfig) -> tuple[pd.DataFrame, list[Path]]:
     """(part, id, label of every labelled and test image; their paths), labelled rows first."""
-    train = load_train_table(data)
-    test_ids = load_test_ids(data)
-    frame = pd.DataFrame({"part": ["train"] * len(train) + ["test"] * len(test_ids),
-                          "id": [*train["id"], *test_ids],
-                          "label": [*train["label"], *[""] * len(test_ids)]})
-    paths = train_image_paths(data, train["id"].tolist()) + test_image_paths(data, test_ids)
+    train, test = labelled_rows(data), test_ids(data)
+    frame = pd.DataFrame({"part": ["train"] * len(train) + ["test"] * len(test),
+                          "id": [*train["id"], *test],
+                          "label": [*train["label"], *[""] * len(test)]})
+    paths = train_image_paths(data, train["id"].tolist()) + test_image_paths(data, test)
     return frame, paths
 
 

@@ -52,7 +52,7 @@ from pipeline.experiments.freshness import (
 from pipeline.experiments.layout import REFIT, Experiment, Layout, Part, part_name
 from pipeline.experiments.manifests import Manifest, read_manifest
 from pipeline.experiments.probfiles import oof_file, read_probs
-from pipeline.models import is_timm_name, model_names
+from pipeline.models.names import is_timm_name, model_names
 
 
 # What each input means to a user, for the messages that say what changed.

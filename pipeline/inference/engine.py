@@ -22,7 +22,7 @@ from pipeline.base.utils import PipelineError, atomic_path
 from pipeline.data.augment import Normalizer
 from pipeline.data.images import ImageReadError
 from pipeline.ensembling.decode import grade_to_probs
-from pipeline.models import create_model
+from pipeline.models.factory import create_model
 from pipeline.models.weights import load_error_gist, pickle_refusal
 
 

@@ -1,35 +1,9 @@
 """Models: our ResNet family (one table of depths) and a factory that also serves timm models.
 
-Fine-tuning's parameter groups and freezing (pipeline/models/finetune.py) are imported from their
-module by training alone: building and loading a model (the offline `infer`) does not need them.
+Import from the module that owns each thing; this package imports none of them, so that a verb
+that only needs the model names (pipeline/models/names.py: runs, status) does not load torch:
+- names.py: our model names and depths, `is_timm_name` (no torch);
+- factory.py: `create_model`, `model_input_config`, `small_input_warning`;
+- resnet.py: the ResNet blocks and the ARCHS table; weights.py: loading pretrained weights;
+- finetune.py: fine-tuning's parameter groups and freezing (training alone imports it).
 """
-
-from pipeline.models.factory import (
-    create_model,
-    is_timm_name,
-    model_input_config,
-    model_names,
-    small_input_warning,
-)
-from pipeline.models.resnet import ARCHS, BasicBlock, Bottleneck, ResNet, create_resnet
-from pipeline.models.weights import (
-    WeightsMismatchError,
-    WeightsNotFoundError,
-    load_pretrained,
-)
-
-__all__ = [
-    "ARCHS",
-    "BasicBlock",
-    "Bottleneck",
-    "ResNet",
-    "WeightsMismatchError",
-    "WeightsNotFoundError",
-    "create_model",
-    "create_resnet",
-    "is_timm_name",
-    "load_pretrained",
-    "model_input_config",
-    "model_names",
-    "small_input_warning",
-]

@@ -1,6 +1,6 @@
 """One entry point for every model: our ResNet table by name, any timm model as `timm/<name>`.
 
-    from pipeline.models import create_model, model_input_config
+    from pipeline.models.factory import create_model, model_input_config
     model = create_model("resnet44", num_classes=10)
     model = create_model("timm/resnet50", num_classes=5, pretrained=True)   # weights/ or timm cache
     model_input_config(model)   # {"mean": ..., "std": ..., "input_size": (3, 224, 224)}
@@ -20,20 +20,11 @@ from typing import Any
 from torch import nn
 
 from pipeline.base.config import ConfigError
+from pipeline.models.names import TIMM_PREFIX, is_timm_name, model_names
 from pipeline.models.resnet import ARCHS, create_resnet, total_stride
-from pipeline.models.weights import TIMM_PREFIX, load_pretrained
+from pipeline.models.weights import load_pretrained
 
 logger = logging.getLogger(__name__)
-
-
-def is_timm_name(name: str) -> bool:
-    """`timm/resnet50` names a timm model; `resnet50` names ours."""
-    return name.startswith(TIMM_PREFIX)
-
-
-def model_names() -> list[str]:
-    """Our model names (timm ones are `timm/<any timm.list_models() name>`)."""
-    return list(ARCHS)
 
 
 def _unknown_name_error(name: str) -> ConfigError:

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models.names import DEPTHS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -136,19 +138,13 @@ class Family:
 IMAGENET = Family("imagenet", (64, 128, 256, 512), IMAGENET_MEAN, IMAGENET_STD, (3, 224, 224))
 CIFAR = Family("cifar", (16, 32, 64), CIFAR_MEAN, CIFAR_STD, (3, 32, 32))
 
-# The one table: name -> (block, blocks per stage, family). A new depth is one line here.
+# The one table: name -> (block, blocks per stage, family), built from the torch-free depths of
+# pipeline/models/names.py (a new depth is one line there).
+BLOCKS: dict[str, Block] = {"basic": BasicBlock, "bottleneck": Bottleneck}
+FAMILIES = {"imagenet": IMAGENET, "cifar": CIFAR}
 ARCHS: dict[str, tuple[Block, tuple[int, ...], Family]] = {
-    "resnet18": (BasicBlock, (2, 2, 2, 2), IMAGENET),
-    "resnet34": (BasicBlock, (3, 4, 6, 3), IMAGENET),
-    "resnet50": (Bottleneck, (3, 4, 6, 3), IMAGENET),
-    "resnet101": (Bottleneck, (3, 4, 23, 3), IMAGENET),
-    "resnet152": (Bottleneck, (3, 8, 36, 3), IMAGENET),
-    # CIFAR: depth = 6n + 2 with n BasicBlocks per stage.
-    "resnet20": (BasicBlock, (3, 3, 3), CIFAR),
-    "resnet32": (BasicBlock, (5, 5, 5), CIFAR),
-    "resnet44": (BasicBlock, (7, 7, 7), CIFAR),
-    "resnet56": (BasicBlock, (9, 9, 9), CIFAR),
-    "resnet110": (BasicBlock, (18, 18, 18), CIFAR),
+    name: (BLOCKS[block], layers, FAMILIES[family])
+    for name, (block, layers, family) in DEPTHS.items()
 }
 
 

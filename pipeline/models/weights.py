@@ -36,10 +36,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.base.utils import PipelineError
+from pipeline.models.names import TIMM_PREFIX
 
 SUFFIXES = (".safetensors", ".pth", ".pt")
 HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub repos hold
-TIMM_PREFIX = "timm/"
 _SHOW = 5  # keys named in an error message
 
 

@@ -39,7 +39,7 @@ from pipeline.inference.engine import (
     output_size,
     resolve_device,
 )
-from pipeline.models import create_model, model_input_config
+from pipeline.models.factory import create_model, model_input_config
 from pipeline.training.losses import (
     balanced_sampler,
     build_loss,

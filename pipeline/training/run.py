@@ -27,7 +27,7 @@ from pipeline.experiments.layout import Layout
 from pipeline.experiments.probfiles import probability_frame
 from pipeline.experiments.runner import Step, run_step
 from pipeline.inference.engine import load_checkpoint, unwrap
-from pipeline.models import small_input_warning
+from pipeline.models.factory import small_input_warning
 from pipeline.reporting import plots
 from pipeline.training.checkpoints import Checkpoints
 from pipeline.training.loop import Trainer
