@@ -14,7 +14,6 @@ is NaN; `is_better` never prefers a NaN and always prefers a number to a NaN.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
 
 from pipeline.base.utils import warn
 
@@ -26,17 +25,25 @@ def predict_labels(probs: np.ndarray) -> np.ndarray:
     return np.asarray(probs).argmax(axis=1)
 
 
+# scikit-learn is imported by the metrics that need it, when they score: it costs seconds at
+# start-up, which `make runs` and `make status` of an accuracy competition need not pay
+
+
 def _accuracy(targets, probs):
-    return accuracy_score(targets, predict_labels(probs))
+    return float(np.mean(np.asarray(targets) == predict_labels(probs)))
 
 
 def _macro_f1(targets, probs):
+    from sklearn.metrics import f1_score
+
     return f1_score(targets, predict_labels(probs), average="macro",
                     labels=np.arange(probs.shape[1]), zero_division=0)
 
 
 def _weighted_f1(targets, probs):
     """F1 per class averaged with the class counts as weights (sklearn's average='weighted')."""
+    from sklearn.metrics import f1_score
+
     return f1_score(targets, predict_labels(probs), average="weighted",
                     labels=np.arange(probs.shape[1]), zero_division=0)
 
@@ -45,11 +52,15 @@ def _binary_f1(targets, probs, positive: int = 1, cutoff: float = 0.5):
     """F1 of the positive class, predicted where its probability is >= cutoff."""
     if probs.shape[1] != 2:
         raise ValueError(f"binary_f1 needs two classes, got probabilities of {probs.shape[1]}")
+    from sklearn.metrics import f1_score
+
     predicted = probs[:, positive] >= cutoff
     return f1_score(np.asarray(targets) == positive, predicted, zero_division=0)
 
 
 def _qwk(targets, probs):
+    from sklearn.metrics import cohen_kappa_score
+
     return cohen_kappa_score(targets, predict_labels(probs), weights="quadratic",
                              labels=np.arange(probs.shape[1]))
 
@@ -60,6 +71,8 @@ def _roc_auc(targets, probs):
     A small validation fold may lack a class: it is scored over the classes it has (with a
     warning) rather than failing. With fewer than two classes present AUC is undefined: NaN.
     """
+    from sklearn.metrics import roc_auc_score
+
     present = np.unique(targets)
     n_classes = probs.shape[1]
     if len(present) < 2:

@@ -16,7 +16,6 @@ import cv2  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from sklearn.metrics import confusion_matrix  # noqa: E402
 
 from pipeline.base.utils import atomic_path, write_csv_atomic
 from pipeline.data.images import read_image
@@ -30,6 +29,8 @@ LABELLED_CLASSES = 30  # confusion matrices above this many classes are drawn wi
 
 def confusion_frames(targets, predictions, classes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(counts, row-normalised) with true classes as rows and predicted classes as columns."""
+    from sklearn.metrics import confusion_matrix  # when drawn: `make runs` need not load it
+
     counts = confusion_matrix(targets, predictions, labels=np.arange(len(classes)))
     rows = counts.sum(axis=1, keepdims=True)
     normalised = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=float), where=rows > 0)
