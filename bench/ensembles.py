@@ -118,7 +118,7 @@ def noise_optimism(seeds: int = 8, n: int = 300, members: int = 12) -> list[list
         folds = rng.permutation(np.arange(n) % 5)
         noise = np.random.default_rng(1000 + seed)
         stack = np.stack([noise.dirichlet(np.ones(3), n) for _ in range(members)])
-        combined = combine_members(stack, stack[:, :3], targets, "auto", scorer, folds)
+        combined = combine_members(stack, stack[:, :3], targets, "auto", scorer=scorer, row_folds=folds)
         best.append(max(row.score_nested for row in combined.table))
         auto.append(scorer.score(targets, combined.oof_nested))
         chosen.append(combined.fit.label)

@@ -96,7 +96,7 @@ def rule_value(rule: str, task: Task, targets: np.ndarray, epoch: Epoch) -> floa
     if rule == "in_sample":  # the old rule: fitted and scored on the same rows
         if task.label_decoder is Decoder.ARGMAX:
             return selection_value(task, targets, epoch.valid, epoch.loss)
-        return max(decoded_score(task.label_decoder, task.metric, targets, v, task.positive)
+        return max(decoded_score(task.label_decoder, task.metric, targets, v, positive=task.positive)
                    for v in epoch.valid)
     ruled = dataclasses.replace(task, epoch_rule=EpochRule(rule))
     return selection_value(ruled, targets, epoch.valid, epoch.loss)

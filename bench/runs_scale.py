@@ -81,10 +81,10 @@ def write_experiment(data: str, overrides: list[str], name: str, megabytes: int,
                       "seconds": [1.0]}).to_csv(part.log, index=False)
         save_config(config, part.config)
         pd.DataFrame({"id": test_ids, "a": 0.5, "b": 0.5}).to_csv(part.test_probs, index=False)
-        write_manifest(part.train_manifest, "train", inputs, part.trained_outputs(), details)
+        write_manifest(part.train_manifest, "train", inputs, part.trained_outputs(), details=details)
         write_manifest(part.predict_manifest, "predict",
                        predict_inputs(part, config.tta, test_fingerprint, valid),
-                       [part.test_probs], {"tta": config.tta.model_dump()})
+                       [part.test_probs], details={"tta": config.tta.model_dump()})
 
 
 def time_runs(data: str, overrides: list[str], state: str) -> float:

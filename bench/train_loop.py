@@ -64,8 +64,8 @@ def pipeline_trainer(root: Path, model: str, size: int, batch: int, steps: int, 
                   "warmup_epochs": 0, "channels_last": channels_last},
     })
     rows = Rows([f"{i:04d}" for i in range(len(labels))], labels, np.array([int(x) for x in labels]))
-    return make_trainer(config, RunSpec(Part(root / "runs" / "fold0"), rows, None, seed=0,
-                                        tag="bench", inputs={}))
+    return make_trainer(config, RunSpec(part=Part(root / "runs" / "fold0"), train_rows=rows,
+                                        valid_rows=None, seed=0, tag="bench", inputs={}))
 
 
 class BareLoop:

@@ -57,7 +57,7 @@ def _measure(model_name: str, size: int, batch: int, batches: int, rounds: int,
     images = batch * batches
 
     def predict(views) -> int:
-        predict_logits(model, normalizer, data, device, dtype, desc="bench tta", views=views)
+        predict_logits(model, normalizer, data, device, dtype=dtype, desc="bench tta", views=views)
         return images  # predict_logits ends with a copy to the host: the device is done
 
     d4 = tta_views(TTAConfig(views="d4"), size)

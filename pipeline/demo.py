@@ -31,7 +31,7 @@ def banner(text: str) -> None:
 
 
 def run_demo(model: str, data: str, overrides: list[str], force: bool,
-             name: str | None = None) -> dict:
+             *, name: str | None = None) -> dict:
     started = time.perf_counter()
     config = load_config(data, model, overrides, name=name)
     if config.data.solution_csv is None:
@@ -46,8 +46,8 @@ def run_demo(model: str, data: str, overrides: list[str], force: bool,
     banner(f"train {config.run_name} on {config.folds.n_splits} folds")
     train_folds(config, layout, None, force)
     banner(f"predict the test set (TTA: {config.tta.views})")
-    predict_experiment(config, layout, read_folds(config.data, config.folds, layout), None, force,
-                       read_test_set(config.data))
+    predict_experiment(config, layout, read_folds(config.data, config.folds, layout), None, force=force,
+                       test=read_test_set(config.data))
     banner("refit on all labelled rows")
     refit = run_refit(config, force)
     banner("ensemble folds + refit, write the submission")
@@ -78,4 +78,4 @@ FLAGS = ("data", "model", "name", "force", "overrides")
 
 
 def main(args) -> None:
-    run_demo(args.model or "resnet18", args.data, args.overrides, args.force, args.name)
+    run_demo(args.model or "resnet18", args.data, args.overrides, args.force, name=args.name)

@@ -110,7 +110,7 @@ def predict(config: Config, folds: list[int] | None = None, force: bool = False)
 
     layout = Layout.of(config)
     predict_experiment(config, layout, read_folds(config.data, config.folds, layout), folds,
-                       force, read_test_set(config.data))
+                       force=force, test=read_test_set(config.data))
 
 
 def read_folds_of(config: Config):

@@ -321,8 +321,9 @@ def test_training_with_the_cache_gives_the_same_model(tmp_path):
         config = tiny(tmp_path / str(enabled), extra=[f"cache.enabled={enabled}",
                                                       f"cache.dir={tmp_path / 'cache'}"])
         folds = read_folds(config)
-        spec = RunSpec(Part(tmp_path / str(enabled) / "run"), Rows.of(folds[folds.fold != 0]),
-                       Rows.of(folds[folds.fold == 0]), seed=0, tag="fold 0", inputs={})
+        spec = RunSpec(part=Part(tmp_path / str(enabled) / "run"),
+                       train_rows=Rows.of(folds[folds.fold != 0]),
+                       valid_rows=Rows.of(folds[folds.fold == 0]), seed=0, tag="fold 0", inputs={})
         trainer = make_trainer(config, spec)
         loader = trainer.parts.train_loader.dataset.loader
         assert isinstance(loader, CachedReader if enabled else Preprocess)
@@ -350,7 +351,7 @@ def test_tta_logits_are_the_same_stacked_or_one_view_per_pass(monkeypatch):
     outputs = []
     for per_pass in (lambda device, count: 1, lambda device, count: count):
         monkeypatch.setattr(engine, "views_per_pass", per_pass)
-        outputs.append(predict_logits(model, normalizer, batches, torch.device("cpu"), None,
+        outputs.append(predict_logits(model, normalizer, batches, torch.device("cpu"), dtype=None,
                                       views=views))
     assert outputs[0].shape == (8, 4, 3)
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)

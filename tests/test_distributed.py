@@ -134,7 +134,7 @@ def test_parallel_folds_name_the_failed_fold(tmp_path):
     config = tiny(tmp_path, extra=["train.epochs=1"])
     failing = [sys.executable, "-c", "import sys; print('boom'); sys.exit(2)"]
     with pytest.raises(PipelineError, match=r"fold \d \(exit 2\), fold \d \(exit 2\) failed"):
-        run_parallel_folds(config, None, False, "2", failing)
+        run_parallel_folds(config, None, False, "2", command=failing)
     assert "boom" in (experiment_dir(config) / "fold1" / "train.log").read_text()
     assert not (experiment_dir(config) / "summary.csv").exists()
 

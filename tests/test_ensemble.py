@@ -118,7 +118,7 @@ def write_run(config, name, oof, test, folds=None, tta_folds=(), refit=None):
         pd.DataFrame({"epoch": [1], config.data.metric: [0.5], "valid_loss": [0.7],
                       "seconds": [1.0]}).to_csv(part.log, index=False)
         save_config(member, part.config)
-        write_manifest(part.train_manifest, "train", inputs, [part.best, part.oof], details)
+        write_manifest(part.train_manifest, "train", inputs, [part.best, part.oof], details=details)
         valid = table[table["fold"] == k]
         outputs = [part.test_probs] + ([part.oof_tta] if k in tta_folds else [])
         write_manifest(part.predict_manifest, "predict",
@@ -131,7 +131,7 @@ def write_run(config, name, oof, test, folds=None, tta_folds=(), refit=None):
         frame.to_csv(full.test_probs, index=False)
         full.best.write_bytes(f"{name} full".encode())
         plan = refit_plan(member, table, layout)
-        write_manifest(full.train_manifest, "refit", plan.inputs, [full.best], plan.details)
+        write_manifest(full.train_manifest, "refit", plan.inputs, [full.best], details=plan.details)
         write_manifest(full.predict_manifest, "predict",
                        predict_inputs(full, member.tta, test_fingerprint, None), [full.test_probs])
     return exp.dir
@@ -139,8 +139,8 @@ def write_run(config, name, oof, test, folds=None, tta_folds=(), refit=None):
 
 def member_check(config, name, refit_weight=None):
     _, test_fingerprint = read_test_set(config.data)
-    return candidate(config.data, Layout.of(config), name, read_folds(config), test_fingerprint,
-                     refit_weight, partial=False)
+    return candidate(config.data, Layout.of(config), name, read_folds(config), test_fingerprint=test_fingerprint,
+                     refit_weight=refit_weight, partial=False)
 
 
 def scorer(metric, classes=3, positive=1):
@@ -156,8 +156,8 @@ def test_identical_members_equal_each_member(method):
     targets = np.arange(50) % 4
     member = member_probs(targets, 4, skill=1.0, seed=1)
     stack = np.stack([member] * 3)
-    result = combine_members(stack, stack, targets, method, scorer("accuracy"))
-    alone = combine_members(stack[:1], stack[:1], targets, method, scorer("accuracy"))
+    result = combine_members(stack, stack, targets, method, scorer=scorer("accuracy"))
+    alone = combine_members(stack[:1], stack[:1], targets, method, scorer=scorer("accuracy"))
     expected = member if method != "rank" else alone.oof  # rank: each member's ranks
     assert np.allclose(result.oof, expected) and np.allclose(result.test, expected)
     if method == "rank":  # per-class ranks are kept: the AUC of each class is the member's
@@ -178,8 +178,8 @@ def test_fitted_weights_favour_the_good_member_and_never_score_worse():
     noisy = member_probs(targets, 3, skill=0.2, seed=2)
     stack = np.stack([good, noisy])
     for metric in ("accuracy", "log_loss"):
-        fitted = combine_members(stack, stack, targets, "fitted", scorer(metric))
-        equal = combine_members(stack, stack, targets, "mean", scorer(metric))
+        fitted = combine_members(stack, stack, targets, "fitted", scorer=scorer(metric))
+        equal = combine_members(stack, stack, targets, "mean", scorer=scorer(metric))
         assert fitted.weights[0] > 0.8 and fitted.weights.sum() == pytest.approx(1.0)
         assert (fitted.weights >= 0).all()
         fitted_score, equal_score = (score(metric, targets, r.oof) for r in (fitted, equal))
@@ -190,7 +190,7 @@ def test_fitted_weights_fall_back_to_equal_when_worse(monkeypatch):
     targets = np.arange(300) % 3
     stack = np.stack([member_probs(targets, 3, 2.5, 1), member_probs(targets, 3, 0.0, 2)])
     monkeypatch.setattr(combine_module, "fit_weights", lambda oof, t: np.array([0.0, 1.0]))
-    result = combine_members(stack, stack, targets, "fitted", scorer("accuracy"))
+    result = combine_members(stack, stack, targets, "fitted", scorer=scorer("accuracy"))
     assert np.allclose(result.weights, [0.5, 0.5])
     assert "worse than equal weights" in result.notes[0]
 
@@ -405,7 +405,7 @@ def test_fitted_weights_are_scored_out_of_fold():
     good, noise = member_probs(targets, 3, 2.0, 1), member_probs(targets, 3, 0.0, 2)
     stack = np.stack([good, noise])
     row_folds = np.arange(60) % 3
-    combined = combine_members(stack, stack[:, :10], targets, "fitted", scorer("log_loss"), row_folds)
+    combined = combine_members(stack, stack[:, :10], targets, "fitted", scorer=scorer("log_loss"), row_folds=row_folds)
     assert combined.weights[0] > combined.weights[1]
     in_sample = score("log_loss", targets, combined.oof)
     nested = score("log_loss", targets, combined.oof_nested)
@@ -419,7 +419,7 @@ def test_binary_f1_cutoff_is_fitted_out_of_fold():
     logit = rng.normal(size=400) + 1.5 * targets - 1.0  # under-confident: 0.5 is a poor cut
     positive = 1 / (1 + np.exp(-logit))
     probs = np.stack([1 - positive, positive], axis=1)
-    decoded = decode_cutoff(probs, probs[:7], targets, "binary_f1", 1, np.arange(400) % 5)
+    decoded = decode_cutoff(probs, probs[:7], targets, "binary_f1", positive=1, row_folds=np.arange(400) % 5)
     assert decoded.used and decoded.params[0] < 0.5
     assert decoded.score_nested > decoded.score_argmax
     assert decoded.score_in_sample >= decoded.score_nested
@@ -432,7 +432,7 @@ def test_a_cutoff_with_one_fold_is_judged_in_sample_instead_of_crashing():
     targets = (rng.random(200) < 0.3).astype(int)
     positive = 1 / (1 + np.exp(-(rng.normal(size=200) + 2 * targets - 1)))
     probs = np.stack([1 - positive, positive], axis=1)
-    decoded = decode_cutoff(probs, probs[:3], targets, "binary_f1", 1, np.zeros(200, int))
+    decoded = decode_cutoff(probs, probs[:3], targets, "binary_f1", positive=1, row_folds=np.zeros(200, int))
     assert decoded.score_nested == decoded.score_in_sample
     assert decoded.test_labels.shape == (3,)
 

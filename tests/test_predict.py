@@ -61,7 +61,7 @@ def test_batched_tta_matches_views_one_by_one(tmp_path):
     normalizer = Normalizer([0.5] * 3, [0.25] * 3)
     views = tta_views(TTAConfig(views="shifts"), 8) + tta_views(TTAConfig(views="d4"), 8)
     model = PositionModel()
-    logits = predict_logits(model, normalizer, loader, torch.device("cpu"), None, views=views)
+    logits = predict_logits(model, normalizer, loader, torch.device("cpu"), dtype=None, views=views)
     assert logits.shape == (13, 5, 4)
     batch = torch.from_numpy(images).permute(0, 3, 1, 2).float()
     for v, view in enumerate(views):

@@ -278,7 +278,7 @@ def test_freshness_names_what_changed_and_modified_outputs(tmp_path):
     out.write_text("x\n1\n")
     path = tmp_path / "stage.manifest.json"
     write_manifest(path, "stage", {"settings": fingerprint({"lr": 1})}, [out],
-                   {"settings": {"train": {"lr": 1}}})
+                   details={"settings": {"train": {"lr": 1}}})
     assert freshness(path, {"settings": fingerprint({"lr": 1})}).current
     stale = freshness(path, {"settings": fingerprint({"lr": 2})}, {"settings": {"train": {"lr": 2}}})
     assert stale.state == "stale" and "train.lr: 1 -> 2" in stale.why()

@@ -235,7 +235,7 @@ def test_the_view_of_a_fold_is_chosen_on_the_other_folds():
     b = np.where((row_folds == 0)[:, None], right, wrong)
     scorer = Scorer(("0", "1", "2"), "accuracy", False, 1)
     choice = choose_views({"A": (a, a[:2]), "B": (b, b[:2])}, targets, row_folds, "argmax",
-                          scorer)
+                          scorer=scorer)
     assert choice.per_fold == ["A", "A", "A"]  # fold 0 alone would have chosen B
     np.testing.assert_array_equal(choice.oof[row_folds == 0], a[row_folds == 0])
     assert (choice.oof.argmax(1) == targets).mean() == pytest.approx(2 / 3)

@@ -69,7 +69,7 @@ def test_hillclimb_picks_the_strong_members_and_leaves_the_bad_one_out():
     weights = hillclimb(stack, targets, scorer(), rounds=50)
     assert weights[3] == 0 and weights[:3].sum() == pytest.approx(1.0)
     assert (weights[:3] > 0).sum() >= 2  # picking with replacement still mixes strong members
-    combined = combine_members(stack, stack[:, :5], targets, "hillclimb", scorer(), folds)
+    combined = combine_members(stack, stack[:, :5], targets, "hillclimb", scorer=scorer(), row_folds=folds)
     best_single = max(scorer().score(targets, p) for p in strong)
     assert scorer().score(targets, combined.oof_nested) > best_single
 
@@ -79,7 +79,7 @@ def test_hillclimb_never_reports_its_in_sample_score_as_the_cv():
     is above chance, the nested one (selection refitted on the other folds) is not."""
     targets, folds = targets_and_folds(n=300)
     stack = noise_members(targets, 12)
-    combined = combine_members(stack, stack[:, :5], targets, "hillclimb", scorer(), folds)
+    combined = combine_members(stack, stack[:, :5], targets, "hillclimb", scorer=scorer(), row_folds=folds)
     in_sample = scorer().score(targets, combined.oof)
     nested = scorer().score(targets, combined.oof_nested)
     assert in_sample > nested + 0.02
@@ -97,7 +97,7 @@ def test_ties_go_to_fewer_members():
 def test_a_stacker_on_noise_is_at_chance_nested_and_above_it_in_sample():
     targets, folds = targets_and_folds(n=300)
     stack = noise_members(targets, 8)
-    combined = combine_members(stack, stack[:, :5], targets, "stack", scorer(), folds)
+    combined = combine_members(stack, stack[:, :5], targets, "stack", scorer=scorer(), row_folds=folds)
     in_sample = scorer().score(targets, combined.oof)
     nested = scorer().score(targets, combined.oof_nested)
     assert in_sample > 1 / CLASSES + 0.05  # 24 features fitted to 300 noisy rows
@@ -112,8 +112,8 @@ def test_a_stacker_learns_what_averaging_cannot():
     honest = member_probs(targets, CLASSES, 1.0, 1)
     swapped = member_probs(targets, CLASSES, 3.0, 2)[:, [1, 0, 2]]  # classes 0 and 1 swapped
     stack = np.stack([honest, swapped])
-    mean = combine_members(stack, stack, targets, "mean", scorer(), folds)
-    stacked = combine_members(stack, stack, targets, "stack", scorer(), folds)
+    mean = combine_members(stack, stack, targets, "mean", scorer=scorer(), row_folds=folds)
+    stacked = combine_members(stack, stack, targets, "stack", scorer=scorer(), row_folds=folds)
     assert scorer().score(targets, stacked.oof_nested) > scorer().score(targets, mean.oof) + 0.2
 
 
@@ -155,14 +155,14 @@ def test_auto_uses_the_method_with_the_best_nested_score():
     honest = member_probs(targets, CLASSES, 1.0, 1)
     swapped = member_probs(targets, CLASSES, 3.0, 2)[:, [1, 0, 2]]
     stack = np.stack([honest, swapped])
-    combined = combine_members(stack, stack[:, :5], targets, "auto", scorer(), folds)
+    combined = combine_members(stack, stack[:, :5], targets, "auto", scorer=scorer(), row_folds=folds)
     table = {row.fit.label: row.score_nested for row in combined.table}
     # rank only where the metric only ranks (ROC-AUC); this one is accuracy
     assert set(table) == {"mean", "median", "trimmed", "fitted", "hillclimb", "stack (logreg)"}
     assert combined.fit.label == max(table, key=table.get) == "stack (logreg)"
     # ordinal competitions also try the ridge stacker on expected grades
-    ordinal = combine_members(stack, stack[:, :5], targets, "auto", scorer(), folds,
-                              Options(ordinal=True))
+    ordinal = combine_members(stack, stack[:, :5], targets, "auto", scorer=scorer(), row_folds=folds,
+                              options=Options(ordinal=True))
     assert "stack (ridge)" in {row.fit.label for row in ordinal.table}
 
 
@@ -186,14 +186,14 @@ def test_auto_judges_each_method_as_its_submission_is_decoded():
     qwk = Scorer(tuple("01234"), "qwk", True, 1)
     options = Options(ordinal=True, decode="thresholds")
     decoded_rows = 0
-    for row in score_methods(stack, targets, folds, qwk, options):  # auto's table
+    for row in score_methods(stack, targets, folds, qwk, options=options):  # auto's table
         if row.fit.method == "fitted":  # alone, fitted weights fall back to the mean
             continue
         stacker = row.fit.stacker["kind"] if row.fit.stacker else options.stacker
-        alone = combine_members(stack, stack[:, :5], targets, row.fit.method, qwk, folds,
-                                Options(stacker=stacker, ordinal=True, decode="thresholds"))
+        alone = combine_members(stack, stack[:, :5], targets, row.fit.method, scorer=qwk, row_folds=folds,
+                                options=Options(stacker=stacker, ordinal=True, decode="thresholds"))
         printed = honest_scores(targets, alone, decode_combined("thresholds", alone, targets,
-                                                                folds, qwk), qwk)
+                                                                folds, scorer=qwk), qwk)
         assert row.score_nested == pytest.approx(printed["out of fold"]), row.fit.label
         decoded_rows += row.score_nested > qwk.score(targets, row.honest) + 0.01
     assert decoded_rows >= 3  # the thresholds mattered: argmax would have judged differently
@@ -208,7 +208,7 @@ def test_auto_nests_its_choice_of_method():
         targets, folds = targets_and_folds(n=300, seed=seed)
         stack = noise_members(targets, 12, seed=100 + seed)  # a stream apart from the targets'
 
-        combined = combine_members(stack, stack[:, :5], targets, "auto", scorer(), folds)
+        combined = combine_members(stack, stack[:, :5], targets, "auto", scorer=scorer(), row_folds=folds)
         best_nested.append(max(row.score_nested for row in combined.table))
         auto_cv.append(scorer().score(targets, combined.oof_nested))
         assert any("chosen on the other folds alone" in n for n in combined.notes)
@@ -312,10 +312,10 @@ def test_with_one_fold_a_fitted_method_is_labelled_in_sample():
     one_fold = np.zeros(300, int)
     stack = noise_members(targets, 8)
     for method in ("hillclimb", "stack", "fitted"):
-        combined = combine_members(stack, stack[:, :5], targets, method, scorer(), one_fold)
+        combined = combine_members(stack, stack[:, :5], targets, method, scorer=scorer(), row_folds=one_fold)
         assert not combined.nested and combined.oof_nested is combined.oof
         assert combined.fitted == (combined.fit.method != "mean")  # fitted may fall back
-    auto = combine_members(stack, stack[:, :5], targets, "auto", scorer(), one_fold)
+    auto = combine_members(stack, stack[:, :5], targets, "auto", scorer=scorer(), row_folds=one_fold)
     assert {row.fit.method for row in auto.table} == {"mean", "median", "trimmed"}
     assert not auto.nested and any("one fold" in n for n in auto.notes)
 
@@ -326,8 +326,8 @@ def test_with_two_folds_auto_reports_the_chosen_methods_nested_score_and_says_so
     honest = member_probs(targets, CLASSES, 1.0, 1)
     swapped = member_probs(targets, CLASSES, 3.0, 2)[:, [1, 0, 2]]
     stack = np.stack([honest, swapped, *noise_members(targets, 4)])
-    combined = combine_members(stack, stack[:, :5], targets, "auto", scorer("log_loss"),
-                               two_folds)
+    combined = combine_members(stack, stack[:, :5], targets, "auto", scorer=scorer("log_loss"),
+                               row_folds=two_folds)
     chosen = next(r for r in combined.table if r.fit is combined.fit)
     assert scorer("log_loss").score(targets, combined.oof_nested) == pytest.approx(
         chosen.score_nested)
@@ -341,7 +341,7 @@ def test_a_views_choice_follows_the_metrics_direction():
     good = member_probs(targets, CLASSES, 3.0, 1)
     bad = noise_members(targets, 1)[0]
     choice = choose_views({"bad": (bad, bad[:5]), "good": (good, good[:5])}, targets, folds,
-                          "argmax", scorer("log_loss"))
+                          "argmax", scorer=scorer("log_loss"))
     assert choice.view == "good" and set(choice.per_fold) == {"good"}
 
 
@@ -357,7 +357,7 @@ def test_a_rows_rank_does_not_depend_on_the_rows_beside_it():
     stack = np.stack([member_probs(targets, CLASSES, 1.5, 1),
                       member_probs(targets, CLASSES, 0.8, 2) ** 3])  # calibrated differently
     test = noise_members(np.zeros(40), 2, seed=7)
-    combined = combine_members(stack, test, targets, "rank", scorer("roc_auc"), folds)
+    combined = combine_members(stack, test, targets, "rank", scorer=scorer("roc_auc"), row_folds=folds)
     recorded = json.loads(json.dumps(combined.fit.stacker))  # as the manifest and bundle hold it
     whole = apply_combination("rank", combined.weights.tolist(), recorded, test)
     assert np.allclose(whole, combined.test)
@@ -367,7 +367,7 @@ def test_a_rows_rank_does_not_depend_on_the_rows_beside_it():
     held = folds == 0
     assert np.allclose(combined.fit.apply(stack[:, held]), combined.oof[held])
     # a member's order within each class is kept, so its per-class ROC-AUC is
-    alone = combine_members(stack[1:], test[1:], targets, "rank", scorer("roc_auc"), folds)
+    alone = combine_members(stack[1:], test[1:], targets, "rank", scorer=scorer("roc_auc"), row_folds=folds)
     assert scorer("roc_auc").score(targets, alone.oof) == pytest.approx(
         scorer("roc_auc").score(targets, stack[1]), abs=0.01)
 
@@ -388,7 +388,7 @@ def test_auto_of_one_member_prints_what_its_submission_scores_held_out():
     member = member_probs(np.concatenate([targets, held_out]), CLASSES, 0.6, 3)
     oof, test = member[None, :150], member[None, 150:]
     qwk_free = scorer()
-    combined = combine_members(oof, test, targets, "auto", qwk_free, folds)
+    combined = combine_members(oof, test, targets, "auto", scorer=qwk_free, row_folds=folds)
     printed = honest_scores(targets, combined, None, qwk_free)["out of fold"]
     truth = qwk_free.score(held_out, combined.test)
     assert "rank" not in {row.fit.method for row in combined.table}
@@ -407,9 +407,9 @@ def test_auto_with_a_decoder_prints_what_its_submission_scores_held_out():
     stack = np.stack([shrunk_member(targets, noise, seed) for noise, seed in ((0.5, 1), (0.8, 2))])
     folds = rng.permutation(np.arange(n) % 5)
     qwk = Scorer(tuple("01234"), "qwk", True, 1)
-    combined = combine_members(stack[:, :n], stack[:, n:], targets[:n], "auto", qwk, folds,
-                               Options(ordinal=True, decode="thresholds"))
-    decoded = decode_combined("thresholds", combined, targets[:n], folds, qwk)
+    combined = combine_members(stack[:, :n], stack[:, n:], targets[:n], "auto", scorer=qwk, row_folds=folds,
+                               options=Options(ordinal=True, decode="thresholds"))
+    decoded = decode_combined("thresholds", combined, targets[:n], folds, scorer=qwk)
     printed = honest_scores(targets[:n], combined, decoded, qwk)["out of fold"]
     truth = qwk.score_labels(targets[n:], decoded.test_labels)
     assert combined.nested_labels is not None and len(combined.fold_scores) == 5

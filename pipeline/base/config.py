@@ -754,7 +754,7 @@ LOG_LOSS_DEFAULTS: dict[str, Any] = {"train": {"class_weights": "none"}}
 
 def load_config(data: str = "digits", model: str | None = None,
                 overrides: list[str] | tuple[str, ...] = (), name: str | None = None,
-                saved: tuple[dict[str, Any], str] | None = None) -> Config:
+                *, saved: tuple[dict[str, Any], str] | None = None) -> Config:
     """Read the competition and experiment configs, apply overrides, validate once.
 
     The run name is the experiment file's stem; overrides that change what training produces add
@@ -795,13 +795,13 @@ def load_config(data: str = "digits", model: str | None = None,
         merged = deep_merge(merged, parse_override(text))
     if overrides:
         sources.append("overrides " + " ".join(overrides))
-    config = named(build_config(merged, sources), base, sources, bool(overrides), name)
+    config = named(build_config(merged, sources), base, sources, bool(overrides), name=name)
     config.task  # resolved once, here: what training reads of the competition and the settings
     return config
 
 
 def named(config: Config, base: dict[str, Any], sources: list[str], overridden: bool,
-          name: str | None) -> Config:
+          *, name: str | None) -> Config:
     """The config under its experiment's name: NAME= outright, else the experiment's own name
     with a suffix for the result-changing settings the overrides changed from `base`."""
     if name is not None:

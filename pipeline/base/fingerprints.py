@@ -65,11 +65,11 @@ def file_digest(path: Path | str) -> str:
     that puts a file in place sets its ctime."""
     resolved = str(Path(path).resolve())
     stat = os.stat(resolved)
-    return _digest(resolved, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+    return _digest(resolved, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, inode=stat.st_ino)
 
 
 @functools.lru_cache(maxsize=8192)
-def _digest(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+def _digest(path: str, size: int, mtime_ns: int, ctime_ns: int, *, inode: int) -> str:
     key = (path, size, mtime_ns, ctime_ns, inode)
     remembered = _STATE.get(key) if size >= REMEMBER_BYTES else None
     if remembered is not None:

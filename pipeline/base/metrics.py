@@ -127,7 +127,7 @@ def score(metric: str, targets: np.ndarray, probs: np.ndarray, positive: int = 1
 
 
 def report_metrics(metric: str, targets: np.ndarray, probs: np.ndarray, ordinal: bool,
-                   positive: int = 1) -> dict:
+                   *, positive: int = 1) -> dict:
     """The competition metric first, then the usual companions (accuracy, macro-F1, QWK, log-loss).
 
     `positive`: the positive class's column, for binary_f1 (scoring.positive_index).
@@ -158,7 +158,7 @@ def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def score_labels(metric: str, targets: np.ndarray, labels: np.ndarray, n_classes: int,
-                 positive: int = 1) -> float:
+                 *, positive: int = 1) -> float:
     """The metric of hard labels (N,), e.g. after threshold decoding (as one-hot probabilities)."""
     return score(metric, targets, one_hot(labels, n_classes), positive)
 
@@ -242,6 +242,6 @@ def labels_at_cutoff(probs: np.ndarray, cutoff: float, positive: int = 1) -> np.
 
 
 def score_at_cutoff(metric: str, targets: np.ndarray, probs: np.ndarray, cutoff: float,
-                    positive: int = 1) -> float:
+                    *, positive: int = 1) -> float:
     """`metric` of the labels that `cutoff` makes of binary probabilities (N, 2)."""
-    return score_labels(metric, targets, labels_at_cutoff(probs, cutoff, positive), 2, positive)
+    return score_labels(metric, targets, labels_at_cutoff(probs, cutoff, positive), 2, positive=positive)

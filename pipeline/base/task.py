@@ -82,11 +82,11 @@ class Scorer:
                      metric: str | None = None) -> float:
         """The metric of hard labels (N,), e.g. after thresholds or a cut-off."""
         return metrics.score_labels(metric or self.metric, targets, labels, self.n_classes,
-                                    self.positive)
+                                    positive=self.positive)
 
     def report(self, targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
         """The competition metric first, then accuracy, macro-F1, log-loss (and QWK if ordinal)."""
-        return metrics.report_metrics(self.metric, targets, probs, self.ordinal, self.positive)
+        return metrics.report_metrics(self.metric, targets, probs, self.ordinal, positive=self.positive)
 
     def probs_of(self, frame: pd.DataFrame) -> np.ndarray:
         """The class columns of a probability file, (N, C) in `classes` order."""

@@ -130,9 +130,9 @@ def check_competition(data: DataConfig, drop_bad: bool | None = None,
     test_paths = test_image_paths(data, test_ids)
     budget = data.max_image_pixels
     train_bad = find_image_problems(train_paths, workers, _tqdm("check train images"), train_dir,
-                                    budget)
+                                    max_pixels=budget)
     test_bad = find_image_problems(test_paths, workers, _tqdm("check test images"), test_dir,
-                                   budget)
+                                   max_pixels=budget)
 
     train_grouped = _group_problems(train_bad, dict(zip(train_paths, train["id"])))
     test_grouped = _group_problems(test_bad, dict(zip(test_paths, test_ids)))

@@ -114,7 +114,7 @@ def group_of_pairs(n: int, pairs: np.ndarray) -> np.ndarray:
 
 
 def duplicate_table(ids: Sequence[str], parts: Sequence[str], labels: Sequence[str],
-                    groups: np.ndarray, how: Sequence[str]) -> pd.DataFrame:
+                    groups: np.ndarray, *, how: Sequence[str]) -> pd.DataFrame:
     """The rows in a group of two or more: group, part (train/test), id, label ('' for test),
     how the group was found (exact, near)."""
     frame = pd.DataFrame({"group": groups, "part": list(parts), "id": list(ids),

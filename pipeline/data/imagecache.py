@@ -388,7 +388,7 @@ def _run_parallel(make: Callable, todo: list, workers: int, desc: str) -> dict[P
 
 def image_loader(cache: CacheConfig, augment: AugmentConfig, paths: Sequence[Path],
                  desc: str = "cache",
-                 max_pixels: int = MAX_IMAGE_PIXELS) -> Callable[[Path | str], np.ndarray]:
+                 *, max_pixels: int = MAX_IMAGE_PIXELS) -> Callable[[Path | str], np.ndarray]:
     """The `loader` for ImageDataset over `paths`.
 
     With cache.enabled: a CachedReader whose missing entries were just built (all at once, in

@@ -174,7 +174,7 @@ def image_problem(path: Path, real_folder: Path | None = None,
 
 def find_image_problems(paths: Sequence[Path], workers: int = 4,
                         progress: Callable | None = None, folder: Path | None = None,
-                        max_pixels: int = MAX_IMAGE_PIXELS) -> dict[Path, str]:
+                        *, max_pixels: int = MAX_IMAGE_PIXELS) -> dict[Path, str]:
     """Check every image (OpenCV releases the GIL, so threads decode in parallel); `folder`: the
     image folder no image may lead out of through a link."""
     real_folder = None if folder is None else folder.resolve()

@@ -315,7 +315,7 @@ def row_image_paths(folder: Path, pattern: str, rows: Sequence[Mapping[str, str]
 
 
 def _rows_for(ids: Sequence[str], table: pd.DataFrame, fields: dict[str, str],
-              source: Path, remedy: str) -> list[dict[str, str]]:
+              source: Path, *, remedy: str) -> list[dict[str, str]]:
     """The path fields of each id: {field: value}, `fields` mapping a field to its table column."""
     id_column = fields["id"]
     by_id = table.drop_duplicates(id_column).set_index(id_column, drop=False)
@@ -346,7 +346,7 @@ def train_image_paths(data: DataConfig, ids: Sequence[str] | None = None) -> lis
         raise DataError(f"image_path {data.image_path!r} uses column(s) {missing}, which "
                         f"{train_source(data)} lacks; its columns are {list(frame.columns)}")
     rows = _rows_for(ids, frame, fields, train_source(data),
-                     "the folds were made from other rows: run `make folds` again")
+                     remedy="the folds were made from other rows: run `make folds` again")
     return row_image_paths(train_image_dir(data), data.image_path, rows)
 
 
@@ -376,7 +376,7 @@ def test_image_paths(data: DataConfig, ids: Sequence[str] | None = None) -> list
                         f"(its columns: {list(frame.columns)}); the test set has no labels. Set "
                         f"data.test_image_path to the test images' layout, e.g. '{{id}}.png'")
     rows = _rows_for(ids, frame, fields, source,
-                     "the predictions are of another test set: run `make predict` again")
+                     remedy="the predictions are of another test set: run `make predict` again")
     return row_image_paths(test_image_dir(data), pattern, rows)
 
 

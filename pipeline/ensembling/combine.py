@@ -200,12 +200,12 @@ def fit_weights(oof_stack: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 def _fitted_or_equal(oof_stack: np.ndarray, targets: np.ndarray, scorer: Scorer,
                      row_folds: np.ndarray | None,
-                     notes: list[str]) -> tuple[np.ndarray, np.ndarray | None, bool]:
+                     *, notes: list[str]) -> tuple[np.ndarray, np.ndarray | None, bool]:
     """(weights, their nested OOF mix or None when there is one fold, whether they are the
     fitted ones): fitted weights when their honest score is not worse than equal weights',
     else equal weights."""
     fitted = fit_weights(oof_stack, targets)
-    honest = fitted_nested("fitted", oof_stack, targets, row_folds, scorer, Options())
+    honest = fitted_nested("fitted", oof_stack, targets, row_folds, scorer=scorer, options=Options())
     judged = combine(oof_stack, "fitted", fitted) if honest is None else honest
     equal_score = scorer.score(targets, combine(oof_stack, "mean"))
     fitted_score = scorer.score(targets, judged)
@@ -273,7 +273,7 @@ def check_stacker(kind: str, members: int, classes: int) -> None:
 
 
 def fit_method(method: str, oof_stack: np.ndarray, targets: np.ndarray, scorer: Scorer,
-               options: Options) -> Fit:
+               *, options: Options) -> Fit:
     """`method` fitted on these OOF rows (nothing to fit: equal weights, or none)."""
     members = len(oof_stack)
     if method == "fitted":
@@ -295,14 +295,14 @@ def fold_count(row_folds: np.ndarray | None) -> int:
 
 
 def fitted_nested(method: str, oof_stack: np.ndarray, targets: np.ndarray,
-                  row_folds: np.ndarray | None, scorer: Scorer,
+                  row_folds: np.ndarray | None, *, scorer: Scorer,
                   options: Options) -> np.ndarray | None:
     """(N, C): each fold combined by `method` fitted on the other folds (the honest OOF); None
     when there is nothing to nest: a method that fits nothing, or fewer than two folds."""
     if method not in FITTED_METHODS or fold_count(row_folds) < 2:
         return None
     return nested(lambda train: fit_method(method, oof_stack[:, train], targets[train], scorer,
-                                           options),
+                                           options=options),
                   lambda fit, held: fit.apply(oof_stack[:, held]),
                   row_folds, oof_stack.shape[1])
 
@@ -341,18 +341,18 @@ def auto_candidates(options: Options, shape: tuple[int, ...], row_folds: np.ndar
 
 
 def score_methods(oof_stack: np.ndarray, targets: np.ndarray, row_folds: np.ndarray | None,
-                  scorer: Scorer, options: Options) -> list[MethodScore]:
+                  scorer: Scorer, *, options: Options) -> list[MethodScore]:
     """Every `auto` candidate, fitted on all rows and scored nested and in sample, each as its
     own submission would print it: decoded by the submission's decoder (thresholds fitted on
     the other folds, say), so auto picks what scores best as submitted, not by argmax."""
     table = []
     for method, method_options in auto_candidates(options, oof_stack.shape, row_folds,
                                                   scorer.metric):
-        fit = fit_method(method, oof_stack, targets, scorer, method_options)
+        fit = fit_method(method, oof_stack, targets, scorer, options=method_options)
         in_sample = fit.apply(oof_stack)
-        honest = fitted_nested(method, oof_stack, targets, row_folds, scorer, method_options)
+        honest = fitted_nested(method, oof_stack, targets, row_folds, scorer=scorer, options=method_options)
         honest = in_sample if honest is None else honest
-        scores = submitted_scores(options.decode, in_sample, honest, targets, row_folds, scorer)
+        scores = submitted_scores(options.decode, in_sample, honest, targets, row_folds=row_folds, scorer=scorer)
         table.append(MethodScore(fit, honest, scores["out of fold"], scores["in sample"]))
     return table
 
@@ -377,7 +377,7 @@ class AutoNested:
 
 
 def auto_nested(oof_stack: np.ndarray, targets: np.ndarray, row_folds: np.ndarray,
-                scorer: Scorer, options: Options) -> AutoNested:
+                scorer: Scorer, *, options: Options) -> AutoNested:
     """The honest OOF of `auto`: for each fold, the whole of auto done on the other folds alone,
     as the submission does it on every row, then applied to the held fold: the methods scored
     nested (by the other folds' own folds), the best fitted on those rows, and the submission's
@@ -401,11 +401,11 @@ def auto_nested(oof_stack: np.ndarray, targets: np.ndarray, row_folds: np.ndarra
     for fold in tqdm(np.unique(row_folds), desc="auto: nesting the choice", leave=False):
         held = row_folds == fold
         inner = score_methods(oof_stack[:, ~held], targets[~held], row_folds[~held], scorer,
-                              options)
+                              options=options)
         best = inner[best_method(inner, scorer)]
         out[held] = best.fit.apply(oof_stack[:, held])
         decoded = fit_decoder(options.decode, best.fit.apply(oof_stack[:, ~held]), out[held],
-                              targets[~held], row_folds[~held], scorer, best.honest)
+                              targets[~held], row_folds=row_folds[~held], scorer=scorer, oof_nested=best.honest)
         decoded_any = decoded_any or decoded is not None
         labels[held] = out[held].argmax(1) if decoded is None else decoded.test_labels
         chosen.append(best.fit.label)
@@ -416,11 +416,11 @@ def auto_nested(oof_stack: np.ndarray, targets: np.ndarray, row_folds: np.ndarra
 
 
 def _auto(oof_stack: np.ndarray, targets: np.ndarray, row_folds: np.ndarray | None,
-          scorer: Scorer, options: Options,
+          scorer: Scorer, *, options: Options,
           notes: list[str]) -> tuple[Fit, np.ndarray | None, list[MethodScore], AutoNested | None]:
     """(the chosen fit, the honest OOF or None when nothing could be nested, every method,
     auto done on the other folds for each held fold, or None where too few folds)."""
-    table = score_methods(oof_stack, targets, row_folds, scorer, options)
+    table = score_methods(oof_stack, targets, row_folds, scorer, options=options)
     best = table[best_method(table, scorer)]
     folds = fold_count(row_folds)
     if folds < 2:
@@ -431,7 +431,7 @@ def _auto(oof_stack: np.ndarray, targets: np.ndarray, row_folds: np.ndarray | No
         notes.append("auto: two folds, too few to nest the choice of method too: the CV is "
                      "the chosen method's nested score, optimistic by the choice")
         return best.fit, best.honest, table, None
-    doubly = auto_nested(oof_stack, targets, row_folds, scorer, options)
+    doubly = auto_nested(oof_stack, targets, row_folds, scorer, options=options)
     spread = np.asarray(doubly.fold_scores)
     notes.append(f"auto chose {best.fit.label} on every OOF row (for the test set); chosen on "
                  f"the other folds alone for each held fold: {', '.join(doubly.chosen)}; "
@@ -441,7 +441,7 @@ def _auto(oof_stack: np.ndarray, targets: np.ndarray, row_folds: np.ndarray | No
 
 
 def combine_members(oof_stack: np.ndarray, test_stack: np.ndarray, targets: np.ndarray,
-                    method: str, scorer: Scorer, row_folds: np.ndarray | None = None,
+                    method: str, *, scorer: Scorer, row_folds: np.ndarray | None = None,
                     options: Options = Options()) -> Combined:
     """The ensemble of OOF and test predictions by `method`.
 
@@ -454,18 +454,18 @@ def combine_members(oof_stack: np.ndarray, test_stack: np.ndarray, targets: np.n
     table: list[MethodScore] = []
     doubly = None
     if method == "auto":
-        fit, honest, table, doubly = _auto(oof_stack, targets, row_folds, scorer, options, notes)
+        fit, honest, table, doubly = _auto(oof_stack, targets, row_folds, scorer, options=options, notes=notes)
     elif method == "fitted":
-        weights, honest, used = _fitted_or_equal(oof_stack, targets, scorer, row_folds, notes)
+        weights, honest, used = _fitted_or_equal(oof_stack, targets, scorer, row_folds, notes=notes)
         fit = Fit("fitted" if used else "mean", weights)
     else:
-        fit = fit_method(method, oof_stack, targets, scorer, options)
-        honest = fitted_nested(method, oof_stack, targets, row_folds, scorer, options)
+        fit = fit_method(method, oof_stack, targets, scorer, options=options)
+        honest = fitted_nested(method, oof_stack, targets, row_folds, scorer=scorer, options=options)
     fitted = method == "auto" or fit.method in FITTED_METHODS
     if fitted and honest is None:
         notes.append(f"{method}: fitted on the OOF rows with one fold, nothing to nest it in: "
                      f"its CV is in sample (optimistic)")
-    notes += method_notes(method, fit, honest, oof_stack, targets, scorer)
+    notes += method_notes(method, fit, honest, oof_stack, targets=targets, scorer=scorer)
     oof = fit.apply(oof_stack)
     return Combined(oof=oof, test=fit.apply(test_stack), weights=fit.weights, notes=notes,
                     oof_nested=oof if honest is None else honest, fit=fit, table=table,
@@ -475,7 +475,7 @@ def combine_members(oof_stack: np.ndarray, test_stack: np.ndarray, targets: np.n
 
 
 def method_notes(method: str, fit: Fit, honest: np.ndarray | None, oof_stack: np.ndarray,
-                 targets: np.ndarray, scorer: Scorer) -> list[str]:
+                 *, targets: np.ndarray, scorer: Scorer) -> list[str]:
     """What the report should say about the method used."""
     notes = []
     if method in ("hillclimb", "stack") and honest is not None:
@@ -510,23 +510,23 @@ def _view_score(kind: str, probs: np.ndarray, targets: np.ndarray, scorer: Score
     """A view's metric as the submission would decode it, fitted on these rows (a choice's
     training rows)."""
     if kind in ("thresholds", "cutoff"):
-        return decoded_score(kind, scorer.metric, targets, probs, scorer.positive)
+        return decoded_score(kind, scorer.metric, targets, probs, positive=scorer.positive)
     return scorer.score(targets, probs)
 
 
 def _nested_score(kind: str, probs: np.ndarray, targets: np.ndarray, row_folds: np.ndarray,
-                  scorer: Scorer) -> float:
+                  *, scorer: Scorer) -> float:
     """A view's honest score: its decoder fitted on the other folds for each held one."""
     if kind == "thresholds":
         return decode_thresholds(probs, probs[:1], targets, row_folds).score_nested
     if kind == "cutoff":
-        return decode_cutoff(probs, probs[:1], targets, scorer.metric, scorer.positive,
-                             row_folds).score_nested
+        return decode_cutoff(probs, probs[:1], targets, scorer.metric, positive=scorer.positive,
+                             row_folds=row_folds).score_nested
     return scorer.score(targets, probs)
 
 
 def choose_views(views: dict[str, tuple[np.ndarray, np.ndarray]], targets: np.ndarray,
-                 row_folds: np.ndarray, kind: str, scorer: Scorer) -> ViewChoice:
+                 row_folds: np.ndarray, kind: str, *, scorer: Scorer) -> ViewChoice:
     """Choose, nested, which of a member's views ({name: (OOF (N, C), test)}) it submits from:
     for each held fold the view that scores best on the other folds (decoded as the ensemble
     will, `kind`), so the assembled OOF is honest; on every row, the view for the test set."""
@@ -548,17 +548,17 @@ def choose_views(views: dict[str, tuple[np.ndarray, np.ndarray]], targets: np.nd
         oof[held] = views[chosen][0][held]
         per_fold.append(chosen)
     view = best(np.ones(len(targets), bool))
-    nested_scores = {v: _nested_score(kind, views[v][0], targets, row_folds, scorer)
+    nested_scores = {v: _nested_score(kind, views[v][0], targets, row_folds, scorer=scorer)
                      for v in names}
     return ViewChoice(view, per_fold, nested_scores, oof, views[view][1])
 
 
 def decode_combined(kind: str, combined: Combined, targets: np.ndarray, row_folds: np.ndarray,
-                    scorer: Scorer) -> Decoded | None:
+                    *, scorer: Scorer) -> Decoded | None:
     """The fitted decoder `kind` (thresholds, cutoff; argmax: None) of an ensemble, judged by its
     nested score; a note says so when it did not beat argmax."""
-    decoded = fit_decoder(kind, combined.oof, combined.test, targets, row_folds, scorer,
-                          combined.oof_nested)
+    decoded = fit_decoder(kind, combined.oof, combined.test, targets, row_folds=row_folds, scorer=scorer,
+                          oof_nested=combined.oof_nested)
     if decoded is None:
         return None
     what = "thresholds" if kind == "thresholds" else f"a cut-off of {decoded.params[0]:.3f}"
@@ -571,15 +571,15 @@ def decode_combined(kind: str, combined: Combined, targets: np.ndarray, row_fold
 
 
 def fit_decoder(kind: str, oof: np.ndarray, test: np.ndarray, targets: np.ndarray,
-                row_folds: np.ndarray | None, scorer: Scorer,
+                *, row_folds: np.ndarray | None, scorer: Scorer,
                 oof_nested: np.ndarray | None = None) -> Decoded | None:
     """The decoder `kind` fitted on `oof` (thresholds, cutoff; argmax: None), its nested score
     taken on `oof_nested` (a fitted ensemble's honest mix; None: `oof`)."""
     if kind == "thresholds":
-        return decode_thresholds(oof, test, targets, row_folds, oof_nested)
+        return decode_thresholds(oof, test, targets, row_folds, oof_nested=oof_nested)
     if kind == "cutoff":
-        return decode_cutoff(oof, test, targets, scorer.metric, scorer.positive, row_folds,
-                             oof_nested)
+        return decode_cutoff(oof, test, targets, scorer.metric, positive=scorer.positive, row_folds=row_folds,
+                             oof_nested=oof_nested)
     return None
 
 
@@ -591,22 +591,22 @@ def honest_scores(targets: np.ndarray, combined: Combined, decoded: Decoded | No
     other folds only; it is the number in the submission's name. auto with its choice nested:
     each fold as auto done on the other folds submits it, decoder included (auto_nested).
     """
-    printed = _printed(decoded, combined.oof, combined.oof_nested, targets, scorer)
+    printed = _printed(decoded, combined.oof, combined.oof_nested, targets, scorer=scorer)
     if combined.nested_labels is not None:
         printed["out of fold"] = scorer.score_labels(targets, combined.nested_labels)
     return printed
 
 
 def submitted_scores(kind: str, oof: np.ndarray, oof_nested: np.ndarray, targets: np.ndarray,
-                     row_folds: np.ndarray | None, scorer: Scorer) -> dict[str, float]:
+                     *, row_folds: np.ndarray | None, scorer: Scorer) -> dict[str, float]:
     """honest_scores of combined OOF rows (`oof` fitted on every row, `oof_nested` on the other
     folds) as the submission decodes them: what `make ensemble` of that method would print."""
-    decoded = fit_decoder(kind, oof, oof[:1], targets, row_folds, scorer, oof_nested)
-    return _printed(decoded, oof, oof_nested, targets, scorer)
+    decoded = fit_decoder(kind, oof, oof[:1], targets, row_folds=row_folds, scorer=scorer, oof_nested=oof_nested)
+    return _printed(decoded, oof, oof_nested, targets, scorer=scorer)
 
 
 def _printed(decoded: Decoded | None, oof: np.ndarray, oof_nested: np.ndarray,
-             targets: np.ndarray, scorer: Scorer) -> dict[str, float]:
+             targets: np.ndarray, *, scorer: Scorer) -> dict[str, float]:
     if decoded is not None and decoded.used:
         return {"out of fold": decoded.score_nested, "in sample": decoded.score_in_sample}
     return {"out of fold": scorer.score(targets, oof_nested),

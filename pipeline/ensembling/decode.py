@@ -61,7 +61,7 @@ def apply_thresholds(grades: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
 
 
 def fit_thresholds(grades: np.ndarray, targets: np.ndarray, n_classes: int,
-                   passes: int = 4, candidates: int = 48) -> np.ndarray:
+                   passes: int = 4, *, candidates: int = 48) -> np.ndarray:
     """Thresholds (C-1,) maximising QWK, by coordinate search from 0.5, 1.5, ...
 
     QWK is a step function of the thresholds, so instead of a gradient method each threshold in
@@ -106,7 +106,7 @@ def decoder_kind(data, setting: str, submission_kind: Callable[[], str]) -> str:
 
 
 def decoded_score(kind: str, metric: str, targets: np.ndarray, probs: np.ndarray,
-                  positive: int = 1) -> float:
+                  *, positive: int = 1) -> float:
     """The metric of `probs` as the submission will decode them, with the decoder fitted on these
     rows (in sample): never a reported CV, nor a fold's best epoch any more (that fitted on the
     rows it scored and kept undertrained epochs, issue 25: train.epoch_rule, cross_fitted_score)."""
@@ -114,15 +114,15 @@ def decoded_score(kind: str, metric: str, targets: np.ndarray, probs: np.ndarray
     if kind == "thresholds":
         grades = expected_grade(probs)
         labels = apply_thresholds(grades, fit_thresholds(grades, targets, n_classes, passes=2))
-        return score_labels(metric, targets, labels, n_classes, positive)
+        return score_labels(metric, targets, labels, n_classes, positive=positive)
     if kind == "cutoff":
         cutoff = fit_cutoff(targets, probs[:, positive], metric, positive)
-        return score_labels(metric, targets, labels_at_cutoff(probs, cutoff, positive), 2, positive)
+        return score_labels(metric, targets, labels_at_cutoff(probs, cutoff, positive), 2, positive=positive)
     raise ValueError(f"no decoder {kind!r}")
 
 
 def cross_fitted_score(kind: str, metric: str, targets: np.ndarray, probs: np.ndarray,
-                       positive: int = 1) -> float:
+                       *, positive: int = 1) -> float:
     """The metric of `probs` decoded by `kind`, fitted on one half of these rows and applied to
     the other, both ways round: never scored on the rows it was fitted on (EpochRule.CROSS_FIT,
     a fold's best epoch). The halves are stratified by target and fixed by the row order."""
@@ -140,7 +140,7 @@ def cross_fitted_score(kind: str, metric: str, targets: np.ndarray, probs: np.nd
                         halves, len(targets))
     else:
         labels = probs.argmax(axis=1)
-    return score_labels(metric, targets, labels, n_classes, positive)
+    return score_labels(metric, targets, labels, n_classes, positive=positive)
 
 
 def nested(fit: Callable[[np.ndarray], object], apply: Callable[[object, np.ndarray], np.ndarray],
@@ -182,7 +182,7 @@ class Decoded:
 
 def decode_thresholds(oof: np.ndarray, test: np.ndarray, targets: np.ndarray,
                       row_folds: np.ndarray | None = None,
-                      oof_nested: np.ndarray | None = None) -> Decoded:
+                      *, oof_nested: np.ndarray | None = None) -> Decoded:
     """Thresholds on the expected grade, fitted on every OOF row for the test set, and judged by
     their nested score (`row_folds`: each OOF row's fold; None: one fold, in-sample only).
 
@@ -213,7 +213,7 @@ def decode_thresholds(oof: np.ndarray, test: np.ndarray, targets: np.ndarray,
 
 
 def decode_cutoff(oof: np.ndarray, test: np.ndarray, targets: np.ndarray, metric: str,
-                  positive: int, row_folds: np.ndarray | None = None,
+                  *, positive: int, row_folds: np.ndarray | None = None,
                   oof_nested: np.ndarray | None = None) -> Decoded:
     """A cut-off on the positive class's probability (binary label submissions), fitted on every
     OOF row for the test set and judged by its nested score against the 0.5 cut-off."""
@@ -233,7 +233,7 @@ def decode_cutoff(oof: np.ndarray, test: np.ndarray, targets: np.ndarray, metric
     plain = labels_at_cutoff(oof_nested, 0.5, positive)
 
     def of(labels):
-        return score_labels(metric, targets, labels, 2, positive)
+        return score_labels(metric, targets, labels, 2, positive=positive)
 
     used = of(honest) >= of(plain)
     test_labels = labels_at_cutoff(test, cutoff if used else 0.5, positive)

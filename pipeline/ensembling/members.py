@@ -92,7 +92,7 @@ class Candidate:
 
 
 def candidate(data: DataConfig, layout: Layout, name: str, folds: pd.DataFrame,
-              test_fingerprint: str, refit_weight: float | None, partial: bool) -> Candidate:
+              *, test_fingerprint: str, refit_weight: float | None, partial: bool) -> Candidate:
     """Experiment `name` judged as a member: `refit_weight` None takes its own
     ensemble.refit_weight; `partial` allows missing folds when it has some."""
     saved = experiment_config(layout.experiment(name))
@@ -101,7 +101,7 @@ def candidate(data: DataConfig, layout: Layout, name: str, folds: pd.DataFrame,
                             f"{layout.competition}: run "
                             f"`{make_command('train', layout.competition, MODEL=name)}`")
     weight = saved.ensemble.refit_weight if refit_weight is None else refit_weight
-    state = experiment_state(data, layout, name, folds, test_fingerprint, with_refit=weight > 0)
+    state = experiment_state(data, layout, name, folds, test_fingerprint=test_fingerprint, with_refit=weight > 0)
     problems = state.problems(use_refit=weight > 0)
     missing, usable = state.missing_folds, state.predicted_folds
     if missing and not (partial and usable):
@@ -113,7 +113,7 @@ def candidate(data: DataConfig, layout: Layout, name: str, folds: pd.DataFrame,
 
 
 def select_members(data: DataConfig, layout: Layout, names: list[str] | None,
-                   folds: pd.DataFrame, test_fingerprint: str, partial: bool,
+                   folds: pd.DataFrame, *, test_fingerprint: str, partial: bool,
                    refit_weight: float | None) -> tuple[list[Candidate], list[str]]:
     """The members to ensemble and notes on the experiments left out.
 
@@ -123,7 +123,7 @@ def select_members(data: DataConfig, layout: Layout, names: list[str] | None,
     """
     found = layout.experiment_names()
     _check_names(layout, names, found)
-    candidates = [candidate(data, layout, name, folds, test_fingerprint, refit_weight, partial)
+    candidates = [candidate(data, layout, name, folds, test_fingerprint=test_fingerprint, refit_weight=refit_weight, partial=partial)
                   for name in (names or found)]
     if names is not None:
         refused = [c for c in candidates if c.problems]
@@ -220,7 +220,7 @@ def choose_view(member: Member, folds: pd.DataFrame, kind: str,
     row_folds = by_id.loc[member.oof_ids, "fold"].to_numpy()
     choice = choose_views({PROBS_VIEW: (member.oof, member.test),
                            GRADE_VIEW: (member.grade_oof, member.grade_test)},
-                          targets, row_folds, kind, scorer)
+                          targets, row_folds, kind, scorer=scorer)
     scores = ", ".join(f"{view} {value:.4f}" for view, value in choice.nested.items())
     agreed = sum(v == choice.view for v in choice.per_fold)
     note = (f"{member.name} submits from its {choice.view} (chosen on the other folds for "

@@ -63,7 +63,7 @@ def competition_states(data: DataConfig, folds_cfg: FoldsConfig,
     folds_error = None if fresh.current else f"the folds no longer fit the data ({fresh.why()})"
     folds = read_folds_unchecked(data, layout)
     _, test_fingerprint = read_test_set(data)
-    states = [experiment_state(data, layout, name, folds, test_fingerprint, folds_error)
+    states = [experiment_state(data, layout, name, folds, test_fingerprint=test_fingerprint, folds_error=folds_error)
               for name in names]
     return [s for s in states if s is not None]
 

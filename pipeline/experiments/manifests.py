@@ -36,7 +36,7 @@ class Manifest:
 
 
 def write_manifest(path: Path, stage: str, inputs: dict[str, str], outputs: Iterable[Path],
-                   details: dict[str, Any] | None = None) -> Manifest:
+                   *, details: dict[str, Any] | None = None) -> Manifest:
     """Record a finished stage; call it after every output is in place (the manifest is last)."""
     path = Path(path)
     digests = {}

@@ -28,7 +28,7 @@ class PredictionFileError(PipelineError):
 
 def probability_frame(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str],
                       labels: Sequence[str] | None = None,
-                      grade: np.ndarray | None = None) -> pd.DataFrame:
+                      *, grade: np.ndarray | None = None) -> pd.DataFrame:
     """id[, label], one probability column per class and, from a grade output (a regression or
     `both` head), `grade`."""
     frame = pd.DataFrame(probs, columns=list(classes))
@@ -82,7 +82,7 @@ def oof_file(part: Part) -> Path:
 
 
 def read_fold_oof(part: Part, fold: int, folds: pd.DataFrame, classes: Sequence[str],
-                  with_grade: bool = False) -> tuple[pd.DataFrame, str]:
+                  *, with_grade: bool = False) -> tuple[pd.DataFrame, str]:
     """(one fold's OOF rows, the file's stem), after checking the file holds exactly that fold's
     ids with the labels of the fold file."""
     path = oof_file(part)

@@ -79,7 +79,7 @@ class Decision:
 
 
 def decide(manifest: Path, inputs: dict[str, str], details: dict[str, Any] | None, force: bool,
-           on_stale: str = "redo") -> Decision:
+           *, on_stale: str = "redo") -> Decision:
     """The one rule (freshness.freshness) applied: skip the current, refuse stale work that
     redoing would throw away, do the rest; FORCE=1 does everything."""
     fresh = freshness(manifest, inputs, details)
@@ -92,7 +92,7 @@ def decide(manifest: Path, inputs: dict[str, str], details: dict[str, Any] | Non
 
 def run_step(step: Step, force: bool) -> Any:
     """Run a step unless it is current: its work's value, or None when it was skipped."""
-    decision = decide(step.manifest, step.inputs, step.details, force, step.on_stale)
+    decision = decide(step.manifest, step.inputs, step.details, force, on_stale=step.on_stale)
     if distributed.broadcast_from_main(decision.action == "skip"):  # every rank, or none
         if step.current:  # empty: the verb says it in its own table
             log.info(step.current)
@@ -110,7 +110,7 @@ def run_step(step: Step, force: bool) -> Any:
     result = step.work() if distributed.is_main() or not step.main_only else None
     if distributed.is_main():
         details = {**step.details, **(step.recorded(result) if step.recorded else {})}
-        write_manifest(step.manifest, step.name, step.inputs, step.outputs(), details)
+        write_manifest(step.manifest, step.name, step.inputs, step.outputs(), details=details)
     distributed.barrier()  # every rank reads the step's files once rank 0 has written them
     return result
 

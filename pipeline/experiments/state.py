@@ -72,7 +72,7 @@ def load_experiment(data: str, model: str, overrides: list[str] | tuple[str, ...
 
 
 def experiment_configs(data: str, model: str, overrides: list[str] | tuple[str, ...] = (),
-                       name: str | None = None, seeds: list[int] | None = None) -> list[Config]:
+                       name: str | None = None, *, seeds: list[int] | None = None) -> list[Config]:
     """One config per seed of SEEDS=0,1,2 (each an experiment of its own:
     <experiment>-seed<s>), or the one config of the command line."""
     if not seeds:
@@ -236,7 +236,7 @@ def _tta_text(tta: TTAConfig) -> str:
 
 
 def _fold_state(tta: TTAConfig, part: Part, fold: int, folds: pd.DataFrame,
-                trained: Freshness, test_fingerprint: str, folds_error: str | None) -> FoldState:
+                *, trained: Freshness, test_fingerprint: str, folds_error: str | None) -> FoldState:
     if folds_error and trained.current:
         trained = Freshness("stale", [folds_error], trained.manifest)
     predicted = None
@@ -263,7 +263,7 @@ def _refit_state(state: ExperimentState, folds: pd.DataFrame, layout: Layout,
 
 
 def experiment_state(data: DataConfig, layout: Layout, name: str, folds: pd.DataFrame,
-                     test_fingerprint: str, folds_error: str | None = None,
+                     *, test_fingerprint: str, folds_error: str | None = None,
                      experiment: Config | None = None,
                      with_refit: bool = True) -> ExperimentState | None:
     """The state of experiment `name` under the fold file, test set and data of now (None: no
@@ -292,8 +292,8 @@ def experiment_state(data: DataConfig, layout: Layout, name: str, folds: pd.Data
     for k in fold_numbers(folds):
         part = exp.fold(k)
         trained = train_freshness(part, inputs, details)
-        state.folds.append(_fold_state(experiment.tta, part, k, folds, trained,
-                                       test_fingerprint, state.error))
+        state.folds.append(_fold_state(experiment.tta, part, k, folds, trained=trained,
+                                       test_fingerprint=test_fingerprint, folds_error=state.error))
     if with_refit and not state.error:
         _refit_state(state, folds, inputs_layout, test_fingerprint)
     return state
@@ -367,7 +367,7 @@ def submission_freshness(data: DataConfig, folds_cfg: FoldsConfig, layout: Layou
         settings = EnsembleConfig(**manifest.details.get("settings", {}))
         refits = {name: weight > 0 for name, weight in
                   manifest.details.get("refit_weights", {}).items()}
-        states = [experiment_state(data, layout, name, folds, test_fingerprint)
+        states = [experiment_state(data, layout, name, folds, test_fingerprint=test_fingerprint)
                   for name in manifest.details.get("members", [])]
     except (PipelineError, ValueError) as err:
         return Freshness("stale", [str(err)])

@@ -59,7 +59,7 @@ def single_threaded_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler | None,
-                settings: dict[str, Any], drop_last: bool = False) -> DataLoader:
+                settings: dict[str, Any], *, drop_last: bool = False) -> DataLoader:
     sampler = sampler if sampler is not None else SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                       **settings)
@@ -131,7 +131,7 @@ def views_per_pass(device: torch.device, count: int) -> int:
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, normalizer: Normalizer, loader: DataLoader,
-                   device: torch.device, dtype: torch.dtype | None, desc: str = "predict",
+                   device: torch.device, *, dtype: torch.dtype | None, desc: str = "predict",
                    views: Sequence | None = None) -> np.ndarray:
     """Logits (N, C) or, with TTA `views`, (V, N, C): on a GPU every view of a batch in one
     forward pass, on a CPU one view per pass (`views_per_pass`)."""
@@ -141,7 +141,7 @@ def predict_logits(model: torch.nn.Module, normalizer: Normalizer, loader: DataL
         for images, _ in progress(loader, desc):
             images = images.to(device, non_blocking=True)
             if views:
-                outputs.append(view_logits(model, normalizer, images, device, dtype, views))
+                outputs.append(view_logits(model, normalizer, images, device, dtype=dtype, views=views))
             else:
                 with autocast(device, dtype):
                     outputs.append(model(normalizer(images)).float())
@@ -152,7 +152,7 @@ def predict_logits(model: torch.nn.Module, normalizer: Normalizer, loader: DataL
 
 @torch.no_grad()
 def view_logits(model: torch.nn.Module, normalizer: Normalizer, images: torch.Tensor,
-                device: torch.device, dtype: torch.dtype | None, views: Sequence) -> torch.Tensor:
+                device: torch.device, *, dtype: torch.dtype | None, views: Sequence) -> torch.Tensor:
     """Logits (V, B, K) of one batch of uint8 images (B, 3, H, W) on `device`, one row per view.
 
     (V*B, C, H, W): the views stacked on the batch dimension, one forward pass on a GPU, one view

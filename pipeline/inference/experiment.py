@@ -54,7 +54,7 @@ class PredictJob:
 
 
 def predict_part(part: Part, job: PredictJob, data, valid: pd.DataFrame | None,
-                 force: bool, scorer: Scorer) -> dict | None:
+                 *, force: bool, scorer: Scorer) -> dict | None:
     """Predict the test set (and the validation rows) with part.best, unless current.
 
     Stale predictions (a retrained checkpoint, a changed test set, other TTA settings) are
@@ -63,14 +63,14 @@ def predict_part(part: Part, job: PredictJob, data, valid: pd.DataFrame | None,
     inputs = predict_inputs(part, job.tta, job.test_fingerprint, valid)
     details = {"tta": job.tta.model_dump(), "test images": len(job.test_ids)}
     step = Step("predict", part.predict_manifest, inputs, details, part.predicted_outputs,
-                lambda: _predict(part, job, data, valid, scorer),
+                lambda: _predict(part, job, data, valid, scorer=scorer),
                 current=f"{part.dir}: predictions are current (FORCE=1 redoes them)",
                 redo=f"{part.dir}: predicting again: {{why}}")
     return run_step(step, force)
 
 
 def _predict(part: Part, job: PredictJob, data, valid: pd.DataFrame | None,
-             scorer: Scorer) -> dict | None:
+             *, scorer: Scorer) -> dict | None:
     """Every rank predicts its shard of the images; rank 0 writes the probabilities."""
     predictor = CheckpointPredictor(part.best, job.tta, job.device, job.workers, job.predict)
     views = len(predictor.views)
@@ -93,17 +93,17 @@ def _predict(part: Part, job: PredictJob, data, valid: pd.DataFrame | None,
 
 
 def predict_experiment(experiment: Config, layout: Layout, folds: pd.DataFrame,
-                       folds_to_predict: list[int] | None, force: bool,
+                       folds_to_predict: list[int] | None, *, force: bool,
                        test: tuple[list[str], str]) -> None:
     """Predict every current fold of an experiment (or the chosen ones); a fold not trained under
     the inputs of now is refused: its predictions would not belong to this experiment."""
     exp = layout.experiment(experiment.run_name)
     with stage_lock(exp.lock, exp.dir, "predicted"):
-        _predict_folds(experiment, layout, folds, folds_to_predict, force, test)
+        _predict_folds(experiment, layout, folds, folds_to_predict, force=force, test=test)
 
 
 def _predict_folds(experiment: Config, layout: Layout, folds: pd.DataFrame,
-                   folds_to_predict: list[int] | None, force: bool,
+                   folds_to_predict: list[int] | None, *, force: bool,
                    test: tuple[list[str], str]) -> None:
     name = experiment.run_name
     refuse_stale_folds(experiment, folds, layout, folds_to_predict)
@@ -123,7 +123,7 @@ def _predict_folds(experiment: Config, layout: Layout, folds: pd.DataFrame,
     exp, scorer = layout.experiment(name), Scorer.of(experiment.data)
     job = PredictJob.of(experiment, *test)
     results = [predict_part(exp.fold(k), job, experiment.data, folds[folds["fold"] == k],
-                            force, scorer) for k in selected]
+                            force=force, scorer=scorer) for k in selected]
     show_table([r for r in results if r])
     on_main(lambda: print_tta_gain(exp, trained, experiment.tta, scorer))
 

@@ -185,7 +185,7 @@ class CheckpointPredictor:
         dataset = ImageDataset(paths, None, self.transform, read)
         loader = make_loader(dataset, self.batch_size,
                              distributed.shard_sampler(len(dataset)), self.settings)
-        shard = predict_logits(self.model, self.normalizer, loader, self.device, self.dtype,
+        shard = predict_logits(self.model, self.normalizer, loader, self.device, dtype=self.dtype,
                                desc=desc, views=self.views)
         logits = distributed.gather_shards(shard, axis=1)  # (V, N, C)
         return reduce_views(logits, self.reduce, self.config.model.head,

@@ -56,7 +56,7 @@ def _create_timm(name: str, num_classes: int, drop_rate: float,
 
 
 def create_model(name: str, num_classes: int, pretrained: bool = False,
-                 weights: str | Path | None = None, weights_dir: str | Path = "weights",
+                 weights: str | Path | None = None, *, weights_dir: str | Path = "weights",
                  drop_rate: float = 0.0, zero_init_last: bool = True,
                  drop_path_rate: float = 0.0, stem: str = "imagenet") -> nn.Module:
     """Build model `name` with a `num_classes` head, and load pretrained weights if asked.

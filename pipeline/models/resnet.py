@@ -187,7 +187,7 @@ class ResNet(nn.Module):
             stride = 1 if index == 0 else 2
             first = sum(layers[:index])
             self.add_module(f"layer{index + 1}", self._make_layer(
-                block, planes, blocks, stride, rates[first:first + blocks]))
+                block, planes, blocks, stride, drop_path_rates=rates[first:first + blocks]))
         self.num_features = self.inplanes
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.fc = self._new_classifier(num_classes)
@@ -208,7 +208,7 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def _make_layer(self, block: Block, planes: int, blocks: int, stride: int,
-                    drop_path_rates: list[float]) -> nn.Sequential:
+                    *, drop_path_rates: list[float]) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             # Projection shortcut only where the shape changes (torchvision; the paper's option B).
@@ -270,7 +270,7 @@ class ResNet(nn.Module):
 
 
 def create_resnet(name: str, num_classes: int = 1000, drop_rate: float = 0.0,
-                  zero_init_last: bool = True, drop_path_rate: float = 0.0,
+                  zero_init_last: bool = True, *, drop_path_rate: float = 0.0,
                   stem: str | None = None) -> ResNet:
     """Build one variant of the table by name, e.g. `create_resnet("resnet50", 5)`.
 

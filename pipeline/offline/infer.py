@@ -372,7 +372,7 @@ def run_batch(slots: list[Slot], inputs: list[torch.Tensor]) -> tuple[list[np.nd
         start = time.perf_counter()
         p = slot.predictor
         images = inputs[slot.source].to(p.device, non_blocking=True)
-        logits = view_logits(p.model, p.normalizer, images, p.device, p.dtype, p.views)
+        logits = view_logits(p.model, p.normalizer, images, p.device, dtype=p.dtype, views=p.views)
         predicted = reduce_views(logits.cpu().numpy(), p.reduce, p.config.model.head,
                                  len(p.config.data.classes))
         probs.append(grade_to_probs(predicted.grade, predicted.probs.shape[1])
@@ -382,7 +382,7 @@ def run_batch(slots: list[Slot], inputs: list[torch.Tensor]) -> tuple[list[np.nd
 
 
 def estimate(n_images: int, n_first: int, load_s: float, seconds: list[float],
-             views_now: list[int], views_then: list[int]) -> float:
+             *, views_now: list[int], views_then: list[int]) -> float:
     """Seconds for all images with `views_then` per slot, from the first batch's timings."""
     compute = sum(s * then / now for s, now, then in zip(seconds, views_now, views_then))
     return n_images / n_first * (load_s + compute)
@@ -393,24 +393,24 @@ def _views(slots: list[Slot]) -> list[int]:
 
 
 def fit_time_limit(slots: list[Slot], n_images: int, n_first: int, load_s: float,
-                   seconds: list[float], left_s: float) -> bool:
+                   *, seconds: list[float], left_s: float) -> bool:
     """Lower every slot's TTA one step at a time until the estimate fits `left_s`; say what was
     chosen. True when the views changed (the first batch is then predicted again)."""
     now = _views(slots)
-    full = estimate(n_images, n_first, load_s, seconds, now, now)
+    full = estimate(n_images, n_first, load_s, seconds, views_now=now, views_then=now)
     if full <= left_s:
         return False
     before = sorted({s.tta.views for s in slots})
     plan = [s.tta.views for s in slots]
     while True:
         counts = [len(_plan_views(s, v)) for s, v in zip(slots, plan)]
-        if estimate(n_images, n_first, load_s, seconds, now, counts) <= left_s or \
+        if estimate(n_images, n_first, load_s, seconds, views_now=now, views_then=counts) <= left_s or \
                 all(v == "none" for v in plan):
             break
         plan = [FEWER_VIEWS.get(v, "none") for v in plan]
     for slot, views in zip(slots, plan):
         slot.set_views(views)
-    then = estimate(n_images, n_first, load_s, seconds, now, counts)
+    then = estimate(n_images, n_first, load_s, seconds, views_now=now, views_then=counts)
     fits = "fits" if then <= left_s else "still does not fit: it may overrun"
     tqdm.write(f"time limit: TTA {'/'.join(before)} would take about {_seconds(full)} of the "
                f"{_seconds(max(left_s, 0))} left; falling back to TTA "
@@ -441,13 +441,13 @@ def predict_all(slots: list[Slot], paths: list[Path], time_limit: float | None,
         if index == 0:
             n_first = len(inputs[0])
             rate = (load_s + sum(seconds)) / n_first * 1000
-            total = estimate(len(paths), n_first, load_s, seconds, _views(slots), _views(slots))
+            total = estimate(len(paths), n_first, load_s, seconds, views_now=_views(slots), views_then=_views(slots))
             tqdm.write(f"expected {rate:.1f} s per 1,000 images on {device} ({len(slots)} "
                        f"checkpoint(s), {sum(_views(slots))} view(s) in all; {len(paths)} "
                        f"images: about {_seconds(total)})")
             left = None if time_limit is None else time_limit - (time.perf_counter() - started)
-            if left is not None and fit_time_limit(slots, len(paths), n_first, load_s, seconds,
-                                                   left):
+            if left is not None and fit_time_limit(slots, len(paths), n_first, load_s, seconds=seconds,
+                                                   left_s=left):
                 probs, _ = run_batch(slots, inputs)
         for out, p in zip(outputs, probs):
             out.append(p)
@@ -485,7 +485,7 @@ def ensemble_probs(recipe: dict[str, Any], probs: dict[tuple[str, str], np.ndarr
 
 
 def run_infer(bundle_path: Path, images: Path, ids_csv: Path, out: Path,
-              time_limit: float | None = None) -> Path:
+              *, time_limit: float | None = None) -> Path:
     """Check the bundle, predict every image, write the submission to `out`; return `out`."""
     started = time.perf_counter()
     print(f"pipeline {pipeline.__version__} ({Path(pipeline.__file__).parent})")
@@ -524,4 +524,4 @@ def main(args) -> None:
     if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):
         raise PipelineError(f"--time-limit takes seconds > 0, got {args.time_limit}")
     run_infer(Path(args.bundle), Path(args.images), Path(args.ids), Path(args.out),
-              args.time_limit)
+              time_limit=args.time_limit)

@@ -41,7 +41,7 @@ def confusion_frames(targets, predictions, classes: list[str]) -> tuple[pd.DataF
 
 
 def write_confusion(targets, predictions, classes: list[str], csv_path: Path,
-                    png_path: Path) -> None:
+                    *, png_path: Path) -> None:
     """The confusion matrix as CSV (counts, then the row-normalised shares with a `_share`
     suffix) and as a picture of both."""
     counts, normalised = confusion_frames(targets, predictions, classes)
@@ -157,7 +157,7 @@ MAX_ROWS, MAX_ROW_IMAGES, PANEL_PIXELS = 64, 12, 160
 
 @plain_text
 def write_image_rows(rows: list[list[tuple[Path, str]]], path: Path, title: str,
-                     cell: float = 1.3, row_titles: list[str] | None = None) -> None:
+                     cell: float = 1.3, *, row_titles: list[str] | None = None) -> None:
     """A picture of images in rows (a duplicate group, a row of suspects), each with its
     caption: `rows` of (image file, caption), and each row's title left of it. Read with the
     pipeline's reader (the pixel budget applies); an empty list draws a note. The callers

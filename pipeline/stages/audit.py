@@ -117,7 +117,7 @@ class AuditedImages:
 
 
 def run_finding(path: Path, manifest: Path, inputs: dict[str, str], force: bool,
-                compute: Callable[[], list[Path]], what: str) -> None:
+                *, compute: Callable[[], list[Path]], what: str) -> None:
     """Compute a finding unless current (stale: computed again); its manifest is written last."""
     written: list[Path] = []  # compute's files, for the manifest
     run_step(Step(what, manifest, inputs, {}, lambda: written,
@@ -141,7 +141,7 @@ def find_duplicates(frame: pd.DataFrame, paths: list[Path], settings: AuditConfi
     twins = np.zeros(len(paths), bool)
     twins[exact.reshape(-1)] = True
     return duplicate_table(frame["id"], frame["part"], frame["label"], groups,
-                           np.where(twins, "exact", "near"))
+                           how=np.where(twins, "exact", "near"))
 
 
 def duplicates_summary(table: pd.DataFrame) -> list[list]:
@@ -170,11 +170,11 @@ def audit_duplicates(config: Config, layout: Layout, images: AuditedImages,
         table = find_duplicates(frame, paths, config.audit, config.data.max_image_pixels)
         write_csv_atomic(table, findings.duplicates)
         write_duplicates_picture(table, frame, paths, config.audit.shown,
-                                 findings.duplicates_png)
+                                 path=findings.duplicates_png)
         return [findings.duplicates, findings.duplicates_png]
 
     run_finding(findings.duplicates, findings.manifest(findings.duplicates), inputs, force,
-                compute, "duplicates")
+                compute=compute, what="duplicates")
     table = read_duplicates(findings.duplicates)
     found = conflicts(table) if not table.empty else []
     if len(found):
@@ -184,7 +184,7 @@ def audit_duplicates(config: Config, layout: Layout, images: AuditedImages,
 
 
 def write_duplicates_picture(table: pd.DataFrame, frame: pd.DataFrame, paths: list[Path],
-                             groups: int, path: Path) -> None:
+                             groups: int, *, path: Path) -> None:
     """The first `groups` duplicate groups, a row each of at most GROUP_IMAGES images, the
     row's title saying how many more the group holds: bounded however large the groups."""
     where = {(p, i): file for p, i, file in zip(frame["part"], frame["id"], paths)}
@@ -256,7 +256,8 @@ def feature_separation(features: np.ndarray, is_test: np.ndarray) -> list[list]:
 
 
 def shift_tables(frame: pd.DataFrame, paths: list[Path], config: Config,
-                 experiment: Config | None, layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 experiment: Config | None, *,
+                 layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(shift.csv: AUC per feature set and per feature; test_like.csv)."""
     budget = config.data.max_image_pixels
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -290,7 +291,7 @@ def experiment_checkpoint(experiment: Config, layout: Layout) -> Path:
 
 
 def audit_shift(config: Config, layout: Layout, images: AuditedImages,
-                experiment: Config | None, force: bool) -> list[list]:
+                experiment: Config | None, *, force: bool) -> list[list]:
     findings = layout.findings
     inputs = {**images.inputs(),
               "settings": fingerprint([config.audit.shift_folds, config.audit.test_like])}
@@ -298,13 +299,13 @@ def audit_shift(config: Config, layout: Layout, images: AuditedImages,
         inputs["model"] = fingerprint(str(experiment_checkpoint(experiment, layout).stat()))
 
     def compute() -> list[Path]:
-        table, test_like = shift_tables(*images.usable, config, experiment, layout)
+        table, test_like = shift_tables(*images.usable, config, experiment, layout=layout)
         write_csv_atomic(table, findings.shift)
         write_csv_atomic(test_like, findings.test_like)
         return [findings.shift, findings.test_like]
 
-    run_finding(findings.shift, findings.manifest(findings.shift), inputs, force, compute,
-                "shift")
+    run_finding(findings.shift, findings.manifest(findings.shift), inputs, force, compute=compute,
+                what="shift")
     table = pd.read_csv(findings.shift)
     sets = table[table["what"] != "feature"]
     top = table[table["what"] == "feature"].head(3)
@@ -337,7 +338,7 @@ def experiment_oof(experiment: Config, layout: Layout) -> tuple[pd.DataFrame, di
     folds = read_folds(experiment.data, experiment.folds, layout)
     _, test_fingerprint = read_test_set(experiment.data)
     state = experiment_state(experiment.data, layout, experiment.run_name, folds,
-                             test_fingerprint, experiment=experiment, with_refit=False)
+                             test_fingerprint=test_fingerprint, experiment=experiment, with_refit=False)
     if state is None or state.missing_folds or len(state.current_folds) != len(state.folds):
         raise PipelineError(f"label suspects need the OOF of every fold of "
                             f"{experiment.run_name}: `make train MODEL={experiment.run_name}` "
@@ -367,7 +368,7 @@ def audit_labels(experiment: Config, layout: Layout, images: AuditedImages,
                                f"label suspects of {name}: given -> predicted (probability)")
         return [issues, findings.suspects_png(name)]
 
-    run_finding(issues, findings.manifest(issues), inputs, force, compute, "label issues")
+    run_finding(issues, findings.manifest(issues), inputs, force, compute=compute, what="label issues")
     suspects = pd.read_csv(issues, dtype={"id": str, "given": str, "predicted": str})
     return [[f"label suspects ({name})", f"{len(suspects)} of {len(oof)} rows -> {issues}"],
             ["remedy", f"ARGS=train.exclude={issues} trains without them"]]
@@ -382,7 +383,7 @@ def run_audit(config: Config, experiment: Config | None, force: bool) -> list[li
     images = AuditedImages.of(config.data)
     with stage_lock(layout.audit_lock, layout.audit, "audited"):
         rows = audit_duplicates(config, layout, images, force)
-        rows += audit_shift(config, layout, images, experiment, force)
+        rows += audit_shift(config, layout, images, experiment, force=force)
         if experiment is not None:
             rows += audit_labels(experiment, layout, images, force)
     if images.dropped:

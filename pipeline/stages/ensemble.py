@@ -172,22 +172,22 @@ def submission_name(settings: EnsembleConfig, models: list[str], cv_score: float
 
 
 def load_members(data: DataConfig, refit_weight: float | None, layout: Layout,
-                 models: list[str] | None, partial: bool, folds: pd.DataFrame,
+                 models: list[str] | None, *, partial: bool, folds: pd.DataFrame,
                  test_fingerprint: str) -> tuple[list[Candidate], list[Member], list[str]]:
     """(candidates, their members, notes on experiments left out). `refit_weight`: the one of
     the command line, None for each member's own."""
-    candidates, notes = select_members(data, layout, models, folds, test_fingerprint, partial,
-                                       refit_weight)
+    candidates, notes = select_members(data, layout, models, folds, test_fingerprint=test_fingerprint, partial=partial,
+                                       refit_weight=refit_weight)
     return candidates, [load_member(c, folds, data.classes) for c in candidates], notes
 
 
 def make_ensemble(config: Config, layout: Layout, folds: pd.DataFrame, test_fingerprint: str,
-                  models: list[str] | None, partial: bool, overrides) -> Ensemble:
+                  *, models: list[str] | None, partial: bool, overrides) -> Ensemble:
     """Select, load, combine and decode the members; score it honestly."""
     refit_weight = (config.ensemble.refit_weight if "refit_weight" in explicit_keys(overrides)
                     else None)
     candidates, members, left_out = load_members(config.data, refit_weight, layout,
-                                                 models, partial, folds, test_fingerprint)
+                                                 models, partial=partial, folds=folds, test_fingerprint=test_fingerprint)
     settings = ensemble_settings(config.ensemble, [c.config for c in candidates], overrides)
     check_decode(config.data, settings)
     check_method(config.data, settings)
@@ -204,15 +204,15 @@ def make_ensemble(config: Config, layout: Layout, folds: pd.DataFrame, test_fing
     by_id = folds.set_index("id")
     targets = by_id.loc[oof_ids, "target"].to_numpy(np.int64)
     row_folds = by_id.loc[oof_ids, "fold"].to_numpy()
-    combined = combine_members(oof_stack, test_stack, targets, settings.method, scorer, row_folds,
-                               Options.of(settings, config.data.ordinal, kind))
+    combined = combine_members(oof_stack, test_stack, targets, settings.method, scorer=scorer, row_folds=row_folds,
+                               options=Options.of(settings, config.data.ordinal, kind))
     combined.notes += left_out + [note for _, note in chosen if note]
     if is_partial:
         combined.notes.append(
             "PARTIAL: " + "; ".join(f"{m.name} lacks fold(s) {m.missing_folds}" for m in members
                                     if m.missing_folds)
             + f"; the CV covers {len(oof_ids)} of {len(folds)} labelled rows")
-    decoded = decode_combined(kind, combined, targets, row_folds, scorer)
+    decoded = decode_combined(kind, combined, targets, row_folds, scorer=scorer)
     if any(m.refit for m in members):
         combined.notes.append("the full-data refit joined the test average unvalidated: no fold "
                               "scored it, so the CV above does not include it")
@@ -335,7 +335,7 @@ METHOD_HEADERS = ["method", "members used", "CV nested", "CV in sample", ""]
 
 
 def markdown_report(name: str, rows: list[list], headers: list[str], details: list[list[str]],
-                    notes: list[str], methods: list[list]) -> str:
+                    *, notes: list[str], methods: list[list]) -> str:
     lines = [f"# Submission {name}", "", markdown_table(rows, headers), ""]
     if methods:
         lines += ["## Methods (auto; each CV as that method's submission decodes it)", "",
@@ -433,7 +433,7 @@ def write_submission_files(data: DataConfig, ensemble: Ensemble, submission,
     if solution_score is not None:
         log.info(f"test {metric} vs {data.solution_csv}: {solution_score:.4f}")
     write_text_atomic(submission.report, markdown_report(submission.name, rows, headers, details,
-                                                         ensemble.combined.notes, methods))
+                                                         notes=ensemble.combined.notes, methods=methods))
     return solution_score
 
 
@@ -447,8 +447,8 @@ def ensemble_runs(config: Config, models: list[str] | None = None, partial: bool
     folds = read_folds(config.data, config.folds, layout)
     _, test_fingerprint = read_test_set(config.data)
     with stage_lock(layout.submissions_lock, layout.submissions, "written"):
-        ensemble = make_ensemble(config, layout, folds, test_fingerprint, models, partial,
-                                 overrides)
+        ensemble = make_ensemble(config, layout, folds, test_fingerprint, models=models, partial=partial,
+                                 overrides=overrides)
         return write_outputs(config.data, layout, ensemble, ensemble.members[0].test_ids)
 
 

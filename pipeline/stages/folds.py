@@ -110,7 +110,7 @@ def with_duplicates(table: pd.DataFrame, classes: list[str], folds_cfg: FoldsCon
     warn_stale_audit(layout)
     found = dup_conflicts(groups.assign(part="train"))
     if len(found):
-        table = resolve_conflicts(table, groups, found, classes, folds_cfg.duplicate_conflicts)
+        table = resolve_conflicts(table, groups, found, classes, policy=folds_cfg.duplicate_conflicts)
     in_group = groups_for_folds(groups.assign(part="train"), table["id"].tolist())
     existing = table["group"].astype(str) if "group" in table else [""] * len(table)
     merged = merged_groups(table["id"].tolist(), list(existing), list(in_group))
@@ -120,7 +120,7 @@ def with_duplicates(table: pd.DataFrame, classes: list[str], folds_cfg: FoldsCon
 
 
 def resolve_conflicts(table: pd.DataFrame, groups: pd.DataFrame, found: pd.DataFrame,
-                      classes: list[str], policy: str) -> pd.DataFrame:
+                      classes: list[str], *, policy: str) -> pd.DataFrame:
     """Conflicting duplicate groups: listed; with `drop` their rows go, with `majority` they
     take the group's most frequent label."""
     rows = groups[groups["group"].isin(found["group"])]

@@ -30,9 +30,9 @@ def main(args) -> None:
         example = make_command("predict", args.data, MODEL="resnet18")
         raise PipelineError(f"predict needs a model: {example}")
     for config in experiment_configs(args.data, args.model, args.overrides, args.name,
-                                     args.seeds):
+                                     seeds=args.seeds):
         layout = Layout.of(config)
         with distributed.session(resolve_device(config.train.device)):
             folds = read_folds(config.data, config.folds, layout)
-            predict_experiment(config, layout, folds, args.folds, args.force,
-                               read_test_set(config.data))
+            predict_experiment(config, layout, folds, args.folds, force=args.force,
+                               test=read_test_set(config.data))

@@ -84,7 +84,7 @@ def make_pseudo_set(config: Config, layout: Layout, models: list[str] | None) ->
 def _write_pseudo_set(config: Config, layout: Layout, models: list[str] | None) -> str:
     folds = read_folds(config.data, config.folds, layout)
     test_ids, test_fingerprint = read_test_set(config.data)
-    members, left_out = select_members(config.data, layout, models, folds, test_fingerprint,
+    members, left_out = select_members(config.data, layout, models, folds, test_fingerprint=test_fingerprint,
                                        partial=False, refit_weight=0.0)
     for note in left_out:
         log.info(f"note: {note}")
@@ -120,7 +120,7 @@ def oof_score(data: DataConfig, folds_cfg: FoldsConfig, layout: Layout,
     """The out-of-fold score of experiment `name`'s current folds (None: none current)."""
     folds = read_folds(data, folds_cfg, layout)
     _, test_fingerprint = read_test_set(data)
-    state = experiment_state(data, layout, name, folds, test_fingerprint, with_refit=False)
+    state = experiment_state(data, layout, name, folds, test_fingerprint=test_fingerprint, with_refit=False)
     if state is None or not state.current_folds:
         return None
     return cv_numbers(state, Scorer.of(data))["oof"]
@@ -143,7 +143,7 @@ def main(args) -> None:
     log.info(f"== round two: {second.run_name}")
     train_folds(second, layout, args.folds, args.force)
     predict_experiment(second, layout, read_folds(second.data, second.folds, layout), args.folds,
-                       args.force, read_test_set(second.data))
+                       force=args.force, test=read_test_set(second.data))
     metric = first.data.metric
     rows = [[first.run_name, "without pseudo-labels",
              oof_score(first.data, first.folds, layout, first.run_name)],

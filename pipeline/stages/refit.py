@@ -57,13 +57,13 @@ def refit_config(config: Config, epochs: int) -> Config:
 
 
 def train_refit(config: Config, layout: Layout, folds: pd.DataFrame, plan: RefitPlan,
-                force: bool) -> Part:
+                *, force: bool) -> Part:
     """Train on all labelled rows for the plan's epochs, on the folds' learning-rate path."""
     refit = refit_config(config, plan.epochs)
     part = layout.experiment(config.run_name).refit
-    spec = RunSpec(part, Rows.of(training_rows(folds, config.train.exclude)), None,
-                   config.train.seed + REFIT_SEED_OFFSET, part.name,
-                   plan.inputs, plan.path,
+    spec = RunSpec(part=part, train_rows=Rows.of(training_rows(folds, config.train.exclude)),
+                   valid_rows=None, seed=config.train.seed + REFIT_SEED_OFFSET, tag=part.name,
+                   inputs=plan.inputs, path=plan.path,
                    pseudo=lambda: pseudo_rows(config.data, config.train.pseudo, layout, part.name))
     train_part(refit, spec, {**plan.details, "rows": len(folds), "unvalidated": True}, force,
                what=f"the refit {part.dir}", stage="refit",
@@ -72,7 +72,7 @@ def train_refit(config: Config, layout: Layout, folds: pd.DataFrame, plan: Refit
 
 
 def refit_submission_step(data: DataConfig, name: str, layout: Layout, part: Part,
-                          test_ids: list[str]) -> Step:
+                          *, test_ids: list[str]) -> Step:
     """submissions/<competition>/<experiment>_refit.csv: the refit alone (unvalidated); written
     again each time (it is cheap), by rank 0."""
     submission = layout.refit_submission(name)
@@ -109,11 +109,11 @@ def _refit(config: Config, layout: Layout, force: bool) -> dict:
              f"({plan.source}), walking the folds' learning-rate path to their epoch "
              f"{plan.path.until:g} of {plan.path.epochs}")
     start_experiment(config, layout.experiment(config.run_name))  # not the refit's epoch count
-    part = train_refit(config, layout, folds, plan, force)
+    part = train_refit(config, layout, folds, plan, force=force)
     test_ids, test_fingerprint = read_test_set(config.data)
     job = PredictJob.of(config, test_ids, test_fingerprint)
-    predict_part(part, job, config.data, None, force, Scorer.of(config.data))
-    step = refit_submission_step(config.data, config.run_name, layout, part, test_ids)
+    predict_part(part, job, config.data, None, force=force, scorer=Scorer.of(config.data))
+    step = refit_submission_step(config.data, config.run_name, layout, part, test_ids=test_ids)
     result = run_step(step, force=True)
     if result is None:
         return {}  # not rank 0
@@ -132,6 +132,6 @@ def main(args) -> None:
         example = make_command("refit", args.data, MODEL="resnet18")
         raise PipelineError(f"refit needs a model: {example}")
     for config in experiment_configs(args.data, args.model, args.overrides, args.name,
-                                     args.seeds):
+                                     seeds=args.seeds):
         with distributed.session(resolve_device(config.train.device)):
             run_refit(config, args.force)

@@ -109,7 +109,7 @@ class Tile:
     flag: str = ""  # a css class: "wrong", "test"
 
 
-def thumbnail(report: Report, source: Path, read, side: int, how: str) -> Path:
+def thumbnail(report: Report, source: Path, read, side: int, *, how: str) -> Path:
     """images/<key>.jpg of `source` (read by `read`, path -> RGB array), made once: the key is
     the file (its path, size, modification time), `how` it was read and the size."""
     stat = source.stat()
@@ -197,7 +197,7 @@ def loss_tiles(rows: pd.DataFrame, config: Config, report: Report, side: int) ->
     how = fingerprint([config.cache.model_dump(), config.augment.image_size])
     tiles = []
     for row, source in zip(rows.itertuples(), paths):
-        tiles.append(Tile(thumbnail(report, source, read, side, how), row.id, tile_lines(row),
+        tiles.append(Tile(thumbnail(report, source, read, side, how=how), row.id, tile_lines(row),
                           "wrong" if row.given != row.predicted else ""))
     return tiles
 
@@ -321,14 +321,14 @@ def submission_rows(summaries: list[SubmissionSummary]) -> list[dict]:
 
 
 def original_tiles(data: DataConfig, part: str, ids: list[str], report: Report,
-                   side: int, lines: list[list[str]]) -> list[Tile]:
+                   *, side: int, lines: list[list[str]]) -> list[Tile]:
     """Pictures of training or test images as they are on disk (the audit's view)."""
     paths = (train_image_paths if part == "train" else test_image_paths)(data, ids)
 
     def read(path):
         return read_image(path, min_side=side, max_pixels=data.max_image_pixels)
 
-    return [Tile(thumbnail(report, path, read, side, "original"), image_id, caption,
+    return [Tile(thumbnail(report, path, read, side, how="original"), image_id, caption,
                  "test" if part == "test" else "")
             for image_id, path, caption in zip(ids, paths, lines)]
 
@@ -344,8 +344,8 @@ def duplicate_groups(data: DataConfig, layout: Layout, side: int) -> list[list[T
         tiles = []
         for part in ("train", "test"):
             mine = rows[rows["part"] == part]
-            tiles += original_tiles(data, part, mine["id"].tolist(), layout.report, side,
-                                    [[f"{part} {r.id}", r.label or "", r.found]
+            tiles += original_tiles(data, part, mine["id"].tolist(), layout.report, side=side,
+                                    lines=[[f"{part} {r.id}", r.label or "", r.found]
                                      for r in mine.itertuples()])
         groups.append(tiles)
     return groups
@@ -363,8 +363,8 @@ def audit_context(data: DataConfig, layout: Layout, side: int,
         table = pd.read_csv(path, dtype={"id": str, "given": str, "predicted": str},
                             keep_default_na=False).head(SUSPECTS)
         suspects[experiment] = original_tiles(
-            data, "train", table["id"].tolist(), layout.report, side,
-            [[f"given {r.given} ({r.p_given:.2f})", f"predicted {r.predicted} "
+            data, "train", table["id"].tolist(), layout.report, side=side,
+            lines=[[f"given {r.given} ({r.p_given:.2f})", f"predicted {r.predicted} "
               f"({r.p_predicted:.2f})"] for r in table.itertuples()])
     groups = duplicate_groups(data, layout, side)
     if shift is None and not suspects and not findings.duplicates.is_file():
@@ -400,7 +400,7 @@ def index_context(config: Config, layout: Layout, shown: dict) -> dict:
 
 
 def render(page: Path, template: str, context: Callable[[], dict], inputs: dict,
-           report: Report, force: bool) -> str:
+           *, report: Report, force: bool) -> str:
     """Write a page (and, last, its manifest) unless it is current: 'written' or 'current'.
     The manifest's outputs are the page and every picture it showed (a deleted one rebuilds
     the page)."""
@@ -440,7 +440,7 @@ def build_experiment(state: ExperimentState, config: Config, defaults: Config,
         return "none: no current fold"
     return render(page, "experiment.html",
                   lambda: experiment_context(state, defaults, report, config.report),
-                  experiment_inputs(state, config, defaults), report, force)
+                  experiment_inputs(state, config, defaults), report=report, force=force)
 
 
 def index_inputs(config: Config, layout: Layout, shown: dict) -> dict:
@@ -496,8 +496,8 @@ def build_report(config: Config, force: bool = False) -> Path:
         shown = what_index_shows(config, layout, states, done)
         inputs = index_inputs(config, layout, shown)
         done.append(["index", render(report.index, "index.html",
-                                     lambda: index_context(config, layout, shown), inputs, report,
-                                     force)])
+                                     lambda: index_context(config, layout, shown), inputs, report=report,
+                                     force=force)])
         pruned = prune_images(report) if report.images.is_dir() else 0
     log.info(format_table(done, ["page", "state"]))
     if pruned:

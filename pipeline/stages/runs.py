@@ -102,8 +102,8 @@ def command_state(config: Config, layout: Layout) -> ExperimentState | None:
     folds_error = None if fresh.current else f"the folds no longer fit the data ({fresh.why()})"
     _, test_fingerprint = read_test_set(config.data)
     return experiment_state(config.data, layout, config.run_name,
-                            read_folds_unchecked(config.data, layout), test_fingerprint,
-                            folds_error, experiment=config)
+                            read_folds_unchecked(config.data, layout), test_fingerprint=test_fingerprint,
+                            folds_error=folds_error, experiment=config)
 
 
 def main_status(args) -> None:

@@ -37,7 +37,7 @@ from pipeline.training.run import clear_parts
 
 
 def run_parallel_folds(config: Config, folds_to_train: list[int] | None, force: bool,
-                       gpus: str | None, command: list[str]) -> pd.DataFrame | None:
+                       gpus: str | None, *, command: list[str]) -> pd.DataFrame | None:
     """Train the folds side by side: one single-process run per fold, at most one per GPU.
 
     `command` is the `python -m pipeline train ...` of one fold without `--folds`; each child gets
@@ -56,11 +56,11 @@ def run_parallel_folds(config: Config, folds_to_train: list[int] | None, force: 
     layout = Layout.of(config)
     exp = layout.experiment(config.run_name)
     with stage_lock(exp.lock, exp.dir, "trained"):  # the fold processes work under it
-        return _parallel_folds(config, layout, exp, folds_to_train, force, slots, command)
+        return _parallel_folds(config, layout, exp, folds_to_train, force=force, slots=slots, command=command)
 
 
 def _parallel_folds(config: Config, layout: Layout, exp, folds_to_train: list[int] | None,
-                    force: bool, slots: list[str], command: list[str]) -> pd.DataFrame | None:
+                    *, force: bool, slots: list[str], command: list[str]) -> pd.DataFrame | None:
     plan = prepare_training(config, layout, folds_to_train, force)
     parts = [exp.fold(k) for k in plan.todo]
     clear_parts(parts, force)  # here, not in the child: the child's log lives in its folder
@@ -92,7 +92,7 @@ def main(args) -> None:
     if args.model is None:
         example = make_command("train", args.data, MODEL="resnet18")
         raise PipelineError(f"train needs a model: {example}")
-    configs = experiment_configs(args.data, args.model, args.overrides, args.name, args.seeds)
+    configs = experiment_configs(args.data, args.model, args.overrides, args.name, seeds=args.seeds)
     parallel, gpus = args.parallel, args.gpus
     if gpus and parallel != "folds":
         example = make_command("train", args.data, MODEL=args.model, GPUS=4)
@@ -105,7 +105,7 @@ def main(args) -> None:
         if parallel == "folds":
             seed_args = [f"train.seed={config.train.seed}"] if len(configs) > 1 else []
             command = fold_command(args, config.run_name) + seed_args
-            run_parallel_folds(config, args.folds, args.force, gpus, command)
+            run_parallel_folds(config, args.folds, args.force, gpus, command=command)
             continue
         with distributed.session(resolve_device(config.train.device)):
             train_folds(config, Layout.of(config), args.folds, args.force)

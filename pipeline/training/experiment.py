@@ -75,11 +75,11 @@ def select_folds(data: DataConfig, folds_cfg: FoldsConfig, layout: Layout,
 
 
 def plan_folds(competition: str, exp: Experiment, selected: list[int], force: bool,
-               inputs: dict[str, str], details: dict[str, Any]) -> list[int]:
+               *, inputs: dict[str, str], details: dict[str, Any]) -> list[int]:
     """The folds to train now; stale folds refused (all of them named) before any work starts."""
     todo, stale = [], []
     for fold in selected:
-        decision = decide(exp.fold(fold).train_manifest, inputs, details, force, "refuse")
+        decision = decide(exp.fold(fold).train_manifest, inputs, details, force, on_stale="refuse")
         if decision.action == "skip":
             log.info(f"fold {fold}: current ({exp.fold(fold).dir}); FORCE=1 retrains")
         elif decision.action == "refuse":
@@ -94,7 +94,7 @@ def plan_folds(competition: str, exp: Experiment, selected: list[int], force: bo
 
 
 def check_one_setting(competition: str, exp: Experiment, folds: pd.DataFrame,
-                      selected: list[int], inputs: dict[str, str], details: dict[str, Any]) -> None:
+                      selected: list[int], *, inputs: dict[str, str], details: dict[str, Any]) -> None:
     """An experiment's folds are all of one model and settings: training some folds under other
     settings than its other folds were trained with is refused, naming those folds."""
     others = []
@@ -127,8 +127,8 @@ def prepare_training(config: Config, layout: Layout, folds_to_train: list[int] |
     folds, selected = select_folds(config.data, config.folds, layout, folds_to_train)
     inputs, details = training_inputs(config, folds, layout)
     exp = layout.experiment(config.run_name)
-    check_one_setting(config.data.name, exp, folds, selected, inputs, details)
-    todo = plan_folds(config.data.name, exp, selected, force, inputs, details)
+    check_one_setting(config.data.name, exp, folds, selected, inputs=inputs, details=details)
+    todo = plan_folds(config.data.name, exp, selected, force, inputs=inputs, details=details)
     if todo:
         preflight(config, layout)
         start_experiment(config, exp)
@@ -154,14 +154,14 @@ def pseudo_rows(data: DataConfig, pseudo: str | None, layout: Layout,
     return test_image_paths(data, ids), targets
 
 
-def train_fold(config: Config, layout: Layout, plan: Plan, fold: int, force: bool) -> None:
+def train_fold(config: Config, layout: Layout, plan: Plan, fold: int, *, force: bool) -> None:
     """Train one fold of the plan (every rank, under torchrun)."""
     folds, exp = plan.folds, layout.experiment(config.run_name)
     part = exp.fold(fold)
     train_rows = training_rows(folds[folds["fold"] != fold], config.train.exclude)
-    spec = RunSpec(part, Rows.of(train_rows), Rows.of(folds[folds["fold"] == fold]),
-                   config.train.seed + fold,
-                   f"fold {fold}", plan.inputs,
+    spec = RunSpec(part=part, train_rows=Rows.of(train_rows),
+                   valid_rows=Rows.of(folds[folds["fold"] == fold]), seed=config.train.seed + fold,
+                   tag=f"fold {fold}", inputs=plan.inputs,
                    pseudo=lambda: pseudo_rows(config.data, config.train.pseudo, layout, part.name))
     details = {**plan.details, "fold": fold, "train_rows": len(spec.train_rows.ids),
                "valid_rows": len(spec.valid_rows.ids)}
@@ -177,7 +177,7 @@ def train_folds(config: Config, layout: Layout, folds_to_train: list[int] | None
     with stage_lock(exp.lock, exp.dir, "trained"):
         plan = prepare_training(config, layout, folds_to_train, force)
         for fold in plan.todo:
-            train_fold(config, layout, plan, fold, force)
+            train_fold(config, layout, plan, fold, force=force)
         return on_main(lambda: write_summary(config, layout, plan.folds))
 
 
@@ -214,8 +214,8 @@ def write_summary(config: Config, layout: Layout, folds: pd.DataFrame) -> pd.Dat
              for r in results.to_dict("records")]
     headers = ["fold", "best epoch", "epochs", metric, "seconds"]
     write_text_atomic(exp.summary_md, summary_markdown(
-        config.data, config.run_name, results, table, headers, overall, len(oof), partial, n_folds,
-        confusion_matrix(targets, probs.argmax(1), labels=range(scorer.n_classes))))
+        config.data, config.run_name, results, table, headers=headers, overall=overall, n_oof=len(oof), partial=partial, n_folds=n_folds,
+        matrix=confusion_matrix(targets, probs.argmax(1), labels=range(scorer.n_classes))))
     log.info(format_table(table + [["mean", "", "", float(results[metric].mean()), ""],
                                 ["oof", "", "", overall[metric], ""]], headers))
     log.info(f"{config.run_name}: out-of-fold {metric} {overall[metric]:.4f} over {len(oof)} images"
@@ -224,7 +224,7 @@ def write_summary(config: Config, layout: Layout, folds: pd.DataFrame) -> pd.Dat
 
 
 def summary_markdown(data: DataConfig, name: str, results: pd.DataFrame, table: list,
-                     headers: list[str], overall: dict[str, float], n_oof: int, partial: str,
+                     *, headers: list[str], overall: dict[str, float], n_oof: int, partial: str,
                      n_folds: int, matrix: np.ndarray) -> str:
     metric, classes = data.metric, data.classes
     return (f"# {name} on {data.name}{partial}\n\n"

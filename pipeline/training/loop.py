@@ -168,7 +168,7 @@ class Trainer:
         parts = self.parts
         distributed.sync_buffers(parts.model)  # under torchrun: rank 0's BN statistics, as saved
         shard = predict_logits(parts.eval_model, parts.normalizer, parts.valid_loader,
-                               parts.device, parts.dtype, desc=f"{self.spec.tag} validate")
+                               parts.device, dtype=parts.dtype, desc=f"{self.spec.tag} validate")
         logits = distributed.gather_shards(shard)  # (N, K) in valid_rows order, on every rank
         targets = torch.tensor(self.spec.valid_rows.targets)
         with torch.no_grad():
@@ -262,7 +262,7 @@ def selection_value(task: Task, targets: np.ndarray, views: list[np.ndarray],
     if task.epoch_rule is EpochRule.LOSS:
         return loss
     if task.epoch_rule is EpochRule.CROSS_FIT:
-        scores = [cross_fitted_score(task.label_decoder, task.metric, targets, v, task.positive)
+        scores = [cross_fitted_score(task.label_decoder, task.metric, targets, v, positive=task.positive)
                   for v in views]
     else:
         scores = [task.score(targets, v) for v in views]

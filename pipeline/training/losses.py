@@ -159,8 +159,8 @@ class BothLoss(torch.nn.Module):
 
 
 def build_loss(kind: str, weights: np.ndarray | None, label_smoothing: float,
-               focal_gamma: float, head: str = "classification", regression_loss: str = "smooth_l1",
-               num_classes: int | None = None, grade_weight: float = 1.0) -> torch.nn.Module:
+               focal_gamma: float, *, head: str = "classification",
+               regression_loss: str = "smooth_l1", num_classes: int | None = None, grade_weight: float = 1.0) -> torch.nn.Module:
     weight = None if weights is None else torch.tensor(weights, dtype=torch.float32)
     n_classes = num_classes or len(weights)
     if head == "regression":

@@ -63,7 +63,7 @@ class Rows:
         return cls(frame["id"].tolist(), frame["label"].tolist(), frame["target"].to_numpy())
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunSpec:
     """What one run trains on: a fold (valid rows) or the full-data refit (valid None)."""
 
@@ -72,7 +72,7 @@ class RunSpec:
     valid_rows: Rows | None
     seed: int
     tag: str  # "fold 2" or "full": the prefix of its lines and progress bars
-    inputs: dict[str, str]  # the input fingerprints (experiments/freshness.py), stored in last.pt for a resume
+    inputs: dict[str, str]  # the input fingerprints (experiments/freshness.py), kept in last.pt
     path: FoldPath | None = None  # the refit: the folds' learning-rate path to walk again
     # the pseudo-labelled test images (paths, target distributions (N, C)) that join the
     # training part only, read when the run is built (not for a run that is current)
@@ -114,7 +114,7 @@ def build_model(model: ModelConfig, n_classes: int) -> torch.nn.Module:
 
 
 def with_pseudo(spec: RunSpec, pseudo: tuple[list[Path], np.ndarray], train_paths: list[Path],
-                n_classes: int, label_smoothing: float) -> tuple[list[Path], np.ndarray]:
+                n_classes: int, *, label_smoothing: float) -> tuple[list[Path], np.ndarray]:
     """The training part plus the pseudo-labelled test images; every target becomes a
     distribution (N, C): the labelled rows one-hot (label smoothing applied here, as the
     soft-target loss does not), the pseudo rows as `make pseudo` wrote them."""
@@ -137,7 +137,7 @@ def normalization(augment: AugmentConfig, model: torch.nn.Module, dataset: Image
 
 
 def training_loader(train: TrainConfig, dataset: ImageDataset, targets: np.ndarray, seed: int,
-                    settings: dict) -> tuple[DataLoader, SeededSampler, torch.Generator]:
+                    *, settings: dict) -> tuple[DataLoader, SeededSampler, torch.Generator]:
     """The training loader: shuffled (or class-balanced) by a generator reseeded every epoch;
     under torchrun each rank takes its positions of the same order (distributed.RankOrder)."""
     generator = torch.Generator()
@@ -156,7 +156,7 @@ def training_loader(train: TrainConfig, dataset: ImageDataset, targets: np.ndarr
 
 
 def validation_loader(augment: AugmentConfig, paths: list[Path], targets: np.ndarray,
-                      read, batch_size: int, settings: dict) -> DataLoader:
+                      read, *, batch_size: int, settings: dict) -> DataLoader:
     """Each rank predicts a contiguous shard of the validation rows (gathered by the loop)."""
     dataset = ImageDataset(paths, targets, build_transforms(augment, train=False), read)
     return make_loader(dataset, batch_size * 2, distributed.shard_sampler(len(dataset)), settings)
@@ -190,13 +190,16 @@ def wrap_model(model: torch.nn.Module, train: TrainConfig,
 
 
 def losses(train: TrainConfig, head: str, targets: np.ndarray, n_classes: int,
-           device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+           *, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(training loss on the device, the same on the CPU for validation), class weights from
     the training rows' counts only."""
     weights = class_weights(targets, n_classes, train.class_weights, train.effective_beta)
-    args = (train.loss, weights, train.label_smoothing, train.focal_gamma, head,
-            train.regression_loss, n_classes, train.grade_loss_weight)
-    return build_loss(*args).to(device), build_loss(*args)
+    def build() -> torch.nn.Module:
+        return build_loss(train.loss, weights, train.label_smoothing, train.focal_gamma, head=head,
+                          regression_loss=train.regression_loss, num_classes=n_classes,
+                          grade_weight=train.grade_loss_weight)
+
+    return build().to(device), build()
 
 
 def build_parts(config: Config, spec: RunSpec, stats_path: Path) -> Parts:
@@ -215,7 +218,7 @@ def build_parts(config: Config, spec: RunSpec, stats_path: Path) -> Parts:
     pseudo = spec.pseudo() if spec.pseudo is not None else None
     if pseudo is not None:
         train_paths, targets = with_pseudo(spec, pseudo, train_paths, n_classes,
-                                           c.train.label_smoothing)
+                                           label_smoothing=c.train.label_smoothing)
     train_set = ImageDataset(train_paths, targets, build_transforms(c.augment, train=True), read)
     mean_std = normalization(c.augment, model, train_set, stats_path)
     channels_last = device.type == "cuda" and c.train.channels_last
@@ -223,12 +226,12 @@ def build_parts(config: Config, spec: RunSpec, stats_path: Path) -> Parts:
     place_model(model, c.train, device)
     settings = loader_settings(device, c.train.workers)
     train_loader, sampler, generator = training_loader(c.train, train_set, targets, spec.seed,
-                                                       settings)
+                                                       settings=settings)
     valid_loader = None if spec.valid_rows is None else validation_loader(
         c.augment, valid_paths, spec.valid_rows.targets, read,
-        distributed.per_rank_batch(c.train.batch_size), settings)
+        batch_size=distributed.per_rank_batch(c.train.batch_size), settings=settings)
     criterion, valid_criterion = losses(c.train, c.model.head, spec.train_rows.targets,
-                                        n_classes, device)
+                                        n_classes, device=device)
     optimizer = build_optimizer(c.train, model)
     steps = optimizer_steps(len(train_loader), c.train.max_batches, c.train.accumulate)
     dtype = amp_dtype(device, c.train.amp)

@@ -61,7 +61,7 @@ def make_trainer(config: Config, spec: RunSpec) -> Trainer:
     return Trainer(config.train, parts, spec, checkpoints, config.task)
 
 
-def train_part(config: Config, spec: RunSpec, details: dict[str, Any], force: bool, what: str,
+def train_part(config: Config, spec: RunSpec, details: dict[str, Any], force: bool, *, what: str,
                stage: str = "train", before: Callable[[], None] | None = None) -> bool:
     """Train spec.part unless it is current; False when it was current (skipped).
 
@@ -103,9 +103,9 @@ def write_oof(trainer: Trainer, classes: list[str]) -> pd.DataFrame | None:
                             f"with FORCE=1")
     if not distributed.is_main():
         return None
-    oof = probability_frame(rows.ids, probs, classes, rows.labels, grade)
+    oof = probability_frame(rows.ids, probs, classes, rows.labels, grade=grade)
     plots.write_confusion(rows.targets, probs.argmax(1), classes, part.confusion_csv,
-                          part.confusion_png)
+                          png_path=part.confusion_png)
     plots.write_curves(pd.read_csv(part.log), trainer.scorer.metric, part.curves)
     write_csv_atomic(oof, part.oof)
     return oof
