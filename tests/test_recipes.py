@@ -209,7 +209,7 @@ def test_the_both_head_keeps_both_outputs_and_the_ensemble_chooses(tmp_path, cap
     checkpoint = torch.load(fold / "best.pt", weights_only=True)
     assert checkpoint["model"]["fc.weight"].shape[0] == 4  # 3 class logits and the grade
     log = pd.read_csv(fold / "log.csv")
-    assert {"qwk", "grade_qwk", "decoded"} <= set(log)
+    assert {"qwk", "grade_qwk", "selection", "best"} <= set(log)
     capsys.readouterr()
     assert comp("ensemble", "--models", "b", "ensemble.name=both") == 0
     out = capsys.readouterr().out
