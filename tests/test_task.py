@@ -35,7 +35,7 @@ def test_the_task_is_resolved_from_the_config(tmp_path):
     task = load_config(str(path), "resnet20", overrides).task
     assert isinstance(task, Task)
     # ordinal competitions default to the regression head (config.ORDINAL_DEFAULTS)
-    assert (task.head, task.epoch_rule, task.metric) == (Head.REGRESSION, EpochRule.METRIC, "qwk")
+    assert (task.head, task.epoch_rule, task.metric) == (Head.REGRESSION, EpochRule.LOSS, "qwk")
     assert task.label_decoder is Decoder.THRESHOLDS and task.higher_is_better
     binary = make_competition(tmp_path / "bin", ["a", "b"] * 4, metric="binary_f1",
                               positive_class="a")
@@ -61,7 +61,7 @@ def test_cross_fitting_never_scores_a_row_with_what_it_fitted_on():
 def test_each_rule_scores_what_it_says():
     targets = np.array([0, 1, 2, 2])
     probs = np.array([[0.6, 0.4, 0], [0.1, 0.5, 0.4], [0, 0.2, 0.8], [0.1, 0.6, 0.3]])
-    base = Task(("0", "1", "2"), "accuracy", False, 1)
+    base = Task(("0", "1", "2"), "accuracy", False, 1, epoch_rule=EpochRule.METRIC)
     assert selection_value(base, targets, [probs], loss=0.7) == pytest.approx(0.75)
     lossy = Task(("0", "1", "2"), "accuracy", False, 1, epoch_rule=EpochRule.LOSS)
     assert selection_value(lossy, targets, [probs], loss=0.7) == 0.7
@@ -99,7 +99,7 @@ def test_the_ensembles_decoder_and_the_submission_kind_leave_trained_folds_untou
 
 
 @pytest.mark.parametrize("change, named", [
-    ("train.epoch_rule=loss", "train.epoch_rule"),
+    ("train.epoch_rule=metric", "train.epoch_rule"),
     ("model.head=both", "model.head"),
 ])
 def test_a_changed_epoch_rule_or_head_reports_the_folds_stale(tmp_path, change, named):

@@ -215,7 +215,8 @@ def test_balanced_sampler_draws_classes_equally():
 
 def test_epochs_are_chosen_by_the_tasks_rule_not_the_submissions_decoder(tmp_path):
     labels = [c for c in ("0", "1", "2") for _ in range(6)]
-    config = tiny(tmp_path, labels=labels, extra=["data.metric=qwk", "data.ordinal=true"])
+    config = tiny(tmp_path, labels=labels, extra=["data.metric=qwk", "data.ordinal=true",
+                                                  "train.epoch_rule=metric"])
     train(config, [0], force=False)
     log = pd.read_csv(experiment_dir(config) / "fold0" / "log.csv")
     # train.epoch_rule=metric: QWK of a fixed decoding, no thresholds fitted on the fold

@@ -1,7 +1,7 @@
 """The task: how a competition scores, what the model outputs, how a fold's best epoch is chosen.
 
     task = Task.of(config.data, config.model, config.train)   # resolved once, frozen
-    task.head, task.epoch_rule                        # Head.REGRESSION, EpochRule.METRIC
+    task.head, task.epoch_rule                        # Head.REGRESSION, EpochRule.LOSS
     scorer = Scorer.of(config.data)                   # the scoring part alone (a Task is one)
     targets = scorer.targets(frame["label"])          # class indices (N,) in `classes` order
     scorer.score(targets, probs)                      # the competition metric of (N, C) probabilities
@@ -142,7 +142,7 @@ class Task(Scorer):
     the rule that chooses a fold's best epoch. Every field is a training setting."""
 
     head: Head = Head.CLASSIFICATION
-    epoch_rule: EpochRule = EpochRule.METRIC
+    epoch_rule: EpochRule = EpochRule.LOSS
 
     @classmethod
     def of(cls, data: DataConfig, model: ModelConfig | None = None,  # type: ignore[override]
@@ -150,7 +150,7 @@ class Task(Scorer):
         scorer = Scorer.of(data)
         return cls(scorer.classes, scorer.metric, scorer.ordinal, scorer.positive,
                    Head(model.head) if model else Head.CLASSIFICATION,
-                   EpochRule(train.epoch_rule) if train else EpochRule.METRIC)
+                   EpochRule(train.epoch_rule) if train else EpochRule.LOSS)
 
     @property
     def label_decoder(self) -> Decoder:
