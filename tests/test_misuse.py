@@ -25,9 +25,11 @@ import torch
 from pipeline.__main__ import build_parser
 from pipeline.__main__ import main as cli
 from pipeline.base.config import AugmentConfig, CacheConfig
+from pipeline.base.utils import data_argument
 from pipeline.data.imagecache import build_cache, cache_reader, image_loader
 from pipeline.data.images import ImageTooLarge
-from pipeline.data.tables import DataError
+from pipeline.data.tables import DataError, train_image_paths
+from pipeline.experiments.probfiles import PredictionFileError, read_probabilities
 from tests.conftest import REPO, write_image
 from tests.test_provenance import Competition
 
@@ -487,3 +489,33 @@ def test_class_names_with_dollar_signs_are_drawn_as_plain_text(tmp_path, capsys)
     assert comp("folds") == 0 and comp("train", "--folds", "0") == 0
     fold = next((tmp_path / "runs" / "tiny").glob("resnet20*/fold0"))
     assert (fold / "confusion.png").stat().st_size > 0 and (fold / "curves.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Remedies that name the competition (issue 26, the last items)
+
+
+def test_an_unknown_audit_model_lists_the_experiments_instead_of_training_it(tmp_path, capsys):
+    comp = Competition(tmp_path)
+    audit = [f"audit_dir={tmp_path / 'audit'}"]
+    assert comp("folds") == 0 and comp("train", "--name", "mine", "--folds", "0") == 0
+    capsys.readouterr()
+    assert comp("audit", *audit, model="nosuch") == 1
+    err = capsys.readouterr().err
+    assert "no experiment nosuch" in err and "experiments: mine" in err
+    assert "make train" not in err
+    assert not (tmp_path / "audit" / "tiny" / "duplicates.csv").exists()  # refused first
+
+
+def test_probability_file_and_fold_remedies_name_the_competition(tmp_path):
+    comp = Competition(tmp_path, image_path="{label}/{id}.png")
+    part = tmp_path / "runs" / "tiny" / "exp1" / "fold0"
+    part.mkdir(parents=True)
+    pd.DataFrame({"id": ["a"], "cat": [0.5]}).to_csv(part / "test_probs.csv", index=False)
+    with data_argument(comp.data):
+        with pytest.raises(PredictionFileError) as missing:
+            read_probabilities(part / "test_probs.csv", ["cat", "dog"])
+        assert f"`make predict MODEL=exp1 DATA={shlex.quote(comp.data)}`" in str(missing.value)
+        with pytest.raises(DataError) as gone:
+            train_image_paths(comp.config().data, ["nosuch"])
+        assert f"`make folds DATA={shlex.quote(comp.data)}`" in str(gone.value)

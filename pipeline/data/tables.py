@@ -26,7 +26,7 @@ from PIL import Image
 
 from pipeline.base.config import DataConfig, path_fields
 from pipeline.base.task import class_index, targets_of
-from pipeline.base.utils import PipelineError, summarize_offenders, warn
+from pipeline.base.utils import PipelineError, make_command, summarize_offenders, warn
 
 
 class DataError(PipelineError):
@@ -346,7 +346,8 @@ def train_image_paths(data: DataConfig, ids: Sequence[str] | None = None) -> lis
         raise DataError(f"image_path {data.image_path!r} uses column(s) {missing}, which "
                         f"{train_source(data)} lacks; its columns are {list(frame.columns)}")
     rows = _rows_for(ids, frame, fields, train_source(data),
-                     remedy="the folds were made from other rows: run `make folds` again")
+                     remedy="the folds were made from other rows: run "
+                            f"`{make_command('folds', data.name)}` again")
     return row_image_paths(train_image_dir(data), data.image_path, rows)
 
 
@@ -376,7 +377,8 @@ def test_image_paths(data: DataConfig, ids: Sequence[str] | None = None) -> list
                         f"(its columns: {list(frame.columns)}); the test set has no labels. Set "
                         f"data.test_image_path to the test images' layout, e.g. '{{id}}.png'")
     rows = _rows_for(ids, frame, fields, source,
-                     remedy="the predictions are of another test set: run `make predict` again")
+                     remedy="the predictions are of another test set: run "
+                            f"`{make_command('predict', data.name, MODEL='<model>')}` again")
     return row_image_paths(test_image_dir(data), pattern, rows)
 
 

@@ -50,6 +50,7 @@ from pipeline.base.task import Scorer
 from pipeline.base.utils import (
     PipelineError,
     format_table,
+    make_command,
     summarize_offenders,
     write_csv_atomic,
 )
@@ -287,7 +288,8 @@ def experiment_checkpoint(experiment: Config, layout: Layout) -> Path:
     for k in folds:
         if exp.fold(k).best.is_file():
             return exp.fold(k).best
-    raise PipelineError(f"{exp.dir} has no trained fold: `make train MODEL={exp.name}` first")
+    raise PipelineError(f"{exp.dir} has no trained fold: "
+                        f"`{make_command('train', layout.competition, MODEL=exp.name)}` first")
 
 
 def audit_shift(config: Config, layout: Layout, images: AuditedImages,
@@ -340,10 +342,11 @@ def experiment_oof(experiment: Config, layout: Layout) -> tuple[pd.DataFrame, di
     state = experiment_state(experiment.data, layout, experiment.run_name, folds,
                              test_fingerprint=test_fingerprint, experiment=experiment, with_refit=False)
     if state is None or state.missing_folds or len(state.current_folds) != len(state.folds):
-        raise PipelineError(f"label suspects need the OOF of every fold of "
-                            f"{experiment.run_name}: `make train MODEL={experiment.run_name}` "
-                            f"first (`make status MODEL={experiment.run_name}` says what is "
-                            f"missing)")
+        competition, name = layout.competition, experiment.run_name
+        raise PipelineError(f"label suspects need the OOF of every fold of {name}: "
+                            f"`{make_command('train', competition, MODEL=name)}` first "
+                            f"(`{make_command('status', competition, MODEL=name)}` says what "
+                            f"is missing)")
     files = [oof_file(state.exp.fold(k)) for k in state.current_folds]
     return pd.concat([read_probs(path) for path in files]), label_issue_inputs(state)
 
@@ -370,16 +373,34 @@ def audit_labels(experiment: Config, layout: Layout, images: AuditedImages,
 
     run_finding(issues, findings.manifest(issues), inputs, force, compute=compute, what="label issues")
     suspects = pd.read_csv(issues, dtype={"id": str, "given": str, "predicted": str})
+    without = make_command("train", experiment.data.name, MODEL="<model>",
+                           ARGS=f"train.exclude={issues}")
     return [[f"label suspects ({name})", f"{len(suspects)} of {len(oof)} rows -> {issues}"],
-            ["remedy", f"ARGS=train.exclude={issues} trains without them"]]
+            ["remedy", f"`{without}` trains without them"]]
 
 
 # --------------------------------------------------------------------------------------------
 # The stage
 
 
+def check_experiment_exists(layout: Layout, experiment: Config) -> None:
+    """MODEL= of an audit names a trained experiment (its OOF and checkpoint are read): an
+    unknown one is refused before any image is read, listing the competition's experiments
+    (training a misspelt name is not the remedy)."""
+    if layout.experiment(experiment.run_name).config.is_file():
+        return
+    found = layout.experiment_names()
+    listed = ", ".join(found) if found else \
+        f"none yet (`{make_command('train', layout.competition, MODEL='<model>')}` trains one)"
+    raise PipelineError(f"no experiment {experiment.run_name} of {layout.competition} in "
+                        f"{layout.runs}/: MODEL= names a trained experiment; the competition's "
+                        f"experiments: {listed}")
+
+
 def run_audit(config: Config, experiment: Config | None, force: bool) -> list[list]:
     layout = Layout.of(config)
+    if experiment is not None:
+        check_experiment_exists(layout, experiment)
     images = AuditedImages.of(config.data)
     with stage_lock(layout.audit_lock, layout.audit, "audited"):
         rows = audit_duplicates(config, layout, images, force)
