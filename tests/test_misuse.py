@@ -29,6 +29,7 @@ from pipeline.base.utils import data_argument
 from pipeline.data.imagecache import build_cache, cache_reader, image_loader
 from pipeline.data.images import ImageTooLarge
 from pipeline.data.tables import DataError, train_image_paths
+from pipeline.experiments.locks import LockedError, holding
 from pipeline.experiments.probfiles import PredictionFileError, read_probabilities
 from tests.conftest import REPO, write_image
 from tests.test_provenance import Competition
@@ -519,3 +520,21 @@ def test_probability_file_and_fold_remedies_name_the_competition(tmp_path):
         with pytest.raises(DataError) as gone:
             train_image_paths(comp.config().data, ["nosuch"])
         assert f"`make folds DATA={shlex.quote(comp.data)}`" in str(gone.value)
+
+
+def test_a_lock_held_by_training_is_reported_as_training_to_predict(tmp_path):
+    lock = tmp_path / "runs" / "tiny" / ".locks" / "exp.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from pathlib import Path\nfrom pipeline.experiments.locks import holding\n"
+         f"with holding(Path({str(lock)!r}), 'runs/tiny/exp', 'trained'):\n"
+         "    print('held', flush=True); sys.stdin.read()"],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError) as refused:
+            with holding(lock, "runs/tiny/exp", "predicted"):
+                pass
+        assert "runs/tiny/exp is being trained by process" in str(refused.value)
+    finally:
+        holder.communicate("")
