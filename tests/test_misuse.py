@@ -538,3 +538,18 @@ def test_a_lock_held_by_training_is_reported_as_training_to_predict(tmp_path):
         assert "runs/tiny/exp is being trained by process" in str(refused.value)
     finally:
         holder.communicate("")
+
+
+def test_a_bad_test_image_is_not_offered_drop_bad_images(tmp_path, capsys):
+    comp = Competition(tmp_path)
+    (comp.root / "test" / "t001.png").write_bytes(b"not an image")
+    capsys.readouterr()
+    assert comp("check") == 1
+    err = capsys.readouterr().err
+    assert "t001" in err and "submission needs every test row" in err
+    assert "fix or replace" in err and "drop_bad_images=true" not in err
+    (comp.root / "train" / "0002.png").write_bytes(b"not an image")  # both: each its own remedy
+    assert comp("check") == 1
+    err = capsys.readouterr().err
+    assert "Bad training images" in err and "drop_bad_images=true" in err
+    assert "Bad test images" in err
