@@ -553,3 +553,12 @@ def test_a_bad_test_image_is_not_offered_drop_bad_images(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Bad training images" in err and "drop_bad_images=true" in err
     assert "Bad test images" in err
+
+
+def test_an_empty_label_is_shown_as_quotes(tmp_path, capsys):
+    comp = Competition(tmp_path)
+    comp.set_label("0002", "")
+    capsys.readouterr()
+    assert comp("check") == 1
+    assert '''labels outside the class list ['cat', 'dog', 'fox']: "" (lines [4]''' in \
+        capsys.readouterr().err

@@ -218,6 +218,11 @@ def labelled_frame(data: DataConfig) -> pd.DataFrame:
     return frame
 
 
+def shown_label(label: str) -> str:
+    """A label as a message shows it: an empty one as "" (a blank reads as nothing at all)."""
+    return label if label else '""'
+
+
 def load_train_table(data: DataConfig) -> pd.DataFrame:
     """The labelled rows: `id`, `label` (as spelled), `target` (class index), `group` if any.
 
@@ -235,7 +240,8 @@ def load_train_table(data: DataConfig) -> pd.DataFrame:
     if len(unknown):
         rows = (unknown.index[:5] + 2).tolist()  # +2: header line and 1-based line numbers
         problems.append(
-            f"labels outside the class list {data.classes}: {summarize_offenders(sorted(set(unknown)))}"
+            f"labels outside the class list {data.classes}: "
+            f"{summarize_offenders([shown_label(u) for u in sorted(set(unknown))])}"
             f" (lines {rows}{'...' if len(unknown) > 5 else ''}, {len(unknown)} rows); fix the rows or "
             f"add the class to `classes` in the competition config")
     if problems:
