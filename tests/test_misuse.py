@@ -562,3 +562,13 @@ def test_an_empty_label_is_shown_as_quotes(tmp_path, capsys):
     assert comp("check") == 1
     assert '''labels outside the class list ['cat', 'dog', 'fox']: "" (lines [4]''' in \
         capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="the warning is of a machine without GPUs")
+def test_several_ranks_without_a_gpu_are_warned_of(tmp_path, capsys, monkeypatch):
+    comp = Competition(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as `make check GPUS=2` (torchrun) sets it on rank 0
+    monkeypatch.setenv("RANK", "0")
+    capsys.readouterr()
+    assert comp("check") == 0
+    assert "2 processes (GPUS=2) on a machine without a GPU" in capsys.readouterr().err
