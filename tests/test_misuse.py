@@ -572,3 +572,17 @@ def test_several_ranks_without_a_gpu_are_warned_of(tmp_path, capsys, monkeypatch
     capsys.readouterr()
     assert comp("check") == 0
     assert "2 processes (GPUS=2) on a machine without a GPU" in capsys.readouterr().err
+
+
+def test_the_printed_iconv_converts_the_latin1_file_from_anywhere(tmp_path, capsys):
+    comp = Competition(tmp_path, labels=[c for c in ("café", "dog", "fox") for _ in range(6)])
+    train_csv = comp.root / "train.csv"
+    train_csv.write_bytes(train_csv.read_text(encoding="utf-8").encode("latin-1"))
+    capsys.readouterr()
+    assert comp("check") == 1
+    command = re.search(r"`(iconv [^`]+)`", capsys.readouterr().err).group(1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run(["bash", "-c", command], cwd=elsewhere, check=True)
+    assert comp("check") == 0
+    assert "café" in train_csv.read_text(encoding="utf-8")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
@@ -58,9 +59,14 @@ def read_csv_text(path: Path) -> str:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw[:err.start].count(b"\n") + 1
+        # absolute paths: the command works from wherever it is pasted
+        source = Path(path).resolve()
+        converted = source.with_name(source.name + ".utf8")
+        here, there = shlex.quote(str(source)), shlex.quote(str(converted))
         raise DataError(f"{path}: not UTF-8 (byte {raw[err.start:err.start + 1]!r} on line "
                         f"{line}, perhaps Latin-1 or Windows-1252); save it as UTF-8, e.g. "
-                        f"`iconv -f latin1 -t utf-8 {path.name} > utf8.csv`") from None
+                        f"`iconv -f latin1 -t utf-8 {here} > {there} && mv {there} {here}`"
+                        ) from None
     if "\x00" in text:
         raise DataError(f"{path}: holds NUL bytes, as UTF-16 without a byte-order mark does; "
                         f"save it as UTF-8")
