@@ -46,12 +46,14 @@ from sklearn.model_selection import StratifiedKFold
 from pipeline.base.config import AuditConfig, Config, DataConfig, load_config
 from pipeline.base.fingerprints import fingerprint, sha256_file
 from pipeline.base.log import log
+from pipeline.base.metrics import higher_is_better
 from pipeline.base.task import Scorer
 from pipeline.base.utils import (
     PipelineError,
     format_table,
     make_command,
     summarize_offenders,
+    warn,
     write_csv_atomic,
 )
 from pipeline.data.checks import check_competition
@@ -334,6 +336,23 @@ def label_suspects(oof: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
         "p_given": probs[ranked, targets[ranked]], "p_predicted": probs[ranked, predicted[ranked]]})
 
 
+# A model less than this share of the way from chance to a perfect score ranks labels by noise
+NEAR_CHANCE_SKILL = 0.25
+
+
+def skill_over_chance(oof: pd.DataFrame, data: DataConfig) -> tuple[float, float, float]:
+    """(the OOF's metric, the metric of chance: every row given the class shares, the share of
+    the way from chance to a perfect score the model goes). Chance per metric, measured rather
+    than assumed: accuracy the majority share, QWK 0, AUC 0.5, log-loss the prior's entropy."""
+    scorer = Scorer.of(data)
+    targets, probs = scorer.targets(oof["label"]), scorer.probs_of(oof)
+    prior = np.bincount(targets, minlength=scorer.n_classes) / len(targets)
+    chance = scorer.score(targets, np.tile(prior, (len(targets), 1)))
+    model = scorer.score(targets, probs)
+    perfect = 1.0 if higher_is_better(data.metric) else 0.0
+    return model, chance, (model - chance) / (perfect - chance) if perfect != chance else 1.0
+
+
 def experiment_oof(experiment: Config, layout: Layout) -> tuple[pd.DataFrame, dict[str, str]]:
     """(the experiment's OOF rows of every fold, TTA where predicted; the fingerprint of the
     files they came from), refused unless every fold of the fold file is current."""
@@ -375,8 +394,16 @@ def audit_labels(experiment: Config, layout: Layout, images: AuditedImages,
     suspects = pd.read_csv(issues, dtype={"id": str, "given": str, "predicted": str})
     without = make_command("train", experiment.data.name, MODEL="<model>",
                            ARGS=f"train.exclude={issues}")
-    return [[f"label suspects ({name})", f"{len(suspects)} of {len(oof)} rows -> {issues}"],
+    rows = [[f"label suspects ({name})", f"{len(suspects)} of {len(oof)} rows -> {issues}"],
             ["remedy", f"`{without}` trains without them"]]
+    model, chance, skill = skill_over_chance(oof, experiment.data)
+    if skill < NEAR_CHANCE_SKILL:
+        caution = (f"the OOF {experiment.data.metric} of {name} is {model:.3f}, near chance "
+                   f"({chance:.3f} from the class shares alone): its suspects are unreliable; "
+                   f"audit with a better model")
+        warn(caution)
+        rows.append(["caution", caution])
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
