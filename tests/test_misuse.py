@@ -586,3 +586,19 @@ def test_the_printed_iconv_converts_the_latin1_file_from_anywhere(tmp_path, caps
     subprocess.run(["bash", "-c", command], cwd=elsewhere, check=True)
     assert comp("check") == 0
     assert "café" in train_csv.read_text(encoding="utf-8")
+
+
+def test_infers_pixel_budget_error_starts_its_own_line(tmp_path, capsys):
+    comp = Competition(tmp_path)
+    comp.paths.append(f"bundles_dir={tmp_path / 'bundles'}")
+    assert comp("folds") == 0 and comp("train") == 0 and comp("predict") == 0
+    assert comp("ensemble", "ensemble.name=sub") == 0 and comp("bundle", model=None) == 0
+    png_bomb(comp.root / "test" / "t002.png")
+    capsys.readouterr()
+    assert cli(["infer", "--bundle", str(tmp_path / "bundles" / "tiny" / "sub.zip"),
+                "--images", str(comp.root / "test"), "--ids", str(comp.root / "test.csv"),
+                "--out", str(tmp_path / "out.csv")]) == 1
+    err = capsys.readouterr().err
+    assert "over the pixel budget" in err
+    error = next(line for line in err.splitlines() if "over the pixel budget" in line)
+    assert error.startswith("error: "), err[-2000:]  # not glued behind the bar's "infer: ..."
