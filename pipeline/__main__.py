@@ -33,6 +33,7 @@ from pipeline.base.utils import (
     PipelineError,
     data_argument,
     format_table,
+    warn,
     write_failure,
 )
 
@@ -179,6 +180,21 @@ def each_model(entry, args) -> None:
                             f"are done")
 
 
+def warn_of_cpu_ranks() -> None:
+    """GPUS=2 (torchrun, several ranks) on a machine without a GPU runs the ranks on the CPU
+    (gloo). A warning, not a refusal: CPU ranks are a real, tested way to run DDP (the
+    results match one process's), but they share the same cores, so they are no faster, and a
+    user who meant GPUs should know none is used."""
+    world = launched_world_size()
+    if world <= 1:
+        return
+    import torch
+    if torch.cuda.device_count() == 0:
+        warn(f"{world} processes (GPUS={world}) on a machine without a GPU: they run on the CPU "
+             f"and share its cores, so they are no faster than one; leave GPUS= out on a CPU "
+             f"machine (check CUDA if this machine should have a GPU)")
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     argv = sys.argv[1:] if argv is None else argv
@@ -189,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     # the competition's CSVs and images are read (and stat'ed) once per command, except by the
     # verbs that write them
     memory = contextlib.nullcontext() if args.verb in WRITES_DATA else remembered()
+    warn_of_cpu_ranks()
     try:
         with data_argument(getattr(args, "data", None)), memory:  # DATA= in remedies
             if args.verb in EACH_MODEL_VERBS and args.models:

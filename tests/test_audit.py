@@ -17,6 +17,7 @@ from sklearn.datasets import load_digits
 from bench import synthetic_fundus
 from bench.duplicates import copy_of as near_copy
 from pipeline.__main__ import main as cli
+from pipeline.base.config import DataConfig
 from pipeline.base.fingerprints import sha256_file
 from pipeline.data.duplicates import (
     exact_pairs,
@@ -27,7 +28,8 @@ from pipeline.data.duplicates import (
     perceptual_hash,
 )
 from pipeline.data.images import ImageReadError
-from pipeline.stages.audit import label_suspects
+from pipeline.stages.audit import NEAR_CHANCE_SKILL, label_suspects, skill_over_chance
+from tests.test_provenance import Competition
 
 DIGITS = load_digits()
 PHOTOS: dict[int, np.ndarray] = {}
@@ -198,3 +200,27 @@ def test_the_picture_of_a_group_of_50_copies_stays_narrow(tmp_path):
     assert len(table) == 50 and table["group"].nunique() == 1
     picture = cv2.imread(str(tmp_path / "audit" / "comp" / "duplicates.png"))
     assert picture.shape[1] < 1200, picture.shape  # 6 images drawn (+44 more), not 50
+
+
+def test_suspects_of_a_near_chance_model_come_with_a_caution(tmp_path, capsys):
+    comp = Competition(tmp_path)  # 18 images, 3 classes, one epoch: a model near chance
+    assert comp("folds") == 0 and comp("train") == 0
+    capsys.readouterr()
+    assert comp("audit", f"audit_dir={tmp_path / 'audit'}") == 0
+    out, err = capsys.readouterr()
+    assert "near chance" in err and "suspects are unreliable" in out
+
+
+def test_a_confident_model_is_far_from_chance_and_a_random_one_near_it():
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 3, 300)
+    sure = np.full((300, 3), 0.05)
+    sure[np.arange(300), targets] = 0.9
+    noise = rng.dirichlet(np.ones(3), 300)
+    for metric in ("accuracy", "log_loss", "roc_auc", "qwk"):
+        data = DataConfig(name="x", root=".", classes=["a", "b", "c"], metric=metric)
+        labels = np.array(["a", "b", "c"])[targets]
+        frames = [pd.DataFrame(p, columns=["a", "b", "c"]).assign(label=labels)
+                  for p in (sure, noise)]
+        assert skill_over_chance(frames[0], data)[2] > 0.5, metric
+        assert skill_over_chance(frames[1], data)[2] < NEAR_CHANCE_SKILL, metric

@@ -25,9 +25,12 @@ import torch
 from pipeline.__main__ import build_parser
 from pipeline.__main__ import main as cli
 from pipeline.base.config import AugmentConfig, CacheConfig
+from pipeline.base.utils import data_argument
 from pipeline.data.imagecache import build_cache, cache_reader, image_loader
 from pipeline.data.images import ImageTooLarge
-from pipeline.data.tables import DataError
+from pipeline.data.tables import DataError, train_image_paths
+from pipeline.experiments.locks import LockedError, holding
+from pipeline.experiments.probfiles import PredictionFileError, read_probabilities
 from tests.conftest import REPO, write_image
 from tests.test_provenance import Competition
 
@@ -487,3 +490,115 @@ def test_class_names_with_dollar_signs_are_drawn_as_plain_text(tmp_path, capsys)
     assert comp("folds") == 0 and comp("train", "--folds", "0") == 0
     fold = next((tmp_path / "runs" / "tiny").glob("resnet20*/fold0"))
     assert (fold / "confusion.png").stat().st_size > 0 and (fold / "curves.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Remedies that name the competition (issue 26, the last items)
+
+
+def test_an_unknown_audit_model_lists_the_experiments_instead_of_training_it(tmp_path, capsys):
+    comp = Competition(tmp_path)
+    audit = [f"audit_dir={tmp_path / 'audit'}"]
+    assert comp("folds") == 0 and comp("train", "--name", "mine", "--folds", "0") == 0
+    capsys.readouterr()
+    assert comp("audit", *audit, model="nosuch") == 1
+    err = capsys.readouterr().err
+    assert "no experiment nosuch" in err and "experiments: mine" in err
+    assert "make train" not in err
+    assert not (tmp_path / "audit" / "tiny" / "duplicates.csv").exists()  # refused first
+
+
+def test_probability_file_and_fold_remedies_name_the_competition(tmp_path):
+    comp = Competition(tmp_path, image_path="{label}/{id}.png")
+    part = tmp_path / "runs" / "tiny" / "exp1" / "fold0"
+    part.mkdir(parents=True)
+    pd.DataFrame({"id": ["a"], "cat": [0.5]}).to_csv(part / "test_probs.csv", index=False)
+    with data_argument(comp.data):
+        with pytest.raises(PredictionFileError) as missing:
+            read_probabilities(part / "test_probs.csv", ["cat", "dog"])
+        assert f"`make predict MODEL=exp1 DATA={shlex.quote(comp.data)}`" in str(missing.value)
+        with pytest.raises(DataError) as gone:
+            train_image_paths(comp.config().data, ["nosuch"])
+        assert f"`make folds DATA={shlex.quote(comp.data)}`" in str(gone.value)
+
+
+def test_a_lock_held_by_training_is_reported_as_training_to_predict(tmp_path):
+    lock = tmp_path / "runs" / "tiny" / ".locks" / "exp.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from pathlib import Path\nfrom pipeline.experiments.locks import holding\n"
+         f"with holding(Path({str(lock)!r}), 'runs/tiny/exp', 'trained'):\n"
+         "    print('held', flush=True); sys.stdin.read()"],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError) as refused:
+            with holding(lock, "runs/tiny/exp", "predicted"):
+                pass
+        assert "runs/tiny/exp is being trained by process" in str(refused.value)
+    finally:
+        holder.communicate("")
+
+
+def test_a_bad_test_image_is_not_offered_drop_bad_images(tmp_path, capsys):
+    comp = Competition(tmp_path)
+    (comp.root / "test" / "t001.png").write_bytes(b"not an image")
+    capsys.readouterr()
+    assert comp("check") == 1
+    err = capsys.readouterr().err
+    assert "t001" in err and "submission needs every test row" in err
+    assert "fix or replace" in err and "drop_bad_images=true" not in err
+    (comp.root / "train" / "0002.png").write_bytes(b"not an image")  # both: each its own remedy
+    assert comp("check") == 1
+    err = capsys.readouterr().err
+    assert "Bad training images" in err and "drop_bad_images=true" in err
+    assert "Bad test images" in err
+
+
+def test_an_empty_label_is_shown_as_quotes(tmp_path, capsys):
+    comp = Competition(tmp_path)
+    comp.set_label("0002", "")
+    capsys.readouterr()
+    assert comp("check") == 1
+    assert '''labels outside the class list ['cat', 'dog', 'fox']: "" (lines [4]''' in \
+        capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="the warning is of a machine without GPUs")
+def test_several_ranks_without_a_gpu_are_warned_of(tmp_path, capsys, monkeypatch):
+    comp = Competition(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as `make check GPUS=2` (torchrun) sets it on rank 0
+    monkeypatch.setenv("RANK", "0")
+    capsys.readouterr()
+    assert comp("check") == 0
+    assert "2 processes (GPUS=2) on a machine without a GPU" in capsys.readouterr().err
+
+
+def test_the_printed_iconv_converts_the_latin1_file_from_anywhere(tmp_path, capsys):
+    comp = Competition(tmp_path, labels=[c for c in ("café", "dog", "fox") for _ in range(6)])
+    train_csv = comp.root / "train.csv"
+    train_csv.write_bytes(train_csv.read_text(encoding="utf-8").encode("latin-1"))
+    capsys.readouterr()
+    assert comp("check") == 1
+    command = re.search(r"`(iconv [^`]+)`", capsys.readouterr().err).group(1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run(["bash", "-c", command], cwd=elsewhere, check=True)
+    assert comp("check") == 0
+    assert "café" in train_csv.read_text(encoding="utf-8")
+
+
+def test_infers_pixel_budget_error_starts_its_own_line(tmp_path, capsys):
+    comp = Competition(tmp_path)
+    comp.paths.append(f"bundles_dir={tmp_path / 'bundles'}")
+    assert comp("folds") == 0 and comp("train") == 0 and comp("predict") == 0
+    assert comp("ensemble", "ensemble.name=sub") == 0 and comp("bundle", model=None) == 0
+    png_bomb(comp.root / "test" / "t002.png")
+    capsys.readouterr()
+    assert cli(["infer", "--bundle", str(tmp_path / "bundles" / "tiny" / "sub.zip"),
+                "--images", str(comp.root / "test"), "--ids", str(comp.root / "test.csv"),
+                "--out", str(tmp_path / "out.csv")]) == 1
+    err = capsys.readouterr().err
+    assert "over the pixel budget" in err
+    error = next(line for line in err.splitlines() if "over the pixel budget" in line)
+    assert error.startswith("error: "), err[-2000:]  # not glued behind the bar's "infer: ..."

@@ -116,6 +116,20 @@ def warn_empty_classes(data: DataConfig, train: pd.DataFrame) -> None:
              f"unless the submission needs a column for them")
 
 
+def bad_image_remedy(train: bool, test: bool) -> str:
+    """The way out of bad training and/or test images: data.drop_bad_images leaves training
+    rows out, never test rows (the submission needs a row for every test image)."""
+    lines = []
+    if train:
+        lines.append("Bad training images: fix or replace the files, or set "
+                     "data.drop_bad_images=true (--drop-bad) to leave them out.")
+    if test:
+        lines.append("Bad test images: fix or replace the files; they cannot be left out, since the "
+                     "submission needs every test row (data.drop_bad_images applies to training "
+                     "images only).")
+    return "\n".join(lines)
+
+
 def check_competition(data: DataConfig, drop_bad: bool | None = None,
                       workers: int | None = None) -> CheckResult:
     """Validate tables and images; return the usable rows or raise DataError naming every problem."""
@@ -140,10 +154,8 @@ def check_competition(data: DataConfig, drop_bad: bool | None = None,
     if not drop_bad:
         errors = _describe("train", train_dir, train_grouped) + errors
     if errors:
-        remedy = ("Fix or replace the files" +
-                  ("" if drop_bad else ", or set data.drop_bad_images=true (--drop-bad) to leave "
-                                       "bad training images out"))
-        raise DataError("bad data:\n  " + "\n  ".join(errors) + f"\n{remedy}.")
+        remedy = bad_image_remedy(bool(train_bad) and not drop_bad, bool(test_bad))
+        raise DataError("bad data:\n  " + "\n  ".join(errors) + f"\n{remedy}")
 
     warn_empty_classes(data, train)
     dropped = {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
@@ -26,7 +27,7 @@ from PIL import Image
 
 from pipeline.base.config import DataConfig, path_fields
 from pipeline.base.task import class_index, targets_of
-from pipeline.base.utils import PipelineError, summarize_offenders, warn
+from pipeline.base.utils import PipelineError, make_command, summarize_offenders, warn
 
 
 class DataError(PipelineError):
@@ -58,9 +59,14 @@ def read_csv_text(path: Path) -> str:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw[:err.start].count(b"\n") + 1
+        # absolute paths: the command works from wherever it is pasted
+        source = Path(path).resolve()
+        converted = source.with_name(source.name + ".utf8")
+        here, there = shlex.quote(str(source)), shlex.quote(str(converted))
         raise DataError(f"{path}: not UTF-8 (byte {raw[err.start:err.start + 1]!r} on line "
                         f"{line}, perhaps Latin-1 or Windows-1252); save it as UTF-8, e.g. "
-                        f"`iconv -f latin1 -t utf-8 {path.name} > utf8.csv`") from None
+                        f"`iconv -f latin1 -t utf-8 {here} > {there} && mv {there} {here}`"
+                        ) from None
     if "\x00" in text:
         raise DataError(f"{path}: holds NUL bytes, as UTF-16 without a byte-order mark does; "
                         f"save it as UTF-8")
@@ -218,6 +224,11 @@ def labelled_frame(data: DataConfig) -> pd.DataFrame:
     return frame
 
 
+def shown_label(label: str) -> str:
+    """A label as a message shows it: an empty one as "" (a blank reads as nothing at all)."""
+    return label if label else '""'
+
+
 def load_train_table(data: DataConfig) -> pd.DataFrame:
     """The labelled rows: `id`, `label` (as spelled), `target` (class index), `group` if any.
 
@@ -235,7 +246,8 @@ def load_train_table(data: DataConfig) -> pd.DataFrame:
     if len(unknown):
         rows = (unknown.index[:5] + 2).tolist()  # +2: header line and 1-based line numbers
         problems.append(
-            f"labels outside the class list {data.classes}: {summarize_offenders(sorted(set(unknown)))}"
+            f"labels outside the class list {data.classes}: "
+            f"{summarize_offenders([shown_label(u) for u in sorted(set(unknown))])}"
             f" (lines {rows}{'...' if len(unknown) > 5 else ''}, {len(unknown)} rows); fix the rows or "
             f"add the class to `classes` in the competition config")
     if problems:
@@ -346,7 +358,8 @@ def train_image_paths(data: DataConfig, ids: Sequence[str] | None = None) -> lis
         raise DataError(f"image_path {data.image_path!r} uses column(s) {missing}, which "
                         f"{train_source(data)} lacks; its columns are {list(frame.columns)}")
     rows = _rows_for(ids, frame, fields, train_source(data),
-                     remedy="the folds were made from other rows: run `make folds` again")
+                     remedy="the folds were made from other rows: run "
+                            f"`{make_command('folds', data.name)}` again")
     return row_image_paths(train_image_dir(data), data.image_path, rows)
 
 
@@ -376,7 +389,8 @@ def test_image_paths(data: DataConfig, ids: Sequence[str] | None = None) -> list
                         f"(its columns: {list(frame.columns)}); the test set has no labels. Set "
                         f"data.test_image_path to the test images' layout, e.g. '{{id}}.png'")
     rows = _rows_for(ids, frame, fields, source,
-                     remedy="the predictions are of another test set: run `make predict` again")
+                     remedy="the predictions are of another test set: run "
+                            f"`{make_command('predict', data.name, MODEL='<model>')}` again")
     return row_image_paths(test_image_dir(data), pattern, rows)
 
 

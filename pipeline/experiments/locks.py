@@ -83,10 +83,13 @@ def holding(lock: Path, what: Path | str, doing: str) -> Iterator[None]:
     try:
         file_lock.acquire()
     except Timeout:
-        raise LockedError(f"{what} is being {doing} by {_holder(_read_info(lock))}: wait for it "
+        holder = _read_info(lock)
+        # the holder's own verb (training holds the lock predict meets), else this command's
+        doing = (holder or {}).get("doing") or doing
+        raise LockedError(f"{what} is being {doing} by {_holder(holder)}: wait for it "
                           f"to finish, or stop it first; nothing was changed") from None
     try:
-        _take_over(lock)
+        _take_over(lock, doing)
         _HELD.add(key)
         _export()  # the processes this one starts (--parallel folds) work under its lock
         yield
@@ -105,8 +108,9 @@ def _export() -> None:
     os.environ[HELD_ENV] = os.pathsep.join(held)
 
 
-def _take_over(lock: Path) -> None:
-    """Record this process as the holder; a note when a killed one left its record behind."""
+def _take_over(lock: Path, doing: str) -> None:
+    """Record this process as the holder, and what it is doing ("trained"), for the refusal
+    another command meets; a note when a killed one left its record behind."""
     before = _read_info(lock)
     if before and before.get("pid") != os.getpid():
         state = "no longer running" if not _alive(int(before.get("pid", -1))) else \
@@ -114,7 +118,7 @@ def _take_over(lock: Path) -> None:
         warn(f"took over the lock of {_holder(before)}, which is {state} (killed?): its "
              f"finished work is kept, and an interrupted fold resumes from its last checkpoint")
     info = {"pid": os.getpid(), "host": socket.gethostname(),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "doing": doing,
             "command": " ".join(["python -m pipeline", *sys.argv[1:]])[:200]}
     with contextlib.suppress(PipelineError):
         write_text_atomic(_info_path(lock), json.dumps(info))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.base.utils import PipelineError, summarize_offenders
+from pipeline.base.utils import PipelineError, make_command, summarize_offenders
 from pipeline.experiments.layout import Part, PseudoSet
 
 GRADE = "grade"  # the column of a grade output
@@ -24,6 +24,13 @@ GRADE = "grade"  # the column of a grade output
 
 class PredictionFileError(PipelineError):
     """A probability file is not what its stage wrote; the message names it and the remedy."""
+
+
+def predict_again(path: Path) -> str:
+    """`make predict MODEL=<experiment> DATA=...` for a probability file of a trained part,
+    runs/<competition>/<experiment>/<fold<k> or full>/<file>: the remedy as it runs."""
+    experiment = path.parent.parent
+    return f"`{make_command('predict', experiment.parent.name, MODEL=experiment.name)}`"
 
 
 def probability_frame(ids: Sequence[str], probs: np.ndarray, classes: Sequence[str],
@@ -53,13 +60,13 @@ def read_probabilities(path: Path, classes: Sequence[str], with_label: bool = Fa
     meta = ["id"] + (["label"] if with_label else [])
     if with_grade and GRADE not in frame.columns:
         raise PredictionFileError(f"{path}: no {GRADE} column, though its model has a grade "
-                                  f"output: re-run `make predict` for this model")
+                                  f"output: re-run {predict_again(path)}")
     classes = [*classes, GRADE] if with_grade else list(classes)
     missing = [c for c in [*meta, *classes] if c not in frame.columns]
     if missing:
         raise PredictionFileError(f"{path}: missing column(s) {missing}; columns are "
                                   f"{list(frame.columns)}. The file was made for other classes "
-                                  f"than {list(classes)}: re-run `make predict` for this model.")
+                                  f"than {list(classes)}: re-run {predict_again(path)}")
     dupes = sorted(set(frame["id"][frame["id"].duplicated()]))
     if dupes:
         raise PredictionFileError(f"{path}: duplicated ids {summarize_offenders(dupes)}")
@@ -68,7 +75,7 @@ def read_probabilities(path: Path, classes: Sequence[str], with_label: bool = Fa
     if bad.any():
         raise PredictionFileError(f"{path}: missing or non-numeric probabilities for id(s) "
                                   f"{summarize_offenders(frame.loc[bad, 'id'].tolist())}; re-run "
-                                  f"`make predict` for this model")
+                                  f"{predict_again(path)}")
     return pd.concat([frame[meta], probs], axis=1)
 
 
@@ -78,7 +85,7 @@ def oof_file(part: Part) -> Path:
         if path.is_file():
             return path
     raise PredictionFileError(f"{part.dir} has no {part.oof_tta.name} or {part.oof.name}; re-run "
-                              f"`make predict` (or train) for this model")
+                              f"{predict_again(part.oof)} (or train)")
 
 
 def read_fold_oof(part: Part, fold: int, folds: pd.DataFrame, classes: Sequence[str],
@@ -112,8 +119,8 @@ def aligned_test(path: Path, classes: Sequence[str], ids: list[str] | None,
     differ = sorted(set(frame["id"]) ^ set(ids))
     if differ:
         raise PredictionFileError(f"{path}: its test ids differ from the other folds' "
-                                  f"({summarize_offenders(differ)}); re-run `make predict` for "
-                                  f"this model")
+                                  f"({summarize_offenders(differ)}); re-run "
+                                  f"{predict_again(path)}")
     return ids, frame.set_index("id").loc[ids, columns].to_numpy(np.float64)
 
 

@@ -433,27 +433,29 @@ def predict_all(slots: list[Slot], paths: list[Path], time_limit: float | None,
     loader = inputs_loader(slots, paths)
     device = slots[0].predictor.device
     outputs: list[list[np.ndarray]] = [[] for _ in slots]
-    bar = tqdm(total=len(paths), desc="infer", unit="img", dynamic_ncols=True, mininterval=1.0)
-    fetch = time.perf_counter()
-    for index, inputs in enumerate(loader):
-        load_s = time.perf_counter() - fetch
-        probs, seconds = run_batch(slots, inputs)
-        if index == 0:
-            n_first = len(inputs[0])
-            rate = (load_s + sum(seconds)) / n_first * 1000
-            total = estimate(len(paths), n_first, load_s, seconds, views_now=_views(slots), views_then=_views(slots))
-            tqdm.write(f"expected {rate:.1f} s per 1,000 images on {device} ({len(slots)} "
-                       f"checkpoint(s), {sum(_views(slots))} view(s) in all; {len(paths)} "
-                       f"images: about {_seconds(total)})")
-            left = None if time_limit is None else time_limit - (time.perf_counter() - started)
-            if left is not None and fit_time_limit(slots, len(paths), n_first, load_s, seconds=seconds,
-                                                   left_s=left):
-                probs, _ = run_batch(slots, inputs)
-        for out, p in zip(outputs, probs):
-            out.append(p)
-        bar.update(len(inputs[0]))
+    # `with`: the bar is ended (its line closed) before an error, e.g. an image over the pixel
+    # budget, prints; else the error is glued to the bar's line
+    with tqdm(total=len(paths), desc="infer", unit="img", dynamic_ncols=True,
+              mininterval=1.0) as bar:
         fetch = time.perf_counter()
-    bar.close()
+        for index, inputs in enumerate(loader):
+            load_s = time.perf_counter() - fetch
+            probs, seconds = run_batch(slots, inputs)
+            if index == 0:
+                n_first = len(inputs[0])
+                rate = (load_s + sum(seconds)) / n_first * 1000
+                total = estimate(len(paths), n_first, load_s, seconds, views_now=_views(slots), views_then=_views(slots))
+                tqdm.write(f"expected {rate:.1f} s per 1,000 images on {device} ({len(slots)} "
+                           f"checkpoint(s), {sum(_views(slots))} view(s) in all; {len(paths)} "
+                           f"images: about {_seconds(total)})")
+                left = None if time_limit is None else time_limit - (time.perf_counter() - started)
+                if left is not None and fit_time_limit(slots, len(paths), n_first, load_s, seconds=seconds,
+                                                       left_s=left):
+                    probs, _ = run_batch(slots, inputs)
+            for out, p in zip(outputs, probs):
+                out.append(p)
+            bar.update(len(inputs[0]))
+            fetch = time.perf_counter()
     return {(s.experiment, s.part): np.concatenate(out) for s, out in zip(slots, outputs)}
 
 

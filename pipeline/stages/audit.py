@@ -46,11 +46,14 @@ from sklearn.model_selection import StratifiedKFold
 from pipeline.base.config import AuditConfig, Config, DataConfig, load_config
 from pipeline.base.fingerprints import fingerprint, sha256_file
 from pipeline.base.log import log
+from pipeline.base.metrics import higher_is_better
 from pipeline.base.task import Scorer
 from pipeline.base.utils import (
     PipelineError,
     format_table,
+    make_command,
     summarize_offenders,
+    warn,
     write_csv_atomic,
 )
 from pipeline.data.checks import check_competition
@@ -287,7 +290,8 @@ def experiment_checkpoint(experiment: Config, layout: Layout) -> Path:
     for k in folds:
         if exp.fold(k).best.is_file():
             return exp.fold(k).best
-    raise PipelineError(f"{exp.dir} has no trained fold: `make train MODEL={exp.name}` first")
+    raise PipelineError(f"{exp.dir} has no trained fold: "
+                        f"`{make_command('train', layout.competition, MODEL=exp.name)}` first")
 
 
 def audit_shift(config: Config, layout: Layout, images: AuditedImages,
@@ -332,6 +336,23 @@ def label_suspects(oof: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
         "p_given": probs[ranked, targets[ranked]], "p_predicted": probs[ranked, predicted[ranked]]})
 
 
+# A model less than this share of the way from chance to a perfect score ranks labels by noise
+NEAR_CHANCE_SKILL = 0.25
+
+
+def skill_over_chance(oof: pd.DataFrame, data: DataConfig) -> tuple[float, float, float]:
+    """(the OOF's metric, the metric of chance: every row given the class shares, the share of
+    the way from chance to a perfect score the model goes). Chance per metric, measured rather
+    than assumed: accuracy the majority share, QWK 0, AUC 0.5, log-loss the prior's entropy."""
+    scorer = Scorer.of(data)
+    targets, probs = scorer.targets(oof["label"]), scorer.probs_of(oof)
+    prior = np.bincount(targets, minlength=scorer.n_classes) / len(targets)
+    chance = scorer.score(targets, np.tile(prior, (len(targets), 1)))
+    model = scorer.score(targets, probs)
+    perfect = 1.0 if higher_is_better(data.metric) else 0.0
+    return model, chance, (model - chance) / (perfect - chance) if perfect != chance else 1.0
+
+
 def experiment_oof(experiment: Config, layout: Layout) -> tuple[pd.DataFrame, dict[str, str]]:
     """(the experiment's OOF rows of every fold, TTA where predicted; the fingerprint of the
     files they came from), refused unless every fold of the fold file is current."""
@@ -340,10 +361,11 @@ def experiment_oof(experiment: Config, layout: Layout) -> tuple[pd.DataFrame, di
     state = experiment_state(experiment.data, layout, experiment.run_name, folds,
                              test_fingerprint=test_fingerprint, experiment=experiment, with_refit=False)
     if state is None or state.missing_folds or len(state.current_folds) != len(state.folds):
-        raise PipelineError(f"label suspects need the OOF of every fold of "
-                            f"{experiment.run_name}: `make train MODEL={experiment.run_name}` "
-                            f"first (`make status MODEL={experiment.run_name}` says what is "
-                            f"missing)")
+        competition, name = layout.competition, experiment.run_name
+        raise PipelineError(f"label suspects need the OOF of every fold of {name}: "
+                            f"`{make_command('train', competition, MODEL=name)}` first "
+                            f"(`{make_command('status', competition, MODEL=name)}` says what "
+                            f"is missing)")
     files = [oof_file(state.exp.fold(k)) for k in state.current_folds]
     return pd.concat([read_probs(path) for path in files]), label_issue_inputs(state)
 
@@ -370,16 +392,42 @@ def audit_labels(experiment: Config, layout: Layout, images: AuditedImages,
 
     run_finding(issues, findings.manifest(issues), inputs, force, compute=compute, what="label issues")
     suspects = pd.read_csv(issues, dtype={"id": str, "given": str, "predicted": str})
-    return [[f"label suspects ({name})", f"{len(suspects)} of {len(oof)} rows -> {issues}"],
-            ["remedy", f"ARGS=train.exclude={issues} trains without them"]]
+    without = make_command("train", experiment.data.name, MODEL="<model>",
+                           ARGS=f"train.exclude={issues}")
+    rows = [[f"label suspects ({name})", f"{len(suspects)} of {len(oof)} rows -> {issues}"],
+            ["remedy", f"`{without}` trains without them"]]
+    model, chance, skill = skill_over_chance(oof, experiment.data)
+    if skill < NEAR_CHANCE_SKILL:
+        caution = (f"the OOF {experiment.data.metric} of {name} is {model:.3f}, near chance "
+                   f"({chance:.3f} from the class shares alone): its suspects are unreliable; "
+                   f"audit with a better model")
+        warn(caution)
+        rows.append(["caution", caution])
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
 # The stage
 
 
+def check_experiment_exists(layout: Layout, experiment: Config) -> None:
+    """MODEL= of an audit names a trained experiment (its OOF and checkpoint are read): an
+    unknown one is refused before any image is read, listing the competition's experiments
+    (training a misspelt name is not the remedy)."""
+    if layout.experiment(experiment.run_name).config.is_file():
+        return
+    found = layout.experiment_names()
+    listed = ", ".join(found) if found else \
+        f"none yet (`{make_command('train', layout.competition, MODEL='<model>')}` trains one)"
+    raise PipelineError(f"no experiment {experiment.run_name} of {layout.competition} in "
+                        f"{layout.runs}/: MODEL= names a trained experiment; the competition's "
+                        f"experiments: {listed}")
+
+
 def run_audit(config: Config, experiment: Config | None, force: bool) -> list[list]:
     layout = Layout.of(config)
+    if experiment is not None:
+        check_experiment_exists(layout, experiment)
     images = AuditedImages.of(config.data)
     with stage_lock(layout.audit_lock, layout.audit, "audited"):
         rows = audit_duplicates(config, layout, images, force)
