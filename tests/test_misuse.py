@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import stat
 import struct
@@ -602,3 +603,42 @@ def test_infers_pixel_budget_error_starts_its_own_line(tmp_path, capsys):
     assert "over the pixel budget" in err
     error = next(line for line in err.splitlines() if "over the pixel budget" in line)
     assert error.startswith("error: "), err[-2000:]  # not glued behind the bar's "infer: ..."
+
+
+# --------------------------------------------------------------------------------------------
+# Half-finished stages (issue 26, item 8 and h)
+
+
+def add_train_copy(comp: Competition, image_id: str, of: str) -> None:
+    """A labelled exact copy (the same bytes) of training image `of`, with its label."""
+    shutil.copy(comp.root / "train" / f"{of}.png", comp.root / "train" / f"{image_id}.png")
+    table = pd.read_csv(comp.root / "train.csv", dtype=str)
+    table.loc[len(table)] = [image_id, table.set_index("id").loc[of, "label"]]
+    table.to_csv(comp.root / "train.csv", index=False)
+
+
+def test_an_interrupted_audit_leaves_no_duplicates_for_the_folds(tmp_path, capsys):
+    comp = Competition(tmp_path)
+    audit = [f"audit_dir={tmp_path / 'audit'}"]
+    add_train_copy(comp, "0000_copy", of="0000")
+    found = tmp_path / "audit" / "tiny"
+    found.mkdir(parents=True)
+    (found / "duplicates.png").mkdir()  # the picture cannot be written: the audit stops there
+    capsys.readouterr()
+    assert comp("audit", *audit, model=None) == 1
+    assert "duplicates.png" in capsys.readouterr().err
+    assert not (found / "duplicates.csv").exists()  # nothing without its manifest
+    # a kill between the findings and their manifest: the file is there, unvouched for
+    (found / "duplicates.png").rmdir()
+    assert comp("audit", *audit, model=None) == 0
+    (found / "duplicates.manifest.json").unlink()
+    capsys.readouterr()
+    assert comp("folds", *audit) == 0
+    out, err = capsys.readouterr()
+    assert "not used" in err and "make audit" in err and "each group kept" not in out
+    assert "group" not in pd.read_csv(tmp_path / "folds" / "tiny.csv", dtype=str)
+    assert comp("audit", *audit, model=None) == 0 and comp("folds", *audit) == 0
+    folds = pd.read_csv(tmp_path / "folds" / "tiny.csv", dtype=str).set_index("id")
+    assert folds.loc["0000", "fold"] == folds.loc["0000_copy", "fold"]
+    assert "each group kept in one fold" in capsys.readouterr().out
+

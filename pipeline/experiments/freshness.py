@@ -228,11 +228,28 @@ def fold_inputs(data: DataConfig, folds: FoldsConfig, layout: Layout | None,
     return inputs, {"settings": settings, "rows": len(table)}
 
 
+def unvouched_duplicates(layout: Layout) -> str:
+    """Why the competition's duplicates.csv is not the one a finished audit wrote ('' when it
+    is, or when there is none): the audit writes its manifest last, so a file without one, or
+    other than its manifest recorded, is of an audit that stopped mid-way (or was edited)."""
+    path = layout.findings.duplicates
+    if not path.is_file():
+        return ""
+    manifest = read_manifest(layout.findings.manifest(path))
+    if manifest is None or path.name not in manifest.outputs:
+        return "no finished audit wrote it (it has no manifest: an audit stopped mid-way?)"
+    if file_digest(path) != manifest.outputs[path.name]:
+        return ("it differs from what the audit recorded (changed after `make audit`, or an "
+                "audit stopped before its manifest)")
+    return ""
+
+
 def duplicate_groups(layout: Layout) -> pd.DataFrame | None:
     """The labelled rows in duplicate groups of the competition's audit (group, id, label) that
     hold two labelled images or more: only those constrain the folds. None without such a group
-    (or an audit), so that an audit finding only test copies leaves the folds current."""
-    table = read_duplicates(layout.findings.duplicates)
+    (or a finished audit: `unvouched_duplicates`), so that an audit finding only test copies
+    leaves the folds current."""
+    table = None if unvouched_duplicates(layout) else read_duplicates(layout.findings.duplicates)
     if table is None:
         return None
     train = table[table["part"] == "train"]

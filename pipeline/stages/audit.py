@@ -171,9 +171,10 @@ def audit_duplicates(config: Config, layout: Layout, images: AuditedImages,
     def compute() -> list[Path]:
         frame, paths = images.usable
         table = find_duplicates(frame, paths, config.audit, config.data.max_image_pixels)
-        write_csv_atomic(table, findings.duplicates)
+        # the table, which `make folds` reads, last: a picture that fails leaves the old one
         write_duplicates_picture(table, frame, paths, config.audit.shown,
                                  path=findings.duplicates_png)
+        write_csv_atomic(table, findings.duplicates)
         return [findings.duplicates, findings.duplicates_png]
 
     run_finding(findings.duplicates, findings.manifest(findings.duplicates), inputs, force,

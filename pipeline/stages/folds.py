@@ -25,19 +25,16 @@ from pipeline.base.config import Config, FoldsConfig, load_config
 from pipeline.base.fingerprints import folds_fingerprint
 from pipeline.base.log import log
 from pipeline.base.task import class_index, targets_of
-from pipeline.base.utils import PipelineError, format_table, warn, write_csv_atomic
+from pipeline.base.utils import PipelineError, format_table, make_command, warn, write_csv_atomic
 from pipeline.data.checks import check_competition
 from pipeline.data.duplicates import conflicts as dup_conflicts
 from pipeline.data.duplicates import describe_conflicts, groups_for_folds, merged_groups
 from pipeline.experiments.freshness import (
     duplicate_groups,
     fold_inputs,
+    unvouched_duplicates,
 )
 from pipeline.experiments.layout import Layout
-from pipeline.experiments.manifests import (
-    outputs_problems,
-    read_manifest,
-)
 from pipeline.experiments.runner import Step, run_step, stage_lock
 
 
@@ -104,10 +101,12 @@ def with_duplicates(table: pd.DataFrame, classes: list[str], folds_cfg: FoldsCon
     """The labelled rows with the audit's duplicate groups joined to their groups (a patient's
     copies and the copies' patients all in one fold), and its conflicting groups kept, dropped
     or relabelled (folds.duplicate_conflicts)."""
-    groups = duplicate_groups(layout) if folds_cfg.duplicates else None
+    if not folds_cfg.duplicates:
+        return table
+    warn_unvouched_duplicates(layout)
+    groups = duplicate_groups(layout)
     if groups is None or groups.empty:
         return table
-    warn_stale_audit(layout)
     found = dup_conflicts(groups.assign(part="train"))
     if len(found):
         table = resolve_conflicts(table, groups, found, classes, policy=folds_cfg.duplicate_conflicts)
@@ -145,10 +144,14 @@ def resolve_conflicts(table: pd.DataFrame, groups: pd.DataFrame, found: pd.DataF
     return table.assign(label=changed, target=targets_of(changed, classes))
 
 
-def warn_stale_audit(layout: Layout) -> None:
-    manifest = layout.findings.manifest(layout.findings.duplicates)
-    if read_manifest(manifest) is not None and outputs_problems(manifest, read_manifest(manifest)):
-        warn(f"{layout.findings.duplicates} was changed after `make audit` wrote it")
+def warn_unvouched_duplicates(layout: Layout) -> None:
+    """A duplicates.csv no finished audit vouches for is not used (the folds are split without
+    it): say so, with the way to a finished one."""
+    why = unvouched_duplicates(layout)
+    if why:
+        warn(f"{layout.findings.duplicates} is not used: {why}; "
+             f"`{make_command('audit', layout.competition)}` finds the duplicates again, then "
+             f"`{make_command('folds', layout.competition)}` keeps each group in one fold")
 
 
 def fold_table(folds: pd.DataFrame, classes: list[str]) -> str:
