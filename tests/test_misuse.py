@@ -642,3 +642,20 @@ def test_an_interrupted_audit_leaves_no_duplicates_for_the_folds(tmp_path, capsy
     assert folds.loc["0000", "fold"] == folds.loc["0000_copy", "fold"]
     assert "each group kept in one fold" in capsys.readouterr().out
 
+
+def test_an_ensemble_that_cannot_write_leaves_no_half_submission(tmp_path):
+    comp = Competition(tmp_path)
+    assert comp("folds") == 0 and comp("train") == 0 and comp("predict") == 0
+    limit = 400  # bytes: the submission's rows fit, its report does not
+
+    def limited():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    argv = [sys.executable, "-m", "pipeline", *ensemble_argv(comp, *FAST)]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, preexec_fn=limited)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "cannot write" in done.stderr and "Traceback" not in done.stderr
+    written = [p.name for p in (tmp_path / "subs" / "tiny").iterdir() if not p.name.startswith(".")]
+    assert written == [], written  # no submission without its report and manifest

@@ -70,6 +70,8 @@ class Step:
     main_only: bool = False  # the work is rank 0's alone (a submission); None on the others
     recorded: Callable[[Any], dict[str, Any]] | None = None  # details known once the work is
     # done (counts), from its value; added to `details` in the manifest
+    all_or_none: bool = False  # a work or manifest that fails removes the outputs and the
+    # manifest (rank 0): a set read as one (a submission and its report) is never left half
 
 
 @dataclass(frozen=True)
@@ -107,12 +109,24 @@ def run_step(step: Step, force: bool) -> Any:
         if distributed.is_main():
             _prepare(step, force)
         distributed.barrier()  # no rank looks into the folder before it is ready
-    result = step.work() if distributed.is_main() or not step.main_only else None
-    if distributed.is_main():
-        details = {**step.details, **(step.recorded(result) if step.recorded else {})}
-        write_manifest(step.manifest, step.name, step.inputs, step.outputs(), details=details)
+    try:
+        result = step.work() if distributed.is_main() or not step.main_only else None
+        if distributed.is_main():
+            details = {**step.details, **(step.recorded(result) if step.recorded else {})}
+            write_manifest(step.manifest, step.name, step.inputs, step.outputs(), details=details)
+    except BaseException:  # an interrupt too: a kill cannot be caught, and a set without its
+        # manifest is stale by the one rule
+        if step.all_or_none and distributed.is_main():
+            _remove_outputs(step)
+        raise
     distributed.barrier()  # every rank reads the step's files once rank 0 has written them
     return result
+
+
+def _remove_outputs(step: Step) -> None:
+    for path in [*step.outputs(), step.manifest]:
+        with contextlib.suppress(OSError):
+            Path(path).unlink(missing_ok=True)
 
 
 def _prepare(step: Step, force: bool) -> None:

@@ -393,7 +393,7 @@ def recipe(data: DataConfig, ensemble: Ensemble) -> dict:
 def write_outputs(data: DataConfig, layout: Layout, ensemble: Ensemble,
                   test_ids: list[str]) -> EnsembleOutcome:
     """The submission, its report and, last, its manifest (written again each time: it is
-    cheap); the tables shown."""
+    cheap), all or none: a write that fails removes the others; the tables shown."""
     cv_score = ensemble.scores["out of fold"]
     submission = layout.submission(submission_name(ensemble.settings, ensemble.names, cv_score,
                                                    ensemble.partial))
@@ -402,7 +402,8 @@ def write_outputs(data: DataConfig, layout: Layout, ensemble: Ensemble,
                                             ensemble.settings)}
     step = Step("ensemble", submission.manifest, inputs, recipe(data, ensemble),
                 lambda: [submission.csv, submission.report],
-                lambda: write_submission_files(data, ensemble, submission, test_ids), current="")
+                lambda: write_submission_files(data, ensemble, submission, test_ids), current="",
+                all_or_none=True)  # a failed write leaves no submission without its report
     solution_score = run_step(step, force=True)
     log.info(f"wrote {submission.csv} and {submission.report}")
     log.info(report_line(layout))
