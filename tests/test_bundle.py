@@ -225,3 +225,27 @@ def test_a_folder_without_a_bundle_is_refused(made, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     err = refused(made[0], tmp_path / "empty", tmp_path, capsys)
     assert "no bundle.json" in err
+
+
+def test_an_error_in_a_zip_names_the_zip_and_its_member(made, tmp_path, capsys):
+    broken = tmp_path / "broken.zip"
+    with zipfile.ZipFile(made[1]) as source, zipfile.ZipFile(broken, "w") as out:
+        names = [n for n in source.namelist() if not n.endswith("fold1.safetensors")]
+        for name in names:
+            out.writestr(name, source.read(name))
+    gone = next(n for n in source.namelist() if n.endswith("fold1.safetensors"))
+    err = refused(made[0], broken, tmp_path, capsys)
+    assert f"bundle {broken} is incomplete" in err and gone in err
+    assert "bundle-" not in err  # not the temporary folder it was unpacked to, deleted since
+    manifest = json.loads(zipfile.ZipFile(made[1]).read("bundle.json"))
+    member = next(n for n in manifest["files"] if n.endswith("fold0.json"))
+    with zipfile.ZipFile(made[1]) as source, zipfile.ZipFile(broken, "w") as out:
+        for name in source.namelist():
+            data = b"{}" if name == member else source.read(name)
+            if name == "bundle.json":
+                (tmp_path / "empty.json").write_bytes(b"{}")
+                manifest["files"][member] = sha256_file(tmp_path / "empty.json")
+                data = json.dumps(manifest).encode()
+            out.writestr(name, data)
+    err = refused(made[0], broken, tmp_path, capsys)
+    assert f"{broken} member members/" in err and "bundle-" not in err

@@ -118,7 +118,16 @@ def opened(path: Path) -> Iterator[Path]:
                           + ": pass the zip of `make bundle` or the folder it was unpacked into")
     with tempfile.TemporaryDirectory(prefix="bundle-") as tmp, zipfile.ZipFile(path) as zf:
         zf.extractall(tmp)  # zipfile drops '..' and leading '/' from member names
-        yield Path(tmp)
+        try:
+            yield Path(tmp)
+        except BundleError as err:  # the folder is deleted as this returns: name the zip
+            raise BundleError(in_zip(str(err), Path(tmp), path)) from None
+
+
+def in_zip(message: str, folder: Path, archive: Path) -> str:
+    """`message` with the temporary `folder` a zip was unpacked to named as the zip
+    (`<zip> member members/x/fold0.json`), which the user can open."""
+    return message.replace(f"{folder}/", f"{archive} member ").replace(str(folder), str(archive))
 
 
 def read_json(path: Path) -> dict[str, Any]:
