@@ -62,7 +62,6 @@ from pipeline.base.fingerprints import (
 )
 from pipeline.base.task import best_epochs, targets_of
 from pipeline.base.utils import PipelineError, make_command
-from pipeline.data.duplicates import read_duplicates
 from pipeline.data.tables import (
     MAX_IMAGE_PIXELS,
     load_test_ids,
@@ -232,6 +231,12 @@ def duplicate_groups(layout: Layout) -> pd.DataFrame | None:
     """The labelled rows in duplicate groups of the competition's audit (group, id, label) that
     hold two labelled images or more: only those constrain the folds. None without such a group
     (or an audit), so that an audit finding only test copies leaves the folds current."""
+    if not layout.findings.duplicates.is_file():
+        return None
+    # here, not at the top: the audit's module loads imagehash and scipy (~0.6 s), which every
+    # stage reading the folds would pay without an audit
+    from pipeline.data.duplicates import read_duplicates
+
     table = read_duplicates(layout.findings.duplicates)
     if table is None:
         return None
