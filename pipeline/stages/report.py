@@ -57,9 +57,10 @@ from pipeline.experiments.layout import Layout, Report
 from pipeline.experiments.leaderboard import (
     HEADERS,
     SubmissionSummary,
+    best_first,
     competition_states,
     leaderboard,
-    submission_summaries,
+    read_submissions,
 )
 from pipeline.experiments.manifests import read_manifest
 from pipeline.experiments.probfiles import GRADE
@@ -474,8 +475,9 @@ def index_inputs(config: Config, layout: Layout, shown: dict) -> dict:
 
 def what_index_shows(config: Config, layout: Layout, states: list[ExperimentState],
                      done: list[list[str]]) -> dict:
-    return {"frame": leaderboard(config.data, config.folds, layout, states),
-            "summaries": submission_summaries(config.data, config.folds, layout),
+    submissions = read_submissions(config.data, config.folds, layout)
+    return {"frame": leaderboard(config.data, config.folds, layout, states, submissions),
+            "summaries": best_first(submissions, config.data.metric),
             "stale": findings_staleness(config.data, layout, states),
             "pages": {name for name, state in done if not state.startswith("none")}}
 
