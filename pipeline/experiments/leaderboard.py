@@ -64,7 +64,7 @@ def competition_states(data: DataConfig, folds_cfg: FoldsConfig,
 
 
 def leaderboard(data: DataConfig, folds_cfg: FoldsConfig, layout: Layout,
-                states: list[ExperimentState] | None = None,
+                states: list[ExperimentState] | None = None, *,
                 summaries: list[SubmissionSummary] | None = None) -> pd.DataFrame:
     """One row per experiment (HEADERS), best out-of-fold score first; `states`, `summaries`
     (read_submissions): what the caller has already (each submission's freshness judges its

@@ -51,6 +51,9 @@ from pipeline.base.log import log
 from pipeline.base.metrics import higher_is_better
 from pipeline.base.task import Scorer
 from pipeline.base.utils import format_table, write_text_atomic
+from pipeline.data.duplicates import GROUP_IMAGES, read_duplicates
+from pipeline.data.imagecache import image_loader
+from pipeline.data.images import read_image
 from pipeline.data.tables import test_image_paths, train_image_paths
 from pipeline.ensembling.decode import expected_grade
 from pipeline.experiments.layout import Layout, Report
@@ -66,6 +69,7 @@ from pipeline.experiments.manifests import read_manifest
 from pipeline.experiments.probfiles import GRADE
 from pipeline.experiments.runner import Step, run_step, stage_lock
 from pipeline.experiments.state import ExperimentState, cv_numbers, findings_staleness, joined_oof
+from pipeline.reporting import plots
 
 TEMPLATES = Path(__file__).parents[1] / "reporting" / "templates"
 LOSS_FLOOR = 1e-7  # a probability of 0 for the given class would be an infinite loss
@@ -74,9 +78,9 @@ DUPLICATE_GROUPS, SUSPECTS = 12, 18  # audit pictures on the index page (GROUP_I
 # Bump by hand when a change of the templates, or of the code that fills them, changes what a
 # page shows: every page is then rebuilt once. The code's files are no input of a page.
 PAGE_FORMAT = 1
-# What only a page being written needs (jinja2, matplotlib, scikit-learn, OpenCV, the audit's
-# imagehash and scipy) is imported in the function that needs it: `make report` with nothing
-# changed then loads none of them (several seconds of its run, bench/scale.py).
+# What only a page being written needs (jinja2, scikit-learn; matplotlib in plots) is imported
+# in the function that needs it: `make report` with nothing changed then loads none of them
+# (several seconds of its run, bench/scale.py).
 
 
 def environment():
@@ -116,8 +120,6 @@ def thumbnail(report: Report, source: Path, read, side: int, *, how: str) -> Pat
     key = fingerprint([str(source), stat.st_size, stat.st_mtime_ns, how, side])
     path = report.images / f"{key[:20]}.jpg"
     if not path.is_file():
-        from pipeline.reporting import plots
-
         plots.write_thumbnail(read(source), path, side)
     return path
 
@@ -192,8 +194,6 @@ def loss_tiles(rows: pd.DataFrame, config: Config, report: Report, side: int) ->
     image cache where it is enabled)."""
     if rows.empty:
         return []
-    from pipeline.data.imagecache import image_loader
-
     data = config.data
     paths = train_image_paths(data, rows["id"].tolist())
     read = image_loader(config.cache, config.augment, paths, desc="report",
@@ -255,8 +255,6 @@ def fold_logs(state: ExperimentState) -> dict[str, pd.DataFrame]:
 def experiment_figures(state: ExperimentState, losses: pd.DataFrame,
                        report: Report) -> dict[str, Path]:
     """The page's curves and confusion matrix, drawn into images/ (named by the page)."""
-    from pipeline.reporting import plots
-
     config, metric = state.config, state.config.data.metric
     curves = report.images / f"{state.name}.curves.png"
     plots.write_fold_curves(fold_logs(state), metric, curves)
@@ -331,8 +329,6 @@ def submission_rows(summaries: list[SubmissionSummary]) -> list[dict]:
 def original_tiles(data: DataConfig, part: str, ids: list[str], report: Report,
                    *, side: int, lines: list[list[str]]) -> list[Tile]:
     """Pictures of training or test images as they are on disk (the audit's view)."""
-    from pipeline.data.images import read_image
-
     paths = (train_image_paths if part == "train" else test_image_paths)(data, ids)
 
     def read(path):
@@ -347,8 +343,6 @@ def duplicate_groups(data: DataConfig, layout: Layout, side: int) -> list[list[T
     findings = layout.findings
     if not findings.duplicates.is_file():
         return []
-    from pipeline.data.duplicates import GROUP_IMAGES, read_duplicates
-
     table = read_duplicates(findings.duplicates)
     groups = []
     for _, rows in list(table.groupby("group", sort=False))[:DUPLICATE_GROUPS]:
@@ -395,8 +389,6 @@ def index_context(config: Config, layout: Layout, shown: dict) -> dict:
     report, data, frame = layout.report, config.data, shown["frame"]
     plot = None
     if frame["oof"].notna().any():
-        from pipeline.reporting import plots
-
         path = report.images / "leaderboard.png"
         plots.plot_leaderboard(frame, data.metric, path)
         plot = path
@@ -476,7 +468,8 @@ def index_inputs(config: Config, layout: Layout, shown: dict) -> dict:
 def what_index_shows(config: Config, layout: Layout, states: list[ExperimentState],
                      done: list[list[str]]) -> dict:
     submissions = read_submissions(config.data, config.folds, layout)
-    return {"frame": leaderboard(config.data, config.folds, layout, states, submissions),
+    return {"frame": leaderboard(config.data, config.folds, layout, states,
+                                 summaries=submissions),
             "summaries": best_first(submissions, config.data.metric),
             "stale": findings_staleness(config.data, layout, states),
             "pages": {name for name, state in done if not state.startswith("none")}}

@@ -40,6 +40,7 @@ from pipeline.experiments.state import (
     experiment_state,
     load_experiment,
 )
+from pipeline.reporting import plots
 
 # the command-line flags of its verb (pipeline/__main__.py FLAG_SPECS)
 FLAGS_RUNS = ("data", "overrides")
@@ -77,8 +78,6 @@ def write_leaderboard(frame, config: Config, layout: Layout) -> None:
         write_text_atomic(layout.leaderboard(kind), texts[kind])
     picture = layout.leaderboard("png")
     if frame["oof"].notna().any() and (changed or not picture.is_file()):
-        from pipeline.reporting import plots  # here: matplotlib only when there is a change
-
         plots.plot_leaderboard(frame, config.data.metric, picture)
 
 
