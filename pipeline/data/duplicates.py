@@ -24,20 +24,18 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import imagehash
 import numpy as np
 import pandas as pd
 from PIL import Image
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from pipeline.base.utils import summarize_offenders
 from pipeline.data.images import ImageReadError, read_image_bytes
 from pipeline.data.tables import MAX_IMAGE_PIXELS
 
-HASHES = {"phash": imagehash.phash, "dhash": imagehash.dhash, "ahash": imagehash.average_hash,
-          "whash": imagehash.whash}
+# kind -> imagehash's function; imagehash and scipy (~0.6 s) are imported where an image is
+# hashed or groups are found: every stage that reads the audit's duplicates.csv imports this module
+HASHES = {"phash": "phash", "dhash": "dhash", "ahash": "average_hash", "whash": "whash"}
 BLOCK = 256  # rows of the pairwise distances at a time: 256 x N uint64 (70 MB for 35k images)
 # Images of one group drawn in a picture (the report shows as many): a group of 1,000 copies
 # is one row of GROUP_IMAGES and "+994 more", not a figure 150,000 px wide.
@@ -53,10 +51,12 @@ def perceptual_hash(path: Path, kind: str = "phash",
                     max_pixels: int = MAX_IMAGE_PIXELS) -> np.uint64:
     """A 64-bit perceptual hash of an image, read by the pipeline's reader (a missing or
     truncated file, or one over the pixel budget, is an ImageReadError that names it)."""
+    import imagehash
+
     raw = read_image_bytes(path, max_pixels)
     try:
         with Image.open(io.BytesIO(raw)) as image:
-            bits = HASHES[kind](image.convert("RGB")).hash.flatten()
+            bits = getattr(imagehash, HASHES[kind])(image.convert("RGB")).hash.flatten()
     except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
         raise ImageReadError(f"cannot decode image {path}: {err}; replace it, or set "
                              f"data.drop_bad_images=true to leave it out") from None
@@ -101,6 +101,9 @@ def group_of_pairs(n: int, pairs: np.ndarray) -> np.ndarray:
     (scipy's connected components); -1 for an image that has no copy. Groups are numbered 0, 1,
     ... in the order of their first image, so the numbers (duplicates.csv, the folds' `dup<k>`
     groups and their fingerprint) do not depend on how the components are found."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])),
                        shape=(n, n))

@@ -35,17 +35,12 @@ HEADERS = ["experiment", "model", "size", "epochs", "seed", "cv mean", "cv std",
            "tta gain", "status", "minutes", "submissions"]
 
 
-def submissions_of(data: DataConfig, folds: FoldsConfig, layout: Layout) -> dict[str, list[str]]:
-    """experiment name -> its submissions ('name' or 'name (stale)')."""
+def submissions_of(summaries: list[SubmissionSummary]) -> dict[str, list[str]]:
+    """experiment name -> its submissions ('name' or 'name (stale)'), in the order given."""
     found: dict[str, list[str]] = {}
-    for path in layout.submission_manifests():
-        manifest = read_manifest(path)
-        if manifest is None:
-            continue
-        fresh = submission_freshness(data, folds, layout, path)
-        label = submission_of_manifest(path) + ("" if fresh.current else " (stale)")
-        for member in manifest.details.get("members", []):
-            found.setdefault(member, []).append(label)
+    for s in summaries:
+        for member in s.members:
+            found.setdefault(member, []).append(s.name + ("" if s.current else " (stale)"))
     return found
 
 
@@ -69,11 +64,15 @@ def competition_states(data: DataConfig, folds_cfg: FoldsConfig,
 
 
 def leaderboard(data: DataConfig, folds_cfg: FoldsConfig, layout: Layout,
-                states: list[ExperimentState] | None = None) -> pd.DataFrame:
-    """One row per experiment (HEADERS), best out-of-fold score first; `states`: the
-    experiments' states when the caller has them already."""
+                states: list[ExperimentState] | None = None, *,
+                summaries: list[SubmissionSummary] | None = None) -> pd.DataFrame:
+    """One row per experiment (HEADERS), best out-of-fold score first; `states`, `summaries`
+    (read_submissions): what the caller has already (each submission's freshness judges its
+    members' folds again: worth asking once per command)."""
     states = competition_states(data, folds_cfg, layout) if states is None else states
-    submissions = submissions_of(data, folds_cfg, layout) if states else {}
+    if summaries is None and states:
+        summaries = read_submissions(data, folds_cfg, layout)
+    submissions = submissions_of(summaries) if states else {}
     rows = []
     for state in states:
         c = state.config
@@ -106,6 +105,13 @@ class SubmissionSummary:
 def submission_summaries(data: DataConfig, folds: FoldsConfig,
                          layout: Layout) -> list[SubmissionSummary]:
     """Every submission of the competition with a readable manifest, best CV first."""
+    return best_first(read_submissions(data, folds, layout), data.metric)
+
+
+def read_submissions(data: DataConfig, folds: FoldsConfig,
+                     layout: Layout) -> list[SubmissionSummary]:
+    """Every submission of the competition with a readable manifest, in the order of their
+    manifests' names."""
     found = []
     for path in layout.submission_manifests():
         manifest = read_manifest(path)
@@ -121,8 +127,12 @@ def submission_summaries(data: DataConfig, folds: FoldsConfig,
             float(details.get("cv", np.nan)), float(details.get("cv_in_sample", np.nan)),
             fresh.current, "" if fresh.current else fresh.why(), bool(details.get("partial")),
             details.get("methods", [])))
-    sign = -1 if higher_is_better(data.metric) else 1
-    return sorted(found, key=lambda s: (np.isnan(s.cv), sign * np.nan_to_num(s.cv)))
+    return found
+
+
+def best_first(summaries: list[SubmissionSummary], metric: str) -> list[SubmissionSummary]:
+    sign = -1 if higher_is_better(metric) else 1
+    return sorted(summaries, key=lambda s: (np.isnan(s.cv), sign * np.nan_to_num(s.cv)))
 
 
 def report_line(layout: Layout) -> str:

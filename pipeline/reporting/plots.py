@@ -7,22 +7,41 @@ otherwise fail to parse mid-training.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display on training machines
-import cv2  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import cv2
+import numpy as np
+import pandas as pd
 
 from pipeline.base.utils import atomic_path, write_csv_atomic
 from pipeline.data.images import read_image
 
 # Labels are the competition's words, never formulas: no mathtext ('$...$') and no LaTeX; every
 # drawer below creates its texts (and saves) under these settings.
-plain_text = matplotlib.rc_context({"text.parse_math": False, "text.usetex": False})
+PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
+
+
+def pyplot():
+    """matplotlib's pyplot, imported when a figure is drawn (~1 s): `make runs` and `make
+    report` with nothing changed draw nothing and never load it."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on training machines
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plain_text(draw):
+    """Run a drawer (its texts and its save) under PLAIN_TEXT."""
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context(PLAIN_TEXT):
+            return draw(*args, **kwargs)
+    return drawn
 
 LABELLED_CLASSES = 30  # confusion matrices above this many classes are drawn without numbers
 
@@ -58,7 +77,7 @@ def plot_confusion(counts: pd.DataFrame, normalised: pd.DataFrame, png_path: Pat
     # draw): the matrices alone, at a capped size
     labelled = len(classes) <= LABELLED_CLASSES
     size = min(max(4.0, 0.45 * len(classes) + 2), 16.0)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    fig, axes = pyplot().subplots(1, 2, figsize=(2 * size + 1, size))
     for ax, frame, title, fmt in ((axes[0], counts, "counts", "d"),
                                   (axes[1], normalised, "row-normalised (recall)", ".2f")):
         ax.imshow(frame.to_numpy(), cmap="Blues", vmin=0)
@@ -80,7 +99,7 @@ def plot_confusion(counts: pd.DataFrame, normalised: pd.DataFrame, png_path: Pat
 @plain_text
 def write_curves(log: pd.DataFrame, metric: str, path: Path) -> None:
     """Loss (train and validation), the competition metric and the learning rate per epoch."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot(log["epoch"], log["train_loss"], label="train")
     if "valid_loss" in log:
         axes[0].plot(log["epoch"], log["valid_loss"], label="valid")
@@ -102,8 +121,8 @@ def write_curves(log: pd.DataFrame, metric: str, path: Path) -> None:
 def write_fold_curves(logs: dict[str, pd.DataFrame], metric: str, path: Path) -> None:
     """Every fold's learning curves on one figure, a colour per fold: training (dashed) and
     validation loss, the validation metric, the learning rate."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for (fold, log), colour in zip(logs.items(), plt.cm.tab10.colors * 10):
+    fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.4))
+    for (fold, log), colour in zip(logs.items(), pyplot().cm.tab10.colors * 10):
         axes[0].plot(log["epoch"], log["train_loss"], ls="--", lw=1, color=colour)
         if "valid_loss" in log:
             axes[0].plot(log["epoch"], log["valid_loss"], lw=1.5, color=colour, label=fold)
@@ -142,12 +161,12 @@ def write_thumbnail(image: np.ndarray, dest: Path, side: int) -> None:
 def save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def figure(figsize: tuple[float, float]):
     """(figure, axes) of one plot, drawn off-screen."""
-    return plt.subplots(figsize=figsize)
+    return pyplot().subplots(figsize=figsize)
 
 
 # A picture of images holds at most this many rows and images per row, each image shrunk to
@@ -168,7 +187,7 @@ def write_image_rows(rows: list[list[tuple[Path, str]]], path: Path, title: str,
         rows, row_titles = rows[:MAX_ROWS], row_titles and row_titles[:MAX_ROWS]
     rows = [row[:MAX_ROW_IMAGES] for row in rows]
     width = max((len(r) for r in rows), default=1)
-    fig, axes = plt.subplots(max(len(rows), 1), width, squeeze=False,
+    fig, axes = pyplot().subplots(max(len(rows), 1), width, squeeze=False,
                              figsize=(cell * width + 0.6, cell * 1.25 * max(len(rows), 1) + 0.5))
     for ax in axes.flat:  # no frame or ticks, but the row's title (a y label) stays
         ax.set_xticks([])

@@ -34,10 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 import pandas as pd
-from sklearn.metrics import classification_report
 
 import pipeline
 from pipeline.base.config import (
@@ -62,9 +60,10 @@ from pipeline.experiments.layout import Layout, Report
 from pipeline.experiments.leaderboard import (
     HEADERS,
     SubmissionSummary,
+    best_first,
     competition_states,
     leaderboard,
-    submission_summaries,
+    read_submissions,
 )
 from pipeline.experiments.manifests import read_manifest
 from pipeline.experiments.probfiles import GRADE
@@ -79,9 +78,14 @@ DUPLICATE_GROUPS, SUSPECTS = 12, 18  # audit pictures on the index page (GROUP_I
 # Bump by hand when a change of the templates, or of the code that fills them, changes what a
 # page shows: every page is then rebuilt once. The code's files are no input of a page.
 PAGE_FORMAT = 1
+# What only a page being written needs (jinja2, scikit-learn; matplotlib in plots) is imported
+# in the function that needs it: `make report` with nothing changed then loads none of them
+# (several seconds of its run, bench/scale.py).
 
 
-def environment() -> jinja2.Environment:
+def environment():
+    import jinja2
+
     return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
                               autoescape=jinja2.select_autoescape(["html"]),
                               undefined=jinja2.StrictUndefined, trim_blocks=True,
@@ -221,6 +225,8 @@ def confused_pairs(losses: pd.DataFrame) -> list[list]:
 
 def class_rows(losses: pd.DataFrame, classes: tuple[str, ...]) -> list[list]:
     """sklearn's classification_report as rows: precision, recall, F1, support."""
+    from sklearn.metrics import classification_report
+
     found = classification_report(losses["target"], losses["prediction"],
                                   labels=list(range(len(classes))), target_names=list(classes),
                                   output_dict=True, zero_division=0)
@@ -461,8 +467,10 @@ def index_inputs(config: Config, layout: Layout, shown: dict) -> dict:
 
 def what_index_shows(config: Config, layout: Layout, states: list[ExperimentState],
                      done: list[list[str]]) -> dict:
-    return {"frame": leaderboard(config.data, config.folds, layout, states),
-            "summaries": submission_summaries(config.data, config.folds, layout),
+    submissions = read_submissions(config.data, config.folds, layout)
+    return {"frame": leaderboard(config.data, config.folds, layout, states,
+                                 summaries=submissions),
+            "summaries": best_first(submissions, config.data.metric),
             "stale": findings_staleness(config.data, layout, states),
             "pages": {name for name, state in done if not state.startswith("none")}}
 

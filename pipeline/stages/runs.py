@@ -25,7 +25,6 @@ from pipeline.base.utils import (
     make_command,
     markdown_table,
     warn,
-    write_csv_atomic,
     write_text_atomic,
 )
 from pipeline.experiments.freshness import (
@@ -60,16 +59,34 @@ def main_runs(args) -> None:
         log.info(f"no experiment of {config.data.name} in {layout.runs}/ yet: "
                  f"{make_command('train', config.data.name, MODEL='<model>')}")
         return
-    write_csv_atomic(frame, layout.leaderboard("csv"))
-    write_text_atomic(layout.leaderboard("md"),
-                      f"# Experiments of {config.data.name} ({config.data.metric})\n\n"
-                      + markdown_table(frame.values.tolist(), HEADERS) + "\n")
-    if frame["oof"].notna().any():
-        plots.plot_leaderboard(frame, config.data.metric, layout.leaderboard("png"))
+    write_leaderboard(frame, config, layout)
     log.info(format_table(frame.values.tolist(), HEADERS))
     log.info(f"{config.data.name} ({config.data.metric}): {len(frame)} experiment(s) -> "
              f"{layout.leaderboard('md')}|csv|png")
     log.info(report_line(layout))
+
+
+def write_leaderboard(frame, config: Config, layout: Layout) -> None:
+    """leaderboard.csv|md, and its picture leaderboard.png, each written only when its text
+    changed (or the picture is missing): drawing loads matplotlib, about a second of a `make
+    runs` after which nothing changed."""
+    texts = {"csv": frame.to_csv(index=False),
+             "md": f"# Experiments of {config.data.name} ({config.data.metric})\n\n"
+                   + markdown_table(frame.values.tolist(), HEADERS) + "\n"}
+    changed = [kind for kind, text in texts.items() if not _holds(layout.leaderboard(kind), text)]
+    for kind in changed:
+        write_text_atomic(layout.leaderboard(kind), texts[kind])
+    picture = layout.leaderboard("png")
+    if frame["oof"].notna().any() and (changed or not picture.is_file()):
+        plots.plot_leaderboard(frame, config.data.metric, picture)
+
+
+def _holds(path: Path, text: str) -> bool:
+    """Whether the file exists with exactly this text."""
+    try:
+        return path.read_text() == text
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _fingerprints(fresh: Freshness | None) -> str:
