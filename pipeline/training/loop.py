@@ -20,7 +20,7 @@ import torch
 from pipeline.base import distributed
 from pipeline.base.config import OPTIMIZER_DEFAULTS, TrainConfig
 from pipeline.base.task import EpochRule, Head, Task
-from pipeline.base.utils import WriteError, warn, write_csv_atomic
+from pipeline.base.utils import PipelineError, WriteError, warn, write_csv_atomic
 from pipeline.ensembling.decode import cross_fitted_score, grade_to_probs
 from pipeline.inference.engine import (
     autocast,
@@ -41,6 +41,13 @@ COLLAPSE_EPOCHS = 3
 
 def epoch_seed(base: int, epoch: int) -> int:
     return int(np.random.SeedSequence([base, epoch, 7]).generate_state(1)[0])
+
+
+def diverged(where: str, lr: float) -> PipelineError:
+    """The error of a run whose outputs became NaN or inf: the remedy is a gentler start."""
+    return PipelineError(f"{where}: the model's outputs are not numbers (NaN or inf) on the "
+                         f"validation fold: training diverged. Lower train.lr (now {lr:g}) or "
+                         f"raise train.warmup_epochs, and retrain with FORCE=1")
 
 
 class Trainer:
@@ -70,6 +77,8 @@ class Trainer:
             improved = True  # the refit (nothing to validate): every epoch is the newest best
             if self.parts.valid_loader is not None:
                 row.update(self.validation_row(epoch))
+                if not np.isfinite(row["valid_loss"]):  # no epoch after it can recover
+                    raise diverged(f"{self.spec.tag} epoch {epoch + 1}", c.lr)
                 metric, value = self.selection(row)
                 improved = self.scorer.is_better(value, state.best, metric)
                 row["best"] = improved  # best_log_row reads the chosen epoch back from the log

@@ -30,7 +30,7 @@ from pipeline.inference.engine import load_checkpoint, unwrap
 from pipeline.models.factory import small_input_warning
 from pipeline.reporting import plots
 from pipeline.training.checkpoints import Checkpoints
-from pipeline.training.loop import Trainer
+from pipeline.training.loop import Trainer, diverged
 from pipeline.training.parts import RunSpec, build_model, build_parts
 
 
@@ -97,10 +97,7 @@ def write_oof(trainer: Trainer, classes: list[str]) -> pd.DataFrame | None:
         trainer.parts.ema.module.load_state_dict(best["model"])  # not the last epoch's
     _, probs, grade = trainer.validate()
     if not np.isfinite(probs).all():
-        raise PipelineError(f"{part.best}: the model's outputs are not numbers (NaN or inf) on "
-                            f"the validation fold: training diverged. Lower train.lr (now "
-                            f"{trainer.train.lr:g}) or raise train.warmup_epochs, and retrain "
-                            f"with FORCE=1")
+        raise diverged(str(part.best), trainer.train.lr)
     if not distributed.is_main():
         return None
     oof = probability_frame(rows.ids, probs, classes, rows.labels, grade=grade)
