@@ -47,8 +47,7 @@ def layer(name: str) -> str:
 def imported(tree: ast.AST, name: str) -> set[str]:
     """The pipeline modules a module imports (`from pipeline.x import y` counts y when it is a
     module, else x). Imports under `if TYPE_CHECKING:` are for type checkers alone and make no
-    edge: base/task.py names the config's sections in its annotations, while the config builds the
-    task."""
+    edge at run time."""
     out = set()
     type_only = {id(sub) for node in ast.walk(tree) if isinstance(node, ast.If)
                  and ast.unparse(node.test) == "TYPE_CHECKING" for sub in ast.walk(node)}

@@ -24,15 +24,30 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 
 from pipeline.base import metrics
 
-if TYPE_CHECKING:  # the config builds the task (Config.task): no import back at run time
-    from pipeline.base.config import DataConfig, ModelConfig, TrainConfig
+
+# What the task reads of the config's sections (base/config.py builds the task, Config.task, so
+# this module names the fields it needs instead of importing the config back).
+class DataFields(Protocol):
+    classes: list[str]
+    metric: str
+    ordinal: bool
+    positive_class: str | None
+
+
+class ModelFields(Protocol):
+    head: str
+
+
+class TrainFields(Protocol):
+    epoch_rule: str
+
 
 UNKNOWN = -1  # the index of a label outside the class list (a folds file of an older list)
 
@@ -48,7 +63,7 @@ def targets_of(labels: Iterable[str], classes: Sequence[str]) -> np.ndarray:
     return np.fromiter((index.get(str(label), UNKNOWN) for label in labels), dtype=np.int64)
 
 
-def positive_index(data: DataConfig) -> int:
+def positive_index(data: DataFields) -> int:
     """Binary competitions: the output index of the positive class (`positive_class`, else the
     second of `classes`). Other competitions have none; 1 is returned and never used."""
     return data.classes.index(data.positive_class) if data.positive_class else 1
@@ -64,7 +79,7 @@ class Scorer:
     positive: int
 
     @classmethod
-    def of(cls, data: DataConfig) -> Scorer:
+    def of(cls, data: DataFields) -> Scorer:
         return cls(tuple(data.classes), data.metric, data.ordinal, positive_index(data))
 
     @property
@@ -145,8 +160,8 @@ class Task(Scorer):
     epoch_rule: EpochRule = EpochRule.LOSS
 
     @classmethod
-    def of(cls, data: DataConfig, model: ModelConfig | None = None,  # type: ignore[override]
-           train: TrainConfig | None = None) -> Task:
+    def of(cls, data: DataFields, model: ModelFields | None = None,  # type: ignore[override]
+           train: TrainFields | None = None) -> Task:
         scorer = Scorer.of(data)
         return cls(scorer.classes, scorer.metric, scorer.ordinal, scorer.positive,
                    Head(model.head) if model else Head.CLASSIFICATION,
