@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,15 @@ log.setup()  # what the entry does: the stages' lines go to stdout, where capsys
 # subprocesses the tests start inherit it).
 os.environ["PIPELINE_STATE"] = str(Path(tempfile.mkdtemp(prefix="pipeline-state-")) /
                                    "digests.sqlite")
+
+
+def dry_make(*args: str) -> subprocess.CompletedProcess:
+    """`make -n ARGS` in the repository: what make would run, without running it. Run as a
+    make of its own even when the suite itself runs under make (CI's `make test`): an inherited
+    MAKELEVEL makes make print "Entering directory" lines into the output under test."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    return subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True,
+                          env=env)
 
 
 def write_image(path: Path, seed: int, size: int = 16, ext: str = ".png", gray: bool = False) -> Path:

@@ -26,7 +26,7 @@ from pipeline.inference.predictor import CheckpointPredictor
 from pipeline.models.factory import create_model
 from pipeline.stages.train import run_parallel_folds
 from pipeline.training.jobs import Job, gpu_slots, run_jobs
-from tests.conftest import REPO, experiment_dir, folds_csv, train
+from tests.conftest import REPO, dry_make, experiment_dir, folds_csv, train
 from tests.test_train import FAST, tiny
 
 # --------------------------------------------------------------------------------------------
@@ -94,8 +94,7 @@ def test_gpu_slots(monkeypatch):
 
 
 def _make(*args):
-    result = subprocess.run(["make", "-n", *args, "MODEL=m"], cwd=REPO, capture_output=True,
-                            text=True)
+    result = dry_make(*args, "MODEL=m")
     return result.stdout + result.stderr
 
 

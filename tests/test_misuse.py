@@ -32,7 +32,7 @@ from pipeline.data.images import ImageTooLarge
 from pipeline.data.tables import DataError, train_image_paths
 from pipeline.experiments.locks import LockedError, holding
 from pipeline.experiments.probfiles import PredictionFileError, read_probabilities
-from tests.conftest import REPO, write_image
+from tests.conftest import REPO, dry_make, write_image
 from tests.test_provenance import Competition
 
 FAST = ["augment.image_size=16", "train.batch_size=4", "train.epochs=1", "train.workers=0"]
@@ -393,25 +393,19 @@ def test_generated_files_stay_out_of_git():
 # Make variables that read as their opposite
 
 
-def dry_make(*args: str) -> subprocess.CompletedProcess:
-    """`make -n ARGS`: what make would run, without running it."""
-    return subprocess.run(["make", "-n", *args, "PYTHON=python"], cwd=REPO, capture_output=True,
-                          text=True)
-
-
 @pytest.mark.parametrize("value", ["0", "no", "false", "yes"])
 def test_force_other_than_1_is_refused_before_anything_runs(value):
     # FORCE=0 used to run `train --force`: the finished folds deleted and retrained
-    done = dry_make("train", "DATA=x", "MODEL=resnet20", f"FORCE={value}")
+    done = dry_make("train", "DATA=x", "MODEL=resnet20", f"FORCE={value}", "PYTHON=python")
     assert done.returncode != 0 and "--force" not in done.stdout and done.stdout == ""
     assert f"FORCE={value} is not a choice" in done.stderr and "FORCE=1" in done.stderr
 
 
 def test_force_1_forces_and_no_force_does_not():
-    forced = dry_make("train", "DATA=x", "MODEL=resnet20", "FORCE=1")
+    forced = dry_make("train", "DATA=x", "MODEL=resnet20", "FORCE=1", "PYTHON=python")
     assert forced.returncode == 0 and "--force" in forced.stdout
-    for plain in (dry_make("train", "DATA=x", "MODEL=resnet20"),
-                  dry_make("train", "DATA=x", "MODEL=resnet20", "FORCE=")):
+    for plain in (dry_make("train", "DATA=x", "MODEL=resnet20", "PYTHON=python"),
+                  dry_make("train", "DATA=x", "MODEL=resnet20", "FORCE=", "PYTHON=python")):
         assert plain.returncode == 0 and "pipeline train" in plain.stdout
         assert "--force" not in plain.stdout
 
@@ -438,8 +432,9 @@ def test_a_refit_predicted_with_other_views_is_named_and_aligned(tmp_path, capsy
 
 def test_seeds_with_a_space_reach_the_cli_as_one_list():
     """`make train SEEDS="0, 1"` was split by the shell, and `1` blamed as an override."""
-    shown = subprocess.run(["make", "-n", "train", "SEEDS=0, 1", "FOLDS=0, 1", "PYTHON=python"],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout
+    made = dry_make("train", "SEEDS=0, 1", "FOLDS=0, 1", "PYTHON=python")
+    assert made.returncode == 0, made.stderr
+    shown = made.stdout
     argv = shlex.split(shown.strip().splitlines()[-1])[3:]  # after `python -m pipeline`
     args = build_parser("train").parse_args(argv)
     assert args.seeds == [0, 1] and args.folds == [0, 1] and not args.overrides
