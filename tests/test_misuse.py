@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from pipeline.__main__ import build_parser
 from pipeline.__main__ import main as cli
@@ -438,6 +439,31 @@ def test_seeds_with_a_space_reach_the_cli_as_one_list():
     argv = shlex.split(shown.strip().splitlines()[-1])[3:]  # after `python -m pipeline`
     args = build_parser("train").parse_args(argv)
     assert args.seeds == [0, 1] and args.folds == [0, 1] and not args.overrides
+
+
+def test_an_edited_experiment_file_is_stale_in_runs_status_and_ensemble(tmp_path, capsys):
+    """An experiment trained from a file, the file then edited: `make runs` and `make ensemble`
+    called it complete while `make status` said stale. All three judge it by the file of now,
+    and the printed remedy retrains it under the edited settings."""
+    comp = Competition(tmp_path)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("model:\n  name: resnet20\n")
+    assert comp("folds") == 0
+    assert comp("train", model=str(mine)) == 0 and comp("predict", model=str(mine)) == 0
+    assert cli(ensemble_argv(comp)) == 0
+    mine.write_text("model:\n  name: resnet20\ntrain:\n  weight_decay: 0.001\n")
+    capsys.readouterr()
+    assert comp("runs", model=None) == 0
+    shown = capsys.readouterr().out
+    [name] = [p.name for p in (tmp_path / "runs" / "tiny").iterdir() if p.name.startswith("mine")]
+    assert "train.weight_decay: 0.05 -> 0.001" in shown
+    for model in (str(mine), name):  # the file, or the experiment's name, as a remedy spells it
+        assert comp("status", model=model) == 0
+        assert "train.weight_decay: 0.05 -> 0.001" in capsys.readouterr().out
+    ran = follow_remedies(comp, capsys, ensemble_argv(comp))
+    assert ran and ran[0].startswith("make train") and f"MODEL={name}" in ran[0]
+    saved = yaml.safe_load((comp.run_dir(name) / "config.yaml").read_text())
+    assert saved["train"]["weight_decay"] == 0.001 and saved["experiment_file"] == str(mine)
 
 
 def test_other_fold_settings_are_named_with_both_ways_out(tmp_path, capsys):

@@ -86,6 +86,9 @@ class DataConfig(_Section):
     # 20000 x 20000 PNG of 388 KB decodes to 1.2 GB): 10,000 x 10,000 covers any real photo
     max_image_pixels: int = Field(100_000_000, ge=1)
     defaults: dict[str, Any] = Field(default_factory=dict)  # experiment defaults for this competition
+    # the competition YAML this was read from (load_config sets it): a later command reads the
+    # competition again from here to judge a saved experiment by its experiment file of now
+    config_file: str | None = None
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -483,6 +486,11 @@ class Config(_Section):
     bundles_dir: str = "bundles"  # offline inference bundles of `make bundle`, per competition
     audit_dir: str = "audit"  # `make audit`'s findings, per competition
     reports_dir: str = "reports"  # `make report`'s static HTML pages, per competition
+    # How the command that made it was spelled: the experiment file MODEL= read (None: a model
+    # name or a saved experiment's settings) and its overrides. A later command that names the
+    # experiment judges it by that file as it is now, as `make train` would (state.py).
+    experiment_file: str | None = None
+    overrides: list[str] = Field(default_factory=list)
     # Paths of a competition's files: pipeline/experiments/layout.py (Layout.of(config)), their one owner.
 
     def to_dict(self) -> dict[str, Any]:
@@ -645,6 +653,7 @@ NO_RESULT_KEYS = frozenset({
     "reports_dir", "folds.dir",
     "train.workers", "train.device", "train.compile", "train.amp", "train.channels_last",
     "cache.enabled", "cache.dir", "cache.format", "predict.batch_size",
+    "experiment_file", "overrides",
 })
 # Sections that a later stage reads, not training: a change redoes that stage only (new TTA views
 # are predicted again, never retrained), so they do not rename the experiment.
@@ -659,7 +668,7 @@ DATA_FILE_KEYS = frozenset({
     "root", "train_csv", "test_csv", "sample_submission", "solution_csv", "train_images",
     "test_images", "test_image_path", "submission", "drop_bad_images",
     "max_image_pixels",
-    "group_column", "group_pattern", "defaults",
+    "group_column", "group_pattern", "defaults", "config_file",
 })
 
 
@@ -771,6 +780,7 @@ def load_config(data: str = "digits", model: str | None = None,
         raise ConfigError(f"{data_path}: defaults must be a mapping of experiment keys")
     sources = [str(data_path)]
 
+    experiment_path = None
     if model is None:
         run_name, experiment = "data", {}
     elif saved is not None:
@@ -790,7 +800,8 @@ def load_config(data: str = "digits", model: str | None = None,
         competition_defaults = deep_merge(LOG_LOSS_DEFAULTS, competition_defaults)
     merged = deep_merge(competition_defaults, experiment)
     merged = deep_merge({"run_name": run_name}, merged)
-    merged["data"] = data_mapping
+    merged["data"] = {**data_mapping, "config_file": str(data_path)}
+    merged.update(_command_spelling(experiment_path, overrides, saved and saved[0]))
     base = merged
     for text in overrides:
         merged = deep_merge(merged, parse_override(text))
@@ -799,6 +810,17 @@ def load_config(data: str = "digits", model: str | None = None,
     config = named(build_config(merged, sources), base, sources, bool(overrides), name=name)
     config.task  # resolved once, here: what training reads of the competition and the settings
     return config
+
+
+def _command_spelling(experiment_path: Path | None, overrides: list[str] | tuple[str, ...],
+                      saved: dict[str, Any] | None) -> dict[str, Any]:
+    """Config.experiment_file and .overrides: a saved experiment keeps its own, plus the new
+    overrides."""
+    if saved:
+        return {"experiment_file": saved.get("experiment_file"),
+                "overrides": [*saved.get("overrides", []), *overrides]}
+    return {"experiment_file": str(experiment_path) if experiment_path else None,
+            "overrides": list(overrides)}
 
 
 def named(config: Config, base: dict[str, Any], sources: list[str], overridden: bool,

@@ -29,6 +29,7 @@ from pipeline.base.config import (
     FoldsConfig,
     TTAConfig,
     config_from_dict,
+    identity_suffix,
     load_config,
     resolve_experiment,
 )
@@ -67,8 +68,31 @@ def load_experiment(data: str, model: str, overrides: list[str] | tuple[str, ...
         exp = Layout.of(load_config(data, None, overrides)).experiment(model.replace("/", "-"))
         if exp.config.is_file():
             saved = yaml.safe_load(exp.config.read_text()) or {}
-            return load_config(data, exp.name, overrides, name, saved=(saved, str(exp.config)))
+            defined = defined_experiment(data, exp.name, saved, overrides=overrides, new_name=name)
+            return defined or load_config(data, exp.name, overrides, name,
+                                          saved=(saved, str(exp.config)))
     return load_config(data, model, overrides, name)
+
+
+def defined_experiment(data: str, name: str, saved: dict[str, Any], *,
+                       overrides: list[str] | tuple[str, ...] = (),
+                       new_name: str | None = None) -> Config | None:
+    """Experiment `name` as its command defines it now: the experiment file it was trained
+    from, as that file reads today, with the overrides of then (None: it came from no file, or
+    the file is gone). Every command that names a saved experiment judges it so, as `make train`
+    would: an edited experiment file makes its runs stale in `make runs` and `make ensemble` as
+    in `make status`, not complete in some and stale in others. New `overrides` that change a
+    result name another experiment, `name` with their suffix (or `new_name`, NAME=)."""
+    source = saved.get("experiment_file")
+    if not source or not Path(source).is_file():
+        return None
+    then = list(saved.get("overrides") or [])
+    config = load_config(data, source, [*then, *overrides], name=new_name or name)
+    if overrides and new_name is None:
+        base = load_config(data, source, then, name=name)
+        suffix = identity_suffix(base.to_dict(), config.to_dict())
+        config = config.model_copy(update={"run_name": f"{name}-{suffix}" if suffix else name})
+    return config
 
 
 def experiment_configs(data: str, model: str, overrides: list[str] | tuple[str, ...] = (),
@@ -276,10 +300,9 @@ def experiment_state(data: DataConfig, layout: Layout, name: str, folds: pd.Data
     exp = layout.experiment(name)
     inputs_layout = layout
     if experiment is None:
-        experiment = experiment_config(exp)
+        experiment = _judged_by(data, exp)
         if experiment is None:
             return None
-        experiment = with_data_files(experiment, data)
         # its pseudo-label set is where it was trained from (a where-setting of its own)
         inputs_layout = replace(layout, pseudo=Path(experiment.pseudo_dir) / data.name)
     experiment = experiment.model_copy(update={"run_name": name})
@@ -297,6 +320,16 @@ def experiment_state(data: DataConfig, layout: Layout, name: str, folds: pd.Data
     if with_refit and not state.error:
         _refit_state(state, folds, inputs_layout, test_fingerprint)
     return state
+
+
+def _judged_by(data: DataConfig, exp: Experiment) -> Config | None:
+    """The settings a saved experiment is judged by: its experiment file of now where it has one
+    (defined_experiment), else the settings it was trained with, with the data files of now."""
+    if not exp.config.is_file():
+        return None
+    saved = yaml.safe_load(exp.config.read_text()) or {}
+    defined = data.config_file and defined_experiment(data.config_file, exp.name, saved)
+    return defined or with_data_files(config_from_dict(saved), data)
 
 
 def with_data_files(experiment: Config, data: DataConfig) -> Config:
