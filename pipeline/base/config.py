@@ -447,13 +447,19 @@ class CacheConfig(_Section):
 class AuditConfig(_Section):
     """`make audit` (pipeline/stages/audit.py): duplicates, train/test shift, label suspects."""
 
-    # near copies: images whose 64-bit perceptual hash differs in at most this many bits (the
-    # hash and the threshold were chosen on planted copies: bench/duplicates.py)
-    hash: Literal["phash", "dhash", "ahash", "whash"] = "phash"
-    max_distance: int = Field(4, ge=0, le=32)
+    # near copies need no setting: the cut is the competition's own (pipeline/data/duplicates.py)
     shift_folds: int = Field(5, ge=2)  # cross-validation of the train-vs-test classifier
     test_like: int = Field(100, ge=1)  # training rows listed as the most test-like
     shown: int = Field(24, ge=1)  # pictures: duplicate groups, label suspects
+
+    @model_validator(mode="before")
+    @classmethod
+    def _without_the_hash_settings(cls, values: Any) -> Any:
+        """audit.hash and audit.max_distance chose the perceptual hash before issue 27: saved
+        configs of then still load (the settings are gone, the detector needs none)."""
+        if isinstance(values, dict):
+            values = {k: v for k, v in values.items() if k not in ("hash", "max_distance")}
+        return values
 
 
 class ReportConfig(_Section):

@@ -1,42 +1,57 @@
-"""Duplicate images: exact copies (the same bytes) and near copies (perceptual hashes).
+"""Duplicate images: exact copies (the same bytes) and near copies (aligned thumbnails).
 
-    hashes = image_hashes(paths)                       # one 64-bit perceptual hash per image
-    pairs = near_pairs(hashes, max_distance=4)         # (i, j) of images that look alike
-    groups = group_of_pairs(len(paths), pairs)         # a group number per image (-1: alone)
+    thumbs = thumbnails(paths)                         # (N, S, S) grey thumbnails
+    found = near_pairs(thumbs)                         # pairs that look alike, and the cut used
+    groups = group_of_pairs(len(paths), found.pairs)   # a group number per image (-1: alone)
 
 When copies of one image sit on both sides of a fold split, a model that memorises them scores a
-CV the leaderboard never confirms (APTOS 2019 had hundreds). `make audit` finds them and writes
-audit/<competition>/duplicates.csv; `make folds` then keeps each group in one fold
-(`groups_for_folds`), and the folds' fingerprint includes the groups, so new ones make the folds,
-and the runs trained on them, stale by the usual rule.
+CV the leaderboard never confirms (APTOS 2019 had hundreds). `make folds` finds them itself
+(the same finding as `make audit`: audit/<competition>/duplicates.csv) and keeps each group in
+one fold (`groups_for_folds`); the folds' fingerprint includes the groups, so new ones make the
+folds, and the runs trained on them, stale by the usual rule.
 
-The hash: a perceptual hash (imagehash's `phash`, the DCT of a 32x32 grey image, 64 bits) of
-every image, after an exact-bytes pass (the SHA-256 of base/fingerprints.py's `sha256_file`, the
-one file hasher). Groups are scipy's connected components of the graph of pairs. Near copies are pairs within `max_distance`
-bits (Hamming). Chosen by measurement on planted copies (shifted by a pixel, re-encoded as JPEG,
-brightened) among distractors: bench/duplicates.py, recorded in bench/BENCHMARKS.md.
+How near copies are found (issue 27; measured on a suite of contents, sizes and kinds of copy:
+bench/duplicates.py, recorded in bench/BENCHMARKS.md):
+- every image becomes a grey THUMBNAIL x THUMBNAIL thumbnail, lightly blurred; a pair's score
+  is the normalised cross-correlation of the two thumbnails at the best of the small shifts up
+  to MAX_SHIFT (brightness and contrast cancel, a shifted, cropped, rotated or rescaled copy
+  still lines up);
+- only candidate pairs are scored: each image's NEIGHBOURS nearest images in two indexes
+  (scikit-learn's nearest neighbours: the coarse layout, and the spectrum of the fine detail,
+  which a shift leaves alone), so the search grows as N log N, not as the square;
+- the cut comes from the competition's own images, not a constant: the same search run against
+  the mirrored images (pairs known to be distinct, with the competition's own sizes, content
+  and noise) says how alike distinct images get here; the cut lets through at most
+  FALSE_PAIR_RATE of them;
+- a group is not built by chaining alone: a group of copies is a star (an original near each of
+  its copies), and a group without such a centre is cut into stars (`split_chains`).
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline.base.utils import summarize_offenders
-from pipeline.data.images import ImageReadError, read_image_bytes
+from pipeline.data.images import read_image
 from pipeline.data.tables import MAX_IMAGE_PIXELS
 
-# kind -> imagehash's function; imagehash and scipy (~0.6 s) are imported where an image is
-# hashed or groups are found: every stage that reads the audit's duplicates.csv imports this module
-HASHES = {"phash": "phash", "dhash": "dhash", "ahash": "average_hash", "whash": "whash"}
-BLOCK = 256  # rows of the pairwise distances at a time: 256 x N uint64 (70 MB for 35k images)
+# names the detector and its constants in the finding's fingerprint: a new one finds again
+DETECTOR = "aligned thumbnails 32 px, shifts 3, mirror tail cut 1e-5, stars"
+THUMBNAIL = 32  # px: the side of the grey thumbnails compared
+BLUR = 0.7  # px of the thumbnail: a Gaussian that forgives JPEG blocks and noise
+MAX_SHIFT = 3  # px of the thumbnail (a tenth of it): the alignments tried for each pair
+NEIGHBOURS = 16  # candidates per image in each index: more than a group of copies holds
+FALSE_PAIR_RATE = 1e-5  # distinct pairs let through by the cut (1 in 100,000)
+TAIL = 50  # the most alike mirrored pairs whose tail the cut extends
+BLOCK = 4096  # candidate pairs scored at a time (memory: BLOCK x (2 MAX_SHIFT + 1)^2 floats)
 # Images of one group drawn in a picture (the report shows as many): a group of 1,000 copies
 # is one row of GROUP_IMAGES and "+994 more", not a figure 150,000 px wide.
 GROUP_IMAGES = 6
@@ -47,44 +62,173 @@ def progress(items, total: int, desc: str, unit: str = "img"):
     return tqdm(items, total=total, desc=desc, unit=unit, leave=False, mininterval=1.0)
 
 
-def perceptual_hash(path: Path, kind: str = "phash",
-                    max_pixels: int = MAX_IMAGE_PIXELS) -> np.uint64:
-    """A 64-bit perceptual hash of an image, read by the pipeline's reader (a missing or
-    truncated file, or one over the pixel budget, is an ImageReadError that names it)."""
-    import imagehash
-
-    raw = read_image_bytes(path, max_pixels)
-    try:
-        with Image.open(io.BytesIO(raw)) as image:
-            bits = getattr(imagehash, HASHES[kind])(image.convert("RGB")).hash.flatten()
-    except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-        raise ImageReadError(f"cannot decode image {path}: {err}; replace it, or set "
-                             f"data.drop_bad_images=true to leave it out") from None
-    return np.uint64(int("".join("1" if b else "0" for b in bits), 2))
+# --------------------------------------------------------------------------------------------
+# Thumbnails
 
 
-def image_hashes(paths: Sequence[Path], kind: str = "phash", workers: int = 4,
-                 max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """(N,) uint64 perceptual hashes, computed in threads (PIL releases the GIL as it decodes)."""
+def thumbnail(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """(THUMBNAIL, THUMBNAIL) float32 grey thumbnail of an image, read by the pipeline's reader
+    (a missing, truncated or undecodable file, or one over the pixel budget, is an
+    ImageReadError that names it; a large JPEG is decoded at a fraction of its size)."""
+    return thumbnail_of(read_image(path, min_side=THUMBNAIL, max_pixels=max_pixels))
+
+
+def thumbnail_of(rgb: np.ndarray) -> np.ndarray:
+    """The thumbnail of an RGB uint8 image (H, W, 3)."""
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    small = cv2.resize(grey, (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA)
+    return cv2.GaussianBlur(small, (0, 0), BLUR)
+
+
+def thumbnails(paths: Sequence[Path], workers: int = 4,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """(N, THUMBNAIL, THUMBNAIL) thumbnails, read in threads (OpenCV releases the GIL)."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        hashes = pool.map(lambda p: perceptual_hash(p, kind, max_pixels), paths)
-        return np.array(list(progress(hashes, len(paths), f"{kind} of each image")),
-                        dtype=np.uint64)
+        done = pool.map(lambda path: thumbnail(path, max_pixels), paths)
+        found = list(progress(done, len(paths), "thumbnails of the images"))
+    return np.stack(found) if found else np.zeros((0, THUMBNAIL, THUMBNAIL), np.float32)
 
 
-def near_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
-    """(P, 2) index pairs i < j whose hashes differ in at most `max_distance` bits."""
-    hashes = np.asarray(hashes, dtype=np.uint64)
+def _standardised(rows: np.ndarray) -> np.ndarray:
+    """Each row with zero mean and unit length: a dot product of two is their correlation."""
+    rows = rows - rows.mean(axis=-1, keepdims=True)
+    return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Candidates and scores
+
+
+def _layout_features(thumbs: np.ndarray) -> np.ndarray:
+    """The coarse layout (8 x 8): near for copies whose pixels barely moved."""
+    small = np.stack([cv2.resize(t, (8, 8), interpolation=cv2.INTER_AREA) for t in thumbs])
+    return _standardised(small.reshape(len(thumbs), -1))
+
+
+def _detail_spectrum(thumbs: np.ndarray) -> np.ndarray:
+    """The magnitude spectrum of the fine detail: a shift moves the detail, not its spectrum,
+    and the shared layout of a competition's images (a retina's disc) is taken out first."""
+    detail = np.stack([t - cv2.GaussianBlur(t, (0, 0), 2.0) for t in thumbs])
+    return _standardised(np.log1p(np.abs(np.fft.rfft2(detail))).reshape(len(thumbs), -1))
+
+
+def _neighbours(queries: np.ndarray, index: np.ndarray, k: int) -> np.ndarray:
+    """(Q, k) the k nearest rows of `index` for each query (a tree or brute force, as
+    scikit-learn judges best)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(k, len(index))
+    return NearestNeighbors(n_neighbors=k).fit(index).kneighbors(queries, return_distance=False)
+
+
+def candidate_pairs(thumbs: np.ndarray, others: np.ndarray | None = None) -> np.ndarray:
+    """(P, 2) pairs (i, j) worth scoring: j among the NEIGHBOURS nearest of i in either index.
+    Within one set: i < j, each pair once; against `others` (the mirrored images): (i, j) with
+    j an index into `others`, never i's own mirror."""
+    within = others is None
+    others = thumbs if within else others
     found = []
-    starts = range(0, len(hashes), BLOCK)
-    for start in progress(starts, len(starts), f"pairs within {max_distance} bits", "block"):
-        block = hashes[start:start + BLOCK]
-        distance = np.bitwise_count(block[:, None] ^ hashes[None, :])  # (B, N) bits that differ
-        rows, cols = np.nonzero(distance <= max_distance)
-        rows = rows + start
-        keep = rows < cols
-        found.append(np.stack([rows[keep], cols[keep]], axis=1))
-    return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
+    for features in (_layout_features, _detail_spectrum):
+        near = _neighbours(features(thumbs), features(others), NEIGHBOURS + 1)
+        rows = np.repeat(np.arange(len(thumbs)), near.shape[1])
+        found.append(np.stack([rows, near.reshape(-1)], axis=1))
+    pairs = np.concatenate(found)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    if within:
+        pairs = np.sort(pairs, axis=1)
+    return np.unique(pairs, axis=0)
+
+
+def aligned_scores(thumbs: np.ndarray, pairs: np.ndarray,
+                   others: np.ndarray | None = None) -> np.ndarray:
+    """(P,) for each pair (i, j): the best correlation of i's centre with j's window at the
+    shifts up to MAX_SHIFT (both ways round, so the score is symmetric)."""
+    others = thumbs if others is None else others
+    scores = np.empty(len(pairs), np.float32)
+    for start in range(0, len(pairs), BLOCK):
+        block = pairs[start:start + BLOCK]
+        scores[start:start + BLOCK] = np.maximum(
+            _best_shift(thumbs[block[:, 0]], others[block[:, 1]]),
+            _best_shift(others[block[:, 1]], thumbs[block[:, 0]]))
+    return scores
+
+
+def _best_shift(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    m, side = MAX_SHIFT, first.shape[1]
+    centre = _standardised(first[:, m:side - m, m:side - m].reshape(len(first), -1))
+    best = np.full(len(first), -1.0, np.float32)
+    for dy in range(-m, m + 1):
+        for dx in range(-m, m + 1):
+            window = second[:, m + dy:side - m + dy, m + dx:side - m + dx]
+            best = np.maximum(best, (centre * _standardised(window.reshape(len(first), -1))).sum(1))
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# The cut, from the competition's own distinct pairs
+
+
+def adaptive_cut(thumbs: np.ndarray) -> float:
+    """The score above which a pair is taken for a copy. The images against their mirror
+    images (distinct by construction, alike in size, content and noise) give how alike
+    distinct images get here; the cut is where FALSE_PAIR_RATE of the N x (N - 1) mirrored
+    pairs would lie above it. A few hundred images have too few pairs to see that far: the
+    tail of the most alike TAIL mirrored pairs is extended (exponential in Fisher's z, the
+    usual peaks-over-threshold model), which for many images comes out at the same place as
+    the rank."""
+    mirrored = thumbs[:, :, ::-1].copy()
+    pairs = candidate_pairs(thumbs, mirrored)
+    scores = np.sort(aligned_scores(thumbs, pairs, mirrored))[::-1]
+    if len(scores) < 2:
+        return 1.0
+    z = np.arctanh(np.clip(scores[:TAIL], -0.999999, 0.999999))
+    threshold, excess = z[-1], max(float(np.mean(z - z[-1])), 1e-4)
+    share = len(z) / (len(thumbs) * (len(thumbs) - 1))  # of all mirrored pairs, above threshold
+    beyond = excess * np.log(share / FALSE_PAIR_RATE)
+    return float(np.tanh(threshold + max(beyond, 0.0)))
+
+
+@dataclass(frozen=True)
+class NearPairs:
+    pairs: np.ndarray  # (P, 2) i < j
+    scores: np.ndarray  # (P,) their aligned correlation
+    cut: float  # the score they are above
+
+
+def near_pairs(thumbs: np.ndarray) -> NearPairs:
+    """The pairs of images that look alike, above the competition's own cut."""
+    if len(thumbs) < 2:
+        return NearPairs(np.zeros((0, 2), np.int64), np.zeros(0, np.float32), 1.0)
+    cut = adaptive_cut(thumbs)
+    pairs = candidate_pairs(thumbs)
+    scores = aligned_scores(thumbs, pairs)
+    keep = scores > cut
+    return NearPairs(pairs[keep], scores[keep], cut)
+
+
+def split_chains(found: NearPairs, n: int) -> NearPairs:
+    """The near pairs without those that only chaining would join. A group of copies is a star:
+    an image (the original) near each of the others, whose copies of different kinds need not
+    be near one another. A group without such a centre (a - b - c - d, each near the next) is
+    cut into stars, largest first (the image with the most near pairs and those pairs), and the
+    pairs between the stars are dropped."""
+    groups = group_of_pairs(n, found.pairs)
+    star = np.arange(n)  # images of one star share a number
+    for group in np.unique(groups[groups >= 0]):
+        members = set(np.flatnonzero(groups == group).tolist())
+        inside = found.pairs[np.isin(found.pairs[:, 0], list(members))]
+        while members:
+            near = {m: set() for m in members}
+            for a, b in inside.tolist():
+                if a in members and b in members:
+                    near[a].add(b)
+                    near[b].add(a)
+            centre = max(sorted(members), key=lambda m: len(near[m]))
+            part = {centre, *near[centre]}
+            star[list(part)] = centre
+            members -= part
+    keep = star[found.pairs[:, 0]] == star[found.pairs[:, 1]]
+    return NearPairs(found.pairs[keep], found.scores[keep], found.cut)
 
 
 def exact_pairs(digests: Sequence[str]) -> np.ndarray:

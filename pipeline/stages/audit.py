@@ -8,8 +8,10 @@ Before a finding is computed, its images are checked as `make check` and `make f
 them: a missing, unreadable or oversized image is an error naming it; with
 data.drop_bad_images=true bad training images are left out and listed.
 
-- duplicates.csv|png: groups of exact copies (the same bytes) and near copies (perceptual hash
-  within audit.max_distance bits), within the labelled rows and between labelled and test rows;
+- duplicates.csv|png: groups of exact copies (the same bytes) and near copies (a shifted,
+  cropped, rotated, rescaled, re-encoded, brightened or noisier
+  copy, found by aligned thumbnails with a cut from the competition's own images: pipeline/
+  data/duplicates.py), within the labelled rows and between labelled and test rows;
   groups whose labels disagree, test images with a labelled copy. `make folds` then keeps each
   group in one fold (folds.duplicates; folds.duplicate_conflicts=drop|majority for the
   conflicting ones), and the folds' fingerprint includes the groups. The picture shows the
@@ -27,10 +29,7 @@ data.drop_bad_images=true bad training images are left out and listed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import cv2
@@ -43,8 +42,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
-from pipeline.base.config import AuditConfig, Config, DataConfig, load_config
-from pipeline.base.fingerprints import fingerprint, sha256_file
+from pipeline.base.config import Config, DataConfig, load_config
+from pipeline.base.fingerprints import fingerprint
 from pipeline.base.log import log
 from pipeline.base.metrics import higher_is_better
 from pipeline.base.task import Scorer
@@ -56,95 +55,19 @@ from pipeline.base.utils import (
     warn,
     write_csv_atomic,
 )
-from pipeline.data.checks import check_competition
-from pipeline.data.duplicates import (
-    GROUP_IMAGES,
-    conflicts,
-    duplicate_table,
-    exact_pairs,
-    group_of_pairs,
-    image_hashes,
-    near_pairs,
-    progress,
-    read_duplicates,
-)
+from pipeline.data.duplicates import conflicts
 from pipeline.data.images import read_image
-from pipeline.experiments.freshness import (
-    audit_image_inputs,
-    audited_images,
-    read_folds,
-    read_test_set,
-)
+from pipeline.experiments.findings import AuditedImages, duplicates_finding, run_finding
+from pipeline.experiments.freshness import read_folds, read_test_set
 from pipeline.experiments.layout import Layout
 from pipeline.experiments.probfiles import oof_file, read_probs
-from pipeline.experiments.runner import Step, run_step, stage_lock
+from pipeline.experiments.runner import stage_lock
 from pipeline.experiments.state import experiment_state, label_issue_inputs, load_experiment
 from pipeline.inference.predictor import pooled_features
 from pipeline.reporting import plots
 
 # --------------------------------------------------------------------------------------------
-# The images audited
-
-
-@dataclass
-class AuditedImages:
-    """Every labelled and test image of the competition, as its CSVs list them (the findings'
-    fingerprints are of these files), and, on first use, the ones the audit reads: checked as
-    `make check` and `make folds` check them (pipeline/data/checks.py). A bad image is an error
-    that names it with the remedy; with data.drop_bad_images=true bad training images are left
-    out and listed (a bad test image stays an error). A current audit reads no image."""
-
-    data: DataConfig
-    frame: pd.DataFrame  # part (train/test), id, label ('' for test): labelled rows first
-    paths: list[Path]
-    dropped: dict[str, str] = field(default_factory=dict)  # training id -> what is wrong
-
-    @classmethod
-    def of(cls, data: DataConfig) -> AuditedImages:
-        return cls(data, *audited_images(data))
-
-    def inputs(self) -> dict[str, str]:
-        """The fingerprints a finding is made from: the rows and image files as listed, and the
-        settings that decide which images are read."""
-        return {**audit_image_inputs(self.data, self.frame, self.paths),
-                "image checks": fingerprint([self.data.drop_bad_images,
-                                             self.data.max_image_pixels])}
-
-    @cached_property
-    def usable(self) -> tuple[pd.DataFrame, list[Path]]:
-        """(frame, paths) of the images that passed the check."""
-        self.dropped = check_competition(self.data).dropped
-        keep = ~((self.frame["part"] == "train") & self.frame["id"].isin(self.dropped)).to_numpy()
-        return (self.frame[keep].reset_index(drop=True),
-                [path for path, kept in zip(self.paths, keep) if kept])
-
-
-def run_finding(path: Path, manifest: Path, inputs: dict[str, str], force: bool,
-                *, compute: Callable[[], list[Path]], what: str) -> None:
-    """Compute a finding unless current (stale: computed again); its manifest is written last."""
-    written: list[Path] = []  # compute's files, for the manifest
-    run_step(Step(what, manifest, inputs, {}, lambda: written,
-                  lambda: written.extend(compute()),
-                  current=f"{what}: current ({path}); FORCE=1 audits again"), force)
-
-
-# --------------------------------------------------------------------------------------------
-# Duplicates
-
-
-def find_duplicates(frame: pd.DataFrame, paths: list[Path], settings: AuditConfig,
-                    max_pixels: int) -> pd.DataFrame:
-    """Groups of copies among every audited image (exact bytes, or near by perceptual hash)."""
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        digests = list(progress(pool.map(sha256_file, paths), len(paths), "SHA-256 of images"))
-    exact = exact_pairs(digests)
-    hashes = image_hashes(paths, settings.hash, max_pixels=max_pixels)
-    near = near_pairs(hashes, settings.max_distance)
-    groups = group_of_pairs(len(paths), np.concatenate([exact, near]))
-    twins = np.zeros(len(paths), bool)
-    twins[exact.reshape(-1)] = True
-    return duplicate_table(frame["id"], frame["part"], frame["label"], groups,
-                           how=np.where(twins, "exact", "near"))
+# Duplicates (the finding itself: pipeline/experiments/findings.py, shared with `make folds`)
 
 
 def duplicates_summary(table: pd.DataFrame) -> list[list]:
@@ -164,46 +87,12 @@ def duplicates_summary(table: pd.DataFrame) -> list[list]:
 
 def audit_duplicates(config: Config, layout: Layout, images: AuditedImages,
                      force: bool) -> list[list]:
-    findings = layout.findings
-    settings = {"hash": config.audit.hash, "max_distance": config.audit.max_distance}
-    inputs = {**images.inputs(), "settings": fingerprint(settings)}
-
-    def compute() -> list[Path]:
-        frame, paths = images.usable
-        table = find_duplicates(frame, paths, config.audit, config.data.max_image_pixels)
-        # the table, which `make folds` reads, last: a picture that fails leaves the old one
-        write_duplicates_picture(table, frame, paths, config.audit.shown,
-                                 path=findings.duplicates_png)
-        write_csv_atomic(table, findings.duplicates)
-        return [findings.duplicates, findings.duplicates_png]
-
-    run_finding(findings.duplicates, findings.manifest(findings.duplicates), inputs, force,
-                compute=compute, what="duplicates")
-    table = read_duplicates(findings.duplicates)
+    table = duplicates_finding(config, layout, images, force)
     found = conflicts(table) if not table.empty else []
     if len(found):
         log.info(f"duplicate groups with conflicting labels: "
                  f"{summarize_offenders([f'{g} {ls}' for g, ls in zip(found.group, found.labels)])}")
     return duplicates_summary(table)
-
-
-def write_duplicates_picture(table: pd.DataFrame, frame: pd.DataFrame, paths: list[Path],
-                             groups: int, *, path: Path) -> None:
-    """The first `groups` duplicate groups, a row each of at most GROUP_IMAGES images, the
-    row's title saying how many more the group holds: bounded however large the groups."""
-    where = {(p, i): file for p, i, file in zip(frame["part"], frame["id"], paths)}
-    rows, titles = [], []
-    for number, members in list(table.groupby("group", sort=False))[:groups]:
-        rows.append([(where[(r.part, r.id)], f"{r.part} {r.id}\n{r.label}".strip())
-                     for r in members.head(GROUP_IMAGES).itertuples()])
-        more = len(members) - GROUP_IMAGES
-        titles.append(f"group {number}\n{len(members)} images"
-                      + (f"\n+{more} more" if more > 0 else ""))
-    found = table["group"].nunique()
-    title = "duplicate groups, one row each"
-    if found > len(rows):
-        title += f" (the first {len(rows)} of {found})"
-    plots.write_image_rows(rows, path, title, row_titles=titles)
 
 
 # --------------------------------------------------------------------------------------------

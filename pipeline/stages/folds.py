@@ -29,6 +29,7 @@ from pipeline.base.utils import PipelineError, format_table, make_command, warn,
 from pipeline.data.checks import check_competition
 from pipeline.data.duplicates import conflicts as dup_conflicts
 from pipeline.data.duplicates import describe_conflicts, groups_for_folds, merged_groups
+from pipeline.experiments.findings import AuditedImages, duplicates_finding
 from pipeline.experiments.freshness import (
     duplicate_groups,
     fold_inputs,
@@ -93,7 +94,7 @@ def warn_broken_strata(folds: pd.DataFrame, n_splits: int) -> None:
     warn(f"the grouped split moved class shares beyond {SHARE_TOLERANCE:.0%} of a fold's even "
          f"share (a group is kept in one fold): {per_class}. Largest groups: {largest}. A group "
          f"that holds a large share of the rows (duplicate groups that chain many images: "
-         f"audit.* thresholds, folds.duplicates=false) cannot be split evenly")
+         f"folds.duplicates=false splits without them) cannot be split evenly")
 
 
 def with_duplicates(table: pd.DataFrame, classes: list[str], folds_cfg: FoldsConfig,
@@ -173,6 +174,8 @@ def make_folds(config: Config, drop_bad: bool | None = None,
         config = config.model_copy(update={"data": config.data.model_copy(
             update={"drop_bad_images": drop_bad})})
     layout = Layout.of(config)
+    if config.folds.duplicates:
+        find_copies(config, layout)
 
     def split() -> tuple[pd.DataFrame, dict[str, str]]:
         result = check_competition(config.data)
@@ -190,6 +193,15 @@ def make_folds(config: Config, drop_bad: bool | None = None,
              f"{', grouped' if 'group' in folds else ''}"
              f"{f', {len(dropped)} bad image(s) left out' if dropped else ''})")
     return folds
+
+
+def find_copies(config: Config, layout: Layout) -> None:
+    """The competition's duplicate groups, found unless current (the audit's own finding,
+    audit/<competition>/duplicates.csv: found once, by whichever of `make folds` and `make
+    audit` comes first), so that a competitor who never audits still gets folds that keep
+    copies together. folds.duplicates=false splits without them."""
+    with stage_lock(layout.audit_lock, layout.audit, "audited"):
+        duplicates_finding(config, layout, AuditedImages.of(config.data), force=False)
 
 
 def folds_step(config: Config, layout: Layout, inputs: tuple[dict, dict],

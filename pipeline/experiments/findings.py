@@ -1,0 +1,144 @@
+"""The audit's findings that other stages read: its images (AuditedImages), a finding run
+by the one freshness rule (run_finding), and the duplicate groups (duplicates_finding), which
+`make audit` writes and `make folds` finds itself when they are missing or stale."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.base.config import Config, DataConfig
+from pipeline.base.fingerprints import fingerprint, sha256_file
+from pipeline.base.log import log
+from pipeline.base.utils import write_csv_atomic
+from pipeline.data.checks import check_competition
+from pipeline.data.duplicates import (
+    DETECTOR,
+    GROUP_IMAGES,
+    duplicate_table,
+    exact_pairs,
+    group_of_pairs,
+    near_pairs,
+    progress,
+    read_duplicates,
+    split_chains,
+    thumbnails,
+)
+from pipeline.experiments.freshness import audit_image_inputs, audited_images
+from pipeline.experiments.layout import Layout
+from pipeline.experiments.runner import Step, run_step
+from pipeline.reporting import plots
+
+# --------------------------------------------------------------------------------------------
+# The images audited
+
+
+@dataclass
+class AuditedImages:
+    """Every labelled and test image of the competition, as its CSVs list them (the findings'
+    fingerprints are of these files), and, on first use, the ones the audit reads: checked as
+    `make check` and `make folds` check them (pipeline/data/checks.py). A bad image is an error
+    that names it with the remedy; with data.drop_bad_images=true bad training images are left
+    out and listed (a bad test image stays an error). A current audit reads no image."""
+
+    data: DataConfig
+    frame: pd.DataFrame  # part (train/test), id, label ('' for test): labelled rows first
+    paths: list[Path]
+    dropped: dict[str, str] = field(default_factory=dict)  # training id -> what is wrong
+
+    @classmethod
+    def of(cls, data: DataConfig) -> AuditedImages:
+        return cls(data, *audited_images(data))
+
+    def inputs(self) -> dict[str, str]:
+        """The fingerprints a finding is made from: the rows and image files as listed, and the
+        settings that decide which images are read."""
+        return {**audit_image_inputs(self.data, self.frame, self.paths),
+                "image checks": fingerprint([self.data.drop_bad_images,
+                                             self.data.max_image_pixels])}
+
+    @cached_property
+    def usable(self) -> tuple[pd.DataFrame, list[Path]]:
+        """(frame, paths) of the images that passed the check."""
+        self.dropped = check_competition(self.data).dropped
+        keep = ~((self.frame["part"] == "train") & self.frame["id"].isin(self.dropped)).to_numpy()
+        return (self.frame[keep].reset_index(drop=True),
+                [path for path, kept in zip(self.paths, keep) if kept])
+
+
+def run_finding(path: Path, manifest: Path, inputs: dict[str, str], force: bool,
+                *, compute: Callable[[], list[Path]], what: str) -> None:
+    """Compute a finding unless current (stale: computed again); its manifest is written last."""
+    written: list[Path] = []  # compute's files, for the manifest
+    run_step(Step(what, manifest, inputs, {}, lambda: written,
+                  lambda: written.extend(compute()),
+                  current=f"{what}: current ({path}); FORCE=1 audits again"), force)
+
+
+# --------------------------------------------------------------------------------------------
+# Duplicates
+
+
+def find_duplicates(frame: pd.DataFrame, paths: list[Path], max_pixels: int) -> pd.DataFrame:
+    """Groups of copies among every audited image: exact bytes, or near copies by the
+    detector of pipeline/data/duplicates.py (aligned thumbnails, the competition's own cut,
+    no group by chaining alone)."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        digests = list(progress(pool.map(sha256_file, paths), len(paths), "SHA-256 of images"))
+    exact = exact_pairs(digests)
+    thumbs = thumbnails(paths, max_pixels=max_pixels)
+    found = split_chains(near_pairs(thumbs), len(paths))
+    log.info(f"near copies: {len(found.pairs)} pair(s) above the cut {found.cut:.3f} (aligned "
+             f"correlation, from {len(paths)} images against their mirror images)")
+    groups = group_of_pairs(len(paths), np.concatenate([exact, found.pairs]))
+    twins = np.zeros(len(paths), bool)
+    twins[exact.reshape(-1)] = True
+    return duplicate_table(frame["id"], frame["part"], frame["label"], groups,
+                           how=np.where(twins, "exact", "near"))
+
+
+def duplicates_finding(config: Config, layout: Layout, images: AuditedImages,
+                       force: bool) -> pd.DataFrame:
+    """audit/<competition>/duplicates.csv|png, found again unless current (the one freshness
+    rule): `make audit` and `make folds` (folds.duplicates) share it, so it costs once. The
+    caller holds the audit's lock."""
+    findings = layout.findings
+    inputs = {**images.inputs(), "settings": fingerprint({"detector": DETECTOR})}
+
+    def compute() -> list[Path]:
+        frame, paths = images.usable
+        table = find_duplicates(frame, paths, config.data.max_image_pixels)
+        # the table, which `make folds` reads, last: a picture that fails leaves the old one
+        write_duplicates_picture(table, frame, paths, config.audit.shown,
+                                 path=findings.duplicates_png)
+        write_csv_atomic(table, findings.duplicates)
+        return [findings.duplicates, findings.duplicates_png]
+
+    run_finding(findings.duplicates, findings.manifest(findings.duplicates), inputs, force,
+                compute=compute, what="duplicates")
+    return read_duplicates(findings.duplicates)
+
+
+def write_duplicates_picture(table: pd.DataFrame, frame: pd.DataFrame, paths: list[Path],
+                             groups: int, *, path: Path) -> None:
+    """The first `groups` duplicate groups, a row each of at most GROUP_IMAGES images, the
+    row's title saying how many more the group holds: bounded however large the groups."""
+    where = {(p, i): file for p, i, file in zip(frame["part"], frame["id"], paths)}
+    rows, titles = [], []
+    for number, members in list(table.groupby("group", sort=False))[:groups]:
+        rows.append([(where[(r.part, r.id)], f"{r.part} {r.id}\n{r.label}".strip())
+                     for r in members.head(GROUP_IMAGES).itertuples()])
+        more = len(members) - GROUP_IMAGES
+        titles.append(f"group {number}\n{len(members)} images"
+                      + (f"\n+{more} more" if more > 0 else ""))
+    found = table["group"].nunique()
+    title = "duplicate groups, one row each"
+    if found > len(rows):
+        title += f" (the first {len(rows)} of {found})"
+    plots.write_image_rows(rows, path, title, row_titles=titles)
