@@ -35,7 +35,6 @@ from bench.suite import COMMON, RECIPES, quiet_cli, run_recipe
 from bench.suite_data import digits_data, export_noisy, split, write_competition
 
 COPY_KINDS = ("jpeg", "bright", "shift")
-MAX_DISTANCE = 8  # bits: 64 px digits need more than photos (bench/duplicates.py)
 
 
 def export_copies(root: Path, n_bases: int, seed: int) -> Path:
@@ -67,8 +66,7 @@ def duplicate_gap(root: Path, seeds: list[int], epochs: int, n_bases: int) -> li
         where = [f"folds.dir={work / 'folds'}", f"runs_dir={work / 'runs'}",
                  f"audit_dir={work / 'audit'}", *COMMON, f"folds.duplicates={grouped}"]
         if grouped:
-            quiet_cli(["audit", "--data", str(data), *where,
-                       f"audit.max_distance={MAX_DISTANCE}"], work / "audit.log")
+            quiet_cli(["audit", "--data", str(data), *where], work / "audit.log")
         quiet_cli(["folds", "--data", str(data), *where], work / "folds.log")
         results = [run_recipe(data, work, "default", seed, epochs,
                               shared=[f"folds.duplicates={grouped}"]) for seed in seeds]
@@ -130,7 +128,7 @@ def main(argv=None) -> None:
         Table(f"Duplicates and the CV: {n_bases} digits x 4 near copies as the labelled part, "
               f"{n_bases} other digits as the test part (resnet20, 3 folds, {epochs} epochs, "
               f"seeds {seeds})", ["folds", "CV", "held-out accuracy", "CV - held-out"], gap,
-              [f"the audit's groups at audit.max_distance={MAX_DISTANCE} (64 px images)"]),
+              ["the groups of the duplicate finder (pipeline/data/duplicates.py; 64 px images)"]),
         Table(f"Label suspects on the noisy-labels member: {n} labelled digits, 8% of the labels "
               f"wrong (resnet20, 3 folds, {epochs} epochs)",
               ["seed", "suspects", "precision", "recall", "held-out accuracy",

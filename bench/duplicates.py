@@ -8,7 +8,7 @@ random fields with shapes) at 24, 32, 64, 256 and 512 px, clean and noisy (Gauss
 levels, copies noised again), with copies of nine kinds planted among N distinct images: shift
 1-3 px, crop 2-10 %, rotation up to 5 degrees, scale up to 5 %, brightness and contrast, JPEG
 70-95, a resize round trip, noise, and all of them at once (a horizontal flip is no copy here:
-the detector's null is the mirror images). For each set: the cut the detector chose from the
+the detector's null is the mirror images). For each set: the cuts the detector chose from the
 images, recall per kind, false pairs per million distinct pairs, the largest group. `--scale N`:
 `make folds` (which runs the duplicate pass) and `make audit` on N small noisy images with no
 copies at all (bench/scale.py's competition): time, peak memory, groups and the largest.
@@ -164,7 +164,7 @@ def planted_set(rng, content: str, size: int, noisy_set: bool, n: int, copies: i
 
 
 def measure(images, truth, n: int) -> list:
-    """[cut, false pairs per million, largest group, seconds, recall of each kind]."""
+    """[the cuts, false pairs per million, largest group, seconds, recall of each kind]."""
     started = time.perf_counter()
     thumbs = np.stack([detector.thumbnail_of(image) for image in images])
     found = detector.split_chains(detector.near_pairs(thumbs), len(thumbs))
@@ -178,7 +178,8 @@ def measure(images, truth, n: int) -> list:
     largest = int(np.bincount(groups[groups >= 0]).max()) if (groups >= 0).any() else 0
     recall = [np.mean([(min(o, c), max(o, c)) in pairs for k, o, c in truth if k == kind])
               for kind in KINDS]
-    return [found.cut, false / (n * (n - 1) / 2) * 1e6, largest, seconds, *recall]
+    cuts = "/".join(f"{cut:.3f}" for cut in found.cuts.values())
+    return [cuts, false / (n * (n - 1) / 2) * 1e6, largest, seconds, *recall]
 
 
 def suite(quick: bool) -> Table:
@@ -190,17 +191,18 @@ def suite(quick: bool) -> Table:
             for noisy_set in (False, True):
                 images, truth = planted_set(rng, content, size, noisy_set, n, copies)
                 cut, false, largest, seconds, *recall = measure(images, truth, n)
-                rows.append([content, size, "noisy" if noisy_set else "clean", f"{cut:.3f}",
+                rows.append([content, size, "noisy" if noisy_set else "clean", cut,
                              f"{false:.0f}", largest, *[f"{r:.2f}" for r in recall],
                              f"{seconds:.1f}"])
                 print(*rows[-1], flush=True)
     return Table(
         f"Duplicate detector (aligned thumbnails, the competition's own cut): {n} distinct "
         f"images per set, {copies} copies of each kind",
-        ["content", "px", "set", "cut", "false /M", "largest", *[f"recall {k}" for k in KINDS],
+        ["content", "px", "set", "cuts", "false /M", "largest", *[f"recall {k}" for k in KINDS],
          "s"], rows,
         [f"- goal: recall >= {TARGET_RECALL} on every kind and size at <= {TARGET_FALSE:g} false "
          f"pairs per million distinct pairs (1 per 100,000)",
+         "- cuts: of the thumbnail and of its detail (a pair above either is a copy)",
          "- false /M: pairs of distinct images found, per million distinct pairs "
          f"({n * (n - 1) // 2} per set); largest: the largest group found"])
 

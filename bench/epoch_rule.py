@@ -65,7 +65,8 @@ class Epoch:
 def predict_epochs(config_path: Path, work: Path, name: str, seed: int,
                    epochs: int) -> tuple[Task, np.ndarray, np.ndarray, list[Epoch]]:
     """Train fold 0 once keeping every epoch; (task, valid targets, test targets, epochs)."""
-    where = [f"runs_dir={work / 'runs'}", f"folds.dir={work / 'folds'}"]
+    where = [f"runs_dir={work / 'runs'}", f"folds.dir={work / 'folds'}",
+             f"audit_dir={work / 'audit'}"]
     overrides = [*where, *COMMON, f"train.epochs={epochs}", f"train.seed={seed}",
                  f"train.average_best={epochs}"]  # keeps top/epoch<e>.pt of every epoch
     quiet_cli(["folds", "--data", str(config_path), *where, *COMMON], work / "folds.log")

@@ -64,7 +64,8 @@ def run_recipe(data: str, overrides: list[str], seed: int, epochs: int,
     from pipeline.__main__ import main as cli
     from pipeline.base.config import load_config
 
-    paths = [f"folds.dir={work / 'folds'}", f"runs_dir={work / 'runs'}"]
+    paths = [f"folds.dir={work / 'folds'}", f"runs_dir={work / 'runs'}",
+             f"audit_dir={work / 'audit'}"]
     argv = [*paths, *COMMON, f"train.epochs={epochs}", f"train.seed={seed}", *overrides]
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):

@@ -152,7 +152,8 @@ def run_suite(root: Path, members: list[str], recipes: list[str], seeds: list[in
         work = root / member
         work.mkdir(parents=True, exist_ok=True)
         quiet_cli(["folds", "--data", str(configs[member]), f"folds.dir={work / 'folds'}",
-                   f"runs_dir={work / 'runs'}", *COMMON], work / "folds.log")
+                   f"runs_dir={work / 'runs'}", f"audit_dir={work / 'audit'}", *COMMON],
+                  work / "folds.log")
         for recipe in recipes_for(member, recipes):
             for seed in seeds:
                 result = run_recipe(configs[member], work, recipe, seed, epochs, base)

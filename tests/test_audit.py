@@ -176,7 +176,7 @@ def test_each_kind_of_copy_is_found_at_each_size(size):
     thumbs = np.stack([thumbnail_of(image) for image in images])
     found = split_chains(near_pairs(thumbs), len(images))
     pairs = {tuple(p) for p in found.pairs.tolist()}
-    assert pairs == {(k, planted[kind]) for k, kind in enumerate(KINDS)}, (found.cut, pairs)
+    assert pairs == {(k, planted[kind]) for k, kind in enumerate(KINDS)}, (found.cuts, pairs)
 
 
 def test_one_class_of_digits_makes_no_false_group():
@@ -186,13 +186,13 @@ def test_one_class_of_digits_makes_no_false_group():
     zeros = CONTENTS["digits"](rng, 170, 32, cls=0)
     thumbs = np.stack([thumbnail_of(image) for image in zeros])
     found = near_pairs(thumbs)
-    assert len(found.pairs) == 0, (found.cut, found.scores)
+    assert len(found.pairs) == 0, (found.cuts, found.scores)
 
 
 def test_a_chain_is_cut_into_stars():
     # 0 - 1 - 2 - 3 - 4 (each near the next) and a star 5 - {6, 7, 8}
     pairs = np.array([[0, 1], [1, 2], [2, 3], [3, 4], [5, 6], [5, 7], [5, 8]])
-    found = split_chains(NearPairs(pairs, np.ones(len(pairs), np.float32), 0.9), 9)
+    found = split_chains(NearPairs(pairs, np.ones(len(pairs), np.float32), {}), 9)
     groups = group_of_pairs(9, found.pairs)
     assert groups[5] == groups[6] == groups[7] == groups[8]  # a star stays whole
     chain = [p for p in found.pairs.tolist() if max(p) < 5]
@@ -262,3 +262,33 @@ def test_a_confident_model_is_far_from_chance_and_a_random_one_near_it():
                   for p in (sure, noise)]
         assert skill_over_chance(frames[0], data)[2] > 0.5, metric
         assert skill_over_chance(frames[1], data)[2] < NEAR_CHANCE_SKILL, metric
+
+
+def test_the_cv_says_when_it_may_not_transfer(tmp_path, capsys):
+    """A test set the audit tells apart (blurred, larger files) and a duplicate group whose
+    labels disagree: `make runs` and the submission's report say the CV may not transfer, with
+    what to do, and the leaderboard scores the out-of-fold rows most like the test set."""
+    same = {f"a{i:02d}": (digit(i), str(DIGITS.target[i] % 2)) for i in range(60)}
+    same["a00_copy"] = (near_copy(digit(0), "jpeg"), str(1 - int(same["a00"][1])))
+    same["a01_copy"] = (near_copy(digit(1), "bright"), str(1 - int(same["a01"][1])))
+    shifted = {f"t{i:02d}": cv2.GaussianBlur(digit(200 + i, 320), (5, 5), 2) for i in range(30)}
+    data = write_comp(tmp_path / "comp", same, shifted)
+    paths = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
+             f"audit_dir={tmp_path / 'audit'}", f"submissions_dir={tmp_path / 'subs'}",
+             "folds.n_splits=2", "audit.test_like=20"]
+    fast = ["augment.image_size=16", "train.batch_size=8", "train.epochs=1", "train.workers=0"]
+    assert cli(["audit", "--data", data, *paths]) == 0
+    for verb in ("folds", "train", "predict"):
+        assert cli([verb, "--data", data, *([] if verb == "folds" else ["--model", "resnet20"]),
+                    *paths, *fast]) == 0
+    capsys.readouterr()
+    assert cli(["runs", "--data", data, *paths]) == 0
+    shown = capsys.readouterr()
+    assert "oof test-like" in shown.out
+    leaderboard = pd.read_csv(tmp_path / "runs" / "comp" / "leaderboard.csv")
+    assert leaderboard["oof test-like"].notna().all()
+    assert "tells the test images from the training images apart (AUC" in shown.err
+    assert "4 labelled images (6%) sit in duplicate groups whose labels disagree" in shown.err
+    assert cli(["ensemble", "--data", data, *paths]) == 0
+    [report] = (tmp_path / "subs" / "comp").glob("*.md")
+    assert "the CV may not transfer" in report.read_text()

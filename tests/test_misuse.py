@@ -654,14 +654,12 @@ def test_an_interrupted_audit_leaves_no_duplicates_for_the_folds(tmp_path, capsy
     assert comp("audit", *audit, model=None) == 0
     (found / "duplicates.manifest.json").unlink()
     capsys.readouterr()
+    # `make folds` finds the duplicates itself: a file no manifest vouches for is found again
     assert comp("folds", *audit) == 0
-    out, err = capsys.readouterr()
-    assert "not used" in err and "make audit" in err and "each group kept" not in out
-    assert "group" not in pd.read_csv(tmp_path / "folds" / "tiny.csv", dtype=str)
-    assert comp("audit", *audit, model=None) == 0 and comp("folds", *audit) == 0
+    assert "each group kept in one fold" in capsys.readouterr().out
+    assert (found / "duplicates.manifest.json").is_file()
     folds = pd.read_csv(tmp_path / "folds" / "tiny.csv", dtype=str).set_index("id")
     assert folds.loc["0000", "fold"] == folds.loc["0000_copy", "fold"]
-    assert "each group kept in one fold" in capsys.readouterr().out
 
 
 def test_an_ensemble_that_cannot_write_leaves_no_half_submission(tmp_path):

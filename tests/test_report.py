@@ -23,7 +23,7 @@ import pipeline
 from pipeline.__main__ import main as cli
 from pipeline.base.config import load_config
 from pipeline.experiments.layout import Layout
-from pipeline.experiments.leaderboard import leaderboard
+from pipeline.experiments.leaderboard import HEADERS, leaderboard
 from pipeline.experiments.manifests import read_manifest
 
 COLOURS = {"red": (0, 0, 230), "green": (0, 200, 0), "blue": (230, 0, 0)}  # BGR
@@ -252,9 +252,10 @@ def test_the_browser_shows_every_picture_and_the_leaderboard_in_cv_order(built, 
         ".map(r => r.cells[0].innerText);")
     expected = leaderboard(config.data, config.folds, Layout.of(config))["experiment"].tolist()
     assert first_column == expected and set(expected) == {"strong", "weak"}
+    status = HEADERS.index("status")
     statuses = browser.execute_script(
         "return Array.from(document.querySelectorAll('#leaderboard-table tbody tr'))"
-        ".map(r => r.cells[9].innerText);")
+        f".map(r => r.cells[{status}].innerText);")
     assert statuses == ["complete", "complete"]
     assert "both" in browser.find_element("id", "submissions-table").text
     assert all(name.startswith(report.dir.resolve().as_uri()) for name in resources(browser))

@@ -13,16 +13,17 @@ folds, and the runs trained on them, stale by the usual rule.
 How near copies are found (issue 27; measured on a suite of contents, sizes and kinds of copy:
 bench/duplicates.py, recorded in bench/BENCHMARKS.md):
 - every image becomes a grey THUMBNAIL x THUMBNAIL thumbnail, lightly blurred; a pair's score
-  is the normalised cross-correlation of the two thumbnails at the best of the small shifts up
-  to MAX_SHIFT (brightness and contrast cancel, a shifted, cropped, rotated or rescaled copy
-  still lines up);
+  is the normalised cross-correlation of the two at the best of the small shifts up to
+  MAX_SHIFT (brightness and contrast cancel, a shifted, cropped, rotated or rescaled copy still
+  lines up), in two views (VIEWS): the thumbnail, and its detail without the smooth layout
+  that a competition's images may share;
 - only candidate pairs are scored: each image's NEIGHBOURS nearest images in two indexes
   (scikit-learn's nearest neighbours: the coarse layout, and the spectrum of the fine detail,
   which a shift leaves alone), so the search grows as N log N, not as the square;
 - the cut comes from the competition's own images, not a constant: the same search run against
   the mirrored images (pairs known to be distinct, with the competition's own sizes, content
   and noise) says how alike distinct images get here; the cut lets through at most
-  FALSE_PAIR_RATE of them;
+  FALSE_PAIR_RATE of them, in each view;
 - a group is not built by chaining alone: a group of copies is a star (an original near each of
   its copies), and a group without such a centre is cut into stars (`split_chains`).
 """
@@ -44,7 +45,7 @@ from pipeline.data.images import read_image
 from pipeline.data.tables import MAX_IMAGE_PIXELS
 
 # names the detector and its constants in the finding's fingerprint: a new one finds again
-DETECTOR = "aligned thumbnails 32 px, shifts 3, mirror tail cut 1e-5, stars"
+DETECTOR = "aligned thumbnails and detail 32 px, shifts 3, mirror tail cut 1e-5, stars"
 THUMBNAIL = 32  # px: the side of the grey thumbnails compared
 BLUR = 0.7  # px of the thumbnail: a Gaussian that forgives JPEG blocks and noise
 MAX_SHIFT = 3  # px of the thumbnail (a tenth of it): the alignments tried for each pair
@@ -191,19 +192,37 @@ def adaptive_cut(thumbs: np.ndarray) -> float:
 @dataclass(frozen=True)
 class NearPairs:
     pairs: np.ndarray  # (P, 2) i < j
-    scores: np.ndarray  # (P,) their aligned correlation
-    cut: float  # the score they are above
+    scores: np.ndarray  # (P,) their aligned correlation, in the first view that found them
+    cuts: dict[str, float]  # each view's cut, from the competition's own mirror images
+
+
+def detail_of(thumbs: np.ndarray) -> np.ndarray:
+    """The thumbnails without their smooth layout (a Gaussian of 2 px taken out): where a
+    competition's images share one layout (a retina's disc, a digit's stroke in the middle),
+    the detail is what tells one image from another."""
+    return np.stack([t - cv2.GaussianBlur(t, (0, 0), 2.0) for t in thumbs])
+
+
+# The two views a pair is judged in, each with its own cut: the whole thumbnail (which tells
+# apart images whose layouts differ, and forgives crops and rescaling at large sizes) and its
+# detail (which tells apart images that share a layout). A pair above either cut is a copy.
+VIEWS = {"thumbnail": lambda thumbs: thumbs, "detail": detail_of}
 
 
 def near_pairs(thumbs: np.ndarray) -> NearPairs:
-    """The pairs of images that look alike, above the competition's own cut."""
+    """The pairs of images that look alike in either view, above that view's own cut."""
+    found, scores, cuts = [np.zeros((0, 2), np.int64)], [np.zeros(0, np.float32)], {}
     if len(thumbs) < 2:
-        return NearPairs(np.zeros((0, 2), np.int64), np.zeros(0, np.float32), 1.0)
-    cut = adaptive_cut(thumbs)
-    pairs = candidate_pairs(thumbs)
-    scores = aligned_scores(thumbs, pairs)
-    keep = scores > cut
-    return NearPairs(pairs[keep], scores[keep], cut)
+        return NearPairs(found[0], scores[0], cuts)
+    for view, seen in VIEWS.items():
+        looked = seen(thumbs)
+        cuts[view] = adaptive_cut(looked)
+        pairs = candidate_pairs(looked)
+        score = aligned_scores(looked, pairs)
+        found.append(pairs[score > cuts[view]])
+        scores.append(score[score > cuts[view]])
+    pairs, first = np.unique(np.concatenate(found), axis=0, return_index=True)
+    return NearPairs(pairs, np.concatenate(scores)[first], cuts)
 
 
 def split_chains(found: NearPairs, n: int) -> NearPairs:
@@ -228,7 +247,7 @@ def split_chains(found: NearPairs, n: int) -> NearPairs:
             star[list(part)] = centre
             members -= part
     keep = star[found.pairs[:, 0]] == star[found.pairs[:, 1]]
-    return NearPairs(found.pairs[keep], found.scores[keep], found.cut)
+    return NearPairs(found.pairs[keep], found.scores[keep], found.cuts)
 
 
 def exact_pairs(digests: Sequence[str]) -> np.ndarray:

@@ -94,7 +94,8 @@ def find_duplicates(frame: pd.DataFrame, paths: list[Path], max_pixels: int) -> 
     exact = exact_pairs(digests)
     thumbs = thumbnails(paths, max_pixels=max_pixels)
     found = split_chains(near_pairs(thumbs), len(paths))
-    log.info(f"near copies: {len(found.pairs)} pair(s) above the cut {found.cut:.3f} (aligned "
+    cuts = ", ".join(f"{view} {cut:.3f}" for view, cut in found.cuts.items())
+    log.info(f"near copies: {len(found.pairs)} pair(s) above the cuts ({cuts}: aligned "
              f"correlation, from {len(paths)} images against their mirror images)")
     groups = group_of_pairs(len(paths), np.concatenate([exact, found.pairs]))
     twins = np.zeros(len(paths), bool)

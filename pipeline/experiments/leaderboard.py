@@ -32,7 +32,12 @@ from pipeline.experiments.state import (
 )
 
 HEADERS = ["experiment", "model", "size", "epochs", "seed", "cv mean", "cv std", "oof",
-           "tta gain", "status", "minutes", "submissions"]
+           "oof test-like", "tta gain", "status", "minutes", "submissions"]
+# When the CV may not transfer (issue 27): the audit tells test from training images apart this
+# well (0.5: not at all), or this share of the labelled rows sit in duplicate groups whose labels
+# disagree. Judgement, not measurement: 0.8 is where the shift is plain in the features.
+SHIFT_CAUTION_AUC = 0.8
+CONFLICT_CAUTION_SHARE = 0.05
 
 
 def submissions_of(summaries: list[SubmissionSummary]) -> dict[str, list[str]]:
@@ -73,17 +78,58 @@ def leaderboard(data: DataConfig, folds_cfg: FoldsConfig, layout: Layout,
     if summaries is None and states:
         summaries = read_submissions(data, folds_cfg, layout)
     submissions = submissions_of(summaries) if states else {}
+    test_like = test_like_ids(layout)
     rows = []
     for state in states:
         c = state.config
-        numbers = cv_numbers(state, Scorer.of(c.data))
+        numbers = cv_numbers(state, Scorer.of(c.data), test_like)
         rows.append([state.name, c.model.name, c.augment.image_size, c.train.epochs, c.train.seed,
-                     numbers["cv_mean"], numbers["cv_std"], numbers["oof"], numbers["tta_gain"],
+                     numbers["cv_mean"], numbers["cv_std"], numbers["oof"],
+                     numbers["oof_test_like"], numbers["tta_gain"],
                      state.status(), numbers["minutes"],
                      ", ".join(submissions.get(state.name, [])) or "-"])
     frame = pd.DataFrame(rows, columns=HEADERS)
     return frame.sort_values("oof", ascending=not higher_is_better(data.metric),
                              na_position="last", kind="stable")
+
+
+def test_like_ids(layout: Layout) -> set[str]:
+    """The audit's labelled rows most like the test set (test_like.csv), or none without it."""
+    path = layout.findings.test_like
+    if not path.is_file():
+        return set()
+    return set(pd.read_csv(path, dtype={"id": str}, keep_default_na=False)["id"])
+
+
+def transfer_cautions(layout: Layout, labelled: int) -> list[str]:
+    """Why the CV may not carry over to the leaderboard, from the audit's findings on disk
+    (none without them): a test set the audit tells apart from the training set, and duplicate
+    groups whose labels disagree; each with what to do."""
+    findings, cautions = layout.findings, []
+    if findings.shift.is_file():
+        table = pd.read_csv(findings.shift)
+        sets, features = table[table["what"] != "feature"], table[table["what"] == "feature"]
+        if len(sets) and sets["auc"].max() >= SHIFT_CAUTION_AUC:
+            worst = sets.loc[sets["auc"].idxmax()]
+            top = ", ".join(f"{r.name} {r.auc:.2f}" for r in features.head(3).itertuples())
+            cautions.append(
+                f"the CV may not transfer: the audit tells the test images from the training "
+                f"images apart (AUC {worst.auc:.2f} on {worst.what}; most: {top}). Judge the "
+                f"experiments by `oof test-like` too (the out-of-fold score on the labelled "
+                f"images most like the test set, {findings.test_like}), and match the test "
+                f"set's preprocessing where you can")
+    if findings.duplicates.is_file() and labelled:
+        table = pd.read_csv(findings.duplicates, dtype=str, keep_default_na=False)
+        train = table[table["part"] == "train"]
+        labels = train.groupby("group")["label"].nunique()
+        rows = int(train["group"].isin(labels[labels > 1].index).sum())
+        if rows / labelled >= CONFLICT_CAUTION_SHARE:
+            cautions.append(
+                f"the CV may not transfer: {rows} labelled images ({rows / labelled:.0%}) sit in "
+                f"duplicate groups whose labels disagree ({findings.duplicates}): the CV scores "
+                f"a coin toss on them; `ARGS=folds.duplicate_conflicts=drop` (or `=majority`) "
+                f"then `make folds train` splits without the contradiction")
+    return cautions
 
 
 @dataclass

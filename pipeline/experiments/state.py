@@ -346,17 +346,24 @@ def joined_oof(exp: Experiment, folds: list[int], tta: bool = False) -> pd.DataF
                       for k in folds])
 
 
-def cv_numbers(state: ExperimentState, scorer: Scorer) -> dict[str, Any]:
-    """Mean ± std of the current folds' metric, the OOF metric, the TTA gain and training time."""
+def cv_numbers(state: ExperimentState, scorer: Scorer,
+               test_like: set[str] | None = None) -> dict[str, Any]:
+    """Mean ± std of the current folds' metric, the OOF metric, the TTA gain and training time;
+    with `test_like` (the audit's training rows most like the test set), the OOF metric on
+    those rows alone: a CV nearer what the leaderboard sees when the test set differs."""
     exp, done = state.exp, state.current_folds
     numbers: dict[str, Any] = {"cv_mean": np.nan, "cv_std": np.nan, "oof": np.nan,
-                               "tta_gain": np.nan, "minutes": "0.0"}
+                               "oof_test_like": np.nan, "tta_gain": np.nan, "minutes": "0.0"}
     if not done:
         return numbers
     scores = [scorer.score_frame(read_probs(exp.fold(k).oof)) for k in done]
     seconds = sum(float(pd.read_csv(exp.fold(k).log)["seconds"].sum()) for k in done)
+    oof = joined_oof(exp, done)
     numbers.update(cv_mean=float(np.mean(scores)), cv_std=float(np.std(scores)),
-                   oof=scorer.score_frame(joined_oof(exp, done)), minutes=f"{seconds / 60:.1f}")
+                   oof=scorer.score_frame(oof), minutes=f"{seconds / 60:.1f}")
+    like = oof[oof["id"].astype(str).isin(test_like)] if test_like else oof.iloc[:0]
+    if len(like) and like["label"].nunique() > 1:  # a metric of one class says nothing
+        numbers["oof_test_like"] = scorer.score_frame(like)
     predicted = state.predicted_folds
     if len(predicted) == len(done) and state.tta(False).views != "none":
         numbers["tta_gain"] = tta_gain(exp, predicted, scorer)

@@ -66,7 +66,7 @@ from pipeline.ensembling.submission import (
 )
 from pipeline.experiments.freshness import read_folds, read_test_set
 from pipeline.experiments.layout import Layout
-from pipeline.experiments.leaderboard import report_line
+from pipeline.experiments.leaderboard import report_line, transfer_cautions
 from pipeline.experiments.runner import Step, run_step, stage_lock
 from pipeline.experiments.state import member_fingerprint
 
@@ -400,9 +400,12 @@ def write_outputs(data: DataConfig, layout: Layout, ensemble: Ensemble,
     refits = {c.name: c.refit for c in ensemble.candidates}
     inputs = {"members": member_fingerprint([c.state for c in ensemble.candidates], refits,
                                             ensemble.settings)}
+    cautions = transfer_cautions(layout, len(ensemble.targets))
     step = Step("ensemble", submission.manifest, inputs, recipe(data, ensemble),
                 lambda: [submission.csv, submission.report],
-                lambda: write_submission_files(data, ensemble, submission, test_ids), current="",
+                lambda: write_submission_files(data, ensemble, submission, test_ids,
+                                               cautions=cautions),
+                current="",
                 all_or_none=True)  # a failed write leaves no submission without its report
     solution_score = run_step(step, force=True)
     log.info(f"wrote {submission.csv} and {submission.report}")
@@ -412,9 +415,10 @@ def write_outputs(data: DataConfig, layout: Layout, ensemble: Ensemble,
 
 
 def write_submission_files(data: DataConfig, ensemble: Ensemble, submission,
-                           test_ids: list[str]) -> float | None:
+                           test_ids: list[str], *, cautions: list[str]) -> float | None:
     """The submission CSV and its markdown report, with their tables shown; the score against
-    the held-out labels where the competition has them."""
+    the held-out labels where the competition has them; `cautions`: why the CV beside it may
+    not transfer (the audit's findings), shown and written beside the CV."""
     scorer, metric = Scorer.of(data), data.metric
     frame = build_submission(data, test_ids, ensemble.predictions)
     csv_path = write_submission(frame, submission.csv, data)
@@ -433,8 +437,11 @@ def write_submission_files(data: DataConfig, ensemble: Ensemble, submission,
                           ["ensemble", "value"]))
     if solution_score is not None:
         log.info(f"test {metric} vs {data.solution_csv}: {solution_score:.4f}")
-    write_text_atomic(submission.report, markdown_report(submission.name, rows, headers, details,
-                                                         notes=ensemble.combined.notes, methods=methods))
+    for caution in cautions:
+        warn(caution)
+    write_text_atomic(submission.report, markdown_report(
+        submission.name, rows, headers, details, methods=methods,
+        notes=[*ensemble.combined.notes, *(f"**{c}**" for c in cautions)]))
     return solution_score
 
 

@@ -25,7 +25,7 @@ from pipeline.base.config import Config, FoldsConfig, load_config
 from pipeline.base.fingerprints import folds_fingerprint
 from pipeline.base.log import log
 from pipeline.base.task import class_index, targets_of
-from pipeline.base.utils import PipelineError, format_table, make_command, warn, write_csv_atomic
+from pipeline.base.utils import PipelineError, format_table, warn, write_csv_atomic
 from pipeline.data.checks import check_competition
 from pipeline.data.duplicates import conflicts as dup_conflicts
 from pipeline.data.duplicates import describe_conflicts, groups_for_folds, merged_groups
@@ -33,7 +33,6 @@ from pipeline.experiments.findings import AuditedImages, duplicates_finding
 from pipeline.experiments.freshness import (
     duplicate_groups,
     fold_inputs,
-    unvouched_duplicates,
 )
 from pipeline.experiments.layout import Layout
 from pipeline.experiments.runner import Step, run_step, stage_lock
@@ -104,7 +103,6 @@ def with_duplicates(table: pd.DataFrame, classes: list[str], folds_cfg: FoldsCon
     or relabelled (folds.duplicate_conflicts)."""
     if not folds_cfg.duplicates:
         return table
-    warn_unvouched_duplicates(layout)
     groups = duplicate_groups(layout)
     if groups is None or groups.empty:
         return table
@@ -143,16 +141,6 @@ def resolve_conflicts(table: pd.DataFrame, groups: pd.DataFrame, found: pd.DataF
     warn(f"relabelled {int((changed != table['label']).sum())} row(s) of duplicate groups with "
          f"conflicting labels to their group's majority: {listed}")
     return table.assign(label=changed, target=targets_of(changed, classes))
-
-
-def warn_unvouched_duplicates(layout: Layout) -> None:
-    """A duplicates.csv no finished audit vouches for is not used (the folds are split without
-    it): say so, with the way to a finished one."""
-    why = unvouched_duplicates(layout)
-    if why:
-        warn(f"{layout.findings.duplicates} is not used: {why}; "
-             f"`{make_command('audit', layout.competition)}` finds the duplicates again, then "
-             f"`{make_command('folds', layout.competition)}` keeps each group in one fold")
 
 
 def fold_table(folds: pd.DataFrame, classes: list[str]) -> str:

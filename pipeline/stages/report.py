@@ -290,7 +290,8 @@ def experiment_context(state: ExperimentState, defaults: Config, report: Report,
 # The competition's page
 
 
-NUMERIC = {"size", "epochs", "seed", "cv mean", "cv std", "oof", "tta gain", "minutes"}
+NUMERIC = {"size", "epochs", "seed", "cv mean", "cv std", "oof", "oof test-like", "tta gain",
+           "minutes"}
 
 
 def sort_key(value: Any) -> Any:

@@ -30,11 +30,12 @@ from pipeline.base.utils import (
 from pipeline.experiments.freshness import (
     Freshness,
     folds_freshness,
+    labelled_rows,
     read_folds_unchecked,
     read_test_set,
 )
 from pipeline.experiments.layout import Layout, old_layout_runs
-from pipeline.experiments.leaderboard import HEADERS, leaderboard, report_line
+from pipeline.experiments.leaderboard import HEADERS, leaderboard, report_line, transfer_cautions
 from pipeline.experiments.state import (
     ExperimentState,
     experiment_state,
@@ -61,6 +62,8 @@ def main_runs(args) -> None:
         return
     write_leaderboard(frame, config, layout)
     log.info(format_table(frame.values.tolist(), HEADERS))
+    for caution in transfer_cautions(layout, len(labelled_rows(config.data))):
+        warn(caution)
     log.info(f"{config.data.name} ({config.data.metric}): {len(frame)} experiment(s) -> "
              f"{layout.leaderboard('md')}|csv|png")
     log.info(report_line(layout))
