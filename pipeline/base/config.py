@@ -207,8 +207,9 @@ class FoldsConfig(_Section):
     n_splits: int = Field(5, ge=2)
     seed: int = 42
     dir: str = "folds"  # folds.csv goes here
-    # keep each group of duplicate images that `make audit` found (audit/<c>/duplicates.csv) in
-    # one fold, as a group column or pattern keeps a patient's eyes
+    # find the duplicate images (the audit's finding, audit/<c>/duplicates.csv: found once, by
+    # `make folds` or `make audit`, whichever comes first) and keep each group in one fold, as a
+    # group column or pattern keeps a patient's eyes
     duplicates: bool = True
     # a duplicate group whose labels disagree: keep it (listed), drop its rows, or give them the
     # group's majority label (ties: the first in the class list)
