@@ -19,7 +19,8 @@ bench/duplicates.py, recorded in bench/BENCHMARKS.md):
   that a competition's images may share;
 - only candidate pairs are scored: each image's NEIGHBOURS nearest images in two indexes
   (scikit-learn's nearest neighbours: the coarse layout, and the spectrum of the fine detail,
-  which a shift leaves alone), so the search grows as N log N, not as the square;
+  which a shift leaves alone), so the scoring grows linearly; the search itself is brute force
+  (quadratic, but in 32 dimensions: 547 s at 35,000 images);
 - the cut comes from the competition's own images, not a constant: the same search run against
   the mirrored images (pairs known to be distinct, with the competition's own sizes, content
   and noise) says how alike distinct images get here; the cut lets through at most
@@ -101,6 +102,13 @@ def _standardised(rows: np.ndarray) -> np.ndarray:
 # Candidates and scores
 
 
+def detail_of(thumbs: np.ndarray) -> np.ndarray:
+    """The thumbnails without their smooth layout (a Gaussian of 2 px taken out): where a
+    competition's images share one layout (a retina's disc, a digit's stroke in the middle),
+    the detail is what tells one image from another."""
+    return np.stack([t - cv2.GaussianBlur(t, (0, 0), 2.0) for t in thumbs])
+
+
 def _layout_features(thumbs: np.ndarray) -> np.ndarray:
     """The coarse layout (8 x 8): near for copies whose pixels barely moved."""
     small = np.stack([cv2.resize(t, (8, 8), interpolation=cv2.INTER_AREA) for t in thumbs])
@@ -111,16 +119,16 @@ def _detail_spectrum(thumbs: np.ndarray) -> np.ndarray:
     """The magnitude spectrum of the fine detail, its lower frequencies: a shift moves the
     detail, not its spectrum, and the shared layout of a competition's images (a retina's disc)
     is taken out first."""
-    detail = np.stack([t - cv2.GaussianBlur(t, (0, 0), 2.0) for t in thumbs])
-    spectrum = np.log1p(np.abs(np.fft.rfft2(detail)))
+    spectrum = np.log1p(np.abs(np.fft.rfft2(detail_of(thumbs))))
     low = np.concatenate([spectrum[:, :8, :8], spectrum[:, -7:, :8]], axis=1)
     return _standardised(low.reshape(len(thumbs), -1))
 
 
 def _neighbours(queries: np.ndarray, index: np.ndarray, k: int) -> np.ndarray:
     """(Q, k) the k nearest rows of `index` for each query, in at most SEARCH_DIMS principal
-    components (fitted on a sample of the index): a search as fast at 35,000 images as the
-    layout's, and as good, since copies are near in every direction."""
+    components (fitted on a sample of the index). scikit-learn searches these dimensions by
+    brute force: Q x len(index) distances, the one step of the pass that grows with the square
+    (most of its 547 s at 35,000 images, bench/BENCHMARKS.md)."""
     from sklearn.decomposition import PCA
     from sklearn.neighbors import NearestNeighbors
 
@@ -226,13 +234,6 @@ class NearPairs:
     pairs: np.ndarray  # (P, 2) i < j
     scores: np.ndarray  # (P,) their aligned correlation, in the first view that found them
     cuts: dict[str, float]  # each view's cut, from the competition's own mirror images
-
-
-def detail_of(thumbs: np.ndarray) -> np.ndarray:
-    """The thumbnails without their smooth layout (a Gaussian of 2 px taken out): where a
-    competition's images share one layout (a retina's disc, a digit's stroke in the middle),
-    the detail is what tells one image from another."""
-    return np.stack([t - cv2.GaussianBlur(t, (0, 0), 2.0) for t in thumbs])
 
 
 # The two views a pair is judged in, each with its own cut: the whole thumbnail (which tells
