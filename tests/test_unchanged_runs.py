@@ -18,7 +18,7 @@ from pipeline.stages.runs import write_leaderboard
 
 ROOT = Path(__file__).resolve().parents[1]
 # What only drawing or writing a page needs: seconds of imports for a command that changed nothing
-DRAWING_ONLY = ("sklearn", "matplotlib", "jinja2", "scipy", "imagehash", "torch")
+DRAWING_ONLY = ("sklearn", "matplotlib", "jinja2", "scipy", "torch")
 
 
 def third_party_loaded(module: str) -> list[str]:
