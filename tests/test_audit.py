@@ -306,3 +306,9 @@ def test_the_cv_says_when_it_may_not_transfer(tmp_path, capsys):
     assert cli(["ensemble", "--data", data, *paths]) == 0
     [report] = (tmp_path / "subs" / "comp").glob("*.md")
     assert "the CV may not transfer" in report.read_text()
+    # the printed remedy names this competition, and runs as printed
+    remedy = f"make folds ARGS=folds.duplicate_conflicts=drop DATA={data}"
+    assert remedy in shown.err
+    assert cli(["folds", "--data", data, *paths, "folds.duplicate_conflicts=drop"]) == 0
+    kept = set(pd.read_csv(tmp_path / "folds" / "comp.csv", dtype=str)["id"])
+    assert not {"a00", "a00_copy", "a01", "a01_copy"} & kept

@@ -127,8 +127,9 @@ def transfer_cautions(layout: Layout, labelled: int) -> list[str]:
             cautions.append(
                 f"the CV may not transfer: {rows} labelled images ({rows / labelled:.0%}) sit in "
                 f"duplicate groups whose labels disagree ({findings.duplicates}): the CV scores "
-                f"a coin toss on them; `ARGS=folds.duplicate_conflicts=drop` (or `=majority`) "
-                f"then `make folds train` splits without the contradiction")
+                f"a coin toss on them; "
+                f"`{make_command('folds', layout.competition, ARGS='folds.duplicate_conflicts=drop')}`"
+                f" (or `=majority`) splits without the contradiction, then train again")
     return cautions
 
 
