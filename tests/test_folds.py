@@ -98,3 +98,28 @@ def test_a_grouped_split_that_breaks_stratification_says_so(capsys):
 def test_a_grouped_split_within_tolerance_is_quiet(capsys):
     assign_folds(imbalanced_table(), n_splits=5, seed=42)
     assert "moved class shares" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pairs", [3, 400])
+def test_a_split_of_many_images_alone_and_a_few_groups_keeps_both_promises(pairs):
+    """Most rows are a group of their own (the duplicate pass names every image): groups stay
+    in one fold, each class's count is even to a row or two, with few groups (fewer than
+    folds: dealt by size) and with many (stratified by scikit-learn)."""
+    rng = np.random.default_rng(0)
+    n = 3000
+    labels = rng.choice(["a", "b", "c"], n, p=[0.6, 0.3, 0.1])
+    groups = np.array([f"g{i}" for i in range(n)], dtype=object)
+    for k in range(pairs):  # pairs of copies, and a few larger groups
+        groups[[2 * k, 2 * k + 1]] = f"dup{k}"
+        labels[2 * k + 1] = labels[2 * k]
+    groups[2 * pairs:2 * pairs + 7] = "big"
+    labels[2 * pairs:2 * pairs + 7] = "b"
+    table = pd.DataFrame({"id": [str(i) for i in range(n)], "label": labels,
+                          "target": pd.Series(labels).map({"a": 0, "b": 1, "c": 2}),
+                          "group": groups})
+    folds = assign_folds(table, n_splits=5, seed=3)
+    assert folds.groupby("group")["fold"].nunique().max() == 1
+    counts = pd.crosstab(folds["label"], folds["fold"])
+    assert (counts.max(axis=1) - counts.min(axis=1)).max() <= 2  # the images alone even it out
+    assert (folds["fold"] >= 0).all()
+    assert folds.equals(assign_folds(table, n_splits=5, seed=3))  # the same each time
