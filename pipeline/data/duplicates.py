@@ -18,20 +18,23 @@ bench/duplicates.py, recorded in bench/BENCHMARKS.md):
   lines up), in two views (VIEWS): the thumbnail, and its detail without the smooth layout
   that a competition's images may share;
 - only candidate pairs are scored: each image's NEIGHBOURS nearest images in two indexes
-  (scikit-learn's nearest neighbours: the coarse layout, and the spectrum of the fine detail,
-  which a shift leaves alone), so the scoring grows linearly; the search itself is brute force
-  (quadratic, but in 32 dimensions: 547 s at 35,000 images);
-- the cut comes from the competition's own images, not a constant: the same search run against
-  the mirrored images (pairs known to be distinct, with the competition's own sizes, content
-  and noise) says how alike distinct images get here; the cut lets through at most
-  FALSE_PAIR_RATE of them, in each view;
+  (FEATURES: the coarse layout, and the spectrum of the fine detail, which a shift leaves
+  alone), so the scoring grows linearly; the search is exact up to EXACT_SEARCH images and
+  approximate beyond (faiss's inverted-file index, N^1.5): the pass over 43,750 images takes
+  about a minute (bench/BENCHMARKS.md);
+- the cut comes from the competition's own images, not a constant: the same search run for
+  mirrored images (pairs known to be distinct, with the competition's own sizes, content and
+  noise; MIRROR_QUERIES of them at most) says how alike distinct images get here; the cut
+  lets through at most FALSE_PAIR_RATE of them, in each view;
 - a group is not built by chaining alone: a group of copies is a star (an original near each of
   its copies), and a group without such a centre is cut into stars (`split_chains`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import scipy.fft
 from tqdm import tqdm
 
 from pipeline.base.utils import summarize_offenders
@@ -46,12 +50,16 @@ from pipeline.data.images import read_image
 from pipeline.data.tables import MAX_IMAGE_PIXELS
 
 # names the detector and its constants in the finding's fingerprint: a new one finds again
-DETECTOR = "aligned thumbnails and detail 32 px, shifts 3, mirror tail cut 1e-5, stars"
+DETECTOR = ("aligned thumbnails and detail 32 px, shifts 3, mirror tail cut 1e-5 from 4,000, "
+            "stars, faiss IVF beyond 10,000")
 THUMBNAIL = 32  # px: the side of the grey thumbnails compared
 BLUR = 0.7  # px of the thumbnail: a Gaussian that forgives JPEG blocks and noise
 MAX_SHIFT = 3  # px of the thumbnail (a tenth of it): the alignments tried for each pair
 NEIGHBOURS = 16  # candidates per image in each index: more than a group of copies holds
 SEARCH_DIMS = 32  # principal components the nearest-neighbour search runs in
+EXACT_SEARCH = 10_000  # images searched exactly; beyond, an approximate (IVF) index
+PROBE_CELLS = 8  # cells of the IVF index each query looks in (of sqrt(N))
+MIRROR_QUERIES = 4000  # images whose mirror pairs make the null: plenty for a 1e-5 tail
 FALSE_PAIR_RATE = 1e-5  # distinct pairs let through by the cut (1 in 100,000)
 TAIL = 50  # the most alike mirrored pairs whose tail the cut extends
 BLOCK = 8192  # candidate pairs scored at a time (memory: BLOCK x THUMBNAIL^2 floats, a few)
@@ -119,44 +127,79 @@ def _detail_spectrum(thumbs: np.ndarray) -> np.ndarray:
     """The magnitude spectrum of the fine detail, its lower frequencies: a shift moves the
     detail, not its spectrum, and the shared layout of a competition's images (a retina's disc)
     is taken out first."""
-    spectrum = np.log1p(np.abs(np.fft.rfft2(detail_of(thumbs))))
+    spectrum = np.log1p(np.abs(scipy.fft.rfft2(detail_of(thumbs), workers=-1)))
     low = np.concatenate([spectrum[:, :8, :8], spectrum[:, -7:, :8]], axis=1)
     return _standardised(low.reshape(len(thumbs), -1))
 
 
-def _neighbours(queries: np.ndarray, index: np.ndarray, k: int) -> np.ndarray:
-    """(Q, k) the k nearest rows of `index` for each query, in at most SEARCH_DIMS principal
-    components (fitted on a sample of the index). scikit-learn searches these dimensions by
-    brute force: Q x len(index) distances, the one step of the pass that grows with the square
-    (most of its 547 s at 35,000 images, bench/BENCHMARKS.md)."""
-    from sklearn.decomposition import PCA
-    from sklearn.neighbors import NearestNeighbors
-
-    if index.shape[1] > SEARCH_DIMS and len(index) > SEARCH_DIMS:
-        sample = np.random.default_rng(0).permutation(len(index))[:5000]
-        pca = PCA(SEARCH_DIMS, random_state=0).fit(index[sample])
-        queries, index = pca.transform(queries), pca.transform(index)
-    k = min(k, len(index))
-    return NearestNeighbors(n_neighbors=k).fit(index).kneighbors(queries, return_distance=False)
+# The two indexes candidates are searched in: the coarse layout (near for copies whose pixels
+# barely moved) and the spectrum of the fine detail (which a shift leaves alone).
+FEATURES = (_layout_features, _detail_spectrum)
 
 
-def candidate_pairs(thumbs: np.ndarray, others: np.ndarray | None = None) -> np.ndarray:
-    """(P, 2) pairs (i, j) worth scoring: j among the NEIGHBOURS nearest of i in either index.
-    Within one set: i < j, each pair once; against `others` (the mirrored images): (i, j) with
-    j an index into `others`, never i's own mirror (searched as the pairs within are, so that
-    the cut and the pairs it judges come from the same search)."""
-    within = others is None
-    others = thumbs if within else others
+class NeighbourIndex:
+    """The competition's images in one kind of features (FEATURES), searched for each query's
+    nearest: in at most SEARCH_DIMS principal components (fitted on a sample), by faiss; every
+    distance up to EXACT_SEARCH images, beyond that an inverted-file index (faiss's IVF: k-means
+    cells, a query looks in the PROBE_CELLS nearest), which grows with N^1.5 rather than N^2.
+    A copy sits far nearer to its original than distinct images sit to one another, so the
+    cells rarely part them."""
+
+    def __init__(self, thumbs: np.ndarray, features: Callable[[np.ndarray], np.ndarray]):
+        import faiss
+        from sklearn.decomposition import PCA
+
+        self.features, indexed = features, features(thumbs)
+        self.pca = None
+        if indexed.shape[1] > SEARCH_DIMS and len(indexed) > SEARCH_DIMS:
+            sample = np.random.default_rng(0).permutation(len(indexed))[:5000]
+            self.pca = PCA(SEARCH_DIMS, random_state=0).fit(indexed[sample])
+        self.indexed = indexed = self._projected(indexed)
+        self.size, dims = indexed.shape
+        self.index = self.exact = faiss.IndexFlatL2(dims)  # kept: the IVF index's cell finder
+        if self.size > EXACT_SEARCH:
+            cells = int(np.sqrt(self.size))
+            self.index = faiss.IndexIVFFlat(self.exact, dims, cells)
+            # faiss's own rule: about 40 training points per cell
+            self.index.train(indexed[np.random.default_rng(0).permutation(self.size)[:40 * cells]])
+            self.index.nprobe = PROBE_CELLS
+        self.index.add(indexed)
+
+    def _projected(self, features: np.ndarray) -> np.ndarray:
+        projected = features if self.pca is None else self.pca.transform(features)
+        return np.ascontiguousarray(projected, np.float32)
+
+    def nearest(self, thumbs: np.ndarray | None, k: int) -> np.ndarray:
+        """(Q, k) for each of these thumbnails (None: the indexed images themselves), the k
+        nearest indexed images (-1: fewer than k in the cells an approximate search saw)."""
+        queries = self.indexed if thumbs is None else self._projected(self.features(thumbs))
+        return self.index.search(queries, min(k, self.size))[1]
+
+
+def candidate_pairs(indexes: Sequence[NeighbourIndex], queries: np.ndarray | None,
+                    own: np.ndarray) -> np.ndarray:
+    """(P, 2) pairs (q, j) worth scoring: indexed image j among the NEIGHBOURS nearest of query
+    q in any of the indexes (`queries` None: the indexed images themselves), never `own[q]`
+    (the query itself, or the original of a mirrored query).
+    The images' own pairs and the mirrored queries' come from the same search, so that the cut
+    and the pairs it judges are found alike."""
     found = []
-    for features in (_layout_features, _detail_spectrum):
-        near = _neighbours(features(thumbs), features(others), NEIGHBOURS + 1)
-        rows = np.repeat(np.arange(len(thumbs)), near.shape[1])
-        found.append(np.stack([rows, near.reshape(-1)], axis=1))
+    for index in indexes:
+        near = index.nearest(queries, NEIGHBOURS + 1)
+        found.append(np.stack([np.repeat(np.arange(len(near)), near.shape[1]),
+                               near.reshape(-1)], axis=1))
     pairs = np.concatenate(found)
-    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-    if within:
-        pairs = np.sort(pairs, axis=1)
-    return np.unique(pairs, axis=0)
+    pairs = pairs[(pairs[:, 1] >= 0) & (own[pairs[:, 0]] != pairs[:, 1])]
+    # each pair once, in order: as one number per pair (a unique of rows sorts far slower)
+    width = max(len(own), indexes[0].size)
+    keys = np.unique(pairs[:, 0] * width + pairs[:, 1])
+    return np.stack([keys // width, keys % width], axis=1)
+
+
+def pairs_within(indexes: Sequence[NeighbourIndex], thumbs: np.ndarray) -> np.ndarray:
+    """(P, 2) candidate pairs i < j among the indexed images themselves, each once."""
+    pairs = np.sort(candidate_pairs(indexes, None, np.arange(len(thumbs))), axis=1)
+    return pairs[np.unique(pairs[:, 0] * len(thumbs) + pairs[:, 1], return_index=True)[1]]
 
 
 def aligned_scores(thumbs: np.ndarray, pairs: np.ndarray,
@@ -164,17 +207,45 @@ def aligned_scores(thumbs: np.ndarray, pairs: np.ndarray,
     """(P,) for each pair (i, j): the best normalised correlation of i's centre (the thumbnail
     less MAX_SHIFT px on each side) with j's window of the same size at every shift up to
     MAX_SHIFT. All shifts of a pair at once, as a cross-correlation by FFT of spectra computed
-    once per image, divided by each window's own spread (from integral images)."""
+    once per image, divided by each window's own spread."""
     others = thumbs if others is None else others
-    centres, spectra = _centre_spectra(thumbs), np.fft.rfft2(others)
-    spread = _window_spread(others)
+    used, compared = np.unique(pairs[:, 1], return_inverse=True)  # the others' rows paired
+    # a correlation is blind to each image's brightness and contrast: pixels as z-scores
+    paired = _standardised(others[used].reshape(len(used), -1)).reshape(-1, *others.shape[1:])
+    paired *= others.shape[1]
+    centres, spectra = _centre_spectra(thumbs), scipy.fft.rfft2(paired, workers=-1)
+    spread = _window_spread(paired)
     scores = np.empty(len(pairs), np.float32)
-    for start in range(0, len(pairs), BLOCK):
-        i, j = pairs[start:start + BLOCK, 0], pairs[start:start + BLOCK, 1]
-        correlation = np.fft.irfft2(centres[i] * spectra[j], s=thumbs.shape[1:])
-        valid = correlation[:, :2 * MAX_SHIFT + 1, :2 * MAX_SHIFT + 1] / spread[j]
+
+    def score_block(start: int) -> None:
+        i, j = pairs[start:start + BLOCK, 0], compared[start:start + BLOCK]
+        valid = _at_small_shifts(centres[i] * spectra[j]) / spread[j]
         scores[start:start + BLOCK] = valid.reshape(len(i), -1).max(axis=1)
+
+    # numpy lets go of the GIL in each block's products: blocks side by side use every core
+    with ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8)) as pool:
+        list(pool.map(score_block, range(0, len(pairs), BLOCK)))
     return np.clip(scores, -1.0, 1.0)
+
+
+def _at_small_shifts(product: np.ndarray) -> np.ndarray:
+    """(B, 2 MAX_SHIFT + 1, 2 MAX_SHIFT + 1) the inverse real FFT of half spectra (B, S,
+    S // 2 + 1) at the small shifts alone: two small matrix products (the inverse DFT's rows
+    and columns for those shifts) in place of a whole S x S inverse transform."""
+    rows, columns = _inverse_dft(product.shape[1])
+    return (rows @ product @ columns).real
+
+
+@functools.cache
+def _inverse_dft(side: int) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse DFT of a real side x side signal, its rows and columns at shifts 0 to
+    2 MAX_SHIFT: x[y, x] = Re(sum_k rows[y, k] sum_l X[k, l] columns[l, x]), where the half
+    spectrum's inner columns count twice (they stand for their mirror halves too)."""
+    shifts, frequencies = np.arange(2 * MAX_SHIFT + 1), np.arange(side // 2 + 1)
+    rows = np.exp(2j * np.pi * np.outer(shifts, np.arange(side)) / side)
+    twice = np.where((frequencies == 0) | (2 * frequencies == side), 1.0, 2.0)
+    columns = twice[:, None] * np.exp(2j * np.pi * np.outer(frequencies, shifts) / side)
+    return rows.astype(np.complex64), (columns / side ** 2).astype(np.complex64)
 
 
 def _centre_spectra(thumbs: np.ndarray) -> np.ndarray:
@@ -185,19 +256,21 @@ def _centre_spectra(thumbs: np.ndarray) -> np.ndarray:
     centres = _standardised(thumbs[:, m:side - m, m:side - m].reshape(len(thumbs), -1))
     padded = np.zeros_like(thumbs)
     padded[:, :inner, :inner] = centres.reshape(len(thumbs), inner, inner)
-    return np.conj(np.fft.rfft2(padded))
+    return np.conj(scipy.fft.rfft2(padded, workers=-1))
 
 
 def _window_spread(thumbs: np.ndarray) -> np.ndarray:
     """(N, 2 MAX_SHIFT + 1, 2 MAX_SHIFT + 1) the root of the summed squared deviations of each
-    window a centre is compared with (its norm once its mean is taken out)."""
+    window a centre is compared with (its norm once its mean is taken out), from running sums
+    down the rows then along the columns (float32 is exact enough: the thumbnails come
+    standardised, so the sums stay small)."""
     shifts, inner = 2 * MAX_SHIFT + 1, thumbs.shape[1] - 2 * MAX_SHIFT
 
     def window_sums(values: np.ndarray) -> np.ndarray:
-        total = np.pad(values.astype(np.float64), ((0, 0), (1, 0), (1, 0))).cumsum(1).cumsum(2)
-        y, x = np.arange(shifts)[:, None], np.arange(shifts)[None, :]
-        return (total[:, y + inner, x + inner] - total[:, y, x + inner]
-                - total[:, y + inner, x] + total[:, y, x])
+        rows = np.pad(values, ((0, 0), (1, 0), (0, 0))).cumsum(axis=1)
+        rows = rows[:, inner:inner + shifts] - rows[:, :shifts]  # (N, shifts, S)
+        both = np.pad(rows, ((0, 0), (0, 0), (1, 0))).cumsum(axis=2)
+        return both[:, :, inner:inner + shifts] - both[:, :, :shifts]
 
     first, second = window_sums(thumbs), window_sums(thumbs ** 2)
     return np.sqrt(np.maximum(second - first ** 2 / inner ** 2, 1e-6)).astype(np.float32)
@@ -207,20 +280,23 @@ def _window_spread(thumbs: np.ndarray) -> np.ndarray:
 # The cut, from the competition's own distinct pairs
 
 
-def adaptive_cut(thumbs: np.ndarray) -> float:
-    """The score above which a pair is taken for a copy. The images against their mirror
-    images (distinct by construction, alike in size, content and noise) give how alike
-    distinct images get here; the cut is where FALSE_PAIR_RATE of the N x (N - 1) mirrored
-    pairs would lie above it. A few hundred images have too few pairs to see that far: the
-    tail of the most alike TAIL mirrored pairs is extended (exponential in Fisher's z, the
-    usual peaks-over-threshold model), which for many images comes out at the same place as
-    the rank."""
-    mirrored = thumbs[:, :, ::-1].copy()
-    pairs = candidate_pairs(thumbs, mirrored)
-    scores = np.sort(aligned_scores(thumbs, pairs, mirrored))[::-1]
+def adaptive_cut(thumbs: np.ndarray, indexes: Sequence[NeighbourIndex]) -> float:
+    """The score above which a pair is taken for a copy. Mirrored images against the images
+    (distinct by construction, alike in size, content and noise) give how alike distinct
+    images get here; the cut is where FALSE_PAIR_RATE of the mirrored pairs would lie above
+    it. MIRROR_QUERIES mirrored images of a larger competition see that far, for a fraction
+    of the search; a few hundred images have too few pairs: the tail of the most alike TAIL
+    mirrored pairs is extended (exponential in Fisher's z, the usual peaks-over-threshold
+    model), which for many images comes out at the same place as the rank. (A mirrored image
+    against an image scores and searches as the image against the other's mirror: the
+    features and the shifts are symmetric, so the images' own indexes serve.)"""
+    sample = np.sort(np.random.default_rng(0).permutation(len(thumbs))[:MIRROR_QUERIES])
+    mirrored = thumbs[sample][:, :, ::-1].copy()
+    pairs = candidate_pairs(indexes, mirrored, own=sample)
+    scores = np.sort(aligned_scores(mirrored, pairs, thumbs))[::-1]
     if len(scores) < 2:
         return 1.0
-    n_pairs = len(thumbs) * (len(thumbs) - 1)  # every (image, another's mirror)
+    n_pairs = len(sample) * (len(thumbs) - 1)  # every (mirrored image, another image)
     z = np.arctanh(np.clip(scores[:TAIL], -0.999999, 0.999999))
     threshold, excess = z[-1], max(float(np.mean(z - z[-1])), 1e-4)
     beyond = excess * np.log(len(z) / n_pairs / FALSE_PAIR_RATE)
@@ -249,8 +325,9 @@ def near_pairs(thumbs: np.ndarray) -> NearPairs:
         return NearPairs(found[0], scores[0], cuts)
     for view, seen in VIEWS.items():
         looked = seen(thumbs)
-        cuts[view] = adaptive_cut(looked)
-        pairs = candidate_pairs(looked)
+        indexes = [NeighbourIndex(looked, features) for features in FEATURES]
+        cuts[view] = adaptive_cut(looked, indexes)
+        pairs = pairs_within(indexes, looked)
         score = aligned_scores(looked, pairs)
         found.append(pairs[score > cuts[view]])
         scores.append(score[score > cuts[view]])

@@ -17,10 +17,11 @@ from pipeline.base.config import Config, DataConfig
 from pipeline.base.fingerprints import fingerprint, sha256_file
 from pipeline.base.log import log
 from pipeline.base.utils import write_csv_atomic
-from pipeline.data.checks import check_competition
+from pipeline.data.checks import CheckResult, check_competition
 from pipeline.data.duplicates import (
     DETECTOR,
     GROUP_IMAGES,
+    MIRROR_QUERIES,
     duplicate_table,
     exact_pairs,
     group_of_pairs,
@@ -51,10 +52,13 @@ class AuditedImages:
     frame: pd.DataFrame  # part (train/test), id, label ('' for test): labelled rows first
     paths: list[Path]
     dropped: dict[str, str] = field(default_factory=dict)  # training id -> what is wrong
+    # the check, when a caller checks the same images too (`make folds`: once for both)
+    checked: Callable[[], CheckResult] | None = None
 
     @classmethod
-    def of(cls, data: DataConfig) -> AuditedImages:
-        return cls(data, *audited_images(data))
+    def of(cls, data: DataConfig,
+           checked: Callable[[], CheckResult] | None = None) -> AuditedImages:
+        return cls(data, *audited_images(data), checked=checked)
 
     def inputs(self) -> dict[str, str]:
         """The fingerprints a finding is made from: the rows and image files as listed, and the
@@ -66,7 +70,7 @@ class AuditedImages:
     @cached_property
     def usable(self) -> tuple[pd.DataFrame, list[Path]]:
         """(frame, paths) of the images that passed the check."""
-        self.dropped = check_competition(self.data).dropped
+        self.dropped = (self.checked or (lambda: check_competition(self.data)))().dropped
         keep = ~((self.frame["part"] == "train") & self.frame["id"].isin(self.dropped)).to_numpy()
         return (self.frame[keep].reset_index(drop=True),
                 [path for path, kept in zip(self.paths, keep) if kept])
@@ -96,7 +100,8 @@ def find_duplicates(frame: pd.DataFrame, paths: list[Path], max_pixels: int) -> 
     found = split_chains(near_pairs(thumbs), len(paths))
     cuts = ", ".join(f"{view} {cut:.3f}" for view, cut in found.cuts.items())
     log.info(f"near copies: {len(found.pairs)} pair(s) above the cuts ({cuts}: aligned "
-             f"correlation, from {len(paths)} images against their mirror images)")
+             f"correlation; how alike distinct images get: {min(len(paths), MIRROR_QUERIES)} "
+             f"mirrored images against the {len(paths)})")
     groups = group_of_pairs(len(paths), np.concatenate([exact, found.pairs]))
     twins = np.zeros(len(paths), bool)
     twins[exact.reshape(-1)] = True
