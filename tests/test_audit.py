@@ -4,7 +4,6 @@ among the first suspects, and a new duplicate makes the folds stale."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from pipeline.data.duplicates import (
     split_chains,
     thumbnail,
     thumbnail_of,
+    thumbnails,
 )
 from pipeline.data.images import ImageReadError
 from pipeline.stages.audit import NEAR_CHANCE_SKILL, label_suspects, skill_over_chance
@@ -251,12 +251,18 @@ def test_groups_are_connected_components_numbered_by_their_first_image():
     assert group_of_pairs(3, np.zeros((0, 2), dtype=np.int64)).tolist() == [-1, -1, -1]
 
 
-def test_exact_copies_are_found_by_the_one_file_hasher(tmp_path):
-    for name, content in {"a": b"same", "b": b"other", "c": b"same"}.items():
-        (tmp_path / name).write_bytes(content)
-    digests = [sha256_file(tmp_path / name) for name in "abc"]
+def test_exact_copies_are_found_from_the_read_that_makes_the_thumbnails(tmp_path):
+    """One read of each file gives its SHA-256 (the digest every fingerprint uses) and its
+    thumbnail: two files of the same bytes are an exact pair, a re-encoded copy is not."""
+    image = cv2.cvtColor(digit(0, 64), cv2.COLOR_RGB2BGR)
+    paths = [tmp_path / name for name in ("a.png", "b.jpg", "c.png")]
+    cv2.imwrite(str(paths[0]), image)
+    cv2.imwrite(str(paths[1]), image)
+    paths[2].write_bytes(paths[0].read_bytes())
+    digests, thumbs = thumbnails(paths)
     assert exact_pairs(digests).tolist() == [[0, 2]]
-    assert digests[0] == hashlib.sha256(b"same").hexdigest()  # the digest content_digest gave
+    assert digests == [sha256_file(path) for path in paths]
+    assert thumbs.shape == (3, 32, 32) and np.allclose(thumbs[0], thumbs[2])
 
 
 def test_a_bad_image_is_named_by_the_thumbnail_reader(tmp_path):

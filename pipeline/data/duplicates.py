@@ -1,6 +1,6 @@
 """Duplicate images: exact copies (the same bytes) and near copies (aligned thumbnails).
 
-    thumbs = thumbnails(paths)                         # (N, S, S) grey thumbnails
+    digests, thumbs = thumbnails(paths)                # SHA-256s, (N, S, S) grey thumbnails
     found = near_pairs(thumbs)                         # pairs that look alike, and the cut used
     groups = group_of_pairs(len(paths), found.pairs)   # a group number per image (-1: alone)
 
@@ -33,6 +33,7 @@ bench/duplicates.py, recorded in bench/BENCHMARKS.md):
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +47,7 @@ import scipy.fft
 from tqdm import tqdm
 
 from pipeline.base.utils import summarize_offenders
-from pipeline.data.images import read_image
+from pipeline.data.images import decode_image, jpeg_reduction, read_image, read_image_bytes
 from pipeline.data.tables import MAX_IMAGE_PIXELS
 
 # names the detector and its constants in the finding's fingerprint: a new one finds again
@@ -63,6 +64,7 @@ MIRROR_QUERIES = 4000  # images whose mirror pairs make the null: plenty for a 1
 FALSE_PAIR_RATE = 1e-5  # distinct pairs let through by the cut (1 in 100,000)
 TAIL = 50  # the most alike mirrored pairs whose tail the cut extends
 BLOCK = 8192  # candidate pairs scored at a time (memory: BLOCK x THUMBNAIL^2 floats, a few)
+CHUNK = 8192  # images whose spectra are prepared at a time
 # Images of one group drawn in a picture (the report shows as many): a group of 1,000 copies
 # is one row of GROUP_IMAGES and "+994 more", not a figure 150,000 px wide.
 GROUP_IMAGES = 6
@@ -91,13 +93,24 @@ def thumbnail_of(rgb: np.ndarray) -> np.ndarray:
     return cv2.GaussianBlur(small, (0, 0), BLUR)
 
 
+def digest_and_thumbnail(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[str, np.ndarray]:
+    """An image file's SHA-256 (what exact copies share) and its thumbnail (what near copies
+    share), from one read of the file."""
+    raw = read_image_bytes(path, max_pixels)
+    rgb = decode_image(raw, path, jpeg_reduction(raw, THUMBNAIL))
+    return hashlib.sha256(raw).hexdigest(), thumbnail_of(rgb)
+
+
 def thumbnails(paths: Sequence[Path], workers: int = 4,
-               max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """(N, THUMBNAIL, THUMBNAIL) thumbnails, read in threads (OpenCV releases the GIL)."""
+               max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[list[str], np.ndarray]:
+    """(the files' SHA-256, (N, THUMBNAIL, THUMBNAIL) thumbnails), each file read once, in
+    threads (hashlib and OpenCV release the GIL)."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        done = pool.map(lambda path: thumbnail(path, max_pixels), paths)
+        done = pool.map(lambda path: digest_and_thumbnail(path, max_pixels), paths)
         found = list(progress(done, len(paths), "thumbnails of the images"))
-    return np.stack(found) if found else np.zeros((0, THUMBNAIL, THUMBNAIL), np.float32)
+    if not found:
+        return [], np.zeros((0, THUMBNAIL, THUMBNAIL), np.float32)
+    return [digest for digest, _ in found], np.stack([thumb for _, thumb in found])
 
 
 def _standardised(rows: np.ndarray) -> np.ndarray:
@@ -209,13 +222,12 @@ def aligned_scores(thumbs: np.ndarray, pairs: np.ndarray,
     MAX_SHIFT. All shifts of a pair at once, as a cross-correlation by FFT of spectra computed
     once per image, divided by each window's own spread."""
     others = thumbs if others is None else others
-    used, compared = np.unique(pairs[:, 1], return_inverse=True)  # the others' rows paired
-    # a correlation is blind to each image's brightness and contrast: pixels as z-scores
-    paired = _standardised(others[used].reshape(len(used), -1)).reshape(-1, *others.shape[1:])
-    paired *= others.shape[1]
-    centres, spectra = _centre_spectra(thumbs), scipy.fft.rfft2(paired, workers=-1)
-    spread = _window_spread(paired)
     scores = np.empty(len(pairs), np.float32)
+    if not len(pairs):
+        return scores
+    used, compared = np.unique(pairs[:, 1], return_inverse=True)  # the others' rows paired
+    [centres] = _by_chunks(lambda part: (_centre_spectra(part),), thumbs)
+    spectra, spread = _by_chunks(_window_terms, others[used])
 
     def score_block(start: int) -> None:
         i, j = pairs[start:start + BLOCK, 0], compared[start:start + BLOCK]
@@ -246,6 +258,21 @@ def _inverse_dft(side: int) -> tuple[np.ndarray, np.ndarray]:
     twice = np.where((frequencies == 0) | (2 * frequencies == side), 1.0, 2.0)
     columns = twice[:, None] * np.exp(2j * np.pi * np.outer(frequencies, shifts) / side)
     return rows.astype(np.complex64), (columns / side ** 2).astype(np.complex64)
+
+
+def _by_chunks(prepare: Callable[[np.ndarray], tuple], images: np.ndarray) -> tuple:
+    """prepare(images), CHUNK images at a time, the parts joined: the same arrays with a
+    CHUNK-sized share of the temporaries (at 43,750 images a whole-set float copy is 180 MB)."""
+    parts = [prepare(images[start:start + CHUNK]) for start in range(0, len(images), CHUNK)]
+    return tuple(np.concatenate(pieces) for pieces in zip(*parts))
+
+
+def _window_terms(others: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(spectra, window spreads) of the images compared with the centres. A correlation is
+    blind to each image's brightness and contrast: the pixels become z-scores first."""
+    paired = _standardised(others.reshape(len(others), -1)).reshape(others.shape)
+    paired *= others.shape[1]
+    return scipy.fft.rfft2(paired, workers=-1), _window_spread(paired)
 
 
 def _centre_spectra(thumbs: np.ndarray) -> np.ndarray:

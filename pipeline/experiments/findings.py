@@ -5,7 +5,6 @@ by the one freshness rule (run_finding), and the duplicate groups (duplicates_fi
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.base.config import Config, DataConfig
-from pipeline.base.fingerprints import fingerprint, sha256_file
+from pipeline.base.fingerprints import fingerprint
 from pipeline.base.log import log
 from pipeline.base.utils import write_csv_atomic
 from pipeline.data.checks import CheckResult, check_competition
@@ -26,7 +25,6 @@ from pipeline.data.duplicates import (
     exact_pairs,
     group_of_pairs,
     near_pairs,
-    progress,
     read_duplicates,
     split_chains,
     thumbnails,
@@ -93,10 +91,8 @@ def find_duplicates(frame: pd.DataFrame, paths: list[Path], max_pixels: int) -> 
     """Groups of copies among every audited image: exact bytes, or near copies by the
     detector of pipeline/data/duplicates.py (aligned thumbnails, the competition's own cut,
     no group by chaining alone)."""
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        digests = list(progress(pool.map(sha256_file, paths), len(paths), "SHA-256 of images"))
+    digests, thumbs = thumbnails(paths, max_pixels=max_pixels)
     exact = exact_pairs(digests)
-    thumbs = thumbnails(paths, max_pixels=max_pixels)
     found = split_chains(near_pairs(thumbs), len(paths))
     cuts = ", ".join(f"{view} {cut:.3f}" for view, cut in found.cuts.items())
     log.info(f"near copies: {len(found.pairs)} pair(s) above the cuts ({cuts}: aligned "
