@@ -43,7 +43,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-import scipy.fft
 from tqdm import tqdm
 
 from pipeline.base.utils import summarize_offenders
@@ -113,6 +112,14 @@ def thumbnails(paths: Sequence[Path], workers: int = 4,
     return [digest for digest, _ in found], np.stack([thumb for _, thumb in found])
 
 
+def _rfft2(images: np.ndarray) -> np.ndarray:
+    """The real 2-D FFT of each image, on every core, float32 in, complex64 out (scipy's, read
+    on first use: `make runs` and the report import this module and never need it)."""
+    import scipy.fft
+
+    return scipy.fft.rfft2(images, workers=-1)
+
+
 def _standardised(rows: np.ndarray) -> np.ndarray:
     """Each row with zero mean and unit length: a dot product of two is their correlation."""
     rows = rows - rows.mean(axis=-1, keepdims=True)
@@ -140,7 +147,7 @@ def _detail_spectrum(thumbs: np.ndarray) -> np.ndarray:
     """The magnitude spectrum of the fine detail, its lower frequencies: a shift moves the
     detail, not its spectrum, and the shared layout of a competition's images (a retina's disc)
     is taken out first."""
-    spectrum = np.log1p(np.abs(scipy.fft.rfft2(detail_of(thumbs), workers=-1)))
+    spectrum = np.log1p(np.abs(_rfft2(detail_of(thumbs))))
     low = np.concatenate([spectrum[:, :8, :8], spectrum[:, -7:, :8]], axis=1)
     return _standardised(low.reshape(len(thumbs), -1))
 
@@ -272,7 +279,7 @@ def _window_terms(others: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     blind to each image's brightness and contrast: the pixels become z-scores first."""
     paired = _standardised(others.reshape(len(others), -1)).reshape(others.shape)
     paired *= others.shape[1]
-    return scipy.fft.rfft2(paired, workers=-1), _window_spread(paired)
+    return _rfft2(paired), _window_spread(paired)
 
 
 def _centre_spectra(thumbs: np.ndarray) -> np.ndarray:
@@ -283,7 +290,7 @@ def _centre_spectra(thumbs: np.ndarray) -> np.ndarray:
     centres = _standardised(thumbs[:, m:side - m, m:side - m].reshape(len(thumbs), -1))
     padded = np.zeros_like(thumbs)
     padded[:, :inner, :inner] = centres.reshape(len(thumbs), inner, inner)
-    return np.conj(scipy.fft.rfft2(padded, workers=-1))
+    return np.conj(_rfft2(padded))
 
 
 def _window_spread(thumbs: np.ndarray) -> np.ndarray:
