@@ -123,3 +123,18 @@ def test_a_split_of_many_images_alone_and_a_few_groups_keeps_both_promises(pairs
     assert (counts.max(axis=1) - counts.min(axis=1)).max() <= 2  # the images alone even it out
     assert (folds["fold"] >= 0).all()
     assert folds.equals(assign_folds(table, n_splits=5, seed=3))  # the same each time
+
+
+def test_many_classes_rarer_than_the_folds_fill_every_fold_evenly():
+    """300 classes of 3 images and one of 200, two duplicate pairs, 5 folds: each class's
+    leftover rows go where the fewest rows are, not to the first folds every time (which
+    left folds 3 and 4 with 40 rows of 900)."""
+    labels = [f"c{k}" for k in range(300) for _ in range(3)] + ["big"] * 200
+    groups = [f"g{i}" for i in range(len(labels))]
+    groups[0:2], groups[900:902] = ["dup0"] * 2, ["dup1"] * 2
+    classes = sorted(set(labels))
+    table = pd.DataFrame({"id": [str(i) for i in range(len(labels))], "label": labels,
+                          "target": [classes.index(x) for x in labels], "group": groups})
+    folds = assign_folds(table, n_splits=5, seed=42)
+    sizes = folds["fold"].value_counts()
+    assert len(sizes) == 5 and sizes.max() - sizes.min() <= 2, sizes.to_dict()

@@ -69,7 +69,7 @@ def grouped_folds(table: pd.DataFrame, n_splits: int, seed: int) -> np.ndarray:
     """(N,) a fold per row that keeps each group in one fold, each class's count even across
     the folds. scikit-learn's StratifiedGroupKFold places the groups of two images or more;
     the images alone (most rows: a group each) are then dealt, class by class in a shuffled
-    order, to the fold that has the fewest of their class. The same split as the
+    order, to the fold that has the fewest of their class (ties: the fewest rows in all). The same split as the
     StratifiedGroupKFold of every group, near enough, without its loop over each group in
     Python (19 s of a `make folds` of 35,000 images, bench/BENCHMARKS.md)."""
     together = (table.groupby("group")["group"].transform("size") > 1).to_numpy()
@@ -89,12 +89,16 @@ def grouped_folds(table: pd.DataFrame, n_splits: int, seed: int) -> np.ndarray:
             members = rows[groups == name]
             fold[members] = int(np.argmin(np.bincount(fold[fold >= 0], minlength=n_splits)))
     rng = np.random.default_rng(seed)
+    totals = np.bincount(fold[together], minlength=n_splits)  # rows per fold, every class
     for target in np.unique(targets):
         of_class = targets == target
         counts = np.bincount(fold[of_class & together], minlength=n_splits)
         for row in rng.permutation(np.flatnonzero(of_class & ~together)):
-            fold[row] = int(np.argmin(counts))
+            # the fewest of this class; among those, the fewest rows of all (else a class's
+            # leftover rows, and a rare class's all, would land in the first folds every time)
+            fold[row] = int(np.lexsort((totals, counts))[0])
             counts[fold[row]] += 1
+            totals[fold[row]] += 1
     return fold
 
 
