@@ -226,8 +226,9 @@ def aligned_scores(thumbs: np.ndarray, pairs: np.ndarray,
                    others: np.ndarray | None = None) -> np.ndarray:
     """(P,) for each pair (i, j): the best normalised correlation of i's centre (the thumbnail
     less MAX_SHIFT px on each side) with j's window of the same size at every shift up to
-    MAX_SHIFT. All shifts of a pair at once, as a cross-correlation by FFT of spectra computed
-    once per image, divided by each window's own spread."""
+    MAX_SHIFT. All shifts of a pair at once: the product of spectra computed once per image,
+    taken back at the small shifts alone (`_at_small_shifts`), divided by each window's own
+    spread."""
     others = thumbs if others is None else others
     scores = np.empty(len(pairs), np.float32)
     if not len(pairs):
