@@ -312,8 +312,10 @@ def row_image_paths(folder: Path, pattern: str, rows: Sequence[Mapping[str, str]
         values = {name: str(row[name]) for name in fields}
         if any(value == "" for value in values.values()):
             empty.append(row["id"])
-        relative = PurePosixPath(pattern.format(**values).replace("\\", "/"))
-        if relative.is_absolute() or ".." in relative.parts:
+        # string checks, one path made per row: pathlib's parsing of each had taken 1 s at
+        # 35,000 rows
+        relative = pattern.format(**values).replace("\\", "/")
+        if relative.startswith("/") or ".." in relative.split("/"):
             escaping.append(row["id"])
         paths.append(folder / relative)
     if empty:
