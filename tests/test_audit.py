@@ -28,11 +28,10 @@ from pipeline.data.duplicates import (
     merged_groups,
     near_pairs,
     split_chains,
-    thumbnail,
     thumbnail_of,
-    thumbnails,
 )
-from pipeline.data.images import ImageReadError
+from pipeline.data.images import inspect_images
+from pipeline.data.survey import FEATURES, Survey, survey_image
 from pipeline.stages.audit import NEAR_CHANCE_SKILL, label_suspects, skill_over_chance
 from tests.test_provenance import Competition
 
@@ -251,25 +250,31 @@ def test_groups_are_connected_components_numbered_by_their_first_image():
     assert group_of_pairs(3, np.zeros((0, 2), dtype=np.int64)).tolist() == [-1, -1, -1]
 
 
-def test_exact_copies_are_found_from_the_read_that_makes_the_thumbnails(tmp_path):
-    """One read of each file gives its SHA-256 (the digest every fingerprint uses) and its
-    thumbnail: two files of the same bytes are an exact pair, a re-encoded copy is not."""
+def test_the_check_reads_each_image_once_for_its_digest_thumbnail_and_features(tmp_path):
+    """The check's one read of each file gives its SHA-256 (the digest every fingerprint uses),
+    its thumbnail and its cheap features: two files of the same bytes are an exact pair, a
+    re-encoded copy is not; a bad file is a problem, not a survey."""
     image = cv2.cvtColor(digit(0, 64), cv2.COLOR_RGB2BGR)
     paths = [tmp_path / name for name in ("a.png", "b.jpg", "c.png")]
     cv2.imwrite(str(paths[0]), image)
-    cv2.imwrite(str(paths[1]), image)
+    cv2.imwrite(str(paths[1]), image, [cv2.IMWRITE_JPEG_QUALITY, 75])
     paths[2].write_bytes(paths[0].read_bytes())
-    digests, thumbs = thumbnails(paths)
-    assert exact_pairs(digests).tolist() == [[0, 2]]
-    assert digests == [sha256_file(path) for path in paths]
-    assert thumbs.shape == (3, 32, 32) and np.allclose(thumbs[0], thumbs[2])
-
-
-def test_a_bad_image_is_named_by_the_thumbnail_reader(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    for path in (tmp_path / "bad.png", tmp_path / "missing.png"):
-        with pytest.raises(ImageReadError, match=path.name):
-            thumbnail(path)
+    bad, seen = inspect_images([*paths, tmp_path / "bad.png", tmp_path / "gone.png"],
+                               look=survey_image)
+    assert {path.name: why.split(":")[0] for path, why in bad.items()} == \
+        {"bad.png": "unreadable", "gone.png": "missing"}
+    survey = Survey.of(seen).of_paths(paths)
+    assert exact_pairs(survey.digests).tolist() == [[0, 2]]
+    assert survey.digests == [sha256_file(path) for path in paths]
+    assert survey.thumbs.shape == (3, 32, 32) and np.allclose(survey.thumbs[0], survey.thumbs[2])
+    features = dict(zip(FEATURES, survey.features.T))
+    assert features["width"].tolist() == [64, 64, 64]
+    assert features["jpeg quality"].tolist() == pytest.approx([100, 75, 100], abs=1)
+    assert features["file kB"][1] == pytest.approx(paths[1].stat().st_size / 1024)
+    backwards = Survey.of(seen).of_paths(paths[::-1])  # rows taken in another order
+    assert backwards.digests == survey.digests[::-1]
+    assert np.array_equal(backwards.thumbs, survey.thumbs[::-1])
 
 
 def test_the_picture_of_a_group_of_50_copies_stays_narrow(tmp_path):

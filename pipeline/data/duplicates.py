@@ -1,6 +1,6 @@
 """Duplicate images: exact copies (the same bytes) and near copies (aligned thumbnails).
 
-    digests, thumbs = thumbnails(paths)                # SHA-256s, (N, S, S) grey thumbnails
+    thumbs = np.stack([thumbnail_of(rgb) for rgb in images])  # (N, S, S) grey thumbnails
     found = near_pairs(thumbs)                         # pairs that look alike, and the cut used
     groups = group_of_pairs(len(paths), found.pairs)   # a group number per image (-1: alone)
 
@@ -33,7 +33,6 @@ bench/duplicates.py, recorded in bench/BENCHMARKS.md):
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,15 +42,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from pipeline.base.utils import summarize_offenders
-from pipeline.data.images import decode_image, jpeg_reduction, read_image, read_image_bytes
-from pipeline.data.tables import MAX_IMAGE_PIXELS
 
 # names the detector and its constants in the finding's fingerprint: a new one finds again
 DETECTOR = ("aligned thumbnails and detail 32 px, shifts 3, mirror tail cut 1e-5 from 4,000, "
-            "stars, faiss IVF beyond 10,000")
+            "stars, faiss IVF beyond 10,000, thumbnails of the whole decode")
 THUMBNAIL = 32  # px: the side of the grey thumbnails compared
 BLUR = 0.7  # px of the thumbnail: a Gaussian that forgives JPEG blocks and noise
 MAX_SHIFT = 3  # px of the thumbnail (a tenth of it): the alignments tried for each pair
@@ -69,20 +65,8 @@ CHUNK = 8192  # images whose spectra are prepared at a time
 GROUP_IMAGES = 6
 
 
-def progress(items, total: int, desc: str, unit: str = "img"):
-    """A progress bar over long work (every second at most); gone when the work is done."""
-    return tqdm(items, total=total, desc=desc, unit=unit, leave=False, mininterval=1.0)
-
-
 # --------------------------------------------------------------------------------------------
 # Thumbnails
-
-
-def thumbnail(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """(THUMBNAIL, THUMBNAIL) float32 grey thumbnail of an image, read by the pipeline's reader
-    (a missing, truncated or undecodable file, or one over the pixel budget, is an
-    ImageReadError that names it; a large JPEG is decoded at a fraction of its size)."""
-    return thumbnail_of(read_image(path, min_side=THUMBNAIL, max_pixels=max_pixels))
 
 
 def thumbnail_of(rgb: np.ndarray) -> np.ndarray:
@@ -90,26 +74,6 @@ def thumbnail_of(rgb: np.ndarray) -> np.ndarray:
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
     small = cv2.resize(grey, (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA)
     return cv2.GaussianBlur(small, (0, 0), BLUR)
-
-
-def digest_and_thumbnail(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[str, np.ndarray]:
-    """An image file's SHA-256 (what exact copies share) and its thumbnail (what near copies
-    share), from one read of the file."""
-    raw = read_image_bytes(path, max_pixels)
-    rgb = decode_image(raw, path, jpeg_reduction(raw, THUMBNAIL))
-    return hashlib.sha256(raw).hexdigest(), thumbnail_of(rgb)
-
-
-def thumbnails(paths: Sequence[Path], workers: int = 4,
-               max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[list[str], np.ndarray]:
-    """(the files' SHA-256, (N, THUMBNAIL, THUMBNAIL) thumbnails), each file read once, in
-    threads (hashlib and OpenCV release the GIL)."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        done = pool.map(lambda path: digest_and_thumbnail(path, max_pixels), paths)
-        found = list(progress(done, len(paths), "thumbnails of the images"))
-    if not found:
-        return [], np.zeros((0, THUMBNAIL, THUMBNAIL), np.float32)
-    return [digest for digest, _ in found], np.stack([thumb for _, thumb in found])
 
 
 def _rfft2(images: np.ndarray) -> np.ndarray:
@@ -134,7 +98,17 @@ def detail_of(thumbs: np.ndarray) -> np.ndarray:
     """The thumbnails without their smooth layout (a Gaussian of 2 px taken out): where a
     competition's images share one layout (a retina's disc, a digit's stroke in the middle),
     the detail is what tells one image from another."""
-    return np.stack([t - cv2.GaussianBlur(t, (0, 0), 2.0) for t in thumbs])
+    detail = np.empty_like(thumbs)
+    for start in range(0, len(thumbs), STACKED):
+        part = thumbs[start:start + STACKED]
+        # OpenCV blurs each channel of an image: the thumbnails side by side as its channels
+        blurred = cv2.GaussianBlur(np.ascontiguousarray(part.transpose(1, 2, 0)), (0, 0), 2.0)
+        blurred = blurred.reshape(*part.shape[1:], -1)  # one channel comes back as (S, S)
+        detail[start:start + STACKED] = part - blurred.transpose(2, 0, 1)
+    return detail
+
+
+STACKED = 128  # thumbnails blurred as one image's channels (OpenCV's most)
 
 
 def _layout_features(thumbs: np.ndarray) -> np.ndarray:
@@ -147,8 +121,8 @@ def _detail_spectrum(thumbs: np.ndarray) -> np.ndarray:
     """The magnitude spectrum of the fine detail, its lower frequencies: a shift moves the
     detail, not its spectrum, and the shared layout of a competition's images (a retina's disc)
     is taken out first."""
-    spectrum = np.log1p(np.abs(_rfft2(detail_of(thumbs))))
-    low = np.concatenate([spectrum[:, :8, :8], spectrum[:, -7:, :8]], axis=1)
+    spectrum = _rfft2(detail_of(thumbs))
+    low = np.log1p(np.abs(np.concatenate([spectrum[:, :8, :8], spectrum[:, -7:, :8]], axis=1)))
     return _standardised(low.reshape(len(thumbs), -1))
 
 
@@ -210,42 +184,52 @@ def candidate_pairs(indexes: Sequence[NeighbourIndex], queries: np.ndarray | Non
                                near.reshape(-1)], axis=1))
     pairs = np.concatenate(found)
     pairs = pairs[(pairs[:, 1] >= 0) & (own[pairs[:, 0]] != pairs[:, 1])]
-    # each pair once, in order: as one number per pair (a unique of rows sorts far slower)
-    width = max(len(own), indexes[0].size)
-    keys = np.unique(pairs[:, 0] * width + pairs[:, 1])
-    return np.stack([keys // width, keys % width], axis=1)
+    return _unique_pairs(pairs, max(len(own), indexes[0].size))
 
 
 def pairs_within(indexes: Sequence[NeighbourIndex], thumbs: np.ndarray) -> np.ndarray:
     """(P, 2) candidate pairs i < j among the indexed images themselves, each once."""
     pairs = np.sort(candidate_pairs(indexes, None, np.arange(len(thumbs))), axis=1)
-    return pairs[np.unique(pairs[:, 0] * len(thumbs) + pairs[:, 1], return_index=True)[1]]
+    return _unique_pairs(pairs, len(thumbs))
 
 
-def aligned_scores(thumbs: np.ndarray, pairs: np.ndarray,
-                   others: np.ndarray | None = None) -> np.ndarray:
-    """(P,) for each pair (i, j): the best normalised correlation of i's centre (the thumbnail
-    less MAX_SHIFT px on each side) with j's window of the same size at every shift up to
-    MAX_SHIFT. All shifts of a pair at once: the product of spectra computed once per image,
-    taken back at the small shifts alone (`_at_small_shifts`), divided by each window's own
-    spread."""
-    others = thumbs if others is None else others
-    scores = np.empty(len(pairs), np.float32)
-    if not len(pairs):
-        return scores
-    used, compared = np.unique(pairs[:, 1], return_inverse=True)  # the others' rows paired
-    [centres] = _by_chunks(lambda part: (_centre_spectra(part),), thumbs)
-    spectra, spread = _by_chunks(_window_terms, others[used])
+def _unique_pairs(pairs: np.ndarray, width: int) -> np.ndarray:
+    """(P, 2) each pair once, in order: as one number per pair, sorted, each kept where it
+    differs from the one before (numpy 2's np.unique hashes instead: 1.8 s for 1.5 million
+    pairs against 0.05 s; a unique of rows sorts slower still)."""
+    keys = np.sort(pairs[:, 0] * width + pairs[:, 1])
+    keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])] if len(keys) else keys
+    return np.stack([keys // width, keys % width], axis=1)
 
-    def score_block(start: int) -> None:
-        i, j = pairs[start:start + BLOCK, 0], compared[start:start + BLOCK]
-        valid = _at_small_shifts(centres[i] * spectra[j]) / spread[j]
-        scores[start:start + BLOCK] = valid.reshape(len(i), -1).max(axis=1)
 
-    # numpy lets go of the GIL in each block's products: blocks side by side use every core
-    with ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8)) as pool:
-        list(pool.map(score_block, range(0, len(pairs), BLOCK)))
-    return np.clip(scores, -1.0, 1.0)
+class AlignedScores:
+    """A view's thumbnails made ready to score pairs, once for the pairs among them and the
+    mirrored images' pairs with them: the spectra and window spreads of each image (what a
+    centre is compared with) and the spectra of each image's centre.
+    A pair's (i, j) score is the best normalised correlation of i's centre (the thumbnail less
+    MAX_SHIFT px on each side) with j's window of the same size at every shift up to
+    MAX_SHIFT: all shifts of a pair at once, the product of their spectra taken back at the
+    small shifts alone (`_at_small_shifts`), divided by each window's own spread."""
+
+    def __init__(self, thumbs: np.ndarray):
+        self.spectra, self.spread = _by_chunks(_window_terms, thumbs)
+        [self.centres] = _by_chunks(lambda part: (_centre_spectra(part),), thumbs)
+
+    def __call__(self, pairs: np.ndarray, centres: np.ndarray | None = None) -> np.ndarray:
+        """(P,) the scores of pairs (i, j): i a row of `centres` (None: of these thumbnails,
+        else centre spectra of others: `_centre_spectra(others)`), j a thumbnail's."""
+        centres = self.centres if centres is None else centres
+        scores = np.empty(len(pairs), np.float32)
+
+        def score_block(start: int) -> None:
+            i, j = pairs[start:start + BLOCK, 0], pairs[start:start + BLOCK, 1]
+            valid = _at_small_shifts(centres[i] * self.spectra[j]) / self.spread[j]
+            scores[start:start + BLOCK] = valid.reshape(len(i), -1).max(axis=1)
+
+        # numpy lets go of the GIL in each block's products: blocks side by side use every core
+        with ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8)) as pool:
+            list(pool.map(score_block, range(0, len(pairs), BLOCK)))
+        return np.clip(scores, -1.0, 1.0)
 
 
 def _at_small_shifts(product: np.ndarray) -> np.ndarray:
@@ -269,10 +253,16 @@ def _inverse_dft(side: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _by_chunks(prepare: Callable[[np.ndarray], tuple], images: np.ndarray) -> tuple:
-    """prepare(images), CHUNK images at a time, the parts joined: the same arrays with a
-    CHUNK-sized share of the temporaries (at 43,750 images a whole-set float copy is 180 MB)."""
-    parts = [prepare(images[start:start + CHUNK]) for start in range(0, len(images), CHUNK)]
-    return tuple(np.concatenate(pieces) for pieces in zip(*parts))
+    """prepare(images), CHUNK images at a time, each part written into the whole: the same
+    arrays with a CHUNK-sized share of the temporaries (at 43,750 images a whole-set float copy
+    is 180 MB, its spectra 190 MB)."""
+    first = prepare(images[:CHUNK])
+    whole = tuple(np.empty((len(images), *part.shape[1:]), part.dtype) for part in first)
+    for start in range(0, len(images), CHUNK):
+        parts = first if start == 0 else prepare(images[start:start + CHUNK])
+        for array, part in zip(whole, parts):
+            array[start:start + CHUNK] = part
+    return whole
 
 
 def _window_terms(others: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -315,7 +305,8 @@ def _window_spread(thumbs: np.ndarray) -> np.ndarray:
 # The cut, from the competition's own distinct pairs
 
 
-def adaptive_cut(thumbs: np.ndarray, indexes: Sequence[NeighbourIndex]) -> float:
+def adaptive_cut(thumbs: np.ndarray, indexes: Sequence[NeighbourIndex],
+                 scores_of: AlignedScores) -> float:
     """The score above which a pair is taken for a copy. Mirrored images against the images
     (distinct by construction, alike in size, content and noise) give how alike distinct
     images get here; the cut is where FALSE_PAIR_RATE of the mirrored pairs would lie above
@@ -328,7 +319,7 @@ def adaptive_cut(thumbs: np.ndarray, indexes: Sequence[NeighbourIndex]) -> float
     sample = np.sort(np.random.default_rng(0).permutation(len(thumbs))[:MIRROR_QUERIES])
     mirrored = thumbs[sample][:, :, ::-1].copy()
     pairs = candidate_pairs(indexes, mirrored, own=sample)
-    scores = np.sort(aligned_scores(mirrored, pairs, thumbs))[::-1]
+    scores = np.sort(scores_of(pairs, _centre_spectra(mirrored)))[::-1]
     if len(scores) < 2:
         return 1.0
     n_pairs = len(sample) * (len(thumbs) - 1)  # every (mirrored image, another image)
@@ -359,15 +350,22 @@ def near_pairs(thumbs: np.ndarray) -> NearPairs:
     if len(thumbs) < 2:
         return NearPairs(found[0], scores[0], cuts)
     for view, seen in VIEWS.items():
-        looked = seen(thumbs)
-        indexes = [NeighbourIndex(looked, features) for features in FEATURES]
-        cuts[view] = adaptive_cut(looked, indexes)
-        pairs = pairs_within(indexes, looked)
-        score = aligned_scores(looked, pairs)
-        found.append(pairs[score > cuts[view]])
-        scores.append(score[score > cuts[view]])
+        pairs, score, cuts[view] = _near_in_view(seen(thumbs))
+        found.append(pairs)
+        scores.append(score)
     pairs, first = np.unique(np.concatenate(found), axis=0, return_index=True)
     return NearPairs(pairs, np.concatenate(scores)[first], cuts)
+
+
+def _near_in_view(looked: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(pairs, their scores, the cut) of the thumbnails as one view sees them; its indexes and
+    spectra are let go before the next view makes its own."""
+    indexes = [NeighbourIndex(looked, features) for features in FEATURES]
+    scores_of = AlignedScores(looked)
+    cut = adaptive_cut(looked, indexes, scores_of)
+    pairs = pairs_within(indexes, looked)
+    score = scores_of(pairs)
+    return pairs[score > cut], score[score > cut], cut
 
 
 def split_chains(found: NearPairs, n: int) -> NearPairs:

@@ -16,7 +16,7 @@ from pipeline.base.config import Config, DataConfig
 from pipeline.base.fingerprints import fingerprint
 from pipeline.base.log import log
 from pipeline.base.utils import write_csv_atomic
-from pipeline.data.checks import CheckResult, check_competition
+from pipeline.data.checks import Checked
 from pipeline.data.duplicates import (
     DETECTOR,
     GROUP_IMAGES,
@@ -27,8 +27,8 @@ from pipeline.data.duplicates import (
     near_pairs,
     read_duplicates,
     split_chains,
-    thumbnails,
 )
+from pipeline.data.survey import Survey
 from pipeline.experiments.freshness import audit_image_inputs, audited_images
 from pipeline.experiments.layout import Layout
 from pipeline.experiments.runner import Step, run_step
@@ -42,21 +42,21 @@ from pipeline.reporting import plots
 class AuditedImages:
     """Every labelled and test image of the competition, as its CSVs list them (the findings'
     fingerprints are of these files), and, on first use, the ones the audit reads: checked as
-    `make check` and `make folds` check them (pipeline/data/checks.py). A bad image is an error
-    that names it with the remedy; with data.drop_bad_images=true bad training images are left
-    out and listed (a bad test image stays an error). A current audit reads no image."""
+    `make check` and `make folds` check them (pipeline/data/checks.py), each read once for the
+    check and the survey the findings are made from (pipeline/data/survey.py). A bad image is an
+    error that names it with the remedy; with data.drop_bad_images=true bad training images are
+    left out and listed (a bad test image stays an error). A current audit reads no image."""
 
     data: DataConfig
     frame: pd.DataFrame  # part (train/test), id, label ('' for test): labelled rows first
     paths: list[Path]
     dropped: dict[str, str] = field(default_factory=dict)  # training id -> what is wrong
-    # the check, when a caller checks the same images too (`make folds`: once for both)
-    checked: Callable[[], CheckResult] | None = None
+    # the check, shared with a caller that checks the same images (`make folds`: once for both)
+    checked: Checked | None = None
 
     @classmethod
-    def of(cls, data: DataConfig,
-           checked: Callable[[], CheckResult] | None = None) -> AuditedImages:
-        return cls(data, *audited_images(data), checked=checked)
+    def of(cls, data: DataConfig, checked: Checked | None = None) -> AuditedImages:
+        return cls(data, *audited_images(data), checked=checked or Checked(data))
 
     def inputs(self) -> dict[str, str]:
         """The fingerprints a finding is made from: the rows and image files as listed, and the
@@ -68,10 +68,15 @@ class AuditedImages:
     @cached_property
     def usable(self) -> tuple[pd.DataFrame, list[Path]]:
         """(frame, paths) of the images that passed the check."""
-        self.dropped = (self.checked or (lambda: check_competition(self.data)))().dropped
+        self.dropped = self.checked(survey=True).dropped
         keep = ~((self.frame["part"] == "train") & self.frame["id"].isin(self.dropped)).to_numpy()
         return (self.frame[keep].reset_index(drop=True),
                 [path for path, kept in zip(self.paths, keep) if kept])
+
+    @cached_property
+    def survey(self) -> Survey:
+        """What the check's read of each usable image told, in `usable`'s order."""
+        return self.checked(survey=True).survey.of_paths(self.usable[1])
 
 
 def run_finding(path: Path, manifest: Path, inputs: dict[str, str], force: bool,
@@ -87,19 +92,19 @@ def run_finding(path: Path, manifest: Path, inputs: dict[str, str], force: bool,
 # Duplicates
 
 
-def find_duplicates(frame: pd.DataFrame, paths: list[Path], max_pixels: int) -> pd.DataFrame:
+def find_duplicates(frame: pd.DataFrame, survey: Survey) -> pd.DataFrame:
     """Groups of copies among every audited image: exact bytes, or near copies by the
     detector of pipeline/data/duplicates.py (aligned thumbnails, the competition's own cut,
     no group by chaining alone)."""
-    digests, thumbs = thumbnails(paths, max_pixels=max_pixels)
-    exact = exact_pairs(digests)
-    found = split_chains(near_pairs(thumbs), len(paths))
+    n = len(frame)
+    exact = exact_pairs(survey.digests)
+    found = split_chains(near_pairs(survey.thumbs), n)
     cuts = ", ".join(f"{view} {cut:.3f}" for view, cut in found.cuts.items())
     log.info(f"near copies: {len(found.pairs)} pair(s) above the cuts ({cuts}: aligned "
-             f"correlation; how alike distinct images get: {min(len(paths), MIRROR_QUERIES)} "
-             f"mirrored images against the {len(paths)})")
-    groups = group_of_pairs(len(paths), np.concatenate([exact, found.pairs]))
-    twins = np.zeros(len(paths), bool)
+             f"correlation; how alike distinct images get: {min(n, MIRROR_QUERIES)} "
+             f"mirrored images against the {n})")
+    groups = group_of_pairs(n, np.concatenate([exact, found.pairs]))
+    twins = np.zeros(n, bool)
     twins[exact.reshape(-1)] = True
     return duplicate_table(frame["id"], frame["part"], frame["label"], groups,
                            how=np.where(twins, "exact", "near"))
@@ -115,7 +120,7 @@ def duplicates_finding(config: Config, layout: Layout, images: AuditedImages,
 
     def compute() -> list[Path]:
         frame, paths = images.usable
-        table = find_duplicates(frame, paths, config.data.max_image_pixels)
+        table = find_duplicates(frame, images.survey)
         # the table, which `make folds` reads, last: a picture that fails leaves the old one
         write_duplicates_picture(table, frame, paths, config.audit.shown,
                                  path=findings.duplicates_png)

@@ -29,14 +29,11 @@ data.drop_bad_images=true bad training images are left out and listed.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 from cleanlab.filter import find_label_issues
-from PIL import Image
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
@@ -56,7 +53,7 @@ from pipeline.base.utils import (
     write_csv_atomic,
 )
 from pipeline.data.duplicates import conflicts
-from pipeline.data.images import read_image
+from pipeline.data.survey import FEATURES
 from pipeline.experiments.findings import AuditedImages, duplicates_finding, run_finding
 from pipeline.experiments.freshness import read_folds, read_test_set
 from pipeline.experiments.layout import Layout
@@ -99,33 +96,6 @@ def audit_duplicates(config: Config, layout: Layout, images: AuditedImages,
 # Train/test shift
 
 
-FEATURES = ["width", "height", "aspect", "file kB", "jpeg quality", "mean red", "mean green",
-            "mean blue", "std red", "std green", "std blue", "sharpness"]
-
-
-def jpeg_quality(path: Path) -> float:
-    """An estimate of a JPEG's quality from its luminance quantisation table (libjpeg's scaling
-    of the standard table; 100 for PNG and other lossless files)."""
-    with Image.open(path) as image:
-        tables = getattr(image, "quantization", None)
-    if not tables:
-        return 100.0
-    mean = float(np.mean(tables[0]))
-    scale = mean / 57.625  # the standard luminance table's mean at quality 50
-    return float(np.clip(50 / scale if scale > 1 else 100 - 50 * scale, 1, 100))
-
-
-def cheap_features(path: Path, max_pixels: int) -> list[float]:
-    """FEATURES of one image: what a camera, a resolution, a crop or a compressor change."""
-    image = read_image(path, max_pixels=max_pixels)
-    height, width = image.shape[:2]
-    small = cv2.resize(image, (128, 128), interpolation=cv2.INTER_AREA).astype(np.float32)
-    grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
-    return [width, height, width / height, Path(path).stat().st_size / 1024,
-            jpeg_quality(path), *small.mean(axis=(0, 1)), *small.std(axis=(0, 1)),
-            float(cv2.Laplacian(grey, cv2.CV_32F).var())]
-
-
 def shift_auc(features: np.ndarray, is_test: np.ndarray, folds: int,
               model) -> tuple[float, float, np.ndarray]:
     """(mean AUC, its std over the folds, out-of-fold P(test) per image) of `model` telling
@@ -148,13 +118,10 @@ def feature_separation(features: np.ndarray, is_test: np.ndarray) -> list[list]:
     return sorted(rows, key=lambda r: -r[1])
 
 
-def shift_tables(frame: pd.DataFrame, paths: list[Path], config: Config,
-                 experiment: Config | None, *,
+def shift_tables(images: AuditedImages, config: Config, experiment: Config | None, *,
                  layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(shift.csv: AUC per feature set and per feature; test_like.csv)."""
-    budget = config.data.max_image_pixels
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        features = np.array(list(pool.map(lambda p: cheap_features(p, budget), paths)))
+    (frame, paths), features = images.usable, images.survey.features  # read by the check
     is_test = (frame["part"] == "test").to_numpy().astype(int)
     gbm = HistGradientBoostingClassifier(max_iter=100, random_state=0)
     auc, std, p_test = shift_auc(features, is_test, config.audit.shift_folds, gbm)
@@ -193,7 +160,7 @@ def audit_shift(config: Config, layout: Layout, images: AuditedImages,
         inputs["model"] = fingerprint(str(experiment_checkpoint(experiment, layout).stat()))
 
     def compute() -> list[Path]:
-        table, test_like = shift_tables(*images.usable, config, experiment, layout=layout)
+        table, test_like = shift_tables(images, config, experiment, layout=layout)
         write_csv_atomic(table, findings.shift)
         write_csv_atomic(test_like, findings.test_like)
         return [findings.shift, findings.test_like]

@@ -14,7 +14,6 @@ and every later stage refuses folds that no longer fit the data.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from pipeline.base.fingerprints import folds_fingerprint
 from pipeline.base.log import log
 from pipeline.base.task import class_index, targets_of
 from pipeline.base.utils import PipelineError, format_table, warn, write_csv_atomic
-from pipeline.data.checks import CheckResult, check_competition
+from pipeline.data.checks import Checked
 from pipeline.data.duplicates import conflicts as dup_conflicts
 from pipeline.data.duplicates import describe_conflicts, groups_for_folds, merged_groups
 from pipeline.experiments.findings import AuditedImages, duplicates_finding
@@ -199,7 +198,7 @@ def make_folds(config: Config, drop_bad: bool | None = None,
             update={"drop_bad_images": drop_bad})})
     layout = Layout.of(config)
     # the images are checked once, when the first of the duplicate pass and the split needs them
-    checked = functools.cache(lambda: check_competition(config.data))
+    checked = Checked(config.data)
     if config.folds.duplicates:
         find_copies(config, layout, checked)
 
@@ -222,7 +221,7 @@ def make_folds(config: Config, drop_bad: bool | None = None,
 
 
 def find_copies(config: Config, layout: Layout,
-                checked: Callable[[], CheckResult] | None = None) -> None:
+                checked: Checked | None = None) -> None:
     """The competition's duplicate groups, found unless current (the audit's own finding,
     audit/<competition>/duplicates.csv: found once, by whichever of `make folds` and `make
     audit` comes first), so that a competitor who never audits still gets folds that keep
