@@ -20,8 +20,8 @@ bench/duplicates.py, recorded in bench/BENCHMARKS.md):
 - only candidate pairs are scored: each image's NEIGHBOURS nearest images in two indexes
   (FEATURES: the coarse layout, and the spectrum of the fine detail, which a shift leaves
   alone), so the scoring grows linearly; the search is exact up to EXACT_SEARCH images and
-  approximate beyond (faiss's inverted-file index, N^1.5): the pass over 43,750 images takes
-  about a minute (bench/BENCHMARKS.md);
+  approximate beyond (faiss's inverted-file index, N^1.5): the detector takes about 21 s of
+  43,750 small images on 2 cores (bench/BENCHMARKS.md);
 - the cut comes from the competition's own images, not a constant: the same search run for
   mirrored images (pairs known to be distinct, with the competition's own sizes, content and
   noise; MIRROR_QUERIES of them at most) says how alike distinct images get here; the cut

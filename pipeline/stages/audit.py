@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from cleanlab.filter import find_label_issues
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
@@ -60,7 +59,6 @@ from pipeline.experiments.layout import Layout
 from pipeline.experiments.probfiles import oof_file, read_probs
 from pipeline.experiments.runner import stage_lock
 from pipeline.experiments.state import experiment_state, label_issue_inputs, load_experiment
-from pipeline.inference.predictor import pooled_features
 from pipeline.reporting import plots
 
 # --------------------------------------------------------------------------------------------
@@ -127,6 +125,9 @@ def shift_tables(images: AuditedImages, config: Config, experiment: Config | Non
     auc, std, p_test = shift_auc(features, is_test, config.audit.shift_folds, gbm)
     rows = [["cheap features", "all", auc, std]]
     if experiment is not None:
+        # torch, read only for a model's features: an audit without MODEL= stays 0.5 GB smaller
+        from pipeline.inference.predictor import pooled_features
+
         pooled = pooled_features(experiment_checkpoint(experiment, layout), paths)
         logistic = LogisticRegression(max_iter=2000, C=0.1)
         rows.append(["model features", experiment.run_name,
@@ -182,6 +183,8 @@ def audit_shift(config: Config, layout: Layout, images: AuditedImages,
 def label_suspects(oof: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     """The rows confident learning flags, most suspect first: id, given and predicted label,
     the probabilities of both (cleanlab ranks by the given label's probability)."""
+    from cleanlab.filter import find_label_issues  # 1.6 s to import: read when suspects are due
+
     scorer = Scorer(tuple(classes), "accuracy", False, 1)
     targets, probs = scorer.targets(oof["label"]), scorer.probs_of(oof)
     ranked = find_label_issues(targets, probs, return_indices_ranked_by="self_confidence")
