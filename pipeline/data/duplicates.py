@@ -58,8 +58,8 @@ PROBE_CELLS = 8  # cells of the IVF index each query looks in (of sqrt(N))
 MIRROR_QUERIES = 4000  # images whose mirror pairs make the null: plenty for a 1e-5 tail
 FALSE_PAIR_RATE = 1e-5  # distinct pairs let through by the cut (1 in 100,000)
 TAIL = 50  # the most alike mirrored pairs whose tail the cut extends
-BLOCK = 8192  # candidate pairs scored at a time (memory: BLOCK x THUMBNAIL^2 floats, a few)
-CHUNK = 8192  # images whose spectra are prepared at a time
+BLOCK = 4096  # candidate pairs scored at a time, per thread (a block's spectra: 18 MB each)
+CHUNK = 2048  # images whose spectra are prepared at a time
 # Images of one group drawn in a picture (the report shows as many): a group of 1,000 copies
 # is one row of GROUP_IMAGES and "+994 more", not a figure 150,000 px wide.
 GROUP_IMAGES = 6
@@ -121,9 +121,12 @@ def _detail_spectrum(thumbs: np.ndarray) -> np.ndarray:
     """The magnitude spectrum of the fine detail, its lower frequencies: a shift moves the
     detail, not its spectrum, and the shared layout of a competition's images (a retina's disc)
     is taken out first."""
-    spectrum = _rfft2(detail_of(thumbs))
-    low = np.log1p(np.abs(np.concatenate([spectrum[:, :8, :8], spectrum[:, -7:, :8]], axis=1)))
-    return _standardised(low.reshape(len(thumbs), -1))
+    def low_frequencies(part: np.ndarray) -> tuple[np.ndarray]:
+        spectrum = _rfft2(detail_of(part))
+        low = np.concatenate([spectrum[:, :8, :8], spectrum[:, -7:, :8]], axis=1)
+        return (_standardised(np.log1p(np.abs(low)).reshape(len(part), -1)),)
+
+    return _by_chunks(low_frequencies, thumbs)[0]
 
 
 # The two indexes candidates are searched in: the coarse layout (near for copies whose pixels
@@ -205,25 +208,29 @@ def _unique_pairs(pairs: np.ndarray, width: int) -> np.ndarray:
 class AlignedScores:
     """A view's thumbnails made ready to score pairs, once for the pairs among them and the
     mirrored images' pairs with them: the spectra and window spreads of each image (what a
-    centre is compared with) and the spectra of each image's centre.
+    centre is compared with).
     A pair's (i, j) score is the best normalised correlation of i's centre (the thumbnail less
     MAX_SHIFT px on each side) with j's window of the same size at every shift up to
     MAX_SHIFT: all shifts of a pair at once, the product of their spectra taken back at the
     small shifts alone (`_at_small_shifts`), divided by each window's own spread."""
 
     def __init__(self, thumbs: np.ndarray):
+        self.thumbs = thumbs
         self.spectra, self.spread = _by_chunks(_window_terms, thumbs)
-        [self.centres] = _by_chunks(lambda part: (_centre_spectra(part),), thumbs)
 
-    def __call__(self, pairs: np.ndarray, centres: np.ndarray | None = None) -> np.ndarray:
-        """(P,) the scores of pairs (i, j): i a row of `centres` (None: of these thumbnails,
-        else centre spectra of others: `_centre_spectra(others)`), j a thumbnail's."""
-        centres = self.centres if centres is None else centres
+    def __call__(self, pairs: np.ndarray, queries: np.ndarray | None = None) -> np.ndarray:
+        """(P,) the scores of pairs (i, j): i a row of `queries` (None: these thumbnails; else
+        others, such as mirrored images), j one of these thumbnails. The centres' spectra are
+        made block by block for the rows the block pairs (the pairs come sorted by i: a few
+        hundred of them), not kept for every image (190 MB at 43,750 images)."""
+        queries = self.thumbs if queries is None else queries
         scores = np.empty(len(pairs), np.float32)
 
         def score_block(start: int) -> None:
             i, j = pairs[start:start + BLOCK, 0], pairs[start:start + BLOCK, 1]
-            valid = _at_small_shifts(centres[i] * self.spectra[j]) / self.spread[j]
+            rows, which = np.unique(i, return_inverse=True)
+            centres = _centre_spectra(queries[rows])
+            valid = _at_small_shifts(centres[which] * self.spectra[j]) / self.spread[j]
             scores[start:start + BLOCK] = valid.reshape(len(i), -1).max(axis=1)
 
         # numpy lets go of the GIL in each block's products: blocks side by side use every core
@@ -319,7 +326,7 @@ def adaptive_cut(thumbs: np.ndarray, indexes: Sequence[NeighbourIndex],
     sample = np.sort(np.random.default_rng(0).permutation(len(thumbs))[:MIRROR_QUERIES])
     mirrored = thumbs[sample][:, :, ::-1].copy()
     pairs = candidate_pairs(indexes, mirrored, own=sample)
-    scores = np.sort(scores_of(pairs, _centre_spectra(mirrored)))[::-1]
+    scores = np.sort(scores_of(pairs, mirrored))[::-1]
     if len(scores) < 2:
         return 1.0
     n_pairs = len(sample) * (len(thumbs) - 1)  # every (mirrored image, another image)

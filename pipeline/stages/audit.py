@@ -59,6 +59,7 @@ from pipeline.experiments.layout import Layout
 from pipeline.experiments.probfiles import oof_file, read_probs
 from pipeline.experiments.runner import stage_lock
 from pipeline.experiments.state import experiment_state, label_issue_inputs, load_experiment
+from pipeline.inference.predictor import pooled_features
 from pipeline.reporting import plots
 
 # --------------------------------------------------------------------------------------------
@@ -125,9 +126,6 @@ def shift_tables(images: AuditedImages, config: Config, experiment: Config | Non
     auc, std, p_test = shift_auc(features, is_test, config.audit.shift_folds, gbm)
     rows = [["cheap features", "all", auc, std]]
     if experiment is not None:
-        # torch, read only for a model's features: an audit without MODEL= stays 0.5 GB smaller
-        from pipeline.inference.predictor import pooled_features
-
         pooled = pooled_features(experiment_checkpoint(experiment, layout), paths)
         logistic = LogisticRegression(max_iter=2000, C=0.1)
         rows.append(["model features", experiment.run_name,
