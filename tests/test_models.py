@@ -5,7 +5,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import socket
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import timm
@@ -249,7 +253,8 @@ def test_timm_model_from_the_local_hub_cache(empty_caches):
 
 
 @pytest.mark.parametrize("name", ["timm/resnet18", "resnet18"])
-def test_missing_weights_fail_fast_and_say_how_to_fix(name, empty_caches):
+def test_missing_weights_fail_fast_and_say_how_to_fix(name, empty_caches, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a notebook without internet: no download
     weights_dir = empty_caches / "weights"
     start = time.monotonic()
     with pytest.raises(WeightsNotFoundError) as error:
@@ -258,8 +263,92 @@ def test_missing_weights_fail_fast_and_say_how_to_fix(name, empty_caches):
     message = str(error.value)
     assert str(weights_dir) in message and "model.weights" in message
     assert ("timm cache" in message) == name.startswith("timm/")
+    assert ("HF_HUB_OFFLINE is set" in message) == name.startswith("timm/")
     with pytest.raises(WeightsNotFoundError, match="does not exist"):
         create_model(name, 10, weights=empty_caches / "nope.safetensors")
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """The two answers `hf_hub_download` asks the Hugging Face hub for: a HEAD with the file's
+    commit, ETag and size, then a GET of its bytes (`server.files`: URL path -> bytes)."""
+
+    def do_HEAD(self):
+        self.answer(body=False)
+
+    def do_GET(self):
+        self.answer(body=True)
+
+    def answer(self, body: bool) -> None:
+        data = self.server.files.get(self.path)
+        if data is None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("X-Repo-Commit", COMMIT)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def log_message(self, *args):  # quiet
+        pass
+
+
+@pytest.fixture
+def fake_hub(empty_caches, monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    server.files = {}
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_timm_weights_download_on_first_use_then_load_offline(fake_hub, empty_caches,
+                                                              monkeypatch):
+    """`pretrained: true` for a timm name with nothing local fetches the file timm's
+    pretrained_cfg names from the hub ($HF_ENDPOINT: here a local server in the hub's shape)
+    into the hub cache; the next run finds it there with the network gone."""
+    torch.manual_seed(5)
+    source = timm.create_model("resnet18", pretrained=False)
+    save_weights(source.state_dict(), empty_caches / "served.safetensors")
+    hub_id = timm.create_model("resnet18", pretrained=False).pretrained_cfg["hf_hub_id"]
+    fake_hub.files[f"/{hub_id}/resolve/main/model.safetensors"] = \
+        (empty_caches / "served.safetensors").read_bytes()
+
+    model = create_model("timm/resnet18", 1000, pretrained=True, weights_dir=empty_caches / "no")
+    assert torch.equal(model.fc.weight, source.fc.weight)
+    cached = list((empty_caches / "hf/hub").rglob("model.safetensors"))
+    assert len(cached) == 1 and hub_id.replace("/", "--") in str(cached[0])
+
+    fake_hub.shutdown()  # offline from now on: the cache serves
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    again = create_model("timm/resnet18", 7, pretrained=True, weights_dir=empty_caches / "no")
+    assert torch.equal(again.conv1.weight, source.conv1.weight)
+
+
+def test_a_failed_download_says_why_and_what_to_put_where(empty_caches, monkeypatch):
+    with socket.socket() as closed:  # a port nothing listens on: the connection is refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.monotonic()
+    with pytest.raises(WeightsNotFoundError) as error:
+        create_model("timm/resnet18", 10, pretrained=True, weights_dir=empty_caches / "weights")
+    message = str(error.value)
+    assert f"the download from http://127.0.0.1:{port}" in message and "failed" in message
+    assert "timm-resnet18.safetensors" in message  # the file to put into weights/
+    assert time.monotonic() - start < 60  # the hub client retries for about 23 s, once
 
 
 def test_unexpected_key_is_named(tmp_path):

@@ -1,4 +1,5 @@
-"""Pretrained weights, offline: find a state_dict file, read it safely, load it strictly.
+"""Pretrained weights: find a state_dict file (a timm model's fetched on first use), read it
+safely, load it strictly.
 
 Where the weights of model `name` are looked for, first hit wins:
 
@@ -10,13 +11,18 @@ Where the weights of model `name` are looked for, first hit wins:
 3. timm names only: the local Hugging Face hub cache ($HF_HUB_CACHE, else $HF_HOME/hub, else
    ~/.cache/huggingface/hub), i.e. the files `timm.create_model(name, pretrained=True)` leaves
    there when run once with internet.
+4. timm names only, on first use: downloaded from the hub ($HF_ENDPOINT, else huggingface.co)
+   into that cache, as timm's own loader does (`hf_hub_download` of the repo and file timm's
+   pretrained_cfg names), with the hub's progress bar; later runs find it in step 3, offline.
+   Not with HF_HUB_OFFLINE=1 (code competitions' notebooks have no internet: the weights travel
+   in weights/ or the bundle); a failed download is an error that says why and what to put
+   where.
 
-Nothing here opens a network connection. The hub cache is read with
-`huggingface_hub.try_to_load_from_cache`, a plain file lookup, instead of calling timm's
-downloader with HF_HUB_OFFLINE=1: huggingface_hub reads that variable once at import (which timm
-triggers), so setting it later in os.environ has no effect, and without it a missing file means
-a network wait. When nothing is found, `WeightsNotFoundError` says where it looked and how to
-provide the weights.
+The cache is read with `huggingface_hub.try_to_load_from_cache`, a plain file lookup, and the
+settings (HF_HUB_OFFLINE, HF_ENDPOINT, the cache folder) are read from the environment when the
+weights are looked for: huggingface_hub reads them once at import (which timm triggers), so a
+value set later in os.environ would otherwise have no effect. When nothing is found,
+`WeightsNotFoundError` says where it looked and how to provide the weights.
 
 Files are state_dicts as `model.state_dict()` writes them: .safetensors, or .pt/.pth read with
 `torch.load(weights_only=True)` (a dict wrapping it under "state_dict" or "model" is unwrapped).
@@ -26,6 +32,7 @@ class count) the file's head is dropped and the model's fresh head is kept.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -41,6 +48,7 @@ from pipeline.models.names import TIMM_PREFIX
 SUFFIXES = (".safetensors", ".pth", ".pt")
 HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub repos hold
 _SHOW = 5  # keys named in an error message
+logger = logging.getLogger(__name__)
 
 
 class WeightsNotFoundError(PipelineError):
@@ -167,6 +175,39 @@ def timm_cached_file(pretrained_cfg: dict) -> tuple[Path | None, str]:
     return None, f"{cache} (repo {repo_id}: {', '.join(filenames)})"
 
 
+def offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set to a true value, read now."""
+    return any(os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on")
+               for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def downloaded_timm_weights(pretrained_cfg: dict) -> tuple[Path | None, str]:
+    """(the file, or None, and what happened) of a timm model's weights fetched from the hub into
+    its cache, as timm's loader fetches them: the repo and file of its pretrained_cfg."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    hub_id = pretrained_cfg.get("hf_hub_id")
+    if not hub_id:
+        return None, "no Hugging Face hub weights known to timm for this model"
+    repo_id, _, revision = hub_id.partition("@")
+    endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: the hub's own copy is stale
+    filenames = [pretrained_cfg["hf_hub_filename"]] if pretrained_cfg.get("hf_hub_filename") \
+        else list(HUB_FILENAMES)
+    for filename in filenames:
+        try:
+            found = hf_hub_download(repo_id, filename, revision=revision or None,
+                                    cache_dir=hf_hub_cache(), endpoint=endpoint,
+                                    library_name="timm")
+        except RemoteEntryNotFoundError:
+            continue  # the repo holds the other file name
+        except Exception as err:  # noqa: BLE001 - no network, 401/403, a proxy: said, not raised
+            return None, (f"the download from {endpoint or 'huggingface.co'} ({repo_id}) failed: "
+                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        return Path(found), f"downloaded {repo_id}/{filename}"
+    return None, f"{repo_id} holds none of {', '.join(filenames)}"
+
+
 def find_weights(name: str, weights: str | Path | None, weights_dir: str | Path,
                  pretrained_cfg: dict | None = None) -> Path:
     """Resolve the weights file of model `name` (see the module docstring for the order)."""
@@ -186,6 +227,14 @@ def find_weights(name: str, weights: str | Path | None, weights_dir: str | Path,
         if cached is not None:
             return cached
         looked.append(f"the timm/Hugging Face cache {where}")
+        if offline():
+            looked.append("no download: HF_HUB_OFFLINE is set")
+        else:
+            fetched, what = downloaded_timm_weights(pretrained_cfg or {})
+            if fetched is not None:
+                logger.info("%s: %s into %s", name, what, hf_hub_cache())
+                return fetched
+            looked.append(what)
     raise WeightsNotFoundError(_not_found_message(name, weights_dir, looked))
 
 
@@ -194,7 +243,8 @@ def _not_found_message(name: str, weights_dir: str | Path, looked: list[str]) ->
     remedies = [f"put {stem}.safetensors (or .pth) into {Path(weights_dir)}/",
                 "or set model.weights=/path/file"]
     if name.startswith(TIMM_PREFIX):
-        remedies.append("or run once with internet to fill the timm cache ($HF_HOME)")
+        remedies.append("or run once with internet (HF_HUB_OFFLINE unset) to fill the timm "
+                        "cache ($HF_HOME)")
     remedies.append("or set model.pretrained=false to train from scratch")
     return (f"pretrained weights for {name} not found; looked at:\n  " + "\n  ".join(looked)
             + "\nTo fix: " + ", ".join(remedies) + ".")
