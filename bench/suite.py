@@ -67,6 +67,9 @@ RECIPES: dict[str, list[str]] = {
     "no class weights": ["train.class_weights=none"],  # the default until 2026-12-02
     "EMA": ["train.ema=true", "train.ema_decay=0.99"],
     "mixup 0.2": ["train.mixup=0.2"],
+    # the stem of an ImageNet-family ResNet at the suite's 16-32 px (issue 28: `model.stem`)
+    "resnet18": ["model.name=resnet18"],
+    "resnet18 stem auto": ["model.name=resnet18", "model.stem=auto"],
 }
 COMMON = ["train.batch_size=32", "train.workers=0", "folds.n_splits=3"]
 ORDINAL = ("ordinal-amount", "ordinal-look")

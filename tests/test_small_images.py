@@ -1,14 +1,20 @@
-"""Small images: the warning for ImageNet-stem models whose last feature map falls under 2x2, and
-`model.stem: cifar` for our resnet18..152."""
+"""Small images: the warning for ImageNet-stem models whose last feature map falls under 2x2,
+`model.stem: cifar` for our resnet18..152, and `model.stem: auto`, which takes it where it fits."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.base.config import ConfigError, ModelConfig
+from pipeline.base.config import ConfigError, ModelConfig, load_config
+from pipeline.experiments.freshness import freshness, training_inputs
+from pipeline.experiments.layout import Layout
+from pipeline.inference.engine import load_checkpoint
 from pipeline.models.factory import create_model, small_input_warning
-from pipeline.models.resnet import ARCHS, total_stride
+from pipeline.models.names import built_stem, chosen_stem, total_stride
+from pipeline.models.resnet import ARCHS
+from pipeline.stages.folds import make_folds
+from tests.conftest import predict, read_folds_of, train
 
 IMAGENET_FAMILY = [name for name, (_, _, family) in ARCHS.items() if family.stem == "imagenet"]
 CIFAR_FAMILY = [name for name, (_, _, family) in ARCHS.items() if family.stem == "cifar"]
@@ -67,9 +73,52 @@ def test_the_cifar_stem_keeps_the_key_names():
 def test_the_stem_setting_is_validated():
     assert ModelConfig().stem == "imagenet"
     assert ModelConfig(stem="cifar").stem == "cifar"
+    assert ModelConfig(stem="auto").stem == "auto"
     with pytest.raises(ValueError):
         ModelConfig(stem="tiny")
     with pytest.raises(ConfigError, match="model.stem"):
         create_model("timm/resnet18", 10, stem="cifar")
     with pytest.raises(ConfigError, match="model.stem"):
         create_model("resnet18", 10, stem="tiny")
+
+
+def test_stem_auto_takes_the_cifar_stem_where_the_imagenet_one_would_end_under_2x2():
+    assert chosen_stem("resnet18", 32, "auto")[0] == "cifar"
+    assert last_map("resnet18", 32, stem=chosen_stem("resnet18", 32, "auto")[0]) == 4
+    assert chosen_stem("resnet50", 63, "auto")[0] == "cifar"
+    assert chosen_stem("resnet18", 64, "auto")[0] == "imagenet"  # 2x2: fits
+    assert chosen_stem("resnet18", 224, "auto")[0] == "imagenet"
+    assert chosen_stem("resnet20", 32, "auto")[0] == "imagenet"  # the family's own (3x3) stem
+    assert chosen_stem("timm/resnet18", 32, "auto")[0] == "imagenet"  # timm keeps its own
+    # ImageNet weights hold a 7x7 stem: auto keeps it for them (and the warning stays)
+    pretrained = ModelConfig(name="resnet18", stem="auto", pretrained=True)
+    assert built_stem(pretrained, 32)[0] == "imagenet"
+    assert chosen_stem("resnet18", 32, "cifar") == ("cifar", "as set")
+    assert "stride 32" in chosen_stem("resnet18", 32, "auto")[1]
+
+
+def test_stem_auto_trains_and_predicts_as_the_run_of_the_stem_it_chose(tiny_competition,
+                                                                      tmp_path):
+    """At 16 px resnet18 with `auto` builds the CIFAR stem for training and again for
+    prediction, and its identity is the CIFAR stem's: the same run under `model.stem=cifar` is
+    current, not trained again."""
+    where = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
+             "folds.n_splits=2", "train.epochs=1", "augment.image_size=16",
+             "train.batch_size=4", "train.workers=0"]
+    auto = load_config(str(tiny_competition), "resnet18", [*where, "model.stem=auto"],
+                       name="small")
+    make_folds(auto)
+    train(auto, [0])
+    part = Layout.of(auto).experiment("small").fold(0)
+    weights = load_checkpoint(part.best)["model"]
+    assert weights["conv1.weight"].shape[-1] == 3  # the CIFAR stem's 3x3
+    predict(auto, [0])  # the model rebuilt from the checkpoint's settings loads its weights
+
+    cifar = load_config(str(tiny_competition), "resnet18", [*where, "model.stem=cifar"],
+                        name="small")
+    inputs, details = training_inputs(cifar, read_folds_of(cifar), Layout.of(cifar))
+    assert freshness(part.train_manifest, inputs, details).current
+    imagenet = load_config(str(tiny_competition), "resnet18", [*where, "model.stem=imagenet"],
+                           name="small")
+    inputs, details = training_inputs(imagenet, read_folds_of(imagenet), Layout.of(imagenet))
+    assert not freshness(part.train_manifest, inputs, details).current

@@ -232,8 +232,9 @@ class ModelConfig(_Section):
     drop_path_rate: float = Field(0.0, ge=0, lt=1)
     zero_init_last: bool = True  # zero each block's last BN gamma (train from scratch faster)
     # cifar: our resnet18..152 get a 3x3 stride-1 stem without max-pool (total stride 8, not 32),
-    # for small images (< 64 px); the CIFAR family resnet20..110 always has it; not for timm
-    stem: Literal["imagenet", "cifar"] = "imagenet"
+    # for small images (< 64 px); the CIFAR family resnet20..110 always has it; not for timm.
+    # auto: the CIFAR stem where the ImageNet stem would end below 2x2 px, else the ImageNet one
+    stem: Literal["imagenet", "cifar", "auto"] = "imagenet"
 
 
 Transform = dict[str, dict[str, Any]]  # one albumentations transform: {Name: {arg: value}}

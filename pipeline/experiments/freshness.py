@@ -72,6 +72,7 @@ from pipeline.data.tables import (
 )
 from pipeline.experiments.layout import Experiment, Layout, Part
 from pipeline.experiments.manifests import Manifest, outputs_problems, read_manifest
+from pipeline.models.names import built_stem
 from pipeline.training.lr_path import FoldPath, steps_per_epoch
 
 # What each input means to a user, for the messages that say what changed.
@@ -355,6 +356,9 @@ def training_inputs(experiment: Config, folds: pd.DataFrame,
     data = experiment.data
     ids = folds["id"].tolist()
     settings = training_settings(experiment.to_dict())
+    # the stem the model is built with, not `auto`: a run of `auto` that takes the ImageNet
+    # stem is the run it was before `auto` existed, and stays current
+    settings["model"]["stem"] = built_stem(experiment.model, experiment.augment.image_size)[0]
     inputs = {"folds": folds_fingerprint(folds), "settings": fingerprint(settings),
               "train_images": train_images_fingerprint(data, ids)}
     pseudo = pseudo_fingerprint(experiment.train.pseudo, layout)

@@ -23,6 +23,7 @@ from pipeline.data.augment import Normalizer
 from pipeline.data.images import ImageReadError
 from pipeline.ensembling.decode import grade_to_probs
 from pipeline.models.factory import create_model
+from pipeline.models.names import built_stem
 from pipeline.models.weights import load_error_gist, pickle_refusal
 
 
@@ -239,4 +240,5 @@ def model_from_config(config: Config) -> torch.nn.Module:
     loads a checkpoint's (best.pt, or an offline bundle's safetensors)."""
     return create_model(config.model.name, output_size(config.model.head, len(config.data.classes)),
                         pretrained=False, drop_rate=config.model.drop_rate,
-                        drop_path_rate=config.model.drop_path_rate, stem=config.model.stem)
+                        drop_path_rate=config.model.drop_path_rate,
+                        stem=built_stem(config.model, config.augment.image_size)[0])

@@ -20,8 +20,14 @@ from typing import Any
 from torch import nn
 
 from pipeline.base.config import ConfigError
-from pipeline.models.names import TIMM_PREFIX, is_timm_name, model_names
-from pipeline.models.resnet import ARCHS, create_resnet, total_stride
+from pipeline.models.names import (
+    MIN_FEATURE_MAP,
+    TIMM_PREFIX,
+    is_timm_name,
+    model_names,
+    total_stride,
+)
+from pipeline.models.resnet import ARCHS, create_resnet
 from pipeline.models.weights import load_pretrained
 
 logger = logging.getLogger(__name__)
@@ -68,7 +74,8 @@ def create_model(name: str, num_classes: int, pretrained: bool = False,
     `zero_init_last` applies to our ResNets; timm models keep their own init.
     `drop_path_rate`: stochastic depth, rising linearly over the blocks up to this rate (ours and
     timm's). `stem="cifar"` gives our resnet18..152 a 3x3 stride-1 stem without max-pool (small
-    images); the CIFAR family always has it, and timm models refuse it.
+    images); the CIFAR family always has it, and timm models refuse it (`model.stem: auto` is
+    resolved before: `names.built_stem`).
     """
     if stem not in ("imagenet", "cifar"):
         raise ConfigError(f"model.stem must be 'imagenet' or 'cifar', got {stem!r}")
@@ -87,7 +94,6 @@ def create_model(name: str, num_classes: int, pretrained: bool = False,
     return model
 
 
-MIN_FEATURE_MAP = 2  # pixels: below 2x2 the last stage's 3x3 convolutions see mostly padding
 CIFAR_FAMILY = "resnet20, resnet32, resnet44, resnet56, resnet110"
 
 
@@ -129,7 +135,8 @@ def small_input_warning(model_name: str, image_size: int, stem: str = "imagenet"
             f"{side}x{side} (under {MIN_FEATURE_MAP}x{MIN_FEATURE_MAP}), where the 3x3 "
             f"convolutions of its last stage see mostly zero padding. For small images use the "
             f"CIFAR family ({CIFAR_FAMILY}: stride 4), or `model.stem: cifar` for our "
-            f"resnet18..152 (a 3x3 stride-1 stem, no max-pool: stride 8), or "
+            f"resnet18..152 (a 3x3 stride-1 stem, no max-pool: stride 8; `model.stem: auto` "
+            f"takes it where it fits), or "
             f"augment.image_size >= {MIN_FEATURE_MAP * stride}.")
 
 

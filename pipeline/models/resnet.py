@@ -285,13 +285,3 @@ def create_resnet(name: str, num_classes: int = 1000, drop_rate: float = 0.0,
     return ResNet(block, layers, family, num_classes=num_classes, drop_rate=drop_rate,
                   zero_init_last=zero_init_last, drop_path_rate=drop_path_rate,
                   stem="cifar" if stem == "cifar" else family.stem)
-
-
-def total_stride(name: str, stem: str | None = None) -> int:
-    """How many times variant `name` shrinks its input, as `create_resnet(name, stem=stem)` builds
-    it: 32 (ImageNet stem: 2 in the conv, 2 in the max-pool, 2 in each of stages 2..4), 8
-    (resnet18..152 with the CIFAR stem), 4 (the CIFAR family: stride-1 stem, stages 2..3)."""
-    _, layers, family = ARCHS[name]
-    stages = 2 ** (len(layers) - 1)  # every stage after the first halves the resolution
-    imagenet_stem = family.stem == "imagenet" and stem != "cifar"
-    return stages * (4 if imagenet_stem else 1)

@@ -40,6 +40,7 @@ from pipeline.inference.engine import (
     resolve_device,
 )
 from pipeline.models.factory import create_model, model_input_config
+from pipeline.models.names import built_stem
 from pipeline.training.losses import (
     balanced_sampler,
     build_loss,
@@ -104,13 +105,15 @@ class Parts:
     steps_per_epoch: int  # optimiser steps (train.accumulate micro-batches each)
 
 
-def build_model(model: ModelConfig, n_classes: int) -> torch.nn.Module:
-    """The model of `model.*` with its pretrained weights (never a download)."""
+def build_model(model: ModelConfig, n_classes: int, image_size: int) -> torch.nn.Module:
+    """The model of `model.*` with its pretrained weights (never a download), for images of
+    `image_size` (what `model.stem: auto` chooses by)."""
     return create_model(model.name, output_size(model.head, n_classes),
                         pretrained=model.pretrained, weights=model.weights,
                         weights_dir=model.weights_dir, drop_rate=model.drop_rate,
                         zero_init_last=model.zero_init_last,
-                        drop_path_rate=model.drop_path_rate, stem=model.stem)
+                        drop_path_rate=model.drop_path_rate,
+                        stem=built_stem(model, image_size)[0])
 
 
 def with_pseudo(spec: RunSpec, pseudo: tuple[list[Path], np.ndarray], train_paths: list[Path],
@@ -208,7 +211,7 @@ def build_parts(config: Config, spec: RunSpec, stats_path: Path) -> Parts:
     device = distributed.local_device(resolve_device(c.train.device))  # under torchrun: its GPU
     torch.manual_seed(spec.seed)
     np.random.seed(spec.seed % 2**32)
-    model = build_model(c.model, n_classes)
+    model = build_model(c.model, n_classes, c.augment.image_size)
     train_paths = train_image_paths(data, spec.train_rows.ids)
     valid_paths = train_image_paths(data, spec.valid_rows.ids) if spec.valid_rows else []
     # cache.enabled: every image decoded and shrunk once now, read back as arrays every epoch

@@ -20,6 +20,7 @@ import pandas as pd
 
 from pipeline.base import distributed
 from pipeline.base.config import Config, save_config
+from pipeline.base.log import log
 from pipeline.base.utils import PipelineError, warn, write_csv_atomic
 from pipeline.data.augment import build_transforms
 from pipeline.experiments.freshness import pseudo_fingerprint, stale_remedy
@@ -28,6 +29,7 @@ from pipeline.experiments.probfiles import probability_frame
 from pipeline.experiments.runner import Step, run_step
 from pipeline.inference.engine import load_checkpoint, unwrap
 from pipeline.models.factory import small_input_warning
+from pipeline.models.names import built_stem
 from pipeline.reporting import plots
 from pipeline.training.checkpoints import Checkpoints
 from pipeline.training.loop import Trainer, diverged
@@ -37,9 +39,11 @@ from pipeline.training.parts import RunSpec, build_model, build_parts
 def preflight(config: Config, layout: Layout) -> None:
     """Build what training builds first (the model, its weights, the augmentations), so a wrong
     setting fails here, before FORCE=1 deletes anything or a fold starts."""
-    build_model(config.model, len(config.data.classes))
-    small = small_input_warning(config.model.name, config.augment.image_size,
-                                stem=config.model.stem)
+    build_model(config.model, len(config.data.classes), config.augment.image_size)
+    stem, why = built_stem(config.model, config.augment.image_size)
+    if config.model.stem == "auto":  # the choice, in the run's output
+        log.info(f"model.stem: auto -> {stem} ({why})")
+    small = small_input_warning(config.model.name, config.augment.image_size, stem=stem)
     if small:
         warn(small)  # rank 0's (pipeline/base/log.py)
     build_transforms(config.augment, train=True)
