@@ -55,6 +55,16 @@ def test_garbage_bytes_are_unreadable(tmp_path):
         check_competition(data_of(path))
 
 
+def test_a_png_cut_inside_its_header_is_unreadable_not_a_crash(tmp_path):
+    """The check reads a PNG's size from its IHDR chunk: a file cut before the size ends is
+    reported like any truncated image (a reviewer found it raised struct.error)."""
+    path = make_competition(tmp_path, LABELS)
+    png = tmp_path / "train" / "0002.png"
+    png.write_bytes(png.read_bytes()[:20])  # the signature, the chunk's length and name, 4 bytes
+    with pytest.raises(DataError, match=r"unreadable images .*: 0002"):
+        check_competition(data_of(path))
+
+
 def test_drop_bad_lists_what_was_dropped(tmp_path, capsys):
     path = make_competition(tmp_path, LABELS)
     (tmp_path / "train" / "0004.png").unlink()

@@ -76,12 +76,13 @@ def thumbnail_of(rgb: np.ndarray) -> np.ndarray:
     return cv2.GaussianBlur(small, (0, 0), BLUR)
 
 
-def _rfft2(images: np.ndarray) -> np.ndarray:
-    """The real 2-D FFT of each image, on every core, float32 in, complex64 out (scipy's, read
-    on first use: `make runs` and the report import this module and never need it)."""
+def _rfft2(images: np.ndarray, workers: int = -1) -> np.ndarray:
+    """The real 2-D FFT of each image, on every core (-1) unless told, float32 in, complex64 out
+    (scipy's, read on first use: `make runs` and the report import this module and never need
+    it)."""
     import scipy.fft
 
-    return scipy.fft.rfft2(images, workers=-1)
+    return scipy.fft.rfft2(images, workers=workers)
 
 
 def _standardised(rows: np.ndarray) -> np.ndarray:
@@ -229,7 +230,7 @@ class AlignedScores:
         def score_block(start: int) -> None:
             i, j = pairs[start:start + BLOCK, 0], pairs[start:start + BLOCK, 1]
             rows, which = np.unique(i, return_inverse=True)
-            centres = _centre_spectra(queries[rows])
+            centres = _centre_spectra(queries[rows], workers=1)  # the blocks share the cores
             valid = _at_small_shifts(centres[which] * self.spectra[j]) / self.spread[j]
             scores[start:start + BLOCK] = valid.reshape(len(i), -1).max(axis=1)
 
@@ -280,7 +281,7 @@ def _window_terms(others: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _rfft2(paired), _window_spread(paired)
 
 
-def _centre_spectra(thumbs: np.ndarray) -> np.ndarray:
+def _centre_spectra(thumbs: np.ndarray, workers: int = -1) -> np.ndarray:
     """The conjugate spectra of each thumbnail's centre, standardised, at the top left of a
     zero thumbnail: multiplied by another's spectrum, the cross-correlation at every shift."""
     m, side = MAX_SHIFT, thumbs.shape[1]
@@ -288,7 +289,7 @@ def _centre_spectra(thumbs: np.ndarray) -> np.ndarray:
     centres = _standardised(thumbs[:, m:side - m, m:side - m].reshape(len(thumbs), -1))
     padded = np.zeros_like(thumbs)
     padded[:, :inner, :inner] = centres.reshape(len(thumbs), inner, inner)
-    return np.conj(_rfft2(padded))
+    return np.conj(_rfft2(padded, workers))
 
 
 def _window_spread(thumbs: np.ndarray) -> np.ndarray:

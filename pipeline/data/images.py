@@ -104,7 +104,7 @@ def decode_image(raw: bytes, source: Path | str, reduction: int = 1) -> np.ndarr
 def header_size(raw: bytes) -> tuple[int, int] | None:
     """(width, height) from an encoded image's header (PNG, JPEG, WebP, TIFF, BMP, ...), without
     decoding its pixels; None when the header does not say."""
-    if raw[:8] == PNG_SIGNATURE and raw[12:16] == b"IHDR":
+    if raw[:8] == PNG_SIGNATURE and raw[12:16] == b"IHDR" and len(raw) >= 24:
         # a PNG's size sits at a fixed place, in its first chunk: PIL's parse of the header
         # had taken a sixth of checking a small image
         width, height = struct.unpack(">II", raw[16:24])

@@ -61,7 +61,8 @@ def chosen_stem(name: str, image_size: int, stem: str,
     taken as set; `auto` takes the CIFAR stem for our resnet18..152 where the ImageNet stem would
     end at a feature map under MIN_FEATURE_MAP (below 64 px), else the ImageNet stem: timm
     models and the CIFAR family keep their own, and so do a large enough image and pretrained
-    weights (ImageNet weights hold a 7x7 stem)."""
+    weights (`model.pretrained` or a `model.weights` file: ImageNet weights hold a 7x7 stem;
+    weights of a CIFAR-stem model want `model.stem: cifar` said)."""
     if stem != "auto":
         return stem, "as set"
     if pretrained:

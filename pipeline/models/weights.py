@@ -156,16 +156,26 @@ def hf_hub_cache() -> Path:
     return Path(os.path.expandvars(home)).expanduser() / "hub"
 
 
+def _hub_files(pretrained_cfg: dict) -> tuple[str, str, list[str]] | None:
+    """(repo, revision, the file names to try) of a timm model's hub weights, as its
+    pretrained_cfg names them; None when timm knows no hub weights for it."""
+    hub_id = pretrained_cfg.get("hf_hub_id")
+    if not hub_id:
+        return None
+    repo_id, _, revision = hub_id.partition("@")  # timm spells a revision as repo@rev
+    filenames = [pretrained_cfg["hf_hub_filename"]] if pretrained_cfg.get("hf_hub_filename") \
+        else list(HUB_FILENAMES)
+    return repo_id, revision, filenames
+
+
 def timm_cached_file(pretrained_cfg: dict) -> tuple[Path | None, str]:
     """(file in the hub cache or None, where it was looked for) for a timm model's weights."""
     from huggingface_hub import try_to_load_from_cache
 
-    hub_id = pretrained_cfg.get("hf_hub_id")
-    if not hub_id:
+    files = _hub_files(pretrained_cfg)
+    if files is None:
         return None, "(no Hugging Face hub weights known to timm for this model)"
-    repo_id, _, revision = hub_id.partition("@")  # timm spells a revision as repo@rev
-    filenames = [pretrained_cfg["hf_hub_filename"]] if pretrained_cfg.get("hf_hub_filename") \
-        else list(HUB_FILENAMES)
+    repo_id, revision, filenames = files
     cache = hf_hub_cache()
     for filename in filenames:
         found = try_to_load_from_cache(repo_id, filename, cache_dir=cache,
@@ -185,23 +195,22 @@ def downloaded_timm_weights(pretrained_cfg: dict) -> tuple[Path | None, str]:
     """(the file, or None, and what happened) of a timm model's weights fetched from the hub into
     its cache, as timm's loader fetches them: the repo and file of its pretrained_cfg."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import RemoteEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    hub_id = pretrained_cfg.get("hf_hub_id")
-    if not hub_id:
+    files = _hub_files(pretrained_cfg)
+    if files is None:
         return None, "no Hugging Face hub weights known to timm for this model"
-    repo_id, _, revision = hub_id.partition("@")
+    repo_id, revision, filenames = files
     endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: the hub's own copy is stale
-    filenames = [pretrained_cfg["hf_hub_filename"]] if pretrained_cfg.get("hf_hub_filename") \
-        else list(HUB_FILENAMES)
     for filename in filenames:
         try:
             found = hf_hub_download(repo_id, filename, revision=revision or None,
                                     cache_dir=hf_hub_cache(), endpoint=endpoint,
                                     library_name="timm")
-        except RemoteEntryNotFoundError:
-            continue  # the repo holds the other file name
         except Exception as err:  # noqa: BLE001 - no network, 401/403, a proxy: said, not raised
+            if isinstance(err, EntryNotFoundError) and \
+                    not isinstance(err, LocalEntryNotFoundError):
+                continue  # the hub answered: the repo holds the other file name
             return None, (f"the download from {endpoint or 'huggingface.co'} ({repo_id}) failed: "
                           f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         return Path(found), f"downloaded {repo_id}/{filename}"

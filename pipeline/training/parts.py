@@ -106,8 +106,9 @@ class Parts:
 
 
 def build_model(model: ModelConfig, n_classes: int, image_size: int) -> torch.nn.Module:
-    """The model of `model.*` with its pretrained weights (never a download), for images of
-    `image_size` (what `model.stem: auto` chooses by)."""
+    """The model of `model.*` with its pretrained weights (a timm model's fetched from the hub on
+    first use: pipeline/models/weights.py), for images of `image_size` (what `model.stem: auto`
+    chooses by)."""
     return create_model(model.name, output_size(model.head, n_classes),
                         pretrained=model.pretrained, weights=model.weights,
                         weights_dir=model.weights_dir, drop_rate=model.drop_rate,
