@@ -54,6 +54,7 @@ VERBS = {
     "audit": ("pipeline.stages.audit", "duplicates, train/test shift and label suspects of a competition"),
     "report": ("pipeline.stages.report", "the competition's static HTML report: leaderboard, mistakes"),
     "infer": ("pipeline.offline.infer", "run an offline bundle on test images, write the submission"),
+    "weights": ("pipeline.stages.weights", "fetch a model's pretrained weights ahead into a folder"),
     "demo": ("pipeline.demo", "the whole chain on the demo competition"),
 }
 # Verbs of one experiment that --models runs for each experiment in turn
@@ -110,7 +111,8 @@ FLAG_SPECS = {
     "images": (("--images",), dict(default=None, help="the test image folder")),
     "ids": (("--ids",), dict(default=None, help="a CSV of the test ids (test.csv or the sample "
             "submission)")),
-    "out": (("--out",), dict(default=None, help="the submission CSV to write")),
+    "out": (("--out",), dict(default=None, help="infer: the submission CSV to write; weights: the "
+            "folder to write them into (default: model.weights_dir)")),
     "time_limit": (("--time-limit",), dict(type=float, default=None,
                    help="seconds; fall back to fewer TTA views to fit")),
     "overrides": (("overrides",), dict(nargs="*", metavar="key=value", help="config overrides, "

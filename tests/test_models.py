@@ -336,6 +336,29 @@ def test_timm_weights_download_on_first_use_then_load_offline(fake_hub, empty_ca
     assert torch.equal(again.conv1.weight, source.conv1.weight)
 
 
+def test_make_weights_fetches_ahead_into_a_folder_a_notebook_reads_offline(fake_hub, empty_caches,
+                                                                          monkeypatch):
+    """`make weights MODEL=timm/resnet18 OUT=folder` downloads on a machine with internet and
+    writes the folder a code competition's notebook reads with no internet and no cache."""
+    from pipeline.__main__ import main as cli
+
+    torch.manual_seed(6)
+    source = timm.create_model("resnet18", pretrained=False)
+    save_weights(source.state_dict(), empty_caches / "served.safetensors")
+    hub_id = source.pretrained_cfg["hf_hub_id"]
+    fake_hub.files[f"/{hub_id}/resolve/main/model.safetensors"] = \
+        (empty_caches / "served.safetensors").read_bytes()
+    out = empty_caches / "kaggle-weights"
+    assert cli(["weights", "--model", "timm/resnet18", "--out", str(out)]) == 0
+    assert (out / "timm-resnet18.safetensors").is_file()
+
+    fake_hub.shutdown()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(empty_caches / "a-notebook-has-no-cache"))
+    model = create_model("timm/resnet18", 5, pretrained=True, weights_dir=out)
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+
+
 def test_a_failed_download_says_why_and_what_to_put_where(empty_caches, monkeypatch):
     with socket.socket() as closed:  # a port nothing listens on: the connection is refused
         closed.bind(("127.0.0.1", 0))

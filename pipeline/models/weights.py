@@ -317,3 +317,19 @@ def load_pretrained(model: nn.Module, name: str, weights: str | Path | None = No
     """Find and load `name`'s weights into `model`; returns a one-line summary."""
     path = find_weights(name, weights, weights_dir, getattr(model, "pretrained_cfg", None))
     return load_state_dict(model, read_state_dict(path), source=str(path))
+
+
+def timm_pretrained_cfg(name: str) -> dict:
+    """The pretrained_cfg timm gives model `timm/<bare>` (its hub repo and file), from a model
+    built on the meta device: no memory, no weights."""
+    import timm
+
+    with torch.device("meta"):
+        return dict(timm.create_model(name[len(TIMM_PREFIX):], pretrained=False).pretrained_cfg)
+
+
+def weights_file(name: str, weights: str | Path | None, weights_dir: str | Path) -> Path:
+    """The weights file of model `name` as `model.pretrained: true` finds it (a timm model's
+    downloaded on first use): what `make weights` fetches ahead."""
+    cfg = timm_pretrained_cfg(name) if name.startswith(TIMM_PREFIX) else None
+    return find_weights(name, weights, weights_dir, cfg)
