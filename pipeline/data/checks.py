@@ -83,7 +83,7 @@ def _group_problems(problems: dict[Path, str], ids_by_path: dict[Path, str]) -> 
     return grouped
 
 
-# How each kind of image problem (image_problem's prefix) reads in the report, and its remedy.
+# How each kind of image problem (inspect_image's prefix) reads in the report, and its remedy.
 PROBLEM_PHRASES = {
     "missing": ("missing images", ""),
     "unreadable": ("unreadable images", ""),

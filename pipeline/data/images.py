@@ -2,7 +2,7 @@
 
     raw = read_image_bytes(path, max_pixels)      # refused above the budget, from the header alone
     image = read_image(path, min_side=64)          # (H, W, 3) uint8 RGB, JPEG decoded at reduced size
-    problems = find_image_problems(paths)          # {path: what is wrong} for missing or unreadable
+    problems, looked = inspect_images(paths, look=f)  # {path: what is wrong}, {path: f(bytes, pixels)}
 
 A truncated file, a link out of the image folder or an image over `data.max_image_pixels` is an
 `ImageReadError` that names the file.
@@ -172,20 +172,14 @@ def _real_folder(folder: Path) -> Path:
     return folder.resolve()
 
 
-def image_problem(path: Path, real_folder: Path | None = None,
-                  max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:
-    """None when the image reads cleanly, else 'missing', 'name too long: <why>' (an id longer
-    than the file system allows in one name, usually 255 bytes), 'outside: <target>' (a link out
-    of the image folder, given by its real path), 'too large: <why>' (over the pixel budget) or
-    'unreadable: <why>'."""
-    return inspect_image(path, real_folder, max_pixels)[0]
-
-
 def inspect_image(path: Path, real_folder: Path | None = None,
                   max_pixels: int = MAX_IMAGE_PIXELS,
                   look: Callable[[bytes, np.ndarray], T] | None = None) -> tuple[str | None, T | None]:
-    """(image_problem's answer, look(encoded bytes, RGB pixels) for an image that read cleanly):
-    whatever else a caller learns from the image, from the one read the check makes."""
+    """(what is wrong, look(encoded bytes, RGB pixels) for an image that read cleanly): what is
+    wrong is None, 'missing', 'name too long: <why>' (an id longer than the file system allows
+    in one name, usually 255 bytes), 'outside: <target>' (a link out of the image folder, given
+    by its real path), 'too large: <why>' (over the pixel budget) or 'unreadable: <why>'; the
+    look is whatever else a caller learns from the image, from the one read the check makes."""
     try:
         exists = path.is_file()
     except OSError as err:  # Path.is_file raises ENAMETOOLONG rather than returning False
@@ -204,13 +198,6 @@ def inspect_image(path: Path, real_folder: Path | None = None,
     except ImageReadError as err:
         return f"unreadable: {err}", None
     return None, None if look is None else look(raw, rgb)
-
-
-def find_image_problems(paths: Sequence[Path], workers: int = 4,
-                        progress: Callable | None = None, folder: Path | None = None,
-                        *, max_pixels: int = MAX_IMAGE_PIXELS) -> dict[Path, str]:
-    """Check every image; `folder`: the image folder no image may lead out of through a link."""
-    return inspect_images(paths, workers, progress, folder, max_pixels=max_pixels)[0]
 
 
 def inspect_images(paths: Sequence[Path], workers: int = 4,
