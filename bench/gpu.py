@@ -1,5 +1,7 @@
 """The GPU path: training and inference throughput of resnet18/resnet50 at 224 px on CUDA, in float32,
-mixed precision, and mixed precision + channels_last; the pipeline's loop beside a bare loop.
+mixed precision, and mixed precision + channels_last; the pipeline's loop beside a bare loop; and
+batches that fit: `make train` of resnet50 at 512 px with a batch of 256, which no GPU holds in
+one pass, with train.micro_batch: auto (measured) and without it (out of memory, halved, resumed).
 
     python -m bench.gpu [--quick] [--device cuda] [--models resnet18,resnet50] [--batch 128]
 
@@ -12,11 +14,18 @@ memory with non-blocking copies, and no device synchronisation per batch.
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from bench import Table, machine, record, train_loop
+from bench import Table, machine, record, synthetic_fundus, train_loop
 from bench import tta as tta_bench
+from bench.suite import quiet_cli
+from bench.suite_data import write_competition
 
 VARIANTS = [("float32", False, False), ("mixed precision", True, False),
             ("mixed precision + channels_last", True, True)]
@@ -44,7 +53,56 @@ def run(quick: bool = False, device: str = "cuda", models: list[str] | None = No
     return [Table(f"GPU training, 224 px, batch {batch}, median of {rounds} alternating epochs of "
                   f"{steps} batches (in-memory data)", ["variant"] + train_loop.HEADERS, train_rows),
             Table(f"GPU inference and TTA, 224 px, batch {batch}", ["variant"] + tta_bench.HEADERS,
-                  tta_rows)]
+                  tta_rows),
+            batches_that_fit(device)]
+
+
+# A batch no single GPU pass holds: resnet50 at 512 px takes several GB of activations a hundred
+# images; the loader still yields FIT_BATCH a step, in passes.
+FIT_MODEL, FIT_SIZE, FIT_BATCH, FIT_STEPS = "resnet50", 512, 256, 2
+
+
+def batches_that_fit(device: str) -> Table:
+    """Two short `make train` runs of a batch too large for one pass: train.micro_batch: auto
+    (the probe's choice, then no error) and unset (out of memory, halved until it fits, from
+    last.pt). Both must end with 2 epochs x FIT_STEPS optimiser steps."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-fit-") as tmp:
+        work = Path(tmp)
+        data = fit_competition(work)
+        where = [f"runs_dir={work / 'runs'}", f"folds.dir={work / 'folds'}", "folds.n_splits=2"]
+        quiet_cli(["folds", "--data", str(data), *where], work / "log.txt")
+        for label, setting in (("train.micro_batch: auto", ["train.micro_batch=auto"]),
+                               ("unset: out of memory mid-run", [])):
+            name = "auto" if setting else "oom"
+            started = time.perf_counter()
+            quiet_cli(["train", "--data", str(data), "--model", FIT_MODEL, "--folds", "0",
+                       "--name", name, *where, f"augment.image_size={FIT_SIZE}",
+                       f"train.batch_size={FIT_BATCH}", "train.epochs=2",
+                       f"train.max_batches={FIT_STEPS}", f"train.device={device}", *setting],
+                      work / "log.txt")
+            last = torch.load(work / "runs" / "fit" / name / "fold0" / "last.pt",
+                              weights_only=True)
+            probes = work / "runs" / "fit" / "micro_batches.json"
+            chosen = json.loads(probes.read_text()) if setting and probes.is_file() else {}
+            rows.append([label, last["micro_batch"] or FIT_BATCH, next(iter(chosen.values()), "-"),
+                         last["optimizer_steps"], round(time.perf_counter() - started, 1)])
+        halvings = (work / "log.txt").read_text().count("out of GPU memory at")
+    return Table(f"Batches that fit: {FIT_MODEL} at {FIT_SIZE} px, a batch of {FIT_BATCH}, 2 "
+                 f"epochs of {FIT_STEPS} steps", ["run", "images a pass", "probe chose",
+                                                   "optimiser steps", "seconds"], rows,
+                 [f"expected: {2 * FIT_STEPS} optimiser steps each; out-of-memory halvings "
+                  f"said: {halvings}"])
+
+
+def fit_competition(root: Path) -> Path:
+    """600 synthetic fundus images of 512 px, two grades: enough rows for a batch of 256."""
+    rng = np.random.default_rng(0)
+    ids = [f"{i:04d}" for i in range(600)]
+    images = [synthetic_fundus(rng, FIT_SIZE, FIT_SIZE) for _ in ids]
+    labels = [str(i % 2) for i in range(600)]
+    return write_competition(root, "fit", (ids, images, labels), (ids[:8], images[:8], labels[:8]),
+                             {"classes": ["0", "1"], "metric": "accuracy"})
 
 
 def parse_args(argv=None) -> argparse.Namespace:

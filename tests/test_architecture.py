@@ -183,6 +183,8 @@ CORE_RANK_WORK = {
     "pipeline.training.loop": "rank 0 saves the checkpoint; the ranks agree on 'improved' and "
                               "wait until best.pt is written before reading it",
     "pipeline.training.checkpoints": "rank 0 writes and averages the top-k checkpoints",
+    "pipeline.training.fitting": "rank 0 keeps the measured passes; an out-of-memory error "
+                                 "under torchrun names its rank",
     "pipeline.training.run": "write_oof: batched inference gathered its shards on rank 0, "
                              "which writes oof.csv and the plots",
     "pipeline.inference.experiment": "predict: the shards were gathered on rank 0, which writes",

@@ -165,7 +165,10 @@ def test_killed_run_resumes_to_identical_result(tmp_path):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = resumed / "runs" / "tiny" / "r" / "fold0" / "last.pt"
     deadline = time.time() + 120
-    while not last.exists() and time.time() < deadline:
+    while not last.exists() and time.time() < deadline:  # the initial weights, epoch -1
+        time.sleep(0.01)
+    initial = last.stat().st_mtime_ns
+    while last.stat().st_mtime_ns == initial and time.time() < deadline:  # an epoch's
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()

@@ -20,7 +20,7 @@ import json
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -324,6 +324,15 @@ class TrainConfig(_Section):
     cutmix: float = Field(0.0, ge=0)
     mix_prob: float = Field(1.0, ge=0, le=1)  # share of batches mixed
     accumulate: int = Field(1, ge=1)  # micro-batches per optimiser step: batch_size * accumulate
+    # Images per forward and backward pass on each device. The loader always yields batch_size
+    # images (each GPU its share) in the order the seed fixes; a batch too large for the GPU
+    # goes through in passes of at most micro_batch images, their gradients summed before the
+    # step: the same images and optimiser steps on any GPU (BatchNorm's statistics are a pass's,
+    # as they are a GPU's under torchrun). None: the whole batch in one pass; auto: the largest
+    # pass that fits, measured on CUDA once per GPU, model, size and precision (training/
+    # fitting.py); a CPU keeps the whole batch. In one process, a CUDA out-of-memory error in
+    # training halves the pass and goes on from last.pt, whatever this is set to.
+    micro_batch: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
     average_best: int = Field(0, ge=0)  # best.pt = the mean weights of the k best epochs; 0: off
     # How a fold's best epoch (best.pt) is chosen, never by fitting on the rows it scores:
     # metric: the competition metric of a fixed decoding (argmax; a grade rounded); loss: the
@@ -660,6 +669,7 @@ NO_RESULT_KEYS = frozenset({
     "run_name", "runs_dir", "submissions_dir", "pseudo_dir", "bundles_dir", "audit_dir",
     "reports_dir", "folds.dir",
     "train.workers", "train.device", "train.compile", "train.amp", "train.channels_last",
+    "train.micro_batch",
     "cache.enabled", "cache.dir", "cache.format", "predict.batch_size",
     "experiment_file", "overrides",
 })

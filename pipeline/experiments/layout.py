@@ -322,6 +322,10 @@ class Layout:
     def leaderboard(self, suffix: str) -> Path:  # csv, md, png
         return self.runs / f"leaderboard.{suffix}"
 
+    @property
+    def micro_batches(self) -> Path:  # train.micro_batch: auto, measured per GPU, model, size
+        return self.runs / "micro_batches.json"
+
     # ---- what comes of them --------------------------------------------------------------
 
     def submission(self, name: str) -> Submission:

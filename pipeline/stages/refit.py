@@ -63,7 +63,7 @@ def train_refit(config: Config, layout: Layout, folds: pd.DataFrame, plan: Refit
     part = layout.experiment(config.run_name).refit
     spec = RunSpec(part=part, train_rows=Rows.of(training_rows(folds, config.train.exclude)),
                    valid_rows=None, seed=config.train.seed + REFIT_SEED_OFFSET, tag=part.name,
-                   inputs=plan.inputs, path=plan.path,
+                   inputs=plan.inputs, path=plan.path, micro_batches=layout.micro_batches,
                    pseudo=lambda: pseudo_rows(config.data, config.train.pseudo, layout, part.name))
     train_part(refit, spec, {**plan.details, "rows": len(folds), "unvalidated": True}, force,
                what=f"the refit {part.dir}", stage="refit",

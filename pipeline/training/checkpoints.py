@@ -2,8 +2,9 @@
 
     best.pt   the weights validation chose (the EMA's when train.ema), the resolved config, the
               classes and the normalisation: everything prediction needs
-    last.pt   written every epoch: the raw weights (and the EMA's), optimiser, scheduler, scaler,
-              RNG states, the input fingerprints it was made from, the loop's counters
+    last.pt   written before the first epoch (epoch -1: the initial weights) and after every
+              epoch: the raw weights (and the EMA's), optimiser, scheduler, scaler, RNG
+              states, the input fingerprints it was made from, the loop's counters
     top/epoch<e>.pt   train.average_best: the weights of the k best epochs, averaged into best.pt
 
 Our own rather than timm's CheckpointSaver: every file here is written to a temporary name and
@@ -38,6 +39,7 @@ class LoopState:
     best_epoch: int = -1
     optimizer_steps: int = 0  # EMA warm-up counts optimiser steps
     top: list[tuple[float, int]] = field(default_factory=list)  # (signed score, epoch), kept
+    micro_batch: int | None = None  # images a pass after an out-of-memory error (fitting.py)
 
 
 class Checkpoints:
@@ -68,11 +70,20 @@ class Checkpoints:
             inputs=self.inputs,
             rng={"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].copy()),
                  "generator": parts.generator.get_state()},
-            optimizer_steps=state.optimizer_steps, top=state.top)
+            optimizer_steps=state.optimizer_steps, top=state.top, micro_batch=state.micro_batch)
         payload["model"] = unwrap(parts.model).state_dict()  # the raw weights: a resume trains on
         if parts.ema is not None:
             payload["ema"] = parts.ema.module.state_dict()
         save_checkpoint(payload, self.part.last)
+
+    def save_start(self, parts: Parts) -> None:
+        """last.pt before the first epoch (epoch -1): the initial weights to go back to."""
+        if distributed.is_main():
+            self.save_last(parts, LoopState(), -1, finished=False)
+        distributed.barrier()
+
+    def resumable(self) -> bool:
+        return self.part.last.is_file()
 
     def resume(self, parts: Parts, tag: str) -> LoopState:
         """Load last.pt if present, refusing one made from other inputs; the state to go on from."""
@@ -94,10 +105,12 @@ class Checkpoints:
         parts.optimizer.load_state_dict(checkpoint["optimizer"])
         parts.scheduler.load_state_dict(checkpoint["scheduler"])
         parts.scaler.load_state_dict(checkpoint["scaler"])
-        print(f"{tag}: resuming after epoch {checkpoint['epoch'] + 1}")
+        if checkpoint["epoch"] >= 0:
+            print(f"{tag}: resuming after epoch {checkpoint['epoch'] + 1}")
         return LoopState(checkpoint["epoch"] + 1, checkpoint["best_score"],
                          checkpoint["best_epoch"], int(checkpoint.get("optimizer_steps", 0)),
-                         [tuple(item) for item in checkpoint.get("top", [])])
+                         [tuple(item) for item in checkpoint.get("top", [])],
+                         checkpoint.get("micro_batch"))
 
     # ---- averaging the best epochs (train.average_best) ----------------------------------
 

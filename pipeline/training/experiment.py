@@ -161,7 +161,7 @@ def train_fold(config: Config, layout: Layout, plan: Plan, fold: int, *, force: 
     train_rows = training_rows(folds[folds["fold"] != fold], config.train.exclude)
     spec = RunSpec(part=part, train_rows=Rows.of(train_rows),
                    valid_rows=Rows.of(folds[folds["fold"] == fold]), seed=config.train.seed + fold,
-                   tag=f"fold {fold}", inputs=plan.inputs,
+                   tag=f"fold {fold}", inputs=plan.inputs, micro_batches=layout.micro_batches,
                    pseudo=lambda: pseudo_rows(config.data, config.train.pseudo, layout, part.name))
     details = {**plan.details, "fold": fold, "train_rows": len(spec.train_rows.ids),
                "valid_rows": len(spec.valid_rows.ids)}

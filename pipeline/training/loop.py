@@ -23,7 +23,6 @@ from pipeline.base.task import EpochRule, Head, Task
 from pipeline.base.utils import PipelineError, WriteError, warn, write_csv_atomic
 from pipeline.ensembling.decode import cross_fitted_score, grade_to_probs
 from pipeline.inference.engine import (
-    autocast,
     clean_image_errors,
     predict_logits,
     progress,
@@ -32,6 +31,7 @@ from pipeline.inference.engine import (
 )
 from pipeline.models.finetune import freeze_body, unfreeze
 from pipeline.training.checkpoints import Checkpoints, LoopState
+from pipeline.training.fitting import backward_in_passes, pass_after_out_of_memory
 from pipeline.training.parts import Parts, RunSpec
 
 # Epochs in a row that a fold may predict a single class before training says so: the first
@@ -54,26 +54,33 @@ class Trainer:
     """Trains one model (a fold, or the full-data refit) with the parts built for it."""
 
     def __init__(self, train: TrainConfig, parts: Parts, spec: RunSpec,
-                 checkpoints: Checkpoints, task: Task):
+                 checkpoints: Checkpoints, task: Task, micro_batch: int | None = None):
         self.train, self.parts, self.spec = train, parts, spec
+        self.micro_batch = micro_batch  # images a pass (fitting.py); None: the whole batch
         # The task alone says how an epoch is scored and chosen (task.epoch_rule): never
         # ensemble.decode nor the sample submission, which are no training settings.
         self.checkpoints, self.task = checkpoints, task
         self.scorer, self.head = task, task.head  # a Task is a Scorer
         self.state = LoopState()
         self.saved_epoch = -1  # the last epoch whose last.pt was written (a resume goes on after)
-        self._warned_undefined = False
+        self.selection = EpochSelection(spec.tag, task)
         self.collapse = CollapseWatch(spec.tag, task, train)
 
     def fit(self) -> dict[str, Any]:
-        c, state = self.train, self.checkpoints.resume(self.parts, self.spec.tag)
-        self.state, self.saved_epoch = state, state.epoch - 1
-        log = read_log(self.spec.part.log, state.epoch)
-        for epoch in range(state.epoch, c.epochs):
-            started = time.perf_counter()
+        c = self.train
+        log = self.rewind()
+        epoch = self.state.epoch
+        while epoch < c.epochs:
+            state, started = self.state, time.perf_counter()
             row: dict[str, Any] = {"epoch": epoch + 1,
-                                   "stage": "head" if epoch < c.head_only_epochs else "all",
-                                   "train_loss": self.train_epoch(epoch)}
+                                   "stage": "head" if epoch < c.head_only_epochs else "all"}
+            try:
+                row["train_loss"] = self.train_epoch(epoch)
+            except torch.OutOfMemoryError:
+                pass  # handled below: the error's tensors are freed once this block ends
+            if "train_loss" not in row:
+                log, epoch = self.after_out_of_memory(epoch), self.state.epoch
+                continue
             improved = True  # the refit (nothing to validate): every epoch is the newest best
             if self.parts.valid_loader is not None:
                 row.update(self.validation_row(epoch))
@@ -96,10 +103,33 @@ class Trainer:
             if stop:
                 print(f"{self.spec.tag}: early stop, no improvement for {c.early_stopping} epochs")
                 break
+            epoch += 1
+        state = self.state
         self.checkpoints.average_top(self.parts, state, self.spec.tag)
         distributed.barrier()  # every rank reads best.pt (the averaged one) from here on
         return {"best_score": state.best, "best_epoch": state.best_epoch + 1, "epochs": len(log),
                 "seconds": round(sum(r["seconds"] for r in log), 1)}
+
+    def rewind(self) -> list[dict[str, Any]]:
+        """Go on from last.pt (a new run writes one first, so an out-of-memory error in its
+        first epoch has weights to go back to): the loop's state and the log up to it."""
+        if not self.checkpoints.resumable():
+            with saving(self.spec, self.saved_epoch, 0):
+                self.checkpoints.save_start(self.parts)
+        self.state = self.checkpoints.resume(self.parts, self.spec.tag)
+        self.state.micro_batch = smaller_pass(self.micro_batch, self.state.micro_batch)
+        self.saved_epoch = self.state.epoch - 1
+        return read_log(self.spec.part.log, self.state.epoch)
+
+    def after_out_of_memory(self, epoch: int) -> list[dict[str, Any]]:
+        """A training pass ran out of GPU memory: halve the pass and go on from last.pt with
+        the same batches and optimiser steps (fitting.py). Under torchrun every rank would have
+        to change together, so there it stops with the setting to run again with."""
+        self.parts.optimizer.zero_grad(set_to_none=True)
+        self.micro_batch = pass_after_out_of_memory(
+            self.state.micro_batch, distributed.per_rank_batch(self.train.batch_size),
+            f"{self.spec.tag} epoch {epoch + 1}", self.spec.part.last)
+        return self.rewind()
 
     # ---- one epoch -----------------------------------------------------------------------
 
@@ -120,7 +150,7 @@ class Trainer:
         seen, start = 0, time.perf_counter()
         micro_batches = parts.steps_per_epoch * c.accumulate  # an incomplete last step is dropped
         bar = progress(parts.train_loader, f"{self.spec.tag} epoch {epoch + 1}/{c.epochs}")
-        with clean_image_errors():
+        with clean_image_errors(), contextlib.closing(bar):
             for step, (images, targets) in enumerate(bar):
                 if step >= micro_batches:
                     break
@@ -132,13 +162,14 @@ class Trainer:
                     rate = seen / (time.perf_counter() - start)
                     bar.set_postfix(loss=f"{float(running) / seen:.4f}", img_s=f"{rate:.0f}",
                                     refresh=False)
-        bar.close()
         total, count = distributed.all_sum([float(running), seen])  # over every rank's images
         return total / max(count, 1)
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor, first: bool = True,
                    last: bool = True) -> torch.Tensor:
-        """One micro-batch; the optimiser steps after the `last` of train.accumulate of them."""
+        """One loaded batch, its mean loss; the optimiser steps after the `last` of
+        train.accumulate of them. The batch goes through the model in passes of at most
+        state.micro_batch images (fitting.py), each pass's loss weighted by its share."""
         c, parts = self.train, self.parts
         images = parts.normalizer(images.to(parts.device, non_blocking=True))
         targets = targets.to(parts.device, non_blocking=True)
@@ -146,16 +177,11 @@ class Trainer:
             images, targets = parts.mixer(images, targets)  # targets: (B, C) soft
         if first:
             parts.optimizer.zero_grad(set_to_none=True)
-        # Under DDP the gradients are averaged across ranks only on the step's last micro-batch.
-        sync = contextlib.nullcontext() if last or not hasattr(parts.forward_model, "no_sync") \
-            else parts.forward_model.no_sync()
-        with sync:
-            with autocast(parts.device, parts.dtype):
-                loss = parts.criterion(parts.forward_model(images).float(), targets)
-            parts.scaler.scale(loss / c.accumulate).backward()
+        mean = backward_in_passes(parts, images, targets, self.state.micro_batch,
+                                  scale=1 / c.accumulate, last=last)
         if last:
             self.optimizer_step()
-        return loss
+        return mean
 
     def optimizer_step(self) -> None:
         parts = self.parts
@@ -197,22 +223,6 @@ class Trainer:
         row["selection"] = selection_value(self.task, targets, views, loss)
         return row
 
-    def selection(self, row: dict[str, Any]) -> tuple[str, float]:
-        """(metric, value) that picks the best epoch: the task's rule (`selection`), or the
-        validation loss where the metric is undefined on this fold (ROC-AUC of a fold holding one
-        class): a NaN never improves, and a fold without best.pt could never be predicted.
-        The metric "log_loss" stands for any lower-is-better value (the loss rule)."""
-        value = row["selection"]
-        if self.task.epoch_rule is EpochRule.LOSS:
-            return "log_loss", value
-        if not np.isnan(value):
-            return self.scorer.metric, value
-        if not self._warned_undefined:
-            warn(f"{self.spec.tag}: {self.scorer.metric} is undefined on this validation fold (a "
-                 f"class is missing from it): its best epoch is chosen by the validation loss")
-            self._warned_undefined = True
-        return "log_loss", row["valid_loss"]
-
     def keep(self, epoch: int, row: dict[str, Any], improved: bool) -> None:
         """best.pt when the epoch improved; the top-k weights (train.average_best)."""
         state, validated = self.state, "valid_loss" in row
@@ -220,7 +230,7 @@ class Trainer:
             state.best = self.selection(row)[1] if validated else None
             state.best_epoch = epoch
             if distributed.is_main():
-                with self.saving(epoch):
+                with saving(self.spec, self.saved_epoch, epoch):
                     self.checkpoints.save_best(self.parts, epoch, state.best, self.scorer.metric)
         if validated:
             self.checkpoints.keep_top(self.parts, state, epoch, self.selection(row))
@@ -229,26 +239,50 @@ class Trainer:
         if distributed.is_main():  # rank 0 writes; in one process: always
             # The log before last.pt: a kill in between leaves a row that a resume drops
             # (read_log), never a checkpoint whose epoch the log lacks.
-            with self.saving(epoch):
+            with saving(self.spec, self.saved_epoch, epoch):
                 write_csv_atomic(pd.DataFrame(log), self.spec.part.log)
                 self.checkpoints.save_last(self.parts, self.state, epoch, finished)
             self.saved_epoch = epoch
         distributed.barrier()  # the other ranks may read best.pt from here on
 
-    @contextlib.contextmanager
-    def saving(self, epoch: int):
-        """A failed write (a full disk) says what it left: the last good checkpoint to resume."""
-        try:
-            yield
-        except WriteError as err:
-            last, tag = self.spec.part.last, self.spec.tag
-            if self.saved_epoch >= 0:
-                left = (f"{last} still holds epoch {self.saved_epoch + 1}: free the space and run "
-                        f"the same command again to resume from it")
-            else:
-                left = "no epoch of it was saved yet: free the space and run the command again"
-            raise WriteError(f"{err}\n{tag}: training stopped in epoch {epoch + 1}; {left}") \
-                from None
+
+@contextlib.contextmanager
+def saving(spec: RunSpec, saved_epoch: int, epoch: int):
+    """A failed write (a full disk) says what it left: the last good checkpoint to resume
+    (`saved_epoch`: the last epoch last.pt holds, -1 for none)."""
+    try:
+        yield
+    except WriteError as err:
+        if saved_epoch >= 0:
+            left = (f"{spec.part.last} still holds epoch {saved_epoch + 1}: free the space and "
+                    f"run the same command again to resume from it")
+        else:
+            left = "no epoch of it was saved yet: free the space and run the command again"
+        raise WriteError(f"{err}\n{spec.tag}: training stopped in epoch {epoch + 1}; {left}") \
+            from None
+
+
+class EpochSelection:
+    """(metric, value) that picks the best epoch from a log row: the task's rule (`selection`),
+    or the validation loss where the metric is undefined on this fold (ROC-AUC of a fold holding
+    one class): a NaN never improves, and a fold without best.pt could never be predicted. The
+    metric "log_loss" stands for any lower-is-better value (the loss rule)."""
+
+    def __init__(self, tag: str, task: Task):
+        self.tag, self.task = tag, task
+        self.warned_undefined = False
+
+    def __call__(self, row: dict[str, Any]) -> tuple[str, float]:
+        value = row["selection"]
+        if self.task.epoch_rule is EpochRule.LOSS:
+            return "log_loss", value
+        if not np.isnan(value):
+            return self.task.metric, value
+        if not self.warned_undefined:
+            warn(f"{self.tag}: {self.task.metric} is undefined on this validation fold (a class "
+                 f"is missing from it): its best epoch is chosen by the validation loss")
+            self.warned_undefined = True
+        return "log_loss", row["valid_loss"]
 
 
 def output_views(probs: np.ndarray, grade: np.ndarray | None, task: Task) -> list[np.ndarray]:
@@ -305,6 +339,11 @@ class CollapseWatch:
             warn(f"{self.tag}: predicts only {what} {self.scorer.classes[index]} since epoch "
                  f"{first + 1}: {self.remedy}; training goes on")
             self.warned = True
+
+
+def smaller_pass(a: int | None, b: int | None) -> int | None:
+    """The smaller of two passes' images (None: the whole batch, larger than any)."""
+    return min((n for n in (a, b) if n), default=None)
 
 
 def read_log(path: Path, next_epoch: int) -> list[dict[str, Any]]:

@@ -78,6 +78,7 @@ class RunSpec:
     # the pseudo-labelled test images (paths, target distributions (N, C)) that join the
     # training part only, read when the run is built (not for a run that is current)
     pseudo: Callable[[], tuple[list[Path], np.ndarray] | None] | None = None
+    micro_batches: Path | None = None  # train.micro_batch: auto's measurements (Layout)
 
 
 @dataclass
