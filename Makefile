@@ -25,6 +25,9 @@ SEEDS ?=
 PARTIAL ?=
 KEEP_GOING ?=
 ARGS ?=
+STEPS ?=
+START ?=
+END ?=
 GPUS ?=
 PARALLEL ?=
 NNODES ?= 1
@@ -55,7 +58,7 @@ IDENTITY = $(if $(NAME),--name $(NAME)) $(if $(SEEDS),--seeds "$(SEEDS)")
 EXPERIMENTS = $(if $(MODELS),--models "$(MODELS)" $(if $(KEEP_GOING),--keep-going),--model $(MODEL))
 OVERRIDES = $(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(TTA),tta.views=$(TTA)) $(ARGS)
 
-.PHONY: help install demo demo-data check folds train predict ensemble refit pseudo runs status audit report bundle cache weights bench test test-all clean
+.PHONY: help install demo demo-data check folds train predict ensemble refit pseudo runs status audit report bundle cache weights lr bench test test-all clean
 
 help: ## list the targets and variables
 	@echo "usage: make TARGET [DATA=digits] [MODEL=resnet18] [FOLDS=0,2] [EPOCHS=n] [TTA=d4] [FORCE=1] [ARGS='k=v ...']"
@@ -105,6 +108,10 @@ status: ## what each stage of MODEL was made from (fingerprints) and whether it 
 
 audit: ## duplicates, train/test shift (and with MODEL=, label suspects) -> audit/DATA/
 	$(RUN) audit --data $(DATA) $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL)) $(if $(FORCE),--force) $(if $(NAME),--name $(NAME)) $(ARGS)
+
+lr: ## a learning-rate sweep of MODEL on fold 0: the curve (lr_sweep.png), a suggested train.lr [STEPS=100 START=1e-7 END=10]
+	$(RUN) lr --data $(DATA) --model $(MODEL) $(if $(NAME),--name $(NAME)) $(if $(STEPS),--steps $(STEPS)) \
+		$(if $(START),--start $(START)) $(if $(END),--end $(END)) $(ARGS)
 
 weights: ## fetch MODEL's pretrained weights ahead (a timm model from the hub) -> OUT (default weights/)
 	$(RUN) weights --data $(DATA) --model $(MODEL) $(if $(OUT),--out $(OUT)) $(ARGS)

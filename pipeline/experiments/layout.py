@@ -153,6 +153,14 @@ class Experiment:
         return self.dir / "dataset_stats.json"
 
     @property
+    def lr_sweep_csv(self) -> Path:  # `make lr`: the loss at each learning rate of the sweep
+        return self.dir / "lr_sweep.csv"
+
+    @property
+    def lr_sweep_png(self) -> Path:
+        return self.dir / "lr_sweep.png"
+
+    @property
     def lock(self) -> Path:
         """One process at a time trains, predicts or refits it (locks.py); kept in the
         competition's lock folder, so a refused command leaves no experiment folder behind."""

@@ -33,6 +33,14 @@ def pyplot():
     return plt
 
 
+def matplotlib_ticker():
+    """matplotlib.ticker, imported with pyplot (see pyplot)."""
+    pyplot()
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
 def plain_text(draw):
     """Run a drawer (its texts and its save) under PLAIN_TEXT."""
     @functools.wraps(draw)
@@ -113,6 +121,30 @@ def write_curves(log: pd.DataFrame, metric: str, path: Path) -> None:
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save(fig, path)
+
+
+@plain_text
+def write_lr_sweep(sweep: pd.DataFrame, suggested: float, current: float, path: Path) -> None:
+    """The learning-rate finder's curve: each step's loss (faint) and its smoothed average over
+    a logarithmic learning rate, the suggestion and the experiment's train.lr marked."""
+    fig, ax = pyplot().subplots(figsize=(7, 4))
+    ax.plot(sweep["lr"], sweep["loss"], color="tab:blue", alpha=0.25, lw=1, label="loss")
+    ax.plot(sweep["lr"], sweep["smoothed"], color="tab:blue", lw=2, label="smoothed")
+    ax.axvline(suggested, color="tab:green", ls="--", label=f"suggested {suggested:.2g}")
+    ax.axvline(current, color="tab:gray", ls=":", label=f"train.lr now {current:.2g}")
+    ax.set_xscale("log")
+    ticker = matplotlib_ticker()  # plain numbers: the log axis's own labels are TeX
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    low, high = sweep["smoothed"].min(), sweep["smoothed"].iloc[: max(len(sweep) // 10, 1)].max()
+    if high > low:  # the fall, not the blow-up at its end
+        ax.set_ylim(low - 0.1 * (high - low), high + 0.5 * (high - low))
+    ax.set_xlabel("learning rate (train.lr)")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     save(fig, path)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,7 +263,11 @@ def experiment_figures(state: ExperimentState, losses: pd.DataFrame,
                                                 list(config.data.classes))
     confusion = report.images / f"{state.name}.confusion.png"
     plots.plot_confusion(counts, normalised, confusion)
-    return {"curves": curves, "confusion": confusion}
+    figures = {"curves": curves, "confusion": confusion}
+    if state.exp.lr_sweep_png.is_file():  # `make lr`'s curve, as it drew it
+        figures["lr_sweep"] = report.images / f"{state.name}.lr_sweep.png"
+        shutil.copyfile(state.exp.lr_sweep_png, figures["lr_sweep"])
+    return figures
 
 
 def experiment_context(state: ExperimentState, defaults: Config, report: Report,
@@ -431,6 +436,8 @@ def experiment_inputs(state: ExperimentState, config: Config, defaults: Config) 
     texts = [p.train_manifest.read_text() if p.train_manifest.is_file() else "" for p in parts]
     texts += [p.predict_manifest.read_text() if p.predict_manifest.is_file() else ""
               for p in parts]
+    sweep = state.exp.lr_sweep_csv
+    texts.append(sweep.read_text() if sweep.is_file() else "")  # `make lr`'s curve, when made
     return {"experiment": fingerprint(texts), "status": fingerprint(state.status()),
             "settings": fingerprint(settings_rows(state.config, defaults)),
             "report": fingerprint(config.report.model_dump()), "format": str(PAGE_FORMAT)}

@@ -154,15 +154,21 @@ def pseudo_rows(data: DataConfig, pseudo: str | None, layout: Layout,
     return test_image_paths(data, ids), targets
 
 
+def fold_spec(config: Config, layout: Layout, folds: pd.DataFrame, fold: int, *,
+              inputs: dict[str, str]) -> RunSpec:
+    """What fold `fold` of the experiment trains on and validates with."""
+    part = layout.experiment(config.run_name).fold(fold)
+    train_rows = training_rows(folds[folds["fold"] != fold], config.train.exclude)
+    return RunSpec(part=part, train_rows=Rows.of(train_rows),
+                   valid_rows=Rows.of(folds[folds["fold"] == fold]), seed=config.train.seed + fold,
+                   tag=f"fold {fold}", inputs=inputs, micro_batches=layout.micro_batches,
+                   pseudo=lambda: pseudo_rows(config.data, config.train.pseudo, layout, part.name))
+
+
 def train_fold(config: Config, layout: Layout, plan: Plan, fold: int, *, force: bool) -> None:
     """Train one fold of the plan (every rank, under torchrun)."""
-    folds, exp = plan.folds, layout.experiment(config.run_name)
-    part = exp.fold(fold)
-    train_rows = training_rows(folds[folds["fold"] != fold], config.train.exclude)
-    spec = RunSpec(part=part, train_rows=Rows.of(train_rows),
-                   valid_rows=Rows.of(folds[folds["fold"] == fold]), seed=config.train.seed + fold,
-                   tag=f"fold {fold}", inputs=plan.inputs, micro_batches=layout.micro_batches,
-                   pseudo=lambda: pseudo_rows(config.data, config.train.pseudo, layout, part.name))
+    spec = fold_spec(config, layout, plan.folds, fold, inputs=plan.inputs)
+    part = spec.part
     details = {**plan.details, "fold": fold, "train_rows": len(spec.train_rows.ids),
                "valid_rows": len(spec.valid_rows.ids)}
     train_part(config, spec, details, force,

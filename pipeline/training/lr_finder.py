@@ -1,0 +1,91 @@
+"""The learning-rate finder: a short sweep of the learning rate, growing exponentially step by
+step, on fold 0's training rows, with the loss at each step (fastai's `lr_find`, Lightning's
+`Tuner.lr_find`, after Smith 2015, "Cyclical learning rates").
+
+    frame = sweep(config, spec, start=1e-7, end=10, steps=100)   # lr, loss, smoothed
+    lr = suggestion(frame)     # the steepest fall of the smoothed loss, before its minimum
+
+The sweep trains the real model, loss, precision and batches of the experiment (the trainer's
+own step), from the weights a fold starts from, and writes nothing: the experiment's folds are
+untouched. Only the learning rate differs: it multiplies every parameter group's (the body's
+`train.body_lr_mult` kept), starting at `start` and ending at `end`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.base.config import Config
+from pipeline.base.utils import PipelineError
+from pipeline.inference.engine import clean_image_errors, progress
+from pipeline.training.parts import RunSpec
+from pipeline.training.run import make_trainer
+
+SMOOTHING = 0.98  # the loss's exponential moving average (fastai's and Lightning's beta)
+DIVERGED = 4.0  # the sweep stops once the smoothed loss passes this many times its lowest
+SKIP_START = 0.1  # the first tenth of the sweep: the average has not settled yet
+
+
+def sweep(config: Config, spec: RunSpec, *, start: float, end: float,
+          steps: int) -> pd.DataFrame:
+    """One row per optimiser step: the learning rate `train.lr` stood for at that step, the
+    batch's loss and its smoothed (bias-corrected) average."""
+    if not 0 < start < end:
+        raise PipelineError(f"the sweep runs from start to end: 0 < start < end (got {start:g} "
+                            f"to {end:g})")
+    trainer = make_trainer(config, spec)
+    parts, lr = trainer.parts, config.train.lr
+    growth = (end / start) ** (1 / max(steps - 1, 1))
+    parts.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        parts.optimizer, lambda step: start * growth ** min(step, steps - 1) / lr)
+    trainer.state.micro_batch = trainer.micro_batch
+    rows, average, lowest = [], 0.0, math.inf
+    bar = progress(range(steps), f"{spec.tag} learning-rate sweep")
+    with clean_image_errors():
+        for index, (images, targets) in enumerate(batches(trainer, steps)):
+            at = start * growth ** index  # what the step trains at (its scheduler's factor)
+            loss = float(trainer.train_step(images, targets))
+            average = SMOOTHING * average + (1 - SMOOTHING) * loss
+            smoothed = average / (1 - SMOOTHING ** (index + 1))
+            rows.append({"lr": at, "loss": loss, "smoothed": smoothed})
+            bar.update()
+            lowest = min(lowest, smoothed)
+            if not math.isfinite(loss) or smoothed > DIVERGED * lowest:
+                break
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def batches(trainer, steps: int):
+    """`steps` training batches, in the order of the run's epochs 0, 1, ... (as many epochs as
+    the sweep needs), the model in training mode."""
+    parts, seed, given = trainer.parts, trainer.spec.seed, 0
+    parts.forward_model.train()
+    for epoch in range(steps):
+        torch.manual_seed(seed + epoch)
+        parts.generator.manual_seed(seed + epoch)
+        parts.sampler.set_epoch(epoch)
+        for batch in parts.train_loader:
+            yield batch
+            given += 1
+            if given == steps:
+                return
+
+
+def suggestion(frame: pd.DataFrame) -> float:
+    """The learning rate where the smoothed loss falls fastest (per decade of learning rate),
+    between the sweep's first tenth and the loss's lowest point: Lightning's suggestion, which
+    fastai calls `steep`."""
+    first = int(len(frame) * SKIP_START)  # one lucky first batch is no lowest point
+    lowest = first + int(frame["smoothed"].to_numpy()[first:].argmin())
+    if lowest - first < 3:
+        raise PipelineError(f"the loss did not fall during the sweep (lowest at step "
+                            f"{lowest + 1} of {len(frame)}): start it lower (make lr START=1e-8) "
+                            f"or give it more steps (STEPS=300)")
+    lrs = frame["lr"].to_numpy()
+    slope = np.gradient(frame["smoothed"].to_numpy(), np.log10(lrs))  # central differences
+    return float(lrs[first + slope[first:lowest].argmin()])
