@@ -21,7 +21,13 @@ from torch import nn
 from pipeline.models.factory import create_model, is_timm_name, model_input_config
 from pipeline.models.finetune import freeze_body, head_parameters, param_groups, unfreeze
 from pipeline.models.resnet import ARCHS, CIFAR, BasicBlock, Bottleneck, create_resnet
-from pipeline.models.weights import WeightsMismatchError, WeightsNotFoundError
+from pipeline.models.weights import (
+    WeightsMismatchError,
+    WeightsNotFoundError,
+    downloaded_file,
+    torch_hub_checkpoints,
+    torchvision_url,
+)
 
 IMAGENET_NAMES = [n for n, (_, _, family) in ARCHS.items() if family is not CIFAR]
 CIFAR_NAMES = [n for n, (_, _, family) in ARCHS.items() if family is CIFAR]
@@ -263,7 +269,8 @@ def test_missing_weights_fail_fast_and_say_how_to_fix(name, empty_caches, monkey
     message = str(error.value)
     assert str(weights_dir) in message and "model.weights" in message
     assert ("timm cache" in message) == name.startswith("timm/")
-    assert ("HF_HUB_OFFLINE is set" in message) == name.startswith("timm/")
+    assert ("torch's cache" in message) == (name == "resnet18")  # torchvision's weights
+    assert "HF_HUB_OFFLINE is set" in message
     with pytest.raises(WeightsNotFoundError, match="does not exist"):
         create_model(name, 10, weights=empty_caches / "nope.safetensors")
 
@@ -432,3 +439,50 @@ def test_freeze_body_trains_only_the_head():
     assert model.fc.weight.grad is not None
     unfreeze(model)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def _torchvision_file(tmp_path, seed: int) -> tuple[dict, bytes]:
+    """Our resnet18's weights as torchvision's registry serves its own: a torch .pth."""
+    torch.manual_seed(seed)
+    state = create_resnet("resnet18", 1000).state_dict()
+    torch.save(state, tmp_path / "served.pth")
+    return state, (tmp_path / "served.pth").read_bytes()
+
+
+def test_torchvision_weights_download_with_their_hash_checked(fake_hub, empty_caches):
+    """torchvision's way: the file's name carries the start of its SHA-256, checked on the
+    download; a file that fails the check is deleted, never left in the cache."""
+    _, data = _torchvision_file(empty_caches, 7)
+    name = f"resnet18-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    base = f"http://127.0.0.1:{fake_hub.server_port}/models"
+    fake_hub.files[f"/models/{name}"] = data
+    fake_hub.files["/models/resnet18-00000000.pth"] = data  # the wrong content for its name
+    cache = torch_hub_checkpoints()
+    assert cache == empty_caches / "torch" / "hub" / "checkpoints"  # $TORCH_HOME, read now
+    path, what = downloaded_file(f"{base}/{name}", cache)
+    assert path == cache / name and path.read_bytes() == data and what.startswith("downloaded")
+    path, what = downloaded_file(f"{base}/resnet18-00000000.pth", cache)
+    assert path is None and "hash" in what
+    assert sorted(p.name for p in cache.iterdir()) == [name]
+
+
+def test_our_resnet_loads_torchvision_weights_from_torch_cache_offline(empty_caches, monkeypatch,
+                                                                      fake_hub):
+    """resnet18 with `pretrained: true` and nothing in weights/: torchvision's ImageNet file in
+    torch's cache, under the registry's name, loads (a fresh head for 5 classes) with the
+    network off; with the file missing, the download from a mirror serving other bytes under
+    that name is refused by the hash check, and the error says what to do."""
+    state, data = _torchvision_file(empty_caches, 8)
+    registry_name = torchvision_url("resnet18").rsplit("/", 1)[1]  # resnet18-f37072fd.pth
+    monkeypatch.setenv("PIPELINE_TORCHVISION_MIRROR",
+                       f"http://127.0.0.1:{fake_hub.server_port}/models/")
+    fake_hub.files[f"/models/{registry_name}"] = data
+    with pytest.raises(WeightsNotFoundError, match=r"(?s)hash.*make weights MODEL=resnet18"):
+        create_model("resnet18", 5, pretrained=True, weights_dir=empty_caches / "no")
+    assert not any(torch_hub_checkpoints().iterdir())
+
+    (torch_hub_checkpoints() / registry_name).write_bytes(data)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = create_model("resnet18", 5, pretrained=True, weights_dir=empty_caches / "no")
+    assert torch.equal(model.conv1.weight, state["conv1.weight"])
+    assert model.fc.out_features == 5

@@ -8,6 +8,12 @@ Where the weights of model `name` are looked for, first hit wins:
    .safetensors, .pth, .pt:
    - ours, e.g. `resnet18`:        weights/resnet18.safetensors|.pth|.pt
    - timm, e.g. `timm/resnet50`:   weights/timm-resnet50.*, then weights/resnet50.*
+3. our resnet18..152: torch's hub cache ($TORCH_HOME/hub/checkpoints, else
+   ~/.cache/torch/hub/checkpoints), where torchvision keeps its ImageNet weights (the same keys:
+   our ResNet is torchvision's layout), under the name its weight registry gives; then, on first
+   use, downloaded from that registry's URL (`get_model_weights(name).DEFAULT`, the newest
+   weights) with torch.hub's progress bar and its SHA-256 check of the name's hash prefix.
+   `PIPELINE_TORCHVISION_MIRROR` (a URL ending in /) serves the same file names from elsewhere.
 3. timm names only: the local Hugging Face hub cache ($HF_HUB_CACHE, else $HF_HOME/hub, else
    ~/.cache/huggingface/hub), i.e. the files `timm.create_model(name, pretrained=True)` leaves
    there when run once with internet.
@@ -15,8 +21,8 @@ Where the weights of model `name` are looked for, first hit wins:
    into that cache, as timm's own loader does (`hf_hub_download` of the repo and file timm's
    pretrained_cfg names), with the hub's progress bar; later runs find it in step 3, offline.
    Not with HF_HUB_OFFLINE=1 (code competitions' notebooks have no internet: the weights travel
-   in weights/ or the bundle); a failed download is an error that says why and what to put
-   where.
+   in weights/ or the bundle; it stops torchvision's download too); a failed download is an
+   error that says why and what to put where.
 
 The cache is read with `huggingface_hub.try_to_load_from_cache`, a plain file lookup, and the
 settings (HF_HUB_OFFLINE, HF_ENDPOINT, the cache folder) are read from the environment when the
@@ -46,6 +52,8 @@ from pipeline.base.utils import PipelineError
 from pipeline.models.names import TIMM_PREFIX
 
 SUFFIXES = (".safetensors", ".pth", ".pt")
+# our models whose ImageNet weights torchvision's registry has, in the same layout
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub repos hold
 _SHOW = 5  # keys named in an error message
 logger = logging.getLogger(__name__)
@@ -217,6 +225,41 @@ def downloaded_timm_weights(pretrained_cfg: dict) -> tuple[Path | None, str]:
     return None, f"{repo_id} holds none of {', '.join(filenames)}"
 
 
+def torchvision_url(name: str) -> str | None:
+    """The URL of torchvision's default ImageNet weights for our model `name` (resnet18..152),
+    a mirror's when PIPELINE_TORCHVISION_MIRROR is set; None for a model torchvision lacks."""
+    if name not in TORCHVISION_RESNETS:
+        return None
+    from torchvision.models import get_model_weights
+
+    url = get_model_weights(name).DEFAULT.url
+    mirror = os.environ.get("PIPELINE_TORCHVISION_MIRROR")
+    return mirror.rstrip("/") + "/" + url.rsplit("/", 1)[1] if mirror else url
+
+
+def torch_hub_checkpoints() -> Path:
+    """torch.hub's checkpoint folder, from $TORCH_HOME read now."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def downloaded_file(url: str, folder: Path) -> tuple[Path | None, str]:
+    """(the file, or None, and what happened) of `url` fetched into `folder` under its own name,
+    as torchvision fetches its weights: torch.hub's download (a temporary file renamed into
+    place, a progress bar) with the SHA-256 check of the hash prefix in the name
+    (`resnet18-f37072fd.pth`); a file that fails it is deleted."""
+    target = folder / url.rsplit("/", 1)[1]
+    prefix = torch.hub.HASH_REGEX.search(target.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(target), prefix.group(1) if prefix else None,
+                                       progress=True)
+    except Exception as err:  # noqa: BLE001 - no network, 404, a hash mismatch: said, not raised
+        target.unlink(missing_ok=True)
+        return None, (f"the download of {url} failed: {type(err).__name__}: "
+                      f"{str(err).splitlines()[0] if str(err) else ''}")
+    return target, f"downloaded {url}"
+
+
 def find_weights(name: str, weights: str | Path | None, weights_dir: str | Path,
                  pretrained_cfg: dict | None = None) -> Path:
     """Resolve the weights file of model `name` (see the module docstring for the order)."""
@@ -231,6 +274,20 @@ def find_weights(name: str, weights: str | Path | None, weights_dir: str | Path,
         if path.is_file():
             return path
     looked = [str(p) for p in candidates]
+    url = torchvision_url(name)
+    if url is not None:
+        cached = torch_hub_checkpoints() / url.rsplit("/", 1)[1]
+        if cached.is_file():
+            return cached
+        looked.append(f"torchvision's weights in torch's cache: {cached}")
+        if offline():
+            looked.append("no download: HF_HUB_OFFLINE is set")
+        else:
+            fetched, what = downloaded_file(url, cached.parent)
+            if fetched is not None:
+                logger.info("%s: %s into %s", name, what, cached.parent)
+                return fetched
+            looked.append(what)
     if name.startswith(TIMM_PREFIX):
         cached, where = timm_cached_file(pretrained_cfg or {})
         if cached is not None:
@@ -254,6 +311,9 @@ def _not_found_message(name: str, weights_dir: str | Path, looked: list[str]) ->
     if name.startswith(TIMM_PREFIX):
         remedies.append("or run once with internet (HF_HUB_OFFLINE unset) to fill the timm "
                         "cache ($HF_HOME)")
+    elif name in TORCHVISION_RESNETS:
+        remedies.append("or run once with internet (HF_HUB_OFFLINE unset) to fill torch's "
+                        f"cache ($TORCH_HOME), or `make weights MODEL={name}` on a machine with it")
     remedies.append("or set model.pretrained=false to train from scratch")
     return (f"pretrained weights for {name} not found; looked at:\n  " + "\n  ".join(looked)
             + "\nTo fix: " + ", ".join(remedies) + ".")

@@ -2,10 +2,11 @@
 
     make weights MODEL=timm-resnet50                 # into model.weights_dir (weights/)
     make weights MODEL=timm/convnext_tiny OUT=kaggle-weights
+    make weights MODEL=resnet50 OUT=kaggle-weights   # torchvision's ImageNet weights
 
 The weights are found as `model.pretrained: true` finds them (pipeline/models/weights.py: the
-weights folder, `model.weights`, the Hugging Face cache, a timm model downloaded from the hub on
-first use) and written as `<OUT>/<name>.safetensors` (`timm-<name>` for timm models), the first
+weights folder, `model.weights`, the torch and Hugging Face caches, torchvision's registry or
+the hub on first use) and written as `<OUT>/<name>.safetensors` (`timm-<name>` for timm models), the first
 name a run looks for in `model.weights_dir`. A code competition's notebook has no internet:
 upload the folder as a Kaggle dataset and set `model.weights_dir=/kaggle/input/<dataset>`.
 """
