@@ -242,6 +242,10 @@ Transform = dict[str, dict[str, Any]]  # one albumentations transform: {Name: {a
 
 class AugmentConfig(_Section):
     image_size: int = Field(224, ge=8)  # pixels, square; the model's input size
+    # Progressive resizing: {first epoch (1-based, as the log counts): size}, e.g. {1: 128, 9: 256}
+    # trains epochs 1-8 at 128 px and the rest at 256. The largest size, which must be the last
+    # and image_size, is the one validated, cached and predicted at. {}: image_size throughout.
+    sizes: dict[int, Annotated[int, Field(ge=8)]] = Field(default_factory=dict)
     # area: alias-free shrinking of large photos; linear/cubic: enlarging small images (digits)
     interpolation: Literal["area", "linear", "cubic", "nearest"] = "area"
     train: list[Transform] = Field(default_factory=list)  # after the resize; any albumentations
@@ -257,6 +261,21 @@ class AugmentConfig(_Section):
             if len(item) != 1:
                 raise ValueError(f"each transform is one 'Name: {{args}}' mapping, got {item}")
         return value
+
+    @model_validator(mode="after")
+    def _sizes_end_at_image_size(self) -> AugmentConfig:
+        if not self.sizes:
+            return self
+        firsts = sorted(self.sizes)
+        if firsts[0] != 1:
+            raise ValueError(f"sizes: the schedule starts at epoch 1 (its keys are the first "
+                             f"epoch of each size, counted from 1), got {self.sizes}")
+        last = self.sizes[firsts[-1]]
+        if last != self.image_size or max(self.sizes.values()) != last:
+            raise ValueError(f"sizes {self.sizes}: the last size is the largest and is "
+                             f"image_size, the one validated and predicted at; set "
+                             f"augment.image_size={max(self.sizes.values())} and end with it")
+        return self
 
     @model_validator(mode="after")
     def _custom_needs_stats(self) -> AugmentConfig:
@@ -381,6 +400,10 @@ class TTAConfig(_Section):
     reduce: Literal["mean", "geomean"] = "mean"
     shift: float = 0.1  # shifts: fraction of the image size
     scale: float = 0.1  # scales: +/- this zoom factor
+    # Predict at this size instead of augment.image_size: above it, the train/test resolution
+    # discrepancy (Touvron et al. 2019, FixRes: random-crop training sees objects larger than a
+    # centred test image at the same size). The images are read at it (a cache of its own).
+    image_size: int | None = Field(None, ge=8)
 
 
 class PseudoConfig(_Section):
@@ -741,7 +764,7 @@ def identity_suffix(base: dict[str, Any], overridden: dict[str, Any]) -> str:
     it) and its value; past NAME_SUFFIX_MAX characters, 'h' + 8 hex digits of
     the changed settings instead, so a long list of overrides still names one folder.
     """
-    before, after = training_settings(base), training_settings(overridden)
+    before, after = (_schedule_as_leaf(training_settings(m)) for m in (base, overridden))
     changes = changed_keys(before, after)
     if not changes:
         return ""
@@ -761,6 +784,16 @@ def identity_suffix(base: dict[str, Any], overridden: dict[str, Any]) -> str:
         digest = hashlib.sha256("\n".join(changes).encode()).hexdigest()[:8]
         suffix = f"h{digest}"
     return suffix
+
+
+def _schedule_as_leaf(settings: dict[str, Any]) -> dict[str, Any]:
+    """augment.sizes as one value ('1:128,9:256'), so a name spells the schedule as one setting
+    (`sizes1-128-9-256`), not each epoch as a setting of its own."""
+    augment = settings.get("augment")
+    if not isinstance(augment, dict) or not augment.get("sizes"):
+        return settings
+    sizes = ",".join(f"{first}:{size}" for first, size in sorted(augment["sizes"].items()))
+    return {**settings, "augment": {**augment, "sizes": sizes}}
 
 
 def check_run_name(name: str) -> str:

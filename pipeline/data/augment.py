@@ -49,6 +49,22 @@ def build_transforms(augment: AugmentConfig, train: bool) -> A.Compose:
     return A.Compose(steps, seed=0)
 
 
+def epoch_size(augment: AugmentConfig, epoch: int) -> int:
+    """The training size of 0-based `epoch` under augment.sizes (progressive resizing): the
+    size of the latest phase begun by it, else augment.image_size."""
+    size = augment.image_size
+    for first, phase_size in sorted(augment.sizes.items()):
+        if first <= epoch + 1:
+            size = phase_size
+    return size
+
+
+def at_size(augment: AugmentConfig, size: int) -> AugmentConfig:
+    """The same augmentation at another input size (a phase of augment.sizes, tta.image_size)."""
+    return augment if size == augment.image_size else augment.model_copy(
+        update={"image_size": size})
+
+
 def reseed(transform: A.Compose, seed: int) -> None:
     """Give a pipeline fresh random generators (cheap: two objects, not one per transform)."""
     transform.set_random_state(np.random.default_rng(seed), random.Random(seed))

@@ -21,7 +21,7 @@ from scipy.special import softmax
 
 from pipeline.base import distributed
 from pipeline.base.config import Config, PredictConfig, TTAConfig
-from pipeline.data.augment import Normalizer, build_transforms
+from pipeline.data.augment import Normalizer, at_size, build_transforms
 from pipeline.data.dataset import ImageDataset
 from pipeline.data.imagecache import image_loader
 from pipeline.ensembling.decode import grade_to_probs
@@ -152,9 +152,7 @@ class CheckpointPredictor:
         self._place_model(channels_last)
         norm = payload["normalization"]
         self.normalizer = Normalizer(norm["mean"], norm["std"], channels_last).to(self.device)
-        self.transform = build_transforms(self.config.augment, train=False)
-        self.views = tta_views(tta, self.config.augment.image_size)
-        self.reduce = tta.reduce
+        self.set_views(tta)
         # TTA multiplies the images of a forward pass: a batch that fits the views (engine.py)
         self.batch_size = inference_batch_size(predict or PredictConfig(),
                                                self.config.train.batch_size, len(self.views),
@@ -169,7 +167,11 @@ class CheckpointPredictor:
             torch.backends.cudnn.benchmark = True  # one input size: cuDNN picks its fastest kernels
 
     def set_views(self, tta: TTAConfig) -> None:
-        self.views = tta_views(tta, self.config.augment.image_size)
+        """The TTA views, and the size predicted at: tta.image_size, else the training's."""
+        trained = self.config.augment
+        self.augment = at_size(trained, tta.image_size or trained.image_size)
+        self.transform = build_transforms(self.augment, train=False)
+        self.views = tta_views(tta, self.augment.image_size)
         self.reduce = tta.reduce
 
     def predict(self, paths: Sequence[Path], desc: str) -> Predicted:
@@ -179,8 +181,12 @@ class CheckpointPredictor:
         Under torchrun each rank predicts a contiguous shard of the paths and every rank gets
         all N rows back, in order.
         """
-        # The checkpoint's cache settings: the preprocessing it was trained with
-        read = image_loader(self.config.cache, self.config.augment, paths, desc=f"{desc} cache",
+        # The checkpoint's cache settings: the preprocessing it was trained with, at the size
+        # predicted at when that is larger (tta.image_size: never shrunk below it first)
+        cache, size = self.config.cache, self.augment.image_size
+        if cache.size is not None and cache.size < size:
+            cache = cache.model_copy(update={"size": size})
+        read = image_loader(cache, self.augment, paths, desc=f"{desc} cache",
                             max_pixels=self.config.data.max_image_pixels)
         dataset = ImageDataset(paths, None, self.transform, read)
         loader = make_loader(dataset, self.batch_size,

@@ -398,7 +398,7 @@ def estimate(n_images: int, n_first: int, load_s: float, seconds: list[float],
 
 
 def _views(slots: list[Slot]) -> list[int]:
-    return [len(tta_views(s.tta, s.predictor.config.augment.image_size)) for s in slots]
+    return [len(tta_views(s.tta, s.predictor.augment.image_size)) for s in slots]
 
 
 def fit_time_limit(slots: list[Slot], n_images: int, n_first: int, load_s: float,
@@ -433,7 +433,7 @@ def _seconds(value: float) -> str:
 
 def _plan_views(slot: Slot, views: str) -> list:
     return tta_views(slot.tta.model_copy(update={"views": views}),
-                     slot.predictor.config.augment.image_size)
+                     slot.predictor.augment.image_size)
 
 
 def predict_all(slots: list[Slot], paths: list[Path], time_limit: float | None,

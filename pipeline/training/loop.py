@@ -73,7 +73,8 @@ class Trainer:
         while epoch < c.epochs:
             state, started = self.state, time.perf_counter()
             row: dict[str, Any] = {"epoch": epoch + 1,
-                                   "stage": "head" if epoch < c.head_only_epochs else "all"}
+                                   "stage": "head" if epoch < c.head_only_epochs else "all",
+                                   **self.parts.sized_loaders.log_fields(epoch)}
             try:
                 row["train_loss"] = self.train_epoch(epoch)
             except torch.OutOfMemoryError:
@@ -149,7 +150,8 @@ class Trainer:
         running = torch.zeros((), device=parts.device)
         seen, start = 0, time.perf_counter()
         micro_batches = parts.steps_per_epoch * c.accumulate  # an incomplete last step is dropped
-        bar = progress(parts.train_loader, f"{self.spec.tag} epoch {epoch + 1}/{c.epochs}")
+        bar = progress(parts.sized_loaders.at(epoch),
+                       f"{self.spec.tag} epoch {epoch + 1}/{c.epochs}")
         with clean_image_errors(), contextlib.closing(bar):
             for step, (images, targets) in enumerate(bar):
                 if step >= micro_batches:

@@ -24,8 +24,10 @@ from pipeline.base import distributed
 from pipeline.base.config import AugmentConfig, Config, ModelConfig, TrainConfig
 from pipeline.data.augment import (
     Normalizer,
+    at_size,
     build_transforms,
     compute_dataset_stats,
+    epoch_size,
     resolve_normalization,
 )
 from pipeline.data.dataset import ImageDataset, SeededSampler
@@ -81,6 +83,34 @@ class RunSpec:
     micro_batches: Path | None = None  # train.micro_batch: auto's measurements (Layout)
 
 
+class SizedLoaders:
+    """The training loader at each epoch's size (augment.sizes, progressive resizing): the one
+    at augment.image_size is built with the parts, another when a phase of another size starts.
+    A loader's workers keep the transform they started with (persistent workers), so a new
+    size is a new loader; the sampler, its generator and the images' seeds are the same, so an
+    epoch's images and order do not depend on the size or on a resume."""
+
+    def __init__(self, augment: AugmentConfig, full: DataLoader,
+                 build: Callable[[AugmentConfig], DataLoader]):
+        self.augment, self.full, self.build = augment, full, build
+        self.current: tuple[int, DataLoader] = (augment.image_size, full)
+
+    def size(self, epoch: int) -> int:
+        return epoch_size(self.augment, epoch)
+
+    def log_fields(self, epoch: int) -> dict[str, int]:
+        """The epoch's training size, for its log row, under a schedule."""
+        return {"size": self.size(epoch)} if self.augment.sizes else {}
+
+    def at(self, epoch: int) -> DataLoader:
+        size = self.size(epoch)
+        if size == self.augment.image_size:
+            return self.full
+        if self.current[0] != size:
+            self.current = (size, self.build(at_size(self.augment, size)))
+        return self.current[1]
+
+
 @dataclass
 class Parts:
     """Everything the loop trains with."""
@@ -93,7 +123,8 @@ class Parts:
     ema: ModelEmaV3 | None
     normalizer: Normalizer
     normalization: tuple[tuple, tuple]  # (mean, std), 0..1 scale, saved in every checkpoint
-    train_loader: DataLoader
+    train_loader: DataLoader  # at augment.image_size (the largest size)
+    sized_loaders: SizedLoaders  # the loader of each epoch's size (augment.sizes)
     valid_loader: DataLoader | None
     sampler: SeededSampler
     generator: torch.Generator  # the training order; reseeded each epoch from (seed, epoch)
@@ -144,7 +175,8 @@ def normalization(augment: AugmentConfig, model: torch.nn.Module, dataset: Image
 def training_loader(train: TrainConfig, dataset: ImageDataset, targets: np.ndarray, seed: int,
                     *, settings: dict) -> tuple[DataLoader, SeededSampler, torch.Generator]:
     """The training loader: shuffled (or class-balanced) by a generator reseeded every epoch;
-    under torchrun each rank takes its positions of the same order (distributed.RankOrder)."""
+    under torchrun each rank takes its positions of the same order (distributed.RankOrder).
+    Its loader at another size: `resized_loader`."""
     generator = torch.Generator()
     if train.sampler == "balanced":
         drawn = np.asarray(targets)
@@ -158,6 +190,16 @@ def training_loader(train: TrainConfig, dataset: ImageDataset, targets: np.ndarr
     loader = make_loader(dataset, distributed.per_rank_batch(train.batch_size), sampler,
                          settings, drop_last=drop_last)
     return loader, sampler, generator
+
+
+def resized_loader(loader: DataLoader, augment: AugmentConfig, settings: dict) -> DataLoader:
+    """`loader` (a training loader) with its images at augment.image_size: the same images,
+    targets, sampler and batches through the training transforms of that size."""
+    dataset = loader.dataset
+    resized = ImageDataset(dataset.paths, dataset.targets, build_transforms(augment, train=True),
+                           dataset.loader)
+    return make_loader(resized, loader.batch_size, loader.sampler, settings,
+                       drop_last=loader.drop_last)
 
 
 def validation_loader(augment: AugmentConfig, paths: list[Path], targets: np.ndarray,
@@ -246,6 +288,9 @@ def build_parts(config: Config, spec: RunSpec, stats_path: Path) -> Parts:
     return Parts(device=device, dtype=dtype, model=model, forward_model=forward,
                  eval_model=ema.module if ema is not None else evaluate, ema=ema,
                  normalizer=normalizer, normalization=mean_std, train_loader=train_loader,
+                 sized_loaders=SizedLoaders(c.augment, train_loader,
+                                            lambda augment: resized_loader(train_loader, augment,
+                                                                           settings)),
                  valid_loader=valid_loader, sampler=sampler, generator=generator,
                  criterion=criterion, valid_criterion=valid_criterion,
                  mixer=build_mixer(c.train, n_classes), optimizer=optimizer,

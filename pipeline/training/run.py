@@ -22,7 +22,7 @@ from pipeline.base import distributed
 from pipeline.base.config import Config, save_config
 from pipeline.base.log import log
 from pipeline.base.utils import PipelineError, warn, write_csv_atomic
-from pipeline.data.augment import build_transforms
+from pipeline.data.augment import at_size, build_transforms
 from pipeline.experiments.freshness import pseudo_fingerprint, stale_remedy
 from pipeline.experiments.layout import Layout
 from pipeline.experiments.probfiles import probability_frame
@@ -47,7 +47,8 @@ def preflight(config: Config, layout: Layout) -> None:
     small = small_input_warning(config.model.name, config.augment.image_size, stem=stem)
     if small:
         warn(small)  # rank 0's (pipeline/base/log.py)
-    build_transforms(config.augment, train=True)
+    for size in {config.augment.image_size, *config.augment.sizes.values()}:
+        build_transforms(at_size(config.augment, size), train=True)  # each phase's, now
     build_transforms(config.augment, train=False)
     if config.train.pseudo and (config.train.mixup or config.train.cutmix):
         raise PipelineError("train.pseudo with mixup/cutmix: timm's Mixup mixes class indices, "

@@ -1,0 +1,92 @@
+"""Sizes that change during training (augment.sizes) and prediction above the training size
+(tta.image_size)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+import pipeline.training.parts as parts_module
+from pipeline.base.config import ConfigError, TTAConfig, load_config
+from pipeline.inference.predictor import CheckpointPredictor
+from tests.conftest import experiment_dir, predict, train
+from tests.test_train import tiny
+
+SCHEDULE = ["augment.image_size=16", "augment.sizes={1: 8, 3: 16}", "train.epochs=4"]
+
+
+def _recording_sizes(monkeypatch) -> list[int]:
+    """The input size of every training forward pass of the models built from now on."""
+    build, seen = parts_module.build_model, []
+
+    def build_model(*args, **kwargs):
+        model = build(*args, **kwargs)
+        forward = model.forward
+
+        def recorded(x):
+            if model.training:
+                seen.append(x.shape[-1])
+            return forward(x)
+
+        model.forward = recorded
+        return model
+
+    monkeypatch.setattr(parts_module, "build_model", build_model)
+    return seen
+
+
+def test_a_size_schedule_trains_resumes_bit_identically_across_the_change_and_predicts(
+        tmp_path, monkeypatch):
+    reference = tiny(tmp_path / "reference", extra=SCHEDULE)
+    seen = _recording_sizes(monkeypatch)
+    train(reference, [0])
+    assert seen == [8] * 4 + [16] * 4  # two batches an epoch (9 rows, 4 a batch)
+    log = pd.read_csv(experiment_dir(reference) / "fold0" / "log.csv")
+    assert log["size"].tolist() == [8, 8, 16, 16]
+
+    resumed = tiny(tmp_path / "resumed", extra=SCHEDULE)
+    at = parts_module.SizedLoaders.at
+
+    def killed_at_the_change(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt  # a kill after epoch 2, the last at 8 px
+        return at(self, epoch)
+
+    monkeypatch.setattr(parts_module.SizedLoaders, "at", killed_at_the_change)
+    with pytest.raises(KeyboardInterrupt):
+        train(resumed, [0])
+    monkeypatch.setattr(parts_module.SizedLoaders, "at", at)
+    train(resumed, [0])  # goes on from last.pt after epoch 2, at 16 px
+    for name in ("last.pt", "best.pt"):
+        a = torch.load(experiment_dir(reference) / "fold0" / name, weights_only=True)["model"]
+        b = torch.load(experiment_dir(resumed) / "fold0" / name, weights_only=True)["model"]
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}: {key}")
+    predict(resumed, [0])
+    probs = pd.read_csv(experiment_dir(resumed) / "fold0" / "test_probs.csv")
+    assert len(probs) == 4 and probs.filter(regex="cat|dog|fox").sum(axis=1).round(5).eq(1).all()
+
+
+def test_a_schedule_must_end_at_the_size_predicted_at(tmp_path):
+    data = tiny(tmp_path).data.config_file
+    with pytest.raises(ConfigError, match=r"set augment.image_size=32"):
+        load_config(data, "resnet20", ["augment.image_size=16", "augment.sizes={1: 32, 3: 16}"])
+    with pytest.raises(ConfigError, match=r"starts at epoch 1"):
+        load_config(data, "resnet20", ["augment.image_size=16", "augment.sizes={2: 8, 3: 16}"])
+
+
+def test_tta_above_the_training_size_reads_and_predicts_at_it(tmp_path):
+    config = tiny(tmp_path, extra=["train.epochs=1"])
+    train(config, [0])
+    best = experiment_dir(config) / "fold0" / "best.pt"
+    paths = sorted((config.data.root_path / "test").glob("*.png"))
+    plain = CheckpointPredictor(best, TTAConfig())
+    larger = CheckpointPredictor(best, TTAConfig(image_size=24))
+    assert plain.augment.image_size == 16 and larger.augment.image_size == 24
+    seen = []
+    larger.model.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[-1]))
+    probs = larger.predict(paths, "test").probs
+    assert seen and set(seen) == {24} and probs.shape == (4, 3)
+    assert not torch.allclose(torch.as_tensor(probs),
+                              torch.as_tensor(plain.predict(paths, "test").probs))
