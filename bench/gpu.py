@@ -1,7 +1,8 @@
 """The GPU path: training and inference throughput of resnet18/resnet50 at 224 px on CUDA, in float32,
 mixed precision, and mixed precision + channels_last; the pipeline's loop beside a bare loop; and
 batches that fit: `make train` of resnet50 at 512 px with a batch of 256, which no GPU holds in
-one pass, with train.micro_batch: auto (measured) and without it (out of memory, halved, resumed).
+one pass, with train.micro_batch: auto (measured), without it (out of memory, halved, resumed),
+and with a size schedule (256 px, then 512: progressive resizing).
 
     python -m bench.gpu [--quick] [--device cuda] [--models resnet18,resnet50] [--batch 128]
 
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from bench import Table, machine, record, synthetic_fundus, train_loop
@@ -72,9 +74,11 @@ def batches_that_fit(device: str) -> Table:
         data = fit_competition(work)
         where = [f"runs_dir={work / 'runs'}", f"folds.dir={work / 'folds'}", "folds.n_splits=2"]
         quiet_cli(["folds", "--data", str(data), *where], work / "log.txt")
-        for label, setting in (("train.micro_batch: auto", ["train.micro_batch=auto"]),
-                               ("unset: out of memory mid-run", [])):
-            name = "auto" if setting else "oom"
+        schedule = f"augment.sizes={{1: {FIT_SIZE // 2}, 2: {FIT_SIZE}}}"
+        for name, label, setting in (
+                ("auto", "train.micro_batch: auto", ["train.micro_batch=auto"]),
+                ("oom", "unset: out of memory mid-run", []),
+                ("sizes", f"auto, {schedule}", ["train.micro_batch=auto", schedule])):
             started = time.perf_counter()
             quiet_cli(["train", "--data", str(data), "--model", FIT_MODEL, "--folds", "0",
                        "--name", name, *where, f"augment.image_size={FIT_SIZE}",
@@ -85,12 +89,15 @@ def batches_that_fit(device: str) -> Table:
                               weights_only=True)
             probes = work / "runs" / "fit" / "micro_batches.json"
             chosen = json.loads(probes.read_text()) if setting and probes.is_file() else {}
+            epochs = pd.read_csv(work / "runs" / "fit" / name / "fold0" / "log.csv")["seconds"]
             rows.append([label, last["micro_batch"] or FIT_BATCH, next(iter(chosen.values()), "-"),
-                         last["optimizer_steps"], round(time.perf_counter() - started, 1)])
+                         last["optimizer_steps"], " / ".join(f"{s:.1f}" for s in epochs),
+                         round(time.perf_counter() - started, 1)])
         halvings = (work / "log.txt").read_text().count("out of GPU memory at")
     return Table(f"Batches that fit: {FIT_MODEL} at {FIT_SIZE} px, a batch of {FIT_BATCH}, 2 "
                  f"epochs of {FIT_STEPS} steps", ["run", "images a pass", "probe chose",
-                                                   "optimiser steps", "seconds"], rows,
+                                                   "optimiser steps", "epoch seconds",
+                                                   "seconds in all"], rows,
                  [f"expected: {2 * FIT_STEPS} optimiser steps each; out-of-memory halvings "
                   f"said: {halvings}"])
 
