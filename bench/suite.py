@@ -70,6 +70,8 @@ RECIPES: dict[str, list[str]] = {
     # the stem of an ImageNet-family ResNet at the suite's 16-32 px (issue 28: `model.stem`)
     "resnet18": ["model.name=resnet18"],
     "resnet18 stem auto": ["model.name=resnet18", "model.stem=auto"],
+    # progressive resizing (issue 28): half the size for the first half of the epochs
+    "progressive": ["augment.sizes=progressive"],
 }
 COMMON = ["train.batch_size=32", "train.workers=0", "folds.n_splits=3"]
 ORDINAL = ("ordinal-amount", "ordinal-look")

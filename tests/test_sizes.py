@@ -70,6 +70,10 @@ def test_a_size_schedule_trains_resumes_bit_identically_across_the_change_and_pr
 
 def test_a_schedule_must_end_at_the_size_predicted_at(tmp_path):
     data = tiny(tmp_path).data.config_file
+    preset = load_config(data, "resnet20", ["augment.image_size=32", "augment.sizes=progressive",
+                                            "train.epochs=7"])
+    assert preset.augment.sizes == {1: 16, 4: 32}  # what the run's settings hold and name
+    assert "sizes1-16-4-32" in preset.run_name
     with pytest.raises(ConfigError, match=r"set augment.image_size=32"):
         load_config(data, "resnet20", ["augment.image_size=16", "augment.sizes={1: 32, 3: 16}"])
     with pytest.raises(ConfigError, match=r"starts at epoch 1"):

@@ -245,6 +245,8 @@ class AugmentConfig(_Section):
     # Progressive resizing: {first epoch (1-based, as the log counts): size}, e.g. {1: 128, 9: 256}
     # trains epochs 1-8 at 128 px and the rest at 256. The largest size, which must be the last
     # and image_size, is the one validated, cached and predicted at. {}: image_size throughout.
+    # "progressive": half of image_size for the first half of train.epochs (progressive_sizes),
+    # resolved when the config is read, so the run's settings hold the schedule it trained.
     sizes: dict[int, Annotated[int, Field(ge=8)]] = Field(default_factory=dict)
     # area: alias-free shrinking of large photos; linear/cubic: enlarging small images (digits)
     interpolation: Literal["area", "linear", "cubic", "nearest"] = "area"
@@ -505,6 +507,16 @@ class ReportConfig(_Section):
     thumbnail: int = Field(128, ge=16)  # pixels, the longer side of each picture
 
 
+def progressive_sizes(image_size: int, epochs: int) -> dict[int, int]:
+    """`augment.sizes: progressive`: half the size for the first half of the epochs, then the
+    full size (a quarter of the pixels: fastai's and ffcv's progressive resizing, simplified to
+    two phases); the full size throughout where half would be under 8 px or one epoch."""
+    half = image_size // 2
+    if half < 8 or epochs < 2:
+        return {}
+    return {1: half, epochs // 2 + 1: image_size}
+
+
 class Config(_Section):
     run_name: str  # names runs/<competition>/<run_name>/: the experiment file's name (+ suffix)
     data: DataConfig
@@ -535,6 +547,18 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _progressive_sizes(cls, values: Any) -> Any:
+        augment = values.get("augment") if isinstance(values, dict) else None
+        if not isinstance(augment, dict) or augment.get("sizes") != "progressive":
+            return values
+        size = augment.get("image_size", AugmentConfig.model_fields["image_size"].default)
+        epochs = (values.get("train") or {}).get("epochs",
+                                                  TrainConfig.model_fields["epochs"].default)
+        return {**values, "augment": {**augment,
+                                      "sizes": progressive_sizes(int(size), int(epochs))}}
 
     @property
     def task(self) -> Task:
@@ -792,7 +816,8 @@ def _schedule_as_leaf(settings: dict[str, Any]) -> dict[str, Any]:
     augment = settings.get("augment")
     if not isinstance(augment, dict) or not augment.get("sizes"):
         return settings
-    sizes = ",".join(f"{first}:{size}" for first, size in sorted(augment["sizes"].items()))
+    sizes = ",".join(f"{first}:{size}" for first, size in  # keys are strings in a JSON dump
+                     sorted(augment["sizes"].items(), key=lambda item: int(item[0])))
     return {**settings, "augment": {**augment, "sizes": sizes}}
 
 
