@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.__main__ import main as cli
-from pipeline.base.config import load_config
+from pipeline.base.config import TTAConfig, load_config, training_settings, without_added_off
 from pipeline.base.fingerprints import fingerprint
 from pipeline.experiments.freshness import freshness
 from pipeline.experiments.manifests import write_manifest
@@ -314,3 +314,15 @@ def test_tta_chosen_at_predict_time_is_what_the_ensemble_takes(comp, capsys):
     capsys.readouterr()
     assert comp("ensemble", "ensemble.name=mixed") == 1
     assert "different TTA settings" in capsys.readouterr().err
+
+
+def test_settings_added_since_keep_earlier_runs_current():
+    """A setting added to the schema at its off value (augment.sizes: {}, tta.image_size: None)
+    is no part of a run's fingerprints: the default experiment's are what they were before
+    those settings existed (commit 6224827), so no run made before them is refused as stale.
+    A new setting changes these values only when it changes what a run produces."""
+    config = load_config("digits", "resnet18", [])
+    settings = training_settings(config.to_dict())
+    settings["model"]["stem"] = "imagenet"  # as training_inputs fingerprints the stem built
+    assert fingerprint(settings) == "03c7e893856a41c3"
+    assert fingerprint(without_added_off("tta", TTAConfig().model_dump())) == "937845296e8bf240"

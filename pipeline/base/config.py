@@ -737,6 +737,17 @@ DATA_FILE_KEYS = frozenset({
 })
 
 
+# Settings added after runs were made, at the value that keeps a run as it was: left out of
+# every fingerprint and name there, so that runs made before them stay current (no FORCE=1).
+ADDED_SETTINGS_OFF = {"augment.sizes": {}, "tta.image_size": None}
+
+
+def without_added_off(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` of `section` less the ADDED_SETTINGS_OFF keys at their off value."""
+    return {key: value for key, value in values.items()
+            if ADDED_SETTINGS_OFF.get(f"{section}.{key}", ...) != value}
+
+
 def training_settings(mapping: dict[str, Any]) -> dict[str, Any]:
     """The settings of a resolved config (`Config.to_dict()`) that change what training produces."""
     settings: dict[str, Any] = {}
@@ -749,7 +760,7 @@ def training_settings(mapping: dict[str, Any]) -> dict[str, Any]:
         kept = {key: item for key, item in value.items()
                 if f"{section}.{key}" not in NO_RESULT_KEYS
                 and not (section == "data" and key in DATA_FILE_KEYS)}
-        settings[section] = kept
+        settings[section] = without_added_off(section, kept)
     return settings
 
 

@@ -50,6 +50,7 @@ from pipeline.base.config import (
     TTAConfig,
     changed_keys,
     training_settings,
+    without_added_off,
 )
 from pipeline.base.fingerprints import (
     file_digest,
@@ -407,7 +408,7 @@ def predict_inputs(part: Part, tta: TTAConfig, test_fingerprint: str,
     """What a prediction is made from: the checkpoint's bytes, the test set, the TTA settings and,
     for the out-of-fold rows, the fold's rows."""
     inputs = {"checkpoint": file_digest(part.best), "test": test_fingerprint,
-              "tta": fingerprint(tta.model_dump())}
+              "tta": fingerprint(without_added_off("tta", tta.model_dump()))}
     if valid is not None:
         inputs["folds"] = fingerprint(valid[["id", "label"]].astype(str).to_numpy().tolist())
     return inputs
