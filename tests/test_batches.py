@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,8 +41,8 @@ def test_the_largest_pass_that_fits_halves_until_one_does():
         largest_fitting(lambda n: False, 4)
 
 
-def _trainer(tmp_path, micro_batch):
-    config = tiny(tmp_path, extra=["train.batch_size=8"])
+def _trainer(tmp_path, micro_batch, extra=()):
+    config = tiny(tmp_path, extra=["train.batch_size=8", *extra])
     folds = read_folds_of(config)
     spec = RunSpec(part=Part(tmp_path / "run"), train_rows=Rows.of(folds[folds.fold != 0]),
                    valid_rows=Rows.of(folds[folds.fold == 0]), seed=0, tag="fold 0", inputs={})
@@ -50,14 +51,20 @@ def _trainer(tmp_path, micro_batch):
     return trainer
 
 
-def test_passes_sum_to_the_gradient_of_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["train.class_weights=[0.5, 3, 1]"],
+                                   ["train.class_weights=[0.5, 3, 1]", "train.mixup=0.4"],
+                                   ["train.class_weights=[0.5, 3, 1]", "model.head=both"]],
+                         ids=["unweighted", "class weights", "mixup", "both heads"])
+def test_passes_sum_to_the_gradient_of_the_whole_batch(tmp_path, extra):
     """With BatchNorm's statistics fixed (eval mode), 8 images in passes of 3 give the gradient
-    and the mean loss of one pass of 8: the optimiser sees the same batch."""
+    and the mean loss of one pass of 8: the optimiser sees the same batch, class weights (a
+    weighted mean: each pass weighs its share of the weights) and soft targets included."""
     results = []
     for micro in (None, 3):
-        trainer = _trainer(tmp_path / str(micro), micro)
+        trainer = _trainer(tmp_path / str(micro), micro, extra)
         images, targets = next(iter(trainer.parts.train_loader))
         trainer.parts.forward_model.eval()
+        np.random.seed(0)  # timm's Mixup draws its mix from numpy's generator
         loss = trainer.train_step(images, targets, last=False)  # gradients, no step
         grads = [p.grad.clone() for p in trainer.parts.model.parameters()]
         results.append((float(loss), grads))

@@ -27,6 +27,7 @@ from pipeline.base.config import TrainConfig
 from pipeline.base.log import log
 from pipeline.base.utils import PipelineError, warn, write_text_atomic
 from pipeline.inference.engine import autocast
+from pipeline.training.losses import image_weights
 from pipeline.training.parts import Parts
 
 # Of the GPU's memory, the share a pass may plan to use: the allocator's fragmentation and the
@@ -74,9 +75,9 @@ def backward_in_passes(parts: Parts, images: torch.Tensor, targets: torch.Tensor
     of at most `micro` images, each pass's loss weighted by its share of the batch; returns the
     batch's mean loss. With one pass this is the plain `(loss * scale).backward()`."""
     passes = pass_slices(len(images), micro)
+    shares = loss_shares(parts.criterion, targets, passes)
     mean = torch.zeros((), device=parts.device)
-    for index, part in enumerate(passes):
-        share = (part.stop - part.start) / len(images)
+    for index, (part, share) in enumerate(zip(passes, shares)):
         # Under DDP the gradients are averaged across ranks only on the step's last pass.
         final = last and index == len(passes) - 1
         sync = contextlib.nullcontext() if final or not hasattr(parts.forward_model, "no_sync") \
@@ -87,6 +88,21 @@ def backward_in_passes(parts: Parts, images: torch.Tensor, targets: torch.Tensor
             parts.scaler.scale(loss * share * scale).backward()
         mean += loss.detach() * share
     return mean
+
+
+def loss_shares(criterion: torch.nn.Module, targets: torch.Tensor,
+                passes: list[slice]) -> list[float | torch.Tensor]:
+    """Each pass's share of its batch's loss. The losses are means weighted by each image's
+    class weight (losses.py), so a pass's share is its part of the batch's weight sum (its
+    part of the images without class weights): the shares' sum of pass losses is then the
+    batch's loss, and its gradient the gradient of the whole batch."""
+    if len(passes) == 1:
+        return [1.0]
+    class_weight = getattr(criterion, "class_weight", None)
+    if class_weight is None:
+        return [(part.stop - part.start) / len(targets) for part in passes]
+    weights = image_weights(class_weight, targets)
+    return [weights[part].sum() / weights.sum() for part in passes]
 
 
 def largest_fitting(fits: Callable[[int], bool], batch: int) -> int:

@@ -161,8 +161,26 @@ class BothLoss(torch.nn.Module):
 def build_loss(kind: str, weights: np.ndarray | None, label_smoothing: float,
                focal_gamma: float, *, head: str = "classification",
                regression_loss: str = "smooth_l1", num_classes: int | None = None, grade_weight: float = 1.0) -> torch.nn.Module:
-    weight = None if weights is None else torch.tensor(weights, dtype=torch.float32)
-    n_classes = num_classes or len(weights)
+    """The training loss; its `class_weight` (None, or (C,)) is what each image's loss is
+    weighted by: a batch's loss is the mean over its images weighted by their classes'."""
+    loss = _build_loss(kind, None if weights is None else torch.tensor(weights, dtype=torch.float32),
+                       label_smoothing, focal_gamma, head=head, regression_loss=regression_loss,
+                       num_classes=num_classes or len(weights), grade_weight=grade_weight)
+    loss.register_buffer("class_weight", None if weights is None else
+                         torch.tensor(weights, dtype=torch.float32))
+    return loss
+
+
+def image_weights(class_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) each image's weight in a class-weighted mean: its class's, or, for a soft target
+    (B, C), its classes' in the shares it holds them (as the losses above weigh it)."""
+    return targets.float() @ class_weight if targets.ndim == 2 else class_weight[targets]
+
+
+def _build_loss(kind: str, weight: torch.Tensor | None, label_smoothing: float,
+                focal_gamma: float, *, head: str, regression_loss: str, num_classes: int,
+                grade_weight: float) -> torch.nn.Module:
+    n_classes = num_classes
     if head == "regression":
         grade = GradeLoss(regression_loss, weight, n_classes)
         return TrainingLoss(grade, grade)
