@@ -110,12 +110,13 @@ def test_infer_from_the_installed_wheel_alone_reproduces_the_submission(made, tm
 def test_a_probability_ensemble_is_reproduced_to_1e4(tmp_path, capsys):
     """Binary, ROC-AUC: a positive_probability submission of two experiments with fitted weights,
     from the zip itself. --time-limit falls back to fewer views, says so, and then differs: the
-    comparison would see a dropped view."""
+    comparison would see a dropped view. The second experiment predicts above its training
+    size (tta.image_size): the bundle reads its images at that size, the first's at 16 px."""
     comp = make(tmp_path, labels=[c for c in ("0", "1") for _ in range(8)], metric="roc_auc")
     assert comp("folds") == 0
-    for lr in ("0.05", "0.01"):
+    for lr, size in (("0.05", []), ("0.01", ["tta.image_size=24"])):
         for verb in ("train", "predict"):
-            assert comp(verb, TTA, f"train.lr={lr}") == 0
+            assert comp(verb, TTA, f"train.lr={lr}", *size) == 0
     assert comp("ensemble", "ensemble.name=pair", "ensemble.method=fitted") == 0
     assert comp("bundle", "--name", "pair", model=None) == 0
     archive = tmp_path / "bundles" / "tiny" / "pair.zip"

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from scipy.special import softmax
 
 from pipeline.base import distributed
-from pipeline.base.config import Config, PredictConfig, TTAConfig
+from pipeline.base.config import AugmentConfig, CacheConfig, Config, PredictConfig, TTAConfig
 from pipeline.data.augment import Normalizer, at_size, build_transforms
 from pipeline.data.dataset import ImageDataset
 from pipeline.data.imagecache import image_loader
@@ -174,6 +174,21 @@ class CheckpointPredictor:
         self.views = tta_views(tta, self.augment.image_size)
         self.reduce = tta.reduce
 
+    def read_settings(self) -> tuple[CacheConfig, AugmentConfig]:
+        """How an image is read before the transform: the checkpoint's cache settings (the
+        preprocessing it was trained with), at the size predicted at when that is larger
+        (tta.image_size: never shrunk below it first)."""
+        cache, size = self.config.cache, self.augment.image_size
+        if cache.size is not None and cache.size < size:
+            cache = cache.model_copy(update={"size": size})
+        return cache, self.augment
+
+    def reader(self, paths: Sequence[Path], desc: str = "cache") -> Callable:
+        """The image loader of `paths` under read_settings (the cache built where enabled)."""
+        cache, augment = self.read_settings()
+        return image_loader(cache, augment, paths, desc=desc,
+                            max_pixels=self.config.data.max_image_pixels)
+
     def predict(self, paths: Sequence[Path], desc: str) -> Predicted:
         """The images' predictions (probabilities (N, C), grades), TTA views reduced; in `paths`
         order.
@@ -181,14 +196,7 @@ class CheckpointPredictor:
         Under torchrun each rank predicts a contiguous shard of the paths and every rank gets
         all N rows back, in order.
         """
-        # The checkpoint's cache settings: the preprocessing it was trained with, at the size
-        # predicted at when that is larger (tta.image_size: never shrunk below it first)
-        cache, size = self.config.cache, self.augment.image_size
-        if cache.size is not None and cache.size < size:
-            cache = cache.model_copy(update={"size": size})
-        read = image_loader(cache, self.augment, paths, desc=f"{desc} cache",
-                            max_pixels=self.config.data.max_image_pixels)
-        dataset = ImageDataset(paths, None, self.transform, read)
+        dataset = ImageDataset(paths, None, self.transform, self.reader(paths, f"{desc} cache"))
         loader = make_loader(dataset, self.batch_size,
                              distributed.shard_sampler(len(dataset)), self.settings)
         shard = predict_logits(self.model, self.normalizer, loader, self.device, dtype=self.dtype,

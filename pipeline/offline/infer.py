@@ -56,7 +56,6 @@ from pipeline.base.config import (
 from pipeline.base.fingerprints import sha256_file
 from pipeline.base.utils import PipelineError, format_table, summarize_offenders, warn
 from pipeline.data.dataset import ImageDataset
-from pipeline.data.imagecache import image_loader
 from pipeline.data.tables import DataError, load_test_ids, test_image_paths
 from pipeline.ensembling.combine import (
     GRADE_VIEW,
@@ -341,7 +340,8 @@ def load_slots(bundle: Bundle) -> list[Slot]:
         tta = TTAConfig(**bundle.recipe["experiments"][exp]["tta"])
         loaded = load_weights(bundle.folder, stem)
         predictor = CheckpointPredictor(None, tta, "auto", None, loaded[1].predict, loaded=loaded)
-        key = json.dumps([loaded[1].augment.model_dump(), loaded[1].cache.model_dump()],
+        # one input per way of reading an image (the size predicted at, the preprocessing)
+        key = json.dumps([settings.model_dump() for settings in predictor.read_settings()],
                          sort_keys=True)
         view = bundle.recipe.get("views", {}).get(exp, PROBS_VIEW)
         slots.append(Slot(exp, part, predictor, tta, sources.setdefault(key, len(sources)), view))
@@ -365,9 +365,7 @@ def inputs_loader(slots: list[Slot], paths: list[Path]):
     first_of = {}
     for slot in slots:
         first_of.setdefault(slot.source, slot.predictor)
-    datasets = [ImageDataset(paths, None, p.transform,
-                             image_loader(p.config.cache, p.config.augment, paths,
-                                          max_pixels=p.config.data.max_image_pixels))
+    datasets = [ImageDataset(paths, None, p.transform, p.reader(paths))
                 for _, p in sorted(first_of.items())]
     batch = min(s.predictor.batch_size for s in slots)
     return make_loader(Inputs(datasets), batch, None, slots[0].predictor.settings)
