@@ -9,6 +9,7 @@ import torch
 
 import pipeline.training.parts as parts_module
 from pipeline.base.config import ConfigError, TTAConfig, load_config
+from pipeline.base.utils import PipelineError
 from pipeline.inference.predictor import CheckpointPredictor
 from tests.conftest import experiment_dir, predict, train
 from tests.test_train import tiny
@@ -78,6 +79,20 @@ def test_a_schedule_must_end_at_the_size_predicted_at(tmp_path):
         load_config(data, "resnet20", ["augment.image_size=16", "augment.sizes={1: 32, 3: 16}"])
     with pytest.raises(ConfigError, match=r"starts at epoch 1"):
         load_config(data, "resnet20", ["augment.image_size=16", "augment.sizes={2: 8, 3: 16}"])
+    with pytest.raises(ConfigError, match=r"from epoch 20 begin after the last epoch \(10\)"):
+        load_config(data, "resnet20", ["augment.image_size=16", "augment.sizes={1: 8, 20: 16}",
+                                       "train.epochs=10"])
+
+
+def test_a_transform_of_a_fixed_size_is_refused_before_training(tmp_path):
+    """The CIFAR recipe pads to 40 and crops 32 px: at a schedule's 16 px phase it would train
+    at 32 anyway. Refused before any fold starts, with what to change."""
+    config = tiny(tmp_path, extra=["augment.image_size=32", "augment.sizes=progressive",
+                                   "augment.train=[{PadIfNeeded: {min_height: 40, min_width: 40}},"
+                                   " {RandomCrop: {height: 32, width: 32}}]"])
+    with pytest.raises(PipelineError, match=r"turns 16 px images into 32x32.*leave augment.sizes"):
+        train(config, [0])
+    assert not (experiment_dir(config) / "fold0").exists()
 
 
 def test_tta_above_the_training_size_reads_and_predicts_at_it(tmp_path):

@@ -560,6 +560,18 @@ class Config(_Section):
         return {**values, "augment": {**augment,
                                       "sizes": progressive_sizes(int(size), int(epochs))}}
 
+    @model_validator(mode="after")
+    def _sizes_within_the_epochs(self) -> Config:
+        late = sorted(first for first in self.augment.sizes if first > self.train.epochs)
+        if late:
+            raise ValueError(f"augment.sizes {self.augment.sizes}: the phase(s) from epoch "
+                             f"{', '.join(map(str, late))} begin after the last epoch "
+                             f"({self.train.epochs}): no epoch would train at "
+                             f"{self.augment.image_size} px. Start them by epoch "
+                             f"{self.train.epochs}, or use augment.sizes=progressive, which "
+                             f"follows train.epochs")
+        return self
+
     @property
     def task(self) -> Task:
         """The task (pipeline/base/task.py): metric, positive class, head, epoch rule. A pure
@@ -693,7 +705,10 @@ def _format_errors(err: ValidationError, sources: list[str]) -> str:
         elif e["type"] == "missing":
             lines.append(f"  {key}: required but missing")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            # a section's or the whole config's check: the message names the keys, the input
+            # would be the whole section
+            got = "" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
+            lines.append(f"  {key}: {e['msg']}{got}")
     where = " + ".join(sources)
     return f"invalid config ({where}):\n" + "\n".join(lines)
 

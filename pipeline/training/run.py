@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.base import distributed
-from pipeline.base.config import Config, save_config
+from pipeline.base.config import AugmentConfig, Config, save_config
 from pipeline.base.log import log
 from pipeline.base.utils import PipelineError, warn, write_csv_atomic
 from pipeline.data.augment import at_size, build_transforms
@@ -48,13 +48,29 @@ def preflight(config: Config, layout: Layout) -> None:
     if small:
         warn(small)  # rank 0's (pipeline/base/log.py)
     for size in {config.augment.image_size, *config.augment.sizes.values()}:
-        build_transforms(at_size(config.augment, size), train=True)  # each phase's, now
+        check_output_size(at_size(config.augment, size))  # each phase's, now
     build_transforms(config.augment, train=False)
     if config.train.pseudo and (config.train.mixup or config.train.cutmix):
         raise PipelineError("train.pseudo with mixup/cutmix: timm's Mixup mixes class indices, "
                             "and pseudo-labels are distributions; turn one of them off")
     pseudo_fingerprint(config.train.pseudo, layout)  # a named pseudo-label set must exist
     distributed.per_rank_batch(config.train.batch_size)  # a batch the ranks cannot share: now
+
+
+def check_output_size(augment: AugmentConfig) -> None:
+    """The training transforms of augment.image_size, run once on a blank image: a transform of
+    a fixed size (RandomCrop(32) after the resize) would train every phase of augment.sizes
+    at its own size instead."""
+    out = build_transforms(augment, train=True)(image=np.zeros((48, 64, 3), np.uint8))["image"]
+    if out.shape[:2] != (augment.image_size, augment.image_size):
+        remedy = ("leave augment.sizes out" if augment.sizes else
+                  f"set augment.image_size={out.shape[0]}")
+        raise PipelineError(f"augment.train turns {augment.image_size} px images into "
+                            f"{out.shape[1]}x{out.shape[0]}: a transform of a fixed size (a crop "
+                            f"or a pad to a number of pixels) does not follow augment.image_size"
+                            f"{' and augment.sizes' if augment.sizes else ''}. Give it a size "
+                            f"relative to the image (CropAndPad with a percent, "
+                            f"RandomResizedCrop of size {augment.image_size}), or {remedy}")
 
 
 def make_trainer(config: Config, spec: RunSpec) -> Trainer:
