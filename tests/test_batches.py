@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -102,7 +104,8 @@ def test_out_of_memory_mid_run_halves_the_pass_and_ends_with_the_same_steps(
         tmp_path, monkeypatch, capsys):
     reference = tiny(tmp_path / "reference", extra=["train.epochs=3", "train.batch_size=8"])
     train(reference, [0])
-    config = tiny(tmp_path / "oom", extra=["train.epochs=3", "train.batch_size=8"])
+    config = tiny(tmp_path / "oom", extra=["train.epochs=3", "train.batch_size=8",
+                                           "train.micro_batch=auto"])  # a CPU: the whole batch
     build_model, calls = _out_of_memory_above(images=4, after_calls=1)  # epoch 2 fails at 8
     monkeypatch.setattr(parts_module, "build_model", build_model)
     train(config, [0])
@@ -114,6 +117,8 @@ def test_out_of_memory_mid_run_halves_the_pass_and_ends_with_the_same_steps(
                      for c in (config, reference))
     assert ran["optimizer_steps"] == expected["optimizer_steps"] == 3 * 1  # 9 rows: 1 batch of 8
     assert ran["micro_batch"] == 4 and expected["micro_batch"] is None
+    kept = json.loads((experiment_dir(config).parent / "micro_batches.json").read_text())
+    assert list(kept.values()) == [4]  # auto: the next fold starts at the halved pass
     log = (experiment_dir(config) / "fold0" / "log.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in log[1:]] == ["1", "2", "3"]  # epoch 2 once, redone
     predict(config, [0])  # the run is whole: it predicts

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from pipeline.base import distributed
 from pipeline.base.config import TrainConfig
@@ -44,11 +45,12 @@ def pass_slices(n: int, micro: int | None) -> list[slice]:
 
 def halved(micro: int | None, batch: int, where: str) -> int:
     """The pass after an out-of-memory error at `micro` images (None: the whole `batch`)."""
-    current = micro or batch
+    current = min(micro or batch, batch)
     if current <= 1:
         raise PipelineError(f"{where}: out of GPU memory at one image a pass: the model does not "
-                            f"fit at this size. Lower augment.image_size, choose a smaller "
-                            f"model, or leave train.amp on (bf16/fp16 halve the activations)")
+                            f"fit at this size. Lower augment.image_size (and the sizes of "
+                            f"augment.sizes), choose a smaller model, or, where it is off, "
+                            f"set train.amp=true (bf16/fp16 halve the activations)")
     return current // 2
 
 
@@ -56,7 +58,7 @@ def pass_after_out_of_memory(micro: int | None, batch: int, where: str, last: Pa
     """The pass to go on with after a training pass ran out of GPU memory at `micro` images
     (None: the whole batch). Under torchrun every rank would have to change together, so there
     it stops, naming the setting to run again with (the fold resumes from last.pt)."""
-    current, smaller = micro or batch, halved(micro, batch, where)
+    current, smaller = min(micro or batch, batch), halved(micro, batch, where)
     if distributed.is_distributed():
         raise PipelineError(f"{where}: out of GPU memory at {current} images a pass on rank "
                             f"{distributed.rank()}. Run again with train.micro_batch={smaller} "
@@ -118,7 +120,8 @@ def largest_fitting(fits: Callable[[int], bool], batch: int) -> int:
         release_memory()
         if n == 1:
             raise PipelineError("train.micro_batch: auto: not even one image a pass fits the "
-                                "GPU. Lower augment.image_size or choose a smaller model")
+                                "GPU. Lower augment.image_size (and the sizes of augment.sizes) "
+                                "or choose a smaller model")
         n //= 2
 
 
@@ -137,17 +140,41 @@ def micro_batch(parts: Parts, train: TrainConfig, *, cache: Path | None, key: st
     if parts.device.type != "cuda":
         return None  # host memory is not the limit a pass is sized by
     batch = distributed.per_rank_batch(train.batch_size)
+    if distributed.is_distributed() and train.sync_bn:
+        raise PipelineError("train.micro_batch: auto under torchrun with train.sync_bn: the "
+                            "probe's passes would be collectives that an out-of-memory rank "
+                            "leaves unmatched; set train.micro_batch=<images a pass> instead")
     known = read_probes(cache).get(key)
     if known is None:
         memory = GpuMemory(parts.device)
-        known = largest_fitting(lambda n: pass_fits(parts, n, memory), batch)
-        if cache is not None and distributed.is_main():
-            write_text_atomic(cache, json.dumps({**read_probes(cache), key: known}, indent=1))
+        known = largest_fitting(lambda n: fits_on_every_rank(lambda: pass_fits(parts, n, memory)),
+                                batch)
+        remember_pass(cache, key, known)
     passes = len(pass_slices(batch, known))
     log.info(f"{tag}: train.micro_batch: auto -> {known} images a pass ({passes} a batch of "
              f"{batch}{' per GPU' if distributed.is_distributed() else ''}; measured once per "
              f"GPU, model, size and precision: {cache})")
     return None if known >= batch else known
+
+
+def fits_on_every_rank(probe: Callable[[], bool]) -> bool:
+    """Whether a pass fits on every rank (each probes its own GPU; under torchrun they agree,
+    so every rank takes the same pass): an out-of-memory error is a no, never an error that
+    would leave the other ranks waiting."""
+    try:
+        fits = probe()
+    except torch.OutOfMemoryError:
+        fits = False
+    return distributed.all_sum([0.0 if fits else 1.0])[0] == 0
+
+
+def remember_pass(cache: Path | None, key: str, images: int) -> None:
+    """Keep `images` a pass under `key` (rank 0; a lock: folds side by side share the file)."""
+    if cache is None or not distributed.is_main():
+        return
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{cache}.lock"):
+        write_text_atomic(cache, json.dumps({**read_probes(cache), key: images}, indent=1))
 
 
 def read_probes(cache: Path | None) -> dict[str, int]:

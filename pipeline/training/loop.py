@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +55,11 @@ class Trainer:
     """Trains one model (a fold, or the full-data refit) with the parts built for it."""
 
     def __init__(self, train: TrainConfig, parts: Parts, spec: RunSpec,
-                 checkpoints: Checkpoints, task: Task, micro_batch: int | None = None):
+                 checkpoints: Checkpoints, task: Task, micro_batch: int | None = None,
+                 remember_pass: Callable[[int], None] | None = None):
         self.train, self.parts, self.spec = train, parts, spec
         self.micro_batch = micro_batch  # images a pass (fitting.py); None: the whole batch
+        self.remember_pass = remember_pass  # keeps a pass halved after out-of-memory (auto)
         # The task alone says how an epoch is scored and chosen (task.epoch_rule): never
         # ensemble.decode nor the sample submission, which are no training settings.
         self.checkpoints, self.task = checkpoints, task
@@ -124,12 +127,13 @@ class Trainer:
 
     def after_out_of_memory(self, epoch: int) -> list[dict[str, Any]]:
         """A training pass ran out of GPU memory: halve the pass and go on from last.pt with
-        the same batches and optimiser steps (fitting.py). Under torchrun every rank would have
-        to change together, so there it stops with the setting to run again with."""
+        the same batches and optimiser steps (fitting.py; under torchrun it stops)."""
         self.parts.optimizer.zero_grad(set_to_none=True)
         self.micro_batch = pass_after_out_of_memory(
             self.state.micro_batch, distributed.per_rank_batch(self.train.batch_size),
             f"{self.spec.tag} epoch {epoch + 1}", self.spec.part.last)
+        if self.remember_pass is not None:  # the next fold starts at it
+            self.remember_pass(self.micro_batch)
         return self.rewind()
 
     # ---- one epoch -----------------------------------------------------------------------
@@ -358,9 +362,11 @@ def read_log(path: Path, next_epoch: int) -> list[dict[str, Any]]:
 
 def print_epoch(tag: str, row: dict[str, Any], metric: str, improved: bool) -> None:
     parts = [f"{tag} epoch {row['epoch']:>3}", f"train {row['train_loss']:.4f}"]
+    if "size" in row:  # augment.sizes
+        parts.append(f"{row['size']} px")
     if "valid_loss" in row:
         parts.append(f"valid {row['valid_loss']:.4f}")
         parts += [f"{k} {row[k]:.4f}" for k in row if k not in
-                  ("epoch", "stage", "train_loss", "valid_loss", "lr", "seconds", "best")]
+                  ("epoch", "stage", "size", "train_loss", "valid_loss", "lr", "seconds", "best")]
     parts += [f"lr {row['lr']:.2e}", f"{row['seconds']:.1f}s"]
     print("  ".join(parts) + ("  *" if improved and "valid_loss" in row else ""), flush=True)

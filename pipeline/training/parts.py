@@ -105,6 +105,7 @@ class SizedLoaders:
     def at(self, epoch: int) -> DataLoader:
         size = self.size(epoch)
         if size == self.augment.image_size:
+            self.current = (size, self.full)  # the last phase's workers end with its loader
             return self.full
         if self.current[0] != size:
             self.current = (size, self.build(at_size(self.augment, size)))

@@ -32,7 +32,7 @@ from pipeline.models.factory import small_input_warning
 from pipeline.models.names import built_stem
 from pipeline.reporting import plots
 from pipeline.training.checkpoints import Checkpoints
-from pipeline.training.fitting import micro_batch, probe_key
+from pipeline.training.fitting import micro_batch, probe_key, remember_pass
 from pipeline.training.loop import Trainer, diverged
 from pipeline.training.parts import RunSpec, build_model, build_parts
 
@@ -82,9 +82,12 @@ def make_trainer(config: Config, spec: RunSpec) -> Trainer:
     key = probe_key(parts, config.train, model=config.model.name, image_size=size,
                     stem=built_stem(config.model, size)[0], n_classes=n_classes)
     passes = micro_batch(parts, config.train, cache=spec.micro_batches, key=key, tag=spec.tag)
+    remember = None if config.train.micro_batch != "auto" else \
+        (lambda images: remember_pass(spec.micro_batches, key, images))
     # The task alone (config.task: data, model.head, train.epoch_rule), never ensemble.decode
     # nor the sample's header: every part of it is a training setting, in the fingerprint.
-    return Trainer(config.train, parts, spec, checkpoints, config.task, micro_batch=passes)
+    return Trainer(config.train, parts, spec, checkpoints, config.task, micro_batch=passes,
+                   remember_pass=remember)
 
 
 def train_part(config: Config, spec: RunSpec, details: dict[str, Any], force: bool, *, what: str,
