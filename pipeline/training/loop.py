@@ -44,6 +44,19 @@ def epoch_seed(base: int, epoch: int) -> int:
     return int(np.random.SeedSequence([base, epoch, 7]).generate_state(1)[0])
 
 
+def start_epoch(parts: Parts, seed: int, epoch: int) -> None:
+    """The model in training mode and every generator of `epoch` seeded from (seed, epoch)
+    alone, so that a resume replays the epoch exactly."""
+    parts.forward_model.train()  # the DDP wrapper too, under torchrun
+    seed = epoch_seed(seed, epoch)
+    # Dropout differs per rank (each has its own images); the order generator does not.
+    torch.manual_seed(seed + distributed.rank())
+    parts.generator.manual_seed(seed)
+    parts.sampler.set_epoch(epoch)
+    if parts.mixer is not None:
+        np.random.seed(seed % 2**32)  # timm's Mixup draws from numpy's global generator
+
+
 def diverged(where: str, lr: float) -> PipelineError:
     """The error of a run whose outputs became NaN or inf: the remedy is a gentler start."""
     return PipelineError(f"{where}: the model's outputs are not numbers (NaN or inf) on the "
@@ -142,15 +155,7 @@ class Trainer:
         c, parts = self.train, self.parts
         model = unwrap(parts.model)
         freeze_body(model) if epoch < c.head_only_epochs else unfreeze(model)
-        parts.forward_model.train()  # the DDP wrapper too, under torchrun
-        # Everything random in this epoch derives from (seed, epoch): a resume replays it exactly.
-        seed = epoch_seed(self.spec.seed, epoch)
-        # Dropout differs per rank (each has its own images); the order generator does not.
-        torch.manual_seed(seed + distributed.rank())
-        parts.generator.manual_seed(seed)
-        parts.sampler.set_epoch(epoch)
-        if parts.mixer is not None:
-            np.random.seed(seed % 2**32)  # timm's Mixup draws from numpy's global generator
+        start_epoch(parts, self.spec.seed, epoch)
         running = torch.zeros((), device=parts.device)
         seen, start = 0, time.perf_counter()
         micro_batches = parts.steps_per_epoch * c.accumulate  # an incomplete last step is dropped

@@ -8,7 +8,8 @@ step, on fold 0's training rows, with the loss at each step (fastai's `lr_find`,
 The sweep trains the real model, loss, precision and batches of the experiment (the trainer's
 own step), from the weights a fold starts from, and writes nothing: the experiment's folds are
 untouched. Only the learning rate differs: it multiplies every parameter group's (the body's
-`train.body_lr_mult` kept), starting at `start` and ending at `end`.
+`train.body_lr_mult` kept), starting at `start` and ending at `end`; and the whole model
+trains from the first step (train.head_only_epochs' frozen body is no part of a sweep).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from pipeline.base.config import Config
 from pipeline.base.utils import PipelineError
 from pipeline.inference.engine import clean_image_errors, progress
+from pipeline.training.loop import start_epoch
 from pipeline.training.parts import RunSpec
 from pipeline.training.run import make_trainer
 
@@ -32,8 +34,9 @@ SKIP_START = 0.1  # the first tenth of the sweep: the average has not settled ye
 
 def sweep(config: Config, spec: RunSpec, *, start: float, end: float,
           steps: int) -> pd.DataFrame:
-    """One row per optimiser step: the learning rate `train.lr` stood for at that step, the
-    batch's loss and its smoothed (bias-corrected) average."""
+    """One row per optimiser step (train.accumulate loaded batches, as in training): the
+    learning rate `train.lr` stood for at that step, the step's loss and its smoothed
+    (bias-corrected) average."""
     if not 0 < start < end:
         raise PipelineError(f"the sweep runs from start to end: 0 < start < end (got {start:g} "
                             f"to {end:g})")
@@ -45,10 +48,14 @@ def sweep(config: Config, spec: RunSpec, *, start: float, end: float,
     trainer.state.micro_batch = trainer.micro_batch
     rows, average, lowest = [], 0.0, math.inf
     bar = progress(range(steps), f"{spec.tag} learning-rate sweep")
+    accumulate = config.train.accumulate
+    loaded = batches(trainer, steps * accumulate)
     with clean_image_errors():
-        for index, (images, targets) in enumerate(batches(trainer, steps)):
+        for index in range(steps):
             at = start * growth ** index  # what the step trains at (its scheduler's factor)
-            loss = float(trainer.train_step(images, targets))
+            loss = sum(float(trainer.train_step(*next(loaded), first=part == 0,
+                                                last=part == accumulate - 1))
+                       for part in range(accumulate)) / accumulate
             average = SMOOTHING * average + (1 - SMOOTHING) * loss
             smoothed = average / (1 - SMOOTHING ** (index + 1))
             rows.append({"lr": at, "loss": loss, "smoothed": smoothed})
@@ -60,19 +67,16 @@ def sweep(config: Config, spec: RunSpec, *, start: float, end: float,
     return pd.DataFrame(rows)
 
 
-def batches(trainer, steps: int):
-    """`steps` training batches, in the order of the run's epochs 0, 1, ... (as many epochs as
-    the sweep needs), the model in training mode."""
-    parts, seed, given = trainer.parts, trainer.spec.seed, 0
-    parts.forward_model.train()
-    for epoch in range(steps):
-        torch.manual_seed(seed + epoch)
-        parts.generator.manual_seed(seed + epoch)
-        parts.sampler.set_epoch(epoch)
-        for batch in parts.train_loader:
+def batches(trainer, count: int):
+    """`count` loaded training batches at augment.image_size, in the order of the run's epochs
+    0, 1, ... (as many as the sweep needs: each started as training starts it)."""
+    given = 0
+    for epoch in range(count):
+        start_epoch(trainer.parts, trainer.spec.seed, epoch)
+        for batch in trainer.parts.train_loader:
             yield batch
             given += 1
-            if given == steps:
+            if given == count:
                 return
 
 
