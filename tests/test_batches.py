@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import pipeline.training.parts as parts_module
-from pipeline.base.config import load_config
+from pipeline.base.config import TTAConfig, load_config
 from pipeline.base.utils import PipelineError
 from pipeline.experiments.layout import Part
+from pipeline.inference.predictor import CheckpointPredictor
 from pipeline.training.fitting import halved, largest_fitting, pass_fits, pass_slices
 from pipeline.training.parts import Rows, RunSpec
 from pipeline.training.run import make_trainer
@@ -184,3 +185,19 @@ def test_the_probe_runs_the_real_pass_and_leaves_the_model_as_it_was(tmp_path, m
     for key, value in parts.model.state_dict().items():  # BatchNorm's statistics too
         torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
     assert all(p.grad is None for p in parts.model.parameters())
+
+
+def test_out_of_memory_in_prediction_names_the_batch_to_set(tmp_path):
+    """Prediction changes no result with its batch: the error says which predict.batch_size."""
+    config = tiny(tmp_path, extra=["train.epochs=1"])
+    train(config, [0])
+    predictor = CheckpointPredictor(experiment_dir(config) / "fold0" / "best.pt", TTAConfig())
+
+    def full(x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    predictor.model.forward = full
+    paths = sorted((config.data.root_path / "test").glob("*.png"))
+    with pytest.raises(PipelineError, match=r"test: out of GPU memory at 4 images a batch \(1 "
+                                            r"view\(s\) each\): set predict.batch_size=2"):
+        predictor.predict(paths, "test")

@@ -133,9 +133,11 @@ def views_per_pass(device: torch.device, count: int) -> int:
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, normalizer: Normalizer, loader: DataLoader,
                    device: torch.device, *, dtype: torch.dtype | None, desc: str = "predict",
-                   views: Sequence | None = None) -> np.ndarray:
+                   views: Sequence | None = None, max_images: int | None = None) -> np.ndarray:
     """Logits (N, C) or, with TTA `views`, (V, N, C): on a GPU every view of a batch in one
-    forward pass, on a CPU one view per pass (`views_per_pass`)."""
+    forward pass, on a CPU one view per pass (`views_per_pass`). `max_images`: without views,
+    a batch goes through the model in passes of at most this many (training's validation,
+    when its passes are split: training/fitting.py)."""
     model.eval()
     outputs = []
     with clean_image_errors():
@@ -144,8 +146,9 @@ def predict_logits(model: torch.nn.Module, normalizer: Normalizer, loader: DataL
             if views:
                 outputs.append(view_logits(model, normalizer, images, device, dtype=dtype, views=views))
             else:
-                with autocast(device, dtype):
-                    outputs.append(model(normalizer(images)).float())
+                for part in images.split(max_images or len(images) or 1):
+                    with autocast(device, dtype):
+                        outputs.append(model(normalizer(part)).float())
     if not outputs:  # an empty shard: more processes than images (see distributed.gather_shards)
         return np.zeros((len(views), 0, 0) if views else (0, 0), dtype=np.float32)
     return torch.cat(outputs, dim=1 if views else 0).cpu().numpy()

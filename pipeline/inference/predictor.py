@@ -21,6 +21,7 @@ from scipy.special import softmax
 
 from pipeline.base import distributed
 from pipeline.base.config import AugmentConfig, CacheConfig, Config, PredictConfig, TTAConfig
+from pipeline.base.utils import PipelineError
 from pipeline.data.augment import Normalizer, at_size, build_transforms
 from pipeline.data.dataset import ImageDataset
 from pipeline.data.imagecache import image_loader
@@ -199,8 +200,15 @@ class CheckpointPredictor:
         dataset = ImageDataset(paths, None, self.transform, self.reader(paths, f"{desc} cache"))
         loader = make_loader(dataset, self.batch_size,
                              distributed.shard_sampler(len(dataset)), self.settings)
-        shard = predict_logits(self.model, self.normalizer, loader, self.device, dtype=self.dtype,
-                               desc=desc, views=self.views)
+        try:
+            shard = predict_logits(self.model, self.normalizer, loader, self.device,
+                                   dtype=self.dtype, desc=desc, views=self.views)
+        except torch.OutOfMemoryError:
+            smaller = max(1, self.batch_size // 2)
+            raise PipelineError(f"{desc}: out of GPU memory at {self.batch_size} images a batch "
+                                f"({len(self.views) or 1} view(s) each): set predict.batch_size="
+                                f"{smaller} (ARGS=predict.batch_size={smaller}); it changes no "
+                                f"prediction") from None
         logits = distributed.gather_shards(shard, axis=1)  # (V, N, C)
         return reduce_views(logits, self.reduce, self.config.model.head,
                             len(self.config.data.classes))

@@ -213,8 +213,9 @@ class Trainer:
         rows' order."""
         parts = self.parts
         distributed.sync_buffers(parts.model)  # under torchrun: rank 0's BN statistics, as saved
-        shard = predict_logits(parts.eval_model, parts.normalizer, parts.valid_loader,
-                               parts.device, dtype=parts.dtype, desc=f"{self.spec.tag} validate")
+        passes = 2 * self.state.micro_batch if self.state.micro_batch else None  # no gradients
+        shard = predict_logits(parts.eval_model, parts.normalizer, parts.valid_loader, parts.device,
+                               dtype=parts.dtype, desc=f"{self.spec.tag} validate", max_images=passes)
         logits = distributed.gather_shards(shard)  # (N, K) in valid_rows order, on every rank
         targets = torch.tensor(self.spec.valid_rows.targets)
         with torch.no_grad():
