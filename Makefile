@@ -110,7 +110,7 @@ audit: ## duplicates, train/test shift (and with MODEL=, label suspects) -> audi
 	$(RUN) audit --data $(DATA) $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL)) $(if $(FORCE),--force) $(if $(NAME),--name $(NAME)) $(ARGS)
 
 lr: ## a learning-rate sweep of MODEL on fold 0: the curve (lr_sweep.png), a suggested train.lr [STEPS=100 START=1e-7 END=10]
-	$(RUN) lr --data $(DATA) --model $(MODEL) $(if $(NAME),--name $(NAME)) $(if $(STEPS),--steps $(STEPS)) \
+	$(RUN) lr $(COMMON) --model $(MODEL) $(if $(NAME),--name $(NAME)) $(if $(STEPS),--steps $(STEPS)) \
 		$(if $(START),--start $(START)) $(if $(END),--end $(END)) $(ARGS)
 
 weights: ## fetch MODEL's pretrained weights ahead (a timm model from the hub) -> OUT (default weights/)

@@ -27,7 +27,8 @@ def test_the_suggestion_lies_where_the_loss_falls(tmp_path, capsys):
     folder = experiment_dir(config).with_name("resnet20-image_size16-batch_size4")
     sweep = pd.read_csv(folder / "lr_sweep.csv")
     assert (folder / "lr_sweep.png").stat().st_size > 10_000
-    assert sorted(p.name for p in folder.iterdir()) == ["lr_sweep.csv", "lr_sweep.png"]  # no fold
+    assert sorted(p.name for p in folder.iterdir()) == [  # no fold
+        "lr_sweep.csv", "lr_sweep.manifest.json", "lr_sweep.png"]
     assert len(sweep) <= 60 and sweep["lr"].iloc[0] == pytest.approx(1e-7)
     assert np.all(np.diff(sweep["lr"]) > 0)  # exponential: each step's rate above the last
     suggested = float(re.search(r"suggested train.lr\s+(\S+)", out).group(1))
@@ -37,6 +38,11 @@ def test_the_suggestion_lies_where_the_loss_falls(tmp_path, capsys):
     assert 0 < at < lowest
     assert sweep["smoothed"].iloc[at] < sweep["smoothed"].iloc[: len(sweep) // 10].mean()
     assert sweep["smoothed"].iloc[at + 1] < sweep["smoothed"].iloc[at - 1]
+    # the same sweep again is current: not run, the same suggestion
+    assert cli(["lr", "--data", data, "--model", "resnet20", "--steps", "60", *where]) == 0
+    again = capsys.readouterr()
+    assert "its sweep is current" in again.out + again.err and "learning-rate sweep" not in again.err
+    assert f"suggested train.lr    {suggested:.2g}" in again.out
     # the printed command trains with it, as printed, on this competition
     command = re.search(r"to train with it: (make train .*)", out).group(1)
     assert f"train.lr={suggested:.2g}" in command and f"DATA={data}" in command

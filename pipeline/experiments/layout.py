@@ -161,6 +161,10 @@ class Experiment:
         return self.dir / "lr_sweep.png"
 
     @property
+    def lr_sweep_manifest(self) -> Path:
+        return manifest_of(self.dir, "lr_sweep")
+
+    @property
     def lock(self) -> Path:
         """One process at a time trains, predicts or refits it (locks.py); kept in the
         competition's lock folder, so a refused command leaves no experiment folder behind."""

@@ -4,6 +4,8 @@ step, on fold 0's training rows, with the loss at each step (fastai's `lr_find`,
 
     frame = sweep(config, spec, start=1e-7, end=10, steps=100)   # lr, loss, smoothed
     lr = suggestion(frame)     # the steepest fall of the smoothed loss, before its minimum
+    frame = sweep_experiment(config, layout, start=..., end=..., steps=..., force=False)
+                               # `make lr`: fold 0's sweep, its files and manifest
 
 The sweep trains the real model, loss, precision and batches of the experiment (the trainer's
 own step), from the weights a fold starts from, and writes nothing: the experiment's folds are
@@ -21,8 +23,14 @@ import pandas as pd
 import torch
 
 from pipeline.base.config import Config
-from pipeline.base.utils import PipelineError
+from pipeline.base.fingerprints import fingerprint
+from pipeline.base.utils import PipelineError, write_csv_atomic
+from pipeline.experiments.freshness import read_folds, training_inputs
+from pipeline.experiments.layout import Layout
+from pipeline.experiments.runner import Step, run_step, stage_lock
 from pipeline.inference.engine import clean_image_errors, progress
+from pipeline.reporting import plots
+from pipeline.training.experiment import fold_spec
 from pipeline.training.loop import start_epoch
 from pipeline.training.parts import RunSpec
 from pipeline.training.run import make_trainer
@@ -65,6 +73,32 @@ def sweep(config: Config, spec: RunSpec, *, start: float, end: float,
                 break
     bar.close()
     return pd.DataFrame(rows)
+
+
+def sweep_experiment(config: Config, layout: Layout, *, start: float, end: float, steps: int,
+                     force: bool) -> pd.DataFrame:
+    """`make lr`: the sweep of fold 0's training rows written as the experiment's
+    lr_sweep.csv and lr_sweep.png, with a manifest of what made them (the fold's training
+    inputs and the sweep's settings): swept again only when they changed (or FORCE=1)."""
+    folds = read_folds(config.data, config.folds, layout)
+    inputs, details = training_inputs(config, folds, layout)
+    settings = {"steps": steps, "start": start, "end": end}
+    inputs["sweep"] = fingerprint(settings)
+    exp = layout.experiment(config.run_name)
+    spec = fold_spec(config, layout, folds, 0, inputs=inputs)
+
+    def work() -> None:
+        frame = sweep(config, spec, start=start, end=end, steps=steps)
+        write_csv_atomic(frame, exp.lr_sweep_csv)
+        plots.write_lr_sweep(frame, suggestion(frame), config.train.lr, exp.lr_sweep_png)
+
+    step = Step("lr_sweep", exp.lr_sweep_manifest, inputs, {**details, "sweep": settings},
+                lambda: [exp.lr_sweep_csv, exp.lr_sweep_png], work,
+                current=f"{config.run_name}: its sweep is current ({exp.lr_sweep_png}); FORCE=1 "
+                        f"sweeps again", all_or_none=True)
+    with stage_lock(exp.lock, exp.dir, "swept"):
+        run_step(step, force)
+    return pd.read_csv(exp.lr_sweep_csv)
 
 
 def batches(trainer, count: int):
