@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import pipeline.training.parts as parts_module
+from pipeline.__main__ import main as cli
 from pipeline.base.config import ConfigError, TTAConfig, load_config
 from pipeline.base.utils import PipelineError
 from pipeline.inference.predictor import CheckpointPredictor
 from tests.conftest import experiment_dir, predict, train
-from tests.test_train import tiny
+from tests.test_train import FAST, tiny
 
 SCHEDULE = ["augment.image_size=16", "augment.sizes={1: 8, 3: 16}", "train.epochs=4"]
 
@@ -79,9 +80,10 @@ def test_a_schedule_must_end_at_the_size_predicted_at(tmp_path):
         load_config(data, "resnet20", ["augment.image_size=16", "augment.sizes={1: 32, 3: 16}"])
     with pytest.raises(ConfigError, match=r"starts at epoch 1"):
         load_config(data, "resnet20", ["augment.image_size=16", "augment.sizes={2: 8, 3: 16}"])
-    with pytest.raises(ConfigError, match=r"from epoch 20 begin after the last epoch \(10\)"):
-        load_config(data, "resnet20", ["augment.image_size=16", "augment.sizes={1: 8, 20: 16}",
-                                       "train.epochs=10"])
+    late = tiny(tmp_path / "late", extra=["augment.image_size=16", "augment.sizes={1: 8, 20: 16}",
+                                          "train.epochs=10"])
+    with pytest.raises(PipelineError, match=r"from epoch 20 begin after the last epoch \(10\)"):
+        train(late, [0])  # refused before a fold starts (a refit of fewer epochs may end early)
 
 
 def test_a_transform_of_a_fixed_size_is_refused_before_training(tmp_path):
@@ -109,3 +111,17 @@ def test_tta_above_the_training_size_reads_and_predicts_at_it(tmp_path):
     assert seen and set(seen) == {24} and probs.shape == (4, 3)
     assert not torch.allclose(torch.as_tensor(probs),
                               torch.as_tensor(plain.predict(paths, "test").probs))
+
+
+def test_a_refit_shorter_than_the_schedule_trains_and_predicts(tmp_path):
+    """The refit trains the folds' schedule for the epochs it is given (refit.epochs=2: both at
+    8 px, as the folds' first two epochs were) and its saved settings load back to predict."""
+    config = tiny(tmp_path, extra=SCHEDULE)
+    train(config)
+    data = str(tmp_path / "comp" / "tiny.yaml")
+    where = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
+             "folds.n_splits=2", *FAST, *SCHEDULE, "refit.epochs=2"]
+    assert cli(["refit", "--data", data, "--model", "resnet20", *where]) == 0
+    full = experiment_dir(config) / "full"
+    assert pd.read_csv(full / "log.csv")["size"].tolist() == [8, 8]
+    assert len(pd.read_csv(full / "test_probs.csv")) == 4

@@ -560,18 +560,6 @@ class Config(_Section):
         return {**values, "augment": {**augment,
                                       "sizes": progressive_sizes(int(size), int(epochs))}}
 
-    @model_validator(mode="after")
-    def _sizes_within_the_epochs(self) -> Config:
-        late = sorted(first for first in self.augment.sizes if first > self.train.epochs)
-        if late:
-            raise ValueError(f"augment.sizes {self.augment.sizes}: the phase(s) from epoch "
-                             f"{', '.join(map(str, late))} begin after the last epoch "
-                             f"({self.train.epochs}): no epoch would train at "
-                             f"{self.augment.image_size} px. Start them by epoch "
-                             f"{self.train.epochs}, or use augment.sizes=progressive, which "
-                             f"follows train.epochs")
-        return self
-
     @property
     def task(self) -> Task:
         """The task (pipeline/base/task.py): metric, positive class, head, epoch rule. A pure

@@ -45,7 +45,7 @@ from pipeline.experiments.probfiles import read_probs, read_pseudo
 from pipeline.experiments.runner import decide, on_main, stage_lock
 from pipeline.experiments.state import joined_oof
 from pipeline.training.parts import Rows, RunSpec
-from pipeline.training.run import preflight, train_part
+from pipeline.training.run import check_schedule, preflight, train_part
 
 
 @dataclass
@@ -130,6 +130,7 @@ def prepare_training(config: Config, layout: Layout, folds_to_train: list[int] |
     check_one_setting(config.data.name, exp, folds, selected, inputs=inputs, details=details)
     todo = plan_folds(config.data.name, exp, selected, force, inputs=inputs, details=details)
     if todo:
+        check_schedule(config.augment, config.train.epochs)
         preflight(config, layout)
         start_experiment(config, exp)
     return Plan(folds, todo, inputs, details)

@@ -57,6 +57,19 @@ def preflight(config: Config, layout: Layout) -> None:
     distributed.per_rank_batch(config.train.batch_size)  # a batch the ranks cannot share: now
 
 
+def check_schedule(augment: AugmentConfig, epochs: int) -> None:
+    """The folds' size schedule reaches augment.image_size within train.epochs. (Not a check of
+    the config itself: the refit trains the folds' schedule for the epochs CV chose, which may
+    end before its last phase, as the folds' chosen epochs did.)"""
+    late = sorted(first for first in augment.sizes if first > epochs)
+    if late:
+        raise PipelineError(f"augment.sizes {augment.sizes}: the phase(s) from epoch "
+                            f"{', '.join(map(str, late))} begin after the last epoch ({epochs}): "
+                            f"no epoch would train at {augment.image_size} px. Start them by "
+                            f"epoch {epochs}, or use augment.sizes=progressive, which follows "
+                            f"train.epochs")
+
+
 def check_output_size(augment: AugmentConfig) -> None:
     """The training transforms of augment.image_size, run once on a blank image: a transform of
     a fixed size (RandomCrop(32) after the resize) would train every phase of augment.sizes
