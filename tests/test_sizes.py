@@ -125,3 +125,18 @@ def test_a_refit_shorter_than_the_schedule_trains_and_predicts(tmp_path):
     full = experiment_dir(config) / "full"
     assert pd.read_csv(full / "log.csv")["size"].tolist() == [8, 8]
     assert len(pd.read_csv(full / "test_probs.csv")) == 4
+
+
+def test_a_schedule_is_replaced_or_turned_off_by_an_override_not_merged(tmp_path):
+    """The remedies ("start them by epoch N", "leave augment.sizes out") work through ARGS on an
+    experiment file that holds a schedule: an override replaces it whole."""
+    data = tiny(tmp_path).data.config_file
+    experiment = tmp_path / "sched.yaml"
+    experiment.write_text("model: {name: resnet20}\naugment: {image_size: 32, sizes: {1: 16, 3: 32}}"
+                          "\ntrain: {epochs: 6}\n")
+    for off in ("augment.sizes={}", "augment.sizes=null"):
+        assert load_config(data, str(experiment), [off]).augment.sizes == {}
+    shorter = load_config(data, str(experiment), ["train.epochs=2", "augment.sizes={1: 16, 2: 32}"])
+    assert shorter.augment.sizes == {1: 16, 2: 32}
+    with pytest.raises(ConfigError, match=r"greater than 0"):
+        load_config(data, "resnet20", ["train.class_weights=[0, 1, 1]"])

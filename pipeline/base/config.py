@@ -248,6 +248,11 @@ class AugmentConfig(_Section):
     # "progressive": half of image_size for the first half of train.epochs (progressive_sizes),
     # resolved when the config is read, so the run's settings hold the schedule it trained.
     sizes: dict[int, Annotated[int, Field(ge=8)]] = Field(default_factory=dict)
+
+    @field_validator("sizes", mode="before")
+    @classmethod
+    def _no_schedule(cls, value: Any) -> Any:
+        return {} if value is None else value  # `augment.sizes=null` turns a schedule off
     # area: alias-free shrinking of large photos; linear/cubic: enlarging small images (digits)
     interpolation: Literal["area", "linear", "cubic", "nearest"] = "area"
     train: list[Transform] = Field(default_factory=list)  # after the resize; any albumentations
@@ -315,8 +320,10 @@ class TrainConfig(_Section):
     # sqrt_inverse: chosen on the benchmark suite (README, "Training recipes"): never worse,
     # +0.09 QWK on the ordinal member whose rare grades have looks of their own. Unset: none
     # with the balanced sampler and on log-loss competitions (LOG_LOSS_DEFAULTS)
-    class_weights: Literal["none", "inverse", "sqrt_inverse", "effective"] | list[float] = (
-        "sqrt_inverse")
+    # a list: one weight > 0 per class (a weight of 0 would make a batch of that class alone a
+    # 0/0 loss; train.exclude leaves rows out)
+    class_weights: Literal["none", "inverse", "sqrt_inverse", "effective"] | list[
+        Annotated[float, Field(gt=0)]] = "sqrt_inverse"
     effective_beta: float = Field(0.999, gt=0, lt=1)  # for class_weights: effective
     sampler: Literal["shuffle", "balanced"] = "shuffle"  # balanced: classes drawn equally often
     head_only_epochs: int = Field(0, ge=0)  # two-stage fine-tuning: train only the head first
@@ -585,12 +592,20 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return content
 
 
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Recursively merge `update` into a copy of `base` (mappings merge, everything else replaces)."""
+# Mappings that are one value, not sections: a later source replaces them whole (a schedule
+# merged with another would keep the phases it meant to drop)
+WHOLE_MAPPINGS = frozenset({"augment.sizes"})
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any], _at: str = "") -> dict[str, Any]:
+    """Recursively merge `update` into a copy of `base` (mappings merge, everything else, and
+    the WHOLE_MAPPINGS, replaces)."""
     merged = copy.deepcopy(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
+        path = f"{_at}.{key}" if _at else str(key)
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and \
+                path not in WHOLE_MAPPINGS:
+            merged[key] = deep_merge(merged[key], value, path)
         else:
             merged[key] = copy.deepcopy(value)
     return merged

@@ -204,11 +204,12 @@ class CheckpointPredictor:
             shard = predict_logits(self.model, self.normalizer, loader, self.device,
                                    dtype=self.dtype, desc=desc, views=self.views)
         except torch.OutOfMemoryError:
-            smaller = max(1, self.batch_size // 2)
+            smaller = self.batch_size // 2
+            remedy = (f"set predict.batch_size={smaller} (ARGS=predict.batch_size={smaller}); "
+                      f"it changes no prediction" if smaller else
+                      "predict with fewer TTA views (TTA=) or a smaller tta.image_size")
             raise PipelineError(f"{desc}: out of GPU memory at {self.batch_size} images a batch "
-                                f"({len(self.views) or 1} view(s) each): set predict.batch_size="
-                                f"{smaller} (ARGS=predict.batch_size={smaller}); it changes no "
-                                f"prediction") from None
+                                f"({len(self.views) or 1} view(s) each): {remedy}") from None
         logits = distributed.gather_shards(shard, axis=1)  # (V, N, C)
         return reduce_views(logits, self.reduce, self.config.model.head,
                             len(self.config.data.classes))

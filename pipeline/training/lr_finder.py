@@ -26,7 +26,7 @@ from pipeline.base.config import Config
 from pipeline.base.fingerprints import fingerprint
 from pipeline.base.utils import PipelineError, write_csv_atomic
 from pipeline.experiments.freshness import read_folds, training_inputs
-from pipeline.experiments.layout import Layout
+from pipeline.experiments.layout import Experiment, Layout
 from pipeline.experiments.runner import Step, run_step, stage_lock
 from pipeline.inference.engine import clean_image_errors, progress
 from pipeline.reporting import plots
@@ -80,25 +80,30 @@ def sweep_experiment(config: Config, layout: Layout, *, start: float, end: float
     """`make lr`: the sweep of fold 0's training rows written as the experiment's
     lr_sweep.csv and lr_sweep.png, with a manifest of what made them (the fold's training
     inputs and the sweep's settings): swept again only when they changed (or FORCE=1)."""
-    folds = read_folds(config.data, config.folds, layout)
-    inputs, details = training_inputs(config, folds, layout)
-    settings = {"steps": steps, "start": start, "end": end}
-    inputs["sweep"] = fingerprint(settings)
-    exp = layout.experiment(config.run_name)
-    spec = fold_spec(config, layout, folds, 0, inputs=inputs)
+    exp, settings = layout.experiment(config.run_name), {"steps": steps, "start": start, "end": end}
+    with stage_lock(exp.lock, exp.dir, "swept"):  # the lock, then the inputs (the runner's order)
+        folds = read_folds(config.data, config.folds, layout)
+        inputs, details = training_inputs(config, folds, layout)
+        inputs["sweep"] = fingerprint(settings)
+        spec = fold_spec(config, layout, folds, 0, inputs=inputs)
+        run_step(sweep_step(config, exp, spec, details={**details, "sweep": settings},
+                            start=start, end=end, steps=steps), force)
+    return pd.read_csv(exp.lr_sweep_csv)
+
+
+def sweep_step(config: Config, exp: Experiment, spec: RunSpec, *, details: dict, start: float,
+               end: float, steps: int) -> Step:
+    """The sweep as the runner's step: its work, outputs and manifest."""
 
     def work() -> None:
         frame = sweep(config, spec, start=start, end=end, steps=steps)
         write_csv_atomic(frame, exp.lr_sweep_csv)
         plots.write_lr_sweep(frame, suggestion(frame), config.train.lr, exp.lr_sweep_png)
 
-    step = Step("lr_sweep", exp.lr_sweep_manifest, inputs, {**details, "sweep": settings},
+    return Step("lr_sweep", exp.lr_sweep_manifest, spec.inputs, details,
                 lambda: [exp.lr_sweep_csv, exp.lr_sweep_png], work,
                 current=f"{config.run_name}: its sweep is current ({exp.lr_sweep_png}); FORCE=1 "
                         f"sweeps again", all_or_none=True)
-    with stage_lock(exp.lock, exp.dir, "swept"):
-        run_step(step, force)
-    return pd.read_csv(exp.lr_sweep_csv)
 
 
 def batches(trainer, count: int):
