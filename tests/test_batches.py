@@ -76,7 +76,9 @@ def test_passes_sum_to_the_gradient_of_the_whole_batch(tmp_path, extra):
         torch.testing.assert_close(whole, passes, rtol=1e-5, atol=1e-6)
 
 
-def _out_of_memory_above(images: int, after_calls: int):
+def _out_of_memory_above(images: int, after_calls: int,
+                         error=lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to "
+                                                              "allocate 2.00 GiB")):
     """A build_model that returns the real model, whose training forward raises torch's
     OutOfMemoryError for passes above `images` once it has run `after_calls` times: a GPU
     whose memory fills in the middle of a run."""
@@ -92,7 +94,7 @@ def _out_of_memory_above(images: int, after_calls: int):
                 calls["training"] += 1
                 if calls["training"] > after_calls and len(x) > images:
                     calls["raised"] += 1
-                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                    raise error()
             return forward(x)
 
         model.forward = fills_up
@@ -126,13 +128,31 @@ def test_out_of_memory_mid_run_halves_the_pass_and_ends_with_the_same_steps(
     assert (experiment_dir(config) / "fold0" / "test_probs.csv").is_file()
 
 
-def test_out_of_memory_at_one_image_a_pass_says_what_to_change(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [
+    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    lambda: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate")],
+    ids=["torch", "cuBLAS"])
+def test_out_of_memory_at_one_image_a_pass_says_what_to_change(tmp_path, monkeypatch, error):
+    """Halved down to one image a pass, then the remedy; cuBLAS's plain RuntimeError is an
+    out-of-memory error too. Any other RuntimeError is not: it ends the run as it was."""
     config = tiny(tmp_path, extra=["train.batch_size=2"])
-    build_model, _ = _out_of_memory_above(images=0, after_calls=0)
+    build_model, calls = _out_of_memory_above(images=0, after_calls=0, error=error)
     monkeypatch.setattr(parts_module, "build_model", build_model)
     with pytest.raises(PipelineError, match=r"fold 0 epoch 1: out of GPU memory at one image a "
                                             r"pass.*augment\.image_size"):
         train(config, [0])
+    assert calls["raised"] == 2  # at 2 images, then at 1
+
+
+def test_another_runtime_error_in_training_is_not_taken_for_memory(tmp_path, monkeypatch):
+    config = tiny(tmp_path, extra=["train.batch_size=2"])
+    build_model, calls = _out_of_memory_above(
+        images=0, after_calls=0, error=lambda: RuntimeError("mat1 and mat2 shapes cannot be "
+                                                            "multiplied (2x64 and 32x3)"))
+    monkeypatch.setattr(parts_module, "build_model", build_model)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        train(config, [0])
+    assert calls["raised"] == 1  # no halving, no second try
 
 
 def test_micro_batch_changes_no_result_identity(tmp_path, capsys):

@@ -36,6 +36,18 @@ from pipeline.training.parts import Parts
 MEMORY_SHARE = 0.85
 
 
+# What CUDA libraries say when they cannot allocate: cuBLAS and cuDNN raise a plain RuntimeError,
+# not torch's OutOfMemoryError, when their workspace does not fit
+OUT_OF_MEMORY = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
+                 "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` says the GPU ran out of memory (halving the pass may help)."""
+    return isinstance(err, torch.OutOfMemoryError) or any(words in str(err)
+                                                          for words in OUT_OF_MEMORY)
+
+
 def pass_slices(n: int, micro: int | None) -> list[slice]:
     """The passes of a batch of n images: slices of at most `micro` (None: one pass)."""
     if not micro or micro >= n:
@@ -115,8 +127,9 @@ def largest_fitting(fits: Callable[[int], bool], batch: int) -> int:
         try:
             if fits(n):
                 return n
-        except torch.OutOfMemoryError:
-            pass  # the traceback's tensors go with this block; free them before the next try
+        except RuntimeError as err:
+            if not out_of_memory(err):
+                raise  # the traceback's tensors go with this block; freed before the next try
         release_memory()
         if n == 1:
             raise PipelineError("train.micro_batch: auto: not even one image a pass fits the "
@@ -163,7 +176,9 @@ def fits_on_every_rank(probe: Callable[[], bool]) -> bool:
     would leave the other ranks waiting."""
     try:
         fits = probe()
-    except torch.OutOfMemoryError:
+    except RuntimeError as err:
+        if not out_of_memory(err):
+            raise
         fits = False
     return distributed.all_sum([0.0 if fits else 1.0])[0] == 0
 

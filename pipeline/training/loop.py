@@ -32,7 +32,11 @@ from pipeline.inference.engine import (
 )
 from pipeline.models.finetune import freeze_body, unfreeze
 from pipeline.training.checkpoints import Checkpoints, LoopState
-from pipeline.training.fitting import backward_in_passes, pass_after_out_of_memory
+from pipeline.training.fitting import (
+    backward_in_passes,
+    out_of_memory,
+    pass_after_out_of_memory,
+)
 from pipeline.training.parts import Parts, RunSpec
 
 # Epochs in a row that a fold may predict a single class before training says so: the first
@@ -93,8 +97,9 @@ class Trainer:
                                    **self.parts.sized_loaders.log_fields(epoch)}
             try:
                 row["train_loss"] = self.train_epoch(epoch)
-            except torch.OutOfMemoryError:
-                pass  # handled below: the error's tensors are freed once this block ends
+            except RuntimeError as err:  # torch.OutOfMemoryError is one
+                if not out_of_memory(err):
+                    raise  # handled below: the error's tensors are freed once this block ends
             if "train_loss" not in row:
                 log, epoch = self.after_out_of_memory(epoch), self.state.epoch
                 continue
