@@ -127,3 +127,25 @@ def read_folds_of(config: Config):
     from pipeline.experiments.freshness import read_folds
 
     return read_folds(config.data, config.folds, Layout.of(config))
+
+
+def watch_training_passes(monkeypatch, see) -> None:
+    """Every model training builds from now on calls `see(x)` before each training forward
+    pass (a recorder, or a GPU that raises when full): the real model, its weights untouched."""
+    import pipeline.training.parts as parts
+
+    build = parts.build_model
+
+    def build_model(*args, **kwargs):
+        model = build(*args, **kwargs)
+        forward = model.forward
+
+        def watched(x):
+            if model.training:
+                see(x)
+            return forward(x)
+
+        model.forward = watched
+        return model
+
+    monkeypatch.setattr(parts, "build_model", build_model)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.training.parts as parts_module
 from pipeline.base.config import TTAConfig, load_config
 from pipeline.base.utils import PipelineError
 from pipeline.experiments.layout import Part
@@ -16,7 +15,13 @@ from pipeline.inference.predictor import CheckpointPredictor
 from pipeline.training.fitting import halved, largest_fitting, pass_fits, pass_slices
 from pipeline.training.parts import Rows, RunSpec
 from pipeline.training.run import make_trainer
-from tests.conftest import experiment_dir, predict, read_folds_of, train
+from tests.conftest import (
+    experiment_dir,
+    predict,
+    read_folds_of,
+    train,
+    watch_training_passes,
+)
 from tests.test_train import FAST, tiny
 
 
@@ -76,31 +81,21 @@ def test_passes_sum_to_the_gradient_of_the_whole_batch(tmp_path, extra):
         torch.testing.assert_close(whole, passes, rtol=1e-5, atol=1e-6)
 
 
-def _out_of_memory_above(images: int, after_calls: int,
+def _out_of_memory_above(monkeypatch, images: int, after_calls: int,
                          error=lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to "
-                                                              "allocate 2.00 GiB")):
-    """A build_model that returns the real model, whose training forward raises torch's
-    OutOfMemoryError for passes above `images` once it has run `after_calls` times: a GPU
-    whose memory fills in the middle of a run."""
-    build = parts_module.build_model
+                                                              "allocate 2.00 GiB")) -> dict:
+    """From now on, training passes above `images` raise torch's OutOfMemoryError once
+    `after_calls` passes have run: a GPU whose memory fills in the middle of a run."""
     calls = {"training": 0, "raised": 0}
 
-    def build_model(*args, **kwargs):
-        model = build(*args, **kwargs)
-        forward = model.forward
+    def fills_up(x):
+        calls["training"] += 1
+        if calls["training"] > after_calls and len(x) > images:
+            calls["raised"] += 1
+            raise error()
 
-        def fills_up(x):
-            if model.training:
-                calls["training"] += 1
-                if calls["training"] > after_calls and len(x) > images:
-                    calls["raised"] += 1
-                    raise error()
-            return forward(x)
-
-        model.forward = fills_up
-        return model
-
-    return build_model, calls
+    watch_training_passes(monkeypatch, fills_up)
+    return calls
 
 
 def test_out_of_memory_mid_run_halves_the_pass_and_ends_with_the_same_steps(
@@ -109,8 +104,7 @@ def test_out_of_memory_mid_run_halves_the_pass_and_ends_with_the_same_steps(
     train(reference, [0])
     config = tiny(tmp_path / "oom", extra=["train.epochs=3", "train.batch_size=8",
                                            "train.micro_batch=auto"])  # a CPU: the whole batch
-    build_model, calls = _out_of_memory_above(images=4, after_calls=1)  # epoch 2 fails at 8
-    monkeypatch.setattr(parts_module, "build_model", build_model)
+    calls = _out_of_memory_above(monkeypatch, images=4, after_calls=1)  # epoch 2 fails at 8
     train(config, [0])
     out = capsys.readouterr()
     assert calls["raised"] == 1
@@ -136,8 +130,7 @@ def test_out_of_memory_at_one_image_a_pass_says_what_to_change(tmp_path, monkeyp
     """Halved down to one image a pass, then the remedy; cuBLAS's plain RuntimeError is an
     out-of-memory error too. Any other RuntimeError is not: it ends the run as it was."""
     config = tiny(tmp_path, extra=["train.batch_size=2"])
-    build_model, calls = _out_of_memory_above(images=0, after_calls=0, error=error)
-    monkeypatch.setattr(parts_module, "build_model", build_model)
+    calls = _out_of_memory_above(monkeypatch, images=0, after_calls=0, error=error)
     with pytest.raises(PipelineError, match=r"fold 0 epoch 1: out of GPU memory at one image a "
                                             r"pass.*augment\.image_size"):
         train(config, [0])
@@ -146,10 +139,9 @@ def test_out_of_memory_at_one_image_a_pass_says_what_to_change(tmp_path, monkeyp
 
 def test_another_runtime_error_in_training_is_not_taken_for_memory(tmp_path, monkeypatch):
     config = tiny(tmp_path, extra=["train.batch_size=2"])
-    build_model, calls = _out_of_memory_above(
-        images=0, after_calls=0, error=lambda: RuntimeError("mat1 and mat2 shapes cannot be "
-                                                            "multiplied (2x64 and 32x3)"))
-    monkeypatch.setattr(parts_module, "build_model", build_model)
+    calls = _out_of_memory_above(
+        monkeypatch, images=0, after_calls=0,
+        error=lambda: RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x64 and 32x3)"))
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         train(config, [0])
     assert calls["raised"] == 1  # no halving, no second try

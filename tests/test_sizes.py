@@ -12,7 +12,7 @@ from pipeline.__main__ import main as cli
 from pipeline.base.config import ConfigError, TTAConfig, load_config
 from pipeline.base.utils import PipelineError
 from pipeline.inference.predictor import CheckpointPredictor
-from tests.conftest import experiment_dir, predict, train
+from tests.conftest import experiment_dir, predict, train, watch_training_passes
 from tests.test_train import FAST, tiny
 
 SCHEDULE = ["augment.image_size=16", "augment.sizes={1: 8, 3: 16}", "train.epochs=4"]
@@ -20,21 +20,8 @@ SCHEDULE = ["augment.image_size=16", "augment.sizes={1: 8, 3: 16}", "train.epoch
 
 def _recording_sizes(monkeypatch) -> list[int]:
     """The input size of every training forward pass of the models built from now on."""
-    build, seen = parts_module.build_model, []
-
-    def build_model(*args, **kwargs):
-        model = build(*args, **kwargs)
-        forward = model.forward
-
-        def recorded(x):
-            if model.training:
-                seen.append(x.shape[-1])
-            return forward(x)
-
-        model.forward = recorded
-        return model
-
-    monkeypatch.setattr(parts_module, "build_model", build_model)
+    seen = []
+    watch_training_passes(monkeypatch, lambda x: seen.append(x.shape[-1]))
     return seen
 
 
