@@ -21,6 +21,7 @@ ifneq ($(filter-out 1,$(FORCE)),)
 $(error FORCE=$(FORCE) is not a choice: FORCE=1 redoes finished work; leave FORCE out (or FORCE=) to keep it)
 endif
 NAME ?=
+MESSAGE ?=
 SEEDS ?=
 PARTIAL ?=
 KEEP_GOING ?=
@@ -58,7 +59,7 @@ IDENTITY = $(if $(NAME),--name $(NAME)) $(if $(SEEDS),--seeds "$(SEEDS)")
 EXPERIMENTS = $(if $(MODELS),--models "$(MODELS)" $(if $(KEEP_GOING),--keep-going),--model $(MODEL))
 OVERRIDES = $(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(TTA),tta.views=$(TTA)) $(ARGS)
 
-.PHONY: help install demo demo-data check folds train predict ensemble refit pseudo runs status audit report bundle cache weights lr bench test test-all clean
+.PHONY: help install demo demo-data check folds train predict ensemble refit pseudo runs status audit report bundle cache weights lr submit lb bench test test-all clean
 
 help: ## list the targets and variables
 	@echo "usage: make TARGET [DATA=digits] [MODEL=resnet18] [FOLDS=0,2] [EPOCHS=n] [TTA=d4] [FORCE=1] [ARGS='k=v ...']"
@@ -115,6 +116,12 @@ lr: ## a learning-rate sweep of MODEL on fold 0: the curve (lr_sweep.png), a sug
 
 weights: ## fetch MODEL's pretrained weights ahead (a timm model from the hub) -> OUT (default weights/)
 	$(RUN) weights --data $(DATA) --model $(MODEL) $(if $(OUT),--out $(OUT)) $(ARGS)
+
+submit: ## upload the newest current submission (NAME=; MESSAGE=; PARTIAL=1) to Kaggle -> submissions/DATA/leaderboard.csv
+	$(RUN) submit --data $(DATA) $(if $(NAME),--name "$(NAME)") $(if $(MESSAGE),--message "$(MESSAGE)") $(if $(PARTIAL),--partial) $(ARGS)
+
+lb: ## fetch the uploads' public/private scores from Kaggle, beside their CV -> submissions/DATA/leaderboard.csv
+	$(RUN) lb --data $(DATA) $(ARGS)
 
 report: ## the competition's HTML report: leaderboard, submissions, audit, mistakes as images -> reports/DATA/index.html
 	$(RUN) report --data $(DATA) $(if $(FORCE),--force) $(ARGS)

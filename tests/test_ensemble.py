@@ -40,15 +40,16 @@ from pipeline.experiments.manifests import write_manifest
 from pipeline.stages.ensemble import ensemble_runs
 from pipeline.stages.folds import write_folds
 from tests.conftest import read_folds_of as read_folds
+from tests.conftest import write_image
 
 TEST_IDS = [f"t{i:03d}" for i in range(12)]
 
 
 def write_competition(tmp_path, classes, n_train=60, n_folds=3, name="comp", labels=None,
-                      **extra):
+                      images=False, **extra):
     """A competition (train.csv, test.csv, sample submission, solution) and its folds, recorded
-    with their manifest; returns (config path, overrides). No images: the ensemble reads only
-    probability files."""
+    with their manifest; returns (config path, overrides). No images unless `images` (tiny
+    ones, for the report): the ensemble reads only probability files."""
     root = tmp_path / name
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -69,6 +70,8 @@ def write_competition(tmp_path, classes, n_train=60, n_folds=3, name="comp", lab
     folds = pd.DataFrame({"id": [f"{i:04d}" for i in range(n_train)], "label": labels,
                           "fold": rng.permutation(np.arange(n_train) % n_folds)})
     folds[["id", "label"]].to_csv(root / "train.csv", index=False)
+    for i, image_id in enumerate(folds["id"] if images else []):
+        write_image(root / "train" / image_id, seed=i, size=8)
     overrides = [f"runs_dir={tmp_path / 'runs'}", f"folds.dir={tmp_path / 'folds'}",
                  f"submissions_dir={tmp_path / 'submissions'}"]
     write_folds(config_of(str(root / f"{name}.yaml"), overrides), folds)
@@ -115,8 +118,8 @@ def write_run(config, name, oof, test, folds=None, tta_folds=(), refit=None):
         test_frame[classes] = test(k) if callable(test) else test
         test_frame.to_csv(part.test_probs, index=False)
         part.best.write_bytes(f"{name} fold {k}".encode())
-        pd.DataFrame({"epoch": [1], config.data.metric: [0.5], "valid_loss": [0.7],
-                      "seconds": [1.0]}).to_csv(part.log, index=False)
+        pd.DataFrame({"epoch": [1], config.data.metric: [0.5], "train_loss": [0.8],
+                      "valid_loss": [0.7], "lr": [0.1], "seconds": [1.0]}).to_csv(part.log, index=False)
         save_config(member, part.config)
         write_manifest(part.train_manifest, "train", inputs, [part.best, part.oof], details=details)
         valid = table[table["fold"] == k]
@@ -317,9 +320,7 @@ def test_cli_writes_submission_and_report(tmp_path, capsys):
     assert set(submission["label"]) <= {"cat", "dog", "fox"}
 
     report = (tmp_path / "submissions" / "comp" / f"{name}.md").read_text()
-    cv = name.split("_cv")[1]
-    upload = f'-c comp -f {submissions[0]} -m "resnet18+timm-resnet50 cv={cv}"'
-    assert f"kaggle competitions submit {upload}" in report
+    assert f"make submit NAME={name} DATA={data_path}" in report
     assert "oof_tta" in report and "fitted" in report and "other" not in report
     assert "test accuracy vs solution.csv: " in out
     for member in ("resnet18", "timm-resnet50", "ensemble (fitted)"):

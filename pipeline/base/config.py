@@ -82,6 +82,9 @@ class DataConfig(_Section):
     positive_class: str | None = None  # binary: the class whose probability is submitted/scored;
     #                                    None: the second of `classes`
     drop_bad_images: bool = False  # drop missing/unreadable training images instead of failing
+    # the competition's name on Kaggle (its URL's: kaggle.com/competitions/<slug>), for `make
+    # submit` and `make lb`; None: not set (those verbs say where to set it)
+    kaggle: str | None = None
     # width x height above which an image is refused from its header, before it is decoded (a
     # 20000 x 20000 PNG of 388 KB decodes to 1.2 GB): 10,000 x 10,000 covers any real photo
     max_image_pixels: int = Field(100_000_000, ge=1)
@@ -545,6 +548,9 @@ class Config(_Section):
     bundles_dir: str = "bundles"  # offline inference bundles of `make bundle`, per competition
     audit_dir: str = "audit"  # `make audit`'s findings, per competition
     reports_dir: str = "reports"  # `make report`'s static HTML pages, per competition
+    # where training's epochs are also logged (pipeline/training/tracking.py): MLflow (a store
+    # under runs/<competition>/ unless MLFLOW_TRACKING_URI is set) or TensorBoard; decides nothing
+    tracking: Literal["none", "mlflow", "tensorboard"] = "none"
     # How the command that made it was spelled: the experiment file MODEL= read (None: a model
     # name or a saved experiment's settings) and its overrides. A later command that names the
     # experiment judges it by that file as it is now, as `make train` would (state.py).
@@ -732,7 +738,7 @@ def build_config(merged: dict[str, Any], sources: list[str] | None = None) -> Co
 # they are no part of an experiment's name or fingerprints (a resume may change them too).
 NO_RESULT_KEYS = frozenset({
     "run_name", "runs_dir", "submissions_dir", "pseudo_dir", "bundles_dir", "audit_dir",
-    "reports_dir", "folds.dir",
+    "reports_dir", "folds.dir", "tracking", "data.kaggle",
     "train.workers", "train.device", "train.compile", "train.amp", "train.channels_last",
     "train.micro_batch",
     "cache.enabled", "cache.dir", "cache.format", "predict.batch_size",
@@ -750,7 +756,7 @@ LATER_STAGE_SECTIONS = frozenset({"folds", "tta", "predict", "ensemble", "refit"
 DATA_FILE_KEYS = frozenset({
     "root", "train_csv", "test_csv", "sample_submission", "solution_csv", "train_images",
     "test_images", "test_image_path", "submission", "drop_bad_images",
-    "max_image_pixels",
+    "max_image_pixels", "kaggle",
     "group_column", "group_pattern", "defaults", "config_file",
 })
 

@@ -597,6 +597,23 @@ def honest_scores(targets: np.ndarray, combined: Combined, decoded: Decoded | No
     return printed
 
 
+def fold_spread(targets: np.ndarray, combined: Combined, decoded: Decoded | None,
+                row_folds: np.ndarray, *, scorer: Scorer) -> float:
+    """The standard deviation over the folds of the honest CV (honest_scores' 'out of fold'),
+    each fold scored alone: how much a score on that many rows varies. NaN under two folds."""
+    if combined.nested_labels is not None:
+        labels = combined.nested_labels
+    elif decoded is not None and decoded.used:
+        labels = decoded.nested_labels
+    else:
+        labels = None
+    probs = combined.oof if combined.oof_nested is None else combined.oof_nested
+    scores = [scorer.score_labels(targets[held], labels[held]) if labels is not None
+              else scorer.score(targets[held], probs[held])
+              for held in (row_folds == k for k in np.unique(row_folds))]
+    return float(np.nanstd(scores)) if len(scores) > 1 else float("nan")
+
+
 def submitted_scores(kind: str, oof: np.ndarray, oof_nested: np.ndarray, targets: np.ndarray,
                      *, row_folds: np.ndarray | None, scorer: Scorer) -> dict[str, float]:
     """honest_scores of combined OOF rows (`oof` fitted on every row, `oof_nested` on the other

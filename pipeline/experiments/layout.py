@@ -9,8 +9,8 @@ competition is read by another, and one per experiment so that nothing of one is
 
     folds/<competition>.csv | .manifest.json | .dropped.csv
     runs/<competition>/<experiment>/config.yaml, summary.csv|md, fold<k>/..., full/...
-    runs/<competition>/leaderboard.csv|md|png
-    submissions/<competition>/<name>.csv|md|manifest.json
+    runs/<competition>/leaderboard.csv|md|png, mlruns/, tensorboard/<experiment>/<part>/
+    submissions/<competition>/<name>.csv|md|manifest.json, leaderboard.csv (uploads and scores)
     pseudo/<competition>/<set>/fold<k>.csv, full.csv, pseudo.manifest.json
     bundles/<competition>/<name>.zip
     audit/<competition>/duplicates.csv, shift.csv, label_issues_<experiment>.csv, ...
@@ -34,6 +34,8 @@ MANIFEST_SUFFIX = ".manifest.json"
 # runs/<competition>/.locks/: the locks of one process at a time (pipeline/experiments/locks.py). The lock
 # files stay (removing one while another process may open it would let two hold it).
 LOCKS = ".locks"
+# submissions/<competition>/leaderboard.csv: no submission may take its name
+PUBLIC_LEADERBOARD = "leaderboard.csv"
 
 
 def part_name(fold: int) -> str:
@@ -335,6 +337,13 @@ class Layout:
         return self.runs / f"leaderboard.{suffix}"
 
     @property
+    def mlflow_store(self) -> Path:  # tracking: mlflow, unless MLFLOW_TRACKING_URI says where
+        return self.runs / "mlruns"
+
+    def tensorboard(self, experiment: str, part: str) -> Path:  # tracking: tensorboard
+        return self.runs / "tensorboard" / experiment / part
+
+    @property
     def micro_batches(self) -> Path:  # train.micro_batch: auto, measured per GPU, model, size
         return self.runs / "micro_batches.json"
 
@@ -345,6 +354,14 @@ class Layout:
 
     def refit_submission(self, experiment: str) -> Submission:
         return self.submission(f"{experiment}_refit")
+
+    @property
+    def public_leaderboard(self) -> Path:  # `make submit` and `make lb`: uploads and their scores
+        return self.submissions / PUBLIC_LEADERBOARD
+
+    @property
+    def public_leaderboard_plot(self) -> Path:  # nested CV against the public/private LB
+        return self.public_leaderboard.with_suffix(".png")
 
     @property
     def submissions_lock(self) -> Path:

@@ -143,6 +143,7 @@ class SubmissionSummary:
     method: str  # the method used (auto: the one it chose), with the stacker's kind
     cv: float  # nested: the CV beside the submission
     cv_in_sample: float
+    cv_std: float  # the nested CV's spread over the folds (NaN: one fold, or an older manifest)
     current: bool
     why: str  # what changed since, when not current
     partial: bool
@@ -172,6 +173,7 @@ def read_submissions(data: DataConfig, folds: FoldsConfig,
         found.append(SubmissionSummary(
             name, layout.submission(name).csv, details.get("members", []), method,
             float(details.get("cv", np.nan)), float(details.get("cv_in_sample", np.nan)),
+            float(details.get("cv_fold_std", np.nan)),
             fresh.current, "" if fresh.current else fresh.why(), bool(details.get("partial")),
             details.get("methods", [])))
     return found

@@ -273,3 +273,30 @@ def plot_leaderboard(frame: pd.DataFrame, metric: str, path: Path) -> None:
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     save(fig, path)
+
+
+@plain_text
+def plot_cv_against_lb(table: pd.DataFrame, metric: str, path: Path, *, title: str) -> None:
+    """Each upload's nested CV (± the folds' spread) against its public LB score (filled) and
+    private (hollow, once known), with the diagonal where the two agree."""
+    shown = table.dropna(subset=["cv"]).dropna(subset=["public", "private"], how="all")
+    fig, ax = figure(figsize=(5.5, 4.5))
+    ax.errorbar(shown["cv"], shown["public"], xerr=shown["cv_std"].fillna(0), fmt="o",
+                color="#08519c", label="public LB", capsize=2)
+    if shown["private"].notna().any():
+        ax.scatter(shown["cv"], shown["private"], facecolors="none", edgecolors="#cb181d",
+                   label="private LB", zorder=3)
+    for row in shown.itertuples():
+        ax.annotate(str(row.submission or row.ref)[:24], (row.cv, row.public), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    values = shown[["cv", "public", "private"]].to_numpy(float)
+    low, high = float(np.nanmin(values)), float(np.nanmax(values))
+    pad = max(high - low, 1e-3) * 0.1
+    ax.plot([low - pad, high + pad], [low - pad, high + pad], color="0.7", lw=1,
+            label="LB = CV")
+    ax.set_xlabel(f"CV {metric} (nested)")
+    ax.set_ylabel(f"leaderboard {metric}")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    save(fig, path)

@@ -36,13 +36,14 @@ from pipeline.base.config import (
 from pipeline.base.log import log
 from pipeline.base.metrics import higher_is_better
 from pipeline.base.task import Scorer
-from pipeline.base.utils import format_table, markdown_table, warn, write_text_atomic
+from pipeline.base.utils import format_table, make_command, markdown_table, warn, write_text_atomic
 from pipeline.ensembling.combine import (
     Combined,
     Fit,
     Options,
     combine_members,
     decode_combined,
+    fold_spread,
     honest_scores,
 )
 from pipeline.ensembling.decode import Decoded, decoder_kind
@@ -65,7 +66,7 @@ from pipeline.ensembling.submission import (
     write_submission,
 )
 from pipeline.experiments.freshness import read_folds, read_test_set
-from pipeline.experiments.layout import Layout
+from pipeline.experiments.layout import PUBLIC_LEADERBOARD, Layout
 from pipeline.experiments.leaderboard import report_line, transfer_cautions
 from pipeline.experiments.runner import Step, run_step, stage_lock
 from pipeline.experiments.state import member_fingerprint
@@ -94,6 +95,7 @@ class Ensemble:
     combined: Combined
     decoded: Decoded | None
     scores: dict[str, float]  # out of fold (nested) and in sample
+    fold_spread: float  # the nested CV's standard deviation over the folds (NaN: one fold)
     partial: bool
     n_folds: int  # the folds the OOF rows come from (one: nothing can be nested)
 
@@ -163,6 +165,9 @@ def ensemble_settings(ensemble: EnsembleConfig, members: list[Config],
 def submission_name(settings: EnsembleConfig, models: list[str], cv_score: float,
                     partial: bool = False) -> str:
     if settings.name:
+        if f"{settings.name}.csv" == PUBLIC_LEADERBOARD:
+            raise EnsembleError(f"ensemble.name={settings.name}: {PUBLIC_LEADERBOARD} is the "
+                                f"table of uploads and their Kaggle scores; choose another name")
         return settings.name
     return f"{'+'.join(models)}{'_partial' if partial else ''}_cv{cv_score:.4f}"
 
@@ -217,7 +222,8 @@ def make_ensemble(config: Config, layout: Layout, folds: pd.DataFrame, test_fing
         combined.notes.append("the full-data refit joined the test average unvalidated: no fold "
                               "scored it, so the CV above does not include it")
     return Ensemble(candidates, members, settings, oof_stack, targets, combined, decoded,
-                    honest_scores(targets, combined, decoded, scorer), is_partial,
+                    honest_scores(targets, combined, decoded, scorer),
+                    fold_spread(targets, combined, decoded, row_folds, scorer=scorer), is_partial,
                     len(np.unique(row_folds)))
 
 
@@ -289,9 +295,10 @@ def method_rows(ensemble: Ensemble) -> list[list]:
     return rows
 
 
-def kaggle_command(competition: str, names: list[str], csv_path: Path, cv_score: float) -> str:
-    return (f'kaggle competitions submit -c {competition} -f {csv_path} '
-            f'-m "{"+".join(names)} cv={cv_score:.4f}"')
+def upload_command(data: DataConfig, csv_path: Path) -> str:
+    """`make submit NAME=<this submission>`: the upload, with the CV in its message, recorded
+    for `make lb` (the competition's `kaggle:` name is asked for there when it is not set)."""
+    return make_command("submit", data.name, NAME=csv_path.stem)
 
 
 def in_sample_note(ensemble: Ensemble) -> str:
@@ -327,7 +334,7 @@ def details_rows(data: DataConfig, ensemble: Ensemble, csv_path: Path,
     rows.append(["submission", str(csv_path)])
     if solution_score is not None:
         rows.append([f"test {metric} vs {data.solution_csv}", f"{solution_score:.4f}"])
-    rows.append(["upload", kaggle_command(data.name, ensemble.names, csv_path, cv_score)])
+    rows.append(["upload", upload_command(data, csv_path)])
     return rows
 
 
@@ -382,6 +389,7 @@ def recipe(data: DataConfig, ensemble: Ensemble) -> dict:
         "metric": data.metric,
         "cv": ensemble.scores["out of fold"],
         "cv_in_sample": ensemble.scores["in sample"],
+        "cv_fold_std": ensemble.fold_spread,  # make lb: how far the public LB may drift from it
         "settings": ensemble.settings.model_dump(),
     }
 

@@ -68,6 +68,14 @@ from pipeline.experiments.leaderboard import (
 )
 from pipeline.experiments.manifests import read_manifest
 from pipeline.experiments.probfiles import GRADE
+from pipeline.experiments.public_scores import (
+    LB_HEADERS,
+    correlation_line,
+    has_lb_scores,
+    lb_flags,
+    lb_rows,
+    read_uploads,
+)
 from pipeline.experiments.runner import Step, run_step, stage_lock
 from pipeline.experiments.state import ExperimentState, cv_numbers, findings_staleness, joined_oof
 from pipeline.reporting import plots
@@ -324,9 +332,19 @@ def leaderboard_rows(frame: pd.DataFrame, report: Report, pages: set[str]) -> li
     return rows
 
 
-def submission_rows(summaries: list[SubmissionSummary]) -> list[dict]:
+def latest_scores(uploads: pd.DataFrame) -> dict[str, tuple[float, float]]:
+    """submission name -> (public, private) of its latest scored upload."""
+    scored = uploads[uploads["submission"] != ""].dropna(subset=["public", "private"], how="all")
+    return {r.submission: (r.public, r.private)
+            for r in scored.sort_values("date", kind="stable").itertuples()}
+
+
+def submission_rows(summaries: list[SubmissionSummary], uploads: pd.DataFrame) -> list[dict]:
+    scores = latest_scores(uploads)
     return [{"name": s.name, "members": ", ".join(s.members), "method": s.method,
              "cv": number(s.cv), "cv_in_sample": number(s.cv_in_sample),
+             "public": number(scores.get(s.name, (np.nan,))[0]),
+             "private": number(scores.get(s.name, (np.nan, np.nan))[1]),
              "state": "current" if s.current else f"stale: {s.why}", "partial": s.partial,
              "methods": [[m["method"], number(m["cv"]), number(m["cv_in_sample"])]
                          for m in s.methods]} for s in summaries]
@@ -390,6 +408,21 @@ def audit_context(data: DataConfig, layout: Layout, side: int,
             "duplicates_found": findings.duplicates.is_file(), "stale": stale}
 
 
+def lb_context(uploads: pd.DataFrame, metric: str, report: Report) -> dict | None:
+    """The Kaggle section: each upload with its CV and scores, the CV-against-LB picture and
+    its correlation, the flags; None before the first upload."""
+    if uploads.empty:
+        return None
+    plot = None
+    if has_lb_scores(uploads):
+        plot = report.images / "cv_vs_lb.png"
+        plots.plot_cv_against_lb(uploads, metric, plot, title=correlation_line(uploads, metric))
+    return {"headers": LB_HEADERS, "plot": plot, "line": correlation_line(uploads, metric),
+            "rows": [[number(v) if isinstance(v, float) else v for v in row]
+                     for row in lb_rows(uploads)],
+            "flags": lb_flags(uploads, metric)}
+
+
 def index_context(config: Config, layout: Layout, shown: dict) -> dict:
     """The index page's context from what it shows (index_inputs' `shown`)."""
     report, data, frame = layout.report, config.data, shown["frame"]
@@ -402,7 +435,8 @@ def index_context(config: Config, layout: Layout, shown: dict) -> dict:
             "direction": "higher" if higher_is_better(data.metric) else "lower",
             "headers": [{"text": h, "numeric": h in NUMERIC} for h in HEADERS],
             "rows": leaderboard_rows(frame, report, shown["pages"]), "plot": plot,
-            "submissions": submission_rows(shown["summaries"]),
+            "submissions": submission_rows(shown["summaries"], shown["uploads"]),
+            "lb": lb_context(shown["uploads"], data.metric, report),
             "audit": audit_context(data, layout, config.report.thumbnail, shown["stale"]),
             "version": pipeline.__version__}
 
@@ -466,6 +500,7 @@ def index_inputs(config: Config, layout: Layout, shown: dict) -> dict:
     return {"leaderboard": fingerprint(shown["frame"].to_csv(index=False)),
             "submissions": fingerprint([vars(s) | {"csv": str(s.csv)}
                                         for s in shown["summaries"]]),
+            "uploads": fingerprint(shown["uploads"].to_csv(index=False)),
             "pages": fingerprint(sorted(shown["pages"])),
             "audit": fingerprint([p.read_text() for p in audit_files]
                                  + [str(findings.label_issue_files()), shown["stale"]]),
@@ -479,6 +514,7 @@ def what_index_shows(config: Config, layout: Layout, states: list[ExperimentStat
     return {"frame": leaderboard(config.data, config.folds, layout, states,
                                  summaries=submissions),
             "summaries": best_first(submissions, config.data.metric),
+            "uploads": read_uploads(layout),
             "stale": findings_staleness(config.data, layout, states),
             "pages": {name for name, state in done if not state.startswith("none")}}
 

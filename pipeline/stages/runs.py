@@ -36,6 +36,7 @@ from pipeline.experiments.freshness import (
 )
 from pipeline.experiments.layout import Layout, old_layout_runs
 from pipeline.experiments.leaderboard import HEADERS, leaderboard, report_line, transfer_cautions
+from pipeline.experiments.public_scores import lb_flags, lb_summary, read_uploads
 from pipeline.experiments.state import (
     ExperimentState,
     experiment_state,
@@ -66,7 +67,22 @@ def main_runs(args) -> None:
         warn(caution)
     log.info(f"{config.data.name} ({config.data.metric}): {len(frame)} experiment(s) -> "
              f"{layout.leaderboard('md')}|csv|png")
+    show_uploads(config, layout)
     log.info(report_line(layout))
+
+
+def show_uploads(config: Config, layout: Layout) -> None:
+    """The uploads to Kaggle with their CV and scores (`make submit`, `make lb`), and what they
+    say against the CV; nothing before the first upload."""
+    uploads = read_uploads(layout)
+    if uploads.empty:
+        return
+    for line in lb_summary(uploads, config.data.metric):
+        log.info(line)
+    for flag in lb_flags(uploads, config.data.metric):
+        warn(flag)
+    log.info(f"uploads: {layout.public_leaderboard} "
+             f"({make_command('lb', config.data.name)} fetches their scores)")
 
 
 def write_leaderboard(frame, config: Config, layout: Layout) -> None:
