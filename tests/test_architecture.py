@@ -188,6 +188,7 @@ CORE_RANK_WORK = {
     "pipeline.training.run": "write_oof: batched inference gathered its shards on rank 0, "
                              "which writes oof.csv and the plots",
     "pipeline.inference.experiment": "predict: the shards were gathered on rank 0, which writes",
+    "pipeline.training.tracking": "rank 0 alone logs to MLflow or TensorBoard",
     "pipeline.inference.engine": "one progress bar, rank 0's",
     "pipeline.data.imagecache": "rank 0 fills the cache, the others wait and read it",
     "pipeline.experiments.locks": "rank 0 takes the lock for every rank",

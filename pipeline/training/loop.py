@@ -73,8 +73,10 @@ class Trainer:
 
     def __init__(self, train: TrainConfig, parts: Parts, spec: RunSpec,
                  checkpoints: Checkpoints, task: Task, micro_batch: int | None = None,
-                 remember_pass: Callable[[int], None] | None = None):
+                 remember_pass: Callable[[int], None] | None = None,
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None):
         self.train, self.parts, self.spec = train, parts, spec
+        self.on_epoch = on_epoch  # each finished epoch's log row (tracking.py), once written
         self.micro_batch = micro_batch  # images a pass (fitting.py); None: the whole batch
         self.remember_pass = remember_pass  # keeps a pass halved after out-of-memory (auto)
         # The task alone says how an epoch is scored and chosen (task.epoch_rule): never
@@ -122,6 +124,8 @@ class Trainer:
             log.append(row)
             self.write(log, epoch, finished=epoch == c.epochs - 1 or stop)
             print_epoch(self.spec.tag, row, self.scorer.metric, improved)
+            if self.on_epoch is not None:
+                self.on_epoch(row)
             if stop:
                 print(f"{self.spec.tag}: early stop, no improvement for {c.early_stopping} epochs")
                 break

@@ -35,6 +35,7 @@ from pipeline.training.checkpoints import Checkpoints
 from pipeline.training.fitting import micro_batch, probe_key, remember_pass
 from pipeline.training.loop import Trainer, diverged
 from pipeline.training.parts import RunSpec, build_model, build_parts
+from pipeline.training.tracking import check_tracking, tracked
 
 
 def preflight(config: Config, layout: Layout) -> None:
@@ -54,6 +55,7 @@ def preflight(config: Config, layout: Layout) -> None:
         raise PipelineError("train.pseudo with mixup/cutmix: timm's Mixup mixes class indices, "
                             "and pseudo-labels are distributions; turn one of them off")
     pseudo_fingerprint(config.train.pseudo, layout)  # a named pseudo-label set must exist
+    check_tracking(config.tracking)
     distributed.per_rank_batch(config.train.batch_size)  # a batch the ranks cannot share: now
 
 
@@ -86,7 +88,8 @@ def check_output_size(augment: AugmentConfig) -> None:
                             f"RandomResizedCrop of size {augment.image_size}), or {remedy}")
 
 
-def make_trainer(config: Config, spec: RunSpec) -> Trainer:
+def make_trainer(config: Config, spec: RunSpec,
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Trainer:
     """The loop of one run with its parts built (dataset statistics kept beside its folder)."""
     parts = build_parts(config, spec, spec.part.dataset_stats)
     checkpoints = Checkpoints(spec.part, config.to_dict(), list(config.data.classes),
@@ -100,7 +103,7 @@ def make_trainer(config: Config, spec: RunSpec) -> Trainer:
     # The task alone (config.task: data, model.head, train.epoch_rule), never ensemble.decode
     # nor the sample's header: every part of it is a training setting, in the fingerprint.
     return Trainer(config.train, parts, spec, checkpoints, config.task, micro_batch=passes,
-                   remember_pass=remember)
+                   remember_pass=remember, on_epoch=on_epoch)
 
 
 def train_part(config: Config, spec: RunSpec, details: dict[str, Any], force: bool, *, what: str,
@@ -114,10 +117,12 @@ def train_part(config: Config, spec: RunSpec, details: dict[str, Any], force: bo
     part = spec.part
 
     def work() -> bool:
-        trainer = make_trainer(config, spec)
-        trainer.fit()
-        if spec.valid_rows is not None:
-            write_oof(trainer, config.data.classes)
+        with tracked(config, spec) as tracker:  # tracking: mlflow|tensorboard (none: nothing)
+            trainer = make_trainer(config, spec, on_epoch=tracker.epoch)
+            trainer.fit()
+            if spec.valid_rows is not None:
+                write_oof(trainer, config.data.classes)
+            tracker.finish([part.log, part.confusion_png, part.curves])
         return True
 
     current = (f"{part.dir}: refit is current (FORCE=1 retrains)" if part.is_refit else
