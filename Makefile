@@ -1,6 +1,6 @@
 # The pipeline, one target per stage; each is a thin call of `python -m pipeline VERB`.
 #   make folds train MODEL=resnet18      make predict ensemble      make demo
-# Variables: DATA MODEL MODELS FOLDS TTA EPOCHS FORCE=1 NAME SEEDS=0,1,2 PARTIAL=1 KEEP_GOING=1 ARGS="key=value ..."
+# Variables: DATA MODEL MODELS FOLDS TTA EPOCHS BUDGET=30 FORCE=1 NAME SEEDS=0,1,2 PARTIAL=1 KEEP_GOING=1 ARGS="key=value ..."
 #   make train predict MODELS="resnet18 resnet34 timm/resnet50": each experiment in turn
 #   several GPUs: GPUS=4 or GPUS=0,1 [PARALLEL=folds]; several machines: NNODES NODE_RANK MASTER_ADDR MASTER_PORT
 
@@ -14,6 +14,7 @@ MODELS ?=
 FOLDS ?=
 TTA ?=
 EPOCHS ?=
+BUDGET ?=
 FORCE ?=
 # FORCE=1 redoes finished work; every other value is refused here, before anything runs:
 # `$(if $(FORCE),--force)` would read FORCE=0 or FORCE=no as "force" and delete finished folds
@@ -57,12 +58,14 @@ COMMON = --data $(DATA) $(if $(FORCE),--force)
 IDENTITY = $(if $(NAME),--name $(NAME)) $(if $(SEEDS),--seeds "$(SEEDS)")
 # train/predict/refit: MODELS="a b c" runs each experiment in turn (KEEP_GOING=1: past a failure)
 EXPERIMENTS = $(if $(MODELS),--models "$(MODELS)" $(if $(KEEP_GOING),--keep-going),--model $(MODEL))
-OVERRIDES = $(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(TTA),tta.views=$(TTA)) $(ARGS)
+# BUDGET=30 (or 45m, 2h): the minutes each fold may train; the epochs that fit are measured
+OVERRIDES = $(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(BUDGET),train.time_budget=$(BUDGET)) \
+	$(if $(TTA),tta.views=$(TTA)) $(ARGS)
 
 .PHONY: help install demo demo-data check folds train predict ensemble refit pseudo runs status audit report bundle cache weights lr submit lb bench test test-all clean
 
 help: ## list the targets and variables
-	@echo "usage: make TARGET [DATA=digits] [MODEL=resnet18] [FOLDS=0,2] [EPOCHS=n] [TTA=d4] [FORCE=1] [ARGS='k=v ...']"
+	@echo "usage: make TARGET [DATA=digits] [MODEL=resnet18] [FOLDS=0,2] [EPOCHS=n | BUDGET=30m] [TTA=d4] [FORCE=1] [ARGS='k=v ...']"
 	@echo "       [NAME=my-run] [SEEDS=0,1,2] [MODELS='a b'] [PARTIAL=1] [KEEP_GOING=1]"
 	@echo "       train/predict/refit MODELS='resnet18 resnet34 timm/resnet50': each in turn;"
 	@echo "       a failure stops there unless KEEP_GOING=1 (the failures are listed at the end)"

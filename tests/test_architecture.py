@@ -189,6 +189,7 @@ CORE_RANK_WORK = {
                              "which writes oof.csv and the plots",
     "pipeline.inference.experiment": "predict: the shards were gathered on rank 0, which writes",
     "pipeline.training.tracking": "rank 0 alone logs to MLflow or TensorBoard",
+    "pipeline.training.budget": "every rank probes together; rank 0 records the epochs",
     "pipeline.inference.engine": "one progress bar, rank 0's",
     "pipeline.data.imagecache": "rank 0 fills the cache, the others wait and read it",
     "pipeline.experiments.locks": "rank 0 takes the lock for every rank",

@@ -1,9 +1,10 @@
 """`make submit` and `make lb` against a fake `kaggle` package: a module of that name with the
-real package's shapes (kaggle 2.x: `import kaggle` authenticates and goes on without
+real package's behaviour (kaggle 2.x: `import kaggle` authenticates and goes on without
 credentials, `kaggle.api.authenticate()` prints and exits; 1.7-1.8 exit at import), its
-method names (`competition_submit`, `competition_submissions`) and return shapes (`ref`,
-`message`; `ref`, `date`, `description`, `fileName`, `status`, `publicScore`, `privateScore`),
-and requests' own exceptions for what Kaggle answers. Nothing of the pipeline is replaced."""
+method names (`competition_submit`, `competition_submissions` a page at a time) and return
+types (kagglesdk's own ApiCreateSubmissionResponse and ApiSubmission; with FAKE_KAGGLE_LEGACY
+the camelCase `fileName`, `publicScore`, `privateScore` of kaggle 1.5-1.6), and requests' own
+exceptions for what Kaggle answers. Nothing of the pipeline is replaced."""
 
 from __future__ import annotations
 
@@ -30,24 +31,30 @@ from tests.conftest import dry_make
 from tests.test_ensemble import TEST_IDS, member_probs, write_competition, write_run
 
 FAKE_KAGGLE = textwrap.dedent('''
-    """A stand-in for the `kaggle` package with its shapes; its server is this process."""
+    """A stand-in for the `kaggle` package: kagglesdk's own types (the package's dependency),
+    or with FAKE_KAGGLE_LEGACY=1 the camelCase objects of kaggle 1.5-1.6; its server is this
+    process."""
     import os
     from datetime import datetime, timedelta
-    from enum import Enum
 
-    class SubmissionStatus(Enum):  # kagglesdk's
-        PENDING = 0
-        COMPLETE = 1
-        ERROR = 2
+    import requests
+    from kagglesdk.competitions.types.competition_api_service import (
+        ApiCreateSubmissionResponse, ApiSubmission)
+    from kagglesdk.competitions.types.submission_status import SubmissionStatus
 
-    class Submission:  # the fields the package's submissions list carries
+    LEGACY = bool(os.environ.get("FAKE_KAGGLE_LEGACY"))
+
+    class LegacySubmission:  # kaggle 1.5-1.6's fields
         def __init__(self, ref, date, description, fileName):
             self.ref, self.date, self.description, self.fileName = ref, date, description, fileName
-            self.status, self.publicScore, self.privateScore = SubmissionStatus.PENDING, "", ""
+            self.status, self.publicScore, self.privateScore = "pending", None, None
 
-    class CreateSubmissionResponse:  # ApiCreateSubmissionResponse
-        def __init__(self, message, ref):
-            self.message, self.ref = message, ref
+    def submission(ref, date, description, file_name):
+        if LEGACY:
+            return LegacySubmission(ref, str(date), description, file_name)
+        s = ApiSubmission()
+        s.ref, s.date, s.description, s.file_name = ref, date, description, file_name
+        return s
 
     class KaggleApi:
         def __init__(self):
@@ -55,6 +62,8 @@ FAKE_KAGGLE = textwrap.dedent('''
             self.clock = datetime(2026, 12, 1)
 
         def authenticate(self):
+            if os.environ.get("FAKE_KAGGLE_OFFLINE"):  # 2.x checks a token with Kaggle
+                raise requests.ConnectionError("Max retries exceeded with url: /api/i/security")
             if os.environ.get("KAGGLE_API_TOKEN") or os.path.exists(
                     os.path.expanduser("~/.kaggle/kaggle.json")):
                 return
@@ -70,21 +79,27 @@ FAKE_KAGGLE = textwrap.dedent('''
                                sandbox=False):
             self._answer()
             self.clock += timedelta(hours=1)
-            self.submissions.insert(0, Submission(self.next_ref, self.clock, message,
+            self.submissions.insert(0, submission(self.next_ref, self.clock, message,
                                                   os.path.basename(file_name)))
-            self.competition = competition
-            self.next_ref += 1
-            return CreateSubmissionResponse("Successfully submitted", self.next_ref - 1)
+            self.competition, self.next_ref = competition, self.next_ref + 1
+            answer = ApiCreateSubmissionResponse()
+            answer.message, answer.ref = "Successfully submitted", self.next_ref - 1
+            return answer
 
         def competition_submissions(self, competition, group=None, sort=None, page_number=-1,
                                     page_token="", page_size=20):
             self._answer()
-            return list(self.submissions)  # newest first, as Kaggle lists them
+            if LEGACY:  # no pages
+                return list(self.submissions)
+            first = (max(page_number, 1) - 1) * page_size
+            return self.submissions[first:first + page_size]  # newest first, as Kaggle lists
 
         def scored(self, ref, public, private=""):  # what Kaggle does after an upload
             for s in self.submissions:
-                if s.ref == ref:
-                    s.status, s.publicScore, s.privateScore = (
+                if s.ref == ref and LEGACY:
+                    s.status, s.publicScore, s.privateScore = "complete", public, private
+                elif s.ref == ref:
+                    s.status, s.public_score, s.private_score = (
                         SubmissionStatus.COMPLETE, public, private)
 
     api = KaggleApi()
@@ -131,12 +146,20 @@ def competition_with_submission(tmp_path, *, kaggle="comp-on-kaggle", partial=Fa
     return data_path, overrides, config
 
 
+def file_of(submission) -> str:
+    return getattr(submission, "file_name", None) or submission.fileName
+
+
 def uploads_of(config) -> pd.DataFrame:
     return pd.read_csv(Layout.of(config).public_leaderboard, dtype={"ref": str},
                        keep_default_na=False, na_values={"public": [""], "private": [""]})
 
 
-def test_submit_records_the_reference_and_lb_fetches_the_scores(tmp_path, fake_kaggle, capsys):
+@pytest.mark.parametrize("legacy", [False, True], ids=["kagglesdk", "kaggle-1.6"])
+def test_submit_records_the_reference_and_lb_fetches_the_scores(tmp_path, fake_kaggle, capsys,
+                                                                monkeypatch, legacy):
+    if legacy:
+        monkeypatch.setenv("FAKE_KAGGLE_LEGACY", "1")
     data_path, overrides, config = competition_with_submission(tmp_path)
     layout = Layout.of(config)
     [csv] = layout.submissions.glob("alpha+beta_cv*.csv")
@@ -146,7 +169,7 @@ def test_submit_records_the_reference_and_lb_fetches_the_scores(tmp_path, fake_k
     assert cli(["submit", "--data", data_path, *overrides, "--message", "first try"]) == 0
     api = fake_kaggle()
     [sent] = api.submissions
-    assert api.competition == "comp-on-kaggle" and sent.fileName == csv.name
+    assert api.competition == "comp-on-kaggle" and file_of(sent) == csv.name
     cv, spread = manifest["details"]["cv"], manifest["details"]["cv_fold_std"]
     assert 0 < spread < 0.5
     assert sent.description.startswith(f"first try | {csv.stem}: alpha+beta | "
@@ -182,11 +205,11 @@ def test_the_newest_current_submission_unless_named(tmp_path, fake_kaggle):
     assert cli(["ensemble", "--data", data_path, *overrides, "--models", "beta"]) == 0
     newest = max(Layout.of(config).submissions.glob("*.csv"), key=lambda p: p.stat().st_mtime)
     assert cli(["submit", "--data", data_path, *overrides]) == 0
-    assert fake_kaggle().submissions[0].fileName == newest.name == "beta_cv" + \
+    assert fake_kaggle().submissions[0].file_name == newest.name == "beta_cv" + \
         newest.stem.split("_cv")[1] + ".csv"
     [older] = [p for p in Layout.of(config).submissions.glob("alpha+*.csv")]
     assert cli(["submit", "--data", data_path, *overrides, "--name", older.stem]) == 0
-    assert fake_kaggle().submissions[0].fileName == older.name
+    assert fake_kaggle().submissions[0].file_name == older.name
     assert uploads_of(config)["submission"].tolist() == [newest.stem, older.stem]
 
 
@@ -210,7 +233,7 @@ def test_a_stale_submission_is_refused_with_the_remedy(tmp_path, fake_kaggle, ca
     for verb in ("predict", "ensemble"):
         assert cli([verb, "--models", "alpha beta", "--data", data_path, *overrides]) == 0
     assert cli(["submit", "--data", data_path, *overrides]) == 0
-    assert fake_kaggle().submissions[0].fileName != csv.name
+    assert fake_kaggle().submissions[0].file_name != csv.name
 
 
 def test_a_partial_submission_is_refused_unless_partial(tmp_path, fake_kaggle, capsys):
@@ -222,7 +245,7 @@ def test_a_partial_submission_is_refused_unless_partial(tmp_path, fake_kaggle, c
     assert "was made from a partial set of folds" in err
     assert f"make submit NAME={csv.stem} PARTIAL=1" in err
     assert cli(["submit", "--data", data_path, *overrides, "--name", csv.stem, "--partial"]) == 0
-    assert fake_kaggle().submissions[0].fileName == csv.name
+    assert fake_kaggle().submissions[0].file_name == csv.name
 
 
 def http_error(status: int, text: str) -> requests.HTTPError:
@@ -240,6 +263,10 @@ def http_error(status: int, text: str) -> requests.HTTPError:
     (http_error(400, "Submission not allowed: Your team has used its daily Submission "
                      "allowance (5) today"), "submit again after midnight UTC"),
     (http_error(404, "Not found"), "Kaggle knows no competition 'comp-on-kaggle' (404)"),
+    (http_error(401, "Unauthorized"), "Kaggle refused the credentials (401): generate a token"),
+    (http_error(429, "Too Many Requests"), "Kaggle asks for fewer requests (429): wait a minute"),
+    (http_error(400, "Submission file size limit exceeded"), "Kaggle answered 400: Submission "
+                                                             "file size limit exceeded"),
     (requests.ConnectionError("Max retries exceeded with url: /api/v1"),
      "could not reach Kaggle (ConnectionError"),
 ])
@@ -274,6 +301,41 @@ def test_missing_credentials_say_where_to_put_them(tmp_path, fake_kaggle, monkey
     (tmp_path / "home" / ".kaggle").mkdir(parents=True)
     (tmp_path / "home" / ".kaggle" / "kaggle.json").write_text('{"username": "u", "key": "k"}')
     assert cli(["submit", "--data", data_path, *overrides]) == 0
+
+
+def test_no_network_while_the_token_is_checked_is_no_credentials_problem(tmp_path, fake_kaggle,
+                                                                        monkeypatch, capsys):
+    data_path, overrides, _ = competition_with_submission(tmp_path)
+    monkeypatch.setenv("FAKE_KAGGLE_OFFLINE", "1")
+    capsys.readouterr()
+    assert cli(["submit", "--data", data_path, *overrides]) == 1
+    err = capsys.readouterr().err
+    assert "could not reach Kaggle (ConnectionError" in err and "no credentials" not in err
+
+
+def test_lb_reads_every_page_and_names_a_hand_upload_of_a_known_submission(tmp_path, fake_kaggle,
+                                                                          capsys):
+    data_path, overrides, config = competition_with_submission(tmp_path)
+    [csv] = Layout.of(config).submissions.glob("*.csv")
+    assert cli(["submit", "--data", data_path, *overrides]) == 0
+    api = fake_kaggle()
+    api.scored(1000, "0.7")
+    for i in range(150):  # uploads by hand, newer than ours: ours is on the second page
+        api.competition_submit(f"try{i}.csv", f"try {i}", "comp-on-kaggle")
+    api.competition_submit(str(csv), "the same file, by hand", "comp-on-kaggle")
+    assert cli(["lb", "--data", data_path, *overrides]) == 0
+    table = uploads_of(config)
+    assert len(table) == 152 and table.loc[0, "public"] == pytest.approx(0.7)
+    by_hand = table[table["description"] == "the same file, by hand"].iloc[0]
+    assert by_hand["submission"] == csv.stem and by_hand["cv"] == pytest.approx(table.loc[0, "cv"])
+
+
+def test_a_long_note_is_shortened_never_the_facts(tmp_path, fake_kaggle):
+    data_path, overrides, _ = competition_with_submission(tmp_path)
+    assert cli(["submit", "--data", data_path, *overrides, "--message", "x" * 400]) == 0
+    sent = fake_kaggle().submissions[0].description
+    assert len(sent) <= 250 and sent.startswith("xxx") and "CV accuracy 0.9500" in sent
+    assert "| pipeline 0.2.0" in sent
 
 
 def test_a_competition_without_its_kaggle_name_says_where_to_set_it(tmp_path, fake_kaggle,

@@ -19,7 +19,7 @@ from tests.test_train import tiny
 def mlflow_runs(store):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(store.resolve().as_uri())
+    client = MlflowClient(f"sqlite:///{store.resolve()}")
     [experiment] = [e for e in client.search_experiments() if e.name != "Default"]
     return client, experiment, client.search_runs([experiment.experiment_id])
 
@@ -42,7 +42,7 @@ def test_mlflow_holds_every_epoch_of_each_fold(tmp_path, monkeypatch):
             assert [m.step for m in history] == [1, 2, 3]
             assert [m.value for m in history] == pytest.approx(log[key].tolist())
         artefacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"log.csv", "confusion.png", "curves.png"} <= artefacts
+        assert {"log.csv", "confusion.csv", "confusion.png", "curves.png"} <= artefacts
 
 
 def test_a_killed_fold_goes_on_in_its_mlflow_run(tmp_path, monkeypatch):
@@ -65,6 +65,35 @@ def test_a_killed_fold_goes_on_in_its_mlflow_run(tmp_path, monkeypatch):
     client, _, [again] = mlflow_runs(Layout.of(config).mlflow_store)
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
+
+
+def test_a_fold_trained_afresh_gets_a_new_mlflow_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = tiny(tmp_path, extra=["tracking=mlflow"])
+    real = loop.Trainer.keep
+
+    def killed_after_epoch_1(self, epoch, row, improved):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        real(self, epoch, row, improved)
+
+    monkeypatch.setattr(loop.Trainer, "keep", killed_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, [0])
+    monkeypatch.setattr(loop.Trainer, "keep", real)
+    train(config, [0], force=True)  # FORCE=1: from epoch 1, not a resume
+    client, _, runs = mlflow_runs(Layout.of(config).mlflow_store)
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+    [fresh] = [r for r in runs if r.info.status == "FINISHED"]
+    assert [m.step for m in client.get_metric_history(fresh.info.run_id, "train_loss")] == [1, 2]
+
+
+def test_a_tracker_that_fails_is_dropped_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////dev/null/mlflow.db")  # cannot be made
+    config = tiny(tmp_path, extra=["tracking=mlflow"])
+    train(config, [0])
+    assert "tracking=mlflow could not start (FileExistsError" in capsys.readouterr().err
+    assert Layout.of(config).experiment(config.run_name).fold(0).train_manifest.is_file()
 
 
 def test_tensorboard_holds_every_epoch(tmp_path):
@@ -105,8 +134,8 @@ def test_a_missing_tracker_package_is_named_before_training(tmp_path, monkeypatc
     overrides = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
                  "folds.n_splits=2", "augment.image_size=16", "train.epochs=1", "tracking=mlflow"]
     assert cli(["train", "--data", data, "--model", "resnet20", *overrides]) == 1
-    assert "tracking=mlflow needs the mlflow-skinny package: `.venv/bin/pip install " \
-        "mlflow-skinny`" in capsys.readouterr().err
+    assert "tracking=mlflow needs mlflow-skinny: `.venv/bin/pip install mlflow-skinny`" in \
+        capsys.readouterr().err
     assert not (tmp_path / "runs" / "comp").exists() or not any(
         (tmp_path / "runs" / "comp").glob("*/fold0/best.pt"))
     assert load_config(data, "resnet20", overrides).tracking == "mlflow"

@@ -303,8 +303,29 @@ OPTIMIZER_DEFAULTS = {"adamw": {"lr": 0.003, "weight_decay": 0.05},
                       "adam": {"lr": 0.001, "weight_decay": 5e-4}}
 
 
+def minutes(value: Any) -> Any:
+    """A duration in minutes from 90, "90", "90m", "90min", "1.5h" or "2h30m" (BUDGET=2h)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower().replace(" ", "")
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)(?:m|min)?)?", text)
+    if not text or match is None:
+        raise ValueError(f"{value!r} is no duration: minutes (90, 90m) or hours (2h, 1h30m)")
+    hours, mins = match.groups()
+    return 60 * float(hours or 0) + float(mins or 0)
+
+
 class TrainConfig(_Section):
     epochs: int = Field(30, ge=1)
+    # minutes a fold may train (BUDGET=): `make train` turns it into train.epochs from a timing
+    # probe of the real model, data and device, recorded in runs/<c>/<experiment>/budget.json
+    # (pipeline/training/budget.py); None: train.epochs as set
+    time_budget: float | None = Field(None, gt=0)
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _minutes(cls, value: Any) -> Any:
+        return minutes(value)
     batch_size: int = Field(64, ge=1)  # global: under torchrun each of N processes takes 1/N
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
     # peak learning rate of the head (and body, see body_lr_mult); unset: the optimiser's own
@@ -763,7 +784,7 @@ DATA_FILE_KEYS = frozenset({
 
 # Settings added after runs were made, at the value that keeps a run as it was: left out of
 # every fingerprint and name there, so that runs made before them stay current (no FORCE=1).
-ADDED_SETTINGS_OFF = {"augment.sizes": {}, "tta.image_size": None}
+ADDED_SETTINGS_OFF = {"augment.sizes": {}, "tta.image_size": None, "train.time_budget": None}
 
 
 def without_added_off(section: str, values: dict[str, Any]) -> dict[str, Any]:

@@ -611,7 +611,7 @@ def fold_spread(targets: np.ndarray, combined: Combined, decoded: Decoded | None
     scores = [scorer.score_labels(targets[held], labels[held]) if labels is not None
               else scorer.score(targets[held], probs[held])
               for held in (row_folds == k for k in np.unique(row_folds))]
-    return float(np.nanstd(scores)) if len(scores) > 1 else float("nan")
+    return float(np.nanstd(scores, ddof=1)) if len(scores) > 1 else float("nan")
 
 
 def submitted_scores(kind: str, oof: np.ndarray, oof_nested: np.ndarray, targets: np.ndarray,

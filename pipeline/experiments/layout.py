@@ -9,7 +9,7 @@ competition is read by another, and one per experiment so that nothing of one is
 
     folds/<competition>.csv | .manifest.json | .dropped.csv
     runs/<competition>/<experiment>/config.yaml, summary.csv|md, fold<k>/..., full/...
-    runs/<competition>/leaderboard.csv|md|png, mlruns/, tensorboard/<experiment>/<part>/
+    runs/<competition>/leaderboard.csv|md|png, mlflow.db, mlartifacts/, tensorboard/<experiment>/<part>/
     submissions/<competition>/<name>.csv|md|manifest.json, leaderboard.csv (uploads and scores)
     pseudo/<competition>/<set>/fold<k>.csv, full.csv, pseudo.manifest.json
     bundles/<competition>/<name>.zip
@@ -153,6 +153,10 @@ class Experiment:
     @property
     def dataset_stats(self) -> Path:  # augment.normalize: dataset, computed once per experiment
         return self.dir / "dataset_stats.json"
+
+    @property
+    def budget(self) -> Path:  # train.time_budget: the epochs it became, and the probe's timing
+        return self.dir / "budget.json"
 
     @property
     def lr_sweep_csv(self) -> Path:  # `make lr`: the loss at each learning rate of the sweep
@@ -338,7 +342,11 @@ class Layout:
 
     @property
     def mlflow_store(self) -> Path:  # tracking: mlflow, unless MLFLOW_TRACKING_URI says where
-        return self.runs / "mlruns"
+        return self.runs / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:  # the store's artefacts (the plots, the log)
+        return self.runs / "mlartifacts"
 
     def tensorboard(self, experiment: str, part: str) -> Path:  # tracking: tensorboard
         return self.runs / "tensorboard" / experiment / part

@@ -21,7 +21,9 @@ The flags are what a competitor watches for in the CV-against-LB plot:
 
 from __future__ import annotations
 
+import subprocess
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,12 +58,34 @@ def write_uploads(layout: Layout, table: pd.DataFrame) -> None:
 
 def upload_message(summary: SubmissionSummary, metric: str, cv_std: float, note: str = "") -> str:
     """The description Kaggle shows beside the upload: name, members, the nested CV with its
-    folds' spread, the pipeline's version (and the user's note first, when given)."""
-    spread = "" if np.isnan(cv_std) else f" ± {cv_std:.4f}"
-    text = (f"{summary.name}: {'+'.join(summary.members)} | CV {metric} {summary.cv:.4f}"
-            f"{spread} (nested) | pipeline {pipeline.__version__}")
-    text = f"{note} | {text}" if note else text
-    return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT - 3] + "..."
+    folds' spread, the code's version; the user's note first, shortened where the whole would
+    pass Kaggle's length (the facts are never cut)."""
+    if np.isnan(summary.cv):
+        cv = "unvalidated: no CV (the full-data refit alone)"
+    else:
+        spread = "" if np.isnan(cv_std) else f" ± {cv_std:.4f}"
+        cv = f"CV {metric} {summary.cv:.4f}{spread} (nested)"
+    facts = f"{summary.name}: {'+'.join(summary.members)} | {cv} | pipeline {code_version()}"
+    if len(facts) > MESSAGE_LIMIT:
+        facts = facts[:MESSAGE_LIMIT - 3] + "..."
+    room = MESSAGE_LIMIT - len(facts) - 3
+    if note and room > 3:
+        note = note if len(note) <= room else note[:room - 3] + "..."
+        return f"{note} | {facts}"
+    return facts
+
+
+def code_version() -> str:
+    """The package's version and, in a git checkout, the commit (`+dirty` with changes not
+    committed): what made the submission, to the commit."""
+    try:
+        described = subprocess.run(
+            ["git", "-C", str(Path(pipeline.__file__).parent), "describe", "--always", "--dirty"],
+            capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return pipeline.__version__
+    commit = described.stdout.strip() if described.returncode == 0 else ""
+    return f"{pipeline.__version__}+{commit}" if commit else pipeline.__version__
 
 
 def utc_text(value: Any) -> str:
@@ -89,25 +113,34 @@ def record_upload(layout: Layout, row: dict[str, Any]) -> pd.DataFrame:
     return table
 
 
-def with_kaggle_scores(table: pd.DataFrame, kaggle_rows: list[dict[str, Any]]) -> pd.DataFrame:
+def with_kaggle_scores(table: pd.DataFrame, kaggle_rows: list[dict[str, Any]],
+                       known: dict[str, SubmissionSummary]) -> pd.DataFrame:
     """The table with Kaggle's status and scores for each upload it knows, matched by Kaggle's
-    reference, else by the description sent (the older package returns no reference); the
-    uploads it does not know appended unnamed. Kaggle lists the newest first."""
+    reference, else by the description sent (the older package returns no reference), else by
+    the file's name; an upload the table lacks (the `kaggle` command, the web page, a crash
+    before it was recorded) appended, named and with its CV when its file is one of the
+    `known` submissions (name -> summary). Kaggle lists the newest first."""
     table = table.copy().reset_index(drop=True)
-    unmatched = []
+    added = []
     for row in reversed(kaggle_rows):  # oldest first: two uploads of one description in order
-        row = {**row, "date": utc_text(row["date"])}
+        row = {**row, "date": utc_text(row["date"]),
+               "status": f"error: {row['error']}" if row.get("error") else row["status"]}
         at = matching_row(table, row)
         if at is None:
-            unmatched.append({**dict.fromkeys(COLUMNS, ""), "cv": np.nan, "cv_std": np.nan,
-                              **{k: row[k] for k in ("ref", "date", "description", "status")},
-                              "public": row["public"], "private": row["private"]})
+            added.append(unrecorded_row(row, known.get(Path(row.get("file", "")).stem)))
             continue
         table.loc[at, ["ref", "date", "status"]] = [row["ref"], row["date"], row["status"]]
         table.loc[at, ["public", "private"]] = [row["public"], row["private"]]
-    if unmatched:
-        table = pd.concat([table, pd.DataFrame(unmatched, columns=COLUMNS)], ignore_index=True)
+    if added:
+        table = pd.concat([table, pd.DataFrame(added, columns=COLUMNS)], ignore_index=True)
     return table.astype({"public": float, "private": float, "cv": float, "cv_std": float})
+
+
+def unrecorded_row(row: dict[str, Any], summary: SubmissionSummary | None) -> dict[str, Any]:
+    named = {"submission": summary.name, "cv": summary.cv, "cv_std": summary.cv_std,
+             "members": "+".join(summary.members)} if summary else {}
+    return {**dict.fromkeys(COLUMNS, ""), "cv": np.nan, "cv_std": np.nan, **named,
+            **{k: row[k] for k in ("ref", "date", "description", "status", "public", "private")}}
 
 
 def matching_row(table: pd.DataFrame, row: dict[str, Any]) -> int | None:
@@ -115,7 +148,10 @@ def matching_row(table: pd.DataFrame, row: dict[str, Any]) -> int | None:
         same = table.index[table["ref"] == row["ref"]]
         if len(same):
             return int(same[0])
-    same = table.index[(table["ref"] == "") & (table["description"] == row["description"])]
+    unreferenced = table["ref"] == ""
+    same = table.index[unreferenced & (table["description"] == row["description"])]
+    if not len(same) and row.get("file"):
+        same = table.index[unreferenced & (table["submission"] == Path(row["file"]).stem)]
     return int(same[0]) if len(same) else None
 
 
@@ -173,12 +209,16 @@ def lb_rows(table: pd.DataFrame) -> list[list[Any]]:
 
 
 def correlation_line(table: pd.DataFrame, metric: str) -> str:
-    """How well the CV has predicted the public LB, in a line (the plot's title)."""
-    r, n = cv_lb_correlation(table), len(table.dropna(subset=["cv", "public"]))
-    if np.isfinite(r):
-        return f"CV against public LB ({metric}): Pearson r {r:.2f} over {n} scored uploads"
-    return (f"CV against public LB ({metric}): {n} scored upload(s) with a CV; the correlation "
-            f"needs three")
+    """How well the CV has predicted the public (and private) LB, in a line (the plot's title)."""
+    said = []
+    for column in ("public", "private"):
+        r, n = cv_lb_correlation(table, column), len(table.dropna(subset=["cv", column]))
+        if np.isfinite(r):
+            said.append(f"{column} LB: Pearson r {r:.2f} over {n} uploads")
+        elif column == "public" or n:
+            said.append(f"{column} LB: {n} scored upload(s) with a CV, the correlation needs "
+                        f"three")
+    return f"CV against LB ({metric}): " + "; ".join(said)
 
 
 def lb_summary(table: pd.DataFrame, metric: str) -> list[str]:

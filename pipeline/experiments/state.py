@@ -36,6 +36,7 @@ from pipeline.base.config import (
 from pipeline.base.fingerprints import file_digest, fingerprint
 from pipeline.base.task import Scorer
 from pipeline.base.utils import PipelineError, make_command
+from pipeline.experiments.budgets import with_budget
 from pipeline.experiments.freshness import (
     Freshness,
     audit_image_inputs,
@@ -71,7 +72,8 @@ def load_experiment(data: str, model: str, overrides: list[str] | tuple[str, ...
             defined = defined_experiment(data, exp.name, saved, overrides=overrides, new_name=name)
             return defined or load_config(data, exp.name, overrides, name,
                                           saved=(saved, str(exp.config)))
-    return load_config(data, model, overrides, name)
+    config = load_config(data, model, overrides, name)
+    return with_budget(config, Layout.of(config))
 
 
 def defined_experiment(data: str, name: str, saved: dict[str, Any], *,
@@ -92,7 +94,7 @@ def defined_experiment(data: str, name: str, saved: dict[str, Any], *,
         base = load_config(data, source, then, name=name)
         suffix = identity_suffix(base.to_dict(), config.to_dict())
         config = config.model_copy(update={"run_name": f"{name}-{suffix}" if suffix else name})
-    return config
+    return with_budget(config, Layout.of(config))
 
 
 def experiment_configs(data: str, model: str, overrides: list[str] | tuple[str, ...] = (),

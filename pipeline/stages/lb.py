@@ -17,6 +17,7 @@ from pipeline.base.log import log
 from pipeline.base.utils import make_command, warn
 from pipeline.experiments.kaggle_api import connect, kaggle_slug, scores_on_kaggle
 from pipeline.experiments.layout import Layout
+from pipeline.experiments.leaderboard import read_submissions
 from pipeline.experiments.public_scores import (
     correlation_line,
     has_lb_scores,
@@ -39,7 +40,8 @@ def main(args) -> None:
     slug = kaggle_slug(data)
     rows = scores_on_kaggle(connect(), slug)
     with stage_lock(layout.submissions_lock, layout.submissions, "updated"):
-        table = with_kaggle_scores(read_uploads(layout), rows)
+        known = {s.name: s for s in read_submissions(data, config.folds, layout)}
+        table = with_kaggle_scores(read_uploads(layout), rows, known)
         write_uploads(layout, table)
         if has_lb_scores(table):
             plots.plot_cv_against_lb(table, data.metric, layout.public_leaderboard_plot,

@@ -14,6 +14,8 @@ submissions/<competition>/leaderboard.csv, where `make lb` puts the scores.
 
 from __future__ import annotations
 
+import math
+
 from pipeline.base.config import load_config
 from pipeline.base.log import log
 from pipeline.base.utils import PipelineError, format_table, make_command
@@ -29,8 +31,9 @@ FLAGS = ("data", "name", "message", "partial", "overrides")
 
 def chosen_submission(summaries: list[SubmissionSummary], name: str | None, *, partial: bool,
                       competition: str) -> SubmissionSummary:
-    """NAME's submission, else the newest current one; refused when stale, or partial unless
-    `partial`, with the remedy."""
+    """NAME's submission, else the newest current one with a CV (a refit's alone has none:
+    it is uploaded when named); refused when stale, or partial unless `partial`, with the
+    remedy."""
     if name is not None:
         found = [s for s in summaries if s.name == name]
         if not found:
@@ -42,15 +45,15 @@ def chosen_submission(summaries: list[SubmissionSummary], name: str | None, *, p
         if not written:
             raise PipelineError(f"no submission of {competition} to upload: "
                                 f"`{make_command('predict ensemble', competition)}` writes one")
-        # the newest current one; with none current, the newest, refused below with the remedy
-        chosen = max([s for s in written if s.current] or written,
-                     key=lambda s: s.csv.stat().st_mtime)
+        # the newest current one with a CV, else any current one; with none current, the
+        # newest, refused below with its remedy
+        pool = ([s for s in written if s.current and not math.isnan(s.cv)]
+                or [s for s in written if s.current] or written)
+        chosen = max(pool, key=lambda s: s.csv.stat().st_mtime)
     if not chosen.current:
-        members = " ".join(chosen.members)
-        raise PipelineError(
-            f"{chosen.name} no longer describes its members ({chosen.why}): its CV would not "
-            f"be the uploaded file's. `{make_command('predict ensemble', competition, MODELS=members)}`"
-            f" writes it afresh, then `{make_command('submit', competition)}`")
+        raise PipelineError(f"{chosen.name} no longer describes its members ({chosen.why}): its "
+                            f"CV would not be the uploaded file's. {rewrite(chosen, competition)}"
+                            f", then `{make_command('submit', competition)}`")
     if chosen.partial and not partial:
         raise PipelineError(
             f"{chosen.name} was made from a partial set of folds: its CV covers only the rows "
@@ -58,6 +61,15 @@ def chosen_submission(summaries: list[SubmissionSummary], name: str | None, *, p
             f", or `{make_command('submit', competition, NAME=chosen.name, PARTIAL=1)}` to "
             f"upload it as it is")
     return chosen
+
+
+def rewrite(summary: SubmissionSummary, competition: str) -> str:
+    """The command that writes a stale submission afresh from its members as they are now."""
+    if math.isnan(summary.cv) and len(summary.members) == 1:  # the full-data refit's own
+        command = make_command("refit", competition, MODEL=summary.members[0])
+    else:
+        command = make_command("predict ensemble", competition, MODELS=" ".join(summary.members))
+    return f"`{command}` writes it afresh"
 
 
 def submit(config, name: str | None, note: str = "", partial: bool = False) -> dict:

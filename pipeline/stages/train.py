@@ -72,7 +72,7 @@ def _parallel_folds(config: Config, layout: Layout, exp, folds_to_train: list[in
         logs = ", ".join(str(job.log) for job in fold_jobs if job.name in failed)
         raise PipelineError(f"{names} failed; see {logs}, fix the cause and re-run: finished "
                             f"folds are skipped")
-    return write_summary(config, layout, plan.folds)
+    return write_summary(plan.config, layout, plan.folds)
 
 
 def fold_command(args, run_name: str) -> list[str]:

@@ -44,6 +44,7 @@ from pipeline.experiments.manifests import read_manifest
 from pipeline.experiments.probfiles import read_probs, read_pseudo
 from pipeline.experiments.runner import decide, on_main, stage_lock
 from pipeline.experiments.state import joined_oof
+from pipeline.training.budget import budgeted, epoch_seconds
 from pipeline.training.parts import Rows, RunSpec
 from pipeline.training.run import check_schedule, preflight, train_part
 
@@ -52,6 +53,7 @@ from pipeline.training.run import check_schedule, preflight, train_part
 class Plan:
     """The folds to train now, with what they are trained from."""
 
+    config: Config  # the command's, train.epochs from train.time_budget where one is set
     folds: pd.DataFrame  # the fold file
     todo: list[int]
     inputs: dict[str, str]
@@ -125,6 +127,7 @@ def prepare_training(config: Config, layout: Layout, folds_to_train: list[int] |
     """Everything checked and the experiment's settings saved before any fold starts or
     FORCE=1 deletes anything."""
     folds, selected = select_folds(config.data, config.folds, layout, folds_to_train)
+    config = budgeted(config, layout, probe=lambda c: epoch_seconds(c, probe_spec(c, layout, folds)))
     inputs, details = training_inputs(config, folds, layout)
     exp = layout.experiment(config.run_name)
     check_one_setting(config.data.name, exp, folds, selected, inputs=inputs, details=details)
@@ -133,7 +136,7 @@ def prepare_training(config: Config, layout: Layout, folds_to_train: list[int] |
         check_schedule(config.augment, config.train.epochs)
         preflight(config, layout)
         start_experiment(config, exp)
-    return Plan(folds, todo, inputs, details)
+    return Plan(config, folds, todo, inputs, details)
 
 
 def training_rows(rows: pd.DataFrame, exclude: str | None) -> pd.DataFrame:
@@ -166,6 +169,12 @@ def fold_spec(config: Config, layout: Layout, folds: pd.DataFrame, fold: int, *,
                    pseudo=lambda: pseudo_rows(config.data, config.train.pseudo, layout, part.name))
 
 
+def probe_spec(config: Config, layout: Layout, folds: pd.DataFrame) -> RunSpec:
+    """Fold 0's run, as a timing probe trains it (train.time_budget)."""
+    inputs, _ = training_inputs(config, folds, layout)
+    return fold_spec(config, layout, folds, 0, inputs=inputs)
+
+
 def train_fold(config: Config, layout: Layout, plan: Plan, fold: int, *, force: bool) -> None:
     """Train one fold of the plan (every rank, under torchrun)."""
     spec = fold_spec(config, layout, plan.folds, fold, inputs=plan.inputs)
@@ -184,8 +193,8 @@ def train_folds(config: Config, layout: Layout, folds_to_train: list[int] | None
     with stage_lock(exp.lock, exp.dir, "trained"):
         plan = prepare_training(config, layout, folds_to_train, force)
         for fold in plan.todo:
-            train_fold(config, layout, plan, fold, force=force)
-        return on_main(lambda: write_summary(config, layout, plan.folds))
+            train_fold(plan.config, layout, plan, fold, force=force)
+        return on_main(lambda: write_summary(plan.config, layout, plan.folds))
 
 
 # --------------------------------------------------------------------------------------------

@@ -367,6 +367,19 @@ def smaller_pass(a: int | None, b: int | None) -> int | None:
     return min((n for n in (a, b) if n), default=None)
 
 
+def training_batches(trainer: Trainer, count: int):
+    """`count` loaded training batches at augment.image_size, in the order of the run's epochs
+    0, 1, ... (as many as a probe or sweep needs: each epoch started as training starts it)."""
+    given = 0
+    for epoch in range(count):
+        start_epoch(trainer.parts, trainer.spec.seed, epoch)
+        for batch in trainer.parts.train_loader:
+            yield batch
+            given += 1
+            if given == count:
+                return
+
+
 def read_log(path: Path, next_epoch: int) -> list[dict[str, Any]]:
     """The log rows of the epochs already done (a resume drops rows past the checkpoint)."""
     if next_epoch == 0 or not path.is_file():

@@ -31,7 +31,7 @@ from pipeline.experiments.runner import Step, run_step, stage_lock
 from pipeline.inference.engine import clean_image_errors, progress
 from pipeline.reporting import plots
 from pipeline.training.experiment import fold_spec
-from pipeline.training.loop import start_epoch
+from pipeline.training.loop import training_batches
 from pipeline.training.parts import RunSpec
 from pipeline.training.run import make_trainer
 
@@ -57,7 +57,7 @@ def sweep(config: Config, spec: RunSpec, *, start: float, end: float,
     rows, average, lowest = [], 0.0, math.inf
     bar = progress(range(steps), f"{spec.tag} learning-rate sweep")
     accumulate = config.train.accumulate
-    loaded = batches(trainer, steps * accumulate)
+    loaded = training_batches(trainer, steps * accumulate)
     with clean_image_errors():
         for index in range(steps):
             at = start * growth ** index  # what the step trains at (its scheduler's factor)
@@ -104,19 +104,6 @@ def sweep_step(config: Config, exp: Experiment, spec: RunSpec, *, details: dict,
                 lambda: [exp.lr_sweep_csv, exp.lr_sweep_png], work,
                 current=f"{config.run_name}: its sweep is current ({exp.lr_sweep_png}); FORCE=1 "
                         f"sweeps again", all_or_none=True)
-
-
-def batches(trainer, count: int):
-    """`count` loaded training batches at augment.image_size, in the order of the run's epochs
-    0, 1, ... (as many as the sweep needs: each started as training starts it)."""
-    given = 0
-    for epoch in range(count):
-        start_epoch(trainer.parts, trainer.spec.seed, epoch)
-        for batch in trainer.parts.train_loader:
-            yield batch
-            given += 1
-            if given == count:
-                return
 
 
 def suggestion(frame: pd.DataFrame) -> float:

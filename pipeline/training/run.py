@@ -122,7 +122,7 @@ def train_part(config: Config, spec: RunSpec, details: dict[str, Any], force: bo
             trainer.fit()
             if spec.valid_rows is not None:
                 write_oof(trainer, config.data.classes)
-            tracker.finish([part.log, part.confusion_png, part.curves])
+            tracker.finish([part.log, part.confusion_csv, part.confusion_png, part.curves])
         return True
 
     current = (f"{part.dir}: refit is current (FORCE=1 retrains)" if part.is_refit else

@@ -9,11 +9,11 @@
 MLflow: one run per fold (and the refit), named fold<k>/full, in an MLflow experiment named
 <competition>/<experiment>, with the resolved settings as parameters and every epoch's numbers
 (losses, metrics, learning rate, seconds, size) as metrics at step = epoch; a fold resumed after
-a crash goes on in its run (found by the part's folder, tag `pipeline.part`). The store is
-MLFLOW_TRACKING_URI when set (a server, a database), else a local file store in
-runs/<competition>/mlruns (`mlflow ui --backend-store-uri runs/<competition>/mlruns`); MLflow 3
-keeps the file store in maintenance and asks for MLFLOW_ALLOW_FILE_STORE, which is set for that
-one store. TensorBoard: runs/<competition>/tensorboard/<experiment>/<part>/, a resume purging
+a crash goes on in its run (found by the part's folder, tag `pipeline.part`; a part trained
+afresh gets a new run). The store is MLFLOW_TRACKING_URI when set (a server, a database), else
+SQLite in runs/<competition>/mlflow.db with the artefacts in runs/<competition>/mlartifacts/
+(MLflow 3 keeps its file store in maintenance). A tracker that fails (a server that stops
+answering) is warned of and dropped: training goes on. TensorBoard: runs/<competition>/tensorboard/<experiment>/<part>/, a resume purging
 the steps it redoes (`tensorboard --logdir runs/<competition>/tensorboard`).
 
 Nothing of it decides a result: `tracking` is no part of the identity, and only rank 0 logs.
@@ -35,22 +35,25 @@ import yaml
 
 from pipeline.base import distributed
 from pipeline.base.config import Config
-from pipeline.base.utils import PipelineError
+from pipeline.base.utils import PipelineError, warn
 from pipeline.experiments.layout import Layout
 from pipeline.training.parts import RunSpec
 
-PACKAGES = {"mlflow": "mlflow", "tensorboard": "tensorboard"}  # tracking -> the module it needs
+# tracking -> the modules it imports and the packages that install them (MLflow's SQLite store
+# needs sqlalchemy and alembic, which mlflow-skinny leaves out)
+NEEDS = {"mlflow": {"mlflow": "mlflow-skinny", "sqlalchemy": "sqlalchemy", "alembic": "alembic"},
+         "tensorboard": {"tensorboard": "tensorboard"}}
 PART_TAG = "pipeline.part"
 
 
 def check_tracking(tracking: str) -> None:
-    """tracking: mlflow|tensorboard needs its package: say so before anything trains."""
-    module = PACKAGES.get(tracking)
-    if module and importlib.util.find_spec(module) is None:
-        package = "mlflow-skinny" if tracking == "mlflow" else "tensorboard"
-        raise PipelineError(f"tracking={tracking} needs the {package} package: `.venv/bin/pip "
-                            f"install {package}` (or `pip install -e '.[tracking]'`), or "
-                            f"tracking=none")
+    """tracking: mlflow|tensorboard needs its packages: say so before anything trains."""
+    missing = [package for module, package in NEEDS.get(tracking, {}).items()
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise PipelineError(f"tracking={tracking} needs {' '.join(missing)}: `.venv/bin/pip "
+                            f"install {' '.join(missing)}` (or `.venv/bin/pip install -e "
+                            f"'.[tracking]'`), or tracking=none")
 
 
 class Tracker:
@@ -91,46 +94,56 @@ class MlflowTracker(Tracker):
 
         self.Metric, self.Param = Metric, Param
         uri = os.environ.get("MLFLOW_TRACKING_URI")
+        artifacts = None
         if not uri:
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            uri = layout.mlflow_store.resolve().as_uri()
+            layout.runs.mkdir(parents=True, exist_ok=True)
+            uri = f"sqlite:///{layout.mlflow_store.resolve()}"
+            artifacts = layout.mlflow_artifacts.resolve().as_uri()
         self.client = MlflowClient(uri)
         name = f"{layout.competition}/{config.run_name}"
         found = self.client.get_experiment_by_name(name)
-        experiment = found.experiment_id if found else self.client.create_experiment(name)
-        self.run_id = self.resumed_run(experiment, str(spec.part.dir.resolve()))
-        if self.run_id is None:
-            run = self.client.create_run(experiment, run_name=spec.part.name,
-                                         tags={PART_TAG: str(spec.part.dir.resolve()),
-                                               "competition": layout.competition,
-                                               "experiment": config.run_name})
-            self.run_id = run.info.run_id
-            params = [self.Param(k, v[:6000]) for k, v in flat_settings(config.to_dict()).items()]
-            for start in range(0, len(params), 100):  # MLflow takes 100 parameters a call
-                self.client.log_batch(self.run_id, params=params[start:start + 100])
+        self.experiment = (found.experiment_id if found else
+                           self.client.create_experiment(name, artifact_location=artifacts))
+        self.config, self.spec, self.part = config, spec, str(spec.part.dir.resolve())
+        self.run_id = None  # started at the first epoch, which says whether this is a resume
 
-    def resumed_run(self, experiment: str, part: str) -> str | None:
-        """The unfinished run of this part (a crash or kill), to go on in; None: a new one."""
-        runs = self.client.search_runs([experiment], f"tags.`{PART_TAG}` = '{part}'",
+    def start(self, first_epoch: int) -> None:
+        """Go on in the part's unfinished run when training resumes; else a new run (an
+        unfinished one of a part trained afresh is closed as killed)."""
+        runs = self.client.search_runs([self.experiment], f"tags.`{PART_TAG}` = '{self.part}'",
                                        order_by=["attribute.start_time DESC"], max_results=1)
-        if runs and runs[0].info.status != "FINISHED":
-            self.client.update_run(runs[0].info.run_id, status="RUNNING")
-            return runs[0].info.run_id
-        return None
+        unfinished = runs and runs[0].info.status != "FINISHED"
+        if unfinished and first_epoch > 1:
+            self.run_id = runs[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        if unfinished:
+            self.client.set_terminated(runs[0].info.run_id, "KILLED")
+        run = self.client.create_run(self.experiment, run_name=self.spec.part.name,
+                                     tags={PART_TAG: self.part,
+                                           "competition": self.config.data.name,
+                                           "experiment": self.config.run_name})
+        self.run_id = run.info.run_id
+        params = [self.Param(k, v[:6000]) for k, v in flat_settings(self.config.to_dict()).items()]
+        for start in range(0, len(params), 100):  # MLflow takes 100 parameters a call
+            self.client.log_batch(self.run_id, params=params[start:start + 100])
 
     def epoch(self, row: dict[str, Any]) -> None:
+        if self.run_id is None:
+            self.start(int(row["epoch"]))
         stamp = int(time.time() * 1000)
         metrics = [self.Metric(key, value, stamp, int(row["epoch"]))
                    for key, value in numbers_of(row).items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def finish(self, files: list[Path]) -> None:
-        for path in files:
+        for path in files if self.run_id is not None else []:
             if Path(path).is_file():
                 self.client.log_artifact(self.run_id, str(path))
 
     def close(self, failed: bool) -> None:
-        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
 
 
 class TensorBoardTracker(Tracker):
@@ -171,6 +184,33 @@ class TensorBoardTracker(Tracker):
             self.writer.close()
 
 
+class Guarded(Tracker):
+    """A tracker whose failures (a server that stops answering, a full disk) are warned of
+    once and end the tracking, never the training: the tracker decides nothing."""
+
+    def __init__(self, tracker: Tracker | None, kind: str):
+        self.tracker, self.kind = tracker, kind
+
+    def call(self, what: str, *args: Any) -> None:
+        if self.tracker is None:
+            return
+        try:
+            getattr(self.tracker, what)(*args)
+        except Exception as err:  # noqa: BLE001 - any tracker failure; training goes on
+            warn(f"tracking={self.kind} stopped ({type(err).__name__}: {err}); training goes "
+                 f"on without it")
+            self.tracker = None
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        self.call("epoch", row)
+
+    def finish(self, files: list[Path]) -> None:
+        self.call("finish", files)
+
+    def close(self, failed: bool) -> None:
+        self.call("close", failed)
+
+
 @contextlib.contextmanager
 def tracked(config: Config, spec: RunSpec) -> Iterator[Tracker]:
     """The run's tracker for the length of its training; closed as failed when training
@@ -179,7 +219,13 @@ def tracked(config: Config, spec: RunSpec) -> Iterator[Tracker]:
     if config.tracking not in kinds or not distributed.is_main():
         yield Tracker()
         return
-    tracker = kinds[config.tracking](Layout.of(config), config, spec)
+    try:
+        made = kinds[config.tracking](Layout.of(config), config, spec)
+    except Exception as err:  # noqa: BLE001 - an unreachable MLFLOW_TRACKING_URI, a bad store
+        warn(f"tracking={config.tracking} could not start ({type(err).__name__}: {err}); "
+             f"training goes on without it")
+        made = None
+    tracker = Guarded(made, config.tracking)
     try:
         yield tracker
     except BaseException:
