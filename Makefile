@@ -23,6 +23,8 @@ $(error FORCE=$(FORCE) is not a choice: FORCE=1 redoes finished work; leave FORC
 endif
 NAME ?=
 MESSAGE ?=
+TRIALS ?=
+TUNE_STORAGE ?=
 SEEDS ?=
 PARTIAL ?=
 KEEP_GOING ?=
@@ -62,7 +64,7 @@ EXPERIMENTS = $(if $(MODELS),--models "$(MODELS)" $(if $(KEEP_GOING),--keep-goin
 OVERRIDES = $(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(BUDGET),train.time_budget=$(BUDGET)) \
 	$(if $(TTA),tta.views=$(TTA)) $(ARGS)
 
-.PHONY: help install demo demo-data check folds train predict ensemble refit pseudo runs status audit report bundle cache weights lr submit lb bench test test-all clean
+.PHONY: help install demo demo-data check folds train predict ensemble refit pseudo runs status audit report bundle cache weights lr tune submit lb bench test test-all clean
 
 help: ## list the targets and variables
 	@echo "usage: make TARGET [DATA=digits] [MODEL=resnet18] [FOLDS=0,2] [EPOCHS=n | BUDGET=30m] [TTA=d4] [FORCE=1] [ARGS='k=v ...']"
@@ -119,6 +121,9 @@ lr: ## a learning-rate sweep of MODEL on fold 0: the curve (lr_sweep.png), a sug
 
 weights: ## fetch MODEL's pretrained weights ahead (a timm model from the hub) -> OUT (default weights/)
 	$(RUN) weights --data $(DATA) --model $(MODEL) $(if $(OUT),--out $(OUT)) $(ARGS)
+
+tune: ## an Optuna search over MODEL's settings, fold 0 per trial, resumable (TRIALS=20; TUNE_STORAGE=<db url>) -> runs/DATA/tune/MODEL/
+	$(if $(TUNE_STORAGE),TUNE_STORAGE='$(TUNE_STORAGE)' )$(RUN) tune --data $(DATA) --model $(MODEL) $(if $(TRIALS),--trials $(TRIALS)) $(OVERRIDES)
 
 submit: ## upload the newest current submission (NAME=; MESSAGE=; PARTIAL=1) to Kaggle -> submissions/DATA/leaderboard.csv
 	$(RUN) submit --data $(DATA) $(if $(NAME),--name "$(NAME)") $(if $(MESSAGE),--message "$(MESSAGE)") $(if $(PARTIAL),--partial) $(ARGS)

@@ -56,6 +56,7 @@ VERBS = {
     "infer": ("pipeline.offline.infer", "run an offline bundle on test images, write the submission"),
     "weights": ("pipeline.stages.weights", "fetch a model's pretrained weights ahead into a folder"),
     "lr": ("pipeline.stages.lr", "a learning-rate sweep on fold 0: the loss curve and a suggestion"),
+    "tune": ("pipeline.stages.tune", "an Optuna search over an experiment's settings, resumable"),
     "submit": ("pipeline.stages.submit", "upload a current submission to Kaggle (the kaggle package)"),
     "lb": ("pipeline.stages.lb", "fetch the submissions' public/private scores back from Kaggle"),
     "demo": ("pipeline.demo", "the whole chain on the demo competition"),
@@ -119,6 +120,8 @@ FLAG_SPECS = {
     "steps": (("--steps",), dict(type=int, default=100, help="lr: optimiser steps of the sweep")),
     "lr_start": (("--start",), dict(dest="lr_start", type=float, default=1e-7, help="lr: the first learning rate")),
     "lr_end": (("--end",), dict(dest="lr_end", type=float, default=10.0, help="lr: the last learning rate")),
+    "trials": (("--trials",), dict(type=int, default=20, help="tune: finished trials the study "
+               "should have (a second run goes on to this many)")),
     "message": (("--message",), dict(default=None, help="submit: a note put before the "
                 "description Kaggle shows (members, nested CV, version)")),
     "time_limit": (("--time-limit",), dict(type=float, default=None,

@@ -340,6 +340,9 @@ class Layout:
     def leaderboard(self, suffix: str) -> Path:  # csv, md, png
         return self.runs / f"leaderboard.{suffix}"
 
+    def tune_dir(self, experiment: str) -> Path:  # `make tune`: the study, its trials' table
+        return self.runs / "tune" / experiment.replace("/", "-")
+
     @property
     def mlflow_store(self) -> Path:  # tracking: mlflow, unless MLFLOW_TRACKING_URI says where
         return self.runs / "mlflow.db"

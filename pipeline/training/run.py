@@ -35,7 +35,7 @@ from pipeline.training.checkpoints import Checkpoints
 from pipeline.training.fitting import micro_batch, probe_key, remember_pass
 from pipeline.training.loop import Trainer, diverged
 from pipeline.training.parts import RunSpec, build_model, build_parts
-from pipeline.training.tracking import check_tracking, tracked
+from pipeline.training.tracking import check_tracking, epoch_done, tracked
 
 
 def preflight(config: Config, layout: Layout) -> None:
@@ -118,7 +118,7 @@ def train_part(config: Config, spec: RunSpec, details: dict[str, Any], force: bo
 
     def work() -> bool:
         with tracked(config, spec) as tracker:  # tracking: mlflow|tensorboard (none: nothing)
-            trainer = make_trainer(config, spec, on_epoch=tracker.epoch)
+            trainer = make_trainer(config, spec, on_epoch=lambda row: epoch_done(tracker, row))
             trainer.fit()
             if spec.valid_rows is not None:
                 write_oof(trainer, config.data.classes)

@@ -26,7 +26,7 @@ import importlib.util
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +209,28 @@ class Guarded(Tracker):
 
     def close(self, failed: bool) -> None:
         self.call("close", failed)
+
+
+_listeners: list[Callable[[dict[str, Any]], None]] = []  # listening()'s, innermost last
+
+
+@contextlib.contextmanager
+def listening(callback: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+    """Call `callback` with each finished epoch's log row of the training inside the block
+    (`make tune` reports a trial's learning curve to its pruner; the callback may raise to
+    stop the training, as a pruned trial does)."""
+    _listeners.append(callback)
+    try:
+        yield
+    finally:
+        _listeners.remove(callback)
+
+
+def epoch_done(tracker: Tracker, row: dict[str, Any]) -> None:
+    """A finished epoch: to the tracker, then to whoever listens."""
+    tracker.epoch(row)
+    for callback in list(_listeners):
+        callback(row)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,285 @@
+"""`make tune MODEL=m TRIALS=n`: an Optuna search over an experiment's settings.
+
+    study = tune(data, model, overrides, trials=20)     # resumable; every trial an experiment
+    outcome = promote(study, ...)                        # the best trial's other folds, honestly
+
+The search space is YAML beside the experiment file (configs/<m>.tune.yaml), else the default
+of this module for the kind of competition (ordinal ones also try the `both` head). A key is a
+dotted setting; a list is a choice among its values; {low, high[, log][, step]} a range (whole
+numbers when low and high are). Each trial is an experiment of its own, named by its settings
+(<m>-tune-<digest>): it trains fold 0 only, reporting each epoch's competition metric to the
+pruner (Optuna's median pruner: a trial behind the median of the earlier trials at the same
+epoch stops there), and scores fold 0's out-of-fold predictions. TPE's sampler is seeded with
+train.seed. The study lives in runs/<competition>/tune/<m>/study.log (Optuna's journal: one
+machine; TUNE_STORAGE=<database URL> for several, each running the same `make tune`), so a
+killed tune resumes: its unfinished trial (no process holds its experiment's lock any more) is
+closed and tried again with the same settings, which resumes its fold from last.pt.
+
+The best trial's score is optimistic: the best of n on the fold that chose it. Its experiment
+then trains its other folds, which no trial ever scored (their rows were only training rows of
+fold 0), and their CV is the honest figure printed beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from pipeline.base import distributed
+from pipeline.base.config import CONFIG_DIR, Config, resolve_experiment
+from pipeline.base.fingerprints import fingerprint
+from pipeline.base.log import log
+from pipeline.base.metrics import higher_is_better
+from pipeline.base.task import Scorer
+from pipeline.base.utils import PipelineError, format_table, write_csv_atomic
+from pipeline.experiments.freshness import read_folds
+from pipeline.experiments.layout import Layout
+from pipeline.experiments.locks import is_held
+from pipeline.experiments.state import load_experiment
+from pipeline.training.experiment import fold_result, train_folds
+from pipeline.training.tracking import listening
+
+STORAGE_ENV = "TUNE_STORAGE"
+STUDY_FILE = "study.log"
+
+
+def default_space(config: Config) -> dict[str, Any]:
+    """The search space of an experiment without a .tune.yaml: the learning rate a decade
+    either side of its own, weight decay, label smoothing, mixup and class weights; the `both`
+    head for ordinal competitions."""
+    lr = config.train.lr
+    space: dict[str, Any] = {
+        "train.lr": {"low": lr / 10, "high": lr * 10, "log": True},
+        "train.weight_decay": {"low": 1e-4, "high": 0.1, "log": True},
+        "train.label_smoothing": {"low": 0.0, "high": 0.2},
+        "train.mixup": [0.0, 0.2, 0.4],
+        "train.class_weights": ["none", "sqrt_inverse"],
+    }
+    if config.data.ordinal:
+        space["model.head"] = ["classification", "both"]
+    return space
+
+
+def search_space(config: Config, model: str) -> tuple[dict[str, Any], str]:
+    """(the space, where it came from): configs/<m>.tune.yaml beside the experiment file, else
+    the default."""
+    _, _, path = resolve_experiment(model)
+    candidate = (path.with_suffix(".tune.yaml") if path is not None
+                 else CONFIG_DIR / f"{model.replace('/', '-')}.tune.yaml")
+    if not candidate.is_file():
+        return default_space(config), "the default space"
+    space = yaml.safe_load(candidate.read_text()) or {}
+    if not isinstance(space, dict) or not space:
+        raise PipelineError(f"{candidate}: a mapping of settings to a list of values or a "
+                            f"{{low, high}} range, e.g. `train.lr: {{low: 1.0e-4, high: 1.0e-2, "
+                            f"log: true}}`")
+    return space, str(candidate)
+
+
+def sampled(trial, space: dict[str, Any]) -> dict[str, Any]:
+    """One value per setting of the space, as the trial's sampler proposes."""
+    values = {}
+    for key, spec in space.items():
+        if isinstance(spec, list):
+            values[key] = trial.suggest_categorical(key, spec)
+        elif isinstance(spec, dict) and {"low", "high"} <= set(spec):
+            low, high = spec["low"], spec["high"]
+            if isinstance(low, int) and isinstance(high, int) and not spec.get("log"):
+                values[key] = trial.suggest_int(key, low, high, step=spec.get("step", 1))
+            else:
+                values[key] = trial.suggest_float(key, float(low), float(high),
+                                                  log=bool(spec.get("log")), step=spec.get("step"))
+        else:
+            raise PipelineError(f"search space: {key}: {spec!r} is neither a list of values nor "
+                                f"a {{low, high}} range")
+    return values
+
+
+def trial_name(model: str, values: dict[str, Any]) -> str:
+    """A trial's experiment: the model and a digest of its settings (the same settings: the
+    same experiment, so a trial tried again resumes its fold)."""
+    return f"{model.replace('/', '-')}-tune-{fingerprint(values)[:8]}"
+
+
+@dataclass
+class Search:
+    """What every trial of one `make tune` shares."""
+
+    data: str
+    model: str
+    overrides: list[str]
+    space: dict[str, Any]
+    layout: Layout
+    metric: str
+
+    def config(self, values: dict[str, Any]) -> Config:
+        settings = [f"{key}={value}" for key, value in values.items()]
+        return load_experiment(self.data, self.model, [*self.overrides, *settings],
+                               name=trial_name(self.model, values))
+
+    def objective(self, trial) -> float:
+        import optuna
+
+        values = sampled(trial, self.space)
+        config = self.config(values)
+        trial.set_user_attr("experiment", config.run_name)
+
+        def report(row: dict[str, Any]) -> None:
+            value = row.get(self.metric)
+            if value is None or not np.isfinite(value):
+                return
+            trial.report(float(value), int(row["epoch"]))
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {row['epoch']}: {self.metric} {value:.4f} "
+                                         f"behind the median of the earlier trials")
+
+        try:
+            with listening(report):
+                train_folds(config, self.layout, [0], force=False)
+        except KeyboardInterrupt:  # Optuna closes the trial as failed: say it was stopped,
+            trial.set_user_attr("interrupted", True)  # so the next `make tune` goes on with it
+            raise
+        exp = self.layout.experiment(config.run_name)
+        return float(fold_result(exp, 0, Scorer.of(config.data))[self.metric])
+
+
+def storage(layout: Layout, model: str):
+    """TUNE_STORAGE's database (with heartbeats: a trial of a machine that died is tried
+    again), else the journal file of one machine."""
+    import optuna
+
+    url = os.environ.get(STORAGE_ENV)
+    if url:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=60, grace_period=300,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
+    folder = layout.tune_dir(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    backend = optuna.storages.journal.JournalFileBackend(str(folder / STUDY_FILE))
+    return optuna.storages.JournalStorage(backend)
+
+
+def revive_killed_trials(study, layout: Layout) -> int:
+    """Trials of a tune that was stopped: interrupted (Ctrl-C: Optuna closed them as failed)
+    or left running by a process that died (no process holds their experiment's lock any
+    more; closed as failed here). Their settings are tried again first, once, so their fold
+    resumes from last.pt. How many."""
+    import optuna
+
+    state = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    revived = 0
+    for trial in trials:
+        name = trial.user_attrs.get("experiment")
+        if name is None or trial.number in retried:
+            continue
+        died = trial.state == state.RUNNING and not is_held(layout.experiment(name).lock)
+        stopped = trial.state == state.FAIL and trial.user_attrs.get("interrupted")
+        if not (died or stopped):
+            continue
+        if died:
+            study._storage.set_trial_state_values(trial._trial_id, state.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number},
+                            skip_if_exists=False)
+        revived += 1
+    return revived
+
+
+def tune(data: str, model: str, overrides: list[str], *, trials: int):
+    """Run the study of `model` until it has `trials` finished (complete or pruned) trials."""
+    import optuna
+
+    if distributed.launched_world_size() > 1:
+        raise PipelineError("make tune trains one trial per process: run it without GPUS=; on "
+                            "several GPUs start one `make tune` per GPU (CUDA_VISIBLE_DEVICES) "
+                            "on the same study")
+    base = load_experiment(data, model, overrides)
+    layout = Layout.of(base)
+    space, source = search_space(base, model)
+    search = Search(data, model, list(overrides), space, layout, base.data.metric)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the pipeline says what happens
+    study = optuna.create_study(
+        study_name=f"{base.data.name}/{model}", storage=storage(layout, model),
+        load_if_exists=True,
+        direction="maximize" if higher_is_better(base.data.metric) else "minimize",
+        sampler=optuna.samplers.TPESampler(seed=base.train.seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
+    revived = revive_killed_trials(study, layout)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=finished))
+    log.info(f"tune {model} on {base.data.name}: {', '.join(space)} ({source}); "
+             f"{done} of {trials} trials done" + (f", {revived} killed one(s) tried again"
+                                                   if revived else ""))
+    if done < trials:
+        study.optimize(search.objective, catch=(PipelineError,),
+                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished)])
+    return study, search
+
+
+def trials_table(study) -> pd.DataFrame:
+    """One row per trial: number, state, its score on fold 0, experiment, settings."""
+    rows = [{"trial": t.number, "state": t.state.name.lower(),
+             "fold 0": t.value if t.value is not None else np.nan,
+             "epochs": max(t.intermediate_values, default=np.nan),
+             "experiment": t.user_attrs.get("experiment", ""), **t.params}
+            for t in study.get_trials(deepcopy=False)]
+    return pd.DataFrame(rows)
+
+
+def importances(study) -> dict[str, float]:
+    """Optuna's importance of each setting (fANOVA) over the complete trials; empty under
+    two."""
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return {}
+    try:
+        return optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError):  # every trial the same values: nothing to apportion
+        return {}
+
+
+@dataclass
+class Promoted:
+    experiment: str
+    search_score: float  # fold 0 of the best trial: the best of n, optimistic
+    honest: float  # the mean of its other folds, which no trial scored
+    honest_std: float
+    folds: list[int]
+
+
+def promote(study, search: Search) -> Promoted:
+    """The best trial's experiment trains its other folds; their CV is the honest figure."""
+    best = study.best_trial
+    config = search.config(best.params)
+    folds = read_folds(config.data, config.folds, search.layout)
+    others = sorted(int(k) for k in folds["fold"].unique() if int(k) != 0)
+    if not others:
+        raise PipelineError("make tune needs two folds or more: the search scores fold 0, the "
+                            "others give the honest figure (folds.n_splits)")
+    train_folds(config, search.layout, others, force=False)
+    exp, scorer = search.layout.experiment(config.run_name), Scorer.of(config.data)
+    scores = [float(fold_result(exp, k, scorer)[search.metric]) for k in others]
+    spread = float(np.std(scores, ddof=1)) if len(scores) > 1 else math.nan
+    return Promoted(config.run_name, float(best.value), float(np.mean(scores)), spread, others)
+
+
+def write_tables(study, search: Search) -> tuple[pd.DataFrame, dict[str, float]]:
+    """trials.csv and importance.csv in the study's folder; the trials shown."""
+    folder = search.layout.tune_dir(search.model)
+    table, weights = trials_table(study), importances(study)
+    write_csv_atomic(table, folder / "trials.csv")
+    write_csv_atomic(pd.DataFrame({"setting": list(weights), "importance": list(weights.values())}),
+                     folder / "importance.csv")
+    log.info(format_table(table.values.tolist(), list(table.columns)))
+    if weights:
+        log.info(format_table([[k, v] for k, v in weights.items()], ["setting", "importance"]))
+    return table, weights

@@ -1,0 +1,139 @@
+"""`make tune`: a tiny Optuna search on the CPU: stopped and resumed with the same study, a
+pruned trial, and the best trial's optimistic score printed with its honest CV beside it."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pandas as pd
+import yaml
+
+from pipeline.__main__ import main as cli
+from pipeline.base.config import load_config
+from pipeline.experiments.layout import Layout
+from pipeline.training import loop
+from pipeline.training.tuning import STUDY_FILE, trial_name
+from tests.conftest import dry_make, write_image
+
+# every trial: 3 epochs of resnet20 at 16 px on 2 folds of 60 images
+SMALL = ["augment.image_size=16", "train.batch_size=8", "train.workers=0", "train.epochs=3",
+         "model.name=resnet20", "folds.n_splits=3"]
+
+
+def learnable_competition(tmp_path) -> tuple[str, list[str]]:
+    """Three classes told apart by brightness (dark, grey, light, with noise), scored by log
+    loss: a continuous metric, so that a trial that does not learn is behind at once."""
+    root = tmp_path / "comp"
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(60):
+        label = ("dark", "grey", "light")[i % 3]
+        level = {"dark": 40, "grey": 128, "light": 215}[label]
+        image = np.clip(rng.normal(level, 25, (16, 16, 3)), 0, 255).astype(np.uint8)
+        path = root / "train" / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        import cv2
+        cv2.imwrite(str(path), image)
+        rows.append({"id": f"{i:03d}", "label": label})
+    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
+    test_ids = [f"t{i}" for i in range(3)]
+    for i, image_id in enumerate(test_ids):
+        write_image(root / "test" / image_id, seed=i)
+    pd.DataFrame({"id": test_ids}).to_csv(root / "test.csv", index=False)
+    pd.DataFrame({"id": test_ids, "dark": 0.3, "grey": 0.3, "light": 0.4}).to_csv(
+        root / "sample_submission.csv", index=False)
+    (root / "comp.yaml").write_text(yaml.safe_dump({
+        "name": "comp", "root": str(root), "classes": ["dark", "grey", "light"],
+        "metric": "log_loss"}))
+    overrides = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}", *SMALL]
+    assert cli(["folds", "--data", str(root / "comp.yaml"), *overrides]) == 0
+    return str(root / "comp.yaml"), overrides
+
+
+def study_of(layout: Layout):
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(layout.tune_dir("resnet20") / STUDY_FILE)))
+    return optuna.load_study(study_name="comp/resnet20", storage=storage)
+
+
+def write_space(monkeypatch, tmp_path, space: dict) -> None:
+    """configs/resnet20.tune.yaml, in a copy of configs/ the test runs from."""
+    import shutil
+
+    from tests.conftest import REPO
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    (tmp_path / "configs" / "resnet20.tune.yaml").write_text(yaml.safe_dump(space))
+    monkeypatch.chdir(tmp_path)
+
+
+def test_a_stopped_tune_resumes_its_study_and_the_stopped_trial(tmp_path, monkeypatch, capsys):
+    data, overrides = learnable_competition(tmp_path)
+    write_space(monkeypatch, tmp_path, {"train.lr": {"low": 0.005, "high": 0.05, "log": True}})
+    real, fits = loop.Trainer.fit, []
+
+    def stopped_in_the_third_trial(self):
+        fits.append(self.spec.part.dir)
+        if len(fits) == 3:
+            raise KeyboardInterrupt  # Ctrl-C
+        return real(self)
+
+    monkeypatch.setattr(loop.Trainer, "fit", stopped_in_the_third_trial)
+    assert cli(["tune", "--data", data, "--model", "resnet20", "--trials", "4", *overrides]) == 130
+    layout = Layout.of(load_config(data, None, overrides))
+    study = study_of(layout)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL"]
+    stopped = study.trials[2]
+    monkeypatch.setattr(loop.Trainer, "fit", real)
+    capsys.readouterr()
+    assert cli(["tune", "--data", data, "--model", "resnet20", "--trials", "4", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 4 trials done, 1 killed one(s) tried again" in out
+    study = study_of(layout)
+    assert len(study.trials) == 5
+    assert study.trials[3].params == stopped.params  # the stopped trial, first
+    assert study.trials[3].user_attrs["experiment"] == stopped.user_attrs["experiment"]
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 4
+    table = pd.read_csv(layout.tune_dir("resnet20") / "trials.csv")
+    assert len(table) == 5 and "train.lr" in table.columns
+    assert (layout.tune_dir("resnet20") / "importance.csv").is_file()
+
+
+def test_a_trial_behind_the_median_is_pruned_and_the_best_is_honestly_scored(tmp_path,
+                                                                                monkeypatch,
+                                                                                capsys):
+    data, overrides = learnable_competition(tmp_path)
+    write_space(monkeypatch, tmp_path, {"train.lr": [0.03, 1.0e-7]})
+    layout = Layout.of(load_config(data, None, overrides))
+    # the first two trials learn; the third cannot (lr 1e-7): behind the median at epoch 2
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(layout.tune_dir("resnet20").mkdir(parents=True) or
+            layout.tune_dir("resnet20") / STUDY_FILE)))
+    study = optuna.create_study(study_name="comp/resnet20", storage=storage,
+                                direction="minimize")
+    for lr in (0.03, 0.03, 1.0e-7):
+        study.enqueue_trial({"train.lr": lr})
+    capsys.readouterr()
+    assert cli(["tune", "--data", data, "--model", "resnet20", "--trials", "3", *overrides]) == 0
+    out = capsys.readouterr().out
+    study = study_of(layout)
+    states = [t.state.name for t in study.trials]
+    assert states[:2] == ["COMPLETE", "COMPLETE"] and states[2] == "PRUNED"
+    pruned = layout.experiment(trial_name("resnet20", {"train.lr": 1e-7})).fold(0)
+    assert len(pd.read_csv(pruned.log)) < 3  # stopped before its last epoch
+    # the best trial trained its other folds; their CV is the honest figure
+    best = study.best_trial.user_attrs["experiment"]
+    exp = layout.experiment(best)
+    others = [pd.read_csv(exp.fold(k).oof) for k in (1, 2)]
+    from pipeline.base.task import Scorer
+    scorer = Scorer.of(load_config(data, None, overrides).data)
+    honest = np.mean([scorer.score_frame(frame) for frame in others])
+    assert f"fold 0 log_loss {study.best_value:.4f} (the search's: the best of 3 on the fold " \
+           f"that chose it, optimistic)" in out
+    assert f"folds 1,2 log_loss {honest:.4f} ± " in out and "(honest: folds no trial scored)" in out
+    assert f"make predict ensemble MODEL={best}" in out
+
+
+def test_make_tune_passes_trials_and_the_storage():
+    out = dry_make("tune", "MODEL=resnet18", "TRIALS=8", "TUNE_STORAGE=sqlite:///t.db").stdout
+    assert "TUNE_STORAGE='sqlite:///t.db'" in out and "pipeline tune --data digits --model " \
+           "resnet18 --trials 8" in out
