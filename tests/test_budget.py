@@ -62,7 +62,7 @@ def test_a_budget_becomes_recorded_epochs_that_every_later_command_sees(tmp_path
         assert cli([verb, "--data", data, *args, *overrides]) == 0
     assert cli(["runs", "--data", data, *overrides]) == 0
     runs = capsys.readouterr().out
-    assert "complete" in runs and "stale" not in runs
+    assert "complete" in runs and "stale" not in runs and "0.03 min/fold" in runs
 
 
 def test_epochs_and_a_budget_together_are_refused(tmp_path, capsys):

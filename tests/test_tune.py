@@ -131,6 +131,11 @@ def test_a_trial_behind_the_median_is_pruned_and_the_best_is_honestly_scored(tmp
            f"that chose it, optimistic)" in out
     assert f"folds 1,2 log_loss {honest:.4f} ± " in out and "(honest: folds no trial scored)" in out
     assert f"make predict ensemble MODEL={best}" in out
+    # the report shows the search: its trials and the setting's importance
+    from pipeline.stages.report import build_report
+    config = load_config(data, None, [*overrides, f"reports_dir={tmp_path / 'reports'}"])
+    html = build_report(config).read_text()
+    assert "Searches (make tune)" in html and "resnet20-tune-" in html and "pruned" in html
 
 
 def test_make_tune_passes_trials_and_the_storage():

@@ -343,6 +343,17 @@ class Layout:
     def tune_dir(self, experiment: str) -> Path:  # `make tune`: the study, its trials' table
         return self.runs / "tune" / experiment.replace("/", "-")
 
+    def tune_trials(self, experiment: str) -> Path:  # one row per trial: state, score, settings
+        return self.tune_dir(experiment) / "trials.csv"
+
+    def tune_importance(self, experiment: str) -> Path:  # Optuna's importance of each setting
+        return self.tune_dir(experiment) / "importance.csv"
+
+    def tuned_experiments(self) -> list[str]:
+        """The experiments `make tune` has searched (a trials table written)."""
+        folder = self.runs / "tune"
+        return sorted(p.parent.name for p in folder.glob("*/trials.csv")) if folder.is_dir() else []
+
     @property
     def mlflow_store(self) -> Path:  # tracking: mlflow, unless MLFLOW_TRACKING_URI says where
         return self.runs / "mlflow.db"

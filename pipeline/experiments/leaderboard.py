@@ -31,7 +31,8 @@ from pipeline.experiments.state import (
     submission_freshness,
 )
 
-HEADERS = ["experiment", "model", "size", "epochs", "seed", "cv mean", "cv std", "oof",
+# budget: train.time_budget, the minutes a fold was given ("-": none); minutes: what its folds took
+HEADERS = ["experiment", "model", "size", "epochs", "budget", "seed", "cv mean", "cv std", "oof",
            "oof test-like", "tta gain", "status", "minutes", "submissions"]
 # When the CV may not transfer (issue 27): the audit tells test from training images apart this
 # well (0.5: not at all), or this share of the labelled rows sit in duplicate groups whose labels
@@ -83,7 +84,9 @@ def leaderboard(data: DataConfig, folds_cfg: FoldsConfig, layout: Layout,
     for state in states:
         c = state.config
         numbers = cv_numbers(state, Scorer.of(c.data), test_like)
-        rows.append([state.name, c.model.name, c.augment.image_size, c.train.epochs, c.train.seed,
+        budget = "-" if c.train.time_budget is None else f"{c.train.time_budget:g} min/fold"
+        rows.append([state.name, c.model.name, c.augment.image_size, c.train.epochs, budget,
+                     c.train.seed,
                      numbers["cv_mean"], numbers["cv_std"], numbers["oof"],
                      numbers["oof_test_like"], numbers["tta_gain"],
                      state.status(), numbers["minutes"],

@@ -423,6 +423,27 @@ def lb_context(uploads: pd.DataFrame, metric: str, report: Report) -> dict | Non
             "flags": lb_flags(uploads, metric)}
 
 
+TUNE_ROWS = 20  # a search's best trials shown in the report; trials.csv has every one
+
+
+def tune_context(layout: Layout, metric: str) -> list[dict]:
+    """Each search of `make tune`: its best trials (state, fold-0 score, settings) and each
+    setting's importance."""
+    searches = []
+    for name in layout.tuned_experiments():
+        table = pd.read_csv(layout.tune_trials(name))
+        table = table.sort_values("fold 0", ascending=not higher_is_better(metric),
+                                  na_position="last", kind="stable").head(TUNE_ROWS)
+        weights = (pd.read_csv(layout.tune_importance(name))
+                   if layout.tune_importance(name).is_file() else pd.DataFrame())
+        searches.append({"name": name, "headers": list(table.columns),
+                         "rows": [[number(v) if isinstance(v, float) else v for v in row]
+                                  for row in table.values.tolist()],
+                         "importance": [[r.setting, number(r.importance)]
+                                        for r in weights.itertuples()] if len(weights) else []})
+    return searches
+
+
 def index_context(config: Config, layout: Layout, shown: dict) -> dict:
     """The index page's context from what it shows (index_inputs' `shown`)."""
     report, data, frame = layout.report, config.data, shown["frame"]
@@ -437,6 +458,7 @@ def index_context(config: Config, layout: Layout, shown: dict) -> dict:
             "rows": leaderboard_rows(frame, report, shown["pages"]), "plot": plot,
             "submissions": submission_rows(shown["summaries"], shown["uploads"]),
             "lb": lb_context(shown["uploads"], data.metric, report),
+            "tunes": tune_context(layout, data.metric),
             "audit": audit_context(data, layout, config.report.thumbnail, shown["stale"]),
             "version": pipeline.__version__}
 
@@ -501,6 +523,8 @@ def index_inputs(config: Config, layout: Layout, shown: dict) -> dict:
             "submissions": fingerprint([vars(s) | {"csv": str(s.csv)}
                                         for s in shown["summaries"]]),
             "uploads": fingerprint(shown["uploads"].to_csv(index=False)),
+            "tunes": fingerprint([layout.tune_trials(n).read_text() for n in
+                                  layout.tuned_experiments()]),
             "pages": fingerprint(sorted(shown["pages"])),
             "audit": fingerprint([p.read_text() for p in audit_files]
                                  + [str(findings.label_issue_files()), shown["stale"]]),

@@ -28,7 +28,7 @@ def main(args) -> None:
     table, _ = write_tables(study, search)
     if not (table["state"] == "complete").any():
         raise PipelineError(f"no trial of {args.model} completed (above: pruned or failed); "
-                            f"see {search.layout.tune_dir(args.model)}/trials.csv")
+                            f"see {search.layout.tune_trials(args.model)}")
     best = promote(study, search)
     metric, folds = search.metric, ",".join(map(str, best.folds))
     log.info(f"best trial: {best.experiment}")

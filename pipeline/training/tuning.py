@@ -274,11 +274,11 @@ def promote(study, search: Search) -> Promoted:
 
 def write_tables(study, search: Search) -> tuple[pd.DataFrame, dict[str, float]]:
     """trials.csv and importance.csv in the study's folder; the trials shown."""
-    folder = search.layout.tune_dir(search.model)
+    layout = search.layout
     table, weights = trials_table(study), importances(study)
-    write_csv_atomic(table, folder / "trials.csv")
+    write_csv_atomic(table, layout.tune_trials(search.model))
     write_csv_atomic(pd.DataFrame({"setting": list(weights), "importance": list(weights.values())}),
-                     folder / "importance.csv")
+                     layout.tune_importance(search.model))
     log.info(format_table(table.values.tolist(), list(table.columns)))
     if weights:
         log.info(format_table([[k, v] for k, v in weights.items()], ["setting", "importance"]))
