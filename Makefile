@@ -24,6 +24,7 @@ endif
 NAME ?=
 MESSAGE ?=
 TRIALS ?=
+PORTFOLIO ?=
 TUNE_STORAGE ?=
 SEEDS ?=
 PARTIAL ?=
@@ -64,7 +65,7 @@ EXPERIMENTS = $(if $(MODELS),--models "$(MODELS)" $(if $(KEEP_GOING),--keep-goin
 OVERRIDES = $(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(BUDGET),train.time_budget=$(BUDGET)) \
 	$(if $(TTA),tta.views=$(TTA)) $(ARGS)
 
-.PHONY: help install demo demo-data check folds train predict ensemble refit pseudo runs status audit report bundle cache weights lr tune submit lb bench test test-all clean
+.PHONY: help install demo demo-data check folds train predict ensemble refit pseudo runs status audit report bundle cache weights lr tune auto submit lb bench test test-all clean
 
 help: ## list the targets and variables
 	@echo "usage: make TARGET [DATA=digits] [MODEL=resnet18] [FOLDS=0,2] [EPOCHS=n | BUDGET=30m] [TTA=d4] [FORCE=1] [ARGS='k=v ...']"
@@ -121,6 +122,10 @@ lr: ## a learning-rate sweep of MODEL on fold 0: the curve (lr_sweep.png), a sug
 
 weights: ## fetch MODEL's pretrained weights ahead (a timm model from the hub) -> OUT (default weights/)
 	$(RUN) weights --data $(DATA) --model $(MODEL) $(if $(OUT),--out $(OUT)) $(ARGS)
+
+auto: ## folds, a portfolio of experiments in the time given, the ensemble, the report (BUDGET=2h; PORTFOLIO=file.yaml)
+	$(RUN) auto --data $(DATA) $(if $(BUDGET),--budget $(BUDGET)) $(if $(PORTFOLIO),--portfolio $(PORTFOLIO)) \
+		$(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(TTA),tta.views=$(TTA)) $(ARGS)
 
 tune: ## an Optuna search over MODEL's settings, fold 0 per trial, resumable (TRIALS=20; TUNE_STORAGE=<db url>) -> runs/DATA/tune/MODEL/
 	$(if $(TUNE_STORAGE),TUNE_STORAGE='$(TUNE_STORAGE)' )$(RUN) tune --data $(DATA) --model $(MODEL) $(if $(TRIALS),--trials $(TRIALS)) $(OVERRIDES)

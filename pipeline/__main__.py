@@ -60,6 +60,7 @@ VERBS = {
     "submit": ("pipeline.stages.submit", "upload a current submission to Kaggle (the kaggle package)"),
     "lb": ("pipeline.stages.lb", "fetch the submissions' public/private scores back from Kaggle"),
     "demo": ("pipeline.demo", "the whole chain on the demo competition"),
+    "auto": ("pipeline.auto", "the whole chain for a competition in the time given (--budget 2h)"),
 }
 # Verbs of one experiment that --models runs for each experiment in turn
 EACH_MODEL_VERBS = ("train", "predict", "refit")
@@ -122,6 +123,10 @@ FLAG_SPECS = {
     "lr_end": (("--end",), dict(dest="lr_end", type=float, default=10.0, help="lr: the last learning rate")),
     "trials": (("--trials",), dict(type=int, default=20, help="tune: finished trials the study "
                "should have (a second run goes on to this many)")),
+    "budget": (("--budget",), dict(default=None, help="auto: this command's time, in minutes "
+               "(90) or hours (2h, 1h30m)")),
+    "portfolio": (("--portfolio",), dict(default=None, help="auto: a YAML list of members "
+                  "({name, model, args}) in place of the one chosen from the data")),
     "message": (("--message",), dict(default=None, help="submit: a note put before the "
                 "description Kaggle shows (members, nested CV, version)")),
     "time_limit": (("--time-limit",), dict(type=float, default=None,

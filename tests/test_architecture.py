@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 
 # A module's layer is its folder (DESIGN.md, "Layers"); a module in no known folder fails.
-ENTRY = {"pipeline.__main__", "pipeline.demo"}
+ENTRY = {"pipeline.__main__", "pipeline.demo", "pipeline.auto"}
 FOLDER_LAYERS = {"base": "base", "stages": "stage", "offline": "offline",
                  "experiments": "core", "training": "core", "inference": "core",
                  "ensembling": "core", "data": "core", "models": "core", "reporting": "core"}

@@ -11,8 +11,9 @@ import yaml
 from pipeline.__main__ import main as cli
 from pipeline.base.config import load_config
 from pipeline.experiments.layout import Layout
+from pipeline.experiments.state import load_experiment
 from pipeline.training import loop
-from pipeline.training.tuning import STUDY_FILE, trial_name
+from pipeline.training.tuning import STUDY_FILE, base_digest
 from tests.conftest import dry_make, write_image
 
 # every trial: 3 epochs of resnet20 at 16 px on 2 folds of 60 images
@@ -50,10 +51,20 @@ def learnable_competition(tmp_path) -> tuple[str, list[str]]:
     return str(root / "comp.yaml"), overrides
 
 
-def study_of(layout: Layout):
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
-        str(layout.tune_dir("resnet20") / STUDY_FILE)))
-    return optuna.load_study(study_name="comp/resnet20", storage=storage)
+def journal(layout: Layout):
+    folder = layout.tune_dir("resnet20")
+    folder.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(folder / STUDY_FILE)))
+
+
+def study_name(data: str, overrides: list[str]) -> str:
+    """The study of resnet20 under these settings, as `make tune` names it."""
+    return f"comp/resnet20-{base_digest(load_experiment(data, 'resnet20', overrides))}"
+
+
+def study_of(layout: Layout, name: str):
+    return optuna.load_study(study_name=name, storage=journal(layout))
 
 
 def write_space(monkeypatch, tmp_path, space: dict) -> None:
@@ -79,8 +90,8 @@ def test_a_stopped_tune_resumes_its_study_and_the_stopped_trial(tmp_path, monkey
 
     monkeypatch.setattr(loop.Trainer, "fit", stopped_in_the_third_trial)
     assert cli(["tune", "--data", data, "--model", "resnet20", "--trials", "4", *overrides]) == 130
-    layout = Layout.of(load_config(data, None, overrides))
-    study = study_of(layout)
+    layout, name = Layout.of(load_config(data, None, overrides)), study_name(data, overrides)
+    study = study_of(layout, name)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL"]
     stopped = study.trials[2]
     monkeypatch.setattr(loop.Trainer, "fit", real)
@@ -88,37 +99,35 @@ def test_a_stopped_tune_resumes_its_study_and_the_stopped_trial(tmp_path, monkey
     assert cli(["tune", "--data", data, "--model", "resnet20", "--trials", "4", *overrides]) == 0
     out = capsys.readouterr().out
     assert "2 of 4 trials done, 1 killed one(s) tried again" in out
-    study = study_of(layout)
+    study = study_of(layout, name)
     assert len(study.trials) == 5
     assert study.trials[3].params == stopped.params  # the stopped trial, first
     assert study.trials[3].user_attrs["experiment"] == stopped.user_attrs["experiment"]
     assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 4
     table = pd.read_csv(layout.tune_dir("resnet20") / "trials.csv")
     assert len(table) == 5 and "train.lr" in table.columns
-    assert (layout.tune_dir("resnet20") / "importance.csv").is_file()
+    importance = pd.read_csv(layout.tune_importance("resnet20"))
+    assert importance["setting"].tolist() == ["train.lr"]
 
 
 def test_a_trial_behind_the_median_is_pruned_and_the_best_is_honestly_scored(tmp_path,
                                                                                 monkeypatch,
                                                                                 capsys):
     data, overrides = learnable_competition(tmp_path)
-    write_space(monkeypatch, tmp_path, {"train.lr": [0.03, 1.0e-7]})
-    layout = Layout.of(load_config(data, None, overrides))
-    # the first two trials learn; the third cannot (lr 1e-7): behind the median at epoch 2
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
-        str(layout.tune_dir("resnet20").mkdir(parents=True) or
-            layout.tune_dir("resnet20") / STUDY_FILE)))
-    study = optuna.create_study(study_name="comp/resnet20", storage=storage,
-                                direction="minimize")
-    for lr in (0.03, 0.03, 1.0e-7):
+    write_space(monkeypatch, tmp_path, {"train.lr": [0.01, 0.02, 1.0e-7]})
+    layout, name = Layout.of(load_config(data, None, overrides)), study_name(data, overrides)
+    # the first two trials learn; the third cannot (lr 1e-7): behind the median at epoch 2,
+    # the first after the learning rate's warm-up
+    study = optuna.create_study(study_name=name, storage=journal(layout), direction="minimize")
+    for lr in (0.01, 0.02, 1.0e-7):
         study.enqueue_trial({"train.lr": lr})
     capsys.readouterr()
     assert cli(["tune", "--data", data, "--model", "resnet20", "--trials", "3", *overrides]) == 0
     out = capsys.readouterr().out
-    study = study_of(layout)
+    study = study_of(layout, name)
     states = [t.state.name for t in study.trials]
     assert states[:2] == ["COMPLETE", "COMPLETE"] and states[2] == "PRUNED"
-    pruned = layout.experiment(trial_name("resnet20", {"train.lr": 1e-7})).fold(0)
+    pruned = layout.experiment(study.trials[2].user_attrs["experiment"]).fold(0)
     assert len(pd.read_csv(pruned.log)) < 3  # stopped before its last epoch
     # the best trial trained its other folds; their CV is the honest figure
     best = study.best_trial.user_attrs["experiment"]
@@ -127,7 +136,7 @@ def test_a_trial_behind_the_median_is_pruned_and_the_best_is_honestly_scored(tmp
     from pipeline.base.task import Scorer
     scorer = Scorer.of(load_config(data, None, overrides).data)
     honest = np.mean([scorer.score_frame(frame) for frame in others])
-    assert f"fold 0 log_loss {study.best_value:.4f} (the search's: the best of 3 on the fold " \
+    assert f"fold 0 log_loss {study.best_value:.4f} (the search's: the best of 2 on the fold " \
            f"that chose it, optimistic)" in out
     assert f"folds 1,2 log_loss {honest:.4f} ± " in out and "(honest: folds no trial scored)" in out
     assert f"make predict ensemble MODEL={best}" in out

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline.base.config import Config
+from pipeline.base.config import Config, training_settings
+from pipeline.base.fingerprints import fingerprint
 from pipeline.base.utils import write_text_atomic
 from pipeline.experiments.layout import Experiment, Layout
 
@@ -32,14 +33,31 @@ def write_budget(exp: Experiment, record: dict[str, Any]) -> None:
     write_text_atomic(exp.budget, json.dumps(record, indent=1, sort_keys=True))
 
 
+def budget_key(config: Config) -> str:
+    """What an epoch's seconds depend on: every training setting but the epochs themselves
+    (another image size or model is another measurement)."""
+    settings = training_settings(config.to_dict())
+    settings["train"] = {k: v for k, v in settings["train"].items() if k != "epochs"}
+    return fingerprint(settings)
+
+
+def matching_record(config: Config, layout: Layout) -> dict[str, Any] | None:
+    """The record of this budget under these settings, or None."""
+    record = read_budget(layout.experiment(config.run_name))
+    if record is None or record.get("time_budget") != config.train.time_budget \
+            or record.get("settings") != budget_key(config):
+        return None
+    return record
+
+
+def with_epochs(config: Config, epochs: int) -> Config:
+    return config.model_copy(update={"train": config.train.model_copy(update={"epochs": epochs})})
+
+
 def with_budget(config: Config, layout: Layout) -> Config:
     """The config with train.epochs as its time budget's record says (unchanged without a
-    budget, or before the budget was measured, or for a record of another budget)."""
-    budget = config.train.time_budget
-    if budget is None:
+    budget, or before the budget was measured under these settings)."""
+    if config.train.time_budget is None:
         return config
-    record = read_budget(layout.experiment(config.run_name))
-    if record is None or record.get("time_budget") != budget:
-        return config
-    train = config.train.model_copy(update={"epochs": int(record["epochs"])})
-    return config.model_copy(update={"train": train})
+    record = matching_record(config, layout)
+    return config if record is None else with_epochs(config, int(record["epochs"]))

@@ -68,22 +68,6 @@ def inherited() -> set[str]:
     return {p for p in os.environ.get(HELD_ENV, "").split(os.pathsep) if p}
 
 
-def is_held(lock: Path) -> bool:
-    """Whether a live process holds `lock` now (this one included); a lock file left by a
-    process that died is not held: the system dropped its lock."""
-    if str(Path(lock).resolve()) in _HELD:
-        return True
-    if not Path(lock).exists():
-        return False
-    file_lock = FileLock(str(lock), timeout=0)
-    try:
-        file_lock.acquire()
-    except Timeout:
-        return True
-    file_lock.release()
-    return False
-
-
 @contextlib.contextmanager
 def holding(lock: Path, what: Path | str, doing: str) -> Iterator[None]:
     """Hold `lock` for the block, or stop at once naming the process that holds it.

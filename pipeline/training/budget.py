@@ -8,8 +8,9 @@ warm-up: cuDNN's autotuning, the loader's workers starting), and an epoch's seco
 the training batches of an epoch at that pace, plus validation, whose forward pass without
 gradients costs about a third of a training step per image. The epochs that fit the budget,
 with BUDGET_SHARE of it kept for the rest of a fold (the validation fold's predictions, the
-plots, the checkpoints), become train.epochs: printed, recorded in budget.json
-(pipeline/experiments/budgets.py), and part of the fold's training settings like any epochs.
+plots, the checkpoints), become train.epochs: printed, recorded in budget.json with the settings
+they were measured under (pipeline/experiments/budgets.py; another image size or model measures
+again), and part of the fold's training settings like any epochs.
 The learning-rate schedule then fits that number; early stopping still applies.
 """
 
@@ -19,6 +20,7 @@ import math
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from typing import Any
 
 import torch
 
@@ -26,7 +28,7 @@ from pipeline.base import distributed
 from pipeline.base.config import Config
 from pipeline.base.log import log
 from pipeline.base.utils import PipelineError, make_command
-from pipeline.experiments.budgets import read_budget, with_budget, write_budget
+from pipeline.experiments.budgets import budget_key, matching_record, with_epochs
 from pipeline.experiments.layout import Layout
 from pipeline.inference.engine import clean_image_errors
 from pipeline.training.loop import training_batches
@@ -39,35 +41,35 @@ VALIDATION_COST = 1 / 3  # a forward pass without gradients, per image, against 
 MAX_BUDGET_EPOCHS = 300  # a budget far beyond what the data needs: early stopping ends it
 
 
-def budgeted(config: Config, layout: Layout, *, probe: Callable[[Config], float]) -> Config:
-    """`config` with train.epochs from its time budget: the recorded epochs, else measured
-    now by `probe` (an epoch's seconds; every rank probes together under torchrun, rank 0
-    records)."""
+def budgeted(config: Config, layout: Layout, *,
+             probe: Callable[[Config], float]) -> tuple[Config, dict[str, Any] | None]:
+    """(`config` with train.epochs from its time budget, the record to write once the training
+    plan is accepted: None when it was recorded before). Measured by `probe` (an epoch's
+    seconds) when no record of this budget under these settings exists; under torchrun every
+    rank probes together and takes rank 0's measurement."""
     budget = config.train.time_budget
     if budget is None:
-        return config
+        return config, None
     if "train.epochs" in explicit_keys(config.overrides):
         raise PipelineError(f"train.time_budget={budget:g} chooses the epochs; train.epochs="
-                            f"{config.train.epochs} names them too: drop one (EPOCHS= or BUDGET=)")
-    exp = layout.experiment(config.run_name)
-    recorded = read_budget(exp)
-    if recorded is not None and recorded.get("time_budget") == budget:
-        return with_budget(config, layout)
+                            f"{config.train.epochs} is set too (EPOCHS=, ARGS=, or the "
+                            f"experiment's overrides): leave one of them out")
+    recorded = matching_record(config, layout)
+    if recorded is not None:
+        return with_epochs(config, int(recorded["epochs"])), None
     seconds = distributed.broadcast_from_main(probe(config))
     epochs = max(1, min(MAX_BUDGET_EPOCHS, math.floor(budget * 60 * BUDGET_SHARE / seconds)))
+    exp = layout.experiment(config.run_name)
     log.info(f"train.time_budget {budget:g} min a fold: an epoch takes about {seconds:.1f} s "
              f"here, so {epochs} epoch(s) (recorded in {exp.budget})")
     if epochs == 1 and budget * 60 * BUDGET_SHARE < seconds:
         log.info(f"note: one epoch takes longer than the budget; "
                  f"{make_command('train', config.data.name, MODEL=config.run_name)} with a "
                  f"larger BUDGET= (or a smaller augment.image_size) fits more")
-    if distributed.is_main():
-        exp.dir.mkdir(parents=True, exist_ok=True)
-        write_budget(exp, {"time_budget": budget, "epochs": epochs,
-                           "seconds_per_epoch": round(seconds, 2), "device": device_name(),
-                           "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    distributed.barrier()
-    return with_budget(config, layout)
+    record = {"time_budget": budget, "epochs": epochs, "seconds_per_epoch": round(seconds, 2),
+              "settings": budget_key(config), "device": device_name(),
+              "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return with_epochs(config, epochs), record
 
 
 def explicit_keys(overrides: list[str]) -> set[str]:

@@ -30,6 +30,7 @@ from pipeline.base.utils import (
     write_text_atomic,
 )
 from pipeline.data.tables import test_image_paths, train_image_paths
+from pipeline.experiments.budgets import write_budget
 from pipeline.experiments.freshness import (
     current_folds,
     excluded_ids,
@@ -127,7 +128,8 @@ def prepare_training(config: Config, layout: Layout, folds_to_train: list[int] |
     """Everything checked and the experiment's settings saved before any fold starts or
     FORCE=1 deletes anything."""
     folds, selected = select_folds(config.data, config.folds, layout, folds_to_train)
-    config = budgeted(config, layout, probe=lambda c: epoch_seconds(c, probe_spec(c, layout, folds)))
+    config, measured = budgeted(config, layout,
+                                probe=lambda c: epoch_seconds(c, probe_spec(c, layout, folds)))
     inputs, details = training_inputs(config, folds, layout)
     exp = layout.experiment(config.run_name)
     check_one_setting(config.data.name, exp, folds, selected, inputs=inputs, details=details)
@@ -136,6 +138,8 @@ def prepare_training(config: Config, layout: Layout, folds_to_train: list[int] |
         check_schedule(config.augment, config.train.epochs)
         preflight(config, layout)
         start_experiment(config, exp)
+        if measured is not None:  # the plan is accepted: the budget's epochs are the folds'
+            on_main(lambda: write_budget(exp, measured))
     return Plan(config, folds, todo, inputs, details)
 
 

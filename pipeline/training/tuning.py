@@ -12,8 +12,9 @@ pruner (Optuna's median pruner: a trial behind the median of the earlier trials 
 epoch stops there), and scores fold 0's out-of-fold predictions. TPE's sampler is seeded with
 train.seed. The study lives in runs/<competition>/tune/<m>/study.log (Optuna's journal: one
 machine; TUNE_STORAGE=<database URL> for several, each running the same `make tune`), so a
-killed tune resumes: its unfinished trial (no process holds its experiment's lock any more) is
-closed and tried again with the same settings, which resumes its fold from last.pt.
+stopped tune resumes: its interrupted trial, or the one whose process died, is tried again with
+the same settings, which resumes its fold from last.pt. A study belongs to the experiment's
+settings before the search (another EPOCHS= or ARGS= starts another study).
 
 The best trial's score is optimistic: the best of n on the fold that chose it. Its experiment
 then trains its other folds, which no trial ever scored (their rows were only training rows of
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +34,7 @@ import pandas as pd
 import yaml
 
 from pipeline.base import distributed
-from pipeline.base.config import CONFIG_DIR, Config, resolve_experiment
+from pipeline.base.config import CONFIG_DIR, Config, resolve_experiment, training_settings
 from pipeline.base.fingerprints import fingerprint
 from pipeline.base.log import log
 from pipeline.base.metrics import higher_is_better
@@ -40,7 +42,6 @@ from pipeline.base.task import Scorer
 from pipeline.base.utils import PipelineError, format_table, write_csv_atomic
 from pipeline.experiments.freshness import read_folds
 from pipeline.experiments.layout import Layout
-from pipeline.experiments.locks import is_held
 from pipeline.experiments.state import load_experiment
 from pipeline.training.experiment import fold_result, train_folds
 from pipeline.training.tracking import listening
@@ -101,10 +102,16 @@ def sampled(trial, space: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def trial_name(model: str, values: dict[str, Any]) -> str:
-    """A trial's experiment: the model and a digest of its settings (the same settings: the
-    same experiment, so a trial tried again resumes its fold)."""
-    return f"{model.replace('/', '-')}-tune-{fingerprint(values)[:8]}"
+def base_digest(config: Config) -> str:
+    """The searched experiment's settings before the search (its file, EPOCHS=, ARGS=): a study
+    and its trials belong to them, so other settings start another study."""
+    return fingerprint(training_settings(config.to_dict()))[:6]
+
+
+def trial_name(model: str, values: dict[str, Any], base: str = "") -> str:
+    """A trial's experiment: the model and a digest of the base settings and its own (the same
+    settings: the same experiment, so a trial tried again resumes its fold)."""
+    return f"{model.replace('/', '-')}-tune-{fingerprint([base, values])[:8]}"
 
 
 @dataclass
@@ -117,18 +124,23 @@ class Search:
     space: dict[str, Any]
     layout: Layout
     metric: str
+    base: str  # base_digest of the searched experiment
 
     def config(self, values: dict[str, Any]) -> Config:
         settings = [f"{key}={value}" for key, value in values.items()]
         return load_experiment(self.data, self.model, [*self.overrides, *settings],
-                               name=trial_name(self.model, values))
+                               name=trial_name(self.model, values, self.base))
 
     def objective(self, trial) -> float:
         import optuna
 
         values = sampled(trial, self.space)
-        config = self.config(values)
+        try:
+            config = self.config(values)
+        except ValueError as err:  # ConfigError: a sampled combination the settings refuse
+            raise PipelineError(f"trial {trial.number}: {err}") from None
         trial.set_user_attr("experiment", config.run_name)
+        trial.set_user_attr("process", f"{socket.gethostname()}:{os.getpid()}")
 
         def report(row: dict[str, Any]) -> None:
             value = row.get(self.metric)
@@ -158,18 +170,19 @@ def storage(layout: Layout, model: str):
     if url:
         return optuna.storages.RDBStorage(
             url, heartbeat_interval=60, grace_period=300,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=2))
     folder = layout.tune_dir(model)
     folder.mkdir(parents=True, exist_ok=True)
     backend = optuna.storages.journal.JournalFileBackend(str(folder / STUDY_FILE))
     return optuna.storages.JournalStorage(backend)
 
 
-def revive_killed_trials(study, layout: Layout) -> int:
+def revive_killed_trials(study, *, journal: bool) -> int:
     """Trials of a tune that was stopped: interrupted (Ctrl-C: Optuna closed them as failed)
-    or left running by a process that died (no process holds their experiment's lock any
-    more; closed as failed here). Their settings are tried again first, once, so their fold
-    resumes from last.pt. How many."""
+    or, in the journal of one machine, left running by a process of this machine that is gone
+    (a database's trials are the heartbeats' to judge). Their settings are tried again first,
+    once, so their fold resumes from last.pt. How many."""
     import optuna
 
     state = optuna.trial.TrialState
@@ -177,10 +190,10 @@ def revive_killed_trials(study, layout: Layout) -> int:
     retried = {t.user_attrs.get("retry_of") for t in trials}
     revived = 0
     for trial in trials:
-        name = trial.user_attrs.get("experiment")
-        if name is None or trial.number in retried:
+        if trial.user_attrs.get("experiment") is None or trial.number in retried:
             continue
-        died = trial.state == state.RUNNING and not is_held(layout.experiment(name).lock)
+        died = journal and trial.state == state.RUNNING and process_gone(
+            trial.user_attrs.get("process", ""))
         stopped = trial.state == state.FAIL and trial.user_attrs.get("interrupted")
         if not (died or stopped):
             continue
@@ -192,6 +205,36 @@ def revive_killed_trials(study, layout: Layout) -> int:
     return revived
 
 
+def process_gone(process: str) -> bool:
+    """Whether `host:pid` names a process of this machine that no longer runs."""
+    host, _, pid = process.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class StopAfterFailures:
+    """Stops the study after `limit` failed trials in a row: a setting, a file or a lock that
+    fails every trial would otherwise fail them forever (failed trials count to no TRIALS=)."""
+
+    def __init__(self, limit: int = 3):
+        self.limit, self.row = limit, 0
+
+    def __call__(self, study, trial) -> None:
+        import optuna
+
+        self.row = self.row + 1 if trial.state == optuna.trial.TrialState.FAIL else 0
+        if self.row >= self.limit:
+            log.info(f"tune: {self.row} trials in a row failed (above): stopping")
+            study.stop()
+
+
 def tune(data: str, model: str, overrides: list[str], *, trials: int):
     """Run the study of `model` until it has `trials` finished (complete or pruned) trials."""
     import optuna
@@ -200,18 +243,26 @@ def tune(data: str, model: str, overrides: list[str], *, trials: int):
         raise PipelineError("make tune trains one trial per process: run it without GPUS=; on "
                             "several GPUs start one `make tune` per GPU (CUDA_VISIBLE_DEVICES) "
                             "on the same study")
+    if trials < 1:
+        raise PipelineError(f"TRIALS={trials}: the study needs one trial or more")
     base = load_experiment(data, model, overrides)
     layout = Layout.of(base)
+    read_folds(base.data, base.folds, layout)  # no folds: one clear error, not a failed trial each
     space, source = search_space(base, model)
-    search = Search(data, model, list(overrides), space, layout, base.data.metric)
+    search = Search(data, model, list(overrides), space, layout, base.data.metric,
+                    base_digest(base))
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the pipeline says what happens
+    journal = not os.environ.get(STORAGE_ENV)
     study = optuna.create_study(
-        study_name=f"{base.data.name}/{model}", storage=storage(layout, model),
+        study_name=f"{base.data.name}/{model}-{search.base}", storage=storage(layout, model),
         load_if_exists=True,
         direction="maximize" if higher_is_better(base.data.metric) else "minimize",
-        sampler=optuna.samplers.TPESampler(seed=base.train.seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
-    revived = revive_killed_trials(study, layout)
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2,
+                                           n_warmup_steps=base.train.warmup_epochs + 1))
+    # seeded, and on from where the study is: a resumed tune or a second process proposes
+    # other settings than the first did
+    study.sampler = optuna.samplers.TPESampler(seed=base.train.seed + len(study.trials))
+    revived = revive_killed_trials(study, journal=journal)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished))
     log.info(f"tune {model} on {base.data.name}: {', '.join(space)} ({source}); "
@@ -219,7 +270,8 @@ def tune(data: str, model: str, overrides: list[str], *, trials: int):
                                                    if revived else ""))
     if done < trials:
         study.optimize(search.objective, catch=(PipelineError,),
-                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished)])
+                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished),
+                                  StopAfterFailures()])
     return study, search
 
 
@@ -234,15 +286,16 @@ def trials_table(study) -> pd.DataFrame:
 
 
 def importances(study) -> dict[str, float]:
-    """Optuna's importance of each setting (fANOVA) over the complete trials; empty under
-    two."""
+    """Optuna's importance of each setting (fANOVA, seeded) over the complete trials; empty
+    under two."""
     import optuna
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if len(complete) < 2:
         return {}
     try:
-        return optuna.importance.get_param_importances(study)
+        return optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
     except (RuntimeError, ValueError):  # every trial the same values: nothing to apportion
         return {}
 

@@ -1,0 +1,93 @@
+"""`make auto`: the portfolio chosen from the data, and the budget that decides how many of its
+members train (the run itself is under the `slow` marker: it trains several experiments)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.__main__ import main as cli
+from pipeline.base.config import load_config
+from pipeline.experiments.layout import Layout
+from pipeline.training.portfolio import portfolio, typical_side
+from tests.conftest import dry_make, make_competition, write_image
+from tests.test_tune import learnable_competition
+
+
+def test_the_portfolio_follows_the_images(tmp_path):
+    labels = [c for c in ("0", "1", "2") for _ in range(4)]
+    small = load_config(str(make_competition(tmp_path / "small", labels)), None, [])
+    assert typical_side(small.data) == 16
+    members = portfolio(small, typical_side(small.data))
+    assert [m.name for m in members] == ["auto-resnet20", "auto-resnet18",
+                                         "auto-resnet18-seed1", "auto-resnet56"]
+    assert all("augment.image_size=16" in m.args for m in members)
+    assert not any("model.pretrained=true" in m.args for m in members)
+    ordinal = load_config(str(make_competition(tmp_path / "ordinal", labels, ordinal=True,
+                                               metric="qwk")), None, [])
+    assert "model.head=both" in portfolio(ordinal, 16)[2].args
+    large = portfolio(small, 300)  # photos: ImageNet weights at 224 px
+    assert all("model.pretrained=true" in m.args and "augment.image_size=224" in m.args
+               for m in large)
+
+
+def test_the_competitions_own_size_is_kept(tmp_path):
+    labels = [c for c in ("0", "1") for _ in range(4)]
+    data = make_competition(tmp_path / "comp", labels, defaults={"augment": {"image_size": 48}})
+    config = load_config(str(data), None, [])
+    assert all("augment.image_size=48" in m.args for m in portfolio(config, 16))
+
+
+def test_a_budget_that_fits_no_member_says_so_and_trains_nothing(tmp_path, capsys):
+    data, overrides = learnable_competition(tmp_path)
+    capsys.readouterr()
+    assert cli(["auto", "--data", data, "--budget", "0.001", *overrides]) == 1
+    out, err = capsys.readouterr()
+    assert "auto-resnet20" in out and "not started" in out and "needs about" in out
+    assert "no member finished within BUDGET=0.001" in err and "make auto BUDGET=<more>" in err
+    assert not list((tmp_path / "runs" / "comp").glob("auto-*/fold0/best.pt"))
+
+
+def test_make_auto_passes_the_budget_and_the_portfolio():
+    out = dry_make("auto", "DATA=aptos", "BUDGET=2h", "PORTFOLIO=p.yaml", "EPOCHS=3").stdout
+    assert "pipeline auto --data aptos --budget 2h --portfolio p.yaml" in out
+    assert "train.epochs=3" in out and "time_budget" not in out
+
+
+@pytest.mark.slow
+def test_a_budget_that_fits_two_members_stops_there_and_a_second_call_goes_on(tmp_path,
+                                                                                 capsys):
+    """Two cheap members (1 epoch of resnet20 at 16 px, about 5 s each here) and one that
+    needs about ten times as long (resnet56 at 48 px, 3 epochs): 40 s fit the first two and not
+    the third; a second call with 5 minutes skips the two and trains the third."""
+    data, overrides = learnable_competition(tmp_path)
+    overrides = [o for o in overrides if not o.startswith(("model.name=", "train.epochs="))]
+    overrides += [f"submissions_dir={tmp_path / 'subs'}", f"reports_dir={tmp_path / 'reports'}"]
+    members = [{"name": "auto-a", "model": "resnet20", "args": ["train.epochs=1"]},
+               {"name": "auto-b", "model": "resnet20", "args": ["train.epochs=1", "train.seed=1"]},
+               {"name": "auto-c", "model": "resnet56",
+                "args": ["augment.image_size=48", "train.epochs=3"]}]
+    plan = tmp_path / "portfolio.yaml"
+    plan.write_text(yaml.safe_dump(members))
+    for i in range(3):  # the test images the submission needs
+        write_image(tmp_path / "comp" / "test" / f"t{i}", seed=i)
+    args = ["auto", "--data", data, "--portfolio", str(plan), *overrides]
+    capsys.readouterr()
+    assert cli([*args[:3], "--budget", "0.67", *args[3:]]) == 0
+    out = capsys.readouterr().out
+    layout = Layout.of(load_config(data, None, overrides))
+    trained = {m["name"]: (layout.experiment(m["name"]).fold(2).train_manifest.is_file())
+               for m in members}
+    assert trained == {"auto-a": True, "auto-b": True, "auto-c": False}, out
+    assert "not started" in out and "a larger BUDGET= goes on with it" in out
+    [manifest] = layout.submissions.glob("*.manifest.json")
+    assert yaml.safe_load(manifest.read_text())["details"]["members"] == ["auto-a", "auto-b"]
+    assert cli([*args[:3], "--budget", "5", *args[3:]]) == 0
+    out = capsys.readouterr().out
+    assert layout.experiment("auto-c").fold(2).train_manifest.is_file()
+    assert "done before" in out
+    newest = max(layout.submissions.glob("*.manifest.json"), key=lambda p: p.stat().st_mtime)
+    assert yaml.safe_load(newest.read_text())["details"]["members"] == ["auto-a", "auto-b",
+                                                                         "auto-c"]
+    assert pd.read_csv(newest.with_name(newest.name.replace(".manifest.json", ".csv"))).shape[0] == 3
