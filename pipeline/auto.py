@@ -127,7 +127,9 @@ def run_auto(data: str, budget: str, overrides: list[str], *, portfolio_file: st
         first = next((row[3] for row in rows if row[1] == "not started"), "")
         raise PipelineError(f"no member finished within BUDGET={budget} ({first}); "
                             f"{make_command('auto', config.data.name, BUDGET='<more>')}")
-    outcome = ensemble_runs(config, finished, overrides=[*overrides, "ensemble.method=auto"])
+    chosen_out_of_fold = [*overrides, "ensemble.method=auto"]
+    outcome = ensemble_runs(load_config(data, None, chosen_out_of_fold), finished,
+                            overrides=chosen_out_of_fold)
     page = build_report(config)
     used = (clock.budget - clock.left) / 60
     log.info(f"auto: {len(finished)} member(s) in the submission {outcome.submission} (CV "

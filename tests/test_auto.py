@@ -82,7 +82,8 @@ def test_a_budget_that_fits_two_members_stops_there_and_a_second_call_goes_on(tm
     assert trained == {"auto-a": True, "auto-b": True, "auto-c": False}, out
     assert "not started" in out and "a larger BUDGET= goes on with it" in out
     [manifest] = layout.submissions.glob("*.manifest.json")
-    assert yaml.safe_load(manifest.read_text())["details"]["members"] == ["auto-a", "auto-b"]
+    details = yaml.safe_load(manifest.read_text())["details"]
+    assert details["members"] == ["auto-a", "auto-b"] and details["settings"]["method"] == "auto"
     assert cli([*args[:3], "--budget", "5", *args[3:]]) == 0
     out = capsys.readouterr().out
     assert layout.experiment("auto-c").fold(2).train_manifest.is_file()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import optuna
 import pandas as pd
+import pytest
 import yaml
 
 from pipeline.__main__ import main as cli
@@ -77,6 +78,7 @@ def write_space(monkeypatch, tmp_path, space: dict) -> None:
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.mark.slow  # search trials (the developers' guide: under the slow marker)
 def test_a_stopped_tune_resumes_its_study_and_the_stopped_trial(tmp_path, monkeypatch, capsys):
     data, overrides = learnable_competition(tmp_path)
     write_space(monkeypatch, tmp_path, {"train.lr": {"low": 0.005, "high": 0.05, "log": True}})
@@ -110,6 +112,7 @@ def test_a_stopped_tune_resumes_its_study_and_the_stopped_trial(tmp_path, monkey
     assert importance["setting"].tolist() == ["train.lr"]
 
 
+@pytest.mark.slow
 def test_a_trial_behind_the_median_is_pruned_and_the_best_is_honestly_scored(tmp_path,
                                                                                 monkeypatch,
                                                                                 capsys):
