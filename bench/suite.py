@@ -5,7 +5,8 @@
 
 Six competitions (bench/suite_data.py: balanced multi-class, an ordinal grade that is an amount,
 an ordinal grade that is a look, imbalanced binary, many classes with few images, noisy labels),
-each with a held-out test part. Each recipe is a set of overrides of the pipeline's defaults; it
+each with a held-out test part. Each recipe is a set of overrides of the pipeline's defaults
+(or "auto <minutes>": `make auto` with that budget, its portfolio chosen from the images); it
 runs through the pipeline's own stages, as a competitor would: `make train`, `make predict` and
 `make ensemble` of that one experiment (resnet20, 3 folds, once per seed), and the submission is
 scored against the held-out labels: the competition's metric and macro-F1. Beside them: the CV
@@ -130,6 +131,30 @@ def run_recipe(data: Path, work: Path, recipe: str, seed: int, epochs: int,
                   frame[label].nunique(), (time.perf_counter() - started) / 60)
 
 
+def run_auto(data: Path, work: Path, recipe: str, seed: int, epochs: int) -> Result:
+    """`make auto` with the budget the recipe names ("auto 10": 10 minutes) on one member at
+    one seed: its portfolio chosen from the member's images, as many members as the budget
+    fits (each at `epochs`), the `auto` ensemble; its submission scored on the held-out labels."""
+    started = time.perf_counter()
+    budget = recipe.split()[1]
+    where = [f"runs_dir={work / f'auto{budget}-s{seed}'}", f"folds.dir={work / 'folds'}",
+             f"submissions_dir={work / f'subs-auto{budget}-s{seed}'}",
+             f"reports_dir={work / 'reports'}", f"audit_dir={work / 'audit'}"]
+    log = work / f"auto{budget}-s{seed}.log"
+    quiet_cli(["auto", "--data", str(data), "--budget", budget, *where, *COMMON,
+               f"train.epochs={epochs}", f"train.seed={seed}"], log)
+    config = load_config(str(data), None, [*where, *COMMON])
+    manifest = max(Layout.of(config).submission_manifests(), key=lambda p: p.stat().st_mtime)
+    details = json.loads(manifest.read_text())["details"]
+    frame = pd.read_csv(Layout.of(config).submission(manifest.name[:-len(".manifest.json")]).csv,
+                        dtype=str, keep_default_na=False)
+    test, macro = held_out(config.data, frame)
+    label = config.data.label_column if config.data.label_column in frame else frame.columns[1]
+    print(f"{data.stem}: auto {budget} min trained {details['members']}", flush=True)
+    return Result(data.stem, recipe, seed, config.data.metric, test, macro, details["cv"],
+                  frame[label].nunique(), (time.perf_counter() - started) / 60)
+
+
 def held_out(data, frame: pd.DataFrame) -> tuple[float, float]:
     """(the competition's metric, macro-F1) of a label submission against solution.csv."""
     solution = read_solution(data).set_index(data.id_column)[data.label_column]
@@ -161,13 +186,21 @@ def run_suite(root: Path, members: list[str], recipes: list[str], seeds: list[in
                   work / "folds.log")
         for recipe in recipes_for(member, recipes):
             for seed in seeds:
-                result = run_recipe(configs[member], work, recipe, seed, epochs, base)
+                result = (run_auto(configs[member], work, recipe, seed, epochs)
+                          if recipe.startswith("auto ") else
+                          run_recipe(configs[member], work, recipe, seed, epochs, base))
                 print(f"{member:15s} {recipe:22s} seed {seed}: test {result.metric} "
                       f"{result.test:.4f}, macro-F1 {result.test_macro_f1:.4f}, cv "
                       f"{result.cv:.4f}, {result.classes_predicted} classes, "
                       f"{result.minutes:.1f} min", flush=True)
                 results.append(result)
     return results
+
+
+def is_auto(recipe: str) -> bool:
+    """"auto 10": `make auto` with a budget of 10 minutes a member of the suite."""
+    parts = recipe.split()
+    return len(parts) == 2 and parts[0] == "auto" and parts[1].replace(".", "", 1).isdigit()
 
 
 def mean_std(values: list[float]) -> str:
@@ -210,7 +243,8 @@ def main(argv=None) -> None:
     epochs, n = (1, 150) if args.quick else (args.epochs, args.n)  # 150: 5 images per class
     members = [m for m in args.members.split(",") if m]
     recipes = [r for r in args.recipes.split(",") if r]
-    unknown = sorted((set(members) - set(MEMBERS)) | (set(recipes) - set(RECIPES)))
+    unknown = sorted((set(members) - set(MEMBERS))
+                     | {r for r in recipes if r not in RECIPES and not is_auto(r)})
     if unknown:
         parser.error(f"unknown member(s) or recipe(s): {unknown}")
     about, started = machine(), time.perf_counter()
