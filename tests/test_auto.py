@@ -22,7 +22,8 @@ def test_the_portfolio_follows_the_images(tmp_path):
     members = portfolio(small, typical_side(small.data))
     assert [m.name for m in members] == ["auto-resnet20", "auto-resnet18",
                                          "auto-resnet18-seed1", "auto-resnet56"]
-    assert all("augment.image_size=16" in m.args for m in members)
+    assert all("augment.image_size=16" in m.args and "tta.views=flips" in m.args
+               for m in members)
     assert not any("model.pretrained=true" in m.args for m in members)
     ordinal = load_config(str(make_competition(tmp_path / "ordinal", labels, ordinal=True,
                                                metric="qwk")), None, [])
@@ -46,6 +47,8 @@ def test_a_budget_that_fits_no_member_says_so_and_trains_nothing(tmp_path, capsy
     out, err = capsys.readouterr()
     assert "auto-resnet20" in out and "not started" in out and "needs about" in out
     assert "no member finished within BUDGET=0.001" in err and "make auto BUDGET=<more>" in err
+    assert cli(["auto", "--data", data, "--budget", "2 hours", *overrides]) == 1
+    assert "BUDGET=2 hours: '2 hours' is no duration" in capsys.readouterr().err
     assert not list((tmp_path / "runs" / "comp").glob("auto-*/fold0/best.pt"))
 
 
@@ -80,7 +83,7 @@ def test_a_budget_that_fits_two_members_stops_there_and_a_second_call_goes_on(tm
     trained = {m["name"]: (layout.experiment(m["name"]).fold(2).train_manifest.is_file())
                for m in members}
     assert trained == {"auto-a": True, "auto-b": True, "auto-c": False}, out
-    assert "not started" in out and "a larger BUDGET= goes on with it" in out
+    assert "not started" in out and "needs about" in out
     [manifest] = layout.submissions.glob("*.manifest.json")
     details = yaml.safe_load(manifest.read_text())["details"]
     assert details["members"] == ["auto-a", "auto-b"] and details["settings"]["method"] == "auto"

@@ -47,7 +47,8 @@ def learnable_competition(tmp_path) -> tuple[str, list[str]]:
     (root / "comp.yaml").write_text(yaml.safe_dump({
         "name": "comp", "root": str(root), "classes": ["dark", "grey", "light"],
         "metric": "log_loss"}))
-    overrides = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}", *SMALL]
+    overrides = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
+                 f"audit_dir={tmp_path / 'audit'}", *SMALL]
     assert cli(["folds", "--data", str(root / "comp.yaml"), *overrides]) == 0
     return str(root / "comp.yaml"), overrides
 

@@ -52,7 +52,10 @@ def typical_side(data: DataConfig) -> int:
                                              replace=False)
     sides = []
     for index in chosen:
-        size = header_size(Path(paths[index]).read_bytes())
+        try:
+            size = header_size(Path(paths[index]).read_bytes())
+        except OSError:  # a missing image: the check names it; the others say the side
+            continue
         if size is not None:
             sides.append(min(size))
     return int(np.median(sides)) if sides else PRETRAINED_SIZE
@@ -71,6 +74,8 @@ def portfolio(config: Config, side: int) -> list[Member]:
     """The members for this competition, in the order they are trained."""
     size = image_size(config, side)
     at = [f"augment.image_size={size}"]
+    if "tta" not in config.data.defaults:  # the competition's own TTA where it has one
+        at.append("tta.views=flips")
     ordinal = config.data.ordinal
     if size < SMALL:
         members = [
@@ -110,7 +115,15 @@ def read_portfolio(path: Path) -> list[Member]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "model" not in entry:
             raise PipelineError(f"PORTFOLIO={path}: member {i + 1} needs a `model:`")
+        args = entry.get("args") or []
+        if not isinstance(args, list) or not all(isinstance(a, str) and "=" in a for a in args):
+            raise PipelineError(f"PORTFOLIO={path}: member {i + 1}'s args are a list of "
+                                f"key=value texts, e.g. [augment.image_size=64]; got {args!r}")
         members.append(Member(str(entry.get("name") or f"auto-{entry['model']}-{i}"),
-                              str(entry["model"]), [str(a) for a in entry.get("args", [])],
+                              str(entry["model"]), args,
                               str(entry.get("why", "from the portfolio file"))))
+    names = [m.name for m in members]
+    if len(set(names)) < len(names):
+        raise PipelineError(f"PORTFOLIO={path}: two members share a name: "
+                            f"{sorted({n for n in names if names.count(n) > 1})}")
     return members
