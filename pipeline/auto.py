@@ -85,7 +85,7 @@ def predicted(config: Config, layout: Layout) -> None:
                        force=False, test=read_test_set(config.data))
 
 
-def run_member(config: Config, layout: Layout, todo: list[int], clock: Clock,
+def run_member(config: Config, layout: Layout, todo: list[int], *, clock: Clock,
                per_fold: float) -> str:
     """Train the member's folds one at a time while the budget lasts, then predict; what
     happened (a member stopped between folds resumes there on the next call)."""
@@ -121,7 +121,7 @@ def train_members(data: str, members: list[Member], overrides: list[str],
                 continue
             log.info(f"== auto: {member.name} ({member.why}); about "
                      f"{per_fold * len(todo) / 60:.1f} min, {clock.left / 60:.1f} left")
-            what = run_member(config, layout, todo, clock, per_fold)
+            what = run_member(config, layout, todo, clock=clock, per_fold=per_fold)
         except KeyboardInterrupt:
             raise
         except Exception as err:  # noqa: BLE001 - one member's failure is its own

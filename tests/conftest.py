@@ -81,7 +81,7 @@ def tiny_competition(tmp_path: Path) -> Path:
 def tiny_config(tiny_competition: Path, tmp_path: Path) -> Config:
     return load_config(str(tiny_competition), "resnet20",
                        [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
-                        "folds.n_splits=2"])
+                        f"audit_dir={tmp_path / 'audit'}", "folds.n_splits=2"])
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ def tiny(tmp_path, labels=None, extra=(), n_splits=2):
     data = make_competition(tmp_path / "comp", labels)
     config = load_config(str(data), "resnet20",
                          [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
+                          f"audit_dir={tmp_path / 'audit'}",  # make_folds' duplicate pass
                           f"folds.n_splits={n_splits}", *FAST, *extra])
     make_folds(config)
     return config
@@ -157,8 +158,8 @@ def test_killed_run_resumes_to_identical_result(tmp_path):
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     for out in (reference, resumed):
         subprocess.run([sys.executable, "-m", "pipeline", "folds", "--data", str(data),
-                        f"folds.dir={out / 'folds'}", "folds.n_splits=2"], cwd=REPO, check=True,
-                       capture_output=True)
+                        f"folds.dir={out / 'folds'}", f"audit_dir={out / 'audit'}",
+                        "folds.n_splits=2"], cwd=REPO, check=True, capture_output=True)
     subprocess.run(_train_command(data, reference, 3), cwd=REPO, check=True, capture_output=True)
 
     process = subprocess.Popen(_train_command(data, resumed, 3), cwd=REPO,
