@@ -144,6 +144,11 @@ def test_a_trial_behind_the_median_is_pruned_and_the_best_is_honestly_scored(tmp
            f"that chose it, optimistic)" in out
     assert f"folds 1,2 log_loss {honest:.4f} ± " in out and "(honest: folds no trial scored)" in out
     assert f"make predict ensemble MODEL={best}" in out
+    # the next step, as printed (the test's folders added)
+    where = [*overrides, f"submissions_dir={tmp_path / 'subs'}"]
+    assert cli(["predict", "--data", data, "--model", best, *where]) == 0
+    assert cli(["ensemble", "--data", data, "--models", best, *where]) == 0
+    assert list((tmp_path / "subs" / "comp").glob(f"{best}_cv*.csv"))
     # the report shows the search: its trials and the setting's importance
     from pipeline.stages.report import build_report
     config = load_config(data, None, [*overrides, f"reports_dir={tmp_path / 'reports'}"])
