@@ -45,22 +45,27 @@ def test_mlflow_holds_every_epoch_of_each_fold(tmp_path, monkeypatch):
         assert {"log.csv", "confusion.csv", "confusion.png", "curves.png"} <= artefacts
 
 
-def test_a_killed_fold_goes_on_in_its_mlflow_run(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    config = tiny(tmp_path, extra=["tracking=mlflow", "train.epochs=3"])
+def killed_after(epochs: int, config, monkeypatch) -> None:
+    """Fold 0 trained and killed (Ctrl-C) once `epochs` epochs are done and logged."""
     real = loop.Trainer.keep
 
-    def killed_after_epoch_2(self, epoch, row, improved):
-        if epoch == 2:
+    def killed(self, epoch, row, improved):
+        if epoch == epochs:
             raise KeyboardInterrupt
         real(self, epoch, row, improved)
 
-    monkeypatch.setattr(loop.Trainer, "keep", killed_after_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, [0])
+    with monkeypatch.context() as patched:
+        patched.setattr(loop.Trainer, "keep", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(config, [0])
+
+
+def test_a_killed_fold_goes_on_in_its_mlflow_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = tiny(tmp_path, extra=["tracking=mlflow", "train.epochs=3"])
+    killed_after(2, config, monkeypatch)
     _, _, [run] = mlflow_runs(Layout.of(config).mlflow_store)
     assert run.info.status == "FAILED"
-    monkeypatch.setattr(loop.Trainer, "keep", real)
     train(config, [0])
     client, _, [again] = mlflow_runs(Layout.of(config).mlflow_store)
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
@@ -70,17 +75,7 @@ def test_a_killed_fold_goes_on_in_its_mlflow_run(tmp_path, monkeypatch):
 def test_a_fold_trained_afresh_gets_a_new_mlflow_run(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     config = tiny(tmp_path, extra=["tracking=mlflow"])
-    real = loop.Trainer.keep
-
-    def killed_after_epoch_1(self, epoch, row, improved):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        real(self, epoch, row, improved)
-
-    monkeypatch.setattr(loop.Trainer, "keep", killed_after_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, [0])
-    monkeypatch.setattr(loop.Trainer, "keep", real)
+    killed_after(1, config, monkeypatch)
     train(config, [0], force=True)  # FORCE=1: from epoch 1, not a resume
     client, _, runs = mlflow_runs(Layout.of(config).mlflow_store)
     assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
