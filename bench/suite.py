@@ -131,10 +131,12 @@ def run_recipe(data: Path, work: Path, recipe: str, seed: int, epochs: int,
                   frame[label].nunique(), (time.perf_counter() - started) / 60)
 
 
-def run_auto(data: Path, work: Path, recipe: str, seed: int, epochs: int) -> Result:
+def run_auto(data: Path, work: Path, recipe: str, seed: int) -> Result:
     """`make auto` with the budget the recipe names ("auto 10": 10 minutes) on one member at
     one seed: its portfolio chosen from the member's images, as many members as the budget
-    fits (each at `epochs`), the `auto` ensemble; its submission scored on the held-out labels."""
+    fits (each under its share of the budget, at the epochs that fit it: `epochs` is not
+    passed, as a user would not), the `auto` ensemble; its submission scored on the held-out
+    labels."""
     started = time.perf_counter()
     budget = recipe.split()[1]
     where = [f"runs_dir={work / f'auto{budget}-s{seed}'}", f"folds.dir={work / 'folds'}",
@@ -142,7 +144,7 @@ def run_auto(data: Path, work: Path, recipe: str, seed: int, epochs: int) -> Res
              f"reports_dir={work / 'reports'}", f"audit_dir={work / 'audit'}"]
     log = work / f"auto{budget}-s{seed}.log"
     quiet_cli(["auto", "--data", str(data), "--budget", budget, *where, *COMMON,
-               f"train.epochs={epochs}", f"train.seed={seed}"], log)
+               f"train.seed={seed}"], log)
     config = load_config(str(data), None, [*where, *COMMON])
     manifest = max(Layout.of(config).submission_manifests(), key=lambda p: p.stat().st_mtime)
     details = json.loads(manifest.read_text())["details"]
@@ -186,7 +188,7 @@ def run_suite(root: Path, members: list[str], recipes: list[str], seeds: list[in
                   work / "folds.log")
         for recipe in recipes_for(member, recipes):
             for seed in seeds:
-                result = (run_auto(configs[member], work, recipe, seed, epochs)
+                result = (run_auto(configs[member], work, recipe, seed)
                           if recipe.startswith("auto ") else
                           run_recipe(configs[member], work, recipe, seed, epochs, base))
                 print(f"{member:15s} {recipe:22s} seed {seed}: test {result.metric} "

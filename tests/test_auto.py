@@ -3,14 +3,18 @@ members train (the run itself is under the `slow` marker: it trains several expe
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import pytest
 import yaml
 
 from pipeline.__main__ import main as cli
+from pipeline.auto import SHARE, Clock, member_config, shared_config
 from pipeline.base.config import load_config
+from pipeline.experiments.budgets import write_budget
 from pipeline.experiments.layout import Layout
-from pipeline.training.portfolio import portfolio, typical_side
+from pipeline.training.portfolio import Member, portfolio, typical_side
 from tests.conftest import dry_make, make_competition, write_image
 from tests.test_tune import learnable_competition
 
@@ -20,8 +24,9 @@ def test_the_portfolio_follows_the_images(tmp_path):
     small = load_config(str(make_competition(tmp_path / "small", labels)), None, [])
     assert typical_side(small.data) == 16
     members = portfolio(small, typical_side(small.data))
-    assert [m.name for m in members] == ["auto-resnet20", "auto-resnet18",
+    assert [m.name for m in members] == ["auto-resnet18", "auto-resnet20",
                                          "auto-resnet18-seed1", "auto-resnet56"]
+    assert "model.stem=auto" in members[0].args
     assert all("augment.image_size=16" in m.args and "tta.views=flips" in m.args
                for m in members)
     assert not any("model.pretrained=true" in m.args for m in members)
@@ -46,9 +51,42 @@ def test_a_budget_that_fits_no_member_says_so_and_trains_nothing(tmp_path, capsy
     assert cli(["auto", "--data", data, "--budget", "0.001", *overrides]) == 1
     out, err = capsys.readouterr()
     assert "auto-resnet20" in out and "not started" in out and "needs about" in out
+    assert " s left" in out  # seconds, not "0.0 min"
     assert "no member finished within BUDGET=0.001" in err and "make auto BUDGET=<more>" in err
     assert cli(["auto", "--data", data, "--budget", "2 hours", *overrides]) == 1
     assert "BUDGET=2 hours: '2 hours' is no duration" in capsys.readouterr().err
+    assert not list((tmp_path / "runs" / "comp").glob("auto-*/fold0/best.pt"))
+
+
+def test_each_member_gets_its_share_of_the_time_left_and_keeps_it(tmp_path):
+    """Half of what is left for each member but the last, over its folds and its predictions,
+    as its train.time_budget; a member started before keeps its recorded share (its folds stay
+    current on a second call with another budget); fixed epochs are left alone."""
+    data, overrides = learnable_competition(tmp_path)
+    overrides = [o for o in overrides if not o.startswith("train.epochs=")]
+    member = Member("auto-a", "resnet20", [])
+    clock = Clock(budget=690.0, started=time.perf_counter())
+    config = member_config(data, member, overrides)
+    shared = shared_config(config, data, member, overrides, clock=clock, last=False)
+    folds = shared.folds.n_splits
+    assert shared.train.time_budget == pytest.approx(690 * SHARE / folds / 1.15 / 60, abs=0.02)
+    assert shared.run_name == "auto-a"
+    last = shared_config(config, data, member, overrides, clock=clock, last=True)
+    assert last.train.time_budget == pytest.approx(690 / folds / 1.15 / 60, abs=0.02)
+    write_budget(Layout.of(config).experiment("auto-a"), {"time_budget": 0.7, "epochs": 3})
+    assert shared_config(config, data, member, overrides, clock=clock,
+                         last=False).train.time_budget == 0.7
+    fixed = member_config(data, Member("auto-b", "resnet20", ["train.epochs=2"]), overrides)
+    assert shared_config(fixed, data, member, overrides, clock=clock, last=False) is fixed
+
+
+def test_a_share_shorter_than_one_epoch_does_not_start(tmp_path, capsys):
+    data, overrides = learnable_competition(tmp_path)
+    overrides = [o for o in overrides if not o.startswith("train.epochs=")]
+    capsys.readouterr()
+    assert cli(["auto", "--data", data, "--budget", "0.01", *overrides]) == 1
+    out = capsys.readouterr().out
+    assert "auto-resnet18" in out and "one epoch takes about" in out and "a fold" in out
     assert not list((tmp_path / "runs" / "comp").glob("auto-*/fold0/best.pt"))
 
 
