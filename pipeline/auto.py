@@ -4,7 +4,7 @@
 
 The folds (with the duplicate pass), then the portfolio's members (pipeline/training/
 portfolio.py) in order, each under its share of the budget: half of what is left for each
-member but the last, which gets the rest (the earlier members are the stronger ones by the
+member but the last, which gets 90% of the rest (the earlier members are the stronger ones by the
 suite's tables; the later ones add variety to the ensemble). A member's share per fold becomes
 its `train.time_budget`, so the epochs that fit are measured for its model and data (pipeline/
 training/budget.py) and recorded with it; a second call keeps each started member's share, so
@@ -13,15 +13,16 @@ train.time_budget in ARGS= or the portfolio file) the members train those epochs
 the budget only decides which of them start.
 
 Before each member a timing probe of its real model and data says whether one epoch of each
-fold fits its share (or, at fixed epochs, whether its folds fit what is left); one that cannot
-is not started, nor any after it that has training left. A started member trains fold by fold
-and stops between folds when the next would not fit (at the pace of its last fold). Each
-member is an experiment like any other (`auto-<what>`), trained, then predicted with its TTA;
-a finished one counts whatever comes after, and a second `make auto` skips it (its folds are
-current) and goes on with the next. A member that fails (no weights offline, out of memory)
-fails alone. Then `make ensemble` of every finished member with `ensemble.method=auto` (chosen
-out of fold, its CV nested), the submission and the report, in the 5% of the budget kept for
-them.
+fold fits its share (one that does not is not started; the cheaper ones after it still get
+their shares), or, at fixed epochs, whether its folds fit what is left. Once the time left
+runs out, or a member stops before its last fold, no member with training left starts. A
+started member trains fold by fold and stops between folds when the next would not fit (at the
+pace of its last fold, where that was slower). Each member is an experiment like any other
+(`auto-<what>`), trained, then predicted with its TTA; a finished one counts whatever comes
+after, and a second `make auto` skips it (its folds are current) and goes on with the next.
+A member that fails (no weights offline, out of memory) fails alone. Then `make ensemble` of
+every finished member with `ensemble.method=auto` (chosen out of fold, its CV nested), the
+submission and the report, in the 5% of the budget kept for them.
 
 The budget is this command's wall clock, checked before each fold: a fold once started runs to
 its end.
@@ -29,13 +30,14 @@ its end.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 from pipeline.base.config import Config, load_config, minutes
 from pipeline.base.log import log
 from pipeline.base.utils import WRITE_ERRNOS, PipelineError, format_table, make_command
-from pipeline.experiments.budgets import read_budget
+from pipeline.experiments.budgets import matching_record, recorded_budget, with_budget
 from pipeline.experiments.freshness import read_folds, read_test_set
 from pipeline.experiments.layout import Layout
 from pipeline.experiments.state import experiment_state, load_experiment
@@ -43,13 +45,14 @@ from pipeline.inference.experiment import predict_experiment
 from pipeline.stages.ensemble import ensemble_runs
 from pipeline.stages.folds import make_folds
 from pipeline.stages.report import build_report
-from pipeline.training.budget import BUDGET_SHARE, epoch_seconds, explicit_keys
+from pipeline.training.budget import BUDGET_SHARE, epoch_seconds, epochs_within, explicit_keys
 from pipeline.training.experiment import probe_spec, train_folds
 from pipeline.training.portfolio import Member, portfolio, read_portfolio, typical_side
 
 PREDICT_SHARE = 0.15  # a member's predictions (TTA views of the test set and its folds) on top
 RESERVE = 0.05  # of the budget, kept for the ensemble and the report after the members
-SHARE = 0.5  # of the time left, for each member but the last (which gets all of it)
+SHARE = 0.5  # of the time left, for each member but the last
+LAST_SHARE = 0.9  # for the last: a member stopped before its last fold is time lost
 FIXED_EPOCHS = {"train.epochs", "train.time_budget"}  # set by the user: auto leaves them
 
 
@@ -59,6 +62,9 @@ class Clock:
 
     budget: float
     started: float
+    # a fold's seconds against its share, the slowest yet: what a fold does besides its
+    # epochs (start-up, predictions, plots) the probe does not see; later shares allow for it
+    pace: float = 1.0
 
     @property
     def left(self) -> float:
@@ -94,35 +100,43 @@ def member_config(data: str, member: Member, overrides: list[str]) -> Config:
     return load_experiment(data, member.model, [*overrides, *member.args], name=member.name)
 
 
-def shared_config(config: Config, data: str, member: Member, overrides: list[str], *,
-                  clock: Clock, last: bool) -> Config:
-    """The member with its share of the budget as train.time_budget (minutes a fold): the
-    share it started with where it has one (recorded beside its folds, so they stay current),
-    else SHARE of the time left (all of it for the last member) over its folds. Unchanged
-    where the epochs are fixed (EPOCHS=, or the portfolio file's or ARGS=' train.epochs)."""
-    if explicit_keys(config.overrides) & FIXED_EPOCHS:
-        return config
-    recorded = read_budget(Layout.of(config).experiment(config.run_name))
-    if recorded is not None:
-        share = float(recorded["time_budget"])
-    else:
-        seconds = max(clock.left, 1.0) * (1.0 if last else SHARE)  # > 0: the probe says no
-        share = float(f"{seconds / config.folds.n_splits / (1 + PREDICT_SHARE) / 60:.3g}")
-    return member_config(data, member, [*overrides, f"train.time_budget={share:g}"])
+def fixed_epochs(config: Config) -> bool:
+    """EPOCHS=, or train.epochs or train.time_budget in ARGS= or the portfolio file."""
+    return bool(explicit_keys(config.overrides) & FIXED_EPOCHS)
 
 
-def fold_estimate(config: Config, layout: Layout) -> tuple[float, str | None]:
-    """(a fold's seconds, its predictions on top; why the member cannot start, or None).
-    Under a share: the share, unless one epoch is longer than it; at fixed epochs: an epoch
-    at the probe's pace times the epochs."""
-    epoch = probed_epoch(config, layout)
+def new_share(config: Config, clock: Clock, *, last: bool) -> float | None:
+    """A new member's train.time_budget (minutes a fold): SHARE of the time left (LAST_SHARE
+    for the last member with training left) over its folds and its predictions, at the pace
+    the folds before it kept, rounded down to three digits; None when no time is left."""
+    seconds = clock.left * (LAST_SHARE if last else SHARE)
+    if seconds < 1:
+        return None
+    share = seconds / config.folds.n_splits / (1 + PREDICT_SHARE) / clock.pace / 60
+    step = 10.0 ** (math.floor(math.log10(share)) - 2)
+    return float(f"{math.floor(share / step) * step:.3g}")
+
+
+def with_share(config: Config, data: str, member: Member, overrides: list[str], *,
+               share: float) -> Config:
+    return member_config(data, member, [*overrides, f"train.time_budget={share!r}"])
+
+
+def fold_estimate(config: Config, layout: Layout) -> tuple[float, float | None, str | None]:
+    """(a fold's seconds with its predictions on top, an epoch's seconds where a time budget
+    needs them, why the member cannot start or None). Under a share: the share, unless not
+    even one epoch fits it (the epoch as recorded for it, else from a probe); at fixed
+    epochs: an epoch at the probe's pace times the epochs."""
     budget = config.train.time_budget
     if budget is None:
-        return epoch * config.train.epochs * (1 + PREDICT_SHARE), None
-    if epoch > budget * 60 * BUDGET_SHARE:
-        return epoch, (f"one epoch takes about {how_long(epoch)}, its share of the budget "
-                       f"{how_long(budget * 60 * BUDGET_SHARE)} a fold")
-    return budget * 60 * (1 + PREDICT_SHARE), None
+        return probed_epoch(config, layout) * config.train.epochs * (1 + PREDICT_SHARE), None, None
+    record = matching_record(config, layout) or {}
+    epoch = float(record.get("seconds_per_epoch") or probed_epoch(config, layout))
+    if epochs_within(budget, epoch) < 1:
+        return epoch, epoch, (f"one epoch takes about {how_long(epoch)}, more than its share "
+                              f"of the budget ({how_long(budget * 60)} a fold, "
+                              f"{BUDGET_SHARE:.0%} of it for the epochs)")
+    return budget * 60 * (1 + PREDICT_SHARE), epoch, None
 
 
 def predicted(config: Config, layout: Layout) -> None:
@@ -131,7 +145,7 @@ def predicted(config: Config, layout: Layout) -> None:
 
 
 def run_member(config: Config, layout: Layout, todo: list[int], *, clock: Clock,
-               per_fold: float) -> str:
+               per_fold: float, epoch: float | None) -> str:
     """Train the member's folds one at a time while the budget lasts, then predict; what
     happened (a member stopped between folds resumes there on the next call). The next fold
     is judged at the pace of the last one where that was slower than the estimate."""
@@ -140,44 +154,84 @@ def run_member(config: Config, layout: Layout, todo: list[int], *, clock: Clock,
             return (f"stopped after {todo.index(k)} of {len(todo)} fold(s): the next needs "
                     f"about {how_long(per_fold)}, {how_long(clock.left)} left")
         started = time.perf_counter()
-        train_folds(config, layout, [k], force=False)
-        per_fold = max(per_fold, time.perf_counter() - started)
-    predicted(config, layout)
+        train_folds(config, layout, [k], force=False, epoch=epoch)
+        took = time.perf_counter() - started
+        per_fold = max(per_fold, took * (1 + PREDICT_SHARE))
+        if config.train.time_budget is not None:
+            clock.pace = max(clock.pace, took / (config.train.time_budget * 60))
+    predicted(with_budget(config, layout), layout)  # the epochs its first fold's probe chose
     return "trained" if todo else "done before"
 
 
-def start_member(data: str, member: Member, overrides: list[str], *, clock: Clock,
-                 last: bool, stopped: str | None) -> str:
-    """Train and predict one member, or say why it does not start: what happened."""
+def resolved_member(data: str, member: Member, overrides: list[str]) -> tuple[Config, bool]:
+    """(the member's experiment with the share it started with, recorded beside its folds;
+    whether it needs a new share: its epochs are not fixed and it never started under one)."""
     config = member_config(data, member, overrides)
-    config = shared_config(config, data, member, overrides, clock=clock, last=last)
+    if fixed_epochs(config):
+        return config, False
+    share = recorded_budget(Layout.of(config).experiment(config.run_name))
+    if share is None:
+        return config, True
+    return with_share(config, data, member, overrides, share=share), False
+
+
+def start_member(data: str, member: Member, overrides: list[str], *, clock: Clock,
+                 last: bool, after: str | None) -> tuple[str, bool]:
+    """Train and predict one member, or say why it does not start: (what happened, whether
+    members after it with training left must not start either). `after`: why an earlier
+    member did not finish, which holds this one back too when it has training left."""
+    config, fresh = resolved_member(data, member, overrides)
+    if fresh:
+        if after is not None:
+            return f"not started: {after}", True
+        share = new_share(config, clock, last=last)
+        if share is None:
+            return "not started: no time left", True
+        config = with_share(config, data, member, overrides, share=share)
     layout = Layout.of(config)
     todo = folds_to_train(config, layout)
-    if todo and stopped is not None:
-        return f"not started: {stopped}"
-    per_fold, cannot = fold_estimate(config, layout) if todo else (0.0, None)
-    if cannot is None and per_fold * len(todo) > clock.left:
-        cannot = f"needs about {how_long(per_fold * len(todo))}, {how_long(clock.left)} left"
-    if cannot is not None:
-        return f"not started: {cannot}"
+    if todo and after is not None:
+        return f"not started: {after}", True
+    per_fold, epoch, cannot = fold_estimate(config, layout) if todo else (0.0, None, None)
+    if cannot is not None:  # a later, cheaper member may fit what is left
+        return f"not started: {cannot}", False
+    if not fresh and per_fold * len(todo) > clock.left:  # a new share fits by its making
+        return (f"not started: needs about {how_long(per_fold * len(todo))}, "
+                f"{how_long(clock.left)} left"), True
     budget = config.train.time_budget
     log.info(f"== auto: {member.name} ({member.why}); about {how_long(per_fold * len(todo))}"
              f"{f' ({budget:g} min a fold)' if budget else ''}, {how_long(clock.left)} left")
-    return run_member(config, layout, todo, clock=clock, per_fold=per_fold)
+    what = run_member(config, layout, todo, clock=clock, per_fold=per_fold, epoch=epoch)
+    return what, what.startswith("stopped")
+
+
+def with_training_left(data: str, members: list[Member], overrides: list[str]) -> list[str]:
+    """The members that have folds to train (all of a member never started under a share)."""
+    names = []
+    for member in members:
+        try:
+            config, fresh = resolved_member(data, member, overrides)
+            if fresh or folds_to_train(config, Layout.of(config)):
+                names.append(member.name)
+        except PipelineError:  # it fails alone in its turn, saying why
+            names.append(member.name)
+    return names
 
 
 def train_members(data: str, members: list[Member], overrides: list[str],
                   clock: Clock) -> list[list[str]]:
     """Each member in order while the budget lasts: (member, what happened, minutes, why). A
     member with nothing left to train always counts; one that fails (no weights offline, out
-    of memory, a setting it refuses) fails alone; after one that did not start or stopped,
-    none with training left starts."""
-    rows, stopped = [], None
-    for i, member in enumerate(members):
+    of memory, a setting it refuses) fails alone; after one that stopped or did not fit what
+    was left, none with training left starts (one whose single epoch exceeds its share does
+    not hold the cheaper ones after it back)."""
+    rows, after = [], None
+    left = with_training_left(data, members, overrides)
+    for member in members:
         started = time.perf_counter()
         try:
-            what = start_member(data, member, overrides, clock=clock,
-                                last=i == len(members) - 1, stopped=stopped)
+            what, blocks = start_member(data, member, overrides, clock=clock, after=after,
+                                        last=member.name == (left or [None])[-1])
         except KeyboardInterrupt:
             raise
         except Exception as err:  # noqa: BLE001 - one member's failure is its own
@@ -185,8 +239,9 @@ def train_members(data: str, members: list[Member], overrides: list[str],
                 raise  # a full disk fails every member: main says what to free
             log.error(f"auto: {member.name} failed: {err}")
             what = f"failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-        if what.startswith(("stopped", "not started")):
-            stopped = stopped or what.removeprefix("not started: ")
+            blocks = False
+        if blocks and after is None:
+            after = f"after {member.name}: {what.removeprefix('not started: ')}"
         if what.startswith("not started"):
             rows.append([member.name, "not started", "-", what.removeprefix("not started: ")])
             continue

@@ -10,9 +10,18 @@ import pytest
 import yaml
 
 from pipeline.__main__ import main as cli
-from pipeline.auto import SHARE, Clock, member_config, shared_config
+from pipeline.auto import (
+    LAST_SHARE,
+    PREDICT_SHARE,
+    SHARE,
+    Clock,
+    new_share,
+    resolved_member,
+    start_member,
+    with_share,
+)
 from pipeline.base.config import load_config
-from pipeline.experiments.budgets import write_budget
+from pipeline.experiments.budgets import budget_key, write_budget
 from pipeline.experiments.layout import Layout
 from pipeline.training.portfolio import Member, portfolio, typical_side
 from tests.conftest import dry_make, make_competition, write_image
@@ -24,8 +33,9 @@ def test_the_portfolio_follows_the_images(tmp_path):
     small = load_config(str(make_competition(tmp_path / "small", labels)), None, [])
     assert typical_side(small.data) == 16
     members = portfolio(small, typical_side(small.data))
-    assert [m.name for m in members] == ["auto-resnet18", "auto-resnet20",
-                                         "auto-resnet18-seed1", "auto-resnet56"]
+    another = f"auto-resnet18-seed{small.train.seed + 1}"  # one past the competition's seed
+    assert [m.name for m in members] == ["auto-resnet18", "auto-resnet20", another,
+                                         "auto-resnet56"]
     assert "model.stem=auto" in members[0].args
     assert all("augment.image_size=16" in m.args and "tta.views=flips" in m.args
                for m in members)
@@ -59,35 +69,90 @@ def test_a_budget_that_fits_no_member_says_so_and_trains_nothing(tmp_path, capsy
 
 
 def test_each_member_gets_its_share_of_the_time_left_and_keeps_it(tmp_path):
-    """Half of what is left for each member but the last, over its folds and its predictions,
-    as its train.time_budget; a member started before keeps its recorded share (its folds stay
-    current on a second call with another budget); fixed epochs are left alone."""
+    """Half of what is left for each member but the last (all of it), over its folds and its
+    predictions, rounded down, as its train.time_budget; a member started before keeps its
+    recorded share, which still matches its record (its epochs apply); fixed epochs are left
+    alone."""
     data, overrides = learnable_competition(tmp_path)
     overrides = [o for o in overrides if not o.startswith("train.epochs=")]
     member = Member("auto-a", "resnet20", [])
+    config, fresh = resolved_member(data, member, overrides)
+    assert fresh and config.train.time_budget is None
     clock = Clock(budget=690.0, started=time.perf_counter())
-    config = member_config(data, member, overrides)
-    shared = shared_config(config, data, member, overrides, clock=clock, last=False)
-    folds = shared.folds.n_splits
-    assert shared.train.time_budget == pytest.approx(690 * SHARE / folds / 1.15 / 60, abs=0.02)
-    assert shared.run_name == "auto-a"
-    last = shared_config(config, data, member, overrides, clock=clock, last=True)
-    assert last.train.time_budget == pytest.approx(690 / folds / 1.15 / 60, abs=0.02)
-    write_budget(Layout.of(config).experiment("auto-a"), {"time_budget": 0.7, "epochs": 3})
-    assert shared_config(config, data, member, overrides, clock=clock,
-                         last=False).train.time_budget == 0.7
-    fixed = member_config(data, Member("auto-b", "resnet20", ["train.epochs=2"]), overrides)
-    assert shared_config(fixed, data, member, overrides, clock=clock, last=False) is fixed
+    exact = 690 * SHARE / config.folds.n_splits / (1 + PREDICT_SHARE) / 60
+    half = new_share(config, clock, last=False)
+    assert exact * 0.99 < half <= exact
+    last = 2 * LAST_SHARE * exact
+    assert last * 0.99 < new_share(config, clock, last=True) <= last
+    assert new_share(config, Clock(budget=0.5, started=time.perf_counter()), last=True) is None
+    shared = with_share(config, data, member, overrides, share=half)
+    assert shared.run_name == "auto-a" and shared.train.time_budget == half
+    write_budget(Layout.of(config).experiment("auto-a"),
+                 {"time_budget": half, "epochs": 7, "seconds_per_epoch": 0.5,
+                  "settings": budget_key(shared)})
+    again, fresh = resolved_member(data, member, overrides)
+    assert not fresh and again.train.time_budget == half and again.train.epochs == 7
+    fixed, fresh = resolved_member(data, Member("auto-b", "resnet20", ["train.epochs=2"]),
+                                   overrides)
+    assert not fresh and fixed.train.time_budget is None and fixed.train.epochs == 2
 
 
-def test_a_share_shorter_than_one_epoch_does_not_start(tmp_path, capsys):
+def test_a_member_whose_one_epoch_exceeds_its_share_does_not_start_nor_hold_back(tmp_path):
+    """resnet56 at 64 px: an epoch of 40 images takes about a second here, its share of two
+    seconds over three folds about half of one; a cheaper member after it may still start."""
+    data, overrides = learnable_competition(tmp_path)
+    overrides = [o for o in overrides if not o.startswith(("train.epochs=", "model.name="))]
+    member = Member("auto-deep", "resnet56", ["augment.image_size=64"])
+    what, holds_back = start_member(data, member, overrides, last=True, after=None,
+                                    clock=Clock(budget=2.0, started=time.perf_counter()))
+    assert what.startswith("not started: one epoch takes about") and "a fold" in what
+    assert holds_back is False
+    assert not list((tmp_path / "runs" / "comp").glob("auto-deep/fold*/best.pt"))
+
+
+def test_no_time_left_starts_nothing_and_says_so(tmp_path, capsys):
     data, overrides = learnable_competition(tmp_path)
     overrides = [o for o in overrides if not o.startswith("train.epochs=")]
     capsys.readouterr()
     assert cli(["auto", "--data", data, "--budget", "0.01", *overrides]) == 1
     out = capsys.readouterr().out
-    assert "auto-resnet18" in out and "one epoch takes about" in out and "a fold" in out
+    assert "auto-resnet18" in out and "no time left" in out
+    assert "after auto-resnet18: no time left" in out
     assert not list((tmp_path / "runs" / "comp").glob("auto-*/fold0/best.pt"))
+
+
+@pytest.mark.slow
+def test_members_under_shares_finish_and_a_second_call_keeps_their_shares(tmp_path, capsys):
+    """Two resnet20 members with no epochs given: each trains under its share (epochs from
+    the probe, recorded), both finish within the budget; a second call with another budget
+    finds both current (their shares kept) and ensembles them again."""
+    data, overrides = learnable_competition(tmp_path)
+    overrides = [o for o in overrides if not o.startswith(("model.name=", "train.epochs="))]
+    overrides += [f"submissions_dir={tmp_path / 'subs'}", f"reports_dir={tmp_path / 'reports'}"]
+    plan = tmp_path / "portfolio.yaml"
+    plan.write_text(yaml.safe_dump([{"name": "auto-a", "model": "resnet20"},
+                                    {"name": "auto-b", "model": "resnet20",
+                                     "args": ["train.seed=1"]}]))
+    args = ["auto", "--data", data, "--portfolio", str(plan), *overrides]
+    capsys.readouterr()
+    started = time.perf_counter()
+    assert cli([*args[:3], "--budget", "2.5", *args[3:]]) == 0
+    assert time.perf_counter() - started < 2.5 * 60 * 1.2
+    out = capsys.readouterr().out
+    layout = Layout.of(load_config(data, None, overrides))
+    shares = {}
+    for name in ("auto-a", "auto-b"):
+        exp = layout.experiment(name)
+        record = yaml.safe_load(exp.budget.read_text())
+        shares[name] = record["time_budget"]
+        assert record["epochs"] >= 2, out
+        assert all(exp.fold(k).train_manifest.is_file() for k in range(3)), out
+    assert shares["auto-a"] <= 2.5 * 60 * 0.95 * SHARE / 3 / (1 + PREDICT_SHARE) / 60
+    assert cli([*args[:3], "--budget", "0.3", *args[3:]]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done before") == 2, out
+    for name, share in shares.items():
+        assert yaml.safe_load(layout.experiment(name).budget.read_text())["time_budget"] == share
 
 
 def test_make_auto_passes_the_budget_and_the_portfolio():

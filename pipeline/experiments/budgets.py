@@ -29,6 +29,15 @@ def read_budget(exp: Experiment) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and "epochs" in record else None
 
 
+def recorded_budget(exp: Experiment) -> float | None:
+    """The time budget (minutes a fold) the experiment's epochs were measured for, or None."""
+    record = read_budget(exp)
+    try:
+        return None if record is None else float(record["time_budget"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def write_budget(exp: Experiment, record: dict[str, Any]) -> None:
     write_text_atomic(exp.budget, json.dumps(record, indent=1, sort_keys=True))
 

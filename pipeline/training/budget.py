@@ -58,11 +58,11 @@ def budgeted(config: Config, layout: Layout, *,
     if recorded is not None:
         return with_epochs(config, int(recorded["epochs"])), None
     seconds = distributed.broadcast_from_main(probe(config))
-    epochs = max(1, min(MAX_BUDGET_EPOCHS, math.floor(budget * 60 * BUDGET_SHARE / seconds)))
+    epochs = max(1, min(MAX_BUDGET_EPOCHS, epochs_within(budget, seconds)))
     exp = layout.experiment(config.run_name)
     log.info(f"train.time_budget {budget:g} min a fold: an epoch takes about {seconds:.1f} s "
              f"here, so {epochs} epoch(s) (recorded in {exp.budget})")
-    if epochs == 1 and budget * 60 * BUDGET_SHARE < seconds:
+    if epochs_within(budget, seconds) < 1:
         log.info(f"note: one epoch takes longer than the budget; "
                  f"{make_command('train', config.data.name, MODEL=config.run_name)} with a "
                  f"larger BUDGET= (or a smaller augment.image_size) fits more")
@@ -70,6 +70,12 @@ def budgeted(config: Config, layout: Layout, *,
               "settings": budget_key(config), "device": device_name(),
               "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return with_epochs(config, epochs), record
+
+
+def epochs_within(budget: float, seconds: float) -> int:
+    """The whole epochs of `seconds` each that fit a fold's budget of `budget` minutes, the
+    rest of the fold kept aside (0: not even one)."""
+    return math.floor(budget * 60 * BUDGET_SHARE / seconds)
 
 
 def explicit_keys(overrides: list[str]) -> set[str]:

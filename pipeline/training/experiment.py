@@ -124,12 +124,12 @@ def start_experiment(config: Config, exp: Experiment) -> None:
 
 
 def prepare_training(config: Config, layout: Layout, folds_to_train: list[int] | None,
-                     force: bool) -> Plan:
+                     force: bool, *, epoch: float | None = None) -> Plan:
     """Everything checked and the experiment's settings saved before any fold starts or
-    FORCE=1 deletes anything."""
+    FORCE=1 deletes anything. `epoch`: an epoch's seconds, where the caller probed already."""
     folds, selected = select_folds(config.data, config.folds, layout, folds_to_train)
-    config, measured = budgeted(config, layout,
-                                probe=lambda c: epoch_seconds(c, probe_spec(c, layout, folds)))
+    config, measured = budgeted(config, layout, probe=lambda c: epoch if epoch is not None else
+                                epoch_seconds(c, probe_spec(c, layout, folds)))
     inputs, details = training_inputs(config, folds, layout)
     exp = layout.experiment(config.run_name)
     check_one_setting(config.data.name, exp, folds, selected, inputs=inputs, details=details)
@@ -190,12 +190,13 @@ def train_fold(config: Config, layout: Layout, plan: Plan, fold: int, *, force: 
 
 
 def train_folds(config: Config, layout: Layout, folds_to_train: list[int] | None,
-                force: bool) -> pd.DataFrame | None:
+                force: bool, *, epoch: float | None = None) -> pd.DataFrame | None:
     """Train the folds one after another (each over every rank when started by torchrun), one
-    process at a time on the experiment."""
+    process at a time on the experiment. `epoch`: train.time_budget's probe, where the caller
+    measured it (`make auto`)."""
     exp = layout.experiment(config.run_name)
     with stage_lock(exp.lock, exp.dir, "trained"):
-        plan = prepare_training(config, layout, folds_to_train, force)
+        plan = prepare_training(config, layout, folds_to_train, force, epoch=epoch)
         for fold in plan.todo:
             train_fold(plan.config, layout, plan, fold, force=force)
         return on_main(lambda: write_summary(plan.config, layout, plan.folds))
