@@ -36,16 +36,18 @@ from dataclasses import dataclass
 
 from pipeline.base.config import Config, load_config, minutes
 from pipeline.base.log import log
+from pipeline.base.metrics import is_better
+from pipeline.base.task import Scorer
 from pipeline.base.utils import WRITE_ERRNOS, PipelineError, format_table, make_command
 from pipeline.experiments.budgets import matching_record, recorded_budget, with_budget
-from pipeline.experiments.freshness import read_folds, read_test_set
+from pipeline.experiments.freshness import read_folds, read_test_set, recorded_tta
 from pipeline.experiments.layout import Layout
-from pipeline.experiments.state import experiment_state, load_experiment
-from pipeline.inference.experiment import predict_experiment
+from pipeline.experiments.state import ExperimentState, experiment_state, load_experiment
+from pipeline.inference.experiment import predict_experiment, tta_gain
 from pipeline.stages.ensemble import ensemble_runs
 from pipeline.stages.folds import make_folds
 from pipeline.stages.report import build_report
-from pipeline.training.budget import BUDGET_SHARE, epoch_seconds, epochs_within, explicit_keys
+from pipeline.training.budget import epoch_seconds, epochs_within, explicit_keys
 from pipeline.training.experiment import probe_spec, train_folds
 from pipeline.training.portfolio import Member, portfolio, read_portfolio, typical_side
 
@@ -54,6 +56,10 @@ RESERVE = 0.05  # of the budget, kept for the ensemble and the report after the 
 SHARE = 0.5  # of the time left, for each member but the last
 LAST_SHARE = 0.9  # for the last: a member stopped before its last fold is time lost
 FIXED_EPOCHS = {"train.epochs", "train.time_budget"}  # set by the user: auto leaves them
+# under a share, a member that fits fewer epochs is not started: the suite's members trained
+# 1-2 epochs were near chance, and added nothing to the ensemble but noise
+MIN_EPOCHS = 5
+TRIED_VIEWS = "flips"  # the TTA tried on each member where neither competition nor user set one
 
 
 @dataclass
@@ -76,16 +82,24 @@ def how_long(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def folds_to_train(config: Config, layout: Layout) -> list[int]:
-    """The member's folds not trained under its settings of now (all, for a new one)."""
+def member_state(config: Config, layout: Layout) -> ExperimentState | None:
+    """Which of the member's folds are trained and predicted under its settings of now."""
     folds = read_folds(config.data, config.folds, layout)
     _, test_fingerprint = read_test_set(config.data)
-    state = experiment_state(config.data, layout, config.run_name, folds,
-                             test_fingerprint=test_fingerprint, experiment=config,
-                             with_refit=False)
-    every = sorted(int(k) for k in folds["fold"].unique())
+    return experiment_state(config.data, layout, config.run_name, folds,
+                            test_fingerprint=test_fingerprint, experiment=config,
+                            with_refit=False)
+
+
+def every_fold(config: Config, layout: Layout) -> list[int]:
+    return sorted(int(k) for k in read_folds(config.data, config.folds, layout)["fold"].unique())
+
+
+def folds_to_train(config: Config, layout: Layout) -> list[int]:
+    """The member's folds not trained under its settings of now (all, for a new one)."""
+    state = member_state(config, layout)
     if state is None:
-        return every
+        return every_fold(config, layout)
     return [f.fold for f in state.folds if not f.train.current]
 
 
@@ -124,24 +138,68 @@ def with_share(config: Config, data: str, member: Member, overrides: list[str], 
 
 def fold_estimate(config: Config, layout: Layout) -> tuple[float, float | None, str | None]:
     """(a fold's seconds with its predictions on top, an epoch's seconds where a time budget
-    needs them, why the member cannot start or None). Under a share: the share, unless not
-    even one epoch fits it (the epoch as recorded for it, else from a probe); at fixed
-    epochs: an epoch at the probe's pace times the epochs."""
+    needs them, why the member cannot start or None). Under a share: the share, unless fewer
+    than MIN_EPOCHS fit it (the epoch as recorded for it, else from a probe); at fixed epochs:
+    an epoch at the probe's pace times the epochs."""
     budget = config.train.time_budget
     if budget is None:
         return probed_epoch(config, layout) * config.train.epochs * (1 + PREDICT_SHARE), None, None
     record = matching_record(config, layout) or {}
     epoch = float(record.get("seconds_per_epoch") or probed_epoch(config, layout))
-    if epochs_within(budget, epoch) < 1:
-        return epoch, epoch, (f"one epoch takes about {how_long(epoch)}, more than its share "
-                              f"of the budget ({how_long(budget * 60)} a fold, "
-                              f"{BUDGET_SHARE:.0%} of it for the epochs)")
+    if epochs_within(budget, epoch) < MIN_EPOCHS:
+        return epoch, epoch, (f"an epoch takes about {how_long(epoch)}: its share of the "
+                              f"budget ({how_long(budget * 60)} a fold) fits "
+                              f"{epochs_within(budget, epoch)} epoch(s), under {MIN_EPOCHS}")
     return budget * 60 * (1 + PREDICT_SHARE), epoch, None
 
 
 def predicted(config: Config, layout: Layout) -> None:
     predict_experiment(config, layout, read_folds(config.data, config.folds, layout), None,
                        force=False, test=read_test_set(config.data))
+
+
+def with_views(config: Config, views: str) -> Config:
+    return config.model_copy(update={"tta": config.tta.model_copy(update={"views": views})})
+
+
+def sets_tta(config: Config) -> bool:
+    """The competition's YAML or the command (ARGS=, TTA=) chose the TTA: auto keeps it."""
+    return "tta" in config.data.defaults or any(
+        key.startswith("tta.") for key in explicit_keys(config.overrides))
+
+
+def current_views(config: Config, layout: Layout) -> str | None:
+    """The TTA views every fold of the member is predicted with now (what an earlier call
+    chose), or None: not every fold is predicted under its settings of now."""
+    state = member_state(config, layout)
+    if state is None or not state.folds or len(state.predicted_folds) < len(state.folds):
+        return None
+    exp = layout.experiment(config.run_name)
+    made = {getattr(recorded_tta(exp.fold(f.fold)), "views", None) for f in state.folds}
+    return made.pop() if len(made) == 1 else None
+
+
+def predicted_with_choice(config: Config, layout: Layout) -> None:
+    """Predict the member. Where the TTA is auto's to choose: with TRIED_VIEWS, kept only when
+    its out-of-fold score beats the same folds without TTA (a mirrored digit is another
+    digit), else predicted again without; an earlier call's choice stands."""
+    if sets_tta(config):
+        return predicted(config, layout)
+    if current_views(config, layout) is not None:
+        return None
+    predicted(with_views(config, TRIED_VIEWS), layout)
+    scorer = Scorer.of(config.data)
+    plain, tried = tta_gain(layout.experiment(config.run_name), every_fold(config, layout),
+                            scorer) or (None, None)  # None: not every fold predicted
+    if tried is None:
+        return None
+    if is_better(scorer.metric, tried, plain):
+        log.info(f"auto: {config.run_name}: {TRIED_VIEWS} TTA kept, out-of-fold "
+                 f"{scorer.metric} {tried:.4f} against {plain:.4f} without")
+        return None
+    log.info(f"auto: {config.run_name}: {TRIED_VIEWS} TTA scores {tried:.4f} out of fold "
+             f"against {plain:.4f} without: predicted again without TTA")
+    return predicted(with_views(config, "none"), layout)
 
 
 def run_member(config: Config, layout: Layout, todo: list[int], *, clock: Clock,
@@ -159,7 +217,7 @@ def run_member(config: Config, layout: Layout, todo: list[int], *, clock: Clock,
         per_fold = max(per_fold, took * (1 + PREDICT_SHARE))
         if config.train.time_budget is not None:
             clock.pace = max(clock.pace, took / (config.train.time_budget * 60))
-    predicted(with_budget(config, layout), layout)  # the epochs its first fold's probe chose
+    predicted_with_choice(with_budget(config, layout), layout)  # the epochs its probe chose
     return "trained" if todo else "done before"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import cv2
@@ -91,10 +92,35 @@ def digits_root(tmp_path_factory) -> Path:
     return export_digits(tmp_path_factory.mktemp("demo") / "digits")
 
 
+# The folders the pipeline writes under by default; a test gives its own in tmp_path, or one
+# test's leftovers (a competition's duplicate findings, a submission) are read by another.
+OUTPUTS = ("audit", "bundles", "cache", "folds", "mlruns", "pseudo", "reports", "runs",
+           "submissions", "weights")
+
+
+def repo_outputs() -> dict[str, int]:
+    """Every entry of the default output folders, two levels down, by its change time: a file
+    written (or renamed into place) in a folder changes the folder's."""
+    found = {}
+    for name in OUTPUTS:
+        root = REPO / name
+        for entry in [root, *root.glob("*")] if root.is_dir() else []:
+            found[str(entry.relative_to(REPO))] = entry.stat().st_mtime_ns
+    return found
+
+
 @pytest.fixture(autouse=True)
 def _run_in_repo(monkeypatch):
-    """Configs are found relative to the repo root, as with `make`."""
+    """Configs are found relative to the repo root, as with `make`; and nothing is written
+    into the repository's own output folders."""
     monkeypatch.chdir(REPO)
+    before = repo_outputs()
+    yield
+    after = repo_outputs()
+    written = sorted(k for k in after if before.get(k) != after[k])
+    if written:  # a warning until every test is clean (pytest lists them at the end), then fail
+        warnings.warn(f"the test wrote into the repository: {written[:6]}; give it tmp_path "
+                      f"folders (runs_dir=, audit_dir=, submissions_dir=, ...)", stacklevel=1)
 
 
 def experiment_dir(config: Config) -> Path:

@@ -3,8 +3,11 @@ members train (the run itself is under the `slow` marker: it trains several expe
 
 from __future__ import annotations
 
+import logging
 import time
 
+import cv2
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -12,10 +15,15 @@ import yaml
 from pipeline.__main__ import main as cli
 from pipeline.auto import (
     LAST_SHARE,
+    MIN_EPOCHS,
     PREDICT_SHARE,
     SHARE,
     Clock,
+    current_views,
+    member_config,
+    member_state,
     new_share,
+    predicted_with_choice,
     resolved_member,
     start_member,
     with_share,
@@ -23,6 +31,7 @@ from pipeline.auto import (
 from pipeline.base.config import load_config
 from pipeline.experiments.budgets import budget_key, write_budget
 from pipeline.experiments.layout import Layout
+from pipeline.training.experiment import train_folds
 from pipeline.training.portfolio import Member, portfolio, typical_side
 from tests.conftest import dry_make, make_competition, write_image
 from tests.test_tune import learnable_competition
@@ -34,11 +43,11 @@ def test_the_portfolio_follows_the_images(tmp_path):
     assert typical_side(small.data) == 16
     members = portfolio(small, typical_side(small.data))
     another = f"auto-resnet18-seed{small.train.seed + 1}"  # one past the competition's seed
-    assert [m.name for m in members] == ["auto-resnet18", "auto-resnet20", another,
+    assert [m.name for m in members] == ["auto-resnet20", "auto-resnet18", another,
                                          "auto-resnet56"]
-    assert "model.stem=auto" in members[0].args
-    assert all("augment.image_size=16" in m.args and "tta.views=flips" in m.args
-               for m in members)
+    assert "model.stem=auto" in members[1].args
+    assert all("augment.image_size=16" in m.args for m in members)
+    assert not any(a.startswith("tta.") for m in members for a in m.args)  # auto tries them
     assert not any("model.pretrained=true" in m.args for m in members)
     ordinal = load_config(str(make_competition(tmp_path / "ordinal", labels, ordinal=True,
                                                metric="qwk")), None, [])
@@ -97,15 +106,17 @@ def test_each_member_gets_its_share_of_the_time_left_and_keeps_it(tmp_path):
     assert not fresh and fixed.train.time_budget is None and fixed.train.epochs == 2
 
 
-def test_a_member_whose_one_epoch_exceeds_its_share_does_not_start_nor_hold_back(tmp_path):
+def test_a_member_whose_share_fits_too_few_epochs_does_not_start_nor_hold_back(tmp_path):
     """resnet56 at 64 px: an epoch of 40 images takes about a second here, its share of two
-    seconds over three folds about half of one; a cheaper member after it may still start."""
+    seconds over three folds about half of one, under MIN_EPOCHS; a cheaper member after it may
+    still start."""
     data, overrides = learnable_competition(tmp_path)
     overrides = [o for o in overrides if not o.startswith(("train.epochs=", "model.name="))]
     member = Member("auto-deep", "resnet56", ["augment.image_size=64"])
     what, holds_back = start_member(data, member, overrides, last=True, after=None,
                                     clock=Clock(budget=2.0, started=time.perf_counter()))
-    assert what.startswith("not started: one epoch takes about") and "a fold" in what
+    assert what.startswith("not started: an epoch takes about") and "a fold) fits 0" in what
+    assert f"under {MIN_EPOCHS}" in what
     assert holds_back is False
     assert not list((tmp_path / "runs" / "comp").glob("auto-deep/fold*/best.pt"))
 
@@ -116,8 +127,8 @@ def test_no_time_left_starts_nothing_and_says_so(tmp_path, capsys):
     capsys.readouterr()
     assert cli(["auto", "--data", data, "--budget", "0.01", *overrides]) == 1
     out = capsys.readouterr().out
-    assert "auto-resnet18" in out and "no time left" in out
-    assert "after auto-resnet18: no time left" in out
+    assert "auto-resnet20         not started  -        no time left" in out
+    assert "after auto-resnet20: no time left" in out
     assert not list((tmp_path / "runs" / "comp").glob("auto-*/fold0/best.pt"))
 
 
@@ -153,6 +164,52 @@ def test_members_under_shares_finish_and_a_second_call_keeps_their_shares(tmp_pa
     assert out.count("done before") == 2, out
     for name, share in shares.items():
         assert yaml.safe_load(layout.experiment(name).budget.read_text())["time_budget"] == share
+
+
+def mirrored_competition(tmp_path) -> tuple[str, list[str]]:
+    """Two classes told apart by which half of the image is bright: a mirrored image is the
+    other class, so flips as TTA average each prediction with its opposite."""
+    root = tmp_path / "comp"
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(40):
+        label = ("left", "right")[i % 2]
+        image = np.clip(rng.normal(60, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+        image[:, slice(0, 8) if label == "left" else slice(8, 16)] += 120
+        (root / "train").mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(root / "train" / f"{i:03d}.png"), image)
+        rows.append({"id": f"{i:03d}", "label": label})
+    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
+    for i in range(2):
+        write_image(root / "test" / f"t{i}", seed=i)
+    pd.DataFrame({"id": ["t0", "t1"]}).to_csv(root / "test.csv", index=False)
+    pd.DataFrame({"id": ["t0", "t1"], "left": 0.5, "right": 0.5}).to_csv(
+        root / "sample_submission.csv", index=False)
+    (root / "comp.yaml").write_text(yaml.safe_dump({
+        "name": "comp", "root": str(root), "classes": ["left", "right"], "metric": "log_loss"}))
+    overrides = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
+                 f"audit_dir={tmp_path / 'audit'}", "augment.image_size=16", "train.workers=0",
+                 "train.batch_size=8", "train.epochs=4", "folds.n_splits=2"]
+    assert cli(["folds", "--data", str(root / "comp.yaml"), *overrides]) == 0
+    return str(root / "comp.yaml"), overrides
+
+
+def test_flips_that_score_worse_out_of_fold_are_not_kept_and_the_choice_stands(tmp_path,
+                                                                               caplog):
+    data, overrides = mirrored_competition(tmp_path)
+    config = member_config(data, Member("auto-a", "resnet20", []), overrides)
+    layout = Layout.of(config)
+    train_folds(config, layout, None, force=False)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        predicted_with_choice(config, layout)
+    said = caplog.text
+    assert "flips TTA scores" in said and "predicted again without TTA" in said, said
+    assert current_views(config, layout) == "none"
+    assert len(member_state(config, layout).predicted_folds) == 2  # what the ensemble reads
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        predicted_with_choice(config, layout)  # a second call: the choice stands, no predictions
+    assert "flips" not in caplog.text
 
 
 def test_make_auto_passes_the_budget_and_the_portfolio():

@@ -25,7 +25,7 @@ def competition(tmp_path):
     data = str(make_competition(tmp_path / "comp", labels))
     overrides = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
                  f"submissions_dir={tmp_path / 'subs'}", f"reports_dir={tmp_path / 'reports'}",
-                 "folds.n_splits=2", *SMALL]
+                 f"audit_dir={tmp_path / 'audit'}", "folds.n_splits=2", *SMALL]
     assert cli(["folds", "--data", data, *overrides]) == 0
     return data, overrides
 
@@ -41,7 +41,7 @@ def test_a_budget_becomes_recorded_epochs_that_every_later_command_sees(tmp_path
     record = json.loads(exp.budget.read_text())
     epochs = record["epochs"]
     assert record["time_budget"] == 0.03 and record["device"] == "cpu"
-    # (seconds_per_epoch is rounded to 0.01 s in the record)
+    # (seconds_per_epoch is rounded to 0.0001 s in the record)
     fitting = 0.03 * 60 * BUDGET_SHARE / record["seconds_per_epoch"]
     assert epochs in {max(1, math.floor(fitting * (1 + d))) for d in (-0.05, 0, 0.05)}
     assert "train.time_budget 0.03 min a fold: an epoch takes about" in out
@@ -71,6 +71,21 @@ def test_a_budget_becomes_recorded_epochs_that_every_later_command_sees(tmp_path
     assert cli(["runs", "--data", data, *overrides]) == 0
     runs = capsys.readouterr().out
     assert "complete" in runs and "stale" not in runs and "0.03 min/fold" in runs
+
+
+def test_seeds_under_one_budget_take_one_measurement_and_the_same_epochs(tmp_path, capsys):
+    """SEEDS=0,1 with BUDGET=: the second seed takes the first one's measurement (a probe's
+    timing varies; the seeds' epochs must not, or they are not averaged as one member)."""
+    data, overrides = competition(tmp_path)
+    assert cli(["train", "--data", data, "--model", "resnet20", "--seeds", "0,1", *overrides,
+                "train.time_budget=0.02"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("an epoch takes about") == 2 and out.count("as measured for") == 1
+    records = [json.loads(p.read_text())
+               for p in sorted((tmp_path / "runs" / "tiny").glob("*/budget.json"))]
+    assert len(records) == 2 and records[0]["epochs"] == records[1]["epochs"]
+    assert records[0]["pace"] == records[1]["pace"]
+    assert records[0]["settings"] != records[1]["settings"]  # each seed's own record
 
 
 def test_epochs_and_a_budget_together_are_refused(tmp_path, capsys):

@@ -30,7 +30,8 @@ class Competition:
         self.name = name
         self.data = str(make_competition(self.root, labels or LABELS, name=name, **extra))
         self.paths = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
-                      f"submissions_dir={tmp_path / 'subs'}"]
+                      f"submissions_dir={tmp_path / 'subs'}", f"audit_dir={tmp_path / 'audit'}",
+                      f"reports_dir={tmp_path / 'reports'}"]
 
     def __call__(self, verb: str, *args: str, model: str | None = "resnet20",
                  fast: bool = True) -> int:

@@ -1,10 +1,12 @@
 """The benchmark suite's wiring (bench/suite.py --quick): every member is made with its
 held-out part, every recipe runs through train, predict and ensemble, and the table has a
-held-out row for each."""
+held-out row for each (two members in the fast suite; all six, and the audit benchmark, under
+the `slow` marker: they take two minutes together)."""
 
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from bench.audit_effects import main as audit_effects_main
 from bench.suite import main as suite_main
@@ -29,18 +31,33 @@ def test_the_members_have_held_out_parts_and_their_kinds(tmp_path):
     assert len(flipped) == round(0.08 * 60) and (flipped["given"] != flipped["true"]).all()
 
 
-def test_the_quick_suite_writes_a_held_out_row_for_every_member_and_recipe(tmp_path, capsys):
-    suite_main(["--quick", "--no-record", "--recipes", "default,both", "--work", str(tmp_path)])
+def quick_suite_rows(tmp_path, capsys, *members: str) -> list[list[str]]:
+    chosen = ["--members", ",".join(members)] if members else []
+    suite_main(["--quick", "--no-record", "--recipes", "default,both", *chosen,
+                "--work", str(tmp_path)])
     out = capsys.readouterr().out
-    table = out[out.index("Benchmark suite"):]
-    rows = [line.split() for line in table.splitlines()]
+    return [line.split() for line in out[out.index("Benchmark suite"):].splitlines()]
+
+
+def test_the_quick_suite_runs_the_heads_on_ordinal_members_only(tmp_path, capsys):
+    rows = quick_suite_rows(tmp_path, capsys, "digits", "ordinal-look")
+    assert any(r[:2] == ["digits", "default"] for r in rows)
+    assert any(r[:2] == ["ordinal-look", "default"] for r in rows)
+    assert any(r[:2] == ["ordinal-look", "both"] for r in rows)  # the heads: ordinal members only
+    assert not any(r[:2] == ["digits", "both"] for r in rows)
+
+
+@pytest.mark.slow
+def test_the_quick_suite_writes_a_held_out_row_for_every_member_and_recipe(tmp_path, capsys):
+    rows = quick_suite_rows(tmp_path, capsys)
     for member in MEMBERS:
         assert any(r[:2] == [member, "default"] for r in rows), member
-    for member in ("ordinal-amount", "ordinal-look"):  # the heads: ordinal members only
+    for member in ("ordinal-amount", "ordinal-look"):
         assert any(r[:2] == [member, "both"] for r in rows), member
     assert not any(r[:2] == ["digits", "both"] for r in rows)
 
 
+@pytest.mark.slow
 def test_the_quick_audit_benchmark_measures_both_effects(capsys):
     audit_effects_main(["--quick", "--no-record"])
     out = capsys.readouterr().out

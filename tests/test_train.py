@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.__main__ import main as cli
 from pipeline.base.config import load_config
 from pipeline.base.utils import PipelineError
 from pipeline.data.images import ImageReadError
@@ -156,10 +157,9 @@ def test_killed_run_resumes_to_identical_result(tmp_path):
     labels = [c for c in ("a", "b") for _ in range(40)]
     data = make_competition(tmp_path / "comp", labels)
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    for out in (reference, resumed):
-        subprocess.run([sys.executable, "-m", "pipeline", "folds", "--data", str(data),
-                        f"folds.dir={out / 'folds'}", f"audit_dir={out / 'audit'}",
-                        "folds.n_splits=2"], cwd=REPO, check=True, capture_output=True)
+    for out in (reference, resumed):  # in this process: only the training is killed
+        assert cli(["folds", "--data", str(data), f"folds.dir={out / 'folds'}",
+                    f"audit_dir={out / 'audit'}", "folds.n_splits=2"]) == 0
     subprocess.run(_train_command(data, reference, 3), cwd=REPO, check=True, capture_output=True)
 
     process = subprocess.Popen(_train_command(data, resumed, 3), cwd=REPO,

@@ -4,6 +4,7 @@ so every command (train, predict, runs, ensemble, refit) sees the epochs trainin
 
     config = with_budget(config, layout)        # train.epochs from the record, when it matches
     write_budget(exp, {"time_budget": 30, "epochs": 12, ...})   # pipeline/training/budget.py
+    sibling_record(config, layout, "cpu")       # another seed's measurement, to take again
 
 A budget's epochs come from a timing probe, and timings vary: measured once and recorded, they
 stay what the experiment's folds were trained for, so a run stays reproducible and resumable
@@ -48,6 +49,29 @@ def budget_key(config: Config) -> str:
     settings = training_settings(config.to_dict())
     settings["train"] = {k: v for k, v in settings["train"].items() if k != "epochs"}
     return fingerprint(settings)
+
+
+def pace_key(config: Config) -> str:
+    """What an epoch's seconds depend on, across experiments: the training settings but the
+    epochs and the seed (SEEDS=' runs train alike, so one measurement serves them all)."""
+    settings = training_settings(config.to_dict())
+    settings["train"] = {k: v for k, v in settings["train"].items()
+                         if k not in ("epochs", "seed")}
+    return fingerprint(settings)
+
+
+def sibling_record(config: Config, layout: Layout,
+                   device: str) -> tuple[dict[str, Any], str] | None:
+    """(the record, its experiment) of another experiment of the competition measured with the
+    same pace key on the same device, or None: seeds of one experiment then take one
+    measurement, and one budget gives them the same epochs (they are averaged as one member)."""
+    key = pace_key(config)
+    for name in layout.experiment_names():
+        record = read_budget(layout.experiment(name))
+        if (name != config.run_name and record is not None and record.get("pace") == key
+                and record.get("device") == device and record.get("seconds_per_epoch")):
+            return record, name
+    return None
 
 
 def matching_record(config: Config, layout: Layout) -> dict[str, Any] | None:

@@ -144,14 +144,22 @@ def refuse_stale_folds(experiment: Config, folds: pd.DataFrame, layout: Layout,
                             f"{lines}\n`{remedy}` retrains them")
 
 
+def tta_gain(exp: Experiment, folds: list[int], scorer: Scorer) -> tuple[float, float] | None:
+    """(the out-of-fold score without TTA, with it) over every fold, or None before every fold
+    is predicted."""
+    if not folds or not all(exp.fold(k).oof_tta.is_file() for k in folds):
+        return None
+    return (scorer.score_frame(joined_oof(exp, folds)),
+            scorer.score_frame(joined_oof(exp, folds, tta=True)))
+
+
 def print_tta_gain(exp: Experiment, folds: list[int], tta: TTAConfig, scorer: Scorer) -> None:
     """The out-of-fold score over every predicted fold, without and with TTA."""
-    predicted = [k for k in folds if exp.fold(k).oof_tta.is_file()]
-    if not predicted or len(predicted) != len(folds):
+    gain = tta_gain(exp, folds, scorer)
+    if gain is None:
         return
     metric = scorer.metric
-    plain = scorer.score_frame(joined_oof(exp, folds))
-    with_tta = scorer.score_frame(joined_oof(exp, folds, tta=True))
+    plain, with_tta = gain
     if tta.views == "none":
         log.info(f"{exp.name}: out-of-fold {metric} {plain:.4f} (tta.views=none; TTA=flips, d4, "
               f"shifts or scales tries test-time augmentation)")

@@ -28,7 +28,13 @@ from pipeline.base import distributed
 from pipeline.base.config import Config
 from pipeline.base.log import log
 from pipeline.base.utils import PipelineError, make_command
-from pipeline.experiments.budgets import budget_key, matching_record, with_epochs
+from pipeline.experiments.budgets import (
+    budget_key,
+    matching_record,
+    pace_key,
+    sibling_record,
+    with_epochs,
+)
 from pipeline.experiments.layout import Layout
 from pipeline.inference.engine import clean_image_errors
 from pipeline.training.loop import training_batches
@@ -57,17 +63,24 @@ def budgeted(config: Config, layout: Layout, *,
     recorded = matching_record(config, layout)
     if recorded is not None:
         return with_epochs(config, int(recorded["epochs"])), None
-    seconds = distributed.broadcast_from_main(probe(config))
+    sibling = sibling_record(config, layout, device_name())  # the same files on every rank
+    if sibling is not None:
+        seconds = float(sibling[0]["seconds_per_epoch"])
+    else:
+        seconds = distributed.broadcast_from_main(probe(config))
     epochs = max(1, min(MAX_BUDGET_EPOCHS, epochs_within(budget, seconds)))
+    if sibling is not None and sibling[0].get("time_budget") == budget:
+        epochs = int(sibling[0]["epochs"])  # the same budget: the same epochs, to the epoch
     exp = layout.experiment(config.run_name)
+    where = f"as measured for {sibling[1]}" if sibling else "here"
     log.info(f"train.time_budget {budget:g} min a fold: an epoch takes about {seconds:.1f} s "
-             f"here, so {epochs} epoch(s) (recorded in {exp.budget})")
+             f"{where}, so {epochs} epoch(s) (recorded in {exp.budget})")
     if epochs_within(budget, seconds) < 1:
         log.info(f"note: one epoch takes longer than the budget; "
                  f"{make_command('train', config.data.name, MODEL=config.run_name)} with a "
                  f"larger BUDGET= (or a smaller augment.image_size) fits more")
-    record = {"time_budget": budget, "epochs": epochs, "seconds_per_epoch": round(seconds, 2),
-              "settings": budget_key(config), "device": device_name(),
+    record = {"time_budget": budget, "epochs": epochs, "seconds_per_epoch": round(seconds, 4),
+              "settings": budget_key(config), "pace": pace_key(config), "device": device_name(),
               "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return with_epochs(config, epochs), record
 
