@@ -34,20 +34,31 @@ import math
 import time
 from dataclasses import dataclass
 
-from pipeline.base.config import Config, load_config, minutes
+from pipeline.base.config import Config, TTAConfig, load_config, minutes, save_config
 from pipeline.base.log import log
 from pipeline.base.metrics import is_better
 from pipeline.base.task import Scorer
 from pipeline.base.utils import WRITE_ERRNOS, PipelineError, format_table, make_command
-from pipeline.experiments.budgets import matching_record, recorded_budget, with_budget
+from pipeline.experiments.budgets import (
+    matching_record,
+    recorded_budget,
+    sibling_record,
+    with_budget,
+)
 from pipeline.experiments.freshness import read_folds, read_test_set, recorded_tta
 from pipeline.experiments.layout import Layout
-from pipeline.experiments.state import ExperimentState, experiment_state, load_experiment
-from pipeline.inference.experiment import predict_experiment, tta_gain
+from pipeline.experiments.runner import on_main
+from pipeline.experiments.state import (
+    ExperimentState,
+    experiment_state,
+    load_experiment,
+    oof_scores,
+)
+from pipeline.inference.experiment import predict_experiment
 from pipeline.stages.ensemble import ensemble_runs
 from pipeline.stages.folds import make_folds
 from pipeline.stages.report import build_report
-from pipeline.training.budget import epoch_seconds, epochs_within, explicit_keys
+from pipeline.training.budget import device_name, epoch_seconds, epochs_within, explicit_keys
 from pipeline.training.experiment import probe_spec, train_folds
 from pipeline.training.portfolio import Member, portfolio, read_portfolio, typical_side
 
@@ -136,17 +147,28 @@ def with_share(config: Config, data: str, member: Member, overrides: list[str], 
     return member_config(data, member, [*overrides, f"train.time_budget={share!r}"])
 
 
-def fold_estimate(config: Config, layout: Layout) -> tuple[float, float | None, str | None]:
+def known_epoch(config: Config, layout: Layout) -> float | None:
+    """An epoch's seconds as recorded for the member's budget, or for a sibling (another seed
+    of it) on this device, or None."""
+    record = matching_record(config, layout)
+    if record is None:
+        sibling = sibling_record(config, layout, device_name())
+        record = sibling[0] if sibling else {}
+    seconds = record.get("seconds_per_epoch")
+    return float(seconds) if seconds else None
+
+
+def fold_estimate(config: Config, layout: Layout, *,
+                  shared: bool) -> tuple[float, float | None, str | None]:
     """(a fold's seconds with its predictions on top, an epoch's seconds where a time budget
-    needs them, why the member cannot start or None). Under a share: the share, unless fewer
-    than MIN_EPOCHS fit it (the epoch as recorded for it, else from a probe); at fixed epochs:
-    an epoch at the probe's pace times the epochs."""
+    needs them, why the member cannot start or None). Under a time budget: the budget, and
+    under auto's own share not when fewer than MIN_EPOCHS fit it (the epoch as recorded, else
+    from a probe); at fixed epochs: an epoch at the probe's pace times the epochs."""
     budget = config.train.time_budget
     if budget is None:
         return probed_epoch(config, layout) * config.train.epochs * (1 + PREDICT_SHARE), None, None
-    record = matching_record(config, layout) or {}
-    epoch = float(record.get("seconds_per_epoch") or probed_epoch(config, layout))
-    if epochs_within(budget, epoch) < MIN_EPOCHS:
+    epoch = known_epoch(config, layout) or probed_epoch(config, layout)
+    if shared and epochs_within(budget, epoch) < MIN_EPOCHS:
         return epoch, epoch, (f"an epoch takes about {how_long(epoch)}: its share of the "
                               f"budget ({how_long(budget * 60)} a fold) fits "
                               f"{epochs_within(budget, epoch)} epoch(s), under {MIN_EPOCHS}")
@@ -163,14 +185,16 @@ def with_views(config: Config, views: str) -> Config:
 
 
 def sets_tta(config: Config) -> bool:
-    """The competition's YAML or the command (ARGS=, TTA=) chose the TTA: auto keeps it."""
-    return "tta" in config.data.defaults or any(
-        key.startswith("tta.") for key in explicit_keys(config.overrides))
+    """The competition's YAML, the experiment file or the command (ARGS=, TTA=, the portfolio
+    file) chose the TTA: auto keeps it."""
+    return ("tta" in config.data.defaults or config.tta != TTAConfig()
+            or any(key.startswith("tta.") for key in explicit_keys(config.overrides)))
 
 
 def current_views(config: Config, layout: Layout) -> str | None:
-    """The TTA views every fold of the member is predicted with now (what an earlier call
-    chose), or None: not every fold is predicted under its settings of now."""
+    """The TTA views every fold of the member is predicted with now (an earlier call's choice,
+    or the user's `make predict TTA=`, which stands too), or None: not every fold is predicted
+    under its settings of now."""
     state = member_state(config, layout)
     if state is None or not state.folds or len(state.predicted_folds) < len(state.folds):
         return None
@@ -187,18 +211,19 @@ def predicted_with_choice(config: Config, layout: Layout) -> None:
         return predicted(config, layout)
     if current_views(config, layout) is not None:
         return None
-    predicted(with_views(config, TRIED_VIEWS), layout)
-    scorer = Scorer.of(config.data)
-    plain, tried = tta_gain(layout.experiment(config.run_name), every_fold(config, layout),
-                            scorer) or (None, None)  # None: not every fold predicted
-    if tried is None:
-        return None
-    if is_better(scorer.metric, tried, plain):
+    tried = with_views(config, TRIED_VIEWS)
+    predicted(tried, layout)
+    scorer, folds = Scorer.of(config.data), every_fold(config, layout)
+    plain, with_tta = oof_scores(layout.experiment(config.run_name), folds, scorer)
+    if is_better(scorer.metric, with_tta, plain):
+        # its settings say so: `make predict` and `make refit` of it later keep the flips
+        on_main(lambda: save_config(tried, layout.experiment(config.run_name).config))
         log.info(f"auto: {config.run_name}: {TRIED_VIEWS} TTA kept, out-of-fold "
-                 f"{scorer.metric} {tried:.4f} against {plain:.4f} without")
+                 f"{scorer.metric} {with_tta:.4f} against {plain:.4f} without")
         return None
-    log.info(f"auto: {config.run_name}: {TRIED_VIEWS} TTA scores {tried:.4f} out of fold "
-             f"against {plain:.4f} without: predicted again without TTA")
+    log.info(f"auto: {config.run_name}: {TRIED_VIEWS} TTA scores {scorer.metric} "
+             f"{with_tta:.4f} out of fold against {plain:.4f} without: predicted again "
+             f"without TTA")
     return predicted(with_views(config, "none"), layout)
 
 
@@ -221,16 +246,16 @@ def run_member(config: Config, layout: Layout, todo: list[int], *, clock: Clock,
     return "trained" if todo else "done before"
 
 
-def resolved_member(data: str, member: Member, overrides: list[str]) -> tuple[Config, bool]:
+def resolved_member(data: str, member: Member, overrides: list[str]) -> tuple[Config, str]:
     """(the member's experiment with the share it started with, recorded beside its folds;
-    whether it needs a new share: its epochs are not fixed and it never started under one)."""
+    "fixed": the user fixed its epochs, "kept": it keeps that share, "new": it needs one)."""
     config = member_config(data, member, overrides)
     if fixed_epochs(config):
-        return config, False
+        return config, "fixed"
     share = recorded_budget(Layout.of(config).experiment(config.run_name))
     if share is None:
-        return config, True
-    return with_share(config, data, member, overrides, share=share), False
+        return config, "new"
+    return with_share(config, data, member, overrides, share=share), "kept"
 
 
 def start_member(data: str, member: Member, overrides: list[str], *, clock: Clock,
@@ -238,7 +263,8 @@ def start_member(data: str, member: Member, overrides: list[str], *, clock: Cloc
     """Train and predict one member, or say why it does not start: (what happened, whether
     members after it with training left must not start either). `after`: why an earlier
     member did not finish, which holds this one back too when it has training left."""
-    config, fresh = resolved_member(data, member, overrides)
+    config, share_state = resolved_member(data, member, overrides)
+    fresh = share_state == "new"
     if fresh:
         if after is not None:
             return f"not started: {after}", True
@@ -250,7 +276,8 @@ def start_member(data: str, member: Member, overrides: list[str], *, clock: Cloc
     todo = folds_to_train(config, layout)
     if todo and after is not None:
         return f"not started: {after}", True
-    per_fold, epoch, cannot = fold_estimate(config, layout) if todo else (0.0, None, None)
+    per_fold, epoch, cannot = (fold_estimate(config, layout, shared=share_state != "fixed")
+                               if todo else (0.0, None, None))
     if cannot is not None:  # a later, cheaper member may fit what is left
         return f"not started: {cannot}", False
     if not fresh and per_fold * len(todo) > clock.left:  # a new share fits by its making
@@ -268,8 +295,8 @@ def with_training_left(data: str, members: list[Member], overrides: list[str]) -
     names = []
     for member in members:
         try:
-            config, fresh = resolved_member(data, member, overrides)
-            if fresh or folds_to_train(config, Layout.of(config)):
+            config, share_state = resolved_member(data, member, overrides)
+            if share_state == "new" or folds_to_train(config, Layout.of(config)):
                 names.append(member.name)
         except PipelineError:  # it fails alone in its turn, saying why
             names.append(member.name)

@@ -99,12 +99,13 @@ OUTPUTS = ("audit", "bundles", "cache", "folds", "mlruns", "pseudo", "reports", 
 
 
 def repo_outputs() -> dict[str, int]:
-    """Every entry of the default output folders, two levels down, by its change time: a file
-    written (or renamed into place) in a folder changes the folder's."""
+    """Every entry of the default output folders, two levels down (and the stages' lock
+    folders, runs/<competition>/.locks), by its change time: a file written (or renamed into
+    place) in a folder changes the folder's."""
     found = {}
     for name in OUTPUTS:
         root = REPO / name
-        for entry in [root, *root.glob("*")] if root.is_dir() else []:
+        for entry in [root, *root.glob("*"), *root.glob("*/.locks")] if root.is_dir() else []:
             found[str(entry.relative_to(REPO))] = entry.stat().st_mtime_ns
     return found
 

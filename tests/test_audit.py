@@ -143,7 +143,8 @@ def test_a_shifted_test_set_is_told_apart(tmp_path, capsys):
     aucs = []
     for name, test in (("same", alike), ("shifted", shifted)):
         data = write_comp(tmp_path / name, same, test)
-        assert cli(["audit", "--data", data, f"audit_dir={tmp_path / name / 'audit'}"]) == 0
+        assert cli(["audit", "--data", data, f"audit_dir={tmp_path / name / 'audit'}",
+                    f"runs_dir={tmp_path / name / 'runs'}"]) == 0
         shift = pd.read_csv(tmp_path / name / "audit" / "comp" / "shift.csv")
         aucs.append(shift.loc[shift["what"] == "cheap features", "auc"].item())
         test_like = pd.read_csv(tmp_path / name / "audit" / "comp" / "test_like.csv")
@@ -282,7 +283,8 @@ def test_the_picture_of_a_group_of_50_copies_stays_narrow(tmp_path):
     train = {f"c{i:02d}": (digit(0), "$10_to_$20") for i in range(50)}
     train |= {f"a{i:02d}": (digit(i), "cost$5") for i in range(1, 11)}
     data = write_comp(tmp_path / "comp", train, {f"t{i}": digit(100 + i) for i in range(5)})
-    assert cli(["audit", "--data", data, f"audit_dir={tmp_path / 'audit'}"]) == 0
+    assert cli(["audit", "--data", data, f"audit_dir={tmp_path / 'audit'}",
+                f"runs_dir={tmp_path / 'runs'}"]) == 0
     table = pd.read_csv(tmp_path / "audit" / "comp" / "duplicates.csv", dtype=str)
     copies = table[table["id"].str.startswith("c")]
     assert len(copies) == 50 and copies["group"].nunique() == 1  # the 50 in one group

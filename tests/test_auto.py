@@ -20,6 +20,7 @@ from pipeline.auto import (
     SHARE,
     Clock,
     current_views,
+    fold_estimate,
     member_config,
     member_state,
     new_share,
@@ -29,8 +30,10 @@ from pipeline.auto import (
     with_share,
 )
 from pipeline.base.config import load_config
+from pipeline.base.task import Scorer
 from pipeline.experiments.budgets import budget_key, write_budget
 from pipeline.experiments.layout import Layout
+from pipeline.experiments.state import oof_scores
 from pipeline.training.experiment import train_folds
 from pipeline.training.portfolio import Member, portfolio, typical_side
 from tests.conftest import dry_make, make_competition, write_image
@@ -85,8 +88,8 @@ def test_each_member_gets_its_share_of_the_time_left_and_keeps_it(tmp_path):
     data, overrides = learnable_competition(tmp_path)
     overrides = [o for o in overrides if not o.startswith("train.epochs=")]
     member = Member("auto-a", "resnet20", [])
-    config, fresh = resolved_member(data, member, overrides)
-    assert fresh and config.train.time_budget is None
+    config, share_state = resolved_member(data, member, overrides)
+    assert share_state == "new" and config.train.time_budget is None
     clock = Clock(budget=690.0, started=time.perf_counter())
     exact = 690 * SHARE / config.folds.n_splits / (1 + PREDICT_SHARE) / 60
     half = new_share(config, clock, last=False)
@@ -99,11 +102,11 @@ def test_each_member_gets_its_share_of_the_time_left_and_keeps_it(tmp_path):
     write_budget(Layout.of(config).experiment("auto-a"),
                  {"time_budget": half, "epochs": 7, "seconds_per_epoch": 0.5,
                   "settings": budget_key(shared)})
-    again, fresh = resolved_member(data, member, overrides)
-    assert not fresh and again.train.time_budget == half and again.train.epochs == 7
-    fixed, fresh = resolved_member(data, Member("auto-b", "resnet20", ["train.epochs=2"]),
-                                   overrides)
-    assert not fresh and fixed.train.time_budget is None and fixed.train.epochs == 2
+    again, share_state = resolved_member(data, member, overrides)
+    assert share_state == "kept" and again.train.time_budget == half and again.train.epochs == 7
+    fixed, share_state = resolved_member(data, Member("auto-b", "resnet20", ["train.epochs=2"]),
+                                         overrides)
+    assert share_state == "fixed" and fixed.train.time_budget is None and fixed.train.epochs == 2
 
 
 def test_a_member_whose_share_fits_too_few_epochs_does_not_start_nor_hold_back(tmp_path):
@@ -189,7 +192,7 @@ def mirrored_competition(tmp_path) -> tuple[str, list[str]]:
         "name": "comp", "root": str(root), "classes": ["left", "right"], "metric": "log_loss"}))
     overrides = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
                  f"audit_dir={tmp_path / 'audit'}", "augment.image_size=16", "train.workers=0",
-                 "train.batch_size=8", "train.epochs=4", "folds.n_splits=2"]
+                 "train.batch_size=8", "train.epochs=10", "folds.n_splits=2"]
     assert cli(["folds", "--data", str(root / "comp.yaml"), *overrides]) == 0
     return str(root / "comp.yaml"), overrides
 
@@ -203,13 +206,41 @@ def test_flips_that_score_worse_out_of_fold_are_not_kept_and_the_choice_stands(t
     with caplog.at_level(logging.INFO, logger="pipeline"):
         predicted_with_choice(config, layout)
     said = caplog.text
-    assert "flips TTA scores" in said and "predicted again without TTA" in said, said
+    assert "flips TTA scores log_loss" in said and "predicted again without TTA" in said, said
+    exp = layout.experiment("auto-a")
+    plain, _ = oof_scores(exp, [0, 1], Scorer.of(config.data))
+    assert plain < 0.5 * np.log(2)  # it learned left from right: the flips undo that
     assert current_views(config, layout) == "none"
     assert len(member_state(config, layout).predicted_folds) == 2  # what the ensemble reads
+    made = [exp.fold(k).predict_manifest.stat().st_mtime_ns for k in (0, 1)]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pipeline"):
         predicted_with_choice(config, layout)  # a second call: the choice stands, no predictions
     assert "flips" not in caplog.text
+    assert [exp.fold(k).predict_manifest.stat().st_mtime_ns for k in (0, 1)] == made
+    # TTA the user sets is not auto's to choose: predicted as set, no comparison
+    chosen = member_config(data, Member("auto-a", "resnet20", ["tta.views=vflip"]), overrides)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        predicted_with_choice(chosen, layout)
+    assert "flips TTA" not in caplog.text and current_views(chosen, layout) == "vflip"
+
+
+def test_too_few_epochs_in_a_share_are_refused_and_a_budget_the_user_set_is_not(tmp_path):
+    """A recorded pace that fits 3 epochs in the share: auto's own share refuses the member
+    (under MIN_EPOCHS); the same budget set by the user trains those 3."""
+    data, overrides = learnable_competition(tmp_path)
+    overrides = [o for o in overrides if not o.startswith("train.epochs=")]
+    config = member_config(data, Member("auto-a", "resnet20", ["train.time_budget=0.5"]),
+                           overrides)
+    layout = Layout.of(config)
+    write_budget(layout.experiment("auto-a"),
+                 {"time_budget": 0.5, "epochs": 3, "seconds_per_epoch": 0.5 * 60 * 0.9 / 3.5,
+                  "settings": budget_key(config)})
+    _, _, cannot = fold_estimate(config, layout, shared=True)
+    assert cannot is not None and "fits 3 epoch(s), under 5" in cannot
+    per_fold, _, cannot = fold_estimate(config, layout, shared=False)
+    assert cannot is None and per_fold == pytest.approx(0.5 * 60 * (1 + PREDICT_SHARE))
 
 
 def test_make_auto_passes_the_budget_and_the_portfolio():
@@ -254,4 +285,5 @@ def test_a_budget_that_fits_two_members_stops_there_and_a_second_call_goes_on(tm
     newest = max(layout.submissions.glob("*.manifest.json"), key=lambda p: p.stat().st_mtime)
     assert yaml.safe_load(newest.read_text())["details"]["members"] == ["auto-a", "auto-b",
                                                                          "auto-c"]
-    assert pd.read_csv(newest.with_name(newest.name.replace(".manifest.json", ".csv"))).shape[0] == 3
+    submission = newest.with_name(newest.name.replace(".manifest.json", ".csv"))
+    assert pd.read_csv(submission).shape[0] == 3

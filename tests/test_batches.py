@@ -154,7 +154,8 @@ def test_micro_batch_changes_no_result_identity(tmp_path, capsys):
     train(config, [0])
     again = load_config(str(tmp_path / "comp" / "tiny.yaml"), "resnet20",
                         [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
-                         "folds.n_splits=2", *FAST, "train.micro_batch=auto"])
+                         f"audit_dir={tmp_path / 'audit'}", "folds.n_splits=2", *FAST,
+                         "train.micro_batch=auto"])
     assert experiment_dir(again) == experiment_dir(config)
     capsys.readouterr()
     train(again, [0])

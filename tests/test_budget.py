@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from pipeline.__main__ import main as cli
+from pipeline.experiments.budgets import sibling_record
 from pipeline.experiments.layout import Layout
 from pipeline.experiments.manifests import read_manifest
 from pipeline.experiments.state import load_experiment
@@ -86,6 +87,14 @@ def test_seeds_under_one_budget_take_one_measurement_and_the_same_epochs(tmp_pat
     assert len(records) == 2 and records[0]["epochs"] == records[1]["epochs"]
     assert records[0]["pace"] == records[1]["pace"]
     assert records[0]["settings"] != records[1]["settings"]  # each seed's own record
+    # another image size is another pace: nothing lent
+    other = load_experiment(data, "resnet20", [*overrides, "train.time_budget=0.02",
+                                               "augment.image_size=24"])
+    assert sibling_record(other, Layout.of(other), "cpu") is None
+    seed2 = load_experiment(data, "resnet20", [*overrides, "train.time_budget=0.5",
+                                               "train.seed=2"])
+    assert sibling_record(seed2, Layout.of(seed2), "cpu") is not None  # another budget: lent
+    assert sibling_record(seed2, Layout.of(seed2), "cuda") is None
 
 
 def test_epochs_and_a_budget_together_are_refused(tmp_path, capsys):

@@ -127,7 +127,8 @@ def test_cli_fails_before_writing_anything(tmp_path):
     (tmp_path / "comp" / "train" / "0001.png").unlink()
     folds_dir = tmp_path / "folds"
     result = subprocess.run([sys.executable, "-m", "pipeline", "folds", "--data", str(path),
-                             f"folds.dir={folds_dir}", "folds.n_splits=2"],
+                             f"folds.dir={folds_dir}", "folds.n_splits=2",
+                             f"runs_dir={tmp_path / 'runs'}", f"audit_dir={tmp_path / 'audit'}"],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1
     assert "error: bad data" in result.stderr and "0001" in result.stderr

@@ -62,7 +62,8 @@ def test_a_class_folder_competition_runs_from_the_folders_alone(tmp_path):
     comp = Competition.__new__(Competition)
     comp.tmp, comp.root, comp.name, comp.data = tmp_path, root, "cells", str(root / "cells.yaml")
     comp.paths = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
-                  f"submissions_dir={tmp_path / 'subs'}"]
+                  f"submissions_dir={tmp_path / 'subs'}", f"audit_dir={tmp_path / 'audit'}",
+                  f"reports_dir={tmp_path / 'reports'}"]
     assert not (root / "train.csv").exists()
     chain(comp)
     folds = pd.read_csv(tmp_path / "folds" / "cells.csv", dtype=str)

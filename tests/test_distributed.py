@@ -161,6 +161,7 @@ def _cli(config, extra=()) -> list[str]:
     """The `python -m pipeline train/predict` arguments of `tiny(..., extra=extra)`'s config."""
     return ["--data", str(config.data.root_path / "tiny.yaml"), "--model", "resnet20",
             f"folds.dir={config.folds.dir}", f"runs_dir={config.runs_dir}",
+            f"audit_dir={config.audit_dir}",
             f"folds.n_splits={config.folds.n_splits}", *FAST, *extra]
 
 

@@ -73,7 +73,8 @@ def write_competition(tmp_path, classes, n_train=60, n_folds=3, name="comp", lab
     for i, image_id in enumerate(folds["id"] if images else []):
         write_image(root / "train" / image_id, seed=i, size=8)
     overrides = [f"runs_dir={tmp_path / 'runs'}", f"folds.dir={tmp_path / 'folds'}",
-                 f"submissions_dir={tmp_path / 'submissions'}"]
+                 f"submissions_dir={tmp_path / 'submissions'}", f"audit_dir={tmp_path / 'audit'}",
+                 f"reports_dir={tmp_path / 'reports'}"]
     write_folds(config_of(str(root / f"{name}.yaml"), overrides), folds)
     return str(root / f"{name}.yaml"), overrides
 

@@ -47,7 +47,9 @@ def test_group_pattern_from_ids(tmp_path):
     labels = [str(i % 2) for i in range(20)]
     path = make_competition(tmp_path / "retina", labels, ids=ids,
                             group_pattern=r"^(\d+)_(left|right)$")
-    config = load_config(str(path), None, [f"folds.dir={tmp_path / 'f'}", "folds.n_splits=2"])
+    config = load_config(str(path), None, [f"folds.dir={tmp_path / 'f'}", "folds.n_splits=2",
+                                           f"runs_dir={tmp_path / 'runs'}",
+                                           f"audit_dir={tmp_path / 'audit'}"])
     folds = make_folds(config)
     assert folds.loc[folds["id"] == "3_left", "group"].item() == "3"
     assert folds.groupby("group")["fold"].nunique().max() == 1
@@ -59,7 +61,7 @@ def test_folds_csv_is_deterministic(tmp_path, digits_root):
         folds_dir = tmp_path / f"run{run}"
         subprocess.run([sys.executable, "-m", "pipeline", "folds", "--data", "digits",
                         f"data.root={digits_root}", f"folds.dir={folds_dir}",
-                        f"audit_dir={tmp_path / 'audit'}"],
+                        f"audit_dir={tmp_path / 'audit'}", f"runs_dir={tmp_path / 'runs'}"],
                        cwd=REPO, check=True, capture_output=True)
         contents.append((folds_dir / "digits.csv").read_bytes())
     assert contents[0] == contents[1]

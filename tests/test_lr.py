@@ -20,6 +20,7 @@ def test_the_suggestion_lies_where_the_loss_falls(tmp_path, capsys):
     labels = [c for c in ("cat", "dog", "fox") for _ in range(12)]
     config = tiny(tmp_path, labels=labels)
     where = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
+             f"audit_dir={tmp_path / 'audit'}",
              "folds.n_splits=2", "augment.image_size=16", "train.batch_size=4", "train.workers=0"]
     data = str(tmp_path / "comp" / "tiny.yaml")
     assert cli(["lr", "--data", data, "--model", "resnet20", "--steps", "60", *where]) == 0
@@ -63,7 +64,8 @@ def test_a_sweep_whose_loss_never_falls_says_what_to_change():
 def test_the_report_shows_the_sweep_of_a_trained_experiment(tmp_path):
     config = tiny(tmp_path, extra=["train.epochs=1"])
     where = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
-             f"reports_dir={tmp_path / 'reports'}", "folds.n_splits=2", "augment.image_size=16",
+             f"reports_dir={tmp_path / 'reports'}", f"audit_dir={tmp_path / 'audit'}",
+             "folds.n_splits=2", "augment.image_size=16",
              "train.batch_size=4", "train.workers=0", "train.lr=0.02", "train.epochs=1"]
     data = str(tmp_path / "comp" / "tiny.yaml")
     for verb in (["train", "--folds", "0"], ["lr", "--steps", "30", "--start", "1e-4"],

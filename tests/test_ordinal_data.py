@@ -38,7 +38,9 @@ def test_it_exports_a_competition_the_pipeline_reads(exported, tmp_path):
     image = cv2.imread(str(root / "train" / f"{train['image'][0]}.png"))
     assert image.shape == (32, 32, 3)
 
-    config = load_config(str(config_path), None, [f"folds.dir={tmp_path}", "folds.n_splits=3"])
+    config = load_config(str(config_path), None, [f"folds.dir={tmp_path}", "folds.n_splits=3",
+                                                  f"runs_dir={tmp_path / 'runs'}",
+                                                  f"audit_dir={tmp_path / 'audit'}"])
     data = config.data
     assert (data.metric, data.ordinal, data.classes) == ("qwk", True, ["0", "1", "2", "3", "4"])
     folds = make_folds(config)  # the pipeline's check of every image and label runs first

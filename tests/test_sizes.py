@@ -107,6 +107,7 @@ def test_a_refit_shorter_than_the_schedule_trains_and_predicts(tmp_path):
     train(config)
     data = str(tmp_path / "comp" / "tiny.yaml")
     where = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
+             f"audit_dir={tmp_path / 'audit'}", f"submissions_dir={tmp_path / 'subs'}",
              "folds.n_splits=2", *FAST, *SCHEDULE, "refit.epochs=2"]
     assert cli(["refit", "--data", data, "--model", "resnet20", *where]) == 0
     full = experiment_dir(config) / "full"

@@ -103,6 +103,7 @@ def test_stem_auto_trains_and_predicts_as_the_run_of_the_stem_it_chose(tiny_comp
     prediction, and its identity is the CIFAR stem's: the same run under `model.stem=cifar` is
     current, not trained again."""
     where = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
+             f"audit_dir={tmp_path / 'audit'}",
              "folds.n_splits=2", "train.epochs=1", "augment.image_size=16",
              "train.batch_size=4", "train.workers=0"]
     auto = load_config(str(tiny_competition), "resnet18", [*where, "model.stem=auto"],

@@ -27,7 +27,7 @@ def ordinal(tmp_path, extra=(), data_extra=None):
     path = make_competition(tmp_path / "comp", labels, metric="qwk", ordinal=True,
                             **(data_extra or {}))
     return path, [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
-                  "folds.n_splits=2", *FAST, *extra]
+                  f"audit_dir={tmp_path / 'audit'}", "folds.n_splits=2", *FAST, *extra]
 
 
 def test_the_task_is_resolved_from_the_config(tmp_path):
@@ -118,7 +118,8 @@ def test_a_changed_epoch_rule_or_head_reports_the_folds_stale(tmp_path, change, 
 def test_the_positive_class_is_a_training_setting(tmp_path):
     """It changes which epoch a binary F1 competition keeps, so it is in the fingerprint."""
     binary = make_competition(tmp_path / "bin", ["a", "b"] * 4, metric="binary_f1")
-    common = [f"folds.dir={tmp_path / 'folds'}", "folds.n_splits=2"]
+    common = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
+              f"audit_dir={tmp_path / 'audit'}", "folds.n_splits=2"]
     first = load_config(str(binary), "resnet20", common)
     make_folds(first)
     other = load_config(str(binary), "resnet20", [*common, "data.positive_class=a"])
@@ -178,6 +179,7 @@ def test_the_default_rule_keeps_trained_epochs_on_the_tiny_ordinal_competition(t
     path = write_discs(tmp_path / "discs")
     config = load_config(str(path), "resnet20",
                          [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
+                          f"audit_dir={tmp_path / 'audit'}",
                           "folds.n_splits=3", "augment.image_size=16", "train.epochs=8", "train.batch_size=8",
                           "train.workers=0"])
     make_folds(config)

@@ -127,7 +127,8 @@ def test_a_missing_tracker_package_is_named_before_training(tmp_path, monkeypatc
                         lambda name, *a: None if name == "mlflow" else real(name, *a))
     data = config.data.config_file
     overrides = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
-                 "folds.n_splits=2", "augment.image_size=16", "train.epochs=1", "tracking=mlflow"]
+                 f"audit_dir={tmp_path / 'audit'}", "folds.n_splits=2", "augment.image_size=16",
+                 "train.epochs=1", "tracking=mlflow"]
     assert cli(["train", "--data", data, "--model", "resnet20", *overrides]) == 1
     assert "tracking=mlflow needs mlflow-skinny: `.venv/bin/pip install mlflow-skinny`" in \
         capsys.readouterr().err

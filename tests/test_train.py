@@ -149,6 +149,7 @@ def test_corrupt_image_mid_training_is_named(tmp_path, monkeypatch):
 def _train_command(data, tmp_path, epochs):
     return [sys.executable, "-m", "pipeline", "train", "--data", str(data), "--model", "resnet20",
             "--folds", "0", "--name", "r", f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
+            f"audit_dir={tmp_path / 'audit'}",
             "folds.n_splits=2", "augment.image_size=32", "train.batch_size=8", "train.workers=0",
             f"train.epochs={epochs}", "model.drop_rate=0.2"]
 
@@ -159,7 +160,8 @@ def test_killed_run_resumes_to_identical_result(tmp_path):
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     for out in (reference, resumed):  # in this process: only the training is killed
         assert cli(["folds", "--data", str(data), f"folds.dir={out / 'folds'}",
-                    f"audit_dir={out / 'audit'}", "folds.n_splits=2"]) == 0
+                    f"audit_dir={out / 'audit'}", f"runs_dir={out / 'runs'}",
+                    "folds.n_splits=2"]) == 0
     subprocess.run(_train_command(data, reference, 3), cwd=REPO, check=True, capture_output=True)
 
     process = subprocess.Popen(_train_command(data, resumed, 3), cwd=REPO,

@@ -51,21 +51,28 @@ def budget_key(config: Config) -> str:
     return fingerprint(settings)
 
 
-def pace_key(config: Config) -> str:
+PACE_ONLY = ("workers", "device", "compile", "amp", "channels_last", "micro_batch")
+
+
+def pace_key(config: Config, world: int) -> str:
     """What an epoch's seconds depend on, across experiments: the training settings but the
-    epochs and the seed (SEEDS=' runs train alike, so one measurement serves them all)."""
-    settings = training_settings(config.to_dict())
+    epochs, the seed and the budget (SEEDS=' runs train alike, so one measurement serves them
+    all), with the settings of speed that change no result, and the processes it ran on."""
+    resolved = config.to_dict()
+    settings = training_settings(resolved)
     settings["train"] = {k: v for k, v in settings["train"].items()
-                         if k not in ("epochs", "seed")}
-    return fingerprint(settings)
+                         if k not in ("epochs", "seed", "time_budget")}
+    speed = {k: resolved["train"].get(k) for k in PACE_ONLY}
+    return fingerprint({"settings": settings, "speed": speed, "world": world,
+                        "cache": resolved.get("cache", {}).get("enabled")})
 
 
-def sibling_record(config: Config, layout: Layout,
-                   device: str) -> tuple[dict[str, Any], str] | None:
+def sibling_record(config: Config, layout: Layout, device: str,
+                   world: int = 1) -> tuple[dict[str, Any], str] | None:
     """(the record, its experiment) of another experiment of the competition measured with the
     same pace key on the same device, or None: seeds of one experiment then take one
     measurement, and one budget gives them the same epochs (they are averaged as one member)."""
-    key = pace_key(config)
+    key = pace_key(config, world)
     for name in layout.experiment_names():
         record = read_budget(layout.experiment(name))
         if (name != config.run_name and record is not None and record.get("pace") == key

@@ -372,10 +372,16 @@ def cv_numbers(state: ExperimentState, scorer: Scorer,
     return numbers
 
 
+def oof_scores(exp: Experiment, folds: list[int], scorer: Scorer) -> tuple[float, float]:
+    """The OOF metric over the listed (predicted) folds: (without TTA, with it)."""
+    return (scorer.score_frame(joined_oof(exp, folds)),
+            scorer.score_frame(joined_oof(exp, folds, tta=True)))
+
+
 def tta_gain(exp: Experiment, folds: list[int], scorer: Scorer) -> float:
     """The OOF metric with TTA minus without, over the listed (predicted) folds."""
-    return (scorer.score_frame(joined_oof(exp, folds, tta=True))
-            - scorer.score_frame(joined_oof(exp, folds)))
+    plain, with_tta = oof_scores(exp, folds, scorer)
+    return with_tta - plain
 
 
 # --------------------------------------------------------------------------------------------

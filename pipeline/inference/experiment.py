@@ -32,7 +32,7 @@ from pipeline.experiments.freshness import (
 from pipeline.experiments.layout import Experiment, Layout, Part
 from pipeline.experiments.probfiles import probability_frame, read_probs
 from pipeline.experiments.runner import Step, on_main, run_step, show_table, stage_lock
-from pipeline.experiments.state import joined_oof
+from pipeline.experiments.state import oof_scores
 from pipeline.inference.predictor import CheckpointPredictor
 
 
@@ -144,22 +144,12 @@ def refuse_stale_folds(experiment: Config, folds: pd.DataFrame, layout: Layout,
                             f"{lines}\n`{remedy}` retrains them")
 
 
-def tta_gain(exp: Experiment, folds: list[int], scorer: Scorer) -> tuple[float, float] | None:
-    """(the out-of-fold score without TTA, with it) over every fold, or None before every fold
-    is predicted."""
-    if not folds or not all(exp.fold(k).oof_tta.is_file() for k in folds):
-        return None
-    return (scorer.score_frame(joined_oof(exp, folds)),
-            scorer.score_frame(joined_oof(exp, folds, tta=True)))
-
-
 def print_tta_gain(exp: Experiment, folds: list[int], tta: TTAConfig, scorer: Scorer) -> None:
     """The out-of-fold score over every predicted fold, without and with TTA."""
-    gain = tta_gain(exp, folds, scorer)
-    if gain is None:
+    if not folds or not all(exp.fold(k).oof_tta.is_file() for k in folds):
         return
     metric = scorer.metric
-    plain, with_tta = gain
+    plain, with_tta = oof_scores(exp, folds, scorer)
     if tta.views == "none":
         log.info(f"{exp.name}: out-of-fold {metric} {plain:.4f} (tta.views=none; TTA=flips, d4, "
               f"shifts or scales tries test-time augmentation)")

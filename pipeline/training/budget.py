@@ -10,7 +10,9 @@ gradients costs about a third of a training step per image. The epochs that fit 
 with BUDGET_SHARE of it kept for the rest of a fold (the validation fold's predictions, the
 plots, the checkpoints), become train.epochs: printed, recorded in budget.json with the settings
 they were measured under (pipeline/experiments/budgets.py; another image size or model measures
-again), and part of the fold's training settings like any epochs.
+again), and part of the fold's training settings like any epochs. An experiment that differs
+from one measured before only in its seed (or epochs, or budget) takes that measurement on the
+same device (`sibling_record`): SEEDS= then train every seed for the same epochs.
 The learning-rate schedule then fits that number; early stopping still applies.
 """
 
@@ -63,7 +65,10 @@ def budgeted(config: Config, layout: Layout, *,
     recorded = matching_record(config, layout)
     if recorded is not None:
         return with_epochs(config, int(recorded["epochs"])), None
-    sibling = sibling_record(config, layout, device_name())  # the same files on every rank
+    # rank 0's answer on every rank: the probe that follows without one is collective
+    world = distributed.world_size()
+    sibling = distributed.broadcast_from_main(sibling_record(config, layout, device_name(),
+                                                             world))
     if sibling is not None:
         seconds = float(sibling[0]["seconds_per_epoch"])
     else:
@@ -80,7 +85,8 @@ def budgeted(config: Config, layout: Layout, *,
                  f"{make_command('train', config.data.name, MODEL=config.run_name)} with a "
                  f"larger BUDGET= (or a smaller augment.image_size) fits more")
     record = {"time_budget": budget, "epochs": epochs, "seconds_per_epoch": round(seconds, 4),
-              "settings": budget_key(config), "pace": pace_key(config), "device": device_name(),
+              "settings": budget_key(config), "pace": pace_key(config, world),
+              "device": device_name(),
               "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return with_epochs(config, epochs), record
 
