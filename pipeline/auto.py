@@ -12,17 +12,19 @@ its folds stay current and it goes on where it stopped. With EPOCHS= (or train.e
 train.time_budget in ARGS= or the portfolio file) the members train those epochs instead, and
 the budget only decides which of them start.
 
-Before each member a timing probe of its real model and data says whether one epoch of each
-fold fits its share (one that does not is not started; the cheaper ones after it still get
-their shares), or, at fixed epochs, whether its folds fit what is left. Once the time left
-runs out, or a member stops before its last fold, no member with training left starts. A
-started member trains fold by fold and stops between folds when the next would not fit (at the
-pace of its last fold, where that was slower). Each member is an experiment like any other
-(`auto-<what>`), trained, then predicted with its TTA; a finished one counts whatever comes
-after, and a second `make auto` skips it (its folds are current) and goes on with the next.
-A member that fails (no weights offline, out of memory) fails alone. Then `make ensemble` of
-every finished member with `ensemble.method=auto` (chosen out of fold, its CV nested), the
-submission and the report, in the 5% of the budget kept for them.
+Before each member a timing probe of its real model and data (or the pace recorded for it, or
+for another seed of it) says whether MIN_EPOCHS epochs of each fold fit its share (one that
+does not is not started; the cheaper ones after it still get their shares), or, at fixed
+epochs, whether its folds fit what is left. Once the time left runs out, or a member stops
+before its last fold, no member with training left starts. A started member trains fold by
+fold and stops between folds when the next would not fit (at the pace of its last fold, where
+that was slower). Each member is an experiment like any other (`auto-<what>`), trained, then
+predicted: with flips as TTA where they score better out of fold than without, unless the
+competition or the user set the TTA. A finished member counts whatever comes after, and a
+second `make auto` skips it (its folds are current) and goes on with the next. A member that
+fails (no weights offline, out of memory) fails alone. Then `make ensemble` of every finished
+member with `ensemble.method=auto` (chosen out of fold, its CV nested), the submission and the
+report, in the 5% of the budget kept for them.
 
 The budget is this command's wall clock, checked before each fold: a fold once started runs to
 its end.
@@ -308,8 +310,8 @@ def train_members(data: str, members: list[Member], overrides: list[str],
     """Each member in order while the budget lasts: (member, what happened, minutes, why). A
     member with nothing left to train always counts; one that fails (no weights offline, out
     of memory, a setting it refuses) fails alone; after one that stopped or did not fit what
-    was left, none with training left starts (one whose single epoch exceeds its share does
-    not hold the cheaper ones after it back)."""
+    was left, none with training left starts (one whose share fits too few epochs does not
+    hold the cheaper ones after it back)."""
     rows, after = [], None
     left = with_training_left(data, members, overrides)
     for member in members:
