@@ -84,6 +84,7 @@ class Clock:
     # a fold's seconds against its share, the slowest yet: what a fold does besides its
     # epochs (start-up, predictions, plots) the probe does not see; later shares allow for it
     pace: float = 1.0
+    finished: int = 0  # members that count: the first to finish is never left unfinished
 
     @property
     def left(self) -> float:
@@ -233,11 +234,17 @@ def run_member(config: Config, layout: Layout, todo: list[int], *, clock: Clock,
                per_fold: float, epoch: float | None) -> str:
     """Train the member's folds one at a time while the budget lasts, then predict; what
     happened (a member stopped between folds resumes there on the next call). The next fold
-    is judged at the pace of the last one where that was slower than the estimate."""
+    is judged at the pace of the last one where that was slower than the estimate; while no
+    member has finished, a started one finishes over the budget (a timing probe can be off
+    when the machine gets busier; an empty result would waste all of it)."""
     for k in todo:
         if k != todo[0] and per_fold > clock.left:
-            return (f"stopped after {todo.index(k)} of {len(todo)} fold(s): the next needs "
-                    f"about {how_long(per_fold)}, {how_long(clock.left)} left")
+            short = (f"the next needs about {how_long(per_fold)}, {how_long(clock.left)} "
+                     f"left")
+            if clock.finished:
+                return f"stopped after {todo.index(k)} of {len(todo)} fold(s): {short}"
+            log.warning(f"auto: {config.run_name}: {short}; it trains on over the budget: "
+                        f"without it no member would finish")
         started = time.perf_counter()
         train_folds(config, layout, [k], force=False, epoch=epoch)
         took = time.perf_counter() - started
@@ -332,6 +339,7 @@ def train_members(data: str, members: list[Member], overrides: list[str],
         if what.startswith("not started"):
             rows.append([member.name, "not started", "-", what.removeprefix("not started: ")])
             continue
+        clock.finished += what in ("trained", "done before")
         rows.append([member.name, what, f"{(time.perf_counter() - started) / 60:.1f}",
                      member.why])
     return rows

@@ -21,11 +21,13 @@ from pipeline.auto import (
     Clock,
     current_views,
     fold_estimate,
+    folds_to_train,
     member_config,
     member_state,
     new_share,
     predicted_with_choice,
     resolved_member,
+    run_member,
     start_member,
     with_share,
 )
@@ -241,6 +243,23 @@ def test_too_few_epochs_in_a_share_are_refused_and_a_budget_the_user_set_is_not(
     assert cannot is not None and "fits 3 epoch(s), under 5" in cannot
     per_fold, _, cannot = fold_estimate(config, layout, shared=False)
     assert cannot is None and per_fold == pytest.approx(0.5 * 60 * (1 + PREDICT_SHARE))
+
+
+def test_a_started_member_stops_between_folds_unless_nothing_would_finish(tmp_path, caplog):
+    """No time left after its first fold: with a member finished before, it stops there; with
+    none, it trains on over the budget and says so (an empty result wastes all of it)."""
+    data, overrides = learnable_competition(tmp_path)
+    config = member_config(data, Member("auto-a", "resnet20", ["train.epochs=1"]), overrides)
+    layout = Layout.of(config)
+    spent = Clock(budget=0.0, started=time.perf_counter(), finished=1)
+    what = run_member(config, layout, [0, 1, 2], clock=spent, per_fold=1.0, epoch=None)
+    assert what.startswith("stopped after 1 of 3 fold(s): the next needs about"), what
+    assert folds_to_train(config, layout) == [1, 2]
+    first = Clock(budget=0.0, started=time.perf_counter())
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        what = run_member(config, layout, [1, 2], clock=first, per_fold=1.0, epoch=None)
+    assert what == "trained" and folds_to_train(config, layout) == []
+    assert "trains on over the budget: without it no member would finish" in caplog.text
 
 
 def test_make_auto_passes_the_budget_and_the_portfolio():
