@@ -225,7 +225,7 @@ def summary(results: list[Result]) -> list[list]:
 
 
 HEADERS = ["member", "recipe", "metric", "held-out metric", "held-out macro-F1",
-           "CV (nested)", "classes predicted (min)", "minutes"]
+           "CV (nested)", "classes predicted (min)", "minutes (all seeds)"]
 
 
 def main(argv=None) -> None:
