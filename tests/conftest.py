@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-import warnings
 from pathlib import Path
 
 import cv2
@@ -119,9 +118,8 @@ def _run_in_repo(monkeypatch):
     yield
     after = repo_outputs()
     written = sorted(k for k in after if before.get(k) != after[k])
-    if written:  # a warning until every test is clean (pytest lists them at the end), then fail
-        warnings.warn(f"the test wrote into the repository: {written[:6]}; give it tmp_path "
-                      f"folders (runs_dir=, audit_dir=, submissions_dir=, ...)", stacklevel=1)
+    assert not written, (f"the test wrote into the repository: {written[:6]}; give it "
+                         f"tmp_path folders (runs_dir=, audit_dir=, submissions_dir=, ...)")
 
 
 def experiment_dir(config: Config) -> Path:

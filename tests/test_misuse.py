@@ -520,15 +520,17 @@ def test_class_names_with_dollar_signs_are_drawn_as_plain_text(tmp_path, capsys)
 
 
 def test_an_unknown_audit_model_lists_the_experiments_instead_of_training_it(tmp_path, capsys):
-    comp = Competition(tmp_path)
-    audit = [f"audit_dir={tmp_path / 'audit'}"]
+    comp = Competition(tmp_path)  # its audit_dir is tmp_path/audit, where `folds` writes too
     assert comp("folds") == 0 and comp("train", "--name", "mine", "--folds", "0") == 0
+    found = tmp_path / "audit" / "tiny"
+    before = {p.name: p.stat().st_mtime_ns for p in found.iterdir()}  # the duplicate pass's
     capsys.readouterr()
-    assert comp("audit", *audit, model="nosuch") == 1
+    assert comp("audit", model="nosuch") == 1
     err = capsys.readouterr().err
     assert "no experiment nosuch" in err and "experiments: mine" in err
     assert "make train" not in err
-    assert not (tmp_path / "audit" / "tiny" / "duplicates.csv").exists()  # refused first
+    # refused first: the audit wrote nothing (no shift.csv) and redid nothing
+    assert {p.name: p.stat().st_mtime_ns for p in found.iterdir()} == before
 
 
 def test_probability_file_and_fold_remedies_name_the_competition(tmp_path):
