@@ -47,7 +47,12 @@ from pipeline.experiments.budgets import (
     sibling_record,
     with_budget,
 )
-from pipeline.experiments.freshness import read_folds, read_test_set, recorded_tta
+from pipeline.experiments.freshness import (
+    fold_numbers,
+    read_folds,
+    read_test_set,
+    recorded_tta,
+)
 from pipeline.experiments.layout import Layout
 from pipeline.experiments.runner import on_main
 from pipeline.experiments.state import (
@@ -106,7 +111,7 @@ def member_state(config: Config, layout: Layout) -> ExperimentState | None:
 
 
 def every_fold(config: Config, layout: Layout) -> list[int]:
-    return sorted(int(k) for k in read_folds(config.data, config.folds, layout)["fold"].unique())
+    return fold_numbers(read_folds(config.data, config.folds, layout))
 
 
 def folds_to_train(config: Config, layout: Layout) -> list[int]:
@@ -364,7 +369,8 @@ def run_auto(data: str, budget: str, overrides: list[str], *, portfolio_file: st
     log.info(format_table(rows, ["member", "auto", "minutes", "why"]))
     finished = [row[0] for row in rows if row[1] in ("trained", "done before")]
     if not finished:
-        again = make_command("auto", config.data.name, BUDGET="<more>", PORTFOLIO=portfolio_file)
+        more = f"{2 * total / 60:.3g}"  # a command to run as printed: twice the budget
+        again = make_command("auto", config.data.name, BUDGET=more, PORTFOLIO=portfolio_file)
         if all(row[1].startswith("failed") for row in rows):
             raise PipelineError("every member failed (above); fix the first error and run again")
         raise PipelineError(f"no member finished within BUDGET={budget} (the table above says "

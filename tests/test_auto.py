@@ -76,7 +76,7 @@ def test_a_budget_that_fits_no_member_says_so_and_trains_nothing(tmp_path, capsy
     out, err = capsys.readouterr()
     assert "auto-resnet20" in out and "not started" in out and "needs about" in out
     assert " s left" in out  # seconds, not "0.0 min"
-    assert "no member finished within BUDGET=0.001" in err and "make auto BUDGET=<more>" in err
+    assert "no member finished within BUDGET=0.001" in err and "make auto BUDGET=0.002" in err
     assert cli(["auto", "--data", data, "--budget", "2 hours", *overrides]) == 1
     assert "BUDGET=2 hours: '2 hours' is no duration" in capsys.readouterr().err
     assert not list((tmp_path / "runs" / "comp").glob("auto-*/fold0/best.pt"))
