@@ -127,8 +127,8 @@ auto: ## folds, a portfolio of experiments in the time given, the ensemble, the 
 	$(RUN) auto --data $(DATA) $(if $(BUDGET),--budget $(BUDGET)) $(if $(PORTFOLIO),--portfolio $(PORTFOLIO)) \
 		$(if $(EPOCHS),train.epochs=$(EPOCHS)) $(if $(TTA),tta.views=$(TTA)) $(ARGS)
 
-tune: ## an Optuna search over MODEL's settings, fold 0 per trial, resumable (TRIALS=20; TUNE_STORAGE=<db url>) -> runs/DATA/tune/MODEL/
-	$(if $(TUNE_STORAGE),TUNE_STORAGE='$(TUNE_STORAGE)' )$(RUN) tune --data $(DATA) --model $(MODEL) $(if $(TRIALS),--trials $(TRIALS)) $(OVERRIDES)
+tune: ## an Optuna search over MODEL's settings, fold 0 per trial, resumable (TRIALS=20; NAME= for the best; TUNE_STORAGE=<db url>) -> runs/DATA/tune/MODEL/
+	$(if $(TUNE_STORAGE),TUNE_STORAGE='$(TUNE_STORAGE)' )$(RUN) tune --data $(DATA) --model $(MODEL) $(if $(NAME),--name $(NAME)) $(if $(TRIALS),--trials $(TRIALS)) $(OVERRIDES)
 
 submit: ## upload the newest current submission (NAME=; MESSAGE=; PARTIAL=1) to Kaggle -> submissions/DATA/leaderboard.csv
 	$(RUN) submit --data $(DATA) $(if $(NAME),--name "$(NAME)") $(if $(MESSAGE),--message "$(MESSAGE)") $(if $(PARTIAL),--partial) $(ARGS)

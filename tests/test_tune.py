@@ -12,6 +12,7 @@ import yaml
 from pipeline.__main__ import main as cli
 from pipeline.base.config import load_config
 from pipeline.experiments.layout import Layout
+from pipeline.experiments.searches import searched_folds
 from pipeline.experiments.state import load_experiment
 from pipeline.training import loop
 from pipeline.training.tuning import STUDY_FILE, base_digest
@@ -99,9 +100,21 @@ def test_a_stopped_tune_resumes_its_study_and_the_stopped_trial(tmp_path, monkey
     stopped = study.trials[2]
     monkeypatch.setattr(loop.Trainer, "fit", real)
     capsys.readouterr()
-    assert cli(["tune", "--data", data, "--model", "resnet20", "--trials", "4", *overrides]) == 0
+    assert cli(["tune", "--data", data, "--model", "resnet20", "--trials", "4", "--name",
+                "resnet20-best", *overrides]) == 0
     out = capsys.readouterr().out
     assert "2 of 4 trials done, 1 killed one(s) tried again" in out
+    # NAME=: the best trial's fold 0 taken over (the same files), its other folds trained there
+    trial = layout.experiment(study_of(layout, name).best_trial.user_attrs["experiment"])
+    named = layout.experiment("resnet20-best")
+    assert named.fold(0).log.read_bytes() == trial.fold(0).log.read_bytes()
+    assert all(named.fold(k).oof.is_file() and not trial.fold(k).dir.exists() for k in (1, 2))
+    assert searched_folds(named) == searched_folds(trial) == [0]
+    config = load_config(data, None, overrides)
+    from pipeline.experiments.leaderboard import leaderboard
+    row = leaderboard(config.data, config.folds, layout).set_index("experiment").loc[named.name]
+    assert row["status"].startswith("complete, fold(s) [0, 1, 2] to predict; fold(s) [0] chose "
+                                    "its settings (make tune"), row["status"]
     study = study_of(layout, name)
     assert len(study.trials) == 5
     assert study.trials[3].params == stopped.params  # the stopped trial, first
@@ -154,9 +167,74 @@ def test_a_trial_behind_the_median_is_pruned_and_the_best_is_honestly_scored(tmp
     config = load_config(data, None, [*overrides, f"reports_dir={tmp_path / 'reports'}"])
     html = build_report(config).read_text()
     assert "Searches (make tune)" in html and "resnet20-tune-" in html and "pruned" in html
+    # NAME=: the best settings under the user's name, taking over what the trial trained
+    assert searched_folds(exp) == [0]
+
+    def trained_again(self):
+        raise AssertionError(f"{self.spec.part.dir} trained again")
+
+    monkeypatch.setattr(loop.Trainer, "fit", trained_again)
+    capsys.readouterr()
+    assert cli(["tune", "--data", data, "--model", "resnet20", "--trials", "3", "--name",
+                "resnet20-tuned", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert f"folds 1,2 log_loss {honest:.4f} ± " in out
+    assert "make predict ensemble MODEL=resnet20-tuned" in out
+    assert searched_folds(layout.experiment("resnet20-tuned")) == [0]
+    assert cli(["predict", "--data", data, "--model", "resnet20-tuned", *where]) == 0
+    # a name of other settings (the pruned trial's) is refused before a file is touched
+    other = study.trials[2].user_attrs["experiment"]
+    before = sorted(p.name for p in layout.experiment(other).dir.rglob("*"))
+    assert cli(["tune", "--data", data, "--model", "resnet20", "--trials", "3", "--name", other,
+                *overrides]) == 1
+    assert f"NAME={other}: it is an experiment of other settings" in capsys.readouterr().err
+    assert sorted(p.name for p in layout.experiment(other).dir.rglob("*")) == before
 
 
 def test_make_tune_passes_trials_and_the_storage():
-    out = dry_make("tune", "MODEL=resnet18", "TRIALS=8", "TUNE_STORAGE=sqlite:///t.db").stdout
+    out = dry_make("tune", "MODEL=resnet18", "TRIALS=8", "TUNE_STORAGE=sqlite:///t.db",
+                   "NAME=best").stdout
     assert "TUNE_STORAGE='sqlite:///t.db'" in out and "pipeline tune --data digits --model " \
-           "resnet18 --trials 8" in out
+           "resnet18 --name best --trials 8" in out
+
+
+def test_a_fold_that_chose_the_settings_is_left_out_of_every_cv(tmp_path, capsys):
+    """make tune records fold 0 as the search's (search.json): `make runs`, the summary and the
+    ensemble then print the CV of the other folds, and say why (a record written here as
+    promote writes it: the search itself is a slow test)."""
+    from pipeline.base.task import Scorer
+    from pipeline.experiments.leaderboard import leaderboard, read_submissions
+    from pipeline.experiments.searches import write_search
+    from pipeline.experiments.state import joined_oof
+
+    data, overrides = learnable_competition(tmp_path)
+    where = [*overrides, "tta.views=none", f"submissions_dir={tmp_path / 'subs'}"]
+    assert cli(["train", "--data", data, "--model", "resnet20", "--name", "m", *where]) == 0
+    assert cli(["predict", "--data", data, "--model", "m", *where]) == 0
+    config = load_config(data, None, where)
+    layout, scorer = Layout.of(config), Scorer.of(config.data)
+    exp = layout.experiment("m")
+    every_fold = leaderboard(config.data, config.folds, layout).iloc[0]
+    assert cli(["ensemble", "--data", data, "--models", "m", *where]) == 0
+    [before] = read_submissions(config.data, config.folds, layout)
+    assert before.cv == pytest.approx(every_fold["oof"])
+
+    write_search(exp, {"folds": [0], "trials": 7})
+    row = leaderboard(config.data, config.folds, layout).iloc[0]
+    honest = [scorer.score_frame(pd.read_csv(exp.fold(k).oof)) for k in (1, 2)]
+    assert row["cv mean"] == pytest.approx(np.mean(honest))
+    assert row["oof"] == pytest.approx(scorer.score_frame(joined_oof(exp, [1, 2])))
+    assert row["oof"] != pytest.approx(every_fold["oof"])
+    assert "fold(s) [0] chose its settings (make tune, best of 7 trials)" in row["status"]
+    capsys.readouterr()
+    assert cli(["train", "--data", data, "--model", "m", *where]) == 0  # all current
+    summary = exp.summary_md.read_text()
+    assert "| 0 (search) |" in summary and "over 2 of 3 fold(s)" in summary
+    assert cli(["ensemble", "--data", data, "--models", "m", *where]) == 0
+    out = capsys.readouterr().out
+    assert "fold(s) [0] chose the settings of m (make tune): the CV leaves out their 20 " \
+           f"rows (log_loss with them {before.cv:.4f}, optimistic; the rows of the table score every " \
+           "row)" in out
+    [after] = [s for s in read_submissions(config.data, config.folds, layout)
+               if s.name != before.name]
+    assert after.cv == pytest.approx(row["oof"])

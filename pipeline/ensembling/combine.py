@@ -597,20 +597,58 @@ def honest_scores(targets: np.ndarray, combined: Combined, decoded: Decoded | No
     return printed
 
 
-def fold_spread(targets: np.ndarray, combined: Combined, decoded: Decoded | None,
-                row_folds: np.ndarray, *, scorer: Scorer) -> float:
-    """The standard deviation over the folds of the honest CV (honest_scores' 'out of fold'),
-    each fold scored alone: how much a score on that many rows varies. NaN under two folds."""
+def honest_predictions(combined: Combined,
+                       decoded: Decoded | None) -> tuple[np.ndarray | None, np.ndarray]:
+    """(the nested labels the honest CV scores, or None: it scores probabilities; the nested
+    probabilities): each OOF row as a fit on the other folds predicts it."""
     if combined.nested_labels is not None:
         labels = combined.nested_labels
     elif decoded is not None and decoded.used:
         labels = decoded.nested_labels
     else:
         labels = None
-    probs = combined.oof if combined.oof_nested is None else combined.oof_nested
-    scores = [scorer.score_labels(targets[held], labels[held]) if labels is not None
-              else scorer.score(targets[held], probs[held])
-              for held in (row_folds == k for k in np.unique(row_folds))]
+    return labels, combined.oof if combined.oof_nested is None else combined.oof_nested
+
+
+def honest_score_on(rows: np.ndarray, targets: np.ndarray, combined: Combined,
+                    decoded: Decoded | None, *, scorer: Scorer) -> float:
+    """The honest CV on the OOF rows of the mask `rows` alone."""
+    labels, probs = honest_predictions(combined, decoded)
+    if labels is not None:
+        return scorer.score_labels(targets[rows], labels[rows])
+    return scorer.score(targets[rows], probs[rows])
+
+
+def honest_without(searched: list[int], row_folds: np.ndarray, targets: np.ndarray, *,
+                   combined: Combined, decoded: Decoded | None, scorer: Scorer,
+                   tuned: list[str]) -> tuple[dict[str, float], list[int]]:
+    """(honest_scores, the folds they leave out): a fold on which `make tune` chose a member's
+    settings (`searched`; the members `tuned`) scores that member at its luckiest, so the CV is
+    taken without its rows, and says so, while other folds are left."""
+    scores = honest_scores(targets, combined, decoded, scorer)
+    searched = [k for k in searched if k in set(row_folds.tolist())]
+    if not searched:
+        return scores, []
+    scored = ~np.isin(row_folds, searched)
+    chose = f"fold(s) {searched} chose the settings of {', '.join(tuned)} (make tune)"
+    if not scored.any():
+        combined.notes.append(f"{chose}, and the CV has no other rows: it is optimistic")
+        return scores, []
+    every_row = scores["out of fold"]
+    scores["out of fold"] = honest_score_on(scored, targets, combined, decoded, scorer=scorer)
+    combined.notes.append(
+        f"{chose}: the CV leaves out their {int((~scored).sum())} rows ({scorer.metric} with "
+        f"them {every_row:.4f}, optimistic; the rows of the table score every row)")
+    return scores, searched
+
+
+def fold_spread(targets: np.ndarray, combined: Combined, decoded: Decoded | None,
+                row_folds: np.ndarray, *, scorer: Scorer, skipped: Sequence[int] = ()) -> float:
+    """The standard deviation over the folds of the honest CV (honest_scores' 'out of fold'),
+    each fold scored alone: how much a score on that many rows varies. NaN under two folds.
+    `skipped`: folds the CV leaves out (a member's search chose on them)."""
+    scores = [honest_score_on(row_folds == k, targets, combined, decoded, scorer=scorer)
+              for k in np.unique(row_folds) if k not in skipped]
     return float(np.nanstd(scores, ddof=1)) if len(scores) > 1 else float("nan")
 
 

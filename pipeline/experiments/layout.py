@@ -159,6 +159,10 @@ class Experiment:
         return self.dir / "budget.json"
 
     @property
+    def search(self) -> Path:  # `make tune`: the folds that chose its settings (searches.py)
+        return self.dir / "search.json"
+
+    @property
     def lr_sweep_csv(self) -> Path:  # `make lr`: the loss at each learning rate of the sweep
         return self.dir / "lr_sweep.csv"
 

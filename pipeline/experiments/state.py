@@ -54,6 +54,7 @@ from pipeline.experiments.freshness import (
 from pipeline.experiments.layout import REFIT, Experiment, Layout, Part, part_name
 from pipeline.experiments.manifests import Manifest, read_manifest
 from pipeline.experiments.probfiles import oof_file, read_probs
+from pipeline.experiments.searches import searched_folds, searched_note
 from pipeline.models.names import is_timm_name, model_names
 
 
@@ -139,10 +140,16 @@ class ExperimentState:
     refit_predict: Freshness | None = None
     refit_unchecked: str | None = None  # why the refit's inputs cannot be computed now
     error: str | None = None  # the folds file no longer fits the data: every fold is stale
+    searched: list[int] = field(default_factory=list)  # folds that chose its settings (make tune)
 
     @property
     def current_folds(self) -> list[int]:
         return [f.fold for f in self.folds if f.train.current]
+
+    @property
+    def scored_folds(self) -> list[int]:
+        """The current folds its CV is made of: those no search chose its settings on."""
+        return [k for k in self.current_folds if k not in self.searched]
 
     @property
     def predicted_folds(self) -> list[int]:
@@ -175,6 +182,8 @@ class ExperimentState:
             text += f", fold(s) {unpredicted} to predict"
         if self.refit_train is not None:
             text += ", refit" + ("" if self.refit_train.current else " stale")
+        if self.searched:
+            text += f"; {searched_note(self.exp)}"
         return text
 
     def remedy(self, verbs: str, **variables: object) -> str:
@@ -308,7 +317,7 @@ def experiment_state(data: DataConfig, layout: Layout, name: str, folds: pd.Data
         # its pseudo-label set is where it was trained from (a where-setting of its own)
         inputs_layout = replace(layout, pseudo=Path(experiment.pseudo_dir) / data.name)
     experiment = experiment.model_copy(update={"run_name": name})
-    state = ExperimentState(name, experiment, exp, error=folds_error)
+    state = ExperimentState(name, experiment, exp, error=folds_error, searched=searched_folds(exp))
     try:
         inputs, details = training_inputs(experiment, folds, inputs_layout)
     except PipelineError as err:  # e.g. its pseudo-label set is gone: every fold is stale
@@ -352,21 +361,24 @@ def cv_numbers(state: ExperimentState, scorer: Scorer,
                test_like: set[str] | None = None) -> dict[str, Any]:
     """Mean ± std of the current folds' metric, the OOF metric, the TTA gain and training time;
     with `test_like` (the audit's training rows most like the test set), the OOF metric on
-    those rows alone: a CV nearer what the leaderboard sees when the test set differs."""
-    exp, done = state.exp, state.current_folds
+    those rows alone: a CV nearer what the leaderboard sees when the test set differs. A fold
+    that chose the experiment's settings (make tune) counts in its minutes, not its CV."""
+    exp, done = state.exp, state.scored_folds
     numbers: dict[str, Any] = {"cv_mean": np.nan, "cv_std": np.nan, "oof": np.nan,
                                "oof_test_like": np.nan, "tta_gain": np.nan, "minutes": "0.0"}
+    seconds = sum(float(pd.read_csv(exp.fold(k).log)["seconds"].sum())
+                  for k in state.current_folds)
+    numbers["minutes"] = f"{seconds / 60:.1f}"
     if not done:
         return numbers
     scores = [scorer.score_frame(read_probs(exp.fold(k).oof)) for k in done]
-    seconds = sum(float(pd.read_csv(exp.fold(k).log)["seconds"].sum()) for k in done)
     oof = joined_oof(exp, done)
     numbers.update(cv_mean=float(np.mean(scores)), cv_std=float(np.std(scores)),
-                   oof=scorer.score_frame(oof), minutes=f"{seconds / 60:.1f}")
+                   oof=scorer.score_frame(oof))
     like = oof[oof["id"].astype(str).isin(test_like)] if test_like else oof.iloc[:0]
     if len(like) and like["label"].nunique() > 1:  # a metric of one class says nothing
         numbers["oof_test_like"] = scorer.score_frame(like)
-    predicted = state.predicted_folds
+    predicted = [k for k in state.predicted_folds if k in done]
     if len(predicted) == len(done) and state.tta(False).views != "none":
         numbers["tta_gain"] = tta_gain(exp, predicted, scorer)
     return numbers

@@ -44,7 +44,7 @@ from pipeline.ensembling.combine import (
     combine_members,
     decode_combined,
     fold_spread,
-    honest_scores,
+    honest_without,
 )
 from pipeline.ensembling.decode import Decoded, decoder_kind
 from pipeline.ensembling.members import (
@@ -221,10 +221,13 @@ def make_ensemble(config: Config, layout: Layout, folds: pd.DataFrame, test_fing
     if any(m.refit for m in members):
         combined.notes.append("the full-data refit joined the test average unvalidated: no fold "
                               "scored it, so the CV above does not include it")
-    return Ensemble(candidates, members, settings, oof_stack, targets, combined, decoded,
-                    honest_scores(targets, combined, decoded, scorer),
-                    fold_spread(targets, combined, decoded, row_folds, scorer=scorer), is_partial,
-                    len(np.unique(row_folds)))
+    searched = sorted({k for c in candidates for k in c.state.searched})
+    scores, searched = honest_without(searched, row_folds, targets, combined=combined,
+                                      decoded=decoded, scorer=scorer,
+                                      tuned=[c.name for c in candidates if c.state.searched])
+    return Ensemble(candidates, members, settings, oof_stack, targets, combined, decoded, scores,
+                    fold_spread(targets, combined, decoded, row_folds, scorer=scorer,
+                                skipped=searched), is_partial, len(np.unique(row_folds)))
 
 
 # --------------------------------------------------------------------------------------------

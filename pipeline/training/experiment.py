@@ -44,6 +44,7 @@ from pipeline.experiments.layout import Experiment, Layout
 from pipeline.experiments.manifests import read_manifest
 from pipeline.experiments.probfiles import read_probs, read_pseudo
 from pipeline.experiments.runner import decide, on_main, stage_lock
+from pipeline.experiments.searches import searched_folds, searched_note
 from pipeline.experiments.state import joined_oof
 from pipeline.training.budget import budgeted, epoch_seconds
 from pipeline.training.parts import Rows, RunSpec
@@ -140,6 +141,8 @@ def prepare_training(config: Config, layout: Layout, folds_to_train: list[int] |
         start_experiment(config, exp)
         if measured is not None:  # the plan is accepted: the budget's epochs are the folds'
             on_main(lambda: write_budget(exp, measured))
+    elif not exp.config.is_file():  # its folds taken over from another (make tune NAME=)
+        start_experiment(config, exp)
     return Plan(config, folds, todo, inputs, details)
 
 
@@ -217,7 +220,8 @@ def fold_result(exp: Experiment, fold: int, scorer: Scorer) -> dict[str, Any]:
 
 def write_summary(config: Config, layout: Layout, folds: pd.DataFrame) -> pd.DataFrame | None:
     """summary.csv|md: per-fold scores, mean, std, and the OOF score of the current folds (a
-    stale or missing fold is left out, and the count says so)."""
+    stale or missing fold is left out, and the count says so; so is a fold that chose the
+    experiment's settings in `make tune`, from the mean and the OOF, its row marked)."""
     exp, scorer = layout.experiment(config.run_name), Scorer.of(config.data)
     done = current_folds(config, folds, layout)
     for path in (exp.summary_csv, exp.summary_md):
@@ -225,19 +229,27 @@ def write_summary(config: Config, layout: Layout, folds: pd.DataFrame) -> pd.Dat
     if not done:
         return None
     results = pd.DataFrame([fold_result(exp, k, scorer) for k in done])
-    oof = joined_oof(exp, done)
+    searched = [k for k in searched_folds(exp) if k in done]
+    scored = [k for k in done if k not in searched] or done
+    oof = joined_oof(exp, scored)
     targets, probs = scorer.targets(oof["label"]), scorer.probs_of(oof)
     overall = scorer.report(targets, probs)
     write_csv_atomic(results, exp.summary_csv)
     n_folds, metric = folds["fold"].nunique(), scorer.metric
     partial = "" if len(done) == n_folds else f" (PARTIAL: {len(done)} of {n_folds} folds)"
-    table = [[r["fold"], r["best_epoch"], r["epochs"], r[metric], r["seconds"]]
-             for r in results.to_dict("records")]
+    if searched:
+        partial += (f" ({searched_note(exp)})" if scored != done else
+                    f" (fold(s) {searched} alone, which chose its settings in make tune: "
+                    f"optimistic)")
+    table = [[f"{r['fold']} (search)" if r["fold"] in searched else r["fold"], r["best_epoch"],
+              r["epochs"], r[metric], r["seconds"]] for r in results.to_dict("records")]
     headers = ["fold", "best epoch", "epochs", metric, "seconds"]
+    in_cv = results[results["fold"].isin(scored)]
     write_text_atomic(exp.summary_md, summary_markdown(
-        config.data, config.run_name, results, table, headers=headers, overall=overall, n_oof=len(oof), partial=partial, n_folds=n_folds,
+        config.data, config.run_name, in_cv, table, headers=headers, overall=overall,
+        n_oof=len(oof), partial=partial, n_folds=n_folds,
         matrix=confusion_matrix(targets, probs.argmax(1), labels=range(scorer.n_classes))))
-    log.info(format_table(table + [["mean", "", "", float(results[metric].mean()), ""],
+    log.info(format_table(table + [["mean", "", "", float(in_cv[metric].mean()), ""],
                                 ["oof", "", "", overall[metric], ""]], headers))
     log.info(f"{config.run_name}: out-of-fold {metric} {overall[metric]:.4f} over {len(oof)} images"
           f"{partial} -> {exp.summary_md}")

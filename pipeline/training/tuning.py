@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -39,15 +40,23 @@ from pipeline.base.fingerprints import fingerprint
 from pipeline.base.log import log
 from pipeline.base.metrics import higher_is_better
 from pipeline.base.task import Scorer
-from pipeline.base.utils import PipelineError, format_table, write_csv_atomic
+from pipeline.base.utils import (
+    PipelineError,
+    format_table,
+    make_command,
+    write_csv_atomic,
+    write_text_atomic,
+)
 from pipeline.experiments.freshness import read_folds
-from pipeline.experiments.layout import Layout
+from pipeline.experiments.layout import Experiment, Layout
+from pipeline.experiments.searches import read_search, write_search
 from pipeline.experiments.state import load_experiment
 from pipeline.training.experiment import fold_result, train_folds
 from pipeline.training.tracking import listening
 
 STORAGE_ENV = "TUNE_STORAGE"
 STUDY_FILE = "study.log"
+SEARCHED_FOLD = 0  # every trial trains and is scored on it
 
 
 def default_space(config: Config) -> dict[str, Any]:
@@ -126,10 +135,11 @@ class Search:
     metric: str
     base: str  # base_digest of the searched experiment
 
-    def config(self, values: dict[str, Any]) -> Config:
+    def config(self, values: dict[str, Any], name: str | None = None) -> Config:
+        """A trial's experiment (`name`: the same settings under the user's NAME=)."""
         settings = [f"{key}={value}" for key, value in values.items()]
         return load_experiment(self.data, self.model, [*self.overrides, *settings],
-                               name=trial_name(self.model, values, self.base))
+                               name=name or trial_name(self.model, values, self.base))
 
     def objective(self, trial) -> float:
         import optuna
@@ -153,12 +163,12 @@ class Search:
 
         try:
             with listening(report):
-                train_folds(config, self.layout, [0], force=False)
+                train_folds(config, self.layout, [SEARCHED_FOLD], force=False)
         except KeyboardInterrupt:  # Optuna closes the trial as failed: say it was stopped,
             trial.set_user_attr("interrupted", True)  # so the next `make tune` goes on with it
             raise
         exp = self.layout.experiment(config.run_name)
-        return float(fold_result(exp, 0, Scorer.of(config.data))[self.metric])
+        return float(fold_result(exp, SEARCHED_FOLD, Scorer.of(config.data))[self.metric])
 
 
 def storage(layout: Layout, model: str):
@@ -309,20 +319,67 @@ class Promoted:
     folds: list[int]
 
 
-def promote(study, search: Search) -> Promoted:
-    """The best trial's experiment trains its other folds; their CV is the honest figure."""
+def promote(study, search: Search, name: str | None = None) -> Promoted:
+    """The best trial's settings train every fold: in the trial's own experiment, or under
+    `name` (NAME=), which takes over what the trial's experiment trained (fold 0 at least)
+    instead of training it again. Fold 0 chose them (recorded in both: every CV leaves it
+    out); the others' CV is the honest figure."""
     best = study.best_trial
-    config = search.config(best.params)
+    trial = search.config(best.params)
+    config = trial if name is None else search.config(best.params, name=name)
     folds = read_folds(config.data, config.folds, search.layout)
-    others = sorted(int(k) for k in folds["fold"].unique() if int(k) != 0)
+    others = sorted(int(k) for k in folds["fold"].unique() if int(k) != SEARCHED_FOLD)
     if not others:
         raise PipelineError("make tune needs two folds or more: the search scores fold 0, the "
                             "others give the honest figure (folds.n_splits)")
-    train_folds(config, search.layout, others, force=False)
-    exp, scorer = search.layout.experiment(config.run_name), Scorer.of(config.data)
+    record = {"folds": [SEARCHED_FOLD], "trial": best.number,
+              "trials": sum(t.state.name == "COMPLETE" for t in study.trials),
+              "study": str(search.layout.tune_dir(search.model)), "search_score": float(best.value)}
+    exp, trial_exp = (search.layout.experiment(c.run_name) for c in (config, trial))
+    if name is not None:
+        check_name_free(exp, record, search, len(study.trials))
+        take_over(trial_exp, exp, [SEARCHED_FOLD, *others])
+    for searched in {exp.dir: exp, trial_exp.dir: trial_exp}.values():
+        write_search(searched, record)
+    train_folds(config, search.layout, [SEARCHED_FOLD, *others], force=False)
+    scorer = Scorer.of(config.data)
     scores = [float(fold_result(exp, k, scorer)[search.metric]) for k in others]
     spread = float(np.std(scores, ddof=1)) if len(scores) > 1 else math.nan
     return Promoted(config.run_name, float(best.value), float(np.mean(scores)), spread, others)
+
+
+def check_name_free(target: Experiment, record: dict[str, Any], search: Search,
+                    trials: int) -> None:
+    """NAME= names the best trial's settings: an experiment of that name from anything else
+    (other settings, or an earlier best of this search) is refused before a file is touched."""
+    if not target.config.is_file():
+        return
+    earlier = read_search(target) or {}
+    if earlier.get("study") == record["study"] and earlier.get("trial") == record["trial"]:
+        return
+    why = (f"it holds trial {earlier['trial']}, the best when it was promoted; the best is now "
+           f"trial {record['trial']}" if earlier.get("study") == record["study"]
+           else "it is an experiment of other settings")
+    again = make_command("tune", search.layout.competition, MODEL=search.model, TRIALS=trials,
+                         NAME=f"{target.name}-2", ARGS=" ".join(search.overrides))
+    raise PipelineError(f"NAME={target.name}: {why} ({target.dir}); name the best another way: "
+                        f"{again}")
+
+
+def take_over(source: Experiment, target: Experiment, folds: list[int]) -> None:
+    """What the trial's experiment trained, copied into the named one (the same settings: the
+    freshness rule finds it current there; a fold stopped mid-way resumes from its last.pt),
+    where the name has none yet: its folds and the epochs a time budget became."""
+    if source.budget.is_file() and not target.budget.exists():
+        write_text_atomic(target.budget, source.budget.read_text())
+    for k in folds:
+        done, into = source.fold(k).dir, target.fold(k).dir
+        if into.exists() or not done.is_dir():
+            continue
+        partial = into.with_name(f".{into.name}.copying")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(done, partial)
+        partial.rename(into)  # whole or not at all: a killed copy leaves no half fold
 
 
 def write_tables(study, search: Search) -> tuple[pd.DataFrame, dict[str, float]]:
