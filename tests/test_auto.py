@@ -228,6 +228,63 @@ def test_flips_that_score_worse_out_of_fold_are_not_kept_and_the_choice_stands(t
     assert "flips TTA" not in caplog.text and current_views(chosen, layout) == "vflip"
 
 
+def sided_competition(tmp_path) -> tuple[str, list[str]]:
+    """Dark or light told by one half of the image, the other half a bright or dark distractor;
+    each fold one side (the group column): a fold's model learns the other side, so a mirror
+    shows it what it learned and flips as TTA help out of fold."""
+    root = tmp_path / "comp"
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(40):
+        label, side = ("dark", "light")[i % 2], ("left", "right")[(i // 2) % 2]
+        image = np.empty((16, 16, 3))
+        signal, distractor = (slice(0, 8), slice(8, 16))[::1 if side == "left" else -1]
+        image[:, signal] = 40 if label == "dark" else 215
+        image[:, distractor] = rng.choice([40, 215])
+        image = np.clip(image + rng.normal(0, 10, image.shape), 0, 255).astype(np.uint8)
+        (root / "train").mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(root / "train" / f"{i:03d}.png"), image)
+        rows.append({"id": f"{i:03d}", "label": label, "side": side})
+    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
+    for i in range(2):
+        write_image(root / "test" / f"t{i}", seed=i)
+    pd.DataFrame({"id": ["t0", "t1"]}).to_csv(root / "test.csv", index=False)
+    pd.DataFrame({"id": ["t0", "t1"], "dark": 0.5, "light": 0.5}).to_csv(
+        root / "sample_submission.csv", index=False)
+    (root / "comp.yaml").write_text(yaml.safe_dump({
+        "name": "comp", "root": str(root), "classes": ["dark", "light"], "metric": "log_loss",
+        "group_column": "side"}))
+    overrides = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
+                 f"audit_dir={tmp_path / 'audit'}", "augment.image_size=16", "train.workers=0",
+                 "train.batch_size=8", "train.epochs=10", "folds.n_splits=2",
+                 f"submissions_dir={tmp_path / 'subs'}"]
+    assert cli(["folds", "--data", str(root / "comp.yaml"), *overrides]) == 0
+    return str(root / "comp.yaml"), overrides
+
+
+def test_flips_that_score_better_out_of_fold_are_kept_and_later_commands_keep_them(tmp_path,
+                                                                                   caplog):
+    data, overrides = sided_competition(tmp_path)
+    config = member_config(data, Member("auto-a", "resnet20", []), overrides)
+    layout = Layout.of(config)
+    train_folds(config, layout, None, force=False)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        predicted_with_choice(config, layout)
+    assert "auto: auto-a: flips TTA kept, out-of-fold log_loss" in caplog.text, caplog.text
+    exp = layout.experiment("auto-a")
+    plain, with_flips = oof_scores(exp, [0, 1], Scorer.of(config.data))
+    assert with_flips < plain
+    assert current_views(config, layout) == "flips"
+    assert yaml.safe_load(exp.config.read_text())["tta"]["views"] == "flips"
+    made = [exp.fold(k).predict_manifest.stat().st_mtime_ns for k in (0, 1)]
+    # the member's own settings say flips now: `make predict` and `make ensemble` of it agree
+    assert cli(["predict", "--data", data, "--model", "auto-a", *overrides]) == 0
+    assert [exp.fold(k).predict_manifest.stat().st_mtime_ns for k in (0, 1)] == made
+    assert cli(["ensemble", "--data", data, "--models", "auto-a", *overrides]) == 0
+    [manifest] = (tmp_path / "subs" / "comp").glob("auto-a_cv*.json")
+    assert yaml.safe_load(manifest.read_text())["details"]["cv"] == pytest.approx(with_flips)
+
+
 def test_too_few_epochs_in_a_share_are_refused_and_a_budget_the_user_set_is_not(tmp_path):
     """A recorded pace that fits 3 epochs in the share: auto's own share refuses the member
     (under MIN_EPOCHS); the same budget set by the user trains those 3."""
