@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pipeline.base.log import log
 from pipeline.base.utils import PipelineError, make_command
-from pipeline.training.tuning import promote, tune, write_tables
+from pipeline.training.tuning import SEARCHED_FOLD, promote, tune, write_tables
 
 # the command-line flags of its verb (pipeline/__main__.py FLAG_SPECS)
 FLAGS = ("data", "model", "name", "trials", "overrides")
@@ -36,7 +36,7 @@ def main(args) -> None:
     metric, folds = search.metric, ",".join(map(str, best.folds))
     log.info(f"best trial: {best.experiment}")
     scored = int((table["state"] == "complete").sum())
-    log.info(f"  fold 0 {metric} {best.search_score:.4f} (the search's: the best of "
+    log.info(f"  fold {SEARCHED_FOLD} {metric} {best.search_score:.4f} (the search's: the best of "
              f"{scored} on the fold that chose it, optimistic)")
     log.info(f"  folds {folds} {metric} {best.honest:.4f} ± {best.honest_std:.4f} (honest: "
              f"folds no trial scored)")
