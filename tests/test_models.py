@@ -289,6 +289,10 @@ class FakeHub(BaseHTTPRequestHandler):
         self.answer(body=True)
 
     def answer(self, body: bool) -> None:
+        if getattr(self.server, "refuse", None):  # a proxy or the hub saying no to everything
+            self.send_response(self.server.refuse)
+            self.end_headers()
+            return
         data = self.server.files.get(self.path)
         if data is None:
             self.send_response(404)
@@ -366,6 +370,17 @@ def test_make_weights_fetches_ahead_into_a_folder_a_notebook_reads_offline(fake_
     assert torch.equal(model.conv1.weight, source.conv1.weight)
 
 
+def test_a_refused_download_says_why_and_what_to_put_where(fake_hub, empty_caches):
+    fake_hub.refuse = 403  # answered at once (a refused connection is retried: the slow test)
+    with pytest.raises(WeightsNotFoundError) as error:
+        create_model("timm/resnet18", 10, pretrained=True, weights_dir=empty_caches / "weights")
+    message = str(error.value)
+    assert f"the download from http://127.0.0.1:{fake_hub.server_port}" in message
+    assert "failed" in message and "403" in message
+    assert "timm-resnet18.safetensors" in message  # the file to put into weights/
+
+
+@pytest.mark.slow  # the hub client retries a refused connection for about 23 s
 def test_a_failed_download_says_why_and_what_to_put_where(empty_caches, monkeypatch):
     with socket.socket() as closed:  # a port nothing listens on: the connection is refused
         closed.bind(("127.0.0.1", 0))

@@ -220,9 +220,21 @@ def downloaded_timm_weights(pretrained_cfg: dict) -> tuple[Path | None, str]:
                     not isinstance(err, LocalEntryNotFoundError):
                 continue  # the hub answered: the repo holds the other file name
             return None, (f"the download from {endpoint or 'huggingface.co'} ({repo_id}) failed: "
-                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                          f"{what_failed(err)}")
         return Path(found), f"downloaded {repo_id}/{filename}"
     return None, f"{repo_id} holds none of {', '.join(filenames)}"
+
+
+def what_failed(err: BaseException) -> str:
+    """The error in a line, with the one that caused it: the hub client reports a 403 from a
+    proxy, or a refused connection, as 'not in the local cache', the cause says which."""
+    def line(e: BaseException) -> str:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    cause = err
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    return line(err) if cause is err else f"{line(err)} (because of {line(cause)})"
 
 
 def torchvision_url(name: str) -> str | None:
