@@ -376,7 +376,7 @@ def test_a_refused_download_says_why_and_what_to_put_where(fake_hub, empty_cache
         create_model("timm/resnet18", 10, pretrained=True, weights_dir=empty_caches / "weights")
     message = str(error.value)
     assert f"the download from http://127.0.0.1:{fake_hub.server_port}" in message
-    assert "failed" in message and "403" in message
+    assert "failed" in message and "because of HfHubHTTPError: 403 Forbidden" in message
     assert "timm-resnet18.safetensors" in message  # the file to put into weights/
 
 
@@ -392,6 +392,7 @@ def test_a_failed_download_says_why_and_what_to_put_where(empty_caches, monkeypa
         create_model("timm/resnet18", 10, pretrained=True, weights_dir=empty_caches / "weights")
     message = str(error.value)
     assert f"the download from http://127.0.0.1:{port}" in message and "failed" in message
+    assert "because of" in message and "Connect" in message  # the cause: nothing answered
     assert "timm-resnet18.safetensors" in message  # the file to put into weights/
     assert time.monotonic() - start < 60  # the hub client retries for about 23 s, once
 

@@ -232,9 +232,9 @@ def test_a_fold_that_chose_the_settings_is_left_out_of_every_cv(tmp_path, capsys
     assert "| 0 (search) |" in summary and "over 2 of 3 fold(s)" in summary
     assert cli(["ensemble", "--data", data, "--models", "m", *where]) == 0
     out = capsys.readouterr().out
-    assert "fold(s) [0] chose the settings of m (make tune): the CV leaves out their 20 " \
-           f"rows (log_loss with them {before.cv:.4f}, optimistic; the rows of the table score every " \
-           "row)" in out
+    assert "fold(s) [0] chose the settings of m (make tune): the CV and its in-sample figure " \
+           f"leave out their 20 rows (log_loss with them {before.cv:.4f}, optimistic;" in out
     [after] = [s for s in read_submissions(config.data, config.folds, layout)
                if s.name != before.name]
     assert after.cv == pytest.approx(row["oof"])
+    assert after.cv_in_sample == pytest.approx(row["oof"])  # nothing fitted: the same rows

@@ -636,10 +636,20 @@ def honest_without(searched: list[int], row_folds: np.ndarray, targets: np.ndarr
         return scores, []
     every_row = scores["out of fold"]
     scores["out of fold"] = honest_score_on(scored, targets, combined, decoded, scorer=scorer)
+    scores["in sample"] = in_sample_on(scored, targets, combined, decoded, scorer=scorer)
     combined.notes.append(
-        f"{chose}: the CV leaves out their {int((~scored).sum())} rows ({scorer.metric} with "
-        f"them {every_row:.4f}, optimistic; the rows of the table score every row)")
+        f"{chose}: the CV and its in-sample figure leave out their {int((~scored).sum())} rows "
+        f"({scorer.metric} with them {every_row:.4f}, optimistic; the members' and methods' "
+        f"rows and argmax against the decoder score every row)")
     return scores, searched
+
+
+def in_sample_on(rows: np.ndarray, targets: np.ndarray, combined: Combined,
+                 decoded: Decoded | None, *, scorer: Scorer) -> float:
+    """honest_scores' 'in sample' figure on the OOF rows of the mask `rows` alone."""
+    if decoded is not None and decoded.used:
+        return scorer.score_labels(targets[rows], decoded.oof_labels[rows])
+    return scorer.score(targets[rows], combined.oof[rows])
 
 
 def fold_spread(targets: np.ndarray, combined: Combined, decoded: Decoded | None,

@@ -226,15 +226,19 @@ def downloaded_timm_weights(pretrained_cfg: dict) -> tuple[Path | None, str]:
 
 
 def what_failed(err: BaseException) -> str:
-    """The error in a line, with the one that caused it: the hub client reports a 403 from a
-    proxy, or a refused connection, as 'not in the local cache', the cause says which."""
+    """The error in a line, with what caused it: the hub client reports a proxy's 403 or a
+    refused connection as 'not in the local cache', and its HTTP error carries the server's
+    own words. Each link once (a chain can loop), a context hidden by `from None` left out."""
     def line(e: BaseException) -> str:
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        text = next((t.strip() for t in str(e).splitlines() if t.strip()), "")
+        return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
-    cause = err
-    while cause.__cause__ is not None or cause.__context__ is not None:
-        cause = cause.__cause__ or cause.__context__
-    return line(err) if cause is err else f"{line(err)} (because of {line(cause)})"
+    chain, seen, link = [], set(), err
+    while link is not None and id(link) not in seen and len(chain) < 4:
+        seen.add(id(link))
+        chain.append(line(link))
+        link = link.__cause__ or (None if link.__suppress_context__ else link.__context__)
+    return chain[0] + (f" (because of {' <- '.join(chain[1:])})" if len(chain) > 1 else "")
 
 
 def torchvision_url(name: str) -> str | None:

@@ -47,10 +47,10 @@ from pipeline.base.utils import (
     write_csv_atomic,
     write_text_atomic,
 )
-from pipeline.experiments.freshness import read_folds
+from pipeline.experiments.freshness import current_folds, read_folds
 from pipeline.experiments.layout import Experiment, Layout
 from pipeline.experiments.searches import read_search, write_search
-from pipeline.experiments.state import load_experiment
+from pipeline.experiments.state import experiment_config, load_experiment
 from pipeline.training.experiment import fold_result, train_folds
 from pipeline.training.tracking import listening
 
@@ -336,9 +336,16 @@ def promote(study, search: Search, name: str | None = None) -> Promoted:
               "trials": sum(t.state.name == "COMPLETE" for t in study.trials),
               "study": str(search.layout.tune_dir(search.model)), "search_score": float(best.value)}
     exp, trial_exp = (search.layout.experiment(c.run_name) for c in (config, trial))
+    done = current_folds(trial, folds, search.layout)
+    if SEARCHED_FOLD not in done:
+        raise PipelineError(
+            f"the best trial's fold {SEARCHED_FOLD} ({trial_exp.dir}) is not current (the data, "
+            f"folds or code changed since the search): its score is of other inputs. "
+            f"`{make_command('train', trial.data.name, MODEL=trial.run_name, FOLDS=0, FORCE=1)}` "
+            f"retrains it; another ARGS= starts a new study")
     if name is not None:
-        check_name_free(exp, record, search, len(study.trials))
-        take_over(trial_exp, exp, [SEARCHED_FOLD, *others])
+        check_name_free(exp, config, record, search=search, trials=len(study.trials))
+        take_over(trial_exp, exp, done)
     for searched in {exp.dir: exp, trial_exp.dir: trial_exp}.values():
         write_search(searched, record)
     train_folds(config, search.layout, [SEARCHED_FOLD, *others], force=False)
@@ -348,17 +355,17 @@ def promote(study, search: Search, name: str | None = None) -> Promoted:
     return Promoted(config.run_name, float(best.value), float(np.mean(scores)), spread, others)
 
 
-def check_name_free(target: Experiment, record: dict[str, Any], search: Search,
-                    trials: int) -> None:
-    """NAME= names the best trial's settings: an experiment of that name from anything else
-    (other settings, or an earlier best of this search) is refused before a file is touched."""
-    if not target.config.is_file():
+def check_name_free(target: Experiment, config: Config, record: dict[str, Any], *,
+                    search: Search, trials: int) -> None:
+    """NAME= names the best trial's settings: an experiment of that name with other settings
+    (another experiment, or an earlier best of this search) is refused before a file is
+    touched."""
+    saved = experiment_config(target)
+    if saved is None or same_training(saved, config):
         return
     earlier = read_search(target) or {}
-    if earlier.get("study") == record["study"] and earlier.get("trial") == record["trial"]:
-        return
-    why = (f"it holds trial {earlier['trial']}, the best when it was promoted; the best is now "
-           f"trial {record['trial']}" if earlier.get("study") == record["study"]
+    why = (f"it holds trial {earlier.get('trial')}, the best when it was promoted; the best is "
+           f"now trial {record['trial']}" if earlier.get("study") == record["study"]
            else "it is an experiment of other settings")
     again = make_command("tune", search.layout.competition, MODEL=search.model, TRIALS=trials,
                          NAME=f"{target.name}-2", ARGS=" ".join(search.overrides))
@@ -366,10 +373,15 @@ def check_name_free(target: Experiment, record: dict[str, Any], search: Search,
                         f"{again}")
 
 
+def same_training(a: Config, b: Config) -> bool:
+    return fingerprint(training_settings(a.to_dict())) == \
+        fingerprint(training_settings(b.to_dict()))
+
+
 def take_over(source: Experiment, target: Experiment, folds: list[int]) -> None:
-    """What the trial's experiment trained, copied into the named one (the same settings: the
-    freshness rule finds it current there; a fold stopped mid-way resumes from its last.pt),
-    where the name has none yet: its folds and the epochs a time budget became."""
+    """The trial's current `folds`, copied into the named experiment (the same settings: the
+    freshness rule finds them current there), where the name has none yet, with the epochs a
+    time budget became."""
     if source.budget.is_file() and not target.budget.exists():
         write_text_atomic(target.budget, source.budget.read_text())
     for k in folds:
