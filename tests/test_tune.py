@@ -3,6 +3,12 @@ pruned trial, and the best trial's optimistic score printed with its honest CV b
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
+import subprocess
+import sys
+
 import numpy as np
 import optuna
 import pandas as pd
@@ -16,7 +22,7 @@ from pipeline.experiments.searches import searched_folds
 from pipeline.experiments.state import load_experiment
 from pipeline.training import loop
 from pipeline.training.tuning import STUDY_FILE, base_digest
-from tests.conftest import dry_make, write_image
+from tests.conftest import REPO, dry_make, write_image
 
 # every trial: 3 epochs of resnet20 at 16 px on 2 folds of 60 images
 SMALL = ["augment.image_size=16", "train.batch_size=8", "train.workers=0", "train.epochs=3",
@@ -187,8 +193,17 @@ def test_a_trial_behind_the_median_is_pruned_and_the_best_is_honestly_scored(tmp
     before = sorted(p.name for p in layout.experiment(other).dir.rglob("*"))
     assert cli(["tune", "--data", data, "--model", "resnet20", "--trials", "3", "--name", other,
                 *overrides]) == 1
-    assert f"NAME={other}: it is an experiment of other settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"NAME={other}: it is an experiment of other settings" in err
     assert sorted(p.name for p in layout.experiment(other).dir.rglob("*")) == before
+    # its remedy, run as printed by make itself: the best under the name it offers
+    [remedy] = re.findall(r"`(make tune [^`]+)`", err)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    done = subprocess.run([*shlex.split(remedy), f"PYTHON={sys.executable}"], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert searched_folds(layout.experiment(f"{other}-2")) == [0]
+    assert f"folds 1,2 log_loss {honest:.4f} ± " in done.stdout + done.stderr
 
 
 def test_make_tune_passes_trials_and_the_storage():

@@ -370,7 +370,7 @@ def check_name_free(target: Experiment, config: Config, record: dict[str, Any], 
     again = make_command("tune", search.layout.competition, MODEL=search.model, TRIALS=trials,
                          NAME=f"{target.name}-2", ARGS=" ".join(search.overrides))
     raise PipelineError(f"NAME={target.name}: {why} ({target.dir}); name the best another way: "
-                        f"{again}")
+                        f"`{again}`")
 
 
 def same_training(a: Config, b: Config) -> bool:
