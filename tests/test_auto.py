@@ -171,32 +171,43 @@ def test_members_under_shares_finish_and_a_second_call_keeps_their_shares(tmp_pa
         assert yaml.safe_load(layout.experiment(name).budget.read_text())["time_budget"] == share
 
 
-def mirrored_competition(tmp_path) -> tuple[str, list[str]]:
-    """Two classes told apart by which half of the image is bright: a mirrored image is the
-    other class, so flips as TTA average each prediction with its opposite."""
+def two_class_competition(tmp_path, images: list[np.ndarray], rows: list[dict],
+                          classes: list[str], **settings) -> tuple[str, list[str]]:
+    """A log-loss competition of these 16 px training images and rows (id, label, ...), two
+    test images, two folds (`settings`: more of the competition's YAML)."""
     root = tmp_path / "comp"
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(40):
-        label = ("left", "right")[i % 2]
-        image = np.clip(rng.normal(60, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
-        image[:, slice(0, 8) if label == "left" else slice(8, 16)] += 120
-        (root / "train").mkdir(parents=True, exist_ok=True)
-        assert cv2.imwrite(str(root / "train" / f"{i:03d}.png"), image)
-        rows.append({"id": f"{i:03d}", "label": label})
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    for image, row in zip(images, rows):
+        assert cv2.imwrite(str(root / "train" / f"{row['id']}.png"), image)
     pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
     for i in range(2):
         write_image(root / "test" / f"t{i}", seed=i)
     pd.DataFrame({"id": ["t0", "t1"]}).to_csv(root / "test.csv", index=False)
-    pd.DataFrame({"id": ["t0", "t1"], "left": 0.5, "right": 0.5}).to_csv(
+    pd.DataFrame({"id": ["t0", "t1"], **{c: 0.5 for c in classes}}).to_csv(
         root / "sample_submission.csv", index=False)
     (root / "comp.yaml").write_text(yaml.safe_dump({
-        "name": "comp", "root": str(root), "classes": ["left", "right"], "metric": "log_loss"}))
+        "name": "comp", "root": str(root), "classes": classes, "metric": "log_loss",
+        **settings}))
     overrides = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
                  f"audit_dir={tmp_path / 'audit'}", "augment.image_size=16", "train.workers=0",
-                 "train.batch_size=8", "train.epochs=10", "folds.n_splits=2"]
+                 "train.batch_size=8", "train.epochs=10", "folds.n_splits=2",
+                 f"submissions_dir={tmp_path / 'subs'}"]
     assert cli(["folds", "--data", str(root / "comp.yaml"), *overrides]) == 0
     return str(root / "comp.yaml"), overrides
+
+
+def mirrored_competition(tmp_path) -> tuple[str, list[str]]:
+    """Two classes told apart by which half of the image is bright: a mirrored image is the
+    other class, so flips as TTA average each prediction with its opposite."""
+    rng = np.random.default_rng(0)
+    images, rows = [], []
+    for i in range(40):
+        label = ("left", "right")[i % 2]
+        image = np.clip(rng.normal(60, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+        image[:, slice(0, 8) if label == "left" else slice(8, 16)] += 120
+        images.append(image)
+        rows.append({"id": f"{i:03d}", "label": label})
+    return two_class_competition(tmp_path, images, rows, ["left", "right"])
 
 
 def test_flips_that_score_worse_out_of_fold_are_not_kept_and_the_choice_stands(tmp_path,
@@ -232,34 +243,17 @@ def sided_competition(tmp_path) -> tuple[str, list[str]]:
     """Dark or light told by one half of the image, the other half a bright or dark distractor;
     each fold one side (the group column): a fold's model learns the other side, so a mirror
     shows it what it learned and flips as TTA help out of fold."""
-    root = tmp_path / "comp"
     rng = np.random.default_rng(0)
-    rows = []
+    images, rows = [], []
     for i in range(40):
         label, side = ("dark", "light")[i % 2], ("left", "right")[(i // 2) % 2]
         image = np.empty((16, 16, 3))
         signal, distractor = (slice(0, 8), slice(8, 16))[::1 if side == "left" else -1]
         image[:, signal] = 40 if label == "dark" else 215
         image[:, distractor] = rng.choice([40, 215])
-        image = np.clip(image + rng.normal(0, 10, image.shape), 0, 255).astype(np.uint8)
-        (root / "train").mkdir(parents=True, exist_ok=True)
-        assert cv2.imwrite(str(root / "train" / f"{i:03d}.png"), image)
+        images.append(np.clip(image + rng.normal(0, 10, image.shape), 0, 255).astype(np.uint8))
         rows.append({"id": f"{i:03d}", "label": label, "side": side})
-    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
-    for i in range(2):
-        write_image(root / "test" / f"t{i}", seed=i)
-    pd.DataFrame({"id": ["t0", "t1"]}).to_csv(root / "test.csv", index=False)
-    pd.DataFrame({"id": ["t0", "t1"], "dark": 0.5, "light": 0.5}).to_csv(
-        root / "sample_submission.csv", index=False)
-    (root / "comp.yaml").write_text(yaml.safe_dump({
-        "name": "comp", "root": str(root), "classes": ["dark", "light"], "metric": "log_loss",
-        "group_column": "side"}))
-    overrides = [f"folds.dir={tmp_path / 'folds'}", f"runs_dir={tmp_path / 'runs'}",
-                 f"audit_dir={tmp_path / 'audit'}", "augment.image_size=16", "train.workers=0",
-                 "train.batch_size=8", "train.epochs=10", "folds.n_splits=2",
-                 f"submissions_dir={tmp_path / 'subs'}"]
-    assert cli(["folds", "--data", str(root / "comp.yaml"), *overrides]) == 0
-    return str(root / "comp.yaml"), overrides
+    return two_class_competition(tmp_path, images, rows, ["dark", "light"], group_column="side")
 
 
 def test_flips_that_score_better_out_of_fold_are_kept_and_later_commands_keep_them(tmp_path,
