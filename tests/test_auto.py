@@ -210,14 +210,21 @@ def mirrored_competition(tmp_path) -> tuple[str, list[str]]:
     return two_class_competition(tmp_path, images, rows, ["left", "right"])
 
 
-def test_flips_that_score_worse_out_of_fold_are_not_kept_and_the_choice_stands(tmp_path,
-                                                                               caplog):
-    data, overrides = mirrored_competition(tmp_path)
+def trained_and_chosen(data: str, overrides: list[str], caplog):
+    """Member auto-a (resnet20) trained on every fold, then predicted as auto predicts it:
+    flips tried, kept only when better out of fold."""
     config = member_config(data, Member("auto-a", "resnet20", []), overrides)
     layout = Layout.of(config)
     train_folds(config, layout, None, force=False)
     with caplog.at_level(logging.INFO, logger="pipeline"):
         predicted_with_choice(config, layout)
+    return config, layout
+
+
+def test_flips_that_score_worse_out_of_fold_are_not_kept_and_the_choice_stands(tmp_path,
+                                                                               caplog):
+    data, overrides = mirrored_competition(tmp_path)
+    config, layout = trained_and_chosen(data, overrides, caplog)
     said = caplog.text
     assert "flips TTA scores log_loss" in said and "predicted again without TTA" in said, said
     exp = layout.experiment("auto-a")
@@ -259,11 +266,7 @@ def sided_competition(tmp_path) -> tuple[str, list[str]]:
 def test_flips_that_score_better_out_of_fold_are_kept_and_later_commands_keep_them(tmp_path,
                                                                                    caplog):
     data, overrides = sided_competition(tmp_path)
-    config = member_config(data, Member("auto-a", "resnet20", []), overrides)
-    layout = Layout.of(config)
-    train_folds(config, layout, None, force=False)
-    with caplog.at_level(logging.INFO, logger="pipeline"):
-        predicted_with_choice(config, layout)
+    config, layout = trained_and_chosen(data, overrides, caplog)
     assert "auto: auto-a: flips TTA kept, out-of-fold log_loss" in caplog.text, caplog.text
     exp = layout.experiment("auto-a")
     plain, with_flips = oof_scores(exp, [0, 1], Scorer.of(config.data))
