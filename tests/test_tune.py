@@ -251,5 +251,8 @@ def test_a_fold_that_chose_the_settings_is_left_out_of_every_cv(tmp_path, capsys
            f"leave out their 20 rows (log_loss with them {before.cv:.4f}, optimistic;" in out
     [after] = [s for s in read_submissions(config.data, config.folds, layout)
                if s.name != before.name]
+    [earlier] = [s for s in read_submissions(config.data, config.folds, layout)
+                 if s.name == before.name]
+    assert after.current and not earlier.current  # its CV counted the searched fold
     assert after.cv == pytest.approx(row["oof"])
     assert after.cv_in_sample == pytest.approx(row["oof"])  # nothing fitted: the same rows

@@ -410,6 +410,8 @@ def member_fingerprint(states: list[ExperimentState], refits: dict[str, bool],
         if refits.get(state.name):
             manifests[f"{state.name}/{state.exp.refit.name}"] = \
                 state.exp.refit.predict_manifest.read_text()
+        if state.searched:  # the CV leaves those folds out: a CV of before is another figure
+            manifests[f"{state.name}/searched"] = str(state.searched)
     return fingerprint([manifests, settings.model_dump()])
 
 

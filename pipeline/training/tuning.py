@@ -49,6 +49,7 @@ from pipeline.base.utils import (
 )
 from pipeline.experiments.freshness import current_folds, read_folds
 from pipeline.experiments.layout import Experiment, Layout
+from pipeline.experiments.runner import stage_lock
 from pipeline.experiments.searches import read_search, write_search
 from pipeline.experiments.state import experiment_config, load_experiment
 from pipeline.training.experiment import fold_result, train_folds
@@ -345,7 +346,8 @@ def promote(study, search: Search, name: str | None = None) -> Promoted:
             f"retrains it; another ARGS= starts a new study")
     if name is not None:
         check_name_free(exp, config, record, search=search, trials=len(study.trials))
-        take_over(trial_exp, exp, done)
+        with stage_lock(exp.lock, exp.dir, "taken over from the best trial"):
+            take_over(trial_exp, exp, done)
     for searched in {exp.dir: exp, trial_exp.dir: trial_exp}.values():
         write_search(searched, record)
     train_folds(config, search.layout, [SEARCHED_FOLD, *others], force=False)
