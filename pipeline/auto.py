@@ -21,8 +21,10 @@ fold and stops between folds when the next would not fit (at the pace of its las
 that was slower). Each member is an experiment like any other (`auto-<what>`), trained, then
 predicted: with flips as TTA where they score better out of fold than without, unless the
 competition or the user set the TTA. A finished member counts whatever comes after, and a
-second `make auto` skips it (its folds are current) and goes on with the next. A member that
-fails (no weights offline, out of memory) fails alone. Then `make ensemble` of every finished
+second `make auto` skips it (its folds are current) and goes on with the next. A portfolio
+member whose ImageNet weights cannot be had here (offline, none in weights/) trains from
+scratch as `<name>-scratch`, said once per model. A member that fails (out of memory) fails
+alone. Then `make ensemble` of every finished
 member with `ensemble.method=auto` (chosen out of fold, its CV nested), the submission and the
 report, in the 5% of the budget kept for them.
 
@@ -62,6 +64,7 @@ from pipeline.experiments.state import (
     oof_scores,
 )
 from pipeline.inference.experiment import predict_experiment
+from pipeline.models.weights import WeightsNotFoundError, weights_file
 from pipeline.stages.ensemble import ensemble_runs
 from pipeline.stages.folds import make_folds
 from pipeline.stages.report import build_report
@@ -350,6 +353,47 @@ def train_members(data: str, members: list[Member], overrides: list[str],
     return rows
 
 
+def with_weights_or_scratch(data: str, members: list[Member],
+                            overrides: list[str]) -> list[Member]:
+    """The portfolio's members that start from ImageNet weights, where those can be had here
+    (found, or fetched now while the network allows), else the same members from scratch
+    (`<name>-scratch`), said once per model: a notebook without internet trains something
+    instead of failing every member."""
+    missing: dict[str, str | None] = {}  # model -> why its weights cannot be had (None: found)
+    chosen = []
+    for member in members:
+        model = member_config(data, member, overrides).model
+        if not model.pretrained or model.weights is not None:
+            chosen.append(member)
+            continue
+        if model.name not in missing:
+            missing[model.name] = weights_missing(model.name, model.weights_dir)
+        if missing[model.name] is None:
+            chosen.append(member)
+            continue
+        chosen.append(Member(f"{member.name}-scratch", member.model,
+                             [*member.args, "model.pretrained=false"],
+                             f"{member.why}; no ImageNet weights here: from scratch"))
+    for name, why in missing.items():
+        if why is not None:
+            log.warning(f"auto: no ImageNet weights for {name} here ({why}): its members train "
+                        f"from scratch, weaker on few images. `make weights MODEL={name}` on a "
+                        f"machine with internet fills weights/ (in a notebook: upload it, "
+                        f"model.weights_dir=<its folder>), and auto uses them")
+    return chosen
+
+
+def weights_missing(name: str, weights_dir: str) -> str | None:
+    """Why model `name`'s pretrained weights cannot be had here (the last place looked at), or
+    None: found (fetched now where the network allows)."""
+    try:
+        weights_file(name, None, weights_dir)
+    except WeightsNotFoundError as err:
+        looked = [line.strip() for line in str(err).splitlines() if line.startswith("  ")]
+        return looked[-1] if looked else str(err).splitlines()[0]
+    return None
+
+
 def run_auto(data: str, budget: str, overrides: list[str], *, portfolio_file: str | None) -> dict:
     try:
         total = 60 * float(minutes(budget))
@@ -364,6 +408,8 @@ def run_auto(data: str, budget: str, overrides: list[str], *, portfolio_file: st
                portfolio(config, typical_side(config.data)))
     for member in members:  # a setting a member refuses: now, before anything trains
         member_config(data, member, overrides)
+    if not portfolio_file:  # one's own portfolio's weights are one's own to provide
+        members = with_weights_or_scratch(data, members, overrides)
     make_folds(config, force=False)
     rows = train_members(data, members, overrides, clock)
     log.info(format_table(rows, ["member", "auto", "minutes", "why"]))

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from safetensors.torch import save_file
 
 from pipeline.__main__ import main as cli
 from pipeline.auto import (
@@ -30,12 +31,14 @@ from pipeline.auto import (
     run_member,
     start_member,
     with_share,
+    with_weights_or_scratch,
 )
 from pipeline.base.config import load_config
 from pipeline.base.task import Scorer
 from pipeline.experiments.budgets import budget_key, write_budget
 from pipeline.experiments.layout import Layout
 from pipeline.experiments.state import oof_scores
+from pipeline.models.factory import create_model
 from pipeline.training.experiment import train_folds
 from pipeline.training.portfolio import Member, portfolio, typical_side
 from tests.conftest import dry_make, make_competition, write_image
@@ -60,6 +63,36 @@ def test_the_portfolio_follows_the_images(tmp_path):
     large = portfolio(small, 300)  # photos: ImageNet weights at 224 px
     assert all("model.pretrained=true" in m.args and "augment.image_size=224" in m.args
                for m in large)
+
+
+def test_members_without_weights_at_hand_train_from_scratch_and_say_so(tmp_path, monkeypatch,
+                                                                       caplog):
+    """Offline (a notebook without internet), with resnet18's weights in weights/ and none of
+    resnet50's or resnet34's: the resnet18 members keep their weights, the others train from
+    scratch under names of their own, and the warning names the command that fetches them."""
+    caches = {"HF_HOME": "hf", "HF_HUB_CACHE": "hf/hub", "TORCH_HOME": "torch"}
+    for variable, folder in caches.items():  # empty: the machine's own caches cannot help
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv(variable, str(tmp_path / folder))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "weights").mkdir()
+    save_file(create_model("resnet18", 1000).state_dict(),
+              str(tmp_path / "weights" / "resnet18.safetensors"))
+    data = str(make_competition(tmp_path / "photos", [c for c in "ab" for _ in range(4)]))
+    overrides = [f"model.weights_dir={tmp_path / 'weights'}"]
+    members = portfolio(load_config(data, None, overrides), 300)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        chosen = with_weights_or_scratch(data, members, overrides)
+    seed = f"auto-resnet18-seed{load_config(data, None, []).train.seed + 1}"
+    assert [m.name for m in chosen] == ["auto-resnet18", "auto-resnet50-scratch", seed,
+                                        "auto-resnet34-scratch"]
+    pretrained = {m.name: member_config(data, m, overrides).model.pretrained for m in chosen}
+    assert pretrained == {"auto-resnet18": True, "auto-resnet50-scratch": False, seed: True,
+                          "auto-resnet34-scratch": False}
+    warned = caplog.text
+    assert "no ImageNet weights for resnet50 here (no download: HF_HUB_OFFLINE is set)" in warned
+    assert "`make weights MODEL=resnet34` on a machine with internet" in warned
+    assert "for resnet18" not in warned
 
 
 def test_the_competitions_own_size_is_kept(tmp_path):
