@@ -64,7 +64,7 @@ from pipeline.experiments.state import (
     oof_scores,
 )
 from pipeline.inference.experiment import predict_experiment
-from pipeline.models.weights import WeightsNotFoundError, weights_file
+from pipeline.models.weights import weights_file
 from pipeline.stages.ensemble import ensemble_runs
 from pipeline.stages.folds import make_folds
 from pipeline.stages.report import build_report
@@ -358,29 +358,40 @@ def with_weights_or_scratch(data: str, members: list[Member],
     """The portfolio's members that start from ImageNet weights, where those can be had here
     (found, or fetched now while the network allows), else the same members from scratch
     (`<name>-scratch`), said once per model: a notebook without internet trains something
-    instead of failing every member."""
-    missing: dict[str, str | None] = {}  # model -> why its weights cannot be had (None: found)
+    instead of failing every member. A member an earlier call started, either way, goes on as
+    it started (its predictions need no weights; a new start would lose its folds)."""
+    # model -> (why its weights cannot be had, None: found; where they were looked for)
+    missing: dict[str, tuple[str | None, str]] = {}
     chosen = []
     for member in members:
         model = member_config(data, member, overrides).model
-        if not model.pretrained or model.weights is not None:
+        scratch = Member(f"{member.name}-scratch", member.model,
+                         [*member.args, "model.pretrained=false"],
+                         f"{member.why}; no ImageNet weights here: from scratch")
+        if not model.pretrained or model.weights is not None or \
+                started(data, member, overrides):
             chosen.append(member)
+            continue
+        if started(data, scratch, overrides):
+            chosen.append(scratch)
             continue
         if model.name not in missing:
-            missing[model.name] = weights_missing(model.name, model.weights_dir)
-        if missing[model.name] is None:
-            chosen.append(member)
-            continue
-        chosen.append(Member(f"{member.name}-scratch", member.model,
-                             [*member.args, "model.pretrained=false"],
-                             f"{member.why}; no ImageNet weights here: from scratch"))
-    for name, why in missing.items():
+            missing[model.name] = (weights_missing(model.name, model.weights_dir),
+                                   model.weights_dir)
+        chosen.append(member if missing[model.name][0] is None else scratch)
+    for name, (why, folder) in missing.items():
         if why is not None:
             log.warning(f"auto: no ImageNet weights for {name} here ({why}): its members train "
-                        f"from scratch, weaker on few images. `make weights MODEL={name}` on a "
-                        f"machine with internet fills weights/ (in a notebook: upload it, "
-                        f"model.weights_dir=<its folder>), and auto uses them")
+                        f"from scratch, weaker on few images. `make weights MODEL={name}` where "
+                        f"the download works fills {folder}/ (in a notebook: upload it, "
+                        f"model.weights_dir=<its folder>), and a new call uses them")
     return chosen
+
+
+def started(data: str, member: Member, overrides: list[str]) -> bool:
+    """Whether an earlier call started the member (its experiment holds its settings)."""
+    config = member_config(data, member, overrides)
+    return Layout.of(config).experiment(config.run_name).config.is_file()
 
 
 def weights_missing(name: str, weights_dir: str) -> str | None:
@@ -388,7 +399,7 @@ def weights_missing(name: str, weights_dir: str) -> str | None:
     None: found (fetched now where the network allows)."""
     try:
         weights_file(name, None, weights_dir)
-    except WeightsNotFoundError as err:
+    except PipelineError as err:  # not found, unreadable, a timm name timm does not know
         looked = [line.strip() for line in str(err).splitlines() if line.startswith("  ")]
         return looked[-1] if looked else str(err).splitlines()[0]
     return None
@@ -401,15 +412,16 @@ def run_auto(data: str, budget: str, overrides: list[str], *, portfolio_file: st
         raise PipelineError(f"BUDGET={budget}: {err}") from None
     if total <= 0:
         raise PipelineError(f"BUDGET={budget}: a time above zero, e.g. BUDGET=2h")
-    # a share kept for the ensemble and the report, which run after the members
-    clock = Clock(total * (1 - RESERVE), time.perf_counter())
     config = load_config(data, None, overrides)
     members = (read_portfolio(portfolio_file) if portfolio_file else
                portfolio(config, typical_side(config.data)))
     for member in members:  # a setting a member refuses: now, before anything trains
         member_config(data, member, overrides)
     if not portfolio_file:  # one's own portfolio's weights are one's own to provide
-        members = with_weights_or_scratch(data, members, overrides)
+        members = with_weights_or_scratch(data, members, overrides)  # before the clock: a
+        # download's minutes are the network's, not the members'
+    # a share kept for the ensemble and the report, which run after the members
+    clock = Clock(total * (1 - RESERVE), time.perf_counter())
     make_folds(config, force=False)
     rows = train_members(data, members, overrides, clock)
     log.info(format_table(rows, ["member", "auto", "minutes", "why"]))

@@ -33,7 +33,7 @@ from pipeline.auto import (
     with_share,
     with_weights_or_scratch,
 )
-from pipeline.base.config import load_config
+from pipeline.base.config import load_config, save_config
 from pipeline.base.task import Scorer
 from pipeline.experiments.budgets import budget_key, write_budget
 from pipeline.experiments.layout import Layout
@@ -66,7 +66,7 @@ def test_the_portfolio_follows_the_images(tmp_path):
 
 
 def test_members_without_weights_at_hand_train_from_scratch_and_say_so(tmp_path, monkeypatch,
-                                                                       caplog):
+                                                                       caplog, capsys):
     """Offline (a notebook without internet), with resnet18's weights in weights/ and none of
     resnet50's or resnet34's: the resnet18 members keep their weights, the others train from
     scratch under names of their own, and the warning names the command that fetches them."""
@@ -79,7 +79,9 @@ def test_members_without_weights_at_hand_train_from_scratch_and_say_so(tmp_path,
     save_file(create_model("resnet18", 1000).state_dict(),
               str(tmp_path / "weights" / "resnet18.safetensors"))
     data = str(make_competition(tmp_path / "photos", [c for c in "ab" for _ in range(4)]))
-    overrides = [f"model.weights_dir={tmp_path / 'weights'}"]
+    overrides = [f"model.weights_dir={tmp_path / 'weights'}", f"folds.dir={tmp_path / 'folds'}",
+                 f"runs_dir={tmp_path / 'runs'}", f"audit_dir={tmp_path / 'audit'}",
+                 "folds.n_splits=2"]
     members = portfolio(load_config(data, None, overrides), 300)
     with caplog.at_level(logging.WARNING, logger="pipeline"):
         chosen = with_weights_or_scratch(data, members, overrides)
@@ -91,8 +93,25 @@ def test_members_without_weights_at_hand_train_from_scratch_and_say_so(tmp_path,
                           "auto-resnet34-scratch": False}
     warned = caplog.text
     assert "no ImageNet weights for resnet50 here (no download: HF_HUB_OFFLINE is set)" in warned
-    assert "`make weights MODEL=resnet34` on a machine with internet" in warned
+    assert f"`make weights MODEL=resnet34` where the download works fills {tmp_path}/weights/" \
+        in warned
     assert "for resnet18" not in warned
+    # a member an earlier call started goes on as it started, with weights at hand or not
+    layout = Layout.of(load_config(data, None, overrides))
+    for name, model, args in [("auto-resnet34", "resnet34", members[3].args),
+                              (f"{seed}-scratch", "resnet18",
+                               [*members[2].args, "model.pretrained=false"])]:
+        config = member_config(data, Member(name, model, args), overrides)
+        save_config(config, layout.experiment(name).config)
+    again = [m.name for m in with_weights_or_scratch(data, members, overrides)]
+    assert again == ["auto-resnet18", "auto-resnet50-scratch", f"{seed}-scratch",
+                     "auto-resnet34"]
+    # and `make auto` itself takes them: the table names the members it would train
+    sized = str(make_competition(tmp_path / "sized", [c for c in "ab" for _ in range(4)],
+                                 name="sized", defaults={"augment": {"image_size": 96}}))
+    assert cli(["auto", "--data", sized, "--budget", "0.001", *overrides]) == 1
+    out = capsys.readouterr().out
+    assert "auto-resnet50-scratch" in out and "auto-resnet34-scratch" in out
 
 
 def test_the_competitions_own_size_is_kept(tmp_path):
