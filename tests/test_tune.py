@@ -204,6 +204,20 @@ def test_a_trial_behind_the_median_is_pruned_and_the_best_is_honestly_scored(tmp
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert searched_folds(layout.experiment(f"{other}-2")) == [0]
     assert f"folds 1,2 log_loss {honest:.4f} ± " in done.stdout + done.stderr
+    # the best trial's fold 0 no longer current (here: its manifest lost): refused, and the
+    # printed remedy, run as printed, retrains it; the tune then goes on
+    exp.fold(0).train_manifest.unlink()
+    capsys.readouterr()
+    assert cli(["tune", "--data", data, "--model", "resnet20", "--trials", "3", *overrides]) == 1
+    err = capsys.readouterr().err
+    assert "the best trial's fold 0" in err and "is not current" in err, err
+    [remedy] = re.findall(r"`(make train [^`]+)`", err)
+    done = subprocess.run([*shlex.split(remedy), f"PYTHON={sys.executable}"], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert exp.fold(0).train_manifest.is_file()
+    monkeypatch.setattr(loop.Trainer, "fit", trained_again)  # nothing left to train
+    assert cli(["tune", "--data", data, "--model", "resnet20", "--trials", "3", *overrides]) == 0
 
 
 def test_make_tune_passes_trials_and_the_storage():

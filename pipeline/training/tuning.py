@@ -339,11 +339,12 @@ def promote(study, search: Search, name: str | None = None) -> Promoted:
     exp, trial_exp = (search.layout.experiment(c.run_name) for c in (config, trial))
     done = current_folds(trial, folds, search.layout)
     if SEARCHED_FOLD not in done:
+        retrain = make_command("train", search.layout.competition, MODEL=trial.run_name,
+                               FOLDS=SEARCHED_FOLD, FORCE=1, ARGS=" ".join(search.overrides))
         raise PipelineError(
             f"the best trial's fold {SEARCHED_FOLD} ({trial_exp.dir}) is not current (the data, "
             f"folds or code changed since the search): its score is of other inputs. "
-            f"`{make_command('train', trial.data.name, MODEL=trial.run_name, FOLDS=0, FORCE=1)}` "
-            f"retrains it; another ARGS= starts a new study")
+            f"`{retrain}` retrains it; another ARGS= starts a new study")
     if name is not None:
         check_name_free(exp, config, record, search=search, trials=len(study.trials))
         with stage_lock(exp.lock, exp.dir, "taken over from the best trial"):
