@@ -35,9 +35,8 @@ def main(args) -> None:
     best = promote(study, search, args.name)
     metric, folds = search.metric, ",".join(map(str, best.folds))
     log.info(f"best trial: {best.experiment}")
-    scored = int((table["state"] == "complete").sum())
     log.info(f"  fold {SEARCHED_FOLD} {metric} {best.search_score:.4f} (the search's: the best of "
-             f"{scored} on the fold that chose it, optimistic)")
+             f"{best.trials} on the fold that chose it, optimistic)")
     log.info(f"  folds {folds} {metric} {best.honest:.4f} ± {best.honest_std:.4f} (honest: "
              f"folds no trial scored)")
     log.info(f"next: {make_command('predict ensemble', search.layout.competition, MODEL=best.experiment)}")

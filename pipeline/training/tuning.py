@@ -318,6 +318,7 @@ class Promoted:
     honest: float  # the mean of its other folds, which no trial scored
     honest_std: float
     folds: list[int]
+    trials: int  # the completed trials the best was chosen from
 
 
 def promote(study, search: Search, name: str | None = None) -> Promoted:
@@ -355,7 +356,8 @@ def promote(study, search: Search, name: str | None = None) -> Promoted:
     scorer = Scorer.of(config.data)
     scores = [float(fold_result(exp, k, scorer)[search.metric]) for k in others]
     spread = float(np.std(scores, ddof=1)) if len(scores) > 1 else math.nan
-    return Promoted(config.run_name, float(best.value), float(np.mean(scores)), spread, others)
+    return Promoted(config.run_name, float(best.value), float(np.mean(scores)), spread, others,
+                    record["trials"])
 
 
 def check_name_free(target: Experiment, config: Config, record: dict[str, Any], *,
